@@ -1,0 +1,1 @@
+"""fastunet: a Triton-kernel U-Net forward for PyTorch."""

@@ -1,0 +1,124 @@
+"""Helpers shared by every kernel family: interpreter detection, device checks, output allocation,
+launch recording.
+
+Nothing here queries a GPU at import time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from collections.abc import Iterator
+
+import torch
+import triton
+import triton.language as tl
+
+# The @triton.jit decorator decides between compiled and interpreted kernels when the kernel module is
+# imported, from this same variable; reading it here keeps the launchers consistent with the kernels.
+INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchRecord:
+    """One kernel launch, as the launcher layer saw it."""
+
+    name: str
+    grid: tuple[int, ...]
+    flops: int
+    bytes_read: int
+    bytes_written: int
+    detail: dict
+
+
+_launch_logs: list[list[LaunchRecord]] = []
+_poison_depth = 0
+
+
+@contextlib.contextmanager
+def launch_log() -> Iterator[list[LaunchRecord]]:
+    """Record every launch made through the launchers inside the ``with`` block."""
+    records: list[LaunchRecord] = []
+    _launch_logs.append(records)
+    try:
+        yield records
+    finally:
+        _launch_logs.remove(records)
+
+
+def record_launch(record: LaunchRecord) -> None:
+    for records in _launch_logs:
+        records.append(record)
+
+
+@contextlib.contextmanager
+def poison_outputs() -> Iterator[None]:
+    """Fill every buffer the launchers allocate with NaN, so that an element a kernel forgot to write shows up."""
+    global _poison_depth
+    _poison_depth += 1
+    try:
+        yield
+    finally:
+        _poison_depth -= 1
+
+
+def alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, channels_last: bool = False) -> torch.Tensor:
+    """Allocate an output buffer (NaN-filled while :func:`poison_outputs` is active)."""
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    if _poison_depth:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device).contiguous(memory_format=memory_format)
+    return torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
+
+
+def check_runnable(t: torch.Tensor, what: str) -> None:
+    """Refuse tensors that the active Triton mode cannot read (CPU tensors are never handed to a compiled kernel)."""
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{what}: expected a float32, float16 or bfloat16 tensor, got {t.dtype}")
+    if INTERPRET:
+        if t.device.type != "cpu":
+            raise RuntimeError(f"{what}: TRITON_INTERPRET=1 runs kernels on CPU tensors, got a tensor on {t.device}")
+    elif t.device.type != "cuda":
+        raise RuntimeError(
+            f"{what}: compiled Triton kernels need a CUDA tensor, got a tensor on {t.device} "
+            "(set TRITON_INTERPRET=1 before importing triton to run the kernels on the CPU)"
+        )
+
+
+def device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Launch under the tensor's own GPU (a tensor on a non-current device would otherwise fault)."""
+    if t.device.type == "cuda":
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Triton-side helpers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def mma(a, b, acc, CAST_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """``acc + a @ b`` with fp32 accumulation.
+
+    Under the interpreter, ``tl.dot`` multiplies bf16 operands as raw bit patterns, so the operands are widened
+    to fp32 first (exact: a product of two 16-bit floats fits in fp32).
+    """
+    if CAST_FP32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+def dot_flags(dtype: torch.dtype, allow_tf32: bool) -> tuple[bool, str]:
+    """(CAST_FP32, DOT_PRECISION) constexprs for a kernel whose operands have ``dtype``."""
+    if INTERPRET:
+        return True, "ieee"
+    if dtype == torch.float32:
+        return False, "tf32" if allow_tf32 else "ieee"
+    return False, "tf32"
