@@ -24,18 +24,26 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 @dataclasses.dataclass(frozen=True)
 class LaunchRecord:
-    """One kernel launch, as the launcher layer saw it."""
+    """One kernel launch, as the launcher layer saw it.
+
+    ``bytes_read`` counts each input, weight and bias once (compulsory traffic; halo re-reads that hit in cache
+    are not counted); ``bytes_written`` counts every output buffer the launch fills.
+    """
 
     name: str
+    kernel: object
     grid: tuple[int, ...]
     flops: int
     bytes_read: int
     bytes_written: int
-    detail: dict
+    args: tuple
+    constexprs: dict
+    launch_options: dict
 
 
 _launch_logs: list[list[LaunchRecord]] = []
 _poison_depth = 0
+_dry_run_depth = 0
 
 
 @contextlib.contextmanager
@@ -65,10 +73,30 @@ def poison_outputs() -> Iterator[None]:
         _poison_depth -= 1
 
 
-def alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, channels_last: bool = False) -> torch.Tensor:
+@contextlib.contextmanager
+def dry_run() -> Iterator[None]:
+    """Launchers validate, allocate (on the ``meta`` device) and record, but launch nothing.
+
+    Lets :func:`fastunet.trace` list the launches of any shape without running them.
+    """
+    global _dry_run_depth
+    _dry_run_depth += 1
+    try:
+        yield
+    finally:
+        _dry_run_depth -= 1
+
+
+def is_dry_run() -> bool:
+    return _dry_run_depth > 0
+
+
+def alloc(
+    shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, channels_last: bool = False
+) -> torch.Tensor:
     """Allocate an output buffer (NaN-filled while :func:`poison_outputs` is active)."""
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    if _poison_depth:
+    if _poison_depth and device.type != "meta":
         return torch.full(shape, float("nan"), dtype=dtype, device=device).contiguous(memory_format=memory_format)
     return torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
 
@@ -77,6 +105,8 @@ def check_runnable(t: torch.Tensor, what: str) -> None:
     """Refuse tensors that the active Triton mode cannot read (CPU tensors are never handed to a compiled kernel)."""
     if t.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"{what}: expected a float32, float16 or bfloat16 tensor, got {t.dtype}")
+    if _dry_run_depth and t.device.type == "meta":
+        return
     if INTERPRET:
         if t.device.type != "cpu":
             raise RuntimeError(f"{what}: TRITON_INTERPRET=1 runs kernels on CPU tensors, got a tensor on {t.device}")

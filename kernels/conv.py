@@ -22,7 +22,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
 from fastunet.kernels._common import (
     INTERPRET,
     LaunchRecord,
@@ -30,6 +29,7 @@ from fastunet.kernels._common import (
     check_runnable,
     device_guard,
     dot_flags,
+    is_dry_run,
     mma,
     next_pow2,
     record_launch,
@@ -276,11 +276,7 @@ def _conv_nhwc_kernel(
         p_valid = (p_img < batch) & (pw_y < height // 2) & (pw_x < width // 2)
         p_ptrs = (
             pool_ptr
-            + (
-                p_img.to(tl.int64) * stride_pn
-                + pw_y.to(tl.int64) * stride_ph
-                + pw_x.to(tl.int64) * stride_pw
-            )[:, None]
+            + (p_img.to(tl.int64) * stride_pn + pw_y.to(tl.int64) * stride_ph + pw_x.to(tl.int64) * stride_pw)[:, None]
             + offs_n.to(tl.int64)[None, :] * stride_pc
         )
         tl.store(p_ptrs, pooled, mask=p_valid[:, None] & n_mask[None, :])
@@ -350,68 +346,47 @@ def _launch(
     hw = head_w if head_w is not None else w_packed
     hb = head_b if head_b is not None else w_packed
     b = bias if bias is not None else w_packed
-    written = y.numel() * y.element_size() + (pooled.numel() * pooled.element_size() if pooled is not None else 0)
-    read = (
-        x.numel() * x.element_size()
-        + (up.numel() * up.element_size() if up is not None else 0)
-        + w_packed.numel() * w_packed.element_size()
-        + (bias.numel() * bias.element_size() if bias is not None else 0)
-        + (head_w.numel() * head_w.element_size() + head_b.numel() * head_b.element_size() if head_w is not None else 0)
-    )
+    args = (
+        x, up_t, w_packed, b, y, pool_t, hw, hb,
+        batch, height, width, c_main, c_up, c_out, n_cls, low_h, low_w, up_h, up_w, pad_top, pad_left,
+        scale_h, scale_w, *x.stride(), *up_t.stride(), *y.stride(), *pool_t.stride(),
+    )  # fmt: skip
+    constexprs = {
+        "KSIZE": ksize,
+        "UP_MODE": up_mode,
+        "PACKED_K": packed_k,
+        "HAS_BIAS": bias is not None,
+        "ACT": relu,
+        "POOL": pooled is not None,
+        "HEAD": head_w is not None,
+        "D2S": d2s,
+        "CAST_FP32": cast_fp32,
+        "DOT_PRECISION": precision,
+        "BLOCK_M": cfg["BLOCK_M"],
+        "BLOCK_N": cfg["BLOCK_N"],
+        "BLOCK_K": cfg["BLOCK_K"],
+        "BLOCK_CLS": n_cls_block,
+    }
+    tensors = [t for t in (x, up, w_packed, bias, head_w, head_b) if t is not None]
+    if m == 0 or c_out == 0:
+        return
     record_launch(
         LaunchRecord(
             name=name,
+            kernel=_conv_nhwc_kernel,
             grid=grid,
             flops=flops,
-            bytes_read=read,
-            bytes_written=written,
-            detail={"input": tuple(x.shape), "up": tuple(up.shape) if up is not None else None, "c_out": c_out, **cfg},
+            bytes_read=sum(t.numel() * t.element_size() for t in tensors),
+            bytes_written=sum(t.numel() * t.element_size() for t in (y, pooled) if t is not None),
+            args=args,
+            constexprs=constexprs,
+            launch_options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]},
         )
     )
-    if m == 0 or c_out == 0:
+    if is_dry_run():
         return
     with device_guard(x):
-        _conv_nhwc_kernel[grid](
-            x,
-            up_t,
-            w_packed,
-            b,
-            y,
-            pool_t,
-            hw,
-            hb,
-            batch,
-            height,
-            width,
-            c_main,
-            c_up,
-            c_out,
-            n_cls,
-            low_h,
-            low_w,
-            up_h,
-            up_w,
-            pad_top,
-            pad_left,
-            scale_h,
-            scale_w,
-            *x.stride(),
-            *up_t.stride(),
-            *y.stride(),
-            *pool_t.stride(),
-            KSIZE=ksize,
-            UP_MODE=up_mode,
-            PACKED_K=packed_k,
-            HAS_BIAS=bias is not None,
-            ACT=relu,
-            POOL=pooled is not None,
-            HEAD=head_w is not None,
-            D2S=d2s,
-            CAST_FP32=cast_fp32,
-            DOT_PRECISION=precision,
-            BLOCK_CLS=n_cls_block,
-            **cfg,
-        )
+        _conv_nhwc_kernel[grid](*args, **constexprs, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
 def conv2d_nhwc(
@@ -525,16 +500,16 @@ def conv2d_nhwc(
         relu=relu,
         d2s=False,
         sizes=(c_up, c_out, n_cls, low_h, low_w, up_h, up_w, pad_top, pad_left, scale_h, scale_w),
-        name=f"conv{ksize}x{ksize}" + ("+up" if up is not None else "") + ("+pool" if pool else "")
+        name=f"conv{ksize}x{ksize}"
+        + ("+up" if up is not None else "")
+        + ("+pool" if pool else "")
         + ("+head" if head_weight is not None else ""),
         flops=flops,
     )
     return out, pooled
 
 
-def conv_transpose2x2_nhwc(
-    x: torch.Tensor, w_packed: torch.Tensor, bias4: torch.Tensor | None = None
-) -> torch.Tensor:
+def conv_transpose2x2_nhwc(x: torch.Tensor, w_packed: torch.Tensor, bias4: torch.Tensor | None = None) -> torch.Tensor:
     """ConvTranspose2d(kernel 2, stride 2) of an NHWC view as one GEMM with a depth-to-space store.
 
     Args:
