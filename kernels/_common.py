@@ -134,19 +134,33 @@ def next_pow2(n: int) -> int:
 
 
 @triton.jit
-def mma(a, b, acc, CAST_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def mma(a, b, acc, INTERPRETER: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """``acc + a @ b`` with fp32 accumulation.
 
     Under the interpreter, ``tl.dot`` multiplies bf16 operands as raw bit patterns, so the operands are widened
     to fp32 first (exact: a product of two 16-bit floats fits in fp32).
     """
-    if CAST_FP32:
+    if INTERPRETER:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
 
+@triton.jit
+def to_storage(x, dtype: tl.constexpr, INTERPRETER: tl.constexpr):
+    """Round an fp32 tensor to the storage ``dtype``, to nearest even as the GPU does.
+
+    The interpreter truncates fp32 -> bf16; there the rounding is done on the bits (NaN kept as is).
+    """
+    if INTERPRETER and dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
+        rounded = bits.to(tl.float32, bitcast=True)
+        return tl.where(x != x, x, rounded).to(dtype)
+    return x.to(dtype)
+
+
 def dot_flags(dtype: torch.dtype, allow_tf32: bool) -> tuple[bool, str]:
-    """(CAST_FP32, DOT_PRECISION) constexprs for a kernel whose operands have ``dtype``."""
+    """(INTERPRETER, DOT_PRECISION) constexprs for a kernel whose operands have ``dtype``."""
     if INTERPRET:
         return True, "ieee"
     if dtype == torch.float32:

@@ -33,6 +33,7 @@ from fastunet.kernels._common import (
     mma,
     next_pow2,
     record_launch,
+    to_storage,
 )
 
 UP_NONE, UP_DIRECT, UP_NEAREST, UP_BILINEAR, UP_BILINEAR_AC = 0, 1, 2, 3, 4
@@ -91,7 +92,7 @@ def _conv_nhwc_kernel(
     POOL: tl.constexpr,
     HEAD: tl.constexpr,
     D2S: tl.constexpr,
-    CAST_FP32: tl.constexpr,
+    INTERPRETER: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -147,7 +148,7 @@ def _conv_nhwc_kernel(
             b = tl.load(
                 w_ptr + kk[:, None] * c_out + offs_n[None, :], mask=k_mask[:, None] & n_mask[None, :], other=0.0
             )
-            acc = mma(a, b, acc, CAST_FP32, DOT_PRECISION)
+            acc = mma(a, b, acc, INTERPRETER, DOT_PRECISION)
     else:
         for tap in range(0, KSIZE * KSIZE):
             iy = oy + (tap // KSIZE - pad)
@@ -168,7 +169,7 @@ def _conv_nhwc_kernel(
                     mask=k_mask[:, None] & n_mask[None, :],
                     other=0.0,
                 )
-                acc = mma(a, b, acc, CAST_FP32, DOT_PRECISION)
+                acc = mma(a, b, acc, INTERPRETER, DOT_PRECISION)
             if UP_MODE != 0:
                 # Coordinates in the (virtual) upsampled map, shifted by the centered zero padding.
                 uy = iy - pad_top
@@ -211,19 +212,21 @@ def _conv_nhwc_kernel(
                         top = (1.0 - lx)[:, None] * v00 + lx[:, None] * v01
                         bottom = (1.0 - lx)[:, None] * v10 + lx[:, None] * v11
                         # Rounded to the storage dtype, as the materialized upsampled map would be.
-                        a = ((1.0 - ly)[:, None] * top + ly[:, None] * bottom).to(up_ptr.dtype.element_ty)
+                        a = to_storage(
+                            (1.0 - ly)[:, None] * top + ly[:, None] * bottom, up_ptr.dtype.element_ty, INTERPRETER
+                        )
                     b = tl.load(
                         w_ptr + (w_row + c_main + ck)[:, None] * c_out + offs_n[None, :],
                         mask=k_mask[:, None] & n_mask[None, :],
                         other=0.0,
                     )
-                    acc = mma(a, b, acc, CAST_FP32, DOT_PRECISION)
+                    acc = mma(a, b, acc, INTERPRETER, DOT_PRECISION)
 
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if ACT:
         acc = tl.where(acc < 0.0, 0.0, acc)  # relu that keeps NaN (tl.maximum would drop it)
-    out = acc.to(y_ptr.dtype.element_ty)
+    out = to_storage(acc, y_ptr.dtype.element_ty, INTERPRETER)
 
     if HEAD:
         # Fused 1x1 head: every output channel of these pixels is in this tile (grid dim 1 has size 1).
@@ -232,14 +235,16 @@ def _conv_nhwc_kernel(
         head_w = tl.load(
             head_w_ptr + offs_n[:, None] * n_cls + offs_c[None, :], mask=n_mask[:, None] & c_mask[None, :], other=0.0
         )
-        logits = mma(out, head_w, tl.zeros((BLOCK_M, BLOCK_CLS), dtype=tl.float32), CAST_FP32, DOT_PRECISION)
+        logits = mma(out, head_w, tl.zeros((BLOCK_M, BLOCK_CLS), dtype=tl.float32), INTERPRETER, DOT_PRECISION)
         logits += tl.load(head_b_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
         y_ptrs = (
             y_ptr
             + (img64 * stride_yn + oy.to(tl.int64) * stride_yh + ox.to(tl.int64) * stride_yw)[:, None]
             + offs_c.to(tl.int64)[None, :] * stride_yc
         )
-        tl.store(y_ptrs, logits.to(y_ptr.dtype.element_ty), mask=m_valid[:, None] & c_mask[None, :])
+        tl.store(
+            y_ptrs, to_storage(logits, y_ptr.dtype.element_ty, INTERPRETER), mask=m_valid[:, None] & c_mask[None, :]
+        )
     elif D2S:
         # Column n = (dy * 2 + dx) * c_real + channel, stored at pixel (2 oy + dy, 2 ox + dx).
         c_real = c_out // 4
@@ -339,7 +344,7 @@ def _launch(
     if head_w is not None and cfg["BLOCK_N"] < c_out:
         raise ValueError(f"fused head needs c_out <= {MAX_HEAD_CHANNELS}, got {c_out}")
     n_cls_block = max(16, next_pow2(n_cls))
-    cast_fp32, precision = dot_flags(x.dtype, torch.backends.cudnn.allow_tf32)
+    interpreter, precision = dot_flags(x.dtype, torch.backends.cudnn.allow_tf32)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(c_out, cfg["BLOCK_N"]))
     up_t = up if up is not None else x
     pool_t = pooled if pooled is not None else y
@@ -360,7 +365,7 @@ def _launch(
         "POOL": pooled is not None,
         "HEAD": head_w is not None,
         "D2S": d2s,
-        "CAST_FP32": cast_fp32,
+        "INTERPRETER": interpreter,
         "DOT_PRECISION": precision,
         "BLOCK_M": cfg["BLOCK_M"],
         "BLOCK_N": cfg["BLOCK_N"],

@@ -1,0 +1,308 @@
+"""Per-kernel parity of the conv family: conv3x3 (+bias+ReLU), pool epilogue, upsample+concat loader,
+transposed conv (depth-to-space store) and fused 1x1 head, against float64 PyTorch."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tolerances import assert_kernel_close, precision_key
+
+from fastunet.kernels import _common
+from fastunet.kernels.conv import (
+    conv2d_nhwc,
+    conv_transpose2x2_nhwc,
+    pack_conv_transpose_weight,
+    pack_conv_weight,
+    pick_config,
+)
+from fastunet.reference import center_pad
+
+DTYPES = [
+    pytest.param(torch.float32, id="fp32"),
+    pytest.param(torch.float16, id="fp16"),
+    pytest.param(torch.bfloat16, id="bf16"),
+]
+
+# (batch, c_in, c_out, height, width)
+CONV_SHAPES = [
+    pytest.param(1, 1, 16, 1, 1, id="cin1-1x1"),
+    pytest.param(2, 3, 16, 7, 5, id="cin3-smallk-odd"),
+    pytest.param(1, 16, 16, 2, 3, id="cin16-2x3"),
+    pytest.param(3, 17, 17, 5, 7, id="partial-every-dim"),
+    pytest.param(1, 64, 64, 17, 31, id="cin64-17x31"),
+    pytest.param(2, 8, 64, 33, 3, id="tall-33x3"),
+    pytest.param(1, 5, 16, 1, 7, id="h1-w7"),
+]
+
+
+def nhwc(t: torch.Tensor) -> torch.Tensor:
+    return t.permute(0, 2, 3, 1)
+
+
+def nchw(t: torch.Tensor) -> torch.Tensor:
+    return t.permute(0, 3, 1, 2)
+
+
+def rand_conv(c_out: int, c_in: int, k: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights scaled so outputs are O(1) whatever the reduction length."""
+    weight = torch.randn(c_out, c_in, k, k) / math.sqrt(c_in * k * k)
+    bias = torch.randn(c_out) * 0.1
+    return weight.to(device, dtype), bias.to(device, dtype)
+
+
+def ref_conv(x, weight, bias, relu=True):
+    y = F.conv2d(x.double().cpu(), weight.double().cpu(), bias.double().cpu(), padding=weight.shape[-1] // 2)
+    return y.relu() if relu else y
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch, c_in, c_out, height, width", CONV_SHAPES)
+def test_conv3x3_bias_relu_matches_float64(device, dtype, batch, c_in, c_out, height, width):
+    x = torch.randn(batch, c_in, height, width).to(device, dtype)
+    weight, bias = rand_conv(c_out, c_in, 3, dtype, device)
+    y, pooled = conv2d_nhwc(nhwc(x), pack_conv_weight(weight), bias)
+    assert pooled is None
+    assert_kernel_close(nchw(y), ref_conv(x, weight, bias), 9 * c_in, precision_key(dtype, device))
+
+
+LAYOUTS = ["nchw", "nhwc", "offset-view"]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_conv_reads_any_input_layout(device, layout):
+    batch, c_in, c_out, height, width = 2, 5, 16, 6, 7
+    base = torch.randn(batch, c_in + 2, height + 3, width + 1).to(device)
+    if layout == "offset-view":
+        x = base[:, 1 : 1 + c_in, 2 : 2 + height, :width]
+        assert x.storage_offset() > 0 and not x.is_contiguous()
+    else:
+        x = base[:, :c_in, :height, :width].contiguous()
+        if layout == "nhwc":
+            x = x.contiguous(memory_format=torch.channels_last)
+    weight, bias = rand_conv(c_out, c_in, 3, torch.float32, device)
+    y, _ = conv2d_nhwc(nhwc(x), pack_conv_weight(weight), bias)
+    assert_kernel_close(nchw(y), ref_conv(x, weight, bias), 9 * c_in, precision_key(torch.float32, device))
+
+
+def test_conv_batch_zero(device):
+    x = torch.randn(0, 4, 5, 5, device=device)
+    weight, bias = rand_conv(16, 4, 3, torch.float32, device)
+    y, pooled = conv2d_nhwc(nhwc(x), pack_conv_weight(weight), bias, pool=True)
+    assert y.shape == (0, 5, 5, 16) and pooled.shape == (0, 2, 2, 16)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pool epilogue
+# ---------------------------------------------------------------------------------------------------------------
+POOL_SHAPES = [
+    pytest.param(1, 4, 16, 2, 2, id="2x2"),
+    pytest.param(2, 3, 16, 7, 5, id="odd-7x5"),
+    pytest.param(1, 17, 24, 9, 6, id="partial-9x6"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch, c_in, c_out, height, width", POOL_SHAPES)
+def test_pool_epilogue(device, dtype, batch, c_in, c_out, height, width):
+    x = torch.randn(batch, c_in, height, width).to(device, dtype)
+    weight, bias = rand_conv(c_out, c_in, 3, dtype, device)
+    y, pooled = conv2d_nhwc(nhwc(x), pack_conv_weight(weight), bias, pool=True)
+    assert pooled.shape == (batch, height // 2, width // 2, c_out)
+    # Pooling is data movement: bit-exact against torch's max-pool of the kernel's own skip output.
+    expected = F.max_pool2d(nchw(y).float().cpu(), 2).to(dtype)
+    assert torch.equal(nchw(pooled).cpu(), expected)
+    reference = F.max_pool2d(ref_conv(x, weight, bias), 2)
+    assert_kernel_close(nchw(pooled), reference, 9 * c_in, precision_key(dtype, device))
+
+
+def test_pool_epilogue_single_row(device):
+    """Floor mode: a one-row map has no complete 2x2 window, so the pooled map is empty and the skip is whole."""
+    x = torch.randn(3, 16, 1, 4, device=device)
+    weight, bias = rand_conv(32, 16, 3, torch.float32, device)
+    y, pooled = conv2d_nhwc(nhwc(x), pack_conv_weight(weight), bias, pool=True)
+    assert pooled.shape == (3, 0, 2, 32)
+    assert_kernel_close(nchw(y), ref_conv(x, weight, bias), 9 * 16, precision_key(torch.float32, device))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+def test_special_values_follow_torch(device, value):
+    """NaN and +-inf through conv, ReLU and max-pool land where torch puts them."""
+    x = torch.randn(1, 4, 8, 9)
+    x[0, 1, 2, 3] = value
+    x[0, 3, 6, 8] = value
+    weight, bias = rand_conv(16, 4, 3, torch.float32, "cpu")
+    y, pooled = conv2d_nhwc(nhwc(x.to(device)), pack_conv_weight(weight.to(device)), bias.to(device), pool=True)
+    ref = ref_conv(x, weight, bias)
+    ref_pool = F.max_pool2d(ref, 2)
+    for out, expected in ((nchw(y).cpu().double(), ref), (nchw(pooled).cpu().double(), ref_pool)):
+        assert torch.equal(out.isnan(), expected.isnan())
+        assert torch.equal(out.isinf(), expected.isinf())
+        assert torch.equal(out[out.isinf()], expected[expected.isinf()])
+    assert ref.isnan().any() or ref.isinf().any()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Decoder loader: skip map + upsampled map, never concatenated
+# ---------------------------------------------------------------------------------------------------------------
+UP_CASES = [
+    pytest.param("nearest", False, id="nearest"),
+    pytest.param("bilinear", False, id="bilinear"),
+    pytest.param("bilinear", True, id="bilinear-align-corners"),
+    pytest.param("direct", False, id="direct"),
+]
+
+# (batch, c_skip, c_up, c_out, height, width, low_h, low_w)
+UP_SHAPES = [
+    pytest.param(2, 8, 16, 24, 7, 9, 3, 4, id="odd-pad"),
+    pytest.param(1, 17, 20, 16, 4, 4, 2, 2, id="partial-k"),
+    pytest.param(1, 4, 3, 16, 3, 5, 1, 2, id="low-1x2"),
+    pytest.param(3, 16, 32, 16, 2, 2, 1, 1, id="low-1x1"),
+]
+
+
+def upsample_ref(low: torch.Tensor, mode: str, align_corners: bool) -> torch.Tensor:
+    low = low.double().cpu()
+    if mode == "direct":
+        return low
+    if mode == "nearest":
+        return F.interpolate(low, scale_factor=2, mode="nearest")
+    return F.interpolate(low, scale_factor=2, mode="bilinear", align_corners=align_corners)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode, align_corners", UP_CASES)
+@pytest.mark.parametrize("batch, c_skip, c_up, c_out, height, width, low_h, low_w", UP_SHAPES)
+def test_upsample_concat_loader(
+    device, dtype, mode, align_corners, batch, c_skip, c_up, c_out, height, width, low_h, low_w
+):
+    if mode == "direct":  # the map is already at (about) full size, as a transposed conv leaves it
+        low_h, low_w = 2 * low_h, 2 * low_w
+    skip = torch.randn(batch, c_skip, height, width).to(device, dtype)
+    low = torch.randn(batch, c_up, low_h, low_w).to(device, dtype)
+    weight, bias = rand_conv(c_out, c_skip + c_up, 3, dtype, device)
+    y, _ = conv2d_nhwc(
+        nhwc(skip), pack_conv_weight(weight), bias, up=nhwc(low), up_mode=mode, align_corners=align_corners
+    )
+    # The unfused network stores the upsampled map in the storage dtype: so does the reference.
+    up = center_pad(upsample_ref(low, mode, align_corners).to(dtype).double(), height, width)
+    reference = ref_conv(torch.cat([skip.double().cpu(), up], dim=1), weight, bias)
+    assert_kernel_close(nchw(y), reference, 9 * (c_skip + c_up), precision_key(dtype, device))
+
+
+@pytest.mark.parametrize("mode", ["nearest", "direct"])
+def test_fused_concat_is_bit_exact(device, mode):
+    """Nearest upsampling and concatenation are data movement: fusing them into the loader must give the same
+    bits as running the same kernel on the concatenation that torch materializes."""
+    batch, c_skip, c_up, c_out, height, width = 1, 64, 64, 16, 5, 7
+    low_h, low_w = (2, 3) if mode == "nearest" else (4, 6)
+    skip = torch.randn(batch, c_skip, height, width, device=device)
+    low = torch.randn(batch, c_up, low_h, low_w, device=device)
+    weight, bias = rand_conv(c_out, c_skip + c_up, 3, torch.float32, device)
+    w_packed = pack_conv_weight(weight)
+    fused, _ = conv2d_nhwc(nhwc(skip), w_packed, bias, up=nhwc(low), up_mode=mode)
+    up = low if mode == "direct" else F.interpolate(low, scale_factor=2, mode="nearest")
+    concatenated = torch.cat([skip, center_pad(up, height, width)], dim=1)
+    materialized, _ = conv2d_nhwc(nhwc(concatenated), w_packed, bias)
+    # Same K blocking on both sides, so the summation order is the same (the skip channels fill whole K blocks).
+    m = batch * 3 * 4 * 4
+    assert pick_config(m, c_out, c_skip + c_up, False, False)["BLOCK_K"] == c_skip
+    assert torch.equal(fused, materialized)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Transposed conv (GEMM + depth-to-space store) and fused head
+# ---------------------------------------------------------------------------------------------------------------
+# (batch, c_in, c_out, height, width)
+TRANSPOSE_SHAPES = [
+    pytest.param(1, 16, 8, 1, 1, id="1x1"),
+    pytest.param(2, 17, 5, 3, 4, id="partial"),
+    pytest.param(1, 64, 32, 5, 3, id="c64"),
+    pytest.param(0, 8, 4, 2, 2, id="batch0"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch, c_in, c_out, height, width", TRANSPOSE_SHAPES)
+def test_conv_transpose2x2(device, dtype, batch, c_in, c_out, height, width):
+    x = torch.randn(batch, c_in, height, width).to(device, dtype)
+    weight = (torch.randn(c_in, c_out, 2, 2) / math.sqrt(c_in)).to(device, dtype)
+    bias = (torch.randn(c_out) * 0.1).to(device, dtype)
+    y = conv_transpose2x2_nhwc(nhwc(x), pack_conv_transpose_weight(weight), bias.repeat(4))
+    reference = F.conv_transpose2d(x.double().cpu(), weight.double().cpu(), bias.double().cpu(), stride=2)
+    assert_kernel_close(nchw(y), reference, c_in, precision_key(dtype, device))
+
+
+# (c_in, c_mid, n_cls)
+HEAD_SHAPES = [
+    pytest.param(8, 16, 1, id="1-class"),
+    pytest.param(16, 64, 2, id="c64-2-classes"),
+    pytest.param(4, 24, 17, id="17-classes-partial"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw-out", "channels-last-out"])
+@pytest.mark.parametrize("c_in, c_mid, n_cls", HEAD_SHAPES)
+def test_fused_head(device, dtype, channels_last, c_in, c_mid, n_cls):
+    batch, height, width = 2, 5, 6
+    x = torch.randn(batch, c_in, height, width).to(device, dtype)
+    weight, bias = rand_conv(c_mid, c_in, 3, dtype, device)
+    head_w, head_b = rand_conv(n_cls, c_mid, 1, dtype, device)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    logits = torch.full((batch, n_cls, height, width), float("nan"), device=device, dtype=dtype)
+    logits = logits.contiguous(memory_format=memory_format)
+    out, _ = conv2d_nhwc(
+        nhwc(x), pack_conv_weight(weight), bias, head_weight=pack_conv_weight(head_w), head_bias=head_b,
+        out=nhwc(logits),
+    )  # fmt: skip
+    assert out.data_ptr() == logits.data_ptr()
+    features = ref_conv(x, weight, bias)
+    # The features are rounded to the storage dtype before the head, as the unfused network stores them.
+    features = features.to(dtype).double()
+    reference = F.conv2d(features, head_w.double().cpu(), head_b.double().cpu())
+    assert_kernel_close(logits, reference, 9 * c_in + c_mid, precision_key(dtype, device))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Offsets past 2**31, bad input
+# ---------------------------------------------------------------------------------------------------------------
+def test_int64_offsets(device):
+    """Image 1 of this view starts 2**31 + 64 elements into its storage: int32 offsets would wrap."""
+    c_in, c_out, height, width = 4, 16, 3, 4
+    image_stride = 2**31 + 64
+    storage = torch.empty(image_stride + height * width * c_in, dtype=torch.float16, device=device)
+    x = storage.as_strided((2, height, width, c_in), (image_stride, width * c_in, c_in, 1))
+    images = torch.randn(2, height, width, c_in).to(device, torch.float16)
+    x.copy_(images)
+    weight, bias = rand_conv(c_out, c_in, 3, torch.float16, device)
+    y, _ = conv2d_nhwc(x, pack_conv_weight(weight), bias)
+    expected, _ = conv2d_nhwc(images, pack_conv_weight(weight), bias)
+    assert torch.equal(y, expected)
+
+
+def test_bad_input_errors(device):
+    x = torch.randn(1, 4, 4, 3, device=device)
+    weight, bias = rand_conv(8, 3, 3, torch.float32, device)
+    w_packed = pack_conv_weight(weight)
+    with pytest.raises(ValueError, match="4-D"):
+        conv2d_nhwc(x[0], w_packed, bias)
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        conv2d_nhwc(x.to(torch.int32), w_packed, bias)
+    with pytest.raises(ValueError, match=r"expected \(45, C_out\) for 5 input channels"):
+        conv2d_nhwc(torch.randn(1, 4, 4, 5, device=device), w_packed, bias)
+    with pytest.raises(ValueError, match="weight: expected torch.float32"):
+        conv2d_nhwc(x, w_packed.half(), bias)
+    with pytest.raises(ValueError, match="up_mode must be one of"):
+        conv2d_nhwc(x, w_packed, bias, up=x, up_mode="bicubic")
+    with pytest.raises(ValueError, match="larger than the skip map"):
+        conv2d_nhwc(x, pack_conv_weight(rand_conv(8, 6, 3, torch.float32, device)[0]), bias,
+                    up=torch.randn(1, 3, 3, 3, device=device), up_mode="nearest")  # fmt: skip
+
+
+def test_cpu_tensor_never_reaches_a_compiled_kernel(monkeypatch):
+    monkeypatch.setattr(_common, "INTERPRET", False)
+    with pytest.raises(RuntimeError, match="need a CUDA tensor"):
+        _common.check_runnable(torch.randn(2, 2), "input")
