@@ -162,6 +162,15 @@ class FastUNet(UNet):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.in_channels, self.depth)
+        params = list(self.parameters())
+        if params[0].device != x.device:
+            raise RuntimeError(f"input is on {x.device} but the parameters are on {params[0].device}")
+        autocast = torch.is_autocast_enabled(x.device.type)
+        if not autocast and params[0].dtype != x.dtype:
+            raise TypeError(
+                f"input dtype {x.dtype} does not match the parameters' dtype {params[0].dtype} "
+                "(convert one of them, or run under torch.autocast)"
+            )
         if self.training:
             return self._reference_forward(x, "training mode (no Triton backward kernels yet)", warn=False)
         if INTERPRET and x.device.type != "cpu":
@@ -172,19 +181,7 @@ class FastUNet(UNet):
             return self._reference_forward(
                 x, f"compiled Triton kernels need CUDA tensors, input is on {x.device}", warn=True
             )
-        params = [p for p in self.parameters()]
-        compute_dtype = x.dtype
-        if torch.is_autocast_enabled(x.device.type):
-            compute_dtype = torch.get_autocast_dtype(x.device.type)
-        else:
-            param = params[0]
-            if param.dtype != x.dtype:
-                raise TypeError(
-                    f"input dtype {x.dtype} does not match the parameters' dtype {param.dtype} "
-                    "(convert one of them, or run under torch.autocast)"
-                )
-        if params[0].device != x.device:
-            raise RuntimeError(f"input is on {x.device} but the parameters are on {params[0].device}")
+        compute_dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
         if compute_dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise TypeError(f"expected float32, float16 or bfloat16 input, got {compute_dtype}")
         self.last_backend = BACKEND_INTERPRETER if INTERPRET else BACKEND_TRITON

@@ -8,7 +8,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from tolerances import assert_kernel_close, precision_key
 
 from fastunet.kernels import _common
 from fastunet.kernels.conv import (
@@ -19,6 +18,7 @@ from fastunet.kernels.conv import (
     pick_config,
 )
 from fastunet.reference import center_pad
+from tolerances import assert_kernel_close, precision_key
 
 DTYPES = [
     pytest.param(torch.float32, id="fp32"),
