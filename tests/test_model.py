@@ -1,0 +1,261 @@
+"""FastUNet as a module: checkpoints, dispatch, kernels really running, fusion, gradients, layouts, bad input."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from test_unet_parity import build_pair, randomize_norm_stats
+
+import fastunet
+from fastunet import FastUNet, UNet
+from fastunet.kernels import _common, launch_log
+from tolerances import assert_network_close, precision_key
+
+SMALL = {"in_channels": 3, "num_classes": 2, "base_channels": 4, "depth": 2}
+
+
+def small_pair(device, upsample="transpose", norm=None, dtype=torch.float32):
+    return build_pair(device, dtype, **SMALL, upsample=upsample, norm=norm)
+
+
+# -- checkpoints ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("upsample", ["transpose", "bilinear"])
+@pytest.mark.parametrize("norm", [None, "batch"])
+def test_state_dicts_interchange_strictly(upsample, norm):
+    reference = UNet(3, 2, 8, 3, upsample=upsample, norm=norm)
+    fast = FastUNet(3, 2, 8, 3, upsample=upsample, norm=norm)
+    assert list(reference.state_dict()) == list(fast.state_dict())
+    fast.load_state_dict(reference.state_dict(), strict=True)
+    reference.load_state_dict(fast.state_dict(), strict=True)
+    for key, value in reference.state_dict().items():
+        assert torch.equal(value, fast.state_dict()[key]), key
+
+
+def test_from_reference_shares_parameters(device):
+    reference = UNet(**SMALL).to(device).eval()
+    fast = FastUNet.from_reference(reference)
+    assert not fast.training
+    for (name, p), (_, q) in zip(reference.named_parameters(), fast.named_parameters(), strict=True):
+        assert p is q, name
+    x = torch.randn(2, 3, 9, 8, device=device)
+    with torch.no_grad():
+        assert_network_close(fast(x), reference.double()(x.double()), precision_key(torch.float32, device))
+
+
+# -- dispatch -------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("upsample, launches", [("transpose", 22), ("bilinear", 18), ("nearest", 18)])
+def test_triton_kernels_run_and_launch_count(device, upsample, launches):
+    """The forward is the Triton kernels (not a PyTorch fallback): 4 * depth + 2 launches, + depth for
+    transposed-conv upsampling; the head and the pooling are fused, no separate launch."""
+    fast = FastUNet(3, 2, 4, 4, upsample=upsample).to(device).eval()
+    with torch.no_grad(), launch_log() as records:
+        fast(torch.randn(1, 3, 16, 17, device=device))
+    assert fast.last_backend == ("triton-interpreter" if _common.INTERPRET else "triton")
+    assert len(records) == launches
+    names = [record.name for record in records]
+    assert names.count("conv3x3+pool") == 4
+    assert names[-1] == "conv3x3+head"
+
+
+def test_no_concat_buffer_and_no_head_feature_map(device, monkeypatch):
+    """The decoder never materializes cat([skip, up]) and the last conv writes only the logits."""
+    allocations = []
+    real_alloc = _common.alloc
+
+    def tracking_alloc(shape, *args, **kwargs):
+        allocations.append(tuple(shape))
+        return real_alloc(shape, *args, **kwargs)
+
+    for module in (_common, sys.modules["fastunet.kernels.conv"], sys.modules["fastunet.ops"]):
+        monkeypatch.setattr(module, "alloc", tracking_alloc)
+    fast = FastUNet(3, 2, 4, 3, upsample="bilinear").to(device).eval()
+    with torch.no_grad(), launch_log() as records:
+        logits = fast(torch.randn(1, 3, 16, 16, device=device))
+    widths = [4, 8, 16, 32]
+    concat_channels = {widths[level] + widths[level + 1] for level in range(3)}  # bilinear: skip + low-res
+    assert not [shape for shape in allocations if shape[-1] in concat_channels]
+    full_res_features = [shape for shape in allocations if shape == (1, 16, 16, 4)]
+    assert len(full_res_features) == 3  # enc0.conv1, enc0.conv2 (the skip), dec0.conv1: not dec0.conv2
+    assert records[-1].bytes_written == logits.numel() * logits.element_size()
+
+
+def test_cpu_without_interpreter_falls_back_visibly():
+    """Outside the interpreter a CPU input runs the reference math, says so once, and gives its output."""
+    script = textwrap.dedent(
+        """
+        import warnings, torch, fastunet
+        torch.manual_seed(0)
+        ref = fastunet.UNet(3, 2, 4, 2).eval()
+        fast = fastunet.FastUNet.from_reference(ref)
+        x = torch.randn(1, 3, 8, 8)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = fast(x)
+            fast(x)
+        fallback = [w for w in caught if issubclass(w.category, fastunet.FastUNetFallbackWarning)]
+        assert len(fallback) == 1, caught
+        assert fast.last_backend == "reference", fast.last_backend
+        assert "CUDA" in fast.last_backend_reason
+        assert torch.equal(out, ref(x))
+        print("fallback-ok")
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "fallback-ok" in result.stdout
+
+
+def test_training_mode_is_the_reference(device):
+    """Training runs the reference math: same output, same BatchNorm running-stat updates."""
+    reference = UNet(**SMALL, norm="batch").to(device)
+    fast = FastUNet(**SMALL, norm="batch").to(device)
+    fast.load_state_dict(reference.state_dict())
+    x = torch.randn(2, 3, 8, 8, device=device)
+    out, expected = fast(x), reference(x)
+    assert fast.last_backend == "reference"
+    assert torch.equal(out, expected)
+    for key, value in reference.state_dict().items():
+        assert torch.equal(value, fast.state_dict()[key]), key
+
+
+def test_eval_gradients_match_reference(device):
+    fast, _ = small_pair(device, upsample="bilinear", norm="batch")
+    reference = UNet(**SMALL, upsample="bilinear", norm="batch").to(device).eval()
+    reference.load_state_dict(fast.state_dict())
+    x = torch.randn(2, 3, 9, 10, device=device)
+    x_fast, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    grad = torch.randn(2, 2, 9, 10, device=device)
+    fast(x_fast).backward(grad)
+    assert fast.last_backend in ("triton", "triton-interpreter")
+    reference(x_ref).backward(grad)
+    torch.testing.assert_close(x_fast.grad, x_ref.grad)
+    for (name, p), (_, q) in zip(fast.named_parameters(), reference.named_parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+
+
+def test_autocast_behaves_like_reference(device):
+    fast, reference64 = small_pair(device, upsample="bilinear", norm="batch")
+    reference = UNet(**SMALL, upsample="bilinear", norm="batch").to(device).eval()
+    reference.load_state_dict(fast.state_dict())
+    x = torch.randn(2, 3, 12, 9, device=device)
+    with torch.no_grad(), torch.autocast(device.type):
+        out = fast(x)
+        expected_dtype = reference(x).dtype
+    assert out.dtype == expected_dtype != torch.float32
+    with torch.no_grad():
+        assert_network_close(out, reference64(x.double().cpu()), precision_key(out.dtype, device))
+
+
+# -- parameters changed after construction ---------------------------------------------------------------------------
+def test_plan_follows_parameter_changes(device):
+    fast, _ = small_pair(device, norm="batch")
+    x = torch.randn(1, 3, 8, 8, device=device)
+    with torch.no_grad():
+        before = fast(x)
+        other = UNet(**SMALL, norm="batch")
+        randomize_norm_stats(other)
+        fast.load_state_dict(other.state_dict())
+        after_load = fast(x)
+        expected = UNet(**SMALL, norm="batch").double().eval()
+        expected.load_state_dict(other.state_dict())
+        assert_network_close(after_load, expected(x.double().cpu()), precision_key(torch.float32, device))
+        assert not torch.equal(before, after_load)
+        for p in fast.parameters():  # an optimizer-style in-place update
+            p.mul_(0.5)
+        expected.load_state_dict(fast.state_dict())
+        assert_network_close(fast(x), expected(x.double().cpu()), precision_key(torch.float32, device))
+        fast.half()
+        out_half = fast(x.half())
+        assert out_half.dtype == torch.float16
+        assert_network_close(out_half, expected(x.double().cpu()), "fp16")
+
+
+# -- layouts, batch independence, determinism ------------------------------------------------------------------------
+def test_batch_independence_and_determinism(device):
+    fast, _ = small_pair(device, upsample="nearest")
+    x = torch.randn(3, 3, 11, 9, device=device)
+    with torch.no_grad():
+        out = fast(x)
+        assert torch.equal(out, fast(x))
+        for i in range(3):
+            assert torch.equal(out[i], fast(x[i : i + 1])[0])
+
+
+@pytest.mark.parametrize("layout", ["channels-last", "offset-view"])
+def test_input_layouts(device, layout):
+    fast, _ = small_pair(device)
+    x = torch.randn(2, 3, 10, 12, device=device)
+    if layout == "channels-last":
+        view = x.contiguous(memory_format=torch.channels_last)
+    else:
+        big = torch.zeros(2, 5, 13, 14, device=device)
+        big[:, 1:4, 2:12, 1:13] = x
+        view = big[:, 1:4, 2:12, 1:13]
+        assert view.storage_offset() > 0
+    with torch.no_grad():
+        expected, out = fast(x), fast(view)
+    assert torch.equal(out, expected)
+    if layout == "channels-last":
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    else:
+        assert out.is_contiguous()
+
+
+# -- bad input ------------------------------------------------------------------------------------------------------
+def test_bad_input_errors(device):
+    fast = FastUNet(**SMALL).to(device).eval()
+    cases = [
+        (torch.randn(3, 8, 8, device=device), ValueError, "4-D"),
+        (torch.randn(1, 4, 8, 8, device=device), ValueError, "expected input with 3 channels, got 4"),
+        (torch.ones(1, 3, 8, 8, dtype=torch.int64, device=device), TypeError, "floating-point"),
+        (torch.randn(1, 3, 8, 8, device=device).half(), TypeError, "does not match the parameters' dtype"),
+        (torch.randn(1, 3, 3, 8, device=device), ValueError, "at least 4"),
+        (torch.randn(1, 3, 8, 8, device="meta"), RuntimeError, "parameters are on"),
+    ]
+    for x, error, message in cases:
+        with pytest.raises(error, match=message):
+            fast(x)
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        fast([1.0])
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"depth": 0}, "depth must be an int >= 1"),
+        ({"upsample": "bicubic"}, "upsample must be one of"),
+        ({"norm": "group"}, "norm must be one of"),
+        ({"base_channels": 0}, "base_channels must be a positive int"),
+        ({"upsample": "nearest", "align_corners": True}, "align_corners=True only applies"),
+    ],
+)
+def test_bad_constructor_arguments(kwargs, message):
+    config = {"in_channels": 3, "num_classes": 2, **kwargs}
+    for cls in (UNet, FastUNet):
+        with pytest.raises(ValueError, match=message):
+            cls(**config)
+
+
+def test_trace_counts_reference_config():
+    """FLOPs of the classic 64-channel depth-4 net at 512x512, counted independently: 2 * pixels * c_out * c_in * k^2
+    per conv, summed by hand below."""
+    records = fastunet.trace(
+        UNet(3, 2, 64, 4, upsample="bilinear", device="meta"), torch.empty(1, 3, 512, 512, device="meta")
+    )
+    expected = 0
+    for level in range(5):
+        pixels, width = (512 >> level) ** 2, 64 << level
+        expected += 2 * pixels * width * 9 * ((3 if level == 0 else width // 2) + width)
+        if level < 4:
+            expected += 2 * pixels * width * 9 * (3 * width + width)
+    expected += 2 * 512 * 512 * 64 * 2
+    assert len(records) == 18
+    assert sum(r.flops for r in records) == expected
+    assert round(expected / 1e9, 1) == 445.5
