@@ -150,35 +150,49 @@ def _conv_nhwc_kernel(
             )
             acc = mma(a, b, acc, INTERPRETER, DOT_PRECISION)
     else:
-        for tap in range(0, KSIZE * KSIZE):
+        # One flattened loop per source over (tap, channel block): a single long loop is what the software
+        # pipeliner overlaps; a tap loop around a one-iteration channel loop (64 channels) would not pipeline.
+        main_blocks = tl.cdiv(c_main, BLOCK_K)
+        for it in range(0, KSIZE * KSIZE * main_blocks):
+            tap = it // main_blocks
+            ck = (it - tap * main_blocks) * BLOCK_K + offs_k
             iy = oy + (tap // KSIZE - pad)
             ix = ox + (tap % KSIZE - pad)
             inside = m_valid & (iy >= 0) & (iy < height) & (ix >= 0) & (ix < width)
             row = img64 * stride_xn + iy.to(tl.int64) * stride_xh + ix.to(tl.int64) * stride_xw
-            w_row = tap * c_in
-            for c0 in range(0, c_main, BLOCK_K):
-                ck = c0 + offs_k
-                k_mask = ck < c_main
-                a = tl.load(
-                    x_ptr + row[:, None] + ck.to(tl.int64)[None, :] * stride_xc,
-                    mask=inside[:, None] & k_mask[None, :],
-                    other=0.0,
-                )
-                b = tl.load(
-                    w_ptr + (w_row + ck)[:, None] * c_out + offs_n[None, :],
-                    mask=k_mask[:, None] & n_mask[None, :],
-                    other=0.0,
-                )
-                acc = mma(a, b, acc, INTERPRETER, DOT_PRECISION)
-            if UP_MODE != 0:
+            k_mask = ck < c_main
+            a = tl.load(
+                x_ptr + row[:, None] + ck.to(tl.int64)[None, :] * stride_xc,
+                mask=inside[:, None] & k_mask[None, :],
+                other=0.0,
+            )
+            b = tl.load(
+                w_ptr + (tap * c_in + ck)[:, None] * c_out + offs_n[None, :],
+                mask=k_mask[:, None] & n_mask[None, :],
+                other=0.0,
+            )
+            acc = mma(a, b, acc, INTERPRETER, DOT_PRECISION)
+        if UP_MODE != 0:
+            up_blocks = tl.cdiv(c_up, BLOCK_K)
+            for it in range(0, KSIZE * KSIZE * up_blocks):
+                tap = it // up_blocks
+                ck = (it - tap * up_blocks) * BLOCK_K + offs_k
+                iy = oy + (tap // KSIZE - pad)
+                ix = ox + (tap % KSIZE - pad)
                 # Coordinates in the (virtual) upsampled map, shifted by the centered zero padding.
                 uy = iy - pad_top
                 ux = ix - pad_left
-                u_inside = inside & (uy >= 0) & (uy < up_h) & (ux >= 0) & (ux < up_w)
+                u_inside = m_valid & (iy >= 0) & (iy < height) & (ix >= 0) & (ix < width)
+                u_inside = u_inside & (uy >= 0) & (uy < up_h) & (ux >= 0) & (ux < up_w)
+                k_mask = ck < c_up
+                ld_mask = u_inside[:, None] & k_mask[None, :]
+                col = ck.to(tl.int64)[None, :] * stride_uc
                 if UP_MODE == 1:
                     u_row = img64 * stride_un + uy.to(tl.int64) * stride_uh + ux.to(tl.int64) * stride_uw
+                    a = tl.load(up_ptr + u_row[:, None] + col, mask=ld_mask, other=0.0)
                 elif UP_MODE == 2:
                     u_row = img64 * stride_un + (uy // 2).to(tl.int64) * stride_uh + (ux // 2).to(tl.int64) * stride_uw
+                    a = tl.load(up_ptr + u_row[:, None] + col, mask=ld_mask, other=0.0)
                 else:
                     if UP_MODE == 3:
                         src_y = tl.maximum((uy.to(tl.float32) + 0.5) * scale_h - 0.5, 0.0)
@@ -190,37 +204,27 @@ def _conv_nhwc_kernel(
                     x0 = tl.minimum(src_x.to(tl.int32), low_w - 1)
                     y1 = tl.minimum(y0 + 1, low_h - 1)
                     x1 = tl.minimum(x0 + 1, low_w - 1)
-                    ly = src_y - y0.to(tl.float32)
-                    lx = src_x - x0.to(tl.float32)
+                    ly = (src_y - y0.to(tl.float32))[:, None]
+                    lx = (src_x - x0.to(tl.float32))[:, None]
                     base = img64 * stride_un
-                    r00 = base + y0.to(tl.int64) * stride_uh + x0.to(tl.int64) * stride_uw
-                    r01 = base + y0.to(tl.int64) * stride_uh + x1.to(tl.int64) * stride_uw
-                    r10 = base + y1.to(tl.int64) * stride_uh + x0.to(tl.int64) * stride_uw
-                    r11 = base + y1.to(tl.int64) * stride_uh + x1.to(tl.int64) * stride_uw
-                for c0 in range(0, c_up, BLOCK_K):
-                    ck = c0 + offs_k
-                    k_mask = ck < c_up
-                    ld_mask = u_inside[:, None] & k_mask[None, :]
-                    col = ck.to(tl.int64)[None, :] * stride_uc
-                    if UP_MODE <= 2:
-                        a = tl.load(up_ptr + u_row[:, None] + col, mask=ld_mask, other=0.0)
-                    else:
-                        v00 = tl.load(up_ptr + r00[:, None] + col, mask=ld_mask, other=0.0).to(tl.float32)
-                        v01 = tl.load(up_ptr + r01[:, None] + col, mask=ld_mask, other=0.0).to(tl.float32)
-                        v10 = tl.load(up_ptr + r10[:, None] + col, mask=ld_mask, other=0.0).to(tl.float32)
-                        v11 = tl.load(up_ptr + r11[:, None] + col, mask=ld_mask, other=0.0).to(tl.float32)
-                        top = (1.0 - lx)[:, None] * v00 + lx[:, None] * v01
-                        bottom = (1.0 - lx)[:, None] * v10 + lx[:, None] * v11
-                        # Rounded to the storage dtype, as the materialized upsampled map would be.
-                        a = to_storage(
-                            (1.0 - ly)[:, None] * top + ly[:, None] * bottom, up_ptr.dtype.element_ty, INTERPRETER
-                        )
-                    b = tl.load(
-                        w_ptr + (w_row + c_main + ck)[:, None] * c_out + offs_n[None, :],
-                        mask=k_mask[:, None] & n_mask[None, :],
-                        other=0.0,
-                    )
-                    acc = mma(a, b, acc, INTERPRETER, DOT_PRECISION)
+                    row0 = base + y0.to(tl.int64) * stride_uh
+                    row1 = base + y1.to(tl.int64) * stride_uh
+                    col0 = x0.to(tl.int64) * stride_uw
+                    col1 = x1.to(tl.int64) * stride_uw
+                    v00 = tl.load(up_ptr + (row0 + col0)[:, None] + col, mask=ld_mask, other=0.0).to(tl.float32)
+                    v01 = tl.load(up_ptr + (row0 + col1)[:, None] + col, mask=ld_mask, other=0.0).to(tl.float32)
+                    v10 = tl.load(up_ptr + (row1 + col0)[:, None] + col, mask=ld_mask, other=0.0).to(tl.float32)
+                    v11 = tl.load(up_ptr + (row1 + col1)[:, None] + col, mask=ld_mask, other=0.0).to(tl.float32)
+                    top = (1.0 - lx) * v00 + lx * v01
+                    bottom = (1.0 - lx) * v10 + lx * v11
+                    # Rounded to the storage dtype, as the materialized upsampled map would be.
+                    a = to_storage((1.0 - ly) * top + ly * bottom, up_ptr.dtype.element_ty, INTERPRETER)
+                b = tl.load(
+                    w_ptr + (tap * c_in + c_main + ck)[:, None] * c_out + offs_n[None, :],
+                    mask=k_mask[:, None] & n_mask[None, :],
+                    other=0.0,
+                )
+                acc = mma(a, b, acc, INTERPRETER, DOT_PRECISION)
 
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]

@@ -15,7 +15,6 @@ from fastunet.kernels.conv import (
     conv_transpose2x2_nhwc,
     pack_conv_transpose_weight,
     pack_conv_weight,
-    pick_config,
 )
 from fastunet.reference import center_pad
 from tolerances import assert_kernel_close, precision_key
@@ -192,23 +191,27 @@ def test_upsample_concat_loader(
     assert_kernel_close(nchw(y), reference, 9 * (c_skip + c_up), precision_key(dtype, device))
 
 
-@pytest.mark.parametrize("mode", ["nearest", "direct"])
-def test_fused_concat_is_bit_exact(device, mode):
-    """Nearest upsampling and concatenation are data movement: fusing them into the loader must give the same
-    bits as running the same kernel on the concatenation that torch materializes."""
-    batch, c_skip, c_up, c_out, height, width = 1, 64, 64, 16, 5, 7
-    low_h, low_w = (2, 3) if mode == "nearest" else (4, 6)
-    skip = torch.randn(batch, c_skip, height, width, device=device)
-    low = torch.randn(batch, c_up, low_h, low_w, device=device)
-    weight, bias = rand_conv(c_out, c_skip + c_up, 3, torch.float32, device)
-    w_packed = pack_conv_weight(weight)
-    fused, _ = conv2d_nhwc(nhwc(skip), w_packed, bias, up=nhwc(low), up_mode=mode)
-    up = low if mode == "direct" else F.interpolate(low, scale_factor=2, mode="nearest")
-    concatenated = torch.cat([skip, center_pad(up, height, width)], dim=1)
-    materialized, _ = conv2d_nhwc(nhwc(concatenated), w_packed, bias)
-    # Same K blocking on both sides, so the summation order is the same (the skip channels fill whole K blocks).
-    m = batch * 3 * 4 * 4
-    assert pick_config(m, c_out, c_skip + c_up, False, False)["BLOCK_K"] == c_skip
+@pytest.mark.parametrize("mode", ["nearest", "bilinear", "direct"])
+def test_fused_concat_is_exact(device, mode):
+    """Upsampling and concatenation are data movement (bilinear: dyadic weights). On small integers every sum is
+    exact in float32 in any order, so the fused loader must give the very bits of torch's materialized
+    ``cat([skip, pad(upsample(low))])`` convolved in float64, and of the same kernel run on that concatenation."""
+    batch, c_skip, c_up, c_out, height, width = 2, 24, 40, 16, 7, 9
+    low_h, low_w = (3, 4) if mode != "direct" else (6, 8)
+    skip = torch.randint(-3, 4, (batch, c_skip, height, width)).float()
+    low = torch.randint(-3, 4, (batch, c_up, low_h, low_w)).float()
+    weight = torch.randint(-2, 3, (c_out, c_skip + c_up, 3, 3)).float()
+    bias = torch.randint(-2, 3, (c_out,)).float()
+    fused, _ = conv2d_nhwc(
+        nhwc(skip.to(device)), pack_conv_weight(weight.to(device)), bias.to(device), up=nhwc(low.to(device)),
+        up_mode=mode,
+    )  # fmt: skip
+    concatenated = torch.cat([skip.double(), center_pad(upsample_ref(low, mode, False), height, width)], dim=1)
+    reference = ref_conv(concatenated, weight, bias)
+    assert torch.equal(nchw(fused).cpu(), reference.float())
+    materialized, _ = conv2d_nhwc(
+        nhwc(concatenated.float().to(device)), pack_conv_weight(weight.to(device)), bias.to(device)
+    )
     assert torch.equal(fused, materialized)
 
 
