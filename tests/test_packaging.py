@@ -22,7 +22,8 @@ def test_kernels_import_as_subpackage():
 def test_wheel_maps_kernels_under_fastunet(tmp_path):
     pytest.importorskip("setuptools")
     result = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path)]
+        + [str(ROOT)],
         capture_output=True,
         text=True,
         timeout=600,

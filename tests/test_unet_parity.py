@@ -6,10 +6,10 @@ import itertools
 
 import pytest
 import torch
-from tolerances import assert_network_close, precision_key
 
 from fastunet import FastUNet, UNet
 from fastunet.kernels import launch_log
+from tolerances import assert_network_close, precision_key
 
 UPSAMPLES = [
     pytest.param("transpose", False, id="transpose"),

@@ -1,0 +1,214 @@
+"""The roofline model against hand counts, the ``fastunet`` command, and the benchmark plumbing of ``bench/``."""
+
+from __future__ import annotations
+
+import pathlib
+import re
+
+import pytest
+import torch
+
+from fastunet import cli, parity
+from fastunet.roofline import H100, config_roofline, eager_estimate, stage_labels, trace_config
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PEAK_FP16, PEAK_TF32, PEAK_FP32, BANDWIDTH = 798e12, 399e12, 67e12, 3.0e12
+
+# in 3, classes 2, base 8, depth 2, bilinear, batch 2, 16x16: levels 16x16x8, 8x8x16, bottleneck 4x4x32.
+TINY = {"in_channels": 3, "num_classes": 2, "base_channels": 8, "depth": 2, "upsample": "bilinear"}
+TINY_INPUT = (2, 3, 16, 16)
+
+
+def _conv(n, h, w, c_in, c_out, *, low=0, pool=False, head=0):
+    """(flops, elements read, elements written) of one fused conv3x3 launch, counted by hand."""
+    flops = 2 * n * h * w * c_out * 9 * c_in + 2 * n * h * w * c_out * head
+    c_skip = c_in - low
+    read = n * h * w * c_skip + n * (h // 2) * (w // 2) * low + 9 * c_in * c_out + c_out
+    if head:
+        read += c_out * head + head
+        written = n * h * w * head  # the feature map itself is never stored
+    else:
+        written = n * h * w * c_out + (n * (h // 2) * (w // 2) * c_out if pool else 0)
+    return flops, read, written
+
+
+TINY_HAND_COUNT = [
+    ("enc0.conv1", _conv(2, 16, 16, 3, 8)),
+    ("enc0.conv2", _conv(2, 16, 16, 8, 8, pool=True)),
+    ("enc1.conv1", _conv(2, 8, 8, 8, 16)),
+    ("enc1.conv2", _conv(2, 8, 8, 16, 16, pool=True)),
+    ("bottleneck.conv1", _conv(2, 4, 4, 16, 32)),
+    ("bottleneck.conv2", _conv(2, 4, 4, 32, 32)),
+    ("dec1.conv1", _conv(2, 8, 8, 16 + 32, 16, low=32)),  # skip 16 channels + 32 upsampled from 4x4
+    ("dec1.conv2", _conv(2, 8, 8, 16, 16)),
+    ("dec0.conv1", _conv(2, 16, 16, 8 + 16, 8, low=16)),
+    ("dec0.conv2", _conv(2, 16, 16, 8, 8, head=2)),
+]
+
+
+@pytest.mark.parametrize(
+    ("dtype", "allow_tf32", "peak"),
+    [
+        pytest.param(torch.float16, True, PEAK_FP16, id="fp16"),
+        pytest.param(torch.bfloat16, True, PEAK_FP16, id="bf16"),
+        pytest.param(torch.float32, True, PEAK_TF32, id="tf32"),
+        pytest.param(torch.float32, False, PEAK_FP32, id="fp32-ieee"),
+    ],
+)
+def test_roofline_matches_hand_count(dtype, allow_tf32, peak):
+    size = torch.empty((), dtype=dtype).element_size()
+    net = config_roofline(TINY, TINY_INPUT, dtype, allow_tf32=allow_tf32)
+    assert [launch.stage for launch in net.launches] == [label for label, _ in TINY_HAND_COUNT]
+    expected_total = 0.0
+    for launch, (label, (flops, read, written)) in zip(net.launches, TINY_HAND_COUNT, strict=True):
+        nbytes = (read + written) * size
+        assert (launch.flops, launch.bytes_read, launch.bytes_written) == (flops, read * size, written * size), label
+        assert launch.intensity == pytest.approx(flops / nbytes)
+        floor = max(flops / peak, nbytes / BANDWIDTH)
+        assert launch.floor_s == pytest.approx(floor, rel=1e-12)
+        assert launch.bound == ("compute" if flops / peak >= nbytes / BANDWIDTH else "memory")
+        expected_total += floor
+    assert net.floor_s == pytest.approx(expected_total, rel=1e-12)
+    total_flops = sum(count[0] for _, count in TINY_HAND_COUNT)
+    total_bytes = sum(count[1] + count[2] for _, count in TINY_HAND_COUNT) * size
+    assert (net.flops, net.bytes) == (total_flops, total_bytes)
+    assert net.aggregate_floor_s == pytest.approx(max(total_flops / peak, total_bytes / BANDWIDTH), rel=1e-12)
+    assert net.aggregate_floor_s <= net.floor_s
+
+
+def test_eager_estimate_matches_hand_count():
+    # Per conv3x3: cuDNN conv, bias add, ReLU, each writing the output; pools write values and int64 indices.
+    e = 2  # fp16
+    conv_outputs = [2 * 8 * 16 * 16] * 4 + [2 * 16 * 8 * 8] * 4 + [2 * 32 * 4 * 4] * 2
+    written = 3 * e * sum(conv_outputs)
+    written += (2 * 8 * 8 * 8 + 2 * 16 * 4 * 4) * (e + 8)  # max_pool2d_with_indices
+    written += (2 * 32 * 8 * 8 + 2 * 16 * 16 * 16) * e  # 2x bilinear upsampling
+    written += (2 * 48 * 8 * 8 + 2 * 24 * 16 * 16) * e  # torch.cat
+    written += 2 * (2 * 2 * 16 * 16) * e  # head conv and its bias add
+    eager = eager_estimate(TINY, TINY_INPUT, torch.float16)
+    assert eager.kernels == 10 * 3 + 2 + 2 + 2 + 2
+    assert eager.bytes_written == written
+    assert eager.flops == sum(count[0] for _, count in TINY_HAND_COUNT)
+
+
+def test_reference_config_matches_design_numbers():
+    reference = {"in_channels": 3, "num_classes": 2, "base_channels": 64, "depth": 4}
+    shape = (1, 3, 512, 512)
+    net = config_roofline({**reference, "upsample": "bilinear"}, shape, torch.float16)
+    eager = eager_estimate({**reference, "upsample": "bilinear"}, shape, torch.float16)
+    assert len(net.launches) == 18 and eager.kernels == 68
+    assert net.flops / 1e9 == pytest.approx(445.5, abs=0.05)
+    assert net.floor_s * 1e3 == pytest.approx(0.57, abs=0.01)
+    assert net.bytes / 1e9 == pytest.approx(0.57, rel=0.1)
+    assert eager.bytes_written / 1e6 == pytest.approx(1100, rel=0.1)
+    assert eager.bytes / 1e9 == pytest.approx(2.3, rel=0.1)
+    transposed = config_roofline({**reference, "upsample": "transpose", "norm": "batch"}, shape, torch.float16)
+    assert transposed.flops / 1e9 == pytest.approx(385, abs=0.5)
+    assert H100.peak_for("fp16") == PEAK_FP16 and H100.bandwidth == BANDWIDTH
+
+
+def test_stage_labels_fall_back_on_unexpected_traces():
+    records = trace_config(TINY, TINY_INPUT)
+    assert stage_labels(records[:-1], 2, "bilinear") == [f"launch{i}" for i in range(len(records) - 1)]
+
+
+# -- the fastunet command -------------------------------------------------------------------------------------------
+TINY_CHECK = ["check", "--base-channels", "8", "--depth", "2", "--size", "16", "--batch", "1"]
+
+
+def test_cli_check_passes(capsys):
+    assert cli.main(TINY_CHECK) == 0
+    out = capsys.readouterr().out
+    assert "PASS" in out and "FAIL" not in out
+    assert re.search(r"fastunet vs float64 reference: relative L2 \d", out)
+    assert "(triton" in out  # the kernels ran, not the reference fallback
+
+
+def test_cli_check_fails_outside_budget(capsys, monkeypatch):
+    for key in parity.NETWORK_BUDGETS:
+        monkeypatch.setitem(parity.NETWORK_BUDGETS, key, parity.Budget(rel_l2=0.0, max_norm=0.0))
+    assert cli.main([*TINY_CHECK, "--upsample", "transpose"]) == 1
+    assert capsys.readouterr().out.rstrip().endswith("FAIL")
+
+
+@pytest.mark.parametrize(("upsample", "launches"), [("bilinear", 18), ("transpose", 22)])
+def test_cli_trace_lists_the_launches(capsys, upsample, launches):
+    assert cli.main(["trace", "--base-channels", "64", "--depth", "4", "--upsample", upsample]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if re.match(r"\s*\d+\s+(enc|dec|bottleneck)", line)]
+    assert len(rows) == launches
+    assert f"launches: {launches} " in out
+
+
+def test_cli_roofline_says_it_is_a_model(capsys):
+    assert cli.main(["roofline", "--base-channels", "16", "--depth", "3", "--size", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "not a measurement" in out and "TF32 399 TFLOP/s: assumed" in out
+    assert "fused forward: 14 launches" in out and "eager estimate:" in out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
+def test_cli_bench_without_cuda_explains(capsys):
+    assert cli.main(["bench", "--quick"]) == 2
+    assert "CUDA" in capsys.readouterr().err
+
+
+def test_cli_without_command_prints_help(capsys):
+    assert cli.main([]) == 2
+    assert "check" in capsys.readouterr().out
+
+
+# -- bench/ plumbing: stages derived from the trace, and each stage's fused and eager versions agree -------------
+@pytest.fixture
+def bench_modules(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import providers
+    import shapes
+
+    return shapes, providers
+
+
+def test_bench_configs_and_stages(bench_modules):
+    shapes, _ = bench_modules
+    reference = shapes.CONFIGS["ref-bilinear-b1"]
+    assert reference.model_kwargs()["upsample"] == "bilinear" and reference.input_shape() == (1, 3, 512, 512)
+    assert {"ref-bilinear-b16", "ref-transpose-b1", "ref-transpose-b16", "milesial-b1", "smoke"} <= set(shapes.CONFIGS)
+    stages = shapes.stages(reference)
+    assert [s.kind for s in stages] == ["conv", "conv+pool"] * 4 + ["conv"] * 2 + ["conv+up", "conv"] * 3 + [
+        "conv+up",
+        "conv+head",
+    ]
+    assert sum(s.flops for s in stages) == sum(
+        r.flops for r in trace_config(reference.model_kwargs(), (1, 3, 512, 512))
+    )
+    up = stages[10]
+    assert (up.label, up.x_shape, up.up_shape, up.up_mode) == (
+        "dec3.conv1",
+        (1, 64, 64, 512),
+        (1, 32, 32, 1024),
+        "bilinear",
+    )
+    assert [s.kind for s in shapes.stages(shapes.CONFIGS["milesial-b1"])].count("conv-transpose") == 4
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        pytest.param(("bilinear", None, False, (2, 3, 13, 10)), id="bilinear-odd"),
+        pytest.param(("bilinear", None, True, (1, 3, 12, 9)), id="bilinear-align-corners"),
+        pytest.param(("nearest", "batch", False, (1, 3, 11, 16)), id="nearest"),
+        pytest.param(("transpose", "batch", False, (2, 4, 13, 10)), id="transpose"),
+    ],
+)
+def test_bench_stage_providers_agree(bench_modules, device, config):
+    shapes, providers = bench_modules
+    upsample, norm, align_corners, (batch, c_in, height, width) = config
+    bench_config = shapes.BenchConfig("tiny", c_in, 3, 8, 2, upsample, norm, batch, height, width, align_corners)
+    for stage in shapes.stages(bench_config, torch.float32):
+        tensors = providers.stage_tensors(stage, torch.float32, device)
+        fused = providers.stage_callable(stage, "fastunet", tensors)()
+        eager = providers.stage_callable(stage, "torch-eager", tensors)()
+        assert len(fused) == len(eager)
+        for got, want in zip(fused, eager, strict=True):
+            error = parity.network_error(got, want)
+            assert error.within(parity.NETWORK_BUDGETS[parity.math_mode(torch.float32, device.type)]), stage.id

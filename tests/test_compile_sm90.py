@@ -1,0 +1,175 @@
+"""sm_90 build of every kernel variant the reference U-Net launches: compiles, no spills, HGMMA, fits in smem.
+
+The kernels go through Triton's real compiler down to an sm_90 cubin (no GPU needed) in a subprocess: this test
+process has ``TRITON_INTERPRET=1`` on CPU machines, under which nothing compiles and the launchers pick
+interpreter-only constexprs. The report's figures come from ``cuobjdump`` on each cubin.
+
+Default: fp16 and bf16, every upsampling mode, batch 16 and 1 (48 variants, about a minute on 2 cores). fp32 is
+under ``slow``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastunet.compile_report import REFERENCE_MODEL, specialize, trace_config
+
+UPSAMPLES = ("transpose", "bilinear", "nearest")
+BATCHES = (16, 1)
+# Operand type of the warpgroup MMA for each storage dtype (fp32 runs as TF32: cudnn.allow_tf32 defaults on).
+HGMMA_SUFFIX = {"fp16": ".F32", "bf16": ".F32.BF16", "fp32": ".F32.TF32"}
+HGMMA_K = {"fp16": 16, "bf16": 16, "fp32": 8}
+H100_MAX_SHARED_PER_BLOCK = 227 * 1024
+
+
+def expected_launches(upsample: str) -> int:
+    """Launches of one forward: 2 convs per encoder level and bottleneck, 2 per decoder level (the head is fused
+    into the last), plus one transposed conv per decoder level with transposed-conv upsampling."""
+    depth = REFERENCE_MODEL["depth"]
+    return 2 * (depth + 1) + 2 * depth + (depth if upsample == "transpose" else 0)
+
+
+def compile_report(dtype: str, out_dir) -> dict:
+    """Run the compile report for one dtype over every upsampling mode and both batch sizes; return its JSON."""
+    out = out_dir / "report.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    command = [sys.executable, "-m", "fastunet.compile_report", "--arch", "90", "--dtype", dtype]
+    command += ["--upsample", *UPSAMPLES, "--batch", *map(str, BATCHES), "--json", str(out)]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=840)
+    # Exit status 1 means the report found a problem; the checks below say which.
+    assert proc.returncode in (0, 1) and out.exists(), f"compile report failed:\n{proc.stdout}\n{proc.stderr}"
+    return json.loads(out.read_text())
+
+
+def _label(row: dict) -> str:
+    c = row["constexprs"]
+    return (
+        f"{row['name']} up={c['UP_MODE']} {c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']} "
+        f"w{row['num_warps']} s{row['num_stages']} batch={c.get('batch', 'n')}"
+    )
+
+
+def coverage_problems(report: dict, dtype: str) -> list[str]:
+    """Every launch of every configuration is in exactly one compiled variant."""
+    variants = report["variants"]
+    expected = {f"{u}/{dtype}/b{b}": expected_launches(u) for u in UPSAMPLES for b in BATCHES}
+    found = []
+    if report["arch"] != 90 or any(row["arch"] != 90 or row["dtype"] != dtype for row in variants):
+        found.append("rows for another target or dtype")
+    if {label for row in variants for label in row["configs"]} != set(expected):
+        found.append(f"configurations {sorted({label for row in variants for label in row['configs']})}")
+    if sum(row["launches"] for row in variants) != sum(expected.values()):
+        found.append(f"{sum(row['launches'] for row in variants)} launches, expected {sum(expected.values())}")
+    # batch=1 is compiled in as a constant by the JIT, so each batch size has variants of its own.
+    if {row["constexprs"].get("batch") for row in variants} != {None, 1}:
+        found.append("batch 1 did not get variants of its own")
+    return found
+
+
+def spill_problems(report: dict) -> list[str]:
+    return [
+        f"{_label(row)}: {row['registers']} regs, {row['spill_bytes']} B/thread spilled, {row['local_ops']} LDL/STL"
+        for row in report["variants"]
+        if row["spill_bytes"] or row["local_ops"] or not 0 < row["registers"] <= 255
+    ]
+
+
+def tensor_core_problems(report: dict, dtype: str) -> list[str]:
+    """HGMMA on the storage dtype's operands, enough instructions for one BLOCK_M x BLOCK_K step, no HMMA."""
+    found = []
+    for row in report["variants"]:
+        c = row["constexprs"]
+        # One K step of the tile: BLOCK_M / 64 rows of m64 HGMMA, split over the warpgroups, times BLOCK_K / k.
+        needed = max(1, c["BLOCK_M"] // 64 // max(1, row["num_warps"] // 4)) * (c["BLOCK_K"] // HGMMA_K[dtype])
+        opcodes = [op for op in row["mma_opcodes"] if op.startswith("HGMMA")]
+        if row["hgmma"] < needed or not opcodes or not all(op.endswith(HGMMA_SUFFIX[dtype]) for op in opcodes):
+            found.append(f"{_label(row)}: {row['hgmma']} HGMMA (need >= {needed}), opcodes {row['mma_opcodes']}")
+        if row["hmma"]:
+            found.append(f"{_label(row)}: {row['hmma']} HMMA (the sm_80 path) on sm_90")
+    return found
+
+
+def shared_memory_problems(report: dict) -> list[str]:
+    return [
+        f"{_label(row)}: {row['shared_bytes']} B (limit {H100_MAX_SHARED_PER_BLOCK} B): the launch would fail"
+        for row in report["variants"]
+        if row["shared_bytes"] > H100_MAX_SHARED_PER_BLOCK or not row["ctas_per_sm"]
+    ]
+
+
+# One test per dtype (not one per check): under pytest-xdist, tests sharing a fixture can land on different
+# workers and each would compile the whole set again.
+@pytest.mark.parametrize("dtype", ["fp16", "bf16", pytest.param("fp32", marks=pytest.mark.slow)])
+def test_sm90_build(dtype, tmp_path):
+    report = compile_report(dtype, tmp_path)
+    sections = {
+        "coverage": coverage_problems(report, dtype),
+        "register spills": spill_problems(report),
+        "tensor cores": tensor_core_problems(report, dtype),
+        "shared memory": shared_memory_problems(report),
+    }
+    found = {name: problems for name, problems in sections.items() if problems}
+    assert not found, "\n".join(f"{name}:\n  " + "\n  ".join(problems) for name, problems in found.items())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The report compiles what the JIT would: same argument specialization (no compilation needed here).
+# ---------------------------------------------------------------------------------------------------------------
+EXTRA_ARGS = [
+    pytest.param(1, id="int-one"),
+    pytest.param(0, id="int-zero"),
+    pytest.param(48, id="int-div16"),
+    pytest.param(-32, id="int-negative-div16"),
+    pytest.param(17, id="int-odd"),
+    pytest.param(2**31, id="int64"),
+    pytest.param(-(2**31), id="int32-min"),
+    pytest.param(0.5, id="float"),
+    pytest.param(torch.empty(64, dtype=torch.float16, device="meta"), id="fp16-aligned"),
+    pytest.param(torch.empty(8, 8, dtype=torch.bfloat16, device="meta")[:, 1:], id="bf16-misaligned"),
+    pytest.param(torch.empty(8, dtype=torch.float32, device="meta")[4:], id="fp32-offset-16B"),
+]
+
+
+def _jit_specialization():
+    try:
+        from triton._C.libtriton import native_specialize_impl
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import make_backend
+    except ImportError as error:
+        pytest.skip(f"this Triton has no native_specialize_impl to compare with: {error}")
+    backend = type(make_backend(GPUTarget("cuda", 90, 32)))
+    return lambda arg: native_specialize_impl(backend, arg, False, True, True)
+
+
+def _matches(ours: tuple, jit: tuple) -> bool:
+    kind, spec = ours
+    if kind == "constexpr":
+        return tuple(jit) == ("constexpr", spec)
+    return jit[0] == kind and (jit[1] == "D") == spec
+
+
+@pytest.mark.parametrize("arg", EXTRA_ARGS)
+def test_specialization_matches_jit(arg):
+    jit = _jit_specialization()
+    assert _matches(specialize(arg), jit(arg)), (specialize(arg), jit(arg))
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("upsample", UPSAMPLES)
+def test_traced_arguments_specialize_like_jit(upsample, batch):
+    jit = _jit_specialization()
+    records = trace_config(upsample, torch.float16, batch)
+    assert len(records) == expected_launches(upsample)
+    mismatches = [
+        (record.name, index, specialize(arg), jit(arg))
+        for record in records
+        for index, arg in enumerate(record.args)
+        if not _matches(specialize(arg), jit(arg))
+    ]
+    assert not mismatches
