@@ -124,6 +124,55 @@ def device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+_autotune_depth = 1 if os.environ.get("FASTUNET_AUTOTUNE", "0") == "1" else 0
+_tuned: dict[tuple, dict] = {}
+
+
+@contextlib.contextmanager
+def autotuning(enabled: bool = True) -> Iterator[None]:
+    """Time every candidate config the first time a launch key is seen (GPU only) and keep the fastest.
+
+    Off by default (the first forward of each shape would otherwise pay for timing every candidate);
+    ``FASTUNET_AUTOTUNE=1`` turns it on for the whole process. Under the interpreter the first candidate (the
+    heuristic choice) is always used.
+    """
+    global _autotune_depth
+    previous = _autotune_depth
+    _autotune_depth = 1 if enabled else 0
+    try:
+        yield
+    finally:
+        _autotune_depth = previous
+
+
+def choose_config(key: tuple, candidates: list[dict], run, timer=None) -> dict:
+    """The config to launch with: ``candidates[0]`` unless autotuning is on, else the fastest by ``timer``.
+
+    ``run(config)`` launches once with ``config``; ``timer(fn)`` returns a time in ms (default: Triton's
+    ``do_bench``, median of CUDA-event timings after warm-up). Winners are cached per ``key``.
+    """
+    if not _autotune_depth or _dry_run_depth or len(candidates) == 1:
+        return candidates[0]
+    if key in _tuned:
+        return _tuned[key]
+    if INTERPRET and timer is None:
+        return candidates[0]
+    if timer is None:
+
+        def timer(fn):
+            return triton.testing.do_bench(fn, warmup=5, rep=20)
+
+    times = [timer(lambda config=config: run(config)) for config in candidates]
+    best = candidates[min(range(len(candidates)), key=times.__getitem__)]
+    _tuned[key] = best
+    return best
+
+
+def tuned_configs() -> dict[tuple, dict]:
+    """The autotuning winners so far (to record as data for a device)."""
+    return dict(_tuned)
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 

@@ -22,11 +22,13 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from fastunet.kernels._common import (
     INTERPRET,
     LaunchRecord,
     alloc,
     check_runnable,
+    choose_config,
     device_guard,
     dot_flags,
     is_dry_run,
@@ -294,25 +296,48 @@ def _conv_nhwc_kernel(
 # ---------------------------------------------------------------------------------------------------------------
 # Configuration
 # ---------------------------------------------------------------------------------------------------------------
-def pick_config(m: int, c_out: int, c_in: int, packed_k: bool, head: bool) -> dict:
-    """Tile sizes for one launch.
+def pick_config(m: int, c_out: int, c_main: int, c_up: int, packed_k: bool, head: bool) -> dict:
+    """The heuristic tile for one launch (the first autotuning candidate, and the only one by default).
 
     BLOCK_N covers the output channels (all of them when the head is fused), BLOCK_K the input channels of one tap
-    (or the flattened taps on the small-K path), BLOCK_M the pixels; tiles shrink for tiny maps so that small
-    launches do not run mostly masked lanes. tl.dot needs every dimension >= 16.
+    from each source (or the flattened taps on the small-K path), BLOCK_M the pixels; tiles shrink for tiny maps
+    so that small launches do not run mostly masked lanes. tl.dot needs every dimension >= 16.
     """
     block_n = max(16, next_pow2(c_out)) if head else min(128, max(16, next_pow2(c_out)))
-    k_extent = 9 * c_in if packed_k else c_in
+    k_extent = 9 * c_main if packed_k else (min(c_main, c_up) if c_up else c_main)
     block_k = min(64, max(16, next_pow2(k_extent)))
     block_m = min(128, max(16, next_pow2(m)))
     num_warps = 8 if block_m * block_n >= 128 * 128 else 4
-    return {
-        "BLOCK_M": block_m,
-        "BLOCK_N": block_n,
-        "BLOCK_K": block_k,
-        "num_warps": num_warps,
-        "num_stages": 3,
-    }
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": num_warps, "num_stages": 3}
+
+
+def candidate_configs(
+    m: int, c_out: int, c_main: int, c_up: int, packed_k: bool, head: bool, element_size: int
+) -> list[dict]:
+    """Autotuning candidates: the heuristic first, then a small grid around it.
+
+    Pruned so that no tile is wider than the problem, the fused head keeps every channel in one tile, the pipeline
+    buffers fit in shared memory (~200 KB on sm_90) and the fp32 accumulator stays at <= 128 registers a thread.
+    """
+    base = pick_config(m, c_out, c_main, c_up, packed_k, head)
+    configs = [base]
+    widths = (base["BLOCK_N"],) if head else tuple(n for n in (64, 128, 256) if n <= max(16, next_pow2(c_out)))
+    for block_m in (64, 128):
+        for block_n in widths or (base["BLOCK_N"],):
+            for num_warps in (4, 8):
+                for num_stages in (3, 4):
+                    config = {
+                        "BLOCK_M": min(block_m, base["BLOCK_M"]),
+                        "BLOCK_N": block_n,
+                        "BLOCK_K": base["BLOCK_K"],
+                        "num_warps": num_warps,
+                        "num_stages": num_stages,
+                    }
+                    tile = config["BLOCK_M"] * config["BLOCK_N"]
+                    smem = num_stages * (config["BLOCK_M"] + block_n) * config["BLOCK_K"] * element_size
+                    if config not in configs and smem <= 200 * 1024 and tile <= 128 * 32 * num_warps:
+                        configs.append(config)
+    return configs
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -344,12 +369,8 @@ def _launch(
     batch, height, width, c_main = x.shape
     c_up, c_out, n_cls, low_h, low_w, up_h, up_w, pad_top, pad_left, scale_h, scale_w = sizes
     m = batch * ((height + 1) // 2) * ((width + 1) // 2) * 4
-    cfg = pick_config(m, c_out, c_main + c_up, packed_k, head_w is not None)
-    if head_w is not None and cfg["BLOCK_N"] < c_out:
-        raise ValueError(f"fused head needs c_out <= {MAX_HEAD_CHANNELS}, got {c_out}")
-    n_cls_block = max(16, next_pow2(n_cls))
+    candidates = candidate_configs(m, c_out, c_main, c_up, packed_k, head_w is not None, x.element_size())
     interpreter, precision = dot_flags(x.dtype, torch.backends.cudnn.allow_tf32)
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(c_out, cfg["BLOCK_N"]))
     up_t = up if up is not None else x
     pool_t = pooled if pooled is not None else y
     hw = head_w if head_w is not None else w_packed
@@ -360,7 +381,7 @@ def _launch(
         batch, height, width, c_main, c_up, c_out, n_cls, low_h, low_w, up_h, up_w, pad_top, pad_left,
         scale_h, scale_w, *x.stride(), *up_t.stride(), *y.stride(), *pool_t.stride(),
     )  # fmt: skip
-    constexprs = {
+    flags = {
         "KSIZE": ksize,
         "UP_MODE": up_mode,
         "PACKED_K": packed_k,
@@ -371,31 +392,40 @@ def _launch(
         "D2S": d2s,
         "INTERPRETER": interpreter,
         "DOT_PRECISION": precision,
-        "BLOCK_M": cfg["BLOCK_M"],
-        "BLOCK_N": cfg["BLOCK_N"],
-        "BLOCK_K": cfg["BLOCK_K"],
-        "BLOCK_CLS": n_cls_block,
+        "BLOCK_CLS": max(16, next_pow2(n_cls)),
     }
-    tensors = [t for t in (x, up, w_packed, bias, head_w, head_b) if t is not None]
     if m == 0 or c_out == 0:
         return
+
+    def grid_of(cfg: dict) -> tuple[int, int]:
+        return (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(c_out, cfg["BLOCK_N"]))
+
+    def run(cfg: dict) -> None:
+        tiles = {key: cfg[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}
+        with device_guard(x):
+            _conv_nhwc_kernel[grid_of(cfg)](
+                *args, **flags, **tiles, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]
+            )
+
+    # Shapes share a tuning result when they differ only in the pixel count's power-of-two bucket.
+    key = ("conv", x.dtype, tuple(flags.items()), next_pow2(m), c_main, c_up, c_out, n_cls)
+    cfg = choose_config(key, candidates, run)
+    tensors = [t for t in (x, up, w_packed, bias, head_w, head_b) if t is not None]
     record_launch(
         LaunchRecord(
             name=name,
             kernel=_conv_nhwc_kernel,
-            grid=grid,
+            grid=grid_of(cfg),
             flops=flops,
             bytes_read=sum(t.numel() * t.element_size() for t in tensors),
             bytes_written=sum(t.numel() * t.element_size() for t in (y, pooled) if t is not None),
             args=args,
-            constexprs=constexprs,
+            constexprs={**flags, **{key: cfg[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}},
             launch_options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]},
         )
     )
-    if is_dry_run():
-        return
-    with device_guard(x):
-        _conv_nhwc_kernel[grid](*args, **constexprs, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if not is_dry_run():
+        run(cfg)
 
 
 def conv2d_nhwc(
@@ -565,5 +595,6 @@ __all__ = [
     "conv_transpose2x2_nhwc",
     "pack_conv_transpose_weight",
     "pack_conv_weight",
+    "candidate_configs",
     "pick_config",
 ]

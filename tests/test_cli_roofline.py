@@ -174,19 +174,17 @@ def test_bench_configs_and_stages(bench_modules):
     assert reference.model_kwargs()["upsample"] == "bilinear" and reference.input_shape() == (1, 3, 512, 512)
     assert {"ref-bilinear-b16", "ref-transpose-b1", "ref-transpose-b16", "milesial-b1", "smoke"} <= set(shapes.CONFIGS)
     stages = shapes.stages(reference)
-    assert [s.kind for s in stages] == ["conv", "conv+pool"] * 4 + ["conv"] * 2 + ["conv+up", "conv"] * 3 + [
-        "conv+up",
-        "conv+head",
-    ]
-    assert sum(s.flops for s in stages) == sum(
-        r.flops for r in trace_config(reference.model_kwargs(), (1, 3, 512, 512))
-    )
+    encoder = ["conv", "conv+pool"] * 4 + ["conv", "conv"]
+    decoder = ["conv+up", "conv"] * 3 + ["conv+up", "conv+head"]
+    assert [s.kind for s in stages] == encoder + decoder
+    traced = trace_config(reference.model_kwargs(), reference.input_shape())
+    assert [s.flops for s in stages] == [r.flops for r in traced]
     up = stages[10]
-    assert (up.label, up.x_shape, up.up_shape, up.up_mode) == (
+    assert (up.label, up.up_mode, up.x_shape, up.up_shape) == (
         "dec3.conv1",
+        "bilinear",
         (1, 64, 64, 512),
         (1, 32, 32, 1024),
-        "bilinear",
     )
     assert [s.kind for s in shapes.stages(shapes.CONFIGS["milesial-b1"])].count("conv-transpose") == 4
 

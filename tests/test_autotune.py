@@ -1,0 +1,87 @@
+"""Config choice: every autotuning candidate computes the same result; the tuner keeps the fastest per key."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastunet.kernels import _common, launch_log
+from fastunet.kernels.conv import conv2d_nhwc, pack_conv_weight
+from tolerances import assert_kernel_close, precision_key
+
+
+@pytest.fixture
+def fresh_tuning_cache(monkeypatch):
+    monkeypatch.setattr(_common, "_tuned", {})
+
+
+# (c_skip, c_up, c_out, up_mode, pool, head)
+CASES = [
+    pytest.param(24, 0, 40, None, True, False, id="conv-pool"),
+    pytest.param(16, 32, 24, "bilinear", False, False, id="bilinear-loader"),
+    pytest.param(16, 0, 32, None, False, True, id="head"),
+]
+
+
+@pytest.mark.parametrize("c_skip, c_up, c_out, up_mode, pool, head", CASES)
+def test_every_candidate_config_is_correct(device, fresh_tuning_cache, c_skip, c_up, c_out, up_mode, pool, head):
+    batch, height, width = 2, 11, 10
+    skip = torch.randn(batch, c_skip, height, width, device=device)
+    low = torch.randn(batch, c_up, height // 2, width // 2, device=device) if c_up else None
+    weight = torch.randn(c_out, c_skip + c_up, 3, 3, device=device) / (3 * (c_skip + c_up) ** 0.5)
+    bias = torch.randn(c_out, device=device)
+    head_w = torch.randn(3, c_out, 1, 1, device=device) if head else None
+    head_b = torch.randn(3, device=device) if head else None
+    x64 = skip.double().cpu()
+    if low is not None:
+        up = F.interpolate(low.double().cpu(), scale_factor=2, mode="bilinear")
+        x64 = torch.cat([x64, F.pad(up, [0, 0, 0, 1])], dim=1)
+    expected = F.conv2d(x64, weight.double().cpu(), bias.double().cpu(), padding=1).relu()
+    if head:
+        expected = F.conv2d(expected, head_w.double().cpu(), head_b.double().cpu())
+    out = torch.full((batch, height, width, expected.shape[1]), float("nan"), device=device)
+    seen = []
+
+    def timer(fn):
+        out.fill_(float("nan"))
+        fn()
+        assert_kernel_close(out.permute(0, 3, 1, 2), expected, 9 * (c_skip + c_up) + c_out,
+                            precision_key(torch.float32, device))  # fmt: skip
+        seen.append(len(seen))
+        return -len(seen)  # the last candidate "wins"
+
+    original = _common.choose_config
+
+    def choose_with_timer(key, candidates, run, timer_=None):
+        return original(key, candidates, run, timer=timer)
+
+    kwargs = {"up": low.permute(0, 2, 3, 1), "up_mode": up_mode} if low is not None else {}
+    if head:
+        kwargs |= {"head_weight": pack_conv_weight(head_w), "head_bias": head_b}
+    with pytest.MonkeyPatch.context() as patch, _common.autotuning(), launch_log() as records:
+        patch.setattr("fastunet.kernels.conv.choose_config", choose_with_timer)
+        conv2d_nhwc(skip.permute(0, 2, 3, 1), pack_conv_weight(weight), bias, pool=pool, out=out, **kwargs)
+    assert len(seen) >= 4, "expected several candidate configs"
+    (record,) = records
+    (winner,) = _common.tuned_configs().values()
+    assert record.launch_options == {"num_warps": winner["num_warps"], "num_stages": winner["num_stages"]}
+    assert record.constexprs["BLOCK_M"] == winner["BLOCK_M"]
+    assert_kernel_close(out.permute(0, 3, 1, 2), expected, 9 * (c_skip + c_up) + c_out,
+                        precision_key(torch.float32, device))  # fmt: skip
+
+
+def test_tuning_is_off_by_default_and_cached(fresh_tuning_cache):
+    calls = []
+
+    def run(config):
+        calls.append(config)
+
+    candidates = [{"id": 0}, {"id": 1}, {"id": 2}]
+    assert _common.choose_config(("k",), candidates, run, timer=lambda fn: fn() or 1.0) == {"id": 0}
+    assert calls == []
+    with _common.autotuning():
+        times = iter([3.0, 1.0, 2.0])
+        best = _common.choose_config(("k",), candidates, run, timer=lambda fn: fn() or next(times))
+        assert best == {"id": 1} and len(calls) == 3
+        assert _common.choose_config(("k",), candidates, run, timer=lambda fn: 1 / 0) == {"id": 1}
