@@ -9,11 +9,12 @@ import textwrap
 
 import pytest
 import torch
-from test_unet_parity import build_pair, randomize_norm_stats
+from test_unet_parity import build_pair
 
 import fastunet
 from fastunet import FastUNet, UNet
 from fastunet.kernels import _common, launch_log
+from fastunet.parity import randomize_norm_stats
 from tolerances import assert_network_close, precision_key
 
 SMALL = {"in_channels": 3, "num_classes": 2, "base_channels": 4, "depth": 2}

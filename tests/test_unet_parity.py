@@ -9,6 +9,7 @@ import torch
 
 from fastunet import FastUNet, UNet
 from fastunet.kernels import launch_log
+from fastunet.parity import randomize_norm_stats
 from tolerances import assert_network_close, precision_key
 
 UPSAMPLES = [
@@ -23,17 +24,6 @@ DEPTHS = [1, 2, 3, 4]
 SIZES = [(16, 16), (17, 19), (23, 29), (31, 18)]
 BATCHES = [1, 3, 2]
 BASE = 4
-
-
-def randomize_norm_stats(model: UNet) -> None:
-    """Non-trivial BatchNorm statistics and affine parameters, so that folding them is actually tested."""
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.running_mean.uniform_(-0.5, 0.5)
-                module.running_var.uniform_(0.5, 2.0)
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.uniform_(-0.5, 0.5)
 
 
 def build_pair(device, dtype, **config) -> tuple[FastUNet, UNet]:

@@ -1,10 +1,13 @@
-"""The one tolerance table of the suite (see TESTING.md of the design notes for where the figures come from)."""
+"""Tolerances of the suite: per-kernel bounds here, whole-network budgets from :mod:`fastunet.parity` (the same
+table ``fastunet check`` applies)."""
 
 from __future__ import annotations
 
 import dataclasses
 
 import torch
+
+from fastunet.parity import NETWORK_BUDGETS, math_mode, network_error
 
 
 @dataclasses.dataclass(frozen=True)
@@ -15,14 +18,6 @@ class KernelTolerance:
     atol_per_k: float
 
 
-@dataclasses.dataclass(frozen=True)
-class NetworkBudget:
-    """Normwise budgets for a whole network against float64."""
-
-    rel_l2: float
-    max_normalized: float
-
-
 KERNEL = {
     "fp32": KernelTolerance(rtol=1.3e-6, atol_per_k=2e-7),
     "tf32": KernelTolerance(rtol=1e-2, atol_per_k=2e-6),
@@ -30,19 +25,10 @@ KERNEL = {
     "bf16": KernelTolerance(rtol=1.6e-2, atol_per_k=1e-5),
 }
 
-NETWORK = {
-    "fp32": NetworkBudget(rel_l2=1e-5, max_normalized=1e-5),
-    "tf32": NetworkBudget(rel_l2=5e-3, max_normalized=1e-2),
-    "fp16": NetworkBudget(rel_l2=2e-2, max_normalized=3e-2),
-    "bf16": NetworkBudget(rel_l2=3e-2, max_normalized=5e-2),
-}
-
 
 def precision_key(dtype: torch.dtype, device: torch.device) -> str:
     """Which row applies: fp32 on a GPU runs TF32 unless cuDNN's TF32 switch is off."""
-    if dtype == torch.float32:
-        return "tf32" if device.type == "cuda" and torch.backends.cudnn.allow_tf32 else "fp32"
-    return {torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+    return math_mode(dtype, device.type)
 
 
 def assert_kernel_close(out: torch.Tensor, ref: torch.Tensor, k: int, key: str) -> None:
@@ -58,20 +44,11 @@ def assert_kernel_close(out: torch.Tensor, ref: torch.Tensor, k: int, key: str) 
     assert worst <= 0, f"{key}: max error {err.max().item():.3e} exceeds the bound by {worst:.3e} (K={k})"
 
 
-def network_errors(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
-    """(relative L2, max |err| / max |ref|) of a whole-network output against float64."""
-    out64 = out.detach().double().cpu()
-    ref64 = ref.detach().double().cpu()
-    if ref64.numel() == 0:
-        return 0.0, 0.0
-    err = out64 - ref64
-    return (err.norm() / ref64.norm()).item(), (err.abs().max() / ref64.abs().max()).item()
-
-
 def assert_network_close(out: torch.Tensor, ref: torch.Tensor, key: str) -> None:
-    budget = NETWORK[key]
+    """Normwise check of a whole network's output against float64, with the published budget for ``key``."""
+    budget = NETWORK_BUDGETS[key]
     assert out.shape == ref.shape, f"shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
     assert not out.detach().isnan().any(), "NaN in the network output"
-    rel_l2, max_norm = network_errors(out, ref)
-    assert rel_l2 <= budget.rel_l2, f"{key}: relative L2 {rel_l2:.3e} > {budget.rel_l2:.0e}"
-    assert max_norm <= budget.max_normalized, f"{key}: max-normalized {max_norm:.3e} > {budget.max_normalized:.0e}"
+    error = network_error(out.cpu(), ref.cpu())
+    assert error.rel_l2 <= budget.rel_l2, f"{key}: relative L2 {error.rel_l2:.3e} > {budget.rel_l2:.0e}"
+    assert error.max_norm <= budget.max_norm, f"{key}: max-normalized {error.max_norm:.3e} > {budget.max_norm:.0e}"

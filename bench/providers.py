@@ -1,0 +1,229 @@
+"""What each benchmark provider runs: the fused stages and network, and their PyTorch equivalents.
+
+Providers:
+
+* ``fastunet``: the Triton launchers (one stage) or :class:`fastunet.FastUNet` (whole network), fed the layout the
+  fused forward uses: the user's NCHW input, NHWC activations.
+* ``torch-eager``: the same math in eager PyTorch, channels_last (cuDNN's fast layout for fp16/bf16); run it with
+  ``torch.backends.cudnn.benchmark = True``.
+* ``torch-compile``: the eager callable through ``torch.compile``.
+
+Every provider of a stage sees the same random values, so their outputs can be compared before timing.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Callable
+
+import _source_tree  # noqa: F401  (makes fastunet importable from the source tree)
+import torch
+import torch.nn.functional as F
+from shapes import BenchConfig, Stage
+
+from fastunet import FastUNet, UNet
+from fastunet.kernels.conv import (
+    conv2d_nhwc,
+    conv_transpose2x2_nhwc,
+    pack_conv_transpose_weight,
+    pack_conv_weight,
+)
+from fastunet.parity import randomize_norm_stats
+from fastunet.reference import center_pad
+
+PROVIDERS: tuple[str, ...] = ("fastunet", "torch-eager", "torch-compile")
+# No CUDA graphs by default: the fused forward is not graph-captured either, so both sides pay their own launch
+# overhead (18-22 launches against ~50 for compiled eager); pass mode="max-autotune" to let inductor capture graphs.
+DEFAULT_COMPILE_MODE = "max-autotune-no-cudagraphs"
+
+
+def _nchw(t: torch.Tensor) -> torch.Tensor:
+    """(N, H, W, C) -> (N, C, H, W) view."""
+    return t.permute(0, 3, 1, 2)
+
+
+def _like_traced(values_nchw: torch.Tensor, shape: tuple[int, ...], stride: tuple[int, ...]) -> torch.Tensor:
+    """An NHWC view with the traced ``shape`` and ``stride`` holding ``values_nchw``."""
+    nhwc = torch.empty_strided(shape, stride, dtype=values_nchw.dtype, device=values_nchw.device)
+    nhwc.copy_(values_nchw.permute(0, 2, 3, 1))
+    return nhwc
+
+
+@dataclasses.dataclass
+class StageTensors:
+    """Random inputs and parameters of one stage, in torch's layout (NCHW channels_last, torch weight shapes)."""
+
+    x: torch.Tensor
+    up: torch.Tensor | None
+    weight: torch.Tensor
+    bias: torch.Tensor
+    head_weight: torch.Tensor | None
+    head_bias: torch.Tensor | None
+
+
+def stage_tensors(stage: Stage, dtype: torch.dtype, device: torch.device | str, seed: int = 0) -> StageTensors:
+    """Random (not zero) inputs and weights for ``stage``; weights scaled so activations stay O(1) in fp16."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(shape, generator=gen) * scale).to(device=device, dtype=dtype)
+
+    n, h, w = stage.x_shape[0], stage.x_shape[1], stage.x_shape[2]
+    x = randn(n, stage.x_shape[3], h, w).contiguous(memory_format=torch.channels_last)
+    up = None
+    if stage.up_shape is not None:
+        un, uh, uw, uc = stage.up_shape
+        up = randn(un, uc, uh, uw).contiguous(memory_format=torch.channels_last)
+    head_weight = head_bias = None
+    if stage.kind == "conv-transpose":
+        c_in, c_real = stage.c_main, stage.c_out // 4
+        weight, bias = randn(c_in, c_real, 2, 2, scale=(1.0 / c_in) ** 0.5), randn(c_real, scale=0.1)
+    elif stage.kind == "head":
+        weight, bias = randn(stage.c_out, stage.c_main, 1, 1, scale=(1.0 / stage.c_main) ** 0.5), randn(stage.c_out)
+    else:
+        c_in = stage.c_main + stage.c_up
+        weight, bias = randn(stage.c_out, c_in, 3, 3, scale=(2.0 / (9 * c_in)) ** 0.5), randn(stage.c_out, scale=0.1)
+        if stage.kind == "conv+head":
+            head_weight = randn(stage.n_cls, stage.c_out, 1, 1, scale=(1.0 / stage.c_out) ** 0.5)
+            head_bias = randn(stage.n_cls, scale=0.1)
+    return StageTensors(x, up, weight, bias, head_weight, head_bias)
+
+
+def eager_stage(stage: Stage, t: StageTensors) -> Callable[[], tuple[torch.Tensor, ...]]:
+    """The stage as eager PyTorch ops on NCHW (channels_last) tensors; returns the stage's outputs."""
+    kind, x, up, weight, bias = stage.kind, t.x, t.up, t.weight, t.bias
+    height, width = stage.height, stage.width
+
+    if kind == "conv-transpose":
+        return lambda: (F.conv_transpose2d(x, weight, bias, stride=2),)
+    if kind == "head":
+        return lambda: (F.conv2d(x, weight, bias),)
+
+    def conv(inp: torch.Tensor) -> torch.Tensor:
+        return F.relu(F.conv2d(inp, weight, bias, padding=1))
+
+    if kind == "conv":
+        return lambda: (conv(x),)
+    if kind == "conv+pool":
+
+        def conv_pool() -> tuple[torch.Tensor, ...]:
+            features = conv(x)
+            return features, F.max_pool2d(features, 2)
+
+        return conv_pool
+    if kind == "conv+head":
+        head_weight, head_bias = t.head_weight, t.head_bias
+        return lambda: (F.conv2d(conv(x), head_weight, head_bias),)
+    if kind == "conv+up":
+        mode, align_corners = stage.up_mode, stage.align_corners
+
+        def conv_up() -> tuple[torch.Tensor, ...]:
+            if mode == "direct":
+                upsampled = up
+            else:
+                upsampled = F.interpolate(
+                    up, scale_factor=2, mode=mode, align_corners=align_corners if mode == "bilinear" else None
+                )
+            return (conv(torch.cat([x, center_pad(upsampled, height, width)], dim=1)),)
+
+        return conv_up
+    raise ValueError(f"unknown stage kind {kind!r}")
+
+
+def fused_stage(stage: Stage, t: StageTensors) -> Callable[[], tuple[torch.Tensor, ...]]:
+    """The stage as one fastunet launch on NHWC views laid out as in the traced forward; returns NCHW views."""
+    x = _like_traced(t.x, stage.x_shape, stage.x_stride)
+    kind = stage.kind
+    if kind == "conv-transpose":
+        w_packed = pack_conv_transpose_weight(t.weight)
+        bias4 = t.bias.repeat(4).contiguous()
+        return lambda: (_nchw(conv_transpose2x2_nhwc(x, w_packed, bias4)),)
+    if kind == "head":
+        w_packed = pack_conv_weight(t.weight)
+        logits = torch.empty_strided(stage.y_shape, stage.y_stride, dtype=x.dtype, device=x.device)
+        return lambda: (_nchw(conv2d_nhwc(x, w_packed, t.bias, ksize=1, relu=False, out=logits)[0]),)
+    w_packed = pack_conv_weight(t.weight)
+    if kind in ("conv", "conv+pool"):
+        pool = kind == "conv+pool"
+
+        def conv_pool() -> tuple[torch.Tensor, ...]:
+            features, pooled = conv2d_nhwc(x, w_packed, t.bias, pool=pool)
+            return (_nchw(features), _nchw(pooled)) if pool else (_nchw(features),)
+
+        return conv_pool
+    if kind == "conv+head":
+        head_weight = t.head_weight[:, :, 0, 0].t().contiguous()
+        logits = torch.empty_strided(stage.y_shape, stage.y_stride, dtype=x.dtype, device=x.device)
+        return lambda: (
+            _nchw(conv2d_nhwc(x, w_packed, t.bias, head_weight=head_weight, head_bias=t.head_bias, out=logits)[0]),
+        )
+    if kind == "conv+up":
+        up = _like_traced(t.up, stage.up_shape, stage.up_stride)
+        mode, align_corners = stage.up_mode, stage.align_corners
+        return lambda: (_nchw(conv2d_nhwc(x, w_packed, t.bias, up=up, up_mode=mode, align_corners=align_corners)[0]),)
+    raise ValueError(f"unknown stage kind {kind!r}")
+
+
+def compiled(fn: Callable, mode: str) -> Callable:
+    """``torch.compile(fn, mode=mode)`` after resetting dynamo.
+
+    Stage callables share code objects, so without the reset each new shape would count against dynamo's
+    recompilation limit and, past it, silently run eager.
+    """
+    torch._dynamo.reset()
+    return torch.compile(fn, mode=mode)
+
+
+def stage_callable(
+    stage: Stage, provider: str, t: StageTensors, compile_mode: str = DEFAULT_COMPILE_MODE
+) -> Callable[[], tuple[torch.Tensor, ...]]:
+    """The callable that runs ``stage`` for ``provider`` (outputs as NCHW tensors or views)."""
+    if provider == "fastunet":
+        return fused_stage(stage, t)
+    if provider == "torch-eager":
+        return eager_stage(stage, t)
+    if provider == "torch-compile":
+        return compiled(eager_stage(stage, t), compile_mode)
+    raise ValueError(f"unknown provider {provider!r}; expected one of {PROVIDERS}")
+
+
+def make_model(config: BenchConfig, dtype: torch.dtype, device: torch.device | str, seed: int = 0) -> UNet:
+    """The reference U-Net of ``config`` with seeded random weights (and BatchNorm statistics), in eval mode."""
+    torch.manual_seed(seed)
+    model = UNet(**config.model_kwargs())
+    randomize_norm_stats(model, torch.Generator().manual_seed(seed + 1))
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def make_input(config: BenchConfig, dtype: torch.dtype, device: torch.device | str, seed: int = 0) -> torch.Tensor:
+    """A random NCHW-contiguous input for ``config``."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(config.input_shape(), generator=gen).to(device=device, dtype=dtype)
+
+
+def network_callable(
+    model: UNet, x: torch.Tensor, provider: str, compile_mode: str = DEFAULT_COMPILE_MODE
+) -> Callable[[], torch.Tensor]:
+    """The whole forward for ``provider`` on ``x`` (NCHW), under ``torch.no_grad``; ``.module`` is what it runs.
+
+    ``fastunet`` shares ``model``'s parameters and reads ``x`` as given; the torch providers run a channels_last
+    copy of the model on a channels_last copy of ``x``.
+    """
+    if provider == "fastunet":
+        module: torch.nn.Module = FastUNet.from_reference(model).eval()
+        inp = x
+    elif provider in ("torch-eager", "torch-compile"):
+        module = copy.deepcopy(model).to(memory_format=torch.channels_last).eval()
+        inp = x.contiguous(memory_format=torch.channels_last)
+        if provider == "torch-compile":
+            module = compiled(module, compile_mode)
+    else:
+        raise ValueError(f"unknown provider {provider!r}; expected one of {PROVIDERS}")
+
+    def forward() -> torch.Tensor:
+        with torch.no_grad():
+            return module(inp)
+
+    forward.module = module  # lets callers check e.g. FastUNet.last_backend
+    return forward

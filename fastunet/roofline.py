@@ -1,0 +1,327 @@
+"""Roofline model of a U-Net forward: a lower bound on its time from FLOPs and compulsory bytes.
+
+This is a model, not a measurement. Each launch of :func:`fastunet.trace` gets a time floor
+``max(flops / peak_flops, bytes / peak_bandwidth)``; launches run one after another, so the network floor is the
+sum of the launch floors. Bytes are compulsory traffic: every input, weight and bias read once, every output
+written once (halo re-reads that hit in cache are free, misses are not modelled).
+
+For comparison, :func:`eager_estimate` models eager PyTorch (cuDNN) on the same network: one kernel per ATen op
+reading its inputs once and writing its outputs once, plus the separate bias-add kernel that cuDNN convolutions
+get in ATen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from fastunet.kernels._common import LaunchRecord
+from fastunet.parity import math_mode
+from fastunet.reference import UNet
+from fastunet.trace import trace
+
+
+@dataclasses.dataclass(frozen=True)
+class Ceilings:
+    """Peak rates of one GPU: dense tensor-core FLOP/s per math mode, and memory bandwidth."""
+
+    name: str
+    peak_flops: dict[str, float]
+    bandwidth: float  # bytes/s
+    sm_count: int
+    assumptions: tuple[str, ...] = ()
+
+    def peak_for(self, mode: str) -> float:
+        """Peak FLOP/s of math mode ``mode`` (``fp16``, ``bf16``, ``tf32`` or ``fp32``)."""
+        return self.peak_flops[mode]
+
+
+H100 = Ceilings(
+    name="H100 SXM",
+    peak_flops={"fp16": 798e12, "bf16": 798e12, "tf32": 399e12, "fp32": 67e12},
+    bandwidth=3.0e12,
+    sm_count=132,
+    assumptions=(
+        "fp16/bf16 798 TFLOP/s dense matmul and 3.0 TB/s copy: measured on the lent H100s",
+        "TF32 399 TFLOP/s: assumed to be half the fp16 peak, not measured",
+        "fp32 without tensor cores 67 TFLOP/s: datasheet figure, not measured",
+    ),
+)
+
+
+def stage_labels(records: Sequence[LaunchRecord], depth: int, upsample: str) -> list[str]:
+    """Names of the network stages the launches of a traced forward belong to (``enc0.conv1`` ... ``dec0.conv2``).
+
+    Follows the launch order of the fused forward: two convs per encoder level and the bottleneck, then per decoder
+    level (deepest first) the transposed conv if any and two convs; a separate ``head`` when it is not fused.
+    Falls back to ``launch<i>`` if the trace does not have that shape.
+    """
+    labels = []
+    for level in range(depth + 1):
+        tag = f"enc{level}" if level < depth else "bottleneck"
+        labels += [f"{tag}.conv1", f"{tag}.conv2"]
+    for level in reversed(range(depth)):
+        if upsample == "transpose":
+            labels.append(f"dec{level}.up")
+        labels += [f"dec{level}.conv1", f"dec{level}.conv2"]
+    if len(records) == len(labels) + 1:
+        labels.append("head")
+    if len(records) != len(labels):
+        return [f"launch{i}" for i in range(len(records))]
+    return labels
+
+
+def trace_config(
+    model_kwargs: dict, input_shape: Sequence[int], dtype: torch.dtype = torch.float16
+) -> list[LaunchRecord]:
+    """Trace the fused forward of ``UNet(**model_kwargs)`` on an input of ``input_shape`` and ``dtype``.
+
+    Everything lives on the ``meta`` device: any size traces in milliseconds on any machine.
+    """
+    model = UNet(**model_kwargs, device="meta")
+    return trace(model, torch.empty(tuple(input_shape), device="meta", dtype=dtype))
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchRoofline:
+    """One launch placed on the roofline."""
+
+    stage: str
+    kernel: str
+    grid: tuple[int, ...]
+    flops: int
+    bytes_read: int
+    bytes_written: int
+    compute_s: float
+    memory_s: float
+    sm_count: int
+
+    @property
+    def bytes(self) -> int:
+        return self.bytes_read + self.bytes_written
+
+    @property
+    def intensity(self) -> float:
+        """Arithmetic intensity, FLOP per byte of compulsory traffic."""
+        return self.flops / self.bytes if self.bytes else math.inf
+
+    @property
+    def floor_s(self) -> float:
+        return max(self.compute_s, self.memory_s)
+
+    @property
+    def bound(self) -> str:
+        return "compute" if self.compute_s >= self.memory_s else "memory"
+
+    @property
+    def ctas(self) -> int:
+        return math.prod(self.grid)
+
+    @property
+    def wave_efficiency(self) -> float:
+        """Fraction of SM slots busy over the launch's waves of one CTA per SM (a tile-quantization hint)."""
+        waves = math.ceil(self.ctas / self.sm_count)
+        return self.ctas / (waves * self.sm_count) if waves else 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class NetworkRoofline:
+    """All launches of one forward on the roofline, with network totals."""
+
+    launches: list[LaunchRoofline]
+    mode: str
+    peak_flops: float
+    bandwidth: float
+
+    @property
+    def flops(self) -> int:
+        return sum(launch.flops for launch in self.launches)
+
+    @property
+    def bytes(self) -> int:
+        return sum(launch.bytes for launch in self.launches)
+
+    @property
+    def floor_s(self) -> float:
+        """Sum of the launch floors: the launches run one after another."""
+        return sum(launch.floor_s for launch in self.launches)
+
+    @property
+    def aggregate_floor_s(self) -> float:
+        """max(total FLOPs / peak, total bytes / bandwidth): the floor if compute and traffic overlapped perfectly."""
+        return max(self.flops / self.peak_flops, self.bytes / self.bandwidth)
+
+
+def roofline(
+    records: Sequence[LaunchRecord],
+    dtype: torch.dtype,
+    *,
+    ceilings: Ceilings = H100,
+    allow_tf32: bool = True,
+    labels: Sequence[str] | None = None,
+) -> NetworkRoofline:
+    """Place each traced launch on the roofline of ``ceilings`` for compute dtype ``dtype`` on a GPU."""
+    mode = math_mode(dtype, "cuda", allow_tf32)
+    peak = ceilings.peak_for(mode)
+    labels = list(labels) if labels is not None else [f"launch{i}" for i in range(len(records))]
+    if len(labels) != len(records):
+        raise ValueError(f"got {len(labels)} labels for {len(records)} launches")
+    launches = [
+        LaunchRoofline(
+            stage=label,
+            kernel=record.name,
+            grid=tuple(record.grid),
+            flops=record.flops,
+            bytes_read=record.bytes_read,
+            bytes_written=record.bytes_written,
+            compute_s=record.flops / peak,
+            memory_s=(record.bytes_read + record.bytes_written) / ceilings.bandwidth,
+            sm_count=ceilings.sm_count,
+        )
+        for label, record in zip(labels, records, strict=True)
+    ]
+    return NetworkRoofline(launches=launches, mode=mode, peak_flops=peak, bandwidth=ceilings.bandwidth)
+
+
+def config_roofline(
+    model_kwargs: dict,
+    input_shape: Sequence[int],
+    dtype: torch.dtype = torch.float16,
+    *,
+    ceilings: Ceilings = H100,
+    allow_tf32: bool = True,
+) -> NetworkRoofline:
+    """Trace ``UNet(**model_kwargs)`` on ``input_shape`` and place it on the roofline."""
+    records = trace_config(model_kwargs, input_shape, dtype)
+    labels = stage_labels(records, model_kwargs.get("depth", 4), model_kwargs.get("upsample", "transpose"))
+    return roofline(records, dtype, ceilings=ceilings, allow_tf32=allow_tf32, labels=labels)
+
+
+# -- eager PyTorch estimate ---------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class EagerEstimate:
+    """Modelled kernels, FLOPs and compulsory bytes of the eager (cuDNN) reference forward."""
+
+    kernels: int
+    flops: int
+    bytes_read: int
+    bytes_written: int
+    floor_s: float
+
+    @property
+    def bytes(self) -> int:
+        return self.bytes_read + self.bytes_written
+
+
+def _nbytes(tensors: Sequence[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _conv_flops(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, transposed: bool) -> int:
+    """Multiply-adds x 2 of one ``aten.convolution``."""
+    taps_per_output = math.prod(weight.shape[1:])  # (c_in / groups) * kh * kw; c_out / groups * kh * kw if transposed
+    # A transposed conv scatters every input element into taps_per_output outputs.
+    return 2 * (x.numel() if transposed else out.numel()) * taps_per_output
+
+
+class _EagerOpLog(TorchDispatchMode):
+    """Records, per ATen op that launches a kernel, its FLOPs and compulsory bytes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kernels: list[tuple[int, int, int]] = []  # (flops, bytes_read, bytes_written)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
+        outputs = [a for a in tree_flatten(out)[0] if isinstance(a, torch.Tensor)]
+        if func.is_view or not inputs:
+            return out  # views and factory functions launch no kernel
+        if func is torch.ops.aten.convolution.default:
+            x, weight, bias, transposed = args[0], args[1], args[2], args[6]
+            flops = _conv_flops(x, weight, outputs[0], bool(transposed))
+            self.kernels.append((flops, _nbytes([x, weight]), _nbytes(outputs)))
+            if bias is not None:
+                # ATen's cuDNN path adds the bias in a second kernel that reads and rewrites the output.
+                self.kernels.append((0, _nbytes([outputs[0], bias]), _nbytes(outputs)))
+            return out
+        self.kernels.append((0, _nbytes(inputs), _nbytes(outputs)))
+        return out
+
+
+def eager_estimate(
+    model_kwargs: dict,
+    input_shape: Sequence[int],
+    dtype: torch.dtype = torch.float16,
+    *,
+    ceilings: Ceilings = H100,
+    allow_tf32: bool = True,
+) -> EagerEstimate:
+    """Model the eager reference forward (eval mode) on the ``meta`` device: kernels, FLOPs, bytes and its floor.
+
+    Like the fused floor, the eager floor is the sum of per-kernel ``max(flops / peak, bytes / bandwidth)``.
+    """
+    peak = ceilings.peak_for(math_mode(dtype, "cuda", allow_tf32))
+    model = UNet(**model_kwargs, device="meta", dtype=dtype).eval()
+    x = torch.empty(tuple(input_shape), device="meta", dtype=dtype)
+    log = _EagerOpLog()
+    with torch.no_grad(), log:
+        model(x)
+    floor = sum(max(flops / peak, (read + written) / ceilings.bandwidth) for flops, read, written in log.kernels)
+    return EagerEstimate(
+        kernels=len(log.kernels),
+        flops=sum(k[0] for k in log.kernels),
+        bytes_read=sum(k[1] for k in log.kernels),
+        bytes_written=sum(k[2] for k in log.kernels),
+        floor_s=floor,
+    )
+
+
+# -- text output ----------------------------------------------------------------------------------------------------
+def format_launches(net: NetworkRoofline) -> str:
+    """Per-launch table: FLOPs, bytes, intensity, bound and floor."""
+    header = (
+        f"{'#':>3}  {'stage':<16} {'kernel':<19} {'GFLOP':>8} {'MB read':>9} {'MB write':>9} {'FLOP/B':>7} "
+        f"{'bound':<7} {'floor us':>9} {'share':>6} {'CTAs':>6} {'wave eff':>8}"
+    )
+    lines = [header, "-" * len(header)]
+    total = net.floor_s
+    for i, launch in enumerate(net.launches):
+        lines.append(
+            f"{i:>3}  {launch.stage:<16} {launch.kernel:<19} {launch.flops / 1e9:>8.2f} "
+            f"{launch.bytes_read / 1e6:>9.2f} {launch.bytes_written / 1e6:>9.2f} {launch.intensity:>7.0f} "
+            f"{launch.bound:<7} {launch.floor_s * 1e6:>9.2f} {launch.floor_s / total if total else 0.0:>6.1%} "
+            f"{launch.ctas:>6} {launch.wave_efficiency:>8.0%}"
+        )
+    return "\n".join(lines)
+
+
+def format_summary(net: NetworkRoofline, eager: EagerEstimate | None = None) -> str:
+    """Network totals of the fused forward, and of the eager estimate when given."""
+    lines = [
+        f"fused forward: {len(net.launches)} launches, {net.flops / 1e9:.1f} GFLOP, {net.bytes / 1e6:.0f} MB traffic, "
+        f"floor {net.floor_s * 1e3:.3f} ms (sum over launches; {net.aggregate_floor_s * 1e3:.3f} ms if compute and "
+        f"traffic overlapped across launches)",
+    ]
+    if eager is not None:
+        lines.append(
+            f"eager estimate: {eager.kernels} kernels, {eager.flops / 1e9:.1f} GFLOP, "
+            f"{eager.bytes / 1e6:.0f} MB traffic ({eager.bytes_written / 1e6:.0f} MB written), "
+            f"floor {eager.floor_s * 1e3:.3f} ms"
+        )
+    return "\n".join(lines)
+
+
+def format_ceilings(ceilings: Ceilings, mode: str) -> str:
+    """One header line naming the model and its ceilings, with the assumptions spelled out."""
+    lines = [
+        f"Roofline MODEL (a lower bound, not a measurement): {ceilings.name}, {mode} peak "
+        f"{ceilings.peak_for(mode) / 1e12:.0f} TFLOP/s, {ceilings.bandwidth / 1e12:.1f} TB/s",
+    ]
+    lines += [f"  assumption: {text}" for text in ceilings.assumptions]
+    return "\n".join(lines)
