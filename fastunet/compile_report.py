@@ -1,17 +1,18 @@
 """Compile report: every kernel variant a U-Net forward launches, built for a real GPU target without a GPU.
 
 A forward is traced (:func:`fastunet.trace`), its launches are reduced to the distinct compiled variants (kernel,
-constexprs, argument specialization, launch options), and each variant goes through the full Triton pipeline to
-a cubin with ``triton.compile``. The cubin is then inspected with the ``cuobjdump`` that ships in Triton's wheel:
-registers, local memory (where ``ptxas`` puts spills), shared memory and the tensor-core instructions of the SASS
-(``HGMMA`` is the sm_90 warpgroup MMA, ``HMMA`` the sm_80-style one). This is the performance check that runs on
-any machine, and it catches compile errors the interpreter never sees.
+constexprs, argument specialization, launch options), and each variant goes through the full Triton pipeline to a
+cubin with ``triton.compile``. The cubin is inspected with the ``cuobjdump`` that ships in Triton's wheel:
+registers, spills (stack and local memory), shared memory and the tensor-core instructions of the SASS (``HGMMA``:
+the sm_90 warpgroup MMA; ``HMMA``: the sm_80-style MMA); ``ptxas -v`` adds its performance warnings (wgmma
+serialization). This is the performance check that runs on any machine, and it catches compile errors that the
+interpreter never sees.
 
-The arguments are specialized the way Triton's JIT does at launch (integers equal to 1 become constants, integers
-and pointers divisible by 16 get a divisibility hint), so each cubin is the one a launch would build.
+Arguments are specialized the way Triton's JIT does at launch (an integer equal to 1 becomes a constant; integers
+and pointers divisible by 16 get a divisibility hint), so each cubin is the one a launch on the GPU would build.
 
-Must run where ``TRITON_INTERPRET`` is unset: under the interpreter the kernels are not compilable objects and the
-launchers pick interpreter-only constexprs. Usage::
+Needs ``TRITON_INTERPRET`` unset: under the interpreter the kernels are not compilable objects and the launchers
+choose interpreter-only constexprs. Usage::
 
     python -m fastunet.compile_report --dtype fp16 bf16 --upsample transpose bilinear --json report.json
 """
@@ -33,7 +34,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from triton.compiler import ASTSource, make_backend
 
 from fastunet.kernels._common import INTERPRET, LaunchRecord
 from fastunet.reference import UNet
@@ -46,10 +47,31 @@ REFERENCE_MODEL = {"in_channels": 3, "num_classes": 2, "base_channels": 64, "dep
 REFERENCE_SIZE = 512
 REFERENCE_BATCHES = (16, 1)
 
+
+@dataclasses.dataclass(frozen=True)
+class SmLimits:
+    """Per-SM resources of one compute capability (CUDA programming guide, compute capabilities table)."""
+
+    max_shared_per_block: int  # dynamic shared memory a launch may opt into
+    shared_per_sm: int
+    reserved_shared_per_block: int
+    registers_per_sm: int
+    max_warps_per_sm: int
+    max_blocks_per_sm: int
+
+
+SM_LIMITS = {
+    80: SmLimits(166912, 167936, 1024, 65536, 64, 32),
+    86: SmLimits(101376, 102400, 1024, 65536, 48, 16),
+    89: SmLimits(101376, 102400, 1024, 65536, 48, 24),
+    90: SmLimits(232448, 233472, 1024, 65536, 64, 32),
+}
+
 _POINTER_TYPES = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int32: "*i32"}
 _DIVISIBILITY = 16
 _MMA_RE = re.compile(r"\b(HGMMA|HMMA)(\.[\w.]+)?")
 _LOCAL_RE = re.compile(r"\b(LDL|STL)(\.[\w.]+)?\b")
+_SASS_LINE_RE = re.compile(r"^\s+/\*[0-9a-f]{4,}\*/\s+\S", re.MULTILINE)
 _RES_USAGE_RE = re.compile(r"\b(REG|STACK|SHARED|LOCAL):(\d+)")
 
 
@@ -60,8 +82,8 @@ class Variant:
     name: str
     kernel: object
     signature: dict
-    constexprs: dict
-    divisible: tuple[int, ...]  # indices of the runtime arguments that carry a divisible-by-16 hint
+    constexprs: dict  # the kernel's constexprs plus runtime arguments the JIT compiles in as constants
+    divisible: tuple[int, ...]  # parameter indices that carry the divisible-by-16 hint
     launch_options: dict
     launches: int
     configs: tuple[str, ...]
@@ -83,45 +105,47 @@ class VariantReport:
     num_warps: int
     num_stages: int
     registers: int
-    spill_bytes: int  # per-thread local memory plus stack: where ptxas puts spilled registers
+    spill_bytes: int  # per-thread stack and local memory: where ptxas puts spilled registers
     local_ops: int  # LDL/STL instructions in the SASS
     shared_bytes: int  # dynamic shared memory the launch requests
-    static_shared_bytes: int
+    shared_limit_bytes: int | None  # the most a launch may request on this target (None: target not tabled)
+    ctas_per_sm: int | None  # resident CTAs per SM allowed by registers, shared memory and warps
     hgmma: int  # HGMMA instructions in the SASS
     hmma: int
     mma_opcodes: tuple[str, ...]
+    sass_instructions: int
+    ptxas_warnings: tuple[str, ...]  # e.g. wgmma serialized: the tensor cores wait on each instruction
     compile_s: float
     launches: int
     configs: tuple[str, ...]
 
     def to_json(self) -> dict:
         row = dataclasses.asdict(self)
-        row["constexprs"] = {k: _jsonable(v) for k, v in self.constexprs.items()}
+        row["constexprs"] = {
+            k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in self.constexprs.items()
+        }
         return row
-
-
-def _jsonable(value: object) -> object:
-    return value if isinstance(value, (bool, int, float, str)) or value is None else str(value)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Variants
 # ---------------------------------------------------------------------------------------------------------------
-def specialize(arg: object) -> tuple[str, object, bool]:
-    """(Triton type, constant value or None, divisible by 16) of one runtime argument, as the JIT sees it at launch.
+def specialize(arg: object, specialize_value: bool = True, specialize_alignment: bool = True) -> tuple[str, object]:
+    """(Triton type, specialization) of one runtime argument, as the JIT sees it at launch.
 
-    Integers equal to 1 are compiled in as constants; 32-bit or 64-bit by magnitude; a pointer or integer divisible
-    by 16 gets the ``tt.divisibility`` hint that lets loads and stores vectorize.
+    The specialization is the constant value when the type is ``"constexpr"`` (an integer equal to 1), else True
+    when the argument carries the ``tt.divisibility=16`` hint that lets loads and stores vectorize (a pointer or an
+    integer divisible by 16). Integers are 32-bit or 64-bit by magnitude; floats are fp32.
     """
     if isinstance(arg, torch.Tensor):
         if arg.dtype not in _POINTER_TYPES:
             raise TypeError(f"no Triton pointer type for {arg.dtype}")
-        return _POINTER_TYPES[arg.dtype], None, arg.data_ptr() % _DIVISIBILITY == 0
+        return _POINTER_TYPES[arg.dtype], specialize_alignment and arg.data_ptr() % _DIVISIBILITY == 0
     if isinstance(arg, bool):
-        raise TypeError("runtime bool arguments are not specialized here; pass flags as constexprs")
+        raise TypeError("runtime bool arguments are not supported here; pass flags as constexprs")
     if isinstance(arg, int):
-        if arg == 1:
-            return "constexpr", 1, False
+        if specialize_value and arg == 1:
+            return "constexpr", 1
         if -(2**31) <= arg < 2**31:
             kind = "i32"
         elif -(2**63) <= arg < 2**63:
@@ -129,62 +153,67 @@ def specialize(arg: object) -> tuple[str, object, bool]:
         elif arg < 2**64:
             kind = "u64"
         else:
-            raise OverflowError(f"integer argument {arg} does not fit 64 bits")
-        return kind, None, arg % _DIVISIBILITY == 0
+            raise OverflowError(f"integer argument {arg} does not fit in 64 bits")
+        return kind, specialize_value and specialize_alignment and arg % _DIVISIBILITY == 0
     if isinstance(arg, float):
-        return "fp32", None, False
+        return "fp32", False
     raise TypeError(f"unsupported runtime argument of type {type(arg).__name__}")
 
 
-def _param_names(kernel: object) -> tuple[list[str], set[str]]:
-    """All parameter names of a ``@triton.jit`` kernel, and the constexpr ones."""
-    params = getattr(kernel, "params", None)
+def _specialize_record(record: LaunchRecord) -> tuple[dict, dict, tuple[int, ...]]:
+    """Signature, constants and divisible parameter indices of one launch."""
+    params = getattr(record.kernel, "params", None)
     if params is None:
         raise TypeError(
-            f"{kernel!r} is not a compilable @triton.jit function; run the compile report with TRITON_INTERPRET unset"
+            f"{record.kernel!r} is not a compilable @triton.jit function: run the compile report with "
+            "TRITON_INTERPRET unset"
         )
-    return [p.name for p in params], {p.name for p in params if p.is_constexpr}
-
-
-def _variant_key(record: LaunchRecord) -> tuple:
-    names, constexpr_names = _param_names(record.kernel)
-    runtime = [n for n in names if n not in constexpr_names]
+    runtime = [p for p in params if not p.is_constexpr]
     if len(runtime) != len(record.args):
-        raise ValueError(f"{record.name}: {len(record.args)} runtime arguments for parameters {runtime}")
-    signature, constexprs, divisible = {}, {}, []
-    specialized = dict(zip(runtime, (specialize(a) for a in record.args)))
-    for index, name in enumerate(names):
-        if name in constexpr_names:
-            signature[name], constexprs[name] = "constexpr", record.constexprs[name]
+        raise ValueError(f"{record.name}: {len(record.args)} runtime arguments for {len(runtime)} parameters")
+    values = dict(zip((p.name for p in runtime), record.args, strict=True))
+    signature, constants, divisible = {}, {}, []
+    for index, param in enumerate(params):
+        if param.is_constexpr:
+            signature[param.name], constants[param.name] = "constexpr", record.constexprs[param.name]
             continue
-        kind, value, div16 = specialized[name]
-        signature[name] = kind
+        kind, spec = specialize(
+            values[param.name],
+            specialize_value=not getattr(param, "do_not_specialize", False),
+            specialize_alignment=not getattr(param, "do_not_specialize_on_alignment", False),
+        )
+        signature[param.name] = kind
         if kind == "constexpr":
-            constexprs[name] = value
-        elif div16:
+            constants[param.name] = spec
+        elif spec:
             divisible.append(index)
-    options = tuple(sorted(record.launch_options.items()))
-    key = (id(record.kernel), tuple(signature.items()), tuple(sorted(constexprs.items())), tuple(divisible), options)
-    return key, signature, constexprs, tuple(divisible)
+    return signature, constants, tuple(divisible)
 
 
 def collect_variants(traces: Iterable[tuple[str, Sequence[LaunchRecord]]]) -> list[Variant]:
     """Distinct kernel variants over labelled traces, in first-launch order.
 
-    Two launches share a variant when they run the same kernel with the same constexprs, argument specialization
-    and launch options: one cubin serves both.
+    Launches share a variant when they run the same kernel with the same constexprs, argument specialization and
+    launch options: one cubin serves them all.
     """
     found: dict[tuple, dict] = {}
     for label, records in traces:
         for record in records:
-            key, signature, constexprs, divisible = _variant_key(record)
+            signature, constants, divisible = _specialize_record(record)
+            key = (
+                id(record.kernel),
+                tuple(signature.items()),
+                tuple((k, repr(v)) for k, v in sorted(constants.items())),
+                divisible,
+                tuple(sorted(record.launch_options.items())),
+            )
             entry = found.setdefault(
                 key,
                 {
                     "name": record.name,
                     "kernel": record.kernel,
                     "signature": signature,
-                    "constexprs": constexprs,
+                    "constexprs": constants,
                     "divisible": divisible,
                     "launch_options": dict(record.launch_options),
                     "launches": 0,
@@ -198,13 +227,9 @@ def collect_variants(traces: Iterable[tuple[str, Sequence[LaunchRecord]]]) -> li
 
 
 def trace_config(
-    upsample: str,
-    dtype: torch.dtype,
-    batch: int,
-    size: int = REFERENCE_SIZE,
-    **model_kwargs: int,
+    upsample: str, dtype: torch.dtype, batch: int, size: int = REFERENCE_SIZE, **model_kwargs: int
 ) -> list[LaunchRecord]:
-    """Launches of one forward of the reference U-Net (or ``model_kwargs`` overrides) on a ``size``-square input."""
+    """Launches of one forward of the reference U-Net (``model_kwargs`` override it) on a ``size``-square input."""
     kwargs = {**REFERENCE_MODEL, **model_kwargs}
     model = UNet(
         kwargs["in_channels"],
@@ -214,72 +239,110 @@ def trace_config(
         upsample=upsample,
         device="meta",
     )
-    x = torch.empty(batch, kwargs["in_channels"], size, size, dtype=dtype, device="meta")
-    return trace(model, x)
+    return trace(model, torch.empty(batch, kwargs["in_channels"], size, size, dtype=dtype, device="meta"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Compilation and inspection
 # ---------------------------------------------------------------------------------------------------------------
-def _cuobjdump() -> str:
+def _nvidia_tool(name: str) -> str:
+    """Path of a CUDA tool shipped in Triton's wheel (``ptxas``, ``ptxas-blackwell``, ``cuobjdump``)."""
     with contextlib.suppress(AttributeError):
-        return triton.knobs.nvidia.cuobjdump.path
-    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+        return getattr(triton.knobs.nvidia, name.replace("-", "_")).path
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"cuobjdump not found at {path}")
+        raise FileNotFoundError(f"{name} not found at {path}")
     return path
 
 
-def _resource_usage(cubin: bytes) -> dict[str, int]:
-    """REG, STACK, SHARED (static) and LOCAL of the cubin's kernel, from ``cuobjdump -res-usage``."""
+def _inspect_cubin(cubin: bytes) -> tuple[dict[str, int], str]:
+    """REG, STACK, SHARED and LOCAL of the cubin's kernel, and its full SASS, from ``cuobjdump``.
+
+    The cubin is disassembled here rather than read from ``compiled.asm["sass"]``: Triton's own SASS extraction
+    stops part-way through large kernels (seen on 3.6), which would hide instructions from the counts.
+    """
     with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
         handle.write(cubin)
         handle.flush()
         text = subprocess.run(
-            [_cuobjdump(), "-res-usage", handle.name], check=True, capture_output=True, text=True
+            [_nvidia_tool("cuobjdump"), "-res-usage", "-sass", handle.name], check=True, capture_output=True, text=True
         ).stdout
     usage = {key: int(value) for key, value in _RES_USAGE_RE.findall(text)}
     if "REG" not in usage:
-        raise RuntimeError(f"cuobjdump -res-usage printed no register count:\n{text}")
-    return usage
+        raise RuntimeError(f"cuobjdump -res-usage printed no register count:\n{text[:2000]}")
+    return usage, text
 
 
-def _target_options(variant: Variant) -> dict:
-    return {k: variant.launch_options[k] for k in ("num_warps", "num_stages") if k in variant.launch_options}
+def _ptxas_warnings(ptx: str, arch: int) -> tuple[str, ...]:
+    """Warnings of ``ptxas -v`` on the kernel's PTX, such as wgmma serialization ("Potential Performance Loss").
+
+    Triton runs ptxas with ``-v`` too but keeps the log to itself, so the PTX is assembled once more here.
+    """
+    ptxas = _nvidia_tool("ptxas-blackwell" if arch >= 100 else "ptxas")
+    suffix = "a" if arch >= 90 else ""
+    with tempfile.TemporaryDirectory() as work:
+        source = os.path.join(work, "kernel.ptx")
+        with open(source, "w") as handle:
+            handle.write(ptx)
+        command = [ptxas, "-v", f"--gpu-name=sm_{arch}{suffix}", source, "-o", os.path.join(work, "kernel.cubin")]
+        log = subprocess.run(command, check=True, capture_output=True, text=True)
+    lines = (log.stdout + log.stderr).splitlines()
+    found = (line for line in lines if "Performance" in line or "warning" in line.lower())
+    return tuple(re.sub(r"^ptxas\s+\w+\s*:\s*", "", line.strip()) for line in found)
+
+
+def ctas_per_sm(arch: int, registers: int, num_warps: int, shared_bytes: int) -> int | None:
+    """Resident CTAs per SM, from registers (allocated per warp in 256-register units), shared memory and warps."""
+    limits = SM_LIMITS.get(arch)
+    if limits is None:
+        return None
+    if shared_bytes > limits.max_shared_per_block:
+        return 0
+    registers_per_warp = -(-registers * 32 // 256) * 256
+    by_registers = limits.registers_per_sm // (registers_per_warp * num_warps)
+    by_shared = limits.shared_per_sm // (shared_bytes + limits.reserved_shared_per_block)
+    by_warps = limits.max_warps_per_sm // num_warps
+    return min(by_registers, by_shared, by_warps, limits.max_blocks_per_sm)
 
 
 def compile_variant(variant: Variant, arch: int = 90) -> VariantReport:
     """Compile one variant for ``sm_<arch>`` (no GPU needed) and read its registers, spills, smem and MMA ops."""
     target = GPUTarget("cuda", arch, 32)
-    backend = triton.compiler.make_backend(target)
-    attrs = {(index,): backend.parse_attr("D") for index in variant.divisible}
+    attrs = {(index,): make_backend(target).parse_attr("D") for index in variant.divisible}
     source = ASTSource(variant.kernel, dict(variant.signature), dict(variant.constexprs), attrs)
+    options = {k: variant.launch_options[k] for k in ("num_warps", "num_stages") if k in variant.launch_options}
     start = time.perf_counter()
-    compiled = triton.compile(source, target=target, options=_target_options(variant))
+    compiled = triton.compile(source, target=target, options=options)
     compile_s = time.perf_counter() - start
 
-    usage = _resource_usage(compiled.asm["cubin"])
-    sass = compiled.asm["sass"]
+    usage, sass = _inspect_cubin(compiled.asm["cubin"])
+    ptxas_warnings = _ptxas_warnings(compiled.asm["ptx"], arch)
     opcodes = [m.group(0) for m in _MMA_RE.finditer(sass)]
-    registers = getattr(compiled, "n_regs", None)
-    spills = getattr(compiled, "n_spills", None)
     metadata = compiled.metadata
-    constexprs = {k: v for k, v in variant.constexprs.items() if variant.signature[k] == "constexpr"}
+    # Filled in by newer Triton versions or once a kernel is loaded on a device; the cubin says the same.
+    registers = getattr(compiled, "n_regs", None)
+    registers = registers if isinstance(registers, int) else usage["REG"]
+    spills = getattr(compiled, "n_spills", None)
+    spills = spills if isinstance(spills, int) else usage.get("STACK", 0) + usage.get("LOCAL", 0)
+    limits = SM_LIMITS.get(arch)
     return VariantReport(
         name=variant.name,
         dtype=variant.dtype,
         arch=arch,
-        constexprs=constexprs,
+        constexprs=dict(variant.constexprs),
         num_warps=metadata.num_warps,
         num_stages=metadata.num_stages,
-        registers=registers if isinstance(registers, int) else usage["REG"],
-        spill_bytes=spills if isinstance(spills, int) else usage.get("LOCAL", 0) + usage.get("STACK", 0),
+        registers=registers,
+        spill_bytes=spills,
         local_ops=len(_LOCAL_RE.findall(sass)),
         shared_bytes=metadata.shared,
-        static_shared_bytes=usage.get("SHARED", 0),
+        shared_limit_bytes=limits.max_shared_per_block if limits else None,
+        ctas_per_sm=ctas_per_sm(arch, registers, metadata.num_warps, metadata.shared),
         hgmma=sum(op.startswith("HGMMA") for op in opcodes),
         hmma=sum(op.startswith("HMMA") for op in opcodes),
         mma_opcodes=tuple(sorted(set(opcodes))),
+        sass_instructions=len(_SASS_LINE_RE.findall(sass)),
+        ptxas_warnings=ptxas_warnings,
         compile_s=round(compile_s, 3),
         launches=variant.launches,
         configs=variant.configs,
@@ -288,7 +351,7 @@ def compile_variant(variant: Variant, arch: int = 90) -> VariantReport:
 
 @contextlib.contextmanager
 def _fresh_cache() -> Iterator[None]:
-    """Compile into an empty Triton cache, so compile times are cold and no stale cubin is read back."""
+    """Compile into an empty Triton cache: compile times are cold, and no stale cubin is read back."""
     previous = os.environ.get("TRITON_CACHE_DIR")
     with tempfile.TemporaryDirectory(prefix="triton-cache-") as cache_dir:
         os.environ["TRITON_CACHE_DIR"] = cache_dir
@@ -302,7 +365,7 @@ def _fresh_cache() -> Iterator[None]:
 
 
 def report(
-    dtypes: Sequence[str] = ("fp16", "bf16", "fp32"),
+    dtypes: Sequence[str] = tuple(DTYPES),
     upsamples: Sequence[str] = UPSAMPLES,
     batches: Sequence[int] = REFERENCE_BATCHES,
     size: int = REFERENCE_SIZE,
@@ -310,7 +373,7 @@ def report(
     fresh_cache: bool = True,
     **model_kwargs: int,
 ) -> list[VariantReport]:
-    """Compile every distinct variant that the given configurations launch; one report row per variant."""
+    """Compile every distinct variant that the given configurations launch; one row per variant."""
     if INTERPRET:
         raise RuntimeError("the compile report needs real Triton compilation: run it with TRITON_INTERPRET unset")
     traces = [
@@ -324,8 +387,8 @@ def report(
         return [compile_variant(v, arch) for v in variants]
 
 
-def _uses_tensor_cores(row: VariantReport) -> bool:
-    """HGMMA on sm_90, HMMA on sm_80/sm_89; other targets are not judged."""
+def uses_tensor_cores(row: VariantReport) -> bool:
+    """HGMMA on sm_90, HMMA on sm_80 to sm_89; other targets are not judged."""
     if row.arch == 90:
         return row.hgmma > 0
     if 80 <= row.arch < 90:
@@ -333,11 +396,43 @@ def _uses_tensor_cores(row: VariantReport) -> bool:
     return True
 
 
+def problems(row: VariantReport) -> list[str]:
+    """What is wrong with a variant: spills, shared memory over the launch limit, no tensor-core instructions, ptxas
+    performance warnings."""
+    found = []
+    if row.spill_bytes or row.local_ops:
+        found.append(f"spills ({row.spill_bytes} B/thread, {row.local_ops} LDL/STL)")
+    if row.shared_limit_bytes is not None and row.shared_bytes > row.shared_limit_bytes:
+        found.append(f"shared memory {row.shared_bytes} B > {row.shared_limit_bytes} B: the launch would fail")
+    if not uses_tensor_cores(row):
+        found.append("no tensor-core instructions")
+    found += [f"ptxas: {warning}" for warning in row.ptxas_warnings]
+    return found
+
+
+def describe(row: VariantReport) -> str:
+    """Short name of a variant: kernel, dtype, UP_MODE, tile, warps, stages, and batch when compiled in as 1."""
+    c = row.constexprs
+    tile = "x".join(str(c.get(k, "-")) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+    batch = " batch=1" if c.get("batch") == 1 else ""
+    return f"{row.name} {row.dtype} up={c.get('UP_MODE', '-')} {tile} w{row.num_warps} s{row.num_stages}{batch}"
+
+
+def _used_by(configs: Sequence[str]) -> str:
+    """``transpose/fp16/b16``, ``bilinear/fp16/b16`` -> ``bilinear,transpose b16``."""
+    parts = [label.split("/") for label in configs]
+    upsamples = sorted({p[0] for p in parts})
+    batches = sorted({p[-1] for p in parts}, key=lambda b: -int(b[1:]))
+    return f"{','.join(upsamples)} {','.join(batches)}"
+
+
 def format_table(rows: Sequence[VariantReport]) -> str:
-    """Fixed-width table: one line per variant."""
+    """Fixed-width table, one line per variant (``up``: UP_MODE; ``CTA/SM``: resident CTAs per SM; ``warn``: ptxas
+    performance warnings; ``s``: compile seconds; ``n``: launches)."""
     header = (
         f"{'variant':<18} {'dtype':<5} {'up':>2} {'BM':>4} {'BN':>4} {'BK':>3} {'warps':>5} {'stg':>3} "
-        f"{'regs':>4} {'spill':>5} {'smem KiB':>8} {'HGMMA':>5} {'HMMA':>4} {'s':>5} {'n':>3}"
+        f"{'regs':>4} {'spill':>5} {'smem KiB':>8} {'CTA/SM':>6} {'HGMMA':>5} {'HMMA':>4} {'warn':>4} {'s':>5} {'n':>3}"
+        "  used by"
     )
     lines = [header, "-" * len(header)]
     for row in rows:
@@ -345,18 +440,20 @@ def format_table(rows: Sequence[VariantReport]) -> str:
         lines.append(
             f"{row.name:<18} {row.dtype:<5} {c.get('UP_MODE', '-'):>2} {c.get('BLOCK_M', '-'):>4} "
             f"{c.get('BLOCK_N', '-'):>4} {c.get('BLOCK_K', '-'):>3} {row.num_warps:>5} {row.num_stages:>3} "
-            f"{row.registers:>4} {row.spill_bytes:>5} {row.shared_bytes / 1024:>8.1f} {row.hgmma:>5} {row.hmma:>4} "
-            f"{row.compile_s:>5.2f} {row.launches:>3}"
+            f"{row.registers:>4} {row.spill_bytes:>5} {row.shared_bytes / 1024:>8.1f} "
+            f"{'-' if row.ctas_per_sm is None else row.ctas_per_sm:>6} {row.hgmma:>5} {row.hmma:>4} "
+            f"{len(row.ptxas_warnings):>4} "
+            f"{row.compile_s:>5.2f} {row.launches:>3}  {_used_by(row.configs)}"
         )
-    total = sum(row.compile_s for row in rows)
-    lines.append(f"{len(rows)} variants, {total:.1f} s compile (HGMMA/HMMA: instruction counts in the SASS)")
+    lines.append(f"{len(rows)} variants, {sum(row.compile_s for row in rows):.1f} s compiling")
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """CLI: print the table; ``--json`` also writes the rows. Exit status 1 if a variant spills or lacks MMA."""
-    parser = argparse.ArgumentParser(prog="python -m fastunet.compile_report", description=__doc__.split("\n")[0])
-    parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=["fp16", "bf16", "fp32"])
+def main(argv: Sequence[str] | None = None, prog: str = "python -m fastunet.compile_report") -> int:
+    """CLI: print the table (``--json``: also write the rows). Exit status 1 when a variant has a problem, 2 when
+    the report cannot run."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
+    parser.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=list(DTYPES))
     parser.add_argument("--upsample", nargs="+", choices=UPSAMPLES, default=list(UPSAMPLES))
     parser.add_argument("--batch", nargs="+", type=int, default=list(REFERENCE_BATCHES))
     parser.add_argument("--size", type=int, default=REFERENCE_SIZE)
@@ -364,9 +461,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--num-classes", type=int, default=REFERENCE_MODEL["num_classes"])
     parser.add_argument("--base-channels", type=int, default=REFERENCE_MODEL["base_channels"])
     parser.add_argument("--depth", type=int, default=REFERENCE_MODEL["depth"])
-    parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability as an integer (90 = sm_90)")
+    parser.add_argument("--arch", type=int, default=90, help="compute capability as an integer (90: sm_90)")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     args = parser.parse_args(argv)
+    if INTERPRET:
+        print(f"{prog}: needs real Triton compilation; run it with TRITON_INTERPRET unset", file=sys.stderr)
+        return 2
 
     start = time.perf_counter()
     rows = report(
@@ -383,6 +483,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     wall_s = time.perf_counter() - start
     print(format_table(rows))
     print(f"wall {wall_s:.1f} s, triton {triton.__version__}, target sm_{args.arch}")
+    flagged = [(row, problems(row)) for row in rows]
+    for row, found in flagged:
+        if found:
+            print(f"PROBLEM {describe(row)}: {'; '.join(found)}")
     if args.json:
         payload = {
             "triton": triton.__version__,
@@ -393,7 +497,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
         with open(args.json, "w") as handle:
             json.dump(payload, handle, indent=1)
-    return 0 if all(r.spill_bytes == 0 and r.local_ops == 0 and _uses_tensor_cores(r) for r in rows) else 1
+    return 1 if any(found for _, found in flagged) else 0
 
 
 if __name__ == "__main__":

@@ -19,6 +19,9 @@ accumulator tile. Rows that fall outside an odd-sized map are masked.
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
+
 import torch
 import triton
 import triton.language as tl
@@ -296,47 +299,93 @@ def _conv_nhwc_kernel(
 # ---------------------------------------------------------------------------------------------------------------
 # Configuration
 # ---------------------------------------------------------------------------------------------------------------
-def pick_config(m: int, c_out: int, c_main: int, c_up: int, packed_k: bool, head: bool) -> dict:
+@dataclasses.dataclass(frozen=True)
+class ConvProblem:
+    """What the tile choice depends on for one launch."""
+
+    m: int  # GEMM rows: batch * ceil(H/2) * ceil(W/2) * 4
+    c_out: int  # GEMM columns (4 * channels for the depth-to-space launch)
+    c_main: int
+    c_up: int
+    element_size: int
+    packed_k: bool = False
+    head: bool = False
+    d2s: bool = False
+    bilinear: bool = False
+
+
+def _fits(problem: ConvProblem, config: dict) -> bool:
+    """sm_90 build limits, from the compile report of the reference network.
+
+    * A-tile elements a thread loads per K step (BLOCK_M * BLOCK_K / threads) <= 32: at 64 (a 128 x 64 tile on one
+      warpgroup) the loader state takes the registers to 248-255 and the bilinear loader, holding four corner
+      tiles, spills; the small-K loader of the first conv sits at 255 with 32.
+    * fp32 accumulator <= 64 registers a thread.
+    * Pipeline buffers within ~200 KB of shared memory; the bilinear loader stages its four corner gathers.
+    * The depth-to-space store serializes the wgmma pipeline at BLOCK_N 128 (ptxas warning): BLOCK_N <= 64 there.
+    """
+    threads = 32 * config["num_warps"]
+    block_m, block_n, block_k = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
+    a_tiles = 4 if problem.bilinear else 1
+    smem = config["num_stages"] * (a_tiles * block_m + block_n) * block_k * problem.element_size
+    # The small-K path computes a full address per A element (tap and channel vary along K): twice the state.
+    loader_weight = 2 if problem.packed_k else 1
+    return (
+        loader_weight * block_m * block_k <= 32 * threads
+        and block_m * block_n <= 64 * threads
+        and smem <= 200 * 1024
+        and (not problem.d2s or block_n <= 64)
+    )
+
+
+def pick_config(problem: ConvProblem) -> dict:
     """The heuristic tile for one launch (the first autotuning candidate, and the only one by default).
 
-    BLOCK_N covers the output channels (all of them when the head is fused), BLOCK_K the input channels of one tap
-    from each source (or the flattened taps on the small-K path), BLOCK_M the pixels; tiles shrink for tiny maps
-    so that small launches do not run mostly masked lanes. tl.dot needs every dimension >= 16.
+    BLOCK_N covers the output channels (all of them when the head is fused), BLOCK_K one 128-byte row of input
+    channels per tap and source (or of the flattened taps on the small-K path), BLOCK_M the pixels; tiles shrink
+    for tiny maps so that small launches do not run mostly masked lanes. tl.dot needs every dimension >= 16.
+    The warp count is the smallest that meets :func:`_fits`.
     """
-    block_n = max(16, next_pow2(c_out)) if head else min(128, max(16, next_pow2(c_out)))
-    k_extent = 9 * c_main if packed_k else (min(c_main, c_up) if c_up else c_main)
-    block_k = min(64, max(16, next_pow2(k_extent)))
-    block_m = min(128, max(16, next_pow2(m)))
-    num_warps = 8 if block_m * block_n >= 128 * 128 else 4
-    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": num_warps, "num_stages": 3}
+    widest = max(16, next_pow2(problem.c_out))
+    block_n = widest if problem.head else min(64 if problem.d2s else 128, widest)
+    if problem.packed_k:
+        k_extent = 9 * problem.c_main
+    else:
+        k_extent = min(problem.c_main, problem.c_up) if problem.c_up else problem.c_main
+    block_k = min(128 // problem.element_size, max(16, next_pow2(k_extent)))
+    block_m = min(128, max(16, next_pow2(problem.m)))
+    config = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": 4, "num_stages": 3}
+    if not _fits(problem, config):
+        config["num_warps"] = 8
+    if not _fits(problem, config):
+        config["num_stages"] = 2
+    return config
 
 
-def candidate_configs(
-    m: int, c_out: int, c_main: int, c_up: int, packed_k: bool, head: bool, element_size: int
-) -> list[dict]:
-    """Autotuning candidates: the heuristic first, then a small grid around it.
+def candidate_configs(problem: ConvProblem) -> list[dict]:
+    """Autotuning candidates: the heuristic first, then a small grid around it, pruned by :func:`_fits`.
 
-    Pruned so that no tile is wider than the problem, the fused head keeps every channel in one tile, the pipeline
-    buffers fit in shared memory (~200 KB on sm_90) and the fp32 accumulator stays at <= 128 registers a thread.
+    No tile is wider than the problem, and the fused head keeps every channel in one tile.
     """
-    base = pick_config(m, c_out, c_main, c_up, packed_k, head)
+    base = pick_config(problem)
     configs = [base]
-    widths = (base["BLOCK_N"],) if head else tuple(n for n in (64, 128, 256) if n <= max(16, next_pow2(c_out)))
-    for block_m in (64, 128):
-        for block_n in widths or (base["BLOCK_N"],):
-            for num_warps in (4, 8):
-                for num_stages in (3, 4):
-                    config = {
-                        "BLOCK_M": min(block_m, base["BLOCK_M"]),
-                        "BLOCK_N": block_n,
-                        "BLOCK_K": base["BLOCK_K"],
-                        "num_warps": num_warps,
-                        "num_stages": num_stages,
-                    }
-                    tile = config["BLOCK_M"] * config["BLOCK_N"]
-                    smem = num_stages * (config["BLOCK_M"] + block_n) * config["BLOCK_K"] * element_size
-                    if config not in configs and smem <= 200 * 1024 and tile <= 128 * 32 * num_warps:
-                        configs.append(config)
+    widest = max(16, next_pow2(problem.c_out))
+    widths = (base["BLOCK_N"],) if problem.head else tuple(n for n in (64, 128, 256) if n <= widest)
+    # Half-depth K blocks only for the bilinear loader, whose four staged corner tiles crowd shared memory.
+    halve = problem.bilinear and base["BLOCK_K"] >= 32
+    depths = (base["BLOCK_K"], base["BLOCK_K"] // 2) if halve else (base["BLOCK_K"],)
+    for block_m, block_n, block_k, num_warps, num_stages in itertools.product(
+        (64, 128), widths, depths, (4, 8), (3, 4)
+    ):
+        config = {
+            "BLOCK_M": min(block_m, base["BLOCK_M"]),
+            "BLOCK_N": block_n,
+            "BLOCK_K": block_k,
+            "num_warps": num_warps,
+            "num_stages": num_stages,
+        }
+        if config not in configs and _fits(problem, config):
+            configs.append(config)
     return configs
 
 
@@ -369,7 +418,18 @@ def _launch(
     batch, height, width, c_main = x.shape
     c_up, c_out, n_cls, low_h, low_w, up_h, up_w, pad_top, pad_left, scale_h, scale_w = sizes
     m = batch * ((height + 1) // 2) * ((width + 1) // 2) * 4
-    candidates = candidate_configs(m, c_out, c_main, c_up, packed_k, head_w is not None, x.element_size())
+    problem = ConvProblem(
+        m=m,
+        c_out=c_out,
+        c_main=c_main,
+        c_up=c_up,
+        element_size=x.element_size(),
+        packed_k=packed_k,
+        head=head_w is not None,
+        d2s=d2s,
+        bilinear=up_mode in (UP_BILINEAR, UP_BILINEAR_AC),
+    )
+    candidates = candidate_configs(problem)
     interpreter, precision = dot_flags(x.dtype, torch.backends.cudnn.allow_tf32)
     up_t = up if up is not None else x
     pool_t = pooled if pooled is not None else y
@@ -595,6 +655,7 @@ __all__ = [
     "conv_transpose2x2_nhwc",
     "pack_conv_transpose_weight",
     "pack_conv_weight",
+    "ConvProblem",
     "candidate_configs",
     "pick_config",
 ]
