@@ -371,6 +371,7 @@ def candidate_configs(problem: ConvProblem) -> list[dict]:
     configs = [base]
     widest = max(16, next_pow2(problem.c_out))
     widths = (base["BLOCK_N"],) if problem.head else tuple(n for n in (64, 128, 256) if n <= widest)
+    widths = widths or (base["BLOCK_N"],)
     # Half-depth K blocks only for the bilinear loader, whose four staged corner tiles crowd shared memory.
     halve = problem.bilinear and base["BLOCK_K"] >= 32
     depths = (base["BLOCK_K"], base["BLOCK_K"] // 2) if halve else (base["BLOCK_K"],)
