@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 from collections.abc import Iterator
 
@@ -122,6 +123,22 @@ def device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
     if t.device.type == "cuda":
         return torch.cuda.device(t.device)
     return contextlib.nullcontext()
+
+
+# SMs of the GPU the tile heuristics model where no GPU is involved (interpreter, dry-run traces): an H100 SXM.
+MODELED_SM_COUNT = 132
+
+
+@functools.cache
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(t: torch.Tensor) -> int:
+    """Streaming multiprocessors of the tensor's GPU (queried once per device, at the first launch on it)."""
+    if t.device.type == "cuda":
+        return _cuda_sm_count(t.device.index if t.device.index is not None else torch.cuda.current_device())
+    return MODELED_SM_COUNT
 
 
 _autotune_depth = 1 if os.environ.get("FASTUNET_AUTOTUNE", "0") == "1" else 0

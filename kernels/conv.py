@@ -38,6 +38,7 @@ from fastunet.kernels._common import (
     mma,
     next_pow2,
     record_launch,
+    sm_count,
     to_storage,
 )
 
@@ -312,6 +313,7 @@ class ConvProblem:
     head: bool = False
     d2s: bool = False
     bilinear: bool = False
+    sm_count: int = 132
 
 
 def _fits(problem: ConvProblem, config: dict) -> bool:
@@ -354,6 +356,9 @@ def pick_config(problem: ConvProblem) -> dict:
         k_extent = min(problem.c_main, problem.c_up) if problem.c_up else problem.c_main
     block_k = min(128 // problem.element_size, max(16, next_pow2(k_extent)))
     block_m = min(128, max(16, next_pow2(problem.m)))
+    # Fewer tiles than SMs (deep layers at batch 1) leaves SMs idle: halve the pixel tile while that helps.
+    while block_m > 64 and triton.cdiv(problem.m, block_m) * triton.cdiv(problem.c_out, block_n) < problem.sm_count:
+        block_m //= 2
     config = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": 4, "num_stages": 3}
     if not _fits(problem, config):
         config["num_warps"] = 8
@@ -429,6 +434,7 @@ def _launch(
         head=head_w is not None,
         d2s=d2s,
         bilinear=up_mode in (UP_BILINEAR, UP_BILINEAR_AC),
+        sm_count=sm_count(x),
     )
     candidates = candidate_configs(problem)
     interpreter, precision = dot_flags(x.dtype, torch.backends.cudnn.allow_tf32)

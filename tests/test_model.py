@@ -260,3 +260,22 @@ def test_trace_counts_reference_config():
     assert len(records) == 18
     assert sum(r.flops for r in records) == expected
     assert round(expected / 1e9, 1) == 445.5
+
+
+def test_trace_bytes_written_reference_config():
+    """fp16 bytes written by the fused forward, counted map by map: every encoder conv output, the pooled maps,
+    every decoder conv output but the last, which writes only the logits."""
+    records = fastunet.trace(
+        UNet(3, 2, 64, 4, upsample="bilinear", device="meta"),
+        torch.empty(1, 3, 512, 512, dtype=torch.float16, device="meta"),
+    )
+    expected = 0
+    for level in range(5):
+        map_bytes = (512 >> level) ** 2 * (64 << level) * 2
+        expected += 2 * map_bytes  # encoder conv1 and conv2 (the skip)
+        if level < 4:
+            expected += map_bytes // 4  # pooled
+            expected += map_bytes if level == 0 else 2 * map_bytes  # decoder conv1 (+ conv2 above level 0)
+    expected += 512 * 512 * 2 * 2  # logits
+    assert [r.bytes_written for r in records][-1] == 512 * 512 * 2 * 2
+    assert sum(r.bytes_written for r in records) == expected
