@@ -424,6 +424,9 @@ def _launch(
     batch, height, width, c_main = x.shape
     c_up, c_out, n_cls, low_h, low_w, up_h, up_w, pad_top, pad_left, scale_h, scale_w = sizes
     m = batch * ((height + 1) // 2) * ((width + 1) // 2) * 4
+    if m + 128 >= 2**31:
+        # Pixel indices are int32 inside the kernel (addresses are int64): refuse rather than wrap.
+        raise ValueError(f"at most 2**31 - 129 output pixels per launch (padded to even H and W), got {m}")
     problem = ConvProblem(
         m=m,
         c_out=c_out,

@@ -305,6 +305,14 @@ def test_bad_input_errors(device):
                     up=torch.randn(1, 3, 3, 3, device=device), up_mode="nearest")  # fmt: skip
 
 
+def test_pixel_count_beyond_int32_is_refused():
+    """Pixel indices are int32 in the kernel: a launch with 2**31 pixels is refused, not wrapped (meta tensors:
+    nothing is allocated)."""
+    x = torch.empty(2**15, 256, 256, 4, device="meta")
+    with _common.dry_run(), pytest.raises(ValueError, match="at most 2\\*\\*31"):
+        conv2d_nhwc(x, torch.empty(36, 16, device="meta"))
+
+
 def test_cpu_tensor_never_reaches_a_compiled_kernel(monkeypatch):
     monkeypatch.setattr(_common, "INTERPRET", False)
     with pytest.raises(RuntimeError, match="need a CUDA tensor"):
