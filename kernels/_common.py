@@ -212,6 +212,12 @@ def mma(a, b, acc, INTERPRETER: tl.constexpr, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
+def pixel_offset(img, y, x, stride_n, stride_h, stride_w):
+    """Element offset of pixel (img, y, x), in int64: a 16 x 64-channel x 1024^2 map is 2^30 elements already."""
+    return img.to(tl.int64) * stride_n + y.to(tl.int64) * stride_h + x.to(tl.int64) * stride_w
+
+
+@triton.jit
 def to_storage(x, dtype: tl.constexpr, INTERPRETER: tl.constexpr):
     """Round an fp32 tensor to the storage ``dtype``, to nearest even as the GPU does.
 

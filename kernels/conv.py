@@ -37,6 +37,7 @@ from fastunet.kernels._common import (
     is_dry_run,
     mma,
     next_pow2,
+    pixel_offset,
     record_launch,
     sm_count,
     to_storage,
@@ -125,7 +126,6 @@ def _conv_nhwc_kernel(
     oy = 2 * win_y + quad // 2
     ox = 2 * win_x + quad % 2
     m_valid = (img < batch) & (oy < height) & (ox < width)
-    img64 = img.to(tl.int64)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < c_out
@@ -145,9 +145,7 @@ def _conv_nhwc_kernel(
             ok = m_valid[:, None] & k_mask[None, :] & (iy >= 0) & (iy < height) & (ix >= 0) & (ix < width)
             a_ptrs = (
                 x_ptr
-                + img64[:, None] * stride_xn
-                + iy.to(tl.int64) * stride_xh
-                + ix.to(tl.int64) * stride_xw
+                + pixel_offset(img[:, None], iy, ix, stride_xn, stride_xh, stride_xw)
                 + ch.to(tl.int64)[None, :] * stride_xc
             )
             a = tl.load(a_ptrs, mask=ok, other=0.0)
@@ -165,7 +163,7 @@ def _conv_nhwc_kernel(
             iy = oy + (tap // KSIZE - pad)
             ix = ox + (tap % KSIZE - pad)
             inside = m_valid & (iy >= 0) & (iy < height) & (ix >= 0) & (ix < width)
-            row = img64 * stride_xn + iy.to(tl.int64) * stride_xh + ix.to(tl.int64) * stride_xw
+            row = pixel_offset(img, iy, ix, stride_xn, stride_xh, stride_xw)
             k_mask = ck < c_main
             a = tl.load(
                 x_ptr + row[:, None] + ck.to(tl.int64)[None, :] * stride_xc,
@@ -194,10 +192,10 @@ def _conv_nhwc_kernel(
                 ld_mask = u_inside[:, None] & k_mask[None, :]
                 col = ck.to(tl.int64)[None, :] * stride_uc
                 if UP_MODE == 1:
-                    u_row = img64 * stride_un + uy.to(tl.int64) * stride_uh + ux.to(tl.int64) * stride_uw
+                    u_row = pixel_offset(img, uy, ux, stride_un, stride_uh, stride_uw)
                     a = tl.load(up_ptr + u_row[:, None] + col, mask=ld_mask, other=0.0)
                 elif UP_MODE == 2:
-                    u_row = img64 * stride_un + (uy // 2).to(tl.int64) * stride_uh + (ux // 2).to(tl.int64) * stride_uw
+                    u_row = pixel_offset(img, uy // 2, ux // 2, stride_un, stride_uh, stride_uw)
                     a = tl.load(up_ptr + u_row[:, None] + col, mask=ld_mask, other=0.0)
                 else:
                     if UP_MODE == 3:
@@ -212,15 +210,14 @@ def _conv_nhwc_kernel(
                     x1 = tl.minimum(x0 + 1, low_w - 1)
                     ly = (src_y - y0.to(tl.float32))[:, None]
                     lx = (src_x - x0.to(tl.float32))[:, None]
-                    base = img64 * stride_un
-                    row0 = base + y0.to(tl.int64) * stride_uh
-                    row1 = base + y1.to(tl.int64) * stride_uh
-                    col0 = x0.to(tl.int64) * stride_uw
-                    col1 = x1.to(tl.int64) * stride_uw
-                    v00 = tl.load(up_ptr + (row0 + col0)[:, None] + col, mask=ld_mask, other=0.0).to(tl.float32)
-                    v01 = tl.load(up_ptr + (row0 + col1)[:, None] + col, mask=ld_mask, other=0.0).to(tl.float32)
-                    v10 = tl.load(up_ptr + (row1 + col0)[:, None] + col, mask=ld_mask, other=0.0).to(tl.float32)
-                    v11 = tl.load(up_ptr + (row1 + col1)[:, None] + col, mask=ld_mask, other=0.0).to(tl.float32)
+                    p00 = pixel_offset(img, y0, x0, stride_un, stride_uh, stride_uw)
+                    p01 = pixel_offset(img, y0, x1, stride_un, stride_uh, stride_uw)
+                    p10 = pixel_offset(img, y1, x0, stride_un, stride_uh, stride_uw)
+                    p11 = pixel_offset(img, y1, x1, stride_un, stride_uh, stride_uw)
+                    v00 = tl.load(up_ptr + p00[:, None] + col, mask=ld_mask, other=0.0).to(tl.float32)
+                    v01 = tl.load(up_ptr + p01[:, None] + col, mask=ld_mask, other=0.0).to(tl.float32)
+                    v10 = tl.load(up_ptr + p10[:, None] + col, mask=ld_mask, other=0.0).to(tl.float32)
+                    v11 = tl.load(up_ptr + p11[:, None] + col, mask=ld_mask, other=0.0).to(tl.float32)
                     top = (1.0 - lx) * v00 + lx * v01
                     bottom = (1.0 - lx) * v10 + lx * v11
                     # Rounded to the storage dtype, as the materialized upsampled map would be.
@@ -249,7 +246,7 @@ def _conv_nhwc_kernel(
         logits += tl.load(head_b_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
         y_ptrs = (
             y_ptr
-            + (img64 * stride_yn + oy.to(tl.int64) * stride_yh + ox.to(tl.int64) * stride_yw)[:, None]
+            + pixel_offset(img, oy, ox, stride_yn, stride_yh, stride_yw)[:, None]
             + offs_c.to(tl.int64)[None, :] * stride_yc
         )
         tl.store(
@@ -264,16 +261,14 @@ def _conv_nhwc_kernel(
         xx = 2 * ox[:, None] + (sub % 2)[None, :]
         y_ptrs = (
             y_ptr
-            + img64[:, None] * stride_yn
-            + yy.to(tl.int64) * stride_yh
-            + xx.to(tl.int64) * stride_yw
+            + pixel_offset(img[:, None], yy, xx, stride_yn, stride_yh, stride_yw)
             + ch.to(tl.int64)[None, :] * stride_yc
         )
         tl.store(y_ptrs, out, mask=m_valid[:, None] & n_mask[None, :])
     else:
         y_ptrs = (
             y_ptr
-            + (img64 * stride_yn + oy.to(tl.int64) * stride_yh + ox.to(tl.int64) * stride_yw)[:, None]
+            + pixel_offset(img, oy, ox, stride_yn, stride_yh, stride_yw)[:, None]
             + offs_n.to(tl.int64)[None, :] * stride_yc
         )
         tl.store(y_ptrs, out, mask=m_valid[:, None] & n_mask[None, :])
@@ -291,7 +286,7 @@ def _conv_nhwc_kernel(
         p_valid = (p_img < batch) & (pw_y < height // 2) & (pw_x < width // 2)
         p_ptrs = (
             pool_ptr
-            + (p_img.to(tl.int64) * stride_pn + pw_y.to(tl.int64) * stride_ph + pw_x.to(tl.int64) * stride_pw)[:, None]
+            + pixel_offset(p_img, pw_y, pw_x, stride_pn, stride_ph, stride_pw)[:, None]
             + offs_n.to(tl.int64)[None, :] * stride_pc
         )
         tl.store(p_ptrs, pooled, mask=p_valid[:, None] & n_mask[None, :])
