@@ -303,7 +303,7 @@ def _run_report(rest: Sequence[str]) -> int:
     except ImportError as error:
         print(f"report: the compile report is not available in this installation ({error})", file=sys.stderr)
         return 2
-    return int(compile_report.main(list(rest)) or 0)
+    return int(compile_report.main(list(rest), prog="fastunet report") or 0)
 
 
 _PASSTHROUGH = {"bench": _run_bench, "report": _run_report}
