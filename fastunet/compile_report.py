@@ -278,7 +278,12 @@ def _ptxas_warnings(ptx: str, arch: int) -> tuple[str, ...]:
 
     Triton runs ptxas with ``-v`` too but keeps the log to itself, so the PTX is assembled once more here.
     """
-    ptxas = _nvidia_tool("ptxas-blackwell" if arch >= 100 else "ptxas")
+    try:  # the assembler Triton itself uses for this target (triton >= 3.9 uses its newer one from sm_90 on)
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        ptxas = get_ptxas(arch).path
+    except (ImportError, AttributeError):
+        ptxas = _nvidia_tool("ptxas-blackwell" if arch >= 100 else "ptxas")
     suffix = "a" if arch >= 90 else ""
     with tempfile.TemporaryDirectory() as work:
         source = os.path.join(work, "kernel.ptx")
