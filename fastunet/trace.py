@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from fastunet.kernels._common import LaunchRecord, dry_run, launch_log
-from fastunet.ops import run_plan
+from fastunet.ops import build_plan, run_plan
 from fastunet.reference import UNet, check_input
 
 
@@ -18,14 +18,13 @@ def trace(model: UNet, x: torch.Tensor) -> list[LaunchRecord]:
 
     Each record has the kernel name, grid, FLOPs, bytes read (each input, weight and bias once) and bytes written.
     """
-    from fastunet.model import FastUNet
-
+    if not isinstance(model, UNet):
+        raise TypeError(f"expected a fastunet.UNet or FastUNet, got {type(model).__name__}")
     check_input(x, model.in_channels, model.depth)
-    fast = model if isinstance(model, FastUNet) else FastUNet.from_reference(model)
-    plan = fast._build_plan(x.dtype, torch.device("meta"))
+    plan = build_plan(model, x.dtype, torch.device("meta"))
     meta_x = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta")
     with dry_run(), launch_log() as records:
-        run_plan(plan, meta_x, fast.upsample, fast.align_corners)
+        run_plan(plan, meta_x, model.upsample, model.align_corners)
     return list(records)
 
 

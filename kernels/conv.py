@@ -47,7 +47,7 @@ UP_NONE, UP_DIRECT, UP_NEAREST, UP_BILINEAR, UP_BILINEAR_AC = 0, 1, 2, 3, 4
 _UP_MODES = {"direct": UP_DIRECT, "nearest": UP_NEAREST, "bilinear": UP_BILINEAR}
 
 # The fused head keeps every output channel of one pixel in a single tile.
-MAX_HEAD_CHANNELS = 256
+MAX_HEAD_CHANNELS = 128
 
 
 @triton.jit
@@ -341,7 +341,7 @@ def pick_config(problem: ConvProblem) -> dict:
     BLOCK_N covers the output channels (all of them when the head is fused), BLOCK_K one 128-byte row of input
     channels per tap and source (or of the flattened taps on the small-K path), BLOCK_M the pixels; tiles shrink
     for tiny maps so that small launches do not run mostly masked lanes. tl.dot needs every dimension >= 16.
-    The warp count is the smallest that meets :func:`_fits`.
+    Warps, pipeline depth and, if need be, a narrower pixel tile are chosen to meet :func:`_fits`.
     """
     widest = max(16, next_pow2(problem.c_out))
     block_n = widest if problem.head else min(64 if problem.d2s else 128, widest)
@@ -354,12 +354,19 @@ def pick_config(problem: ConvProblem) -> dict:
     # Fewer tiles than SMs (deep layers at batch 1) leaves SMs idle: halve the pixel tile while that helps.
     while block_m > 64 and triton.cdiv(problem.m, block_m) * triton.cdiv(problem.c_out, block_n) < problem.sm_count:
         block_m //= 2
-    config = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": 4, "num_stages": 3}
-    if not _fits(problem, config):
-        config["num_warps"] = 8
-    if not _fits(problem, config):
-        config["num_stages"] = 2
-    return config
+    # Preference: the widest pixel tile, then fewer warps, then deeper pipelining, among tiles that meet _fits.
+    while True:
+        for num_warps, num_stages in ((4, 3), (4, 2), (8, 3), (8, 2)):
+            config = {
+                "BLOCK_M": block_m,
+                "BLOCK_N": block_n,
+                "BLOCK_K": block_k,
+                "num_warps": num_warps,
+                "num_stages": num_stages,
+            }
+            if _fits(problem, config) or block_m == 16 and num_warps == 8 and num_stages == 2:
+                return config
+        block_m //= 2
 
 
 def candidate_configs(problem: ConvProblem) -> list[dict]:
@@ -411,6 +418,17 @@ def _check_nhwc(t: torch.Tensor, what: str) -> None:
     if t.dim() != 4:
         raise ValueError(f"{what}: expected a 4-D (N, H, W, C) view, got shape {tuple(t.shape)}")
     check_runnable(t, what)
+
+
+def _check_no_overlap(out: torch.Tensor, inputs: list[torch.Tensor | None]) -> None:
+    """A caller-provided output must not share memory with what the launch reads (results would depend on the
+    order in which tiles run)."""
+    if out.device.type == "meta":  # dry run: nothing is read or written
+        return
+    storage = out.untyped_storage().data_ptr()
+    for t in inputs:
+        if t is not None and t.untyped_storage().data_ptr() == storage:
+            raise ValueError("out must not share memory with an input of the same launch")
 
 
 def _launch(
@@ -528,6 +546,8 @@ def conv2d_nhwc(
         (y, pooled): y in NHWC (or ``out``), pooled None unless ``pool``.
     """
     _check_nhwc(x, "conv2d_nhwc input")
+    if ksize % 2 != 1 or ksize < 1:
+        raise ValueError(f"ksize must be odd (same padding of ksize // 2), got {ksize}")
     batch, height, width, c_main = x.shape
     c_up = 0
     low_h = low_w = up_h = up_w = pad_top = pad_left = 0
@@ -577,6 +597,8 @@ def conv2d_nhwc(
         if c_out > MAX_HEAD_CHANNELS:
             raise ValueError(f"fused head needs C_out <= {MAX_HEAD_CHANNELS}, got {c_out}")
         n_cls = head_weight.shape[1]
+        if head_bias.shape != (n_cls,):
+            raise ValueError(f"head bias: expected shape ({n_cls},), got {tuple(head_bias.shape)}")
         head_weight, head_bias = head_weight.contiguous(), head_bias.contiguous()
     y_channels = n_cls if head_weight is not None else c_out
     if out is None:
@@ -586,6 +608,8 @@ def conv2d_nhwc(
             f"out: expected shape {(batch, height, width, y_channels)} {x.dtype} on {x.device}, "
             f"got {tuple(out.shape)} {out.dtype} on {out.device}"
         )
+    else:
+        _check_no_overlap(out, [x, up, w_packed, bias, head_weight, head_bias])
     pooled = alloc((batch, height // 2, width // 2, c_out), x.dtype, x.device) if pool else None
     packed_k = up is None and ksize > 1 and c_main < 16
     flops = 2 * batch * height * width * c_out * ksize * ksize * c_in + 2 * batch * height * width * c_out * n_cls
@@ -631,6 +655,13 @@ def conv_transpose2x2_nhwc(x: torch.Tensor, w_packed: torch.Tensor, bias4: torch
     if w_packed.dtype != x.dtype or w_packed.device != x.device:
         raise ValueError(f"weight: expected {x.dtype} on {x.device}, got {w_packed.dtype} on {w_packed.device}")
     c_out4 = w_packed.shape[1]
+    if bias4 is not None:
+        if bias4.shape != (c_out4,) or bias4.dtype != x.dtype or bias4.device != x.device:
+            raise ValueError(
+                f"bias4: expected the bias repeated 4 times, shape ({c_out4},) {x.dtype} on {x.device}, "
+                f"got {tuple(bias4.shape)} {bias4.dtype} on {bias4.device}"
+            )
+        bias4 = bias4.contiguous()
     y = alloc((batch, 2 * h, 2 * w, c_out4 // 4), x.dtype, x.device)
     _launch(
         x,

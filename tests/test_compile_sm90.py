@@ -180,3 +180,25 @@ def test_traced_arguments_specialize_like_jit(upsample, batch):
         if not _matches(specialize(arg), jit(arg))
     ]
     assert not mismatches
+
+
+@pytest.mark.parametrize("base_channels, fused", [(128, True), (256, False)], ids=["fused-head-128", "head-256"])
+def test_sm90_build_wide_head(tmp_path, base_channels, fused):
+    """The widest fused head (128 channels: BLOCK_N 128 holds a pixel's channels) and, past it, the head as its
+    own 1x1 launch (at BLOCK_N 256 the fused head serialized the wgmma pipeline)."""
+    out = tmp_path / "report.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    command = [sys.executable, "-m", "fastunet.compile_report", "--arch", "90", "--dtype", "fp16", "--upsample"]
+    command += ["bilinear", "--batch", "2", "--size", "64", "--base-channels", str(base_channels), "--depth", "1"]
+    proc = subprocess.run(command + ["--json", str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode in (0, 1) and out.exists(), f"compile report failed:\n{proc.stdout}\n{proc.stderr}"
+    report = json.loads(out.read_text())
+    heads = [row for row in report["variants"] if row["constexprs"]["HEAD"]]
+    standalone = [row for row in report["variants"] if row["constexprs"]["KSIZE"] == 1]
+    if fused:
+        assert heads and not standalone and all(row["constexprs"]["BLOCK_N"] == base_channels for row in heads)
+    else:
+        assert standalone and not heads
+    found = spill_problems(report) + tensor_core_problems(report, "fp16") + shared_memory_problems(report)
+    found += ptxas_problems(report)
+    assert not found, "\n".join(found)

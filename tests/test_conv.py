@@ -17,7 +17,7 @@ from fastunet.kernels.conv import (
     pack_conv_weight,
 )
 from fastunet.reference import center_pad
-from tolerances import assert_kernel_close, precision_key
+from tolerances import assert_error_ratio, assert_kernel_close, precision_key
 
 DTYPES = [
     pytest.param(torch.float32, id="fp32"),
@@ -64,7 +64,11 @@ def test_conv3x3_bias_relu_matches_float64(device, dtype, batch, c_in, c_out, he
     weight, bias = rand_conv(c_out, c_in, 3, dtype, device)
     y, pooled = conv2d_nhwc(nhwc(x), pack_conv_weight(weight), bias)
     assert pooled is None
-    assert_kernel_close(nchw(y), ref_conv(x, weight, bias), 9 * c_in, precision_key(dtype, device))
+    reference = ref_conv(x, weight, bias)
+    assert_kernel_close(nchw(y), reference, 9 * c_in, precision_key(dtype, device))
+    if dtype != torch.float32:
+        same_dtype = F.conv2d(x.cpu(), weight.cpu(), bias.cpu(), padding=1).relu()
+        assert_error_ratio(nchw(y), same_dtype, reference)
 
 
 LAYOUTS = ["nchw", "nhwc", "offset-view"]
@@ -126,21 +130,45 @@ def test_pool_epilogue_single_row(device):
     assert_kernel_close(nchw(y), ref_conv(x, weight, bias), 9 * 16, precision_key(torch.float32, device))
 
 
-@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
-def test_special_values_follow_torch(device, value):
+SPECIAL_VALUES = [pytest.param(float("nan"), id="nan"), pytest.param(float("inf"), id="inf"),
+                  pytest.param(float("-inf"), id="-inf")]  # fmt: skip
+
+
+def assert_special_positions(out: torch.Tensor, expected: torch.Tensor) -> None:
+    out = out.cpu().double()
+    assert torch.equal(out.isnan(), expected.isnan())
+    assert torch.equal(out.isinf(), expected.isinf())
+    assert torch.equal(out[out.isinf()], expected[expected.isinf()])
+    assert expected.isnan().any() or expected.isinf().any()
+
+
+@pytest.mark.parametrize("value", SPECIAL_VALUES)
+@pytest.mark.parametrize("c_in", [4, 32], ids=["small-k", "main-loop"])
+def test_special_values_follow_torch(device, value, c_in):
     """NaN and +-inf through conv, ReLU and max-pool land where torch puts them."""
-    x = torch.randn(1, 4, 8, 9)
+    x = torch.randn(1, c_in, 8, 9)
     x[0, 1, 2, 3] = value
     x[0, 3, 6, 8] = value
-    weight, bias = rand_conv(16, 4, 3, torch.float32, "cpu")
+    weight, bias = rand_conv(16, c_in, 3, torch.float32, "cpu")
     y, pooled = conv2d_nhwc(nhwc(x.to(device)), pack_conv_weight(weight.to(device)), bias.to(device), pool=True)
     ref = ref_conv(x, weight, bias)
-    ref_pool = F.max_pool2d(ref, 2)
-    for out, expected in ((nchw(y).cpu().double(), ref), (nchw(pooled).cpu().double(), ref_pool)):
-        assert torch.equal(out.isnan(), expected.isnan())
-        assert torch.equal(out.isinf(), expected.isinf())
-        assert torch.equal(out[out.isinf()], expected[expected.isinf()])
-    assert ref.isnan().any() or ref.isinf().any()
+    assert_special_positions(nchw(y), ref)
+    assert_special_positions(nchw(pooled), F.max_pool2d(ref, 2))
+
+
+@pytest.mark.parametrize("value", SPECIAL_VALUES)
+@pytest.mark.parametrize("mode, align_corners", [("nearest", False), ("bilinear", False), ("bilinear", True)])
+def test_special_values_through_the_upsampling_loader(device, value, mode, align_corners):
+    skip = torch.randn(1, 16, 9, 8)
+    low = torch.randn(1, 16, 4, 4)
+    low[0, 2, 1, 2] = value
+    weight, bias = rand_conv(16, 32, 3, torch.float32, "cpu")
+    y, _ = conv2d_nhwc(
+        nhwc(skip.to(device)), pack_conv_weight(weight.to(device)), bias.to(device), up=nhwc(low.to(device)),
+        up_mode=mode, align_corners=align_corners,
+    )  # fmt: skip
+    up = center_pad(upsample_ref(low, mode, align_corners), 9, 8)
+    assert_special_positions(nchw(y), ref_conv(torch.cat([skip.double(), up], dim=1), weight, bias))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -272,18 +300,28 @@ def test_fused_head(device, dtype, channels_last, c_in, c_mid, n_cls):
 # ---------------------------------------------------------------------------------------------------------------
 # Offsets past 2**31, bad input
 # ---------------------------------------------------------------------------------------------------------------
-def test_int64_offsets(device):
-    """Image 1 of this view starts 2**31 + 64 elements into its storage: int32 offsets would wrap."""
-    c_in, c_out, height, width = 4, 16, 3, 4
-    image_stride = 2**31 + 64
-    storage = torch.empty(image_stride + height * width * c_in, dtype=torch.float16, device=device)
-    x = storage.as_strided((2, height, width, c_in), (image_stride, width * c_in, c_in, 1))
-    images = torch.randn(2, height, width, c_in).to(device, torch.float16)
+@pytest.mark.parametrize("axis", ["image", "row"])
+def test_int64_offsets(device, axis):
+    """Strides that fit in int32 but whose products with the index pass 2**31: the image (or row) index times its
+    stride must be computed in int64, for the loads and for the stores. Storage is allocated lazily: only the
+    touched pages are real."""
+    c_in, c_out = 4, 16
+    big = 2**30 + 64
+    if axis == "image":
+        shape, strides = (3, 3, 4, c_in), (big, 4 * c_in, c_in, 1)
+        out_shape, out_strides = (3, 3, 4, c_out), (big, 4 * c_out, c_out, 1)
+    else:
+        shape, strides = (1, 3, 4, c_in), (3 * big, big, c_in, 1)
+        out_shape, out_strides = (1, 3, 4, c_out), (3 * big, big, c_out, 1)
+    x = torch.empty(3 * big, dtype=torch.float16, device=device).as_strided(shape, strides)
+    out = torch.empty(3 * big, dtype=torch.float16, device=device).as_strided(out_shape, out_strides)
+    images = torch.randn(shape).to(device, torch.float16)
     x.copy_(images)
+    out.fill_(float("nan"))
     weight, bias = rand_conv(c_out, c_in, 3, torch.float16, device)
-    y, _ = conv2d_nhwc(x, pack_conv_weight(weight), bias)
+    conv2d_nhwc(x, pack_conv_weight(weight), bias, out=out)
     expected, _ = conv2d_nhwc(images, pack_conv_weight(weight), bias)
-    assert torch.equal(y, expected)
+    assert torch.equal(out, expected)
 
 
 def test_bad_input_errors(device):
@@ -303,6 +341,37 @@ def test_bad_input_errors(device):
     with pytest.raises(ValueError, match="larger than the skip map"):
         conv2d_nhwc(x, pack_conv_weight(rand_conv(8, 6, 3, torch.float32, device)[0]), bias,
                     up=torch.randn(1, 3, 3, 3, device=device), up_mode="nearest")  # fmt: skip
+
+
+def test_more_bad_launcher_input(device):
+    x = torch.randn(1, 4, 4, 8, device=device)
+    weight, bias = rand_conv(16, 8, 3, torch.float32, device)
+    w_packed = pack_conv_weight(weight)
+    with pytest.raises(ValueError, match="ksize must be odd"):
+        conv2d_nhwc(x, pack_conv_weight(torch.randn(16, 8, 2, 2, device=device)), bias, ksize=2)
+    head_w = torch.randn(16, 3, device=device)
+    with pytest.raises(ValueError, match=r"head bias: expected shape \(3,\)"):
+        conv2d_nhwc(x, w_packed, bias, head_weight=head_w, head_bias=torch.randn(1, device=device))
+    aliased = torch.randn(1, 4, 4, 16, device=device)
+    with pytest.raises(ValueError, match="must not share memory"):
+        conv2d_nhwc(aliased[..., :8], w_packed, bias, out=aliased)
+    t_weight = pack_conv_transpose_weight(torch.randn(8, 4, 2, 2, device=device))
+    with pytest.raises(ValueError, match="bias4: expected the bias repeated 4 times"):
+        conv_transpose2x2_nhwc(x, t_weight, torch.randn(4, device=device))
+    with pytest.raises(ValueError, match="bias4"):
+        conv_transpose2x2_nhwc(x, t_weight, torch.randn(16, device=device).half())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_conv1x1_without_activation(device, dtype):
+    """The standalone head of wide nets: a 1x1 conv, no ReLU, written into the caller's NCHW logits."""
+    x = torch.randn(2, 160, 5, 7).to(device, dtype)
+    weight, bias = rand_conv(3, 160, 1, dtype, device)
+    logits = torch.full((2, 3, 5, 7), float("nan"), device=device, dtype=dtype)
+    conv2d_nhwc(nhwc(x), pack_conv_weight(weight), bias, ksize=1, relu=False, out=nhwc(logits))
+    reference = F.conv2d(x.double().cpu(), weight.double().cpu(), bias.double().cpu())
+    assert (reference < 0).any()
+    assert_kernel_close(logits, reference, 160, precision_key(dtype, device))
 
 
 def test_pixel_count_beyond_int32_is_refused():

@@ -279,3 +279,111 @@ def test_trace_bytes_written_reference_config():
     expected += 512 * 512 * 2 * 2  # logits
     assert [r.bytes_written for r in records][-1] == 512 * 512 * 2 * 2
     assert sum(r.bytes_written for r in records) == expected
+
+
+# -- autograd and module state (gradients come from the reference recompute of what the forward used) ---------------
+def test_backward_recomputes_the_forward_eval_state(device):
+    fast, _ = small_pair(device, norm="batch")
+    reference = UNet(**SMALL, norm="batch").to(device).eval()
+    reference.load_state_dict(fast.state_dict())
+    x = torch.randn(2, 3, 8, 8, device=device)
+    grad = torch.randn(2, 2, 8, 8, device=device)
+    x_fast, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out = fast(x_fast)
+    stats = {k: v.clone() for k, v in fast.state_dict().items() if "running" in k}
+    fast.train()  # switched between forward and backward: the backward must still be the eval-mode one
+    out.backward(grad)
+    assert fast.training
+    for key, value in stats.items():
+        assert torch.equal(fast.state_dict()[key], value), key
+    reference(x_ref).backward(grad)
+    torch.testing.assert_close(x_fast.grad, x_ref.grad)
+
+
+def test_double_backward_matches_reference(device):
+    """A gradient penalty: second derivatives through the input gradient reach the parameters."""
+    fast, _ = small_pair(device, norm="batch")
+    reference = UNet(**SMALL, norm="batch").to(device).eval()
+    reference.load_state_dict(fast.state_dict())
+    x = torch.randn(1, 3, 8, 8, device=device)
+    for model in (fast, reference):
+        x_in = x.clone().requires_grad_()
+        out = model(x_in)
+        (grad_x,) = torch.autograd.grad(out.square().sum(), x_in, create_graph=True)
+        (out.sum() + grad_x.square().sum()).backward()
+    assert fast.last_backend in ("triton", "triton-interpreter")
+    for (name, p), (_, q) in zip(fast.named_parameters(), reference.named_parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+
+
+def test_parameters_replaced_between_forward_and_backward_raise(device):
+    fast, _ = small_pair(device)
+    out = fast(torch.randn(1, 3, 8, 8, device=device))
+    fast.load_state_dict({k: v.clone() for k, v in fast.state_dict().items()}, assign=True)
+    with pytest.raises(RuntimeError, match="replaced between forward and backward"):
+        out.sum().backward()
+
+
+def test_from_reference_keeps_modes_independent():
+    reference = UNet(**SMALL, norm="batch")  # training mode, as modules start
+    fast = FastUNet.from_reference(reference)
+    assert fast.training
+    fast.eval()
+    assert reference.training and all(m.training for m in reference.modules())
+    reference.eval()
+    fast.train()
+    assert not any(m.training for m in reference.modules())
+
+
+def test_a_training_submodule_runs_the_reference(device):
+    fast, _ = small_pair(device, norm="batch")
+    fast.encoders[1].norm2.train()
+    fast(torch.randn(2, 3, 8, 8, device=device))
+    assert fast.last_backend == "reference" and "encoders.1.norm2" in fast.last_backend_reason
+
+
+def test_plan_follows_batchnorm_eps(device):
+    fast, _ = small_pair(device, norm="batch")
+    x = torch.randn(1, 3, 8, 8, device=device)
+    with torch.no_grad():
+        before = fast(x)
+        for module in fast.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.eps = 0.5
+        after = fast(x)
+        expected = UNet(**SMALL, norm="batch").double().eval()
+        expected.load_state_dict(fast.state_dict())
+        for module in expected.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.eps = 0.5
+        assert not torch.equal(before, after)
+        assert_network_close(after, expected(x.double().cpu()), precision_key(torch.float32, device))
+
+
+def test_unfused_head_path(device, monkeypatch):
+    """Past MAX_HEAD_CHANNELS the head is its own 1x1 launch (patched low here to run it on a small net)."""
+    monkeypatch.setattr(sys.modules["fastunet.ops"], "MAX_HEAD_CHANNELS", 2)
+    fast, reference64 = small_pair(device, upsample="bilinear")
+    x = torch.randn(2, 3, 9, 11, device=device)
+    with torch.no_grad(), launch_log() as records:
+        out = fast(x)
+    assert [r.name for r in records][-2:] == ["conv3x3", "conv1x1"]
+    assert_network_close(out, reference64(x.double().cpu()), precision_key(torch.float32, device))
+
+
+def test_dtype_rejections():
+    with pytest.raises(ValueError, match="float32, float16 or bfloat16 parameters"):
+        FastUNet(**SMALL, dtype=torch.float64)
+    fast = FastUNet(**SMALL).eval()
+    fast.head.half()
+    with pytest.raises(TypeError, match="all parameters in one dtype"):
+        fast(torch.randn(1, 3, 8, 8))
+
+
+def test_convert():
+    reference = UNet(**SMALL)
+    fast = fastunet.convert(reference)
+    assert isinstance(fast, FastUNet) and fast.head.weight is reference.head.weight
+    assert fastunet.convert(fast) is fast
+    with pytest.raises(TypeError, match="supports fastunet.UNet layouts; got torch.nn.modules.conv.Conv2d"):
+        fastunet.convert(torch.nn.Conv2d(3, 3, 3))

@@ -52,3 +52,16 @@ def assert_network_close(out: torch.Tensor, ref: torch.Tensor, key: str) -> None
     error = network_error(out.cpu(), ref.cpu())
     assert error.rel_l2 <= budget.rel_l2, f"{key}: relative L2 {error.rel_l2:.3e} > {budget.rel_l2:.0e}"
     assert error.max_norm <= budget.max_norm, f"{key}: max-normalized {error.max_norm:.3e} > {budget.max_norm:.0e}"
+
+
+def assert_error_ratio(
+    out: torch.Tensor, same_dtype_torch: torch.Tensor, ref: torch.Tensor, factor: float = 1.25
+) -> None:
+    """Our error against float64 is at most ``factor`` times what PyTorch in the same dtype gets (relative L2).
+
+    Both accumulate in fp32 and round once, so their errors match closely; a wrong rounding mode (truncation
+    instead of round-to-nearest-even doubles the error) or a lost accumulation precision does not pass.
+    """
+    ours = network_error(out.cpu(), ref.cpu()).rel_l2
+    theirs = network_error(same_dtype_torch.cpu(), ref.cpu()).rel_l2
+    assert ours <= factor * theirs + 1e-7, f"relative L2 {ours:.3e} vs PyTorch's {theirs:.3e} in the same dtype"
