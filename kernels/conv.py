@@ -423,11 +423,11 @@ def _check_nhwc(t: torch.Tensor, what: str) -> None:
 def _check_no_overlap(out: torch.Tensor, inputs: list[torch.Tensor | None]) -> None:
     """A caller-provided output must not share memory with what the launch reads (results would depend on the
     order in which tiles run)."""
-    if out.device.type == "meta":  # dry run: nothing is read or written
+    if out.device.type == "meta" or out.numel() == 0:  # dry run, or nothing written
         return
     storage = out.untyped_storage().data_ptr()
     for t in inputs:
-        if t is not None and t.untyped_storage().data_ptr() == storage:
+        if t is not None and t.numel() and t.untyped_storage().data_ptr() == storage:
             raise ValueError("out must not share memory with an input of the same launch")
 
 
