@@ -226,6 +226,23 @@ def collect_variants(traces: Iterable[tuple[str, Sequence[LaunchRecord]]]) -> li
     return [Variant(**{**entry, "configs": tuple(entry["configs"])}) for entry in found.values()]
 
 
+TILE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
+
+
+def with_candidates(records: Sequence[LaunchRecord]) -> list[LaunchRecord]:
+    """Each launch once per autotuning candidate config (the chosen one included): what tuning may compile."""
+    expanded = []
+    for record in records:
+        for candidate in record.candidates or (None,):
+            if candidate is None:
+                expanded.append(record)
+                continue
+            constexprs = {**record.constexprs, **{key: candidate[key] for key in TILE_KEYS}}
+            options = {key: candidate[key] for key in ("num_warps", "num_stages")}
+            expanded.append(dataclasses.replace(record, constexprs=constexprs, launch_options=options))
+    return expanded
+
+
 def trace_config(
     upsample: str, dtype: torch.dtype, batch: int, size: int = REFERENCE_SIZE, **model_kwargs: int
 ) -> list[LaunchRecord]:
@@ -376,13 +393,16 @@ def report(
     size: int = REFERENCE_SIZE,
     arch: int = 90,
     fresh_cache: bool = True,
+    candidates: bool = False,
     **model_kwargs: int,
 ) -> list[VariantReport]:
-    """Compile every distinct variant that the given configurations launch; one row per variant."""
+    """Compile every distinct variant that the given configurations launch (``candidates``: every variant the
+    autotuner may launch); one row per variant."""
     if INTERPRET:
         raise RuntimeError("the compile report needs real Triton compilation: run it with TRITON_INTERPRET unset")
+    expand = with_candidates if candidates else list
     traces = [
-        (f"{upsample}/{dtype}/b{batch}", trace_config(upsample, DTYPES[dtype], batch, size, **model_kwargs))
+        (f"{upsample}/{dtype}/b{batch}", expand(trace_config(upsample, DTYPES[dtype], batch, size, **model_kwargs)))
         for dtype in dtypes
         for upsample in upsamples
         for batch in batches
@@ -468,6 +488,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m fastunet.comp
     parser.add_argument("--depth", type=int, default=REFERENCE_MODEL["depth"])
     parser.add_argument("--arch", type=int, default=90, help="compute capability as an integer (90: sm_90)")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    parser.add_argument(
+        "--candidates", action="store_true", help="every autotuning candidate, not only the configs launched"
+    )
     args = parser.parse_args(argv)
     if INTERPRET:
         print(f"{prog}: needs real Triton compilation; run it with TRITON_INTERPRET unset", file=sys.stderr)
@@ -484,6 +507,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m fastunet.comp
         num_classes=args.num_classes,
         base_channels=args.base_channels,
         depth=args.depth,
+        candidates=args.candidates,
     )
     wall_s = time.perf_counter() - start
     print(format_table(rows))

@@ -40,6 +40,7 @@ class LaunchRecord:
     args: tuple
     constexprs: dict
     launch_options: dict
+    candidates: tuple = ()  # the autotuning candidates (tile constexprs + launch options), chosen one included
 
 
 _launch_logs: list[list[LaunchRecord]] = []
@@ -179,7 +180,14 @@ def choose_config(key: tuple, candidates: list[dict], run, timer=None) -> dict:
         def timer(fn):
             return triton.testing.do_bench(fn, warmup=5, rep=20)
 
-    times = [timer(lambda config=config: run(config)) for config in candidates]
+    times = []
+    for config in candidates:
+        try:
+            times.append(timer(lambda config=config: run(config)))
+        except triton.runtime.errors.OutOfResources:  # e.g. more shared memory than this GPU has: not a candidate
+            times.append(float("inf"))
+    if all(t == float("inf") for t in times):
+        raise RuntimeError(f"no candidate config could be launched for {key}")
     best = candidates[min(range(len(candidates)), key=times.__getitem__)]
     _tuned[key] = best
     return best

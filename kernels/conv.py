@@ -505,6 +505,7 @@ def _launch(
             args=args,
             constexprs={**flags, **{key: cfg[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}},
             launch_options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]},
+            candidates=tuple(candidates),
         )
     )
     if not is_dry_run():

@@ -85,3 +85,18 @@ def test_tuning_is_off_by_default_and_cached(fresh_tuning_cache):
         best = _common.choose_config(("k",), candidates, run, timer=lambda fn: fn() or next(times))
         assert best == {"id": 1} and len(calls) == 3
         assert _common.choose_config(("k",), candidates, run, timer=lambda fn: 1 / 0) == {"id": 1}
+
+
+def test_tuner_skips_candidates_that_cannot_launch(fresh_tuning_cache):
+    """A candidate asking for more shared memory than the GPU has is dropped, not fatal."""
+    from triton.runtime.errors import OutOfResources
+
+    def run(config):
+        if config["id"] != 1:
+            raise OutOfResources(300_000, 232_448, "shared memory")
+
+    candidates = [{"id": 0}, {"id": 1}]
+    with _common.autotuning():
+        assert _common.choose_config(("oor",), candidates, run, timer=lambda fn: fn() or 1.0) == {"id": 1}
+        with pytest.raises(RuntimeError, match="no candidate config could be launched"):
+            _common.choose_config(("oor2",), [{"id": 0}, {"id": 2}], run, timer=lambda fn: fn() or 1.0)
