@@ -319,7 +319,8 @@ def _fits(problem: ConvProblem, config: dict) -> bool:
       tiles, spills; the small-K loader of the first conv sits at 255 with 32.
     * fp32 accumulator <= 64 registers a thread.
     * Pipeline buffers within ~200 KB of shared memory; the bilinear loader stages its four corner gathers.
-    * The depth-to-space store serializes the wgmma pipeline at BLOCK_N 128 (ptxas warning): BLOCK_N <= 64 there.
+    * The depth-to-space store serializes the wgmma pipeline at BLOCK_N 128 (ptxas warning): BLOCK_N <= 64 there;
+      so does the fused head when two warpgroups share a 64-row tile: BLOCK_M >= 64 rows a warpgroup there.
     """
     threads = 32 * config["num_warps"]
     block_m, block_n, block_k = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
@@ -332,6 +333,7 @@ def _fits(problem: ConvProblem, config: dict) -> bool:
         and block_m * block_n <= 64 * threads
         and smem <= 200 * 1024
         and (not problem.d2s or block_n <= 64)
+        and (not problem.head or block_m >= 16 * config["num_warps"])
     )
 
 

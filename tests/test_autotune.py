@@ -62,7 +62,7 @@ def test_every_candidate_config_is_correct(device, fresh_tuning_cache, c_skip, c
     with pytest.MonkeyPatch.context() as patch, _common.autotuning(), launch_log() as records:
         patch.setattr("fastunet.kernels.conv.choose_config", choose_with_timer)
         conv2d_nhwc(skip.permute(0, 2, 3, 1), pack_conv_weight(weight), bias, pool=pool, out=out, **kwargs)
-    assert len(seen) >= 4, "expected several candidate configs"
+    assert len(seen) >= 2, "expected more than one candidate config"
     (record,) = records
     (winner,) = _common.tuned_configs().values()
     assert record.launch_options == {"num_warps": winner["num_warps"], "num_stages": winner["num_stages"]}

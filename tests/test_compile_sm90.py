@@ -202,3 +202,20 @@ def test_sm90_build_wide_head(tmp_path, base_channels, fused):
     found = spill_problems(report) + tensor_core_problems(report, "fp16") + shared_memory_problems(report)
     found += ptxas_problems(report)
     assert not found, "\n".join(found)
+
+
+@pytest.mark.slow
+def test_sm90_build_autotuning_candidates(tmp_path):
+    """Every config the autotuner may launch for the reference config (fp16) builds as cleanly as the chosen ones:
+    timing a spilling or serialized candidate would waste the tuning, one over the smem limit would not launch."""
+    out = tmp_path / "report.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    command = [sys.executable, "-m", "fastunet.compile_report", "--arch", "90", "--dtype", "fp16", "--candidates"]
+    command += ["--upsample", *UPSAMPLES, "--batch", *map(str, BATCHES), "--json", str(out)]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode in (0, 1) and out.exists(), f"compile report failed:\n{proc.stdout}\n{proc.stderr}"
+    report = json.loads(out.read_text())
+    assert len(report["variants"]) > 3 * len(UPSAMPLES) * len(BATCHES)
+    found = spill_problems(report) + tensor_core_problems(report, "fp16") + shared_memory_problems(report)
+    found += ptxas_problems(report)
+    assert not found, "\n".join(found)
