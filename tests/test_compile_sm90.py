@@ -36,16 +36,20 @@ def expected_launches(upsample: str) -> int:
     return 2 * (depth + 1) + 2 * depth + (depth if upsample == "transpose" else 0)
 
 
-def compile_report(dtype: str, out_dir) -> dict:
-    """Run the compile report for one dtype over every upsampling mode and both batch sizes; return its JSON."""
+def run_report(out_dir, *options: str, timeout: int = 840) -> dict:
+    """Run the compile report in a process without TRITON_INTERPRET; return its JSON."""
     out = out_dir / "report.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    command = [sys.executable, "-m", "fastunet.compile_report", "--arch", "90", "--dtype", dtype]
-    command += ["--upsample", *UPSAMPLES, "--batch", *map(str, BATCHES), "--json", str(out)]
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=840)
+    command = [sys.executable, "-m", "fastunet.compile_report", "--arch", "90", *options, "--json", str(out)]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
     # Exit status 1 means the report found a problem; the checks below say which.
     assert proc.returncode in (0, 1) and out.exists(), f"compile report failed:\n{proc.stdout}\n{proc.stderr}"
     return json.loads(out.read_text())
+
+
+def compile_report(dtype: str, out_dir) -> dict:
+    """The report for one dtype over every upsampling mode and both batch sizes."""
+    return run_report(out_dir, "--dtype", dtype, "--upsample", *UPSAMPLES, "--batch", *map(str, BATCHES))
 
 
 def _label(row: dict) -> str:
@@ -186,13 +190,10 @@ def test_traced_arguments_specialize_like_jit(upsample, batch):
 def test_sm90_build_wide_head(tmp_path, base_channels, fused):
     """The widest fused head (128 channels: BLOCK_N 128 holds a pixel's channels) and, past it, the head as its
     own 1x1 launch (at BLOCK_N 256 the fused head serialized the wgmma pipeline)."""
-    out = tmp_path / "report.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    command = [sys.executable, "-m", "fastunet.compile_report", "--arch", "90", "--dtype", "fp16", "--upsample"]
-    command += ["bilinear", "--batch", "2", "--size", "64", "--base-channels", str(base_channels), "--depth", "1"]
-    proc = subprocess.run(command + ["--json", str(out)], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode in (0, 1) and out.exists(), f"compile report failed:\n{proc.stdout}\n{proc.stderr}"
-    report = json.loads(out.read_text())
+    report = run_report(
+        tmp_path, "--dtype", "fp16", "--upsample", "bilinear", "--batch", "2", "--size", "64",
+        "--base-channels", str(base_channels), "--depth", "1",
+    )  # fmt: skip
     heads = [row for row in report["variants"] if row["constexprs"]["HEAD"]]
     standalone = [row for row in report["variants"] if row["constexprs"]["KSIZE"] == 1]
     if fused:
@@ -208,13 +209,8 @@ def test_sm90_build_wide_head(tmp_path, base_channels, fused):
 def test_sm90_build_autotuning_candidates(tmp_path):
     """Every config the autotuner may launch for the reference config (fp16) builds as cleanly as the chosen ones:
     timing a spilling or serialized candidate would waste the tuning, one over the smem limit would not launch."""
-    out = tmp_path / "report.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    command = [sys.executable, "-m", "fastunet.compile_report", "--arch", "90", "--dtype", "fp16", "--candidates"]
-    command += ["--upsample", *UPSAMPLES, "--batch", *map(str, BATCHES), "--json", str(out)]
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800)
-    assert proc.returncode in (0, 1) and out.exists(), f"compile report failed:\n{proc.stdout}\n{proc.stderr}"
-    report = json.loads(out.read_text())
+    options = ["--dtype", "fp16", "--candidates", "--upsample", *UPSAMPLES, "--batch", *map(str, BATCHES)]
+    report = run_report(tmp_path, *options, timeout=1800)
     assert len(report["variants"]) > 3 * len(UPSAMPLES) * len(BATCHES)
     found = spill_problems(report) + tensor_core_problems(report, "fp16") + shared_memory_problems(report)
     found += ptxas_problems(report)
