@@ -74,15 +74,29 @@ class FastUNet(UNet):
         """Drop the folded/packed parameters; the next forward rebuilds them."""
         self._plans.clear()
 
-    def _state_key(self) -> tuple:
-        tensors = (*self.parameters(), *self.buffers())
-        norms = tuple(m.eps for m in self.modules() if isinstance(m, nn.BatchNorm2d))
-        return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors) + norms
+    def _scan(self) -> tuple[list[str], list[torch.Tensor], tuple]:
+        """One walk over the modules per forward: the names of modules in training mode, the parameters, and the
+        key that says whether a cached plan is still valid (each parameter's and buffer's storage and version,
+        and every BatchNorm eps)."""
+        training, params, key = [], [], []
+        for name, module in self.named_modules():
+            if module.training:
+                training.append(name or "the model")
+            for param in module._parameters.values():
+                if param is not None:
+                    params.append(param)
+                    key.append((param.data_ptr(), param._version, param.dtype, param.device))
+            for buffer in module._buffers.values():
+                if buffer is not None:
+                    key.append((buffer.data_ptr(), buffer._version, buffer.dtype, buffer.device))
+            if isinstance(module, nn.BatchNorm2d):
+                key.append(module.eps)
+        return training, params, tuple(key)
 
-    def plan(self, dtype: torch.dtype, device: torch.device) -> Plan:
+    def plan(self, dtype: torch.dtype, device: torch.device, state: tuple | None = None) -> Plan:
         """The packed parameters for ``dtype`` on ``device``, rebuilt if any parameter, buffer or BatchNorm ``eps``
         changed since (one cached plan per dtype and device, so autocast and plain calls don't evict each other)."""
-        state = self._state_key()
+        state = self._scan()[2] if state is None else state
         cached = self._plans.get((dtype, device))
         if cached is None or cached[0] != state:
             cached = (state, ops.build_plan(self, dtype, device))
@@ -101,7 +115,7 @@ class FastUNet(UNet):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.in_channels, self.depth)
-        params = list(self.parameters())
+        training, params, state = self._scan()
         dtypes = {p.dtype for p in params}
         if len(dtypes) != 1:
             raise TypeError(f"FastUNet needs all parameters in one dtype, found {sorted(map(str, dtypes))}")
@@ -114,7 +128,6 @@ class FastUNet(UNet):
                 f"input dtype {x.dtype} does not match the parameters' dtype {param_dtype} "
                 "(convert one of them, or run under torch.autocast)"
             )
-        training = [name or "the model" for name, module in self.named_modules() if module.training]
         if training:
             reason = f"training mode ({training[0]}; no Triton backward kernels yet)"
             return self._reference_forward(x, reason, warn=False)
@@ -129,7 +142,8 @@ class FastUNet(UNet):
         compute_dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
         if compute_dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"expected float32, float16 or bfloat16 input, got {compute_dtype}")
-        logits = ops.unet_forward(self, self.plan(compute_dtype, x.device), x.to(compute_dtype))
+        plan = self.plan(compute_dtype, x.device, state)
+        logits = ops.unet_forward(self, plan, x.to(compute_dtype), params)
         self.last_backend = BACKEND_INTERPRETER if INTERPRET else BACKEND_TRITON
         self.last_backend_reason = "eval mode"
         return logits

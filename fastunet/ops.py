@@ -191,9 +191,8 @@ class _TritonForwardReferenceBackward(torch.autograd.Function):
         return (None, None, None, grad_x, *(next(grads) if t.requires_grad else None for t in state))
 
 
-def unet_forward(model: FastUNet, plan: Plan, x: torch.Tensor) -> torch.Tensor:
-    """Run the plan; attach reference gradients when autograd needs them."""
-    params = list(model.parameters())
+def unet_forward(model: FastUNet, plan: Plan, x: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
+    """Run the plan; attach reference gradients when autograd needs them (``params``: the model's parameters)."""
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
         named = list(model.named_parameters()) + list(model.named_buffers())
         names = tuple(name for name, _ in named)

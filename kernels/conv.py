@@ -20,6 +20,7 @@ accumulator tile. Rows that fall outside an odd-sized map are masked.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 
 import torch
@@ -337,6 +338,7 @@ def _fits(problem: ConvProblem, config: dict) -> bool:
     )
 
 
+@functools.lru_cache(maxsize=4096)
 def pick_config(problem: ConvProblem) -> dict:
     """The heuristic tile for one launch (the first autotuning candidate, and the only one by default).
 
@@ -371,10 +373,12 @@ def pick_config(problem: ConvProblem) -> dict:
         block_m //= 2
 
 
-def candidate_configs(problem: ConvProblem) -> list[dict]:
+@functools.lru_cache(maxsize=4096)
+def candidate_configs(problem: ConvProblem) -> tuple[dict, ...]:
     """Autotuning candidates: the heuristic first, then a small grid around it, pruned by :func:`_fits`.
 
-    No tile is wider than the problem, and the fused head keeps every channel in one tile.
+    No tile is wider than the problem, and the fused head keeps every channel in one tile. Cached per problem
+    (like :func:`pick_config`): the launch path only looks the tiles up. Callers must not mutate the configs.
     """
     base = pick_config(problem)
     configs = [base]
@@ -396,7 +400,7 @@ def candidate_configs(problem: ConvProblem) -> list[dict]:
         }
         if config not in configs and _fits(problem, config):
             configs.append(config)
-    return configs
+    return tuple(configs)
 
 
 # ---------------------------------------------------------------------------------------------------------------
