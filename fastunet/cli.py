@@ -244,23 +244,24 @@ def _run_trace(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 def _run_roofline(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from fastunet.roofline import (
-        H100,
+        DEFAULT_CEILINGS,
         config_roofline,
         eager_estimate,
-        format_ceilings,
-        format_launches,
+        format_roofline_report,
         format_summary,
+        roofline_report,
     )
 
     dtype, allow_tf32 = DTYPES[args.dtype], not args.ieee
-    net = config_roofline(_model_kwargs(args), _input_shape(args), dtype, allow_tf32=allow_tf32)
-    eager = None
-    if not args.no_eager:
-        eager = eager_estimate(_model_kwargs(args), _input_shape(args), dtype, allow_tf32=allow_tf32)
-    print(format_ceilings(H100, net.mode))
+    kwargs, shape = _model_kwargs(args), _input_shape(args)
     print(f"configuration: {_describe(args)}")
-    print(format_launches(net))
-    print(format_summary(net, eager))
+    print(format_roofline_report(roofline_report(kwargs, shape, dtype, allow_tf32=allow_tf32)))
+    for ceilings in DEFAULT_CEILINGS:
+        net = config_roofline(kwargs, shape, dtype, ceilings=ceilings, allow_tf32=allow_tf32)
+        eager = None
+        if not args.no_eager:
+            eager = eager_estimate(kwargs, shape, dtype, ceilings=ceilings, allow_tf32=allow_tf32)
+        print(f"{ceilings.name}: {format_summary(net, eager)}")
     return 0
 
 

@@ -50,14 +50,18 @@ REFERENCE_BATCHES = (16, 1)
 
 @dataclasses.dataclass(frozen=True)
 class SmLimits:
-    """Per-SM resources of one compute capability (CUDA programming guide, compute capabilities table)."""
+    """Per-SM resources of one compute capability (CUDA programming guide, compute capabilities table; allocation
+    granularities as in CUDA's occupancy calculator)."""
 
     max_shared_per_block: int  # dynamic shared memory a launch may opt into
     shared_per_sm: int
-    reserved_shared_per_block: int
+    reserved_shared_per_block: int  # shared memory the driver keeps for each resident CTA
     registers_per_sm: int
     max_warps_per_sm: int
     max_blocks_per_sm: int
+    register_unit: int = 256  # registers are allocated per warp in units of this many
+    register_partitions: int = 4  # the register file is split between the SM's 4 schedulers; a warp lives in one
+    shared_unit: int = 128  # shared memory is allocated per CTA in units of this many bytes
 
 
 SM_LIMITS = {
@@ -66,6 +70,64 @@ SM_LIMITS = {
     89: SmLimits(101376, 102400, 1024, 65536, 48, 24),
     90: SmLimits(232448, 233472, 1024, 65536, 64, 32),
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class Occupancy:
+    """Resident CTAs and warps per SM that a kernel's registers, shared memory and warps allow."""
+
+    blocks_per_sm: int
+    warps_per_sm: int
+    fraction: float  # warps_per_sm / the SM's warp limit
+    limited_by: str  # "registers", "shared memory", "warps", "blocks", or "launch fails" (too much shared memory)
+    by_registers: int
+    by_shared: int
+    by_warps: int
+    max_blocks: int
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def occupancy(arch: int, registers: int, num_warps: int, shared_bytes: int) -> Occupancy | None:
+    """Resident CTAs per SM from registers, shared memory, warps and the CTA limit of ``sm_<arch>``.
+
+    Registers as the chip allocates them: per warp, ``registers x 32`` rounded up to a 256-register unit, each warp
+    in one of the 4 register-file partitions (65536 / 4 registers each on sm_80 to sm_90). Shared memory per CTA:
+    the request plus the 1 KiB the driver reserves, rounded up to 128 B, out of 228 KiB per SM on sm_90 (a launch
+    may ask for at most 227 KiB). ``None`` for a target not in :data:`SM_LIMITS`.
+    """
+    limits = SM_LIMITS.get(arch)
+    if limits is None:
+        return None
+    registers_per_warp = -(-registers * 32 // limits.register_unit) * limits.register_unit
+    per_partition = limits.registers_per_sm // limits.register_partitions
+    warps_by_registers = (per_partition // registers_per_warp) * limits.register_partitions if registers else 10**9
+    by_registers = warps_by_registers // num_warps
+    shared = -(-(shared_bytes + limits.reserved_shared_per_block) // limits.shared_unit) * limits.shared_unit
+    by_shared = limits.shared_per_sm // shared
+    by_warps = limits.max_warps_per_sm // num_warps
+    candidates = {
+        "registers": by_registers,
+        "shared memory": by_shared,
+        "warps": by_warps,
+        "blocks": limits.max_blocks_per_sm,
+    }
+    blocks = min(candidates.values())
+    limited_by = min(candidates, key=candidates.get)
+    if shared_bytes > limits.max_shared_per_block:
+        blocks, limited_by = 0, "launch fails"
+    return Occupancy(
+        blocks_per_sm=blocks,
+        warps_per_sm=blocks * num_warps,
+        fraction=blocks * num_warps / limits.max_warps_per_sm,
+        limited_by=limited_by,
+        by_registers=by_registers,
+        by_shared=by_shared,
+        by_warps=by_warps,
+        max_blocks=limits.max_blocks_per_sm,
+    )
+
 
 _POINTER_TYPES = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int32: "*i32"}
 _DIVISIBILITY = 16
@@ -110,6 +172,7 @@ class VariantReport:
     shared_bytes: int  # dynamic shared memory the launch requests
     shared_limit_bytes: int | None  # the most a launch may request on this target (None: target not tabled)
     ctas_per_sm: int | None  # resident CTAs per SM allowed by registers, shared memory and warps
+    occupancy: Occupancy | None
     hgmma: int  # HGMMA instructions in the SASS
     hmma: int
     mma_opcodes: tuple[str, ...]
@@ -314,17 +377,9 @@ def _ptxas_warnings(ptx: str, arch: int) -> tuple[str, ...]:
 
 
 def ctas_per_sm(arch: int, registers: int, num_warps: int, shared_bytes: int) -> int | None:
-    """Resident CTAs per SM, from registers (allocated per warp in 256-register units), shared memory and warps."""
-    limits = SM_LIMITS.get(arch)
-    if limits is None:
-        return None
-    if shared_bytes > limits.max_shared_per_block:
-        return 0
-    registers_per_warp = -(-registers * 32 // 256) * 256
-    by_registers = limits.registers_per_sm // (registers_per_warp * num_warps)
-    by_shared = limits.shared_per_sm // (shared_bytes + limits.reserved_shared_per_block)
-    by_warps = limits.max_warps_per_sm // num_warps
-    return min(by_registers, by_shared, by_warps, limits.max_blocks_per_sm)
+    """Resident CTAs per SM (see :func:`occupancy`); None for a target not in :data:`SM_LIMITS`."""
+    found = occupancy(arch, registers, num_warps, shared_bytes)
+    return None if found is None else found.blocks_per_sm
 
 
 def compile_variant(variant: Variant, arch: int = 90) -> VariantReport:
@@ -360,6 +415,7 @@ def compile_variant(variant: Variant, arch: int = 90) -> VariantReport:
         shared_bytes=metadata.shared,
         shared_limit_bytes=limits.max_shared_per_block if limits else None,
         ctas_per_sm=ctas_per_sm(arch, registers, metadata.num_warps, metadata.shared),
+        occupancy=occupancy(arch, registers, metadata.num_warps, metadata.shared),
         hgmma=sum(op.startswith("HGMMA") for op in opcodes),
         hmma=sum(op.startswith("HMMA") for op in opcodes),
         mma_opcodes=tuple(sorted(set(opcodes))),
@@ -390,21 +446,31 @@ def report(
     dtypes: Sequence[str] = tuple(DTYPES),
     upsamples: Sequence[str] = UPSAMPLES,
     batches: Sequence[int] = REFERENCE_BATCHES,
-    size: int = REFERENCE_SIZE,
+    size: int | Sequence[int] = REFERENCE_SIZE,
     arch: int = 90,
     fresh_cache: bool = True,
     candidates: bool = False,
     **model_kwargs: int,
 ) -> list[VariantReport]:
     """Compile every distinct variant that the given configurations launch (``candidates``: every variant the
-    autotuner may launch); one row per variant."""
+    autotuner may launch); one row per variant. Configurations are labelled ``upsample/dtype/b<batch>``, with
+    ``/<size>`` before the batch when several sizes are given."""
     if INTERPRET:
         raise RuntimeError("the compile report needs real Triton compilation: run it with TRITON_INTERPRET unset")
     expand = with_candidates if candidates else list
+    sizes = [size] if isinstance(size, int) else list(size)
+
+    def label(upsample: str, dtype: str, size: int, batch: int) -> str:
+        return f"{upsample}/{dtype}/{size}/b{batch}" if len(sizes) > 1 else f"{upsample}/{dtype}/b{batch}"
+
     traces = [
-        (f"{upsample}/{dtype}/b{batch}", expand(trace_config(upsample, DTYPES[dtype], batch, size, **model_kwargs)))
+        (
+            label(upsample, dtype, size, batch),
+            expand(trace_config(upsample, DTYPES[dtype], batch, size, **model_kwargs)),
+        )
         for dtype in dtypes
         for upsample in upsamples
+        for size in sizes
         for batch in batches
     ]
     variants = collect_variants(traces)
