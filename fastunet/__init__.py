@@ -1,9 +1,18 @@
 """fastunet: a U-Net forward for PyTorch on fused Triton kernels, tested for parity with a reference U-Net."""
 
-from fastunet.convert import convert
+from fastunet.convert import ConversionError, ConvertedUNet, convert
 from fastunet.model import FastUNet, FastUNetFallbackWarning
 from fastunet.reference import UNet
 from fastunet.trace import summarize, trace
 
-__all__ = ["FastUNet", "FastUNetFallbackWarning", "UNet", "convert", "summarize", "trace"]
+__all__ = [
+    "ConversionError",
+    "ConvertedUNet",
+    "FastUNet",
+    "FastUNetFallbackWarning",
+    "UNet",
+    "convert",
+    "summarize",
+    "trace",
+]
 __version__ = "0.1.0"

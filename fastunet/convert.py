@@ -1,23 +1,351 @@
-"""``convert``: turn a supported U-Net module into a :class:`fastunet.FastUNet` over the same tensors."""
+"""``convert``: turn a supported U-Net module into a fused module over the same tensors.
+
+Supported layouts:
+
+* :class:`fastunet.UNet`: returns :meth:`FastUNet.from_reference`.
+* The ``inc`` / ``down1..downN`` / ``up1..upN`` / ``outc`` layout of the most used public PyTorch U-Net
+  (milesial/Pytorch-UNet): ``inc`` a double conv; ``down<i>.maxpool_conv`` = [MaxPool2d(2), double conv];
+  ``up<i>.up`` = ``nn.Upsample(scale_factor=2, mode="bilinear" or "nearest")`` or ``ConvTranspose2d(k=2, s=2)``,
+  ``up<i>.conv`` a double conv; ``outc.conv`` (or ``outc``) a 1x1 conv. A double conv is a module whose
+  ``double_conv`` (or itself, if a Sequential) is [Conv2d 3x3, BatchNorm2d?, ReLU, Conv2d 3x3, BatchNorm2d?,
+  ReLU]. ``up<i>`` upsamples the map below, zero-pads it (centered) to the skip's size and convolves
+  ``cat([skip, up])``. Widths are read from the weights.
+
+Anything else raises :class:`ConversionError` naming the first module that could not be mapped and why. No
+approximate conversion, no partial PyTorch fallback.
+"""
 
 from __future__ import annotations
 
+import copy
+import itertools
+
+import torch
+import torch.nn.functional as F
 from torch import nn
 
-from fastunet.model import FastUNet
-from fastunet.reference import UNet
+from fastunet.model import FastUNet, FusedForward
+from fastunet.ops import ConvSpec, Layout, UpSpec
+from fastunet.reference import UNet, center_pad
 
 
-def convert(module: nn.Module) -> FastUNet:
-    """A FastUNet computing what ``module`` computes, sharing its parameter and buffer tensors.
+class ConversionError(TypeError):
+    """A module that :func:`convert` cannot map onto the fused kernels (the message names it and says why)."""
 
-    Supported layouts: :class:`fastunet.UNet` (a FastUNet is returned as it is). Any other module raises a
-    ``TypeError`` naming what it is; no approximate conversion is attempted.
+
+def _pair(value) -> tuple:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+
+
+def _fail(path: str, module: nn.Module, why: str) -> ConversionError:
+    return ConversionError(f"convert: cannot map '{path}' ({type(module).__name__}): {why}")
+
+
+def _check_conv(path: str, conv: nn.Module, ksize: int) -> nn.Conv2d:
+    if type(conv) is not nn.Conv2d:
+        raise _fail(path, conv, f"expected an nn.Conv2d {ksize}x{ksize}")
+    padding = ksize // 2
+    problems = []
+    if _pair(conv.kernel_size) != (ksize, ksize):
+        problems.append(f"kernel {conv.kernel_size} (expected {ksize}x{ksize})")
+    if _pair(conv.stride) != (1, 1):
+        problems.append(f"stride {conv.stride} (expected 1)")
+    if conv.padding != "same" and _pair(conv.padding) != (padding, padding):
+        problems.append(f"padding {conv.padding} (expected {padding})")
+    if _pair(conv.dilation) != (1, 1):
+        problems.append(f"dilation {conv.dilation} (expected 1)")
+    if conv.groups != 1:
+        problems.append(f"groups={conv.groups} (grouped convolution is not fused)")
+    if conv.padding_mode != "zeros":
+        problems.append(f"padding_mode={conv.padding_mode!r} (expected 'zeros')")
+    if problems:
+        raise _fail(path, conv, "; ".join(problems))
+    return conv
+
+
+def _check_norm(path: str, norm: nn.Module, channels: int) -> nn.BatchNorm2d:
+    if type(norm) is not nn.BatchNorm2d:
+        raise _fail(path, norm, "only BatchNorm2d (folded into the conv in eval mode) is supported as a norm")
+    if not norm.track_running_stats or norm.running_mean is None:
+        raise _fail(path, norm, "BatchNorm2d without running statistics cannot be folded for eval-mode inference")
+    if norm.num_features != channels:
+        raise _fail(path, norm, f"normalizes {norm.num_features} channels, the conv before it has {channels}")
+    return norm
+
+
+def _read_double_conv(path: str, block: nn.Module) -> tuple[ConvSpec, ConvSpec]:
+    """[Conv2d 3x3, BatchNorm2d?, ReLU] twice, from ``block.double_conv`` or ``block`` itself."""
+    if isinstance(getattr(block, "double_conv", None), nn.Sequential):
+        seq, prefix = block.double_conv, f"{path}.double_conv"
+    elif isinstance(block, nn.Sequential):
+        seq, prefix = block, path
+    else:
+        raise _fail(path, block, "expected a double conv: a `double_conv` Sequential of conv3x3 [+ BatchNorm2d] + ReLU")
+    layers = list(seq.named_children())
+    specs: list[ConvSpec] = []
+    i = 0
+    while i < len(layers):
+        name, conv = layers[i]
+        if len(specs) == 2:
+            raise _fail(f"{prefix}.{name}", conv, "a double conv ends after its second ReLU")
+        conv = _check_conv(f"{prefix}.{name}", conv, 3)
+        i += 1
+        norm = None
+        if i < len(layers) and not isinstance(layers[i][1], nn.ReLU):
+            norm = _check_norm(f"{prefix}.{layers[i][0]}", layers[i][1], conv.out_channels)
+            i += 1
+        if i >= len(layers):
+            raise _fail(prefix, seq, f"conv '{name}' is not followed by a ReLU")
+        act_name, act = layers[i]
+        if type(act) is not nn.ReLU:
+            raise _fail(f"{prefix}.{act_name}", act, "only ReLU activations are fused")
+        i += 1
+        specs.append(ConvSpec(conv, norm))
+    if len(specs) != 2:
+        raise _fail(prefix, seq, f"expected two conv [+ norm] + ReLU groups, found {len(specs)}")
+    if specs[1].conv.in_channels != specs[0].conv.out_channels:
+        raise _fail(prefix, seq, "the second conv does not read the first conv's channels")
+    return specs[0], specs[1]
+
+
+def _read_pool(path: str, pool: nn.Module) -> None:
+    if type(pool) is not nn.MaxPool2d:
+        raise _fail(path, pool, "expected nn.MaxPool2d(2)")
+    stride = pool.stride if pool.stride is not None else pool.kernel_size
+    if (
+        _pair(pool.kernel_size) != (2, 2)
+        or _pair(stride) != (2, 2)
+        or _pair(pool.padding) != (0, 0)
+        or _pair(pool.dilation) != (1, 1)
+        or pool.ceil_mode
+        or pool.return_indices
+    ):
+        raise _fail(path, pool, "only a 2x2 max-pool with stride 2, no padding, floor mode is fused")
+
+
+def _read_up(path: str, up: nn.Module) -> UpSpec:
+    if type(up) is nn.ConvTranspose2d:
+        if (
+            _pair(up.kernel_size) != (2, 2)
+            or _pair(up.stride) != (2, 2)
+            or _pair(up.padding) != (0, 0)
+            or _pair(up.output_padding) != (0, 0)
+            or _pair(up.dilation) != (1, 1)
+            or up.groups != 1
+        ):
+            raise _fail(path, up, "only ConvTranspose2d(kernel_size=2, stride=2) without padding or groups is fused")
+        return UpSpec("transpose", conv=up)
+    if isinstance(up, nn.Upsample):
+        scale = up.scale_factor
+        scales = tuple(float(s) for s in _pair(scale)) if scale is not None else None
+        if up.size is not None or scales != (2.0, 2.0):
+            raise _fail(path, up, f"only 2x upsampling is fused, got scale_factor={scale}, size={up.size}")
+        if up.mode == "bilinear":
+            return UpSpec("bilinear", bool(up.align_corners))
+        if up.mode == "nearest":
+            return UpSpec("nearest")
+        raise _fail(path, up, f"upsampling mode {up.mode!r} is not fused (bilinear or nearest)")
+    raise _fail(path, up, "expected nn.Upsample(scale_factor=2) or nn.ConvTranspose2d(kernel_size=2, stride=2)")
+
+
+def _numbered(children: dict[str, nn.Module], prefix: str) -> list[str]:
+    names = []
+    for i in itertools.count(1):
+        if f"{prefix}{i}" not in children:
+            return names
+        names.append(f"{prefix}{i}")
+
+
+def read_milesial_layout(model: nn.Module) -> Layout:
+    """The :class:`~fastunet.ops.Layout` of an ``inc``/``down<i>``/``up<i>``/``outc`` U-Net (see the module doc);
+    raises :class:`ConversionError` naming the first module that does not fit."""
+    children = dict(model.named_children())
+    downs, ups = _numbered(children, "down"), _numbered(children, "up")
+    expected = {"inc", "outc", *downs, *ups}
+    for name, child in children.items():
+        if name not in expected:
+            raise _fail(name, child, "not part of the inc / down1..downN / up1..upN / outc layout")
+    for name in ("inc", "outc"):
+        if name not in children:
+            raise ConversionError(
+                f"convert: {type(model).__name__} has no '{name}' module: expected a fastunet.UNet or the "
+                "inc / down1..downN / up1..upN / outc layout"
+            )
+    if not downs or len(ups) != len(downs):
+        raise ConversionError(
+            f"convert: {type(model).__name__} has {len(downs)} down and {len(ups)} up blocks: expected N >= 1 of each"
+        )
+    depth = len(downs)
+    encoders = [_read_double_conv("inc", children["inc"])]
+    for name in downs:
+        block = children[name]
+        seq = getattr(block, "maxpool_conv", None)
+        if not isinstance(seq, nn.Sequential) or len(seq) != 2:
+            raise _fail(name, block, "expected `maxpool_conv` = Sequential(MaxPool2d(2), double conv)")
+        _read_pool(f"{name}.maxpool_conv.0", seq[0])
+        encoders.append(_read_double_conv(f"{name}.maxpool_conv.1", seq[1]))
+    up_specs: list[UpSpec] = [None] * depth
+    decoders: list[tuple[ConvSpec, ConvSpec]] = [None] * depth
+    for j, name in enumerate(ups):
+        block, level = children[name], depth - 1 - j  # up1 joins the bottleneck with the deepest skip
+        for attr in ("up", "conv"):
+            if not isinstance(getattr(block, attr, None), nn.Module):
+                raise _fail(name, block, f"expected an `{attr}` submodule (an upsampling and a double conv)")
+        up_specs[level] = _read_up(f"{name}.up", block.up)
+        decoders[level] = _read_double_conv(f"{name}.conv", block.conv)
+    outc = children["outc"]
+    head = outc if type(outc) is nn.Conv2d else getattr(outc, "conv", None)
+    if head is None:
+        raise _fail("outc", outc, "expected a 1x1 nn.Conv2d (as `outc` or `outc.conv`)")
+    head = _check_conv("outc" if head is outc else "outc.conv", head, 1)
+
+    # Channel bookkeeping: every conv reads what the stage before it writes.
+    paths = ["inc", *(f"{name}.maxpool_conv.1" for name in downs)]
+    for level in range(1, depth + 1):
+        below, conv = encoders[level - 1][1].conv, encoders[level][0].conv
+        if conv.in_channels != below.out_channels:
+            raise _fail(
+                paths[level], conv, f"reads {conv.in_channels} channels, the level above writes {below.out_channels}"
+            )
+    below_channels = encoders[depth][1].conv.out_channels
+    for level in reversed(range(depth)):
+        name, up = ups[depth - 1 - level], up_specs[level]
+        if up.conv is not None:
+            if up.conv.in_channels != below_channels:
+                raise _fail(f"{name}.up", up.conv, f"reads {up.conv.in_channels} channels, gets {below_channels}")
+            up_channels = up.conv.out_channels
+        else:
+            up_channels = below_channels
+        skip_channels = encoders[level][1].conv.out_channels
+        conv = decoders[level][0].conv
+        if conv.in_channels != skip_channels + up_channels:
+            raise _fail(
+                f"{name}.conv",
+                conv,
+                f"reads {conv.in_channels} channels, cat([skip, up]) has {skip_channels} + {up_channels}",
+            )
+        below_channels = decoders[level][1].conv.out_channels
+    if head.in_channels != below_channels:
+        raise _fail("outc", head, f"reads {head.in_channels} channels, the last decoder writes {below_channels}")
+    return Layout(tuple(encoders), tuple(up_specs), tuple(decoders), head)
+
+
+def layout_forward(layout: Layout, x: torch.Tensor) -> torch.Tensor:
+    """The eval-mode math of ``layout`` in plain PyTorch (what the fused kernels compute)."""
+
+    def double(pair: tuple[ConvSpec, ConvSpec], t: torch.Tensor) -> torch.Tensor:
+        for spec in pair:
+            t = spec.conv(t)
+            if spec.norm is not None:
+                norm = spec.norm
+                t = F.batch_norm(t, norm.running_mean, norm.running_var, norm.weight, norm.bias, False, 0.0, norm.eps)
+            t = F.relu(t)
+        return t
+
+    skips = []
+    features = x
+    for level, pair in enumerate(layout.encoders):
+        features = double(pair, features)
+        if level < layout.depth:
+            skips.append(features)
+            features = F.max_pool2d(features, 2)
+    for level in reversed(range(layout.depth)):
+        up = layout.ups[level]
+        if up.conv is not None:
+            features = up.conv(features)
+        else:
+            align = up.align_corners if up.mode == "bilinear" else None
+            features = F.interpolate(features, scale_factor=2, mode=up.mode, align_corners=align)
+        skip = skips[level]
+        features = double(layout.decoders[level], torch.cat([skip, center_pad(features, *skip.shape[-2:])], 1))
+    return layout.head(features)
+
+
+def _verify(model: nn.Module, depth: int, in_channels: int) -> None:
+    """Check, in float64 on a CPU copy, that ``model``'s own eval forward computes what its layout says (catches a
+    forward that concatenates in another order, skips a stage, or adds one)."""
+    if any(t.device.type == "meta" for t in itertools.chain(model.parameters(), model.buffers())):
+        return  # nothing to compute with: the layout check alone applies
+    probe = copy.deepcopy(model).to("cpu", torch.float64).eval()
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(1, in_channels, 2**depth + 1, 2**depth + 3, generator=generator, dtype=torch.float64)
+    with torch.no_grad():
+        expected = probe(x)
+        got = layout_forward(read_milesial_layout(probe), x)
+    if not isinstance(expected, torch.Tensor) or expected.shape != got.shape:
+        shape = tuple(expected.shape) if isinstance(expected, torch.Tensor) else type(expected).__name__
+        raise ConversionError(
+            f"convert: {type(model).__name__}.forward returned {shape}, the layout computes {tuple(got.shape)}"
+        )
+    error = (expected - got).norm() / got.norm().clamp_min(1e-300)
+    if not error <= 1e-9:
+        raise ConversionError(
+            f"convert: {type(model).__name__}.forward does not compute what its inc/down/up/outc modules describe "
+            f"(relative L2 difference {float(error):.1e} in float64): its forward differs from the supported "
+            "layout (concatenation order, padding, or an extra stage)"
+        )
+
+
+class ConvertedUNet(FusedForward, nn.Module):
+    """The fused forward of an ``inc``/``down<i>``/``up<i>``/``outc`` U-Net (see :func:`convert`).
+
+    Holds copies of the source model's submodules that share its parameter and buffer tensors, under the same
+    names, so ``state_dict`` keys are the source's and checkpoints load into either. Train/eval modes are its
+    own. In training mode (or where the kernels cannot run) it runs the source class's own ``forward``.
     """
-    if isinstance(module, FastUNet):
+
+    def __init__(self, source: nn.Module) -> None:
+        nn.Module.__init__(self)
+        layout = read_milesial_layout(source)
+        shared = {id(t): t for t in itertools.chain(source.parameters(), source.buffers())}
+        clone = copy.deepcopy(source, shared)
+        self._parameters = clone._parameters
+        self._buffers = clone._buffers
+        self._non_persistent_buffers_set = clone._non_persistent_buffers_set
+        self._modules = clone._modules
+        for name, value in clone.__dict__.items():  # plain attributes the source's forward may read
+            if not name.startswith("_") and name not in ("training", "forward"):
+                self.__dict__.setdefault(name, value)
+        self.training = source.training
+        self._source_forward = type(source).forward
+        self._source_name = f"{type(source).__module__}.{type(source).__qualname__}"
+        self._input = (layout.in_channels, layout.depth)
+        self._init_fused()
+
+    def input_spec(self) -> tuple[int, int]:
+        return self._input
+
+    def fused_layout(self) -> Layout:
+        return read_milesial_layout(self)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._source_forward(self, x)
+
+    def extra_repr(self) -> str:
+        return f"source={self._source_name}, in_channels={self._input[0]}, depth={self._input[1]}"
+
+
+def convert(module: nn.Module, *, verify: bool = True) -> nn.Module:
+    """A fused module computing what ``module`` computes, sharing its parameter and buffer tensors.
+
+    * :class:`fastunet.UNet` -> :class:`fastunet.FastUNet` (via :meth:`FastUNet.from_reference`); a fused module
+      is returned as it is.
+    * An ``inc``/``down<i>``/``up<i>``/``outc`` U-Net (milesial/Pytorch-UNet's layout, either upsampling) ->
+      :class:`ConvertedUNet`, with the source's ``state_dict`` keys.
+
+    ``verify``: also run the source's own forward and the layout's math once in float64 on a CPU copy of the
+    model (a 2**depth + 1 by 2**depth + 3 input) and refuse the conversion if they differ; this catches a
+    ``forward`` that does something the module names do not say. Skipped for parameters on the meta device.
+
+    Raises :class:`ConversionError` (a ``TypeError``) naming the first module that cannot be mapped, and why.
+    """
+    if not isinstance(module, nn.Module):
+        raise ConversionError(f"convert: expected an nn.Module, got {type(module).__name__}")
+    if isinstance(module, FusedForward):
         return module
     if isinstance(module, UNet):
         return FastUNet.from_reference(module)
-    raise TypeError(
-        f"convert() supports fastunet.UNet layouts; got {type(module).__module__}.{type(module).__qualname__}"
-    )
+    converted = ConvertedUNet(module)
+    if verify:
+        _verify(module, converted._input[1], converted._input[0])
+    return converted

@@ -1,14 +1,19 @@
-"""``FastUNet``: the reference U-Net's parameters, run as a plan of fused Triton kernels."""
+"""``FastUNet``: the reference U-Net's parameters, run as a plan of fused Triton kernels.
+
+:class:`FusedForward` holds the dispatch, the plan cache and the input checks; :class:`FastUNet` applies it to
+:class:`fastunet.UNet`, and :func:`fastunet.convert` applies it to other supported U-Net layouts.
+"""
 
 from __future__ import annotations
 
+import threading
 import warnings
 
 import torch
 from torch import nn
 
 from fastunet import ops
-from fastunet.ops import INTERPRET, Plan
+from fastunet.ops import INTERPRET, ConvSpec, Layout, Plan, UpSpec
 from fastunet.reference import UNet, check_input
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -17,12 +22,137 @@ BACKEND_TRITON = "triton"
 BACKEND_INTERPRETER = "triton-interpreter"
 BACKEND_REFERENCE = "reference"
 
+# One lock for every model's plan cache: the first forwards of several threads build a plan once, not racing.
+_PLAN_LOCK = threading.RLock()
+
 
 class FastUNetFallbackWarning(UserWarning):
     """Emitted (once per module and reason) when a forward runs the reference PyTorch math instead of the kernels."""
 
 
-class FastUNet(UNet):
+class FusedForward:
+    """The fused forward of an ``nn.Module`` U-Net: dispatch, plan cache, input checks.
+
+    A subclass provides :meth:`fused_layout` (which modules the kernels read), :meth:`reference_forward` (the
+    module's own PyTorch math) and :meth:`input_spec` (input channels and depth), and calls
+    :meth:`_init_fused` from its constructor.
+    """
+
+    def _init_fused(self) -> None:
+        self.last_backend: str | None = None
+        self.last_backend_reason: str | None = None
+        self._plans: dict[tuple, tuple[tuple, Plan]] = {}
+        self._warned: set[str] = set()
+
+    def fused_layout(self) -> Layout:
+        raise NotImplementedError
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def input_spec(self) -> tuple[int, int]:
+        """(input channels, depth) that the input is checked against."""
+        raise NotImplementedError
+
+    # -- plan ---------------------------------------------------------------------------------------------------
+    def invalidate_plan(self) -> None:
+        """Drop the folded/packed parameters; the next forward rebuilds them."""
+        with _PLAN_LOCK:
+            self._plans.clear()
+
+    def _scan(self, keyed: bool = True) -> tuple[list[str], list[torch.Tensor], tuple]:
+        """One walk over the modules per forward: the names of modules in training mode, the parameters, and
+        (when ``keyed``) the key that says whether a cached plan is still valid: each parameter's and buffer's
+        storage and version, and every BatchNorm eps."""
+        training, params, key = [], [], []
+        for name, module in self.named_modules():
+            if module.training:
+                training.append(name or "the model")
+            for param in module._parameters.values():
+                if param is not None:
+                    params.append(param)
+                    if keyed:
+                        key.append((param.data_ptr(), param._version, param.dtype, param.device))
+            if keyed:
+                for buffer in module._buffers.values():
+                    if buffer is not None:
+                        key.append((buffer.data_ptr(), buffer._version, buffer.dtype, buffer.device))
+                if isinstance(module, nn.BatchNorm2d):
+                    key.append(module.eps)
+        return training, params, tuple(key)
+
+    def plan(self, dtype: torch.dtype, device: torch.device, state: tuple | None = None) -> Plan:
+        """The packed parameters for ``dtype`` on ``device``, rebuilt if any parameter, buffer or BatchNorm ``eps``
+        changed since (one cached plan per dtype and device, so autocast and plain calls don't evict each other)."""
+        state = self._scan()[2] if state is None else state
+        cached = self._plans.get((dtype, device))
+        if cached is None or cached[0] != state:
+            with _PLAN_LOCK:
+                cached = self._plans.get((dtype, device))
+                if cached is None or cached[0] != state:
+                    cached = (state, ops.build_plan(self.fused_layout(), dtype, device))
+                    self._plans[(dtype, device)] = cached
+        return cached[1]
+
+    # -- forward ------------------------------------------------------------------------------------------------
+    def _fallback(self, x: torch.Tensor, reason: str, warn: bool) -> torch.Tensor:
+        self.last_backend, self.last_backend_reason = BACKEND_REFERENCE, reason
+        if warn and reason not in self._warned:
+            self._warned.add(reason)
+            warnings.warn(
+                f"{type(self).__name__} ran the reference PyTorch forward: {reason}",
+                FastUNetFallbackWarning,
+                stacklevel=3,
+            )
+        return self.reference_forward(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        in_channels, depth = self.input_spec()
+        check_input(x, in_channels, depth)
+        # Under torch.compile the plan is built inside the graph (storage pointers cannot be traced).
+        compiling = torch.compiler.is_compiling()
+        training, params, state = self._scan(keyed=not compiling)
+        dtypes = {p.dtype for p in params}
+        if len(dtypes) != 1:
+            found = sorted(map(str, dtypes))
+            raise TypeError(f"{type(self).__name__} needs all parameters in one dtype, found {found}")
+        (param_dtype,) = dtypes
+        if params[0].device != x.device:
+            raise RuntimeError(f"input is on {x.device} but the parameters are on {params[0].device}")
+        autocast = torch.is_autocast_enabled(x.device.type)
+        if not autocast and param_dtype != x.dtype:
+            raise TypeError(
+                f"input dtype {x.dtype} does not match the parameters' dtype {param_dtype} "
+                "(convert one of them, or run under torch.autocast)"
+            )
+        if training:
+            reason = f"training mode ({training[0]}; no Triton backward kernels yet)"
+            return self._fallback(x, reason, warn=False)
+        if compiling and torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
+            # The eager path's backward recomputes the reference with torch.autograd.grad, which TorchDynamo cannot
+            # trace; compiled with autograd on, the whole forward is the reference math (inference: no_grad).
+            reason = "torch.compile with autograd on (run inference under torch.no_grad() for the kernels)"
+            return self._fallback(x, reason, warn=False)
+        if INTERPRET and x.device.type != "cpu":
+            return self._fallback(
+                x, f"TRITON_INTERPRET=1 runs kernels on CPU tensors only, input is on {x.device}", warn=True
+            )
+        if not INTERPRET and x.device.type != "cuda":
+            return self._fallback(x, f"compiled Triton kernels need CUDA tensors, input is on {x.device}", warn=True)
+        compute_dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
+        if compute_dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"expected float32, float16 or bfloat16 input, got {compute_dtype}")
+        if compiling:
+            plan = ops.build_plan(self.fused_layout(), compute_dtype, x.device)
+        else:
+            plan = self.plan(compute_dtype, x.device, state)
+        logits = ops.unet_forward(self, plan, x.to(compute_dtype), params)
+        self.last_backend = BACKEND_INTERPRETER if INTERPRET else BACKEND_TRITON
+        self.last_backend_reason = "eval mode"
+        return logits
+
+
+class FastUNet(FusedForward, UNet):
     """Drop-in :class:`fastunet.UNet` whose eval-mode forward runs on fused Triton kernels.
 
     Same constructor, parameters and ``state_dict`` keys as :class:`fastunet.UNet`: either loads the other's
@@ -50,10 +180,7 @@ class FastUNet(UNet):
         if dtype is not None and dtype not in SUPPORTED_DTYPES:
             raise ValueError(f"FastUNet runs float32, float16 or bfloat16 parameters, got dtype={dtype}")
         super().__init__(*args, **kwargs)
-        self.last_backend: str | None = None
-        self.last_backend_reason: str | None = None
-        self._plans: dict[tuple, tuple[tuple, Plan]] = {}
-        self._warned: set[str] = set()
+        self._init_fused()
 
     @classmethod
     def from_reference(cls, unet: UNet) -> FastUNet:
@@ -69,81 +196,26 @@ class FastUNet(UNet):
         fast.train(unet.training)
         return fast
 
-    # -- plan ---------------------------------------------------------------------------------------------------
-    def invalidate_plan(self) -> None:
-        """Drop the folded/packed parameters; the next forward rebuilds them."""
-        self._plans.clear()
+    def input_spec(self) -> tuple[int, int]:
+        return self.in_channels, self.depth
 
-    def _scan(self) -> tuple[list[str], list[torch.Tensor], tuple]:
-        """One walk over the modules per forward: the names of modules in training mode, the parameters, and the
-        key that says whether a cached plan is still valid (each parameter's and buffer's storage and version,
-        and every BatchNorm eps)."""
-        training, params, key = [], [], []
-        for name, module in self.named_modules():
-            if module.training:
-                training.append(name or "the model")
-            for param in module._parameters.values():
-                if param is not None:
-                    params.append(param)
-                    key.append((param.data_ptr(), param._version, param.dtype, param.device))
-            for buffer in module._buffers.values():
-                if buffer is not None:
-                    key.append((buffer.data_ptr(), buffer._version, buffer.dtype, buffer.device))
-            if isinstance(module, nn.BatchNorm2d):
-                key.append(module.eps)
-        return training, params, tuple(key)
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return UNet.forward(self, x)
 
-    def plan(self, dtype: torch.dtype, device: torch.device, state: tuple | None = None) -> Plan:
-        """The packed parameters for ``dtype`` on ``device``, rebuilt if any parameter, buffer or BatchNorm ``eps``
-        changed since (one cached plan per dtype and device, so autocast and plain calls don't evict each other)."""
-        state = self._scan()[2] if state is None else state
-        cached = self._plans.get((dtype, device))
-        if cached is None or cached[0] != state:
-            cached = (state, ops.build_plan(self, dtype, device))
-            self._plans[(dtype, device)] = cached
-        return cached[1]
+    def fused_layout(self) -> Layout:
+        def spec(conv: nn.Conv2d, norm: nn.Module) -> ConvSpec:
+            return ConvSpec(conv, norm if isinstance(norm, nn.BatchNorm2d) else None)
 
-    # -- forward ------------------------------------------------------------------------------------------------
-    def _reference_forward(self, x: torch.Tensor, reason: str, warn: bool) -> torch.Tensor:
-        self.last_backend, self.last_backend_reason = BACKEND_REFERENCE, reason
-        if warn and reason not in self._warned:
-            self._warned.add(reason)
-            warnings.warn(
-                f"FastUNet ran the reference PyTorch forward: {reason}", FastUNetFallbackWarning, stacklevel=3
-            )
-        return super().forward(x)
+        def double(block) -> tuple[ConvSpec, ConvSpec]:
+            return spec(block.conv1, block.norm1), spec(block.conv2, block.norm2)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input(x, self.in_channels, self.depth)
-        training, params, state = self._scan()
-        dtypes = {p.dtype for p in params}
-        if len(dtypes) != 1:
-            raise TypeError(f"FastUNet needs all parameters in one dtype, found {sorted(map(str, dtypes))}")
-        (param_dtype,) = dtypes
-        if params[0].device != x.device:
-            raise RuntimeError(f"input is on {x.device} but the parameters are on {params[0].device}")
-        autocast = torch.is_autocast_enabled(x.device.type)
-        if not autocast and param_dtype != x.dtype:
-            raise TypeError(
-                f"input dtype {x.dtype} does not match the parameters' dtype {param_dtype} "
-                "(convert one of them, or run under torch.autocast)"
-            )
-        if training:
-            reason = f"training mode ({training[0]}; no Triton backward kernels yet)"
-            return self._reference_forward(x, reason, warn=False)
-        if INTERPRET and x.device.type != "cpu":
-            return self._reference_forward(
-                x, f"TRITON_INTERPRET=1 runs kernels on CPU tensors only, input is on {x.device}", warn=True
-            )
-        if not INTERPRET and x.device.type != "cuda":
-            return self._reference_forward(
-                x, f"compiled Triton kernels need CUDA tensors, input is on {x.device}", warn=True
-            )
-        compute_dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
-        if compute_dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"expected float32, float16 or bfloat16 input, got {compute_dtype}")
-        plan = self.plan(compute_dtype, x.device, state)
-        logits = ops.unet_forward(self, plan, x.to(compute_dtype), params)
-        self.last_backend = BACKEND_INTERPRETER if INTERPRET else BACKEND_TRITON
-        self.last_backend_reason = "eval mode"
-        return logits
+        if self.upsample == "transpose":
+            ups = tuple(UpSpec("transpose", conv=block.up) for block in self.decoders)
+        else:
+            ups = tuple(UpSpec(self.upsample, self.align_corners) for _ in self.decoders)
+        return Layout(
+            encoders=tuple(double(block) for block in self.encoders),
+            ups=ups,
+            decoders=tuple(double(block.conv) for block in self.decoders),
+            head=self.head,
+        )

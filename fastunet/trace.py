@@ -5,12 +5,16 @@ from __future__ import annotations
 import torch
 
 from fastunet.kernels._common import LaunchRecord, dry_run, launch_log
+from fastunet.model import FastUNet, FusedForward
 from fastunet.ops import build_plan, run_plan
 from fastunet.reference import UNet, check_input
 
 
-def trace(model: UNet, x: torch.Tensor) -> list[LaunchRecord]:
+def trace(model: torch.nn.Module, x: torch.Tensor) -> list[LaunchRecord]:
     """List the launches of ``model``'s eval-mode Triton forward on an input shaped like ``x``.
+
+    ``model``: a :class:`fastunet.UNet`, a :class:`fastunet.FastUNet`, or a module returned by
+    :func:`fastunet.convert`.
 
     Nothing runs: the plan is built on the ``meta`` device and the launchers validate, allocate and record in
     dry-run mode, so any size can be traced on any machine. ``x`` may itself be a meta tensor; only its shape,
@@ -18,13 +22,18 @@ def trace(model: UNet, x: torch.Tensor) -> list[LaunchRecord]:
 
     Each record has the kernel name, grid, FLOPs, bytes read (each input, weight and bias once) and bytes written.
     """
-    if not isinstance(model, UNet):
-        raise TypeError(f"expected a fastunet.UNet or FastUNet, got {type(model).__name__}")
-    check_input(x, model.in_channels, model.depth)
-    plan = build_plan(model, x.dtype, torch.device("meta"))
+    if isinstance(model, UNet) and not isinstance(model, FusedForward):
+        model = FastUNet.from_reference(model)
+    if not isinstance(model, FusedForward):
+        raise TypeError(
+            f"expected a fastunet.UNet, a FastUNet or a module from fastunet.convert(), got {type(model).__name__}"
+        )
+    in_channels, depth = model.input_spec()
+    check_input(x, in_channels, depth)
+    plan = build_plan(model.fused_layout(), x.dtype, torch.device("meta"))
     meta_x = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta")
     with dry_run(), launch_log() as records:
-        run_plan(plan, meta_x, model.upsample, model.align_corners)
+        run_plan(plan, meta_x)
     return list(records)
 
 

@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import functools
 import os
+import threading
 from collections.abc import Iterator
 
 import torch
@@ -163,6 +164,19 @@ def autotuning(enabled: bool = True) -> Iterator[None]:
         _autotune_depth = previous
 
 
+# Triton's interpreter keeps global state while it runs a kernel: launches from several threads take turns.
+_INTERPRETER_LOCK = threading.Lock()
+# One tuning at a time, so two threads seeing a new key time its candidates once, not concurrently.
+_TUNE_LOCK = threading.RLock()
+
+
+def launch_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Context of one kernel launch: the tensor's GPU current, or the interpreter held by this thread alone."""
+    if INTERPRET:
+        return _INTERPRETER_LOCK
+    return device_guard(t)
+
+
 def choose_config(key: tuple, candidates: list[dict], run, timer=None) -> dict:
     """The config to launch with: ``candidates[0]`` unless autotuning is on, else the fastest by ``timer``.
 
@@ -175,6 +189,13 @@ def choose_config(key: tuple, candidates: list[dict], run, timer=None) -> dict:
         return _tuned[key]
     if INTERPRET and timer is None:
         return candidates[0]
+    with _TUNE_LOCK:
+        if key not in _tuned:
+            _tuned[key] = _fastest(key, candidates, run, timer)
+    return _tuned[key]
+
+
+def _fastest(key: tuple, candidates: list[dict], run, timer) -> dict:
     if timer is None:
 
         def timer(fn):
@@ -188,9 +209,7 @@ def choose_config(key: tuple, candidates: list[dict], run, timer=None) -> dict:
             times.append(float("inf"))
     if all(t == float("inf") for t in times):
         raise RuntimeError(f"no candidate config could be launched for {key}")
-    best = candidates[min(range(len(candidates)), key=times.__getitem__)]
-    _tuned[key] = best
-    return best
+    return candidates[min(range(len(candidates)), key=times.__getitem__)]
 
 
 def tuned_configs() -> dict[tuple, dict]:

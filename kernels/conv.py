@@ -33,9 +33,9 @@ from fastunet.kernels._common import (
     alloc,
     check_runnable,
     choose_config,
-    device_guard,
     dot_flags,
     is_dry_run,
+    launch_guard,
     mma,
     next_pow2,
     pixel_offset,
@@ -491,7 +491,7 @@ def _launch(
 
     def run(cfg: dict) -> None:
         tiles = {key: cfg[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}
-        with device_guard(x):
+        with launch_guard(x):
             _conv_nhwc_kernel[grid_of(cfg)](
                 *args, **flags, **tiles, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]
             )

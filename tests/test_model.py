@@ -378,12 +378,3 @@ def test_dtype_rejections():
     fast.head.half()
     with pytest.raises(TypeError, match="all parameters in one dtype"):
         fast(torch.randn(1, 3, 8, 8))
-
-
-def test_convert():
-    reference = UNet(**SMALL)
-    fast = fastunet.convert(reference)
-    assert isinstance(fast, FastUNet) and fast.head.weight is reference.head.weight
-    assert fastunet.convert(fast) is fast
-    with pytest.raises(TypeError, match="supports fastunet.UNet layouts; got torch.nn.modules.conv.Conv2d"):
-        fastunet.convert(torch.nn.Conv2d(3, 3, 3))

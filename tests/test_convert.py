@@ -1,0 +1,262 @@
+"""``fastunet.convert``: the supported layouts convert, share their tensors, keep their keys and match the original;
+everything else is refused with the module's path and the reason."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from milesial_layout import MilesialUNet, Up
+from torch import nn
+
+import fastunet
+from fastunet import ConversionError, ConvertedUNet, FastUNet, UNet
+from fastunet.parity import randomize_norm_stats
+from tolerances import assert_error_ratio, assert_network_close, precision_key
+
+
+def milesial(bilinear: bool, width: int = 4, depth: int = 3, seed: int = 0, **kw) -> MilesialUNet:
+    """A model with random weights and random (not default) BatchNorm statistics."""
+    torch.manual_seed(seed)
+    model = MilesialUNet(3, 2, bilinear, width=width, depth=depth, **kw)
+    randomize_norm_stats(model, torch.Generator().manual_seed(seed + 1))
+    return model.eval()
+
+
+def float64_output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return copy.deepcopy(model).cpu().double().eval()(x.detach().cpu().double())
+
+
+# -- parity -------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bilinear", [True, False], ids=["bilinear", "transpose"])
+@pytest.mark.parametrize(
+    "dtype, size",
+    [
+        pytest.param(torch.float32, (19, 21), id="fp32-odd"),
+        pytest.param(torch.float16, (16, 24), id="fp16-even"),
+    ],
+)
+def test_milesial_layout_matches_original(device, ieee_fp32, bilinear, dtype, size):
+    model = milesial(bilinear).to(device, dtype)
+    fast = fastunet.convert(model)
+    assert isinstance(fast, ConvertedUNet)
+    x = torch.randn(2, 3, *size, device=device).to(dtype)
+    with torch.no_grad():
+        out = fast(x)
+    assert fast.last_backend in ("triton", "triton-interpreter"), fast.last_backend_reason
+    assert out.dtype == dtype and out.shape == (2, 2, *size)
+    expected = float64_output(model, x)
+    assert_network_close(out, expected, precision_key(dtype, device))
+    if dtype == torch.float16 and device.type == "cuda":
+        with torch.no_grad():
+            assert_error_ratio(out, model(x), expected, factor=2.0)
+
+
+def test_milesial_layout_depth4_launches(device):
+    """The original's four levels: the same fused plan as the reference layout (22 launches with transposed
+    convs, 18 with bilinear)."""
+    for bilinear, launches in ((True, 18), (False, 22)):
+        fast = fastunet.convert(milesial(bilinear, width=2, depth=4))
+        x = torch.randn(1, 3, 16, 16, device=device)
+        assert len(fastunet.trace(fast, x)) == launches
+
+
+def test_widths_are_read_from_the_weights(device):
+    """Widths that do not double per level (a pruned model, say) convert as they are."""
+    model = milesial(False, widths=(4, 6, 10, 12))
+    fast = fastunet.convert(model).to(device)
+    x = torch.randn(1, 3, 17, 18, device=device)
+    with torch.no_grad():
+        out = fast(x)
+    assert fast.last_backend != "reference"
+    assert_network_close(out, float64_output(model, x), "fp32")
+
+
+# -- module contract -----------------------------------------------------------------------------------------------
+def test_shares_tensors_and_keeps_keys():
+    model = milesial(True)
+    fast = fastunet.convert(model)
+    assert list(fast.state_dict()) == list(model.state_dict())
+    originals = dict(model.named_parameters()) | dict(model.named_buffers())
+    for name, tensor in list(fast.named_parameters()) + list(fast.named_buffers()):
+        assert tensor is originals[name], name
+    # Checkpoints load both ways, strictly.
+    other = milesial(True, seed=5)
+    fast.load_state_dict(other.state_dict(), strict=True)
+    torch.testing.assert_close(model.inc.double_conv[0].weight, other.inc.double_conv[0].weight, rtol=0, atol=0)
+    model.load_state_dict(fast.state_dict(), strict=True)
+
+
+def test_parameter_updates_reach_the_next_forward(device):
+    model = milesial(True).to(device)
+    fast = fastunet.convert(model)
+    x = torch.randn(1, 3, 16, 16, device=device)
+    with torch.no_grad():
+        before = fast(x)
+        model.outc.conv.bias.add_(1.0)  # through the original: the tensors are shared
+        model.up1.conv.double_conv[1].running_var.mul_(4.0)
+        after = fast(x)
+    assert not torch.equal(before, after)
+    assert_network_close(after, float64_output(model, x), "fp32")
+
+
+def test_train_eval_and_no_grad(device):
+    model = milesial(False).to(device)
+    fast = fastunet.convert(model)
+    x = torch.randn(2, 3, 16, 16, device=device)
+    fast.train()
+    assert not model.training, "modes are the converted module's own"
+    out = fast(x)
+    assert fast.last_backend == "reference" and "training mode" in fast.last_backend_reason
+    expected = copy.deepcopy(model).train()(x)  # the source's own forward, batch statistics
+    torch.testing.assert_close(out, expected)
+    out.sum().backward()
+    assert model.inc.double_conv[0].weight.grad is not None
+    fast.eval()
+    with torch.no_grad():
+        y = fast(x)
+    assert fast.last_backend != "reference" and not y.requires_grad
+
+
+def test_eval_gradients_are_the_originals(device):
+    model = milesial(True).to(device)
+    fast = fastunet.convert(model)
+    x = torch.randn(1, 3, 16, 16, device=device, requires_grad=True)
+    fast(x).square().sum().backward()
+    grad_x, grad_w = x.grad.clone(), model.inc.double_conv[0].weight.grad.clone()
+    x.grad = None
+    model.zero_grad()
+    model(x).square().sum().backward()
+    torch.testing.assert_close(grad_x, x.grad)
+    torch.testing.assert_close(grad_w, model.inc.double_conv[0].weight.grad)
+
+
+def test_dtype_conversion_and_batch_independence(device):
+    model = milesial(True)
+    fast = fastunet.convert(model).to(device).half()
+    assert model.inc.double_conv[0].weight.dtype == torch.float16  # shared tensors follow
+    x = torch.randn(3, 3, 16, 16, device=device).half()
+    with torch.no_grad():
+        batched = fast(x)
+        singles = torch.cat([fast(x[i : i + 1]) for i in range(3)])
+    assert batched.dtype == torch.float16
+    assert torch.equal(batched, singles)
+
+
+def test_save_and_load_whole_module(device):
+    model = milesial(False)
+    fast = fastunet.convert(model).to(device)
+    buffer = io.BytesIO()
+    torch.save(fast, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert isinstance(loaded, ConvertedUNet)
+    x = torch.randn(1, 3, 16, 16, device=device)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), fast(x))
+    # And the state_dict route: into a fresh original.
+    fresh = MilesialUNet(3, 2, False, width=4, depth=3)
+    fresh.load_state_dict(fast.state_dict(), strict=True)
+
+
+def test_autocast_like_the_original(device):
+    model = milesial(True).to(device)
+    fast = fastunet.convert(model)
+    x = torch.randn(2, 3, 16, 16, device=device)
+    with torch.no_grad(), torch.autocast(device.type):
+        out = fast(x)
+        expected_dtype = model(x).dtype
+    assert out.dtype == expected_dtype != torch.float32
+    assert_network_close(out, float64_output(model, x), precision_key(out.dtype, device))
+
+
+def test_fastunet_layouts():
+    reference = UNet(3, 2, 4, 2)
+    fast = fastunet.convert(reference)
+    assert isinstance(fast, FastUNet) and fast.head.weight is reference.head.weight
+    assert fastunet.convert(fast) is fast
+
+
+# -- refusals -----------------------------------------------------------------------------------------------------
+def _replace(path: str, module: nn.Module):
+    def edit(model: nn.Module) -> None:
+        parent, _, name = path.rpartition(".")
+        setattr(model.get_submodule(parent), name, module)
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    "edit, path, reason",
+    [
+        pytest.param(_replace("inc.double_conv.2", nn.LeakyReLU()), "inc.double_conv.2", "only ReLU", id="leaky-relu"),
+        pytest.param(
+            _replace("down1.maxpool_conv.1.double_conv.1", nn.InstanceNorm2d(8)),
+            "down1.maxpool_conv.1.double_conv.1",
+            "only BatchNorm2d",
+            id="instance-norm",
+        ),
+        pytest.param(
+            _replace("inc.double_conv.3", nn.Conv2d(4, 4, 3, padding=2, dilation=2, bias=False)),
+            "inc.double_conv.3",
+            "dilation",
+            id="dilation",
+        ),
+        pytest.param(
+            _replace("up2.conv.double_conv.0", nn.Conv2d(16, 4, 3, padding=1, groups=4, bias=False)),
+            "up2.conv.double_conv.0",
+            "grouped",
+            id="groups",
+        ),
+        pytest.param(
+            _replace("up1.up", nn.Upsample(scale_factor=2, mode="bicubic")), "up1.up", "bicubic", id="bicubic"
+        ),
+        pytest.param(
+            _replace("down2.maxpool_conv.0", nn.AvgPool2d(2)), "down2.maxpool_conv.0", "MaxPool2d", id="avg-pool"
+        ),
+        pytest.param(_replace("outc.conv", nn.Conv2d(4, 2, 3, padding=1)), "outc.conv", "kernel", id="3x3-head"),
+        pytest.param(
+            _replace("inc.double_conv.1", nn.BatchNorm2d(4, track_running_stats=False)),
+            "inc.double_conv.1",
+            "running statistics",
+            id="bn-no-stats",
+        ),
+    ],
+)
+def test_unsupported_layers_are_named(edit, path, reason):
+    model = milesial(True)
+    edit(model)
+    with pytest.raises(ConversionError, match=rf"'{path}'.*{reason}"):
+        fastunet.convert(model)
+
+
+def test_unknown_models_are_refused():
+    with pytest.raises(ConversionError, match=r"cannot map '0' \(Conv2d\)"):
+        fastunet.convert(nn.Sequential(nn.Conv2d(3, 3, 3), nn.ReLU()))
+    with pytest.raises(ConversionError, match="has no 'inc' module"):
+        fastunet.convert(nn.Module())
+    with pytest.raises(ConversionError, match="expected an nn.Module"):
+        fastunet.convert("model.pt")
+
+
+class _CatUpFirst(Up):
+    """The upsampled map concatenated before the skip: the module names match the layout, the math does not."""
+
+    def forward(self, low: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        up = self.up(low)
+        dy, dx = skip.shape[2] - up.shape[2], skip.shape[3] - up.shape[3]
+        up = torch.nn.functional.pad(up, [dx // 2, dx - dx // 2, dy // 2, dy - dy // 2])
+        return self.conv(torch.cat([up, skip], dim=1))
+
+
+def test_a_forward_that_differs_from_the_layout_is_refused():
+    model = milesial(True)
+    swapped = _CatUpFirst(8, 4, True)
+    swapped.load_state_dict(model.up3.state_dict())
+    model.up3 = swapped
+    with pytest.raises(ConversionError, match="does not compute what its inc/down/up/outc modules describe"):
+        fastunet.convert(model)
+    assert isinstance(fastunet.convert(model, verify=False), ConvertedUNet)  # the check can be skipped, knowingly
