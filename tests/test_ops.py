@@ -1,0 +1,192 @@
+"""The kernels as torch custom ops: opcheck, torch.compile without graph breaks, CUDA graphs, threads."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from test_convert import milesial
+from test_unet_parity import build_pair
+
+import fastunet
+from fastunet import ops
+from fastunet.kernels.conv import pack_conv_transpose_weight, pack_conv_weight
+from tolerances import assert_network_close
+
+SMALL = {"in_channels": 3, "num_classes": 2, "base_channels": 4, "depth": 2}
+
+
+def _nhwc(batch, height, width, channels, device, dtype=torch.float32):
+    return torch.randn(batch, height, width, channels, device=device, dtype=dtype)
+
+
+def _conv_args(device, c_in=5, c_out=6, *, up=None, up_mode="", align_corners=False, pool=False, head=0, nchw=False):
+    x = _nhwc(2, 7, 6, c_in, device)
+    c_up = up.shape[-1] if up is not None else 0
+    weight = pack_conv_weight(torch.randn(c_out, c_in + c_up, 3, 3, device=device))
+    bias = torch.randn(c_out, device=device)
+    head_w = torch.randn(c_out, head, device=device) if head else None
+    head_b = torch.randn(head, device=device) if head else None
+    return (x, weight, bias, up, head_w, head_b, 3, up_mode, align_corners, True, pool, nchw)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        pytest.param({}, id="plain"),
+        pytest.param({"pool": True}, id="pool"),
+        pytest.param({"head": 3, "nchw": True}, id="head-nchw"),
+        pytest.param({"up_mode": "bilinear", "align_corners": True}, id="bilinear-ac"),
+        pytest.param({"up_mode": "nearest"}, id="nearest"),
+    ],
+)
+def test_conv_op_passes_opcheck(device, case):
+    case = dict(case)
+    if case.get("up_mode"):
+        case["up"] = _nhwc(2, 3, 3, 4, device)
+    args = _conv_args(device, **case)
+    torch.library.opcheck(torch.ops.fastunet.conv2d_nhwc.default, args)
+
+
+def test_conv_op_reads_a_permuted_input(device):
+    """The first conv of a forward reads the caller's NCHW tensor through a permuted view."""
+    x = torch.randn(2, 5, 7, 6, device=device).permute(0, 2, 3, 1)
+    args = (x, *_conv_args(device)[1:])
+    torch.library.opcheck(torch.ops.fastunet.conv2d_nhwc.default, args)
+
+
+def test_conv_transpose_op_passes_opcheck(device):
+    x = _nhwc(2, 3, 5, 6, device)
+    weight = pack_conv_transpose_weight(torch.randn(6, 4, 2, 2, device=device))
+    args = (x, weight, torch.randn(4, device=device).repeat(4))
+    torch.library.opcheck(torch.ops.fastunet.conv_transpose2x2_nhwc.default, args)
+
+
+def test_fake_output_matches_the_real_one(device):
+    """Shapes and strides from the fake implementation are the kernel's own (torch.compile plans with them)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    args = _conv_args(device, head=3, nchw=True, pool=True)
+    real = torch.ops.fastunet.conv2d_nhwc(*args)
+    with FakeTensorMode() as mode:
+        fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+        fake = torch.ops.fastunet.conv2d_nhwc(*fake_args)
+    for r, f in zip(real, fake, strict=True):
+        assert r.shape == f.shape and r.stride() == f.stride() and r.dtype == f.dtype
+
+
+# -- torch.compile ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("which", ["fastunet", "milesial"])
+def test_compile_fullgraph_runs_the_kernels(device, which):
+    if which == "fastunet":
+        model, _ = build_pair(device, torch.float32, **SMALL, upsample="bilinear", norm="batch")
+    else:
+        model = fastunet.convert(milesial(False)).to(device)
+    x = torch.randn(2, 3, 13, 12, device=device)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")  # fullgraph: a graph break raises
+    with torch.no_grad():
+        eager = model(x)
+        out = compiled(x)
+    assert model.last_backend in ("triton", "triton-interpreter")
+    assert torch.equal(out, eager)
+    # A parameter update reaches the compiled model too (the plan is built inside the graph).
+    with torch.no_grad():
+        next(model.parameters()).mul_(0.5)
+        assert torch.equal(compiled(x), model(x))
+
+
+def test_compile_with_autograd_runs_the_reference_and_says_so(device):
+    model, _ = build_pair(device, torch.float32, **SMALL, upsample="transpose", norm=None)
+    x = torch.randn(1, 3, 8, 8, device=device, requires_grad=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    assert model.last_backend == "reference" and "torch.compile with autograd" in model.last_backend_reason
+    out.sum().backward()
+    grad = x.grad.clone()
+    x.grad = None
+    fastunet.UNet.forward(model, x).sum().backward()
+    torch.testing.assert_close(grad, x.grad)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_inductor_compile_and_cuda_graphs(mode):
+    model, reference64 = build_pair(torch.device("cuda"), torch.float16, **SMALL, upsample="bilinear", norm="batch")
+    x = torch.randn(2, 3, 32, 32, device="cuda", dtype=torch.float16)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, mode=mode)
+    with torch.no_grad():
+        eager = model(x)
+        for _ in range(3):  # reduce-overhead records its CUDA graph on a later call
+            out = compiled(x)
+    torch.testing.assert_close(out, eager, rtol=0, atol=0)
+    assert_network_close(out, reference64(x.double().cpu()), "fp16")
+
+
+@pytest.mark.gpu
+def test_cuda_graph_capture_and_replay():
+    model, _ = build_pair(torch.device("cuda"), torch.float16, **SMALL, upsample="transpose", norm=None)
+    static_x = torch.randn(2, 3, 32, 32, device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        model(static_x)  # plan built and kernels compiled before capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = model(static_x)
+        fresh = torch.randn_like(static_x)
+        static_x.copy_(fresh)
+        graph.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(static_out, model(fresh), rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_non_default_gpu():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    device = torch.device("cuda", 1)
+    model, reference64 = build_pair(device, torch.float32, **SMALL, upsample="bilinear", norm=None)
+    x = torch.randn(1, 3, 16, 16, device=device)
+    with torch.no_grad():
+        out = model(x)
+    assert out.device == device and model.last_backend == "triton"
+    assert_network_close(out, reference64(x.double().cpu()), "tf32")
+
+
+# -- threads ------------------------------------------------------------------------------------------------------
+def test_first_call_from_several_threads(device, monkeypatch):
+    """Threads racing on a fresh model's first forward build its plan once and all get the sequential answer."""
+    model, _ = build_pair(device, torch.float32, **SMALL, upsample="bilinear", norm="batch")
+    x = torch.randn(1, 3, 12, 12, device=device)
+    builds = []
+    real_build = ops.build_plan
+
+    def counting_build(*args, **kwargs):
+        builds.append(threading.get_ident())
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "build_plan", counting_build)
+    start = threading.Barrier(4)
+    results, errors = [None] * 4, []
+
+    def worker(i: int) -> None:
+        try:
+            start.wait()
+            with torch.no_grad():
+                results[i] = model(x)
+        except Exception as error:  # reported below, not swallowed
+            errors.append(error)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    assert len(builds) == 1
+    with torch.no_grad():
+        expected = model(x)
+    for out in results:
+        assert torch.equal(out, expected)
