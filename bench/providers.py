@@ -6,7 +6,9 @@ Providers:
   fused forward uses: the user's NCHW input, NHWC activations.
 * ``torch-eager``: the same math in eager PyTorch, channels_last (cuDNN's fast layout for fp16/bf16); run it with
   ``torch.backends.cudnn.benchmark = True``.
-* ``torch-compile``: the eager callable through ``torch.compile``.
+* ``torch-compile``: the eager callable through ``torch.compile`` (default mode).
+* ``torch-compile-max-autotune``: the same with ``mode="max-autotune"`` (inductor's tuned Triton templates and
+  CUDA graphs; ``--max-autotune-mode max-autotune-no-cudagraphs`` leaves the graphs out, as fastunet has none).
 
 Every provider of a stage sees the same random values, so their outputs can be compared before timing.
 """
@@ -32,10 +34,18 @@ from fastunet.kernels.conv import (
 from fastunet.parity import randomize_norm_stats
 from fastunet.reference import center_pad
 
-PROVIDERS: tuple[str, ...] = ("fastunet", "torch-eager", "torch-compile")
-# No CUDA graphs by default: the fused forward is not graph-captured either, so both sides pay their own launch
-# overhead (18-22 launches against ~50 for compiled eager); pass mode="max-autotune" to let inductor capture graphs.
-DEFAULT_COMPILE_MODE = "max-autotune-no-cudagraphs"
+PROVIDERS: tuple[str, ...] = ("fastunet", "torch-eager", "torch-compile", "torch-compile-max-autotune")
+# torch.compile mode of each compiled provider. max-autotune captures CUDA graphs, which the fused forward does not
+# use (it pays its 18-22 launches): "max-autotune-no-cudagraphs" compares like with like on launch overhead.
+COMPILE_MODES: dict[str, str] = {"torch-compile": "default", "torch-compile-max-autotune": "max-autotune"}
+DEFAULT_COMPILE_MODE = COMPILE_MODES["torch-compile-max-autotune"]
+
+
+def compile_mode(provider: str, max_autotune_mode: str = DEFAULT_COMPILE_MODE) -> str | None:
+    """The ``torch.compile`` mode of ``provider`` (None for the uncompiled ones)."""
+    if provider == "torch-compile-max-autotune":
+        return max_autotune_mode
+    return COMPILE_MODES.get(provider)
 
 
 def _nchw(t: torch.Tensor) -> torch.Tensor:
@@ -176,15 +186,15 @@ def compiled(fn: Callable, mode: str) -> Callable:
 
 
 def stage_callable(
-    stage: Stage, provider: str, t: StageTensors, compile_mode: str = DEFAULT_COMPILE_MODE
+    stage: Stage, provider: str, t: StageTensors, max_autotune_mode: str = DEFAULT_COMPILE_MODE
 ) -> Callable[[], tuple[torch.Tensor, ...]]:
     """The callable that runs ``stage`` for ``provider`` (outputs as NCHW tensors or views)."""
     if provider == "fastunet":
         return fused_stage(stage, t)
     if provider == "torch-eager":
         return eager_stage(stage, t)
-    if provider == "torch-compile":
-        return compiled(eager_stage(stage, t), compile_mode)
+    if provider in COMPILE_MODES:
+        return compiled(eager_stage(stage, t), compile_mode(provider, max_autotune_mode))
     raise ValueError(f"unknown provider {provider!r}; expected one of {PROVIDERS}")
 
 
@@ -203,7 +213,7 @@ def make_input(config: BenchConfig, dtype: torch.dtype, device: torch.device | s
 
 
 def network_callable(
-    model: UNet, x: torch.Tensor, provider: str, compile_mode: str = DEFAULT_COMPILE_MODE
+    model: UNet, x: torch.Tensor, provider: str, max_autotune_mode: str = DEFAULT_COMPILE_MODE
 ) -> Callable[[], torch.Tensor]:
     """The whole forward for ``provider`` on ``x`` (NCHW), under ``torch.no_grad``; ``.module`` is what it runs.
 
@@ -213,11 +223,11 @@ def network_callable(
     if provider == "fastunet":
         module: torch.nn.Module = FastUNet.from_reference(model).eval()
         inp = x
-    elif provider in ("torch-eager", "torch-compile"):
+    elif provider == "torch-eager" or provider in COMPILE_MODES:
         module = copy.deepcopy(model).to(memory_format=torch.channels_last).eval()
         inp = x.contiguous(memory_format=torch.channels_last)
-        if provider == "torch-compile":
-            module = compiled(module, compile_mode)
+        if provider in COMPILE_MODES:
+            module = compiled(module, compile_mode(provider, max_autotune_mode))
     else:
         raise ValueError(f"unknown provider {provider!r}; expected one of {PROVIDERS}")
 

@@ -1,17 +1,20 @@
-"""Time the whole U-Net on a GPU: fastunet against eager PyTorch (cuDNN) and torch.compile, in one process.
+"""Time the U-Net on a GPU: fastunet against eager PyTorch (cuDNN) and torch.compile, in one process.
 
-For each configuration of ``bench/shapes.py`` and each dtype: check fastunet's output against eager PyTorch and a
-float64 reference (normwise errors, published budgets), then time every provider with
-``triton.testing.do_bench`` (CUDA events, L2 flushed between calls, median of the timed calls; the first call,
-which compiles and autotunes, and the warm-up calls are not timed). Results go to
-``<out>/<date>-<device>-<commit>.json``, rewritten after every configuration so a run cut short keeps what it
-measured.
+First the ceilings of this device: a large dense bf16 matmul and a device-to-device copy, both with
+``triton.testing.do_bench``; the roofline floors and the "% of the bf16 matmul rate" use them. Then, for each
+configuration of ``bench/shapes.py`` and each dtype: check fastunet's output against eager PyTorch and a float64
+reference (normwise errors, published budgets), then time every provider with ``do_bench`` (CUDA events, L2
+flushed between calls, median of the timed calls; the first call, which compiles and autotunes, and the warm-up
+calls are not timed), record the peak memory of one forward, and time each stage of the fused forward alone against
+the same math in eager PyTorch and torch.compile. With ``--profile DIR``, one forward per provider is also recorded
+with ``torch.profiler`` (Chrome trace format).
 
-Run from the repository root on a CUDA machine (no network needed)::
+Results go to ``<out>/<date>-<device>-<commit>.json`` (or ``--json FILE``), rewritten after every configuration
+so a run cut short keeps what it measured. Run from the repository root on a CUDA machine (no network needed)::
 
-    pip install --no-deps --no-build-isolation -e .   # optional: without it the source tree is used directly
     python bench/run_gpu.py --quick                   # a few minutes
     python bench/run_gpu.py --configs ref-bilinear-b16 --dtypes float16 bfloat16 --out /some/dir
+    fastunet bench                                    # the same for one configuration built from options
 
 The commit comes from ``git rev-parse HEAD`` (``FASTUNET_COMMIT`` overrides it, e.g. for a copied tree without
 ``.git``). A torch.compile failure is recorded in the JSON and the run goes on. Exit status 1 when fastunet failed
@@ -33,25 +36,35 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import _source_tree  # first: makes fastunet importable from the source tree
 import torch
 import triton
-import triton.testing
-from providers import DEFAULT_COMPILE_MODE, PROVIDERS, make_input, make_model, network_callable
-from shapes import CONFIGS, QUICK_CONFIGS, BenchConfig
+from providers import (
+    PROVIDERS,
+    compile_mode,
+    eager_stage,
+    make_input,
+    make_model,
+    network_callable,
+    stage_callable,
+    stage_tensors,
+)
+from shapes import CONFIGS, QUICK_CONFIGS, BenchConfig, bench_stages
 
 import fastunet
+from fastunet.cli import add_bench_timing_args, finish_bench_timing_args
 from fastunet.kernels import INTERPRET
 from fastunet.kernels._common import autotuning, tuned_configs
 from fastunet.parity import NETWORK_BUDGETS, math_mode, network_error
-from fastunet.roofline import H100, config_roofline
+from fastunet.roofline import H100, Ceilings, ceilings_json, config_roofline, measured_ceilings
 
 REPO = _source_tree.REPO
-PEAK_TFLOPS = 798.0  # H100 dense fp16/bf16 matmul, as measured on the lent H100 machines
 DEVICE = "cuda"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+MATMUL_SIZE = 8192  # bf16 (8192 x 8192) @ (8192 x 8192): 1.1 TFLOP, ~1.4 ms on an H100
+COPY_BYTES = 2**30  # a 1 GiB device-to-device copy (2 GiB of traffic)
 
 
 def _git(*args: str) -> str | None:
@@ -84,9 +97,44 @@ def environment() -> dict:
         "cudnn_benchmark": torch.backends.cudnn.benchmark,
         "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
         "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
-        "peak_tflops_fp16": PEAK_TFLOPS,
         "FASTUNET_AUTOTUNE": os.environ.get("FASTUNET_AUTOTUNE"),
     }
+
+
+def _median_ms(fn: Callable) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
+
+
+def _matmul_ms(n: int) -> float:
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    a = torch.randn((n, n), device=DEVICE, dtype=torch.bfloat16, generator=gen)
+    b = torch.randn((n, n), device=DEVICE, dtype=torch.bfloat16, generator=gen)
+    return _median_ms(lambda: a @ b)
+
+
+def _copy_ms(nbytes: int) -> float:
+    gen = torch.Generator(device=DEVICE).manual_seed(1)
+    src = torch.randint(0, 256, (nbytes,), device=DEVICE, dtype=torch.uint8, generator=gen)
+    dst = torch.empty_like(src)
+    return _median_ms(lambda: dst.copy_(src))
+
+
+def measure_ceilings(sm_count: int) -> tuple[dict, Ceilings]:
+    """This device's dense bf16 matmul rate and copy bandwidth (``do_bench`` medians), as a record and as
+    :class:`~fastunet.roofline.Ceilings`."""
+    matmul_ms = _matmul_ms(MATMUL_SIZE)
+    copy_ms = _copy_ms(COPY_BYTES)
+    _free()
+    matmul_flops = 2 * MATMUL_SIZE**3 / (matmul_ms / 1e3)
+    copy_rate = 2 * COPY_BYTES / (copy_ms / 1e3)  # read + write
+    record = {
+        "matmul_bf16": {"shape": [MATMUL_SIZE] * 3, "median_ms": matmul_ms, "tflops": matmul_flops / 1e12},
+        "copy": {"bytes": COPY_BYTES, "median_ms": copy_ms, "tb_per_s_read_plus_write": copy_rate / 1e12},
+        "timer": "triton.testing.do_bench median (CUDA events, warm-up excluded)",
+    }
+    return record, measured_ceilings(torch.cuda.get_device_name(0), matmul_flops, copy_rate, sm_count)
 
 
 def _slug(text: str) -> str:
@@ -110,6 +158,7 @@ def results_path(out_dir: str, env: dict) -> str:
 
 
 def _write(path: str, payload: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(payload, f, indent=2)
@@ -126,8 +175,36 @@ def _free() -> None:
     torch.cuda.empty_cache()
 
 
+class Progress:
+    """A one-line progress bar on stderr (one line per step when stderr is not a terminal)."""
+
+    def __init__(self, total: int, width: int = 30) -> None:
+        self.total, self.done, self.width = max(total, 1), 0, width
+        self.tty = sys.stderr.isatty()
+        self.started = time.perf_counter()
+
+    def step(self, label: str) -> None:
+        """Announce the step about to run."""
+        filled = self.width * self.done // self.total
+        bar = "#" * filled + "-" * (self.width - filled)
+        line = f"[{bar}] {self.done}/{self.total} {time.perf_counter() - self.started:5.0f} s  {label}"
+        if self.tty:
+            sys.stderr.write("\r\033[K" + line[:150])
+        else:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+        self.done = min(self.done + 1, self.total)
+
+    def close(self) -> None:
+        if self.tty:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
 def time_call(fn: Callable, warmup_ms: float, rep_ms: float) -> dict:
     """First call (compile/autotune) timed on its own, then ``do_bench``: median and spread of the timed calls."""
+    import triton.testing
+
     start = time.perf_counter()
     fn()
     torch.cuda.synchronize()
@@ -147,17 +224,75 @@ def time_call(fn: Callable, warmup_ms: float, rep_ms: float) -> dict:
     }
 
 
+def peak_memory(fn: Callable) -> dict:
+    """Peak allocated memory over one call of ``fn``, in total and above what was allocated before it (torch's
+    caching allocator; CUDA-graph pools of max-autotune were allocated when the graph was captured)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    out = fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    del out
+    return {"peak_allocated_bytes": peak, "forward_peak_bytes": peak - before}
+
+
+def write_profile(fn: Callable, path: str, label: str, cuda: bool = True) -> str:
+    """Record one call of ``fn`` (already warmed up) with ``torch.profiler`` and write a Chrome trace to ``path``."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with profile(activities=activities, record_shapes=True) as prof:
+        with record_function(label):
+            fn()
+            if cuda:
+                torch.cuda.synchronize()
+    prof.export_chrome_trace(path)
+    return path
+
+
 def _errors(out: torch.Tensor, ref: torch.Tensor) -> dict:
     error = network_error(out, ref)
     return {"rel_l2": error.rel_l2, "max_norm": error.max_norm}
 
 
-def bench_config(config: BenchConfig, dtype_name: str, args: argparse.Namespace, deadline: float) -> dict:
-    """Check and time one configuration in one dtype; torch.compile is skipped once ``deadline`` has passed."""
+def _with_rates(timing: dict, flops: int, images: int, floor_s: float, ceilings: Ceilings) -> dict:
+    seconds = timing["median_ms"] / 1e3
+    timing["images_per_s"] = images / seconds
+    timing["tflops"] = flops / seconds / 1e12
+    timing["fraction_of_bf16_matmul"] = flops / seconds / ceilings.peak_for("bf16")
+    timing["fraction_of_roofline"] = floor_s / seconds
+    return timing
+
+
+def _ratios(entries: dict) -> dict:
+    """Per provider: the time of eager and of each compiled provider over its own (> 1: this provider faster)."""
+    ratios: dict = {}
+    for provider, entry in entries.items():
+        mine = entry.get("median_ms")
+        if not mine:
+            continue
+        for baseline in PROVIDERS[1:]:
+            theirs = entries.get(baseline, {}).get("median_ms")
+            if theirs and baseline != provider:
+                ratios.setdefault(_key(provider), {})[f"speedup_vs_{_key(baseline)}"] = theirs / mine
+    return ratios
+
+
+def bench_config(
+    config: BenchConfig,
+    dtype_name: str,
+    args: argparse.Namespace,
+    deadline: float,
+    ceilings: Ceilings,
+    progress: Progress,
+) -> dict:
+    """Check and time one configuration in one dtype; compiled providers are skipped once ``deadline`` has passed."""
     dtype = DTYPES[dtype_name]
     mode = math_mode(dtype, "cuda")
     budget = NETWORK_BUDGETS[mode]
-    net = config_roofline(config.model_kwargs(), config.input_shape(), dtype, ceilings=H100)
+    net = config_roofline(config.model_kwargs(), config.input_shape(), dtype, ceilings=ceilings)
     run: dict = {
         "config": config.name,
         "model": config.model_kwargs(),
@@ -168,7 +303,7 @@ def bench_config(config: BenchConfig, dtype_name: str, args: argparse.Namespace,
         "flops": net.flops,
         "fused_bytes": net.bytes,
         "roofline_floor_ms": net.floor_s * 1e3,
-        "roofline_note": "model (H100 ceilings), not a measurement",
+        "roofline_note": f"model against {ceilings.name} ceilings, not a measurement",
         "budget": {"rel_l2": budget.rel_l2, "max_norm": budget.max_norm},
         "providers": {},
     }
@@ -176,6 +311,7 @@ def bench_config(config: BenchConfig, dtype_name: str, args: argparse.Namespace,
     x = make_input(config, dtype, DEVICE, seed=args.seed + 1)
 
     # Parity before timing: fastunet against eager in the same dtype and against float64 on the same parameters.
+    progress.step(f"{config.name} {dtype_name}: parity")
     parity: dict = {}
     outputs: dict[str, torch.Tensor] = {}
     callables: dict[str, Callable] = {}
@@ -226,82 +362,158 @@ def bench_config(config: BenchConfig, dtype_name: str, args: argparse.Namespace,
     del outputs
     _free()
 
-    providers = [p for p in PROVIDERS if not (p == "torch-compile" and args.no_compile)]
-    for provider in providers:
+    for provider in args.providers:
+        progress.step(f"{config.name} {dtype_name}: {provider}")
         if provider in run["providers"]:
             continue  # failed above
-        if provider == "torch-compile" and time.perf_counter() > deadline:
-            run["providers"][provider] = {"skipped": "time budget", "compile_mode": args.compile_mode}
+        mode_name = compile_mode(provider, args.max_autotune_mode)
+        if mode_name is not None and time.perf_counter() > deadline:
+            run["providers"][provider] = {"skipped": "time budget", "compile_mode": mode_name}
             continue
         try:
-            fn = callables.get(provider) or network_callable(model, x, provider, args.compile_mode)
+            fn = callables.get(provider) or network_callable(model, x, provider, args.max_autotune_mode)
             timing = time_call(fn, args.warmup_ms, args.rep_ms)
+            timing.update(peak_memory(fn))
+            if args.profile:
+                path = os.path.join(args.profile, f"{config.name}-{dtype_name}-{provider}.trace.json")
+                timing["profile"] = write_profile(fn, path, f"{provider} forward")
         except Exception as error:  # torch.compile or an OOM: record and go on
             traceback.print_exc()
-            run["providers"][provider] = {"error": _error_text(error)}
-            if provider == "torch-compile":
-                run["providers"][provider]["compile_mode"] = args.compile_mode
+            run["providers"][provider] = {"error": _error_text(error), "compile_mode": mode_name}
             torch._dynamo.reset()
             _free()
             continue
-        seconds = timing["median_ms"] / 1e3
-        timing["tflops"] = net.flops / seconds / 1e12
-        timing["fraction_of_798_tflops"] = timing["tflops"] / PEAK_TFLOPS
-        timing["fraction_of_roofline"] = net.floor_s / seconds
-        if provider == "torch-compile":
-            timing["compile_mode"] = args.compile_mode
+        timing = _with_rates(timing, net.flops, config.batch, net.floor_s, ceilings)
+        timing["compile_mode"] = mode_name
         timing["first_call_s"] = first_call_s.get(provider, timing["first_call_s"])
         run["providers"][provider] = timing
         callables.pop(provider, None)
         torch._dynamo.reset()
         _free()
-
-    fast_ms = run["providers"].get("fastunet", {}).get("median_ms")
-    ratios = {}
-    for provider in ("torch-eager", "torch-compile"):
-        other_ms = run["providers"].get(provider, {}).get("median_ms")
-        if fast_ms and other_ms:
-            ratios[f"speedup_vs_{_key(provider)}"] = other_ms / fast_ms
-    run["ratios"] = ratios
+    run["ratios"] = _ratios(run["providers"])
     del model, x, callables
     _free()
+    if not args.no_stages:
+        run["stages"] = bench_stage_set(config, dtype, args, deadline, ceilings, progress)
     return run
 
 
-def _cell(run: dict, provider: str) -> str:
-    entry = run["providers"].get(provider, {})
-    if "median_ms" in entry:
-        return f"{entry['median_ms']:9.3f}"
-    return f"{'error' if 'error' in entry else 'skipped' if 'skipped' in entry else '-':>9}"
+def bench_stage_set(
+    config: BenchConfig,
+    dtype: torch.dtype,
+    args: argparse.Namespace,
+    deadline: float,
+    ceilings: Ceilings,
+    progress: Progress,
+) -> list[dict]:
+    """Each stage of the fused forward (and the standalone head) alone, per stage provider, with its roofline
+    floor; a provider's output is checked against eager PyTorch before it is timed."""
+    import triton.testing
+
+    budget = NETWORK_BUDGETS[math_mode(dtype, "cuda")]
+    peak, size = ceilings.peak_for(math_mode(dtype, "cuda")), dtype.itemsize
+    rows = []
+    for stage in bench_stages(config):
+        progress.step(f"{config.name} stage {stage.index:02d} {stage.label}")
+        nbytes = (stage.bytes_read + stage.bytes_written) * size // 2  # traced in fp16
+        row: dict = {
+            "index": stage.index,
+            "stage": stage.label,
+            "kind": stage.kind,
+            "kernel": stage.kernel,
+            "flops": stage.flops,
+            "fused_bytes": nbytes,
+            "floor_ms": max(stage.flops / peak, nbytes / ceilings.bandwidth) * 1e3,
+            "providers": {},
+        }
+        tensors = stage_tensors(stage, dtype, DEVICE, seed=args.seed)
+        expected = eager_stage(stage, tensors)()
+        for provider in args.stage_providers:
+            mode_name = compile_mode(provider, args.max_autotune_mode)
+            if mode_name is not None and time.perf_counter() > deadline:
+                row["providers"][provider] = {"skipped": "time budget"}
+                continue
+            try:
+                fn = stage_callable(stage, provider, tensors, args.max_autotune_mode)
+                for got, want in zip(fn(), expected, strict=True):
+                    error = network_error(got, want)
+                    if error.rel_l2 > 2 * budget.rel_l2 or error.max_norm > 2 * budget.max_norm:
+                        raise AssertionError(f"differs from eager by rel-L2 {error.rel_l2:.2e}")
+                median_ms = triton.testing.do_bench(fn, warmup=10, rep=args.stage_rep_ms, return_mode="median")
+                row["providers"][provider] = {
+                    "median_ms": median_ms,
+                    "tflops": stage.flops / (median_ms / 1e3) / 1e12,
+                    "gbps": nbytes / (median_ms / 1e3) / 1e9,
+                    "fraction_of_roofline": row["floor_ms"] / median_ms,
+                }
+            except Exception as error:
+                traceback.print_exc()
+                row["providers"][provider] = {"error": _error_text(error)}
+            torch._dynamo.reset()
+        row["ratios"] = _ratios(row["providers"])
+        rows.append(row)
+        del tensors, expected
+        _free()
+    return rows
 
 
-def print_summary(runs: list[dict]) -> None:
+def _cell(entry: dict, key: str, fmt: str, scale: float = 1.0) -> str:
+    value = entry.get(key)
+    return format(value * scale, fmt) if isinstance(value, (int, float)) else "-"
+
+
+def format_run(run: dict, ceilings_name: str) -> str:
+    """One table per configuration: a row per provider."""
+    if "skipped" in run:
+        return f"{run['config']} {run['dtype']}: skipped ({run['skipped']})"
+    parity = run["parity"]
+    rel = parity.get("fastunet_vs_fp64", parity.get("fastunet_vs_eager", {})).get("rel_l2", math.nan)
+    lines = [
+        f"\n{run['config']}  {'x'.join(map(str, run['input_shape']))}  {run['dtype']} ({run['math']})  "
+        f"{run['flops'] / 1e9:.1f} GFLOP per forward  parity {'ok' if parity['ok'] else 'FAIL'} "
+        f"(fastunet rel-L2 {rel:.1e} vs float64)  roofline floor {run['roofline_floor_ms']:.3f} ms "
+        f"({ceilings_name})",
+    ]
     header = (
-        f"{'config':<18} {'dtype':<9} {'fastunet':>9} {'eager':>9} {'compile':>9} {'x eager':>8} {'x compile':>9} "
-        f"{'TFLOP/s':>8} {'% 798':>6} {'% roof':>6}  parity"
+        f"{'provider':<27} {'ms':>9} {'images/s':>9} {'TFLOP/s':>8} {'% bf16 mm':>9} {'% roof':>6} "
+        f"{'x eager':>7} {'x compile':>9} {'x max-at':>8} {'peak MB':>8}"
     )
-    print("\nmedian ms per forward (speedups > 1: fastunet faster)")
-    print(header)
-    print("-" * len(header))
-    for run in runs:
-        if "skipped" in run:
-            print(f"{run['config']:<18} {run['dtype']:<9} skipped: {run['skipped']}")
+    lines += [header, "-" * len(header)]
+    for provider, entry in run["providers"].items():
+        label = provider + (f" ({entry['compile_mode']})" if entry.get("compile_mode") else "")
+        if "median_ms" not in entry:
+            status = entry.get("skipped") or entry.get("error", "-")
+            lines.append(f"{label:<27} {'skipped: ' if 'skipped' in entry else 'error: '}{status[:90]}")
             continue
-        fast = run["providers"].get("fastunet", {})
-        ratios = run["ratios"]
-        parity = run["parity"]
-        rel = parity.get("fastunet_vs_fp64", parity.get("fastunet_vs_eager", {})).get("rel_l2", math.nan)
-        print(
-            f"{run['config']:<18} {run['dtype']:<9} {_cell(run, 'fastunet')} {_cell(run, 'torch-eager')} "
-            f"{_cell(run, 'torch-compile')} {ratios.get('speedup_vs_torch_eager', math.nan):>8.2f} "
-            f"{ratios.get('speedup_vs_torch_compile', math.nan):>9.2f} {fast.get('tflops', math.nan):>8.1f} "
-            f"{fast.get('fraction_of_798_tflops', math.nan):>6.1%} {fast.get('fraction_of_roofline', math.nan):>6.1%}"
-            f"  {'ok' if parity['ok'] else 'FAIL'} (rel-L2 {rel:.1e})"
+        ratios = run["ratios"].get(_key(provider), {})
+        lines.append(
+            f"{label:<27} {entry['median_ms']:>9.3f} {entry['images_per_s']:>9.1f} {entry['tflops']:>8.1f} "
+            f"{_cell(entry, 'fraction_of_bf16_matmul', '>9.1%')} {_cell(entry, 'fraction_of_roofline', '>6.1%')} "
+            f"{_cell(ratios, 'speedup_vs_torch_eager', '>7.2f')} {_cell(ratios, 'speedup_vs_torch_compile', '>9.2f')} "
+            f"{_cell(ratios, 'speedup_vs_torch_compile_max_autotune', '>8.2f')} "
+            f"{_cell(entry, 'peak_allocated_bytes', '>8.0f', 1e-6)}"
         )
+    stages = run.get("stages", [])
+    if stages:
+        names = list(stages[0]["providers"])
+        lines.append("\nstages alone: median ms per provider, roofline floor ms, fastunet speedups")
+        lines.append(
+            f"{'#':>3} {'stage':<16} {'kind':<15} {'floor':>7} "
+            + " ".join(f"{name[:13]:>13}" for name in names)
+            + f" {'x eager':>7} {'x compile':>9}"
+        )
+    for stage in stages:
+        ratios = stage["ratios"].get("fastunet", {})
+        cells = " ".join(f"{_cell(entry, 'median_ms', '>13.4f')}" for entry in stage["providers"].values())
+        lines.append(
+            f"{stage['index']:>3} {stage['stage']:<16} {stage['kind']:<15} {stage['floor_ms']:>7.4f} {cells} "
+            f"{_cell(ratios, 'speedup_vs_torch_eager', '>7.2f')} {_cell(ratios, 'speedup_vs_torch_compile', '>9.2f')}"
+        )
+    return "\n".join(lines)
 
 
-def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+def parse_args(argv: Sequence[str] | None, prog: str | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     parser.add_argument(
         "--configs",
         nargs="+",
@@ -309,7 +521,6 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
         metavar="NAME",
         help=f"from bench/shapes.py: {', '.join(CONFIGS)} (default: all, or the --quick set)",
     )
-    parser.add_argument("--quick", action="store_true", help=f"configs {', '.join(QUICK_CONFIGS)}, shorter timing")
     parser.add_argument(
         "--dtypes",
         nargs="+",
@@ -318,41 +529,60 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
         metavar="DTYPE",
         help=f"{', '.join(DTYPES)} (default float16)",
     )
-    parser.add_argument(
-        "--compile-mode",
-        default=DEFAULT_COMPILE_MODE,
-        help="torch.compile mode (default %(default)s: like fastunet, no CUDA graphs; max-autotune adds them)",
-    )
-    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
-    parser.add_argument("--no-fp64", action="store_true", help="skip the float64 reference check")
-    parser.add_argument(
-        "--autotune",
-        action="store_true",
-        help="let fastunet time its candidate tiles on the first call of each shape (as FASTUNET_AUTOTUNE=1 does); "
-        "the winners are recorded in the JSON",
-    )
-    parser.add_argument("--warmup-ms", type=float, default=None, help="do_bench warm-up time (default 100, quick 25)")
-    parser.add_argument("--rep-ms", type=float, default=None, help="do_bench timed time (default 500, quick 200)")
-    parser.add_argument(
-        "--time-budget-s",
-        type=float,
-        default=360.0,
-        help="start no new configuration, and no new torch.compile, after this many seconds (default %(default)s; "
-        "one max-autotune compilation of a 512x512 config can take minutes)",
-    )
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(REPO / "bench" / "results"), help="results folder (default %(default)s)")
+    add_bench_timing_args(parser)
     args = parser.parse_args(argv)
     if args.configs is None:
         args.configs = list(QUICK_CONFIGS) if args.quick else list(CONFIGS)
-    if args.warmup_ms is None:
-        args.warmup_ms = 25.0 if args.quick else 100.0
-    if args.rep_ms is None:
-        args.rep_ms = 200.0 if args.quick else 500.0
-    return args
+    return finish_bench_timing_args(args)
 
 
-def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+def run(args: argparse.Namespace, configs: Sequence[BenchConfig], dtype_names: Sequence[str]) -> tuple[int, dict]:
+    """Measure the ceilings, then check and time every configuration in every dtype; returns (status, payload) and
+    writes the payload to ``args.json`` or a new file under ``args.out``."""
+    torch.backends.cudnn.benchmark = True  # eager and compiled baselines with cuDNN autotuning
+    env = environment()
+    path = args.json or results_path(args.out, env)
+    payload: dict = {"kind": "GPU measurement", "environment": env, "args": vars(args), "runs": []}
+    print(f"{env['device']}  torch {env['torch']}  triton {env['triton']}  commit {env['commit']}")
+    print(f"results -> {path}")
+    started = time.perf_counter()
+    n_steps = len(configs) * len(dtype_names) * (1 + len(args.providers))
+    if not args.no_stages:
+        n_steps += sum(len(bench_stages(config)) for config in configs) * len(dtype_names)
+    progress = Progress(n_steps + (0 if args.no_ceilings else 1))
+    ceilings = H100
+    if not args.no_ceilings:
+        progress.step("ceilings: bf16 matmul, device copy")
+        record, ceilings = measure_ceilings(env["sm_count"])
+        payload["ceilings_measured"] = record
+    payload["ceilings"] = ceilings_json(ceilings)
+    status = 0
+    tuning = autotuning() if args.autotune else contextlib.nullcontext()
+    with tuning:
+        for config in configs:
+            for dtype_name in dtype_names:
+                elapsed = time.perf_counter() - started
+                if elapsed > args.time_budget_s:
+                    entry = {"config": config.name, "dtype": dtype_name, "skipped": f"time budget ({elapsed:.0f} s)"}
+                else:
+                    deadline = started + args.time_budget_s
+                    entry = bench_config(config, dtype_name, args, deadline, ceilings, progress)
+                    if not entry["parity"]["ok"] or "median_ms" not in entry["providers"].get("fastunet", {}):
+                        status = 1
+                payload["runs"].append(entry)
+                payload["elapsed_s"] = time.perf_counter() - started
+                payload["fastunet_tuned_configs"] = {str(key): cfg for key, cfg in tuned_configs().items()}
+                _write(path, payload)
+    progress.close()
+    payload["path"] = path
+    for entry in payload["runs"]:
+        print(format_run(entry, ceilings.name))
+    print(f"\nwrote {path} ({payload.get('elapsed_s', 0.0):.0f} s)")
+    return status, payload
+
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """Run the checks and timings; return the exit status."""
     args = parse_args(argv, prog)
     if not torch.cuda.is_available():
@@ -361,37 +591,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if INTERPRET:
         print("TRITON_INTERPRET=1 is set: unset it to time the compiled kernels", file=sys.stderr)
         return 2
-    torch.backends.cudnn.benchmark = True  # eager and compiled baselines with cuDNN autotuning
-    env = environment()
-    path = results_path(args.out, env)
-    payload = {"environment": env, "args": vars(args), "runs": []}
-    print(f"{env['device']}  torch {env['torch']}  triton {env['triton']}  commit {env['commit']}")
-    print(f"results -> {path}")
-    started = time.perf_counter()
-    tuning = autotuning() if args.autotune else contextlib.nullcontext()
-    with tuning:
-        status = _run_all(args, payload, path, started)
-    print_summary(payload["runs"])
-    print(f"\nwrote {path} ({payload['elapsed_s']:.0f} s)")
-    return status
-
-
-def _run_all(args: argparse.Namespace, payload: dict, path: str, started: float) -> int:
-    status = 0
-    for name in args.configs:
-        for dtype_name in args.dtypes:
-            elapsed = time.perf_counter() - started
-            if elapsed > args.time_budget_s:
-                run = {"config": name, "dtype": dtype_name, "skipped": f"time budget ({elapsed:.0f} s elapsed)"}
-            else:
-                print(f"[{elapsed:6.0f} s] {name} {dtype_name} ...", flush=True)
-                run = bench_config(CONFIGS[name], dtype_name, args, started + args.time_budget_s)
-                if not run["parity"]["ok"] or "median_ms" not in run["providers"].get("fastunet", {}):
-                    status = 1
-            payload["runs"].append(run)
-            payload["elapsed_s"] = time.perf_counter() - started
-            payload["fastunet_tuned_configs"] = {str(key): cfg for key, cfg in tuned_configs().items()}
-            _write(path, payload)
+    status, _ = run(args, [CONFIGS[name] for name in args.configs], args.dtypes)
     return status
 
 

@@ -13,7 +13,8 @@ import inspect
 import _source_tree  # noqa: F401  (makes fastunet importable from the source tree)
 import torch
 
-from fastunet.kernels.conv import UP_BILINEAR, UP_BILINEAR_AC, UP_DIRECT, UP_NEAREST, UP_NONE
+from fastunet.kernels._common import dry_run, launch_log
+from fastunet.kernels.conv import UP_BILINEAR, UP_BILINEAR_AC, UP_DIRECT, UP_NEAREST, UP_NONE, conv2d_nhwc
 from fastunet.roofline import stage_labels, trace_config
 
 
@@ -50,8 +51,8 @@ class BenchConfig:
         return (self.batch, self.in_channels, self.height, self.width)
 
 
-def _reference(name: str, upsample: str, batch: int, **kw) -> BenchConfig:
-    return BenchConfig(name, 3, 2, 64, 4, upsample, None, batch, 512, 512, **kw)
+def _reference(name: str, upsample: str, batch: int, size: int = 512, **kw) -> BenchConfig:
+    return BenchConfig(name, 3, 2, 64, 4, upsample, None, batch, size, size, **kw)
 
 
 # Cheapest first, so that a run cut short by its time budget still covers every layout at batch 1.
@@ -59,6 +60,7 @@ CONFIGS: dict[str, BenchConfig] = {
     c.name: c
     for c in (
         BenchConfig("smoke", 3, 2, 16, 3, "bilinear", None, 2, 128, 128, note="small and fast: checks the plumbing"),
+        _reference("ref-bilinear-256-b1", "bilinear", 1, 256, note="reference config at 256x256"),
         _reference("ref-bilinear-b1", "bilinear", 1, note="reference config, 445.5 GFLOP per image"),
         _reference("ref-transpose-b1", "transpose", 1, note="reference config with transposed-conv upsampling"),
         BenchConfig(
@@ -74,6 +76,7 @@ CONFIGS: dict[str, BenchConfig] = {
             512,
             note="milesial/Pytorch-UNet layout (bilinear=False): bias-free convs + BatchNorm, ConvTranspose2d",
         ),
+        _reference("ref-bilinear-256-b16", "bilinear", 16, 256, note="reference config at 256x256, batch 16"),
         _reference("ref-bilinear-b16", "bilinear", 16, note="reference config, batch 16"),
         _reference("ref-transpose-b16", "transpose", 16, note="transposed-conv upsampling, batch 16"),
         BenchConfig(
@@ -86,6 +89,13 @@ CONFIGS: dict[str, BenchConfig] = {
 QUICK_CONFIGS: tuple[str, ...] = ("smoke", "ref-bilinear-b1", "ref-transpose-b1")
 # Configurations whose stages the per-stage benchmarks cover by default.
 STAGE_CONFIGS: tuple[str, ...] = ("ref-bilinear-b1", "ref-transpose-b1")
+# The reference config at both sizes and batch sizes: the default of the whole-network benchmarks.
+NETWORK_CONFIGS: tuple[str, ...] = (
+    "ref-bilinear-256-b1",
+    "ref-bilinear-b1",
+    "ref-bilinear-256-b16",
+    "ref-bilinear-b16",
+)
 
 _UP_MODE_NAMES = {UP_NONE: None, UP_DIRECT: "direct", UP_NEAREST: "nearest", UP_BILINEAR: "bilinear"}
 
@@ -153,46 +163,69 @@ def _kind(record) -> str:
     return "conv+pool" if c["POOL"] else "conv"
 
 
+def _stage(config: BenchConfig, index: int, label: str, record) -> Stage:
+    args = _kernel_args(record)
+    x, up, y = args["x_ptr"], args["up_ptr"], args["y_ptr"]
+    up_code = record.constexprs["UP_MODE"]
+    has_up = up_code != UP_NONE
+    return Stage(
+        config=config.name,
+        index=index,
+        label=label,
+        kernel=record.name,
+        kind=_kind(record),
+        batch=args["batch"],
+        height=args["height"],
+        width=args["width"],
+        c_main=args["c_main"],
+        c_up=args["c_up"],
+        c_out=args["c_out"],
+        n_cls=args["n_cls"],
+        low_h=args["low_h"],
+        low_w=args["low_w"],
+        up_mode="bilinear" if up_code == UP_BILINEAR_AC else _UP_MODE_NAMES[up_code],
+        align_corners=up_code == UP_BILINEAR_AC,
+        x_shape=tuple(x.shape),
+        x_stride=tuple(x.stride()),
+        up_shape=tuple(up.shape) if has_up else None,
+        up_stride=tuple(up.stride()) if has_up else None,
+        y_shape=tuple(y.shape),
+        y_stride=tuple(y.stride()),
+        flops=record.flops,
+        bytes_read=record.bytes_read,
+        bytes_written=record.bytes_written,
+    )
+
+
 def stages(config: BenchConfig, dtype: torch.dtype = torch.float16) -> list[Stage]:
     """The launches of ``config``'s fused forward in ``dtype``, as standalone stages (traced on ``meta``)."""
     records = trace_config(config.model_kwargs(), config.input_shape(), dtype)
     labels = stage_labels(records, config.depth, config.upsample)
-    result = []
-    for index, (label, record) in enumerate(zip(labels, records, strict=True)):
-        args = _kernel_args(record)
-        x, up, y = args["x_ptr"], args["up_ptr"], args["y_ptr"]
-        up_code = record.constexprs["UP_MODE"]
-        has_up = up_code != UP_NONE
-        result.append(
-            Stage(
-                config=config.name,
-                index=index,
-                label=label,
-                kernel=record.name,
-                kind=_kind(record),
-                batch=args["batch"],
-                height=args["height"],
-                width=args["width"],
-                c_main=args["c_main"],
-                c_up=args["c_up"],
-                c_out=args["c_out"],
-                n_cls=args["n_cls"],
-                low_h=args["low_h"],
-                low_w=args["low_w"],
-                up_mode="bilinear" if up_code == UP_BILINEAR_AC else _UP_MODE_NAMES[up_code],
-                align_corners=up_code == UP_BILINEAR_AC,
-                x_shape=tuple(x.shape),
-                x_stride=tuple(x.stride()),
-                up_shape=tuple(up.shape) if has_up else None,
-                up_stride=tuple(up.stride()) if has_up else None,
-                y_shape=tuple(y.shape),
-                y_stride=tuple(y.stride()),
-                flops=record.flops,
-                bytes_read=record.bytes_read,
-                bytes_written=record.bytes_written,
-            )
-        )
-    return result
+    pairs = enumerate(zip(labels, records, strict=True))
+    return [_stage(config, index, label, record) for index, (label, record) in pairs]
+
+
+def head_stage(config: BenchConfig, dtype: torch.dtype = torch.float16, index: int = 0) -> Stage:
+    """The 1x1 head as its own launch (NHWC features in, NCHW logits out), traced on ``meta``.
+
+    The fused forward folds the head into the last conv whenever it can; this stage times the head alone, the
+    launch that wider networks make and the kernel eager PyTorch runs for it.
+    """
+    n, h, w, c, k = config.batch, config.height, config.width, config.base_channels, config.num_classes
+    features = torch.empty((n, h, w, c), device="meta", dtype=dtype)
+    weight = torch.empty((c, k), device="meta", dtype=dtype)  # packed (ksize * ksize * C_in, C_out)
+    bias = torch.empty((k,), device="meta", dtype=dtype)
+    logits = torch.empty((n, k, h, w), device="meta", dtype=dtype).permute(0, 2, 3, 1)
+    with dry_run(), launch_log() as records:
+        conv2d_nhwc(features, weight, bias, ksize=1, relu=False, out=logits)
+    (record,) = records
+    return _stage(config, index, "head", record)
+
+
+def bench_stages(config: BenchConfig, dtype: torch.dtype = torch.float16) -> list[Stage]:
+    """What the per-stage benchmarks time: every launch of the fused forward, then the standalone head."""
+    launches = stages(config, dtype)
+    return [*launches, head_stage(config, dtype, index=len(launches))]
 
 
 def main() -> None:

@@ -6,12 +6,17 @@
     fastunet check --dtype float16 --upsample transpose --norm batch --size 33
     fastunet trace --upsample bilinear # the launches of the reference config (base 64, depth 4, 512x512)
     fastunet roofline --batch 16       # a roofline model of those launches (a model, not a measurement)
-    fastunet bench --quick             # GPU timings against eager PyTorch and torch.compile (source checkout)
+    fastunet bench                     # the reference config: parity, then timings vs eager and torch.compile
     fastunet report                    # compile every kernel variant for sm_90 (no GPU needed)
 
 ``check`` runs the kernels where they can run: compiled on a CUDA device, otherwise on the CPU under Triton's
 interpreter. The interpreter is chosen by ``TRITON_INTERPRET=1`` before ``triton`` is imported; when this process
 imported it already, ``check`` re-runs itself in a child process with the variable set.
+
+``bench`` on a CUDA machine (from a source checkout: the benchmarks live in ``bench/``) checks parity, then times
+each provider and each stage. Without a GPU it makes no timings: it says so, runs the parity check under the
+interpreter on a small configuration, and prints the roofline model and the sm_90 compile report of the chosen
+configuration instead.
 """
 
 from __future__ import annotations
@@ -19,9 +24,12 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib
+import json
 import os
 import subprocess
 import sys
+import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -32,6 +40,8 @@ _CHILD_MARK = "FASTUNET_CLI_INTERPRETER_CHILD"
 
 CHECK_DEFAULTS = {"base_channels": 8, "depth": 3, "size": 32, "batch": 2, "dtype": "float32"}
 REFERENCE_DEFAULTS = {"base_channels": 64, "depth": 4, "size": 512, "batch": 1, "dtype": "float16"}
+BENCH_PROVIDERS = ("fastunet", "torch-eager", "torch-compile", "torch-compile-max-autotune")
+REPORT_DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 
 
 def _add_model_args(parser: argparse.ArgumentParser, defaults: dict) -> None:
@@ -103,11 +113,27 @@ def build_parser() -> argparse.ArgumentParser:
     roofline.add_argument("--no-eager", action="store_true", help="leave out the eager PyTorch estimate")
     roofline.add_argument("--ieee", action="store_true", help="fp32 without TF32 (CUDA-core fp32 peak)")
 
-    sub.add_parser(
+    bench = sub.add_parser(
         "bench",
-        help="GPU timings vs eager PyTorch and torch.compile (bench/run_gpu.py; options: fastunet bench --help)",
-        add_help=False,
+        help="parity, then timings vs eager PyTorch and torch.compile (GPU); model and compile report without one",
+        description="On a CUDA machine: check parity of the chosen configuration (default: the reference config), "
+        "measure the device's bf16 matmul and copy ceilings, then time each provider (median of CUDA-event timings) "
+        "and each stage. Without a GPU: no timings; parity under the interpreter on a small configuration, the "
+        "roofline model and the sm_90 compile report of the chosen configuration.",
     )
+    _add_model_args(bench, REFERENCE_DEFAULTS)
+    add_bench_timing_args(bench)
+    cpu = bench.add_argument_group("without a GPU")
+    cpu.add_argument(
+        "--report-dtypes",
+        nargs="+",
+        choices=list(REPORT_DTYPES.values()),
+        help="dtypes of the compile report (default fp16 bf16 for half-precision configs, else the config's dtype)",
+    )
+    cpu.add_argument("--no-report", action="store_true", help="leave out the sm_90 compile report")
+    cpu.add_argument("--check-base-channels", type=int, default=CHECK_DEFAULTS["base_channels"])
+    cpu.add_argument("--check-depth", type=int, default=CHECK_DEFAULTS["depth"])
+    cpu.add_argument("--check-size", type=int, default=CHECK_DEFAULTS["size"])
     sub.add_parser(
         "report",
         help="compile every kernel variant for sm_90 and report registers, spills, tensor cores "
@@ -265,7 +291,66 @@ def _run_roofline(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return 0
 
 
-# -- bench and report (their own options) -------------------------------------------------------------------------
+# -- bench ----------------------------------------------------------------------------------------------------------
+def add_bench_timing_args(parser: argparse.ArgumentParser) -> None:
+    """Options of a GPU timing run, shared by ``fastunet bench`` and ``bench/run_gpu.py``."""
+    group = parser.add_argument_group("timing (GPU)")
+    group.add_argument(
+        "--providers",
+        nargs="+",
+        choices=BENCH_PROVIDERS,
+        default=list(BENCH_PROVIDERS),
+        help="whole-network providers (default: all)",
+    )
+    group.add_argument(
+        "--stage-providers",
+        nargs="+",
+        choices=BENCH_PROVIDERS,
+        default=["fastunet", "torch-eager", "torch-compile"],
+        help="providers of the per-stage timings (default %(default)s)",
+    )
+    group.add_argument("--no-stages", action="store_true", help="leave out the per-stage timings")
+    group.add_argument(
+        "--max-autotune-mode",
+        default="max-autotune",
+        help="torch.compile mode of torch-compile-max-autotune (default %(default)s; max-autotune-no-cudagraphs "
+        "leaves out CUDA graphs, which fastunet does not use)",
+    )
+    group.add_argument("--quick", action="store_true", help="shorter timing (and the quick config set of run_gpu.py)")
+    group.add_argument("--no-fp64", action="store_true", help="skip the float64 reference check")
+    group.add_argument("--no-ceilings", action="store_true", help="use the recorded H100 ceilings, measure none")
+    group.add_argument(
+        "--autotune",
+        action="store_true",
+        help="let fastunet time its candidate tiles on the first call of each shape (as FASTUNET_AUTOTUNE=1 does)",
+    )
+    group.add_argument("--warmup-ms", type=float, default=None, help="do_bench warm-up time (default 100, quick 25)")
+    group.add_argument("--rep-ms", type=float, default=None, help="do_bench timed time (default 500, quick 200)")
+    group.add_argument("--stage-rep-ms", type=float, default=None, help="do_bench time per stage (default 100)")
+    group.add_argument(
+        "--time-budget-s",
+        type=float,
+        default=360.0,
+        help="start no new configuration and no new torch.compile after this many seconds (default %(default)s)",
+    )
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--json", metavar="FILE", help="write the results as JSON to FILE")
+    group.add_argument(
+        "--profile", metavar="DIR", help="write a torch.profiler trace (Chrome format) of one forward per provider"
+    )
+
+
+def finish_bench_timing_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the defaults that depend on ``--quick``."""
+    if args.warmup_ms is None:
+        args.warmup_ms = 25.0 if args.quick else 100.0
+    if args.rep_ms is None:
+        args.rep_ms = 200.0 if args.quick else 500.0
+    if args.stage_rep_ms is None:
+        args.stage_rep_ms = 50.0 if args.quick else 100.0
+    return args
+
+
 def _bench_dir() -> Path | None:
     import fastunet
 
@@ -275,27 +360,161 @@ def _bench_dir() -> Path | None:
     return None
 
 
-def _run_bench(rest: Sequence[str]) -> int:
-    if not torch.cuda.is_available() and not {"-h", "--help"} & set(rest):
-        print(
-            "bench: timings need a CUDA device and none is available here.\n"
-            "  On a GPU machine, from a source checkout: fastunet bench --quick   (or python bench/run_gpu.py)\n"
-            "  Without a GPU: fastunet roofline (the roofline model), fastunet report (sm_90 compile report)",
-            file=sys.stderr,
+def _section(title: str) -> None:
+    print(f"\n== {title} " + "=" * max(0, 100 - len(title)), flush=True)
+
+
+def _child_env(interpret: bool) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", _CHILD_MARK)}
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    return env
+
+
+def _bench_without_gpu(args: argparse.Namespace) -> int:
+    """No GPU: say so, then parity under the interpreter (small config), the roofline model and the compile report
+    of the chosen configuration. Nothing here is timed as speed."""
+    from fastunet.roofline import format_roofline_report, roofline_report
+
+    started = time.perf_counter()
+    print(
+        "bench: no GPU here (torch.cuda.is_available() is False), so no timings are made: speed is measured only on "
+        "a CUDA device.\n"
+        "Instead: 1. parity under Triton's interpreter on a small configuration; 2. the roofline MODEL of the chosen "
+        "configuration (lower bounds, not measurements); 3. the sm_90 COMPILE REPORT of its kernels (built, not run)."
+    )
+    result: dict = {"kind": "no GPU: parity (interpreter), roofline model, compile report; no timings", "sections": {}}
+    status = 0
+
+    _section("1. parity (Triton interpreter on the CPU; checks values, not speed)")
+    check_argv = [
+        "check",
+        "--device",
+        "cpu",
+        "--base-channels",
+        str(args.check_base_channels),
+        "--depth",
+        str(args.check_depth),
+        "--size",
+        str(args.check_size),
+        "--batch",
+        str(CHECK_DEFAULTS["batch"]),
+        "--dtype",
+        args.dtype,
+        "--upsample",
+        args.upsample,
+        "--norm",
+        args.norm,
+        "--in-channels",
+        str(args.in_channels),
+        "--num-classes",
+        str(args.num_classes),
+        *(["--align-corners"] if args.align_corners else []),
+    ]
+    print(f"$ fastunet {' '.join(check_argv)}", flush=True)
+    check_status = subprocess.call([sys.executable, "-m", "fastunet.cli", *check_argv], env=_child_env(True))
+    result["sections"]["parity"] = {"argv": check_argv, "passed": check_status == 0}
+    status = status or (check_status != 0)
+
+    _section("2. roofline model (not a measurement)")
+    report = roofline_report(_model_kwargs(args), _input_shape(args), DTYPES[args.dtype])
+    print(f"configuration: {_describe(args)}")
+    print(format_roofline_report(report))
+    result["sections"]["roofline"] = report
+
+    if not args.no_report:
+        dtypes = args.report_dtypes or (
+            ["fp16", "bf16"] if args.dtype in ("float16", "bfloat16") else [REPORT_DTYPES[args.dtype]]
         )
-        return 2
+        _section(f"3. sm_90 compile report ({' and '.join(dtypes)}; compiled for the GPU, nothing runs here)")
+        with tempfile.TemporaryDirectory(prefix="fastunet-report-") as work:
+            path = os.path.join(work, "report.json")
+            report_argv = [
+                "--arch",
+                "90",
+                "--dtype",
+                *dtypes,
+                "--upsample",
+                args.upsample,
+                "--batch",
+                str(args.batch),
+                "--size",
+                str(_input_shape(args)[2]),
+                "--in-channels",
+                str(args.in_channels),
+                "--num-classes",
+                str(args.num_classes),
+                "--base-channels",
+                str(args.base_channels),
+                "--depth",
+                str(args.depth),
+                "--json",
+                path,
+            ]
+            if _input_shape(args)[2] != _input_shape(args)[3]:
+                print("compile report: traced at H = W = --height (tile choices rarely depend on the aspect)")
+            command = [sys.executable, "-m", "fastunet.compile_report", *report_argv]
+            report_status = subprocess.call(command, env=_child_env(False))
+            if os.path.exists(path):
+                with open(path) as handle:
+                    result["sections"]["compile_report"] = json.load(handle)
+            else:
+                result["sections"]["compile_report"] = {"error": f"exit status {report_status}"}
+        status = status or report_status not in (0, 1)
+
+    result["elapsed_s"] = round(time.perf_counter() - started, 1)
+    print(f"\nbench (no GPU): done in {result['elapsed_s']:.0f} s; no timings were made.")
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as handle:
+            json.dump(result, handle, indent=1, default=str)
+            handle.write("\n")
+        print(f"wrote {args.json}")
+    return int(bool(status))
+
+
+def _bench_on_gpu(args: argparse.Namespace) -> int:
     bench = _bench_dir()
     if bench is None:
         print(
-            "bench: bench/run_gpu.py not found: the benchmarks live in the source tree, not in the installed "
+            "bench: bench/run_gpu.py not found: the GPU benchmarks live in the source tree, not in the installed "
             "package; run this from a checkout of the repository",
             file=sys.stderr,
         )
         return 2
+    if _interpreter_state() or os.environ.get("TRITON_INTERPRET") == "1":
+        print("bench: TRITON_INTERPRET=1 is set: unset it to time the compiled kernels", file=sys.stderr)
+        return 2
     if str(bench) not in sys.path:
         sys.path.insert(0, str(bench))
     run_gpu = importlib.import_module("run_gpu")
-    return int(run_gpu.main(list(rest), prog="fastunet bench") or 0)
+    shapes = importlib.import_module("shapes")
+    batch, c_in, height, width = _input_shape(args)
+    kwargs = _model_kwargs(args)
+    config = shapes.BenchConfig(
+        name=f"{kwargs['upsample']}-b{kwargs['base_channels']}-d{kwargs['depth']}-{height}x{width}-n{batch}",
+        in_channels=c_in,
+        num_classes=kwargs["num_classes"],
+        base_channels=kwargs["base_channels"],
+        depth=kwargs["depth"],
+        upsample=kwargs["upsample"],
+        norm=kwargs["norm"],
+        batch=batch,
+        height=height,
+        width=width,
+        align_corners=kwargs["align_corners"],
+        note="fastunet bench",
+    )
+    args.out = str(bench / "results")
+    status, _ = run_gpu.run(args, [config], [args.dtype])
+    return status
+
+
+def _run_bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    finish_bench_timing_args(args)
+    if torch.cuda.is_available():
+        return _bench_on_gpu(args)
+    return _bench_without_gpu(args)
 
 
 def _run_report(rest: Sequence[str]) -> int:
@@ -307,8 +526,8 @@ def _run_report(rest: Sequence[str]) -> int:
     return int(compile_report.main(list(rest), prog="fastunet report") or 0)
 
 
-_PASSTHROUGH = {"bench": _run_bench, "report": _run_report}
-_COMMANDS = {"check": _run_check, "trace": _run_trace, "roofline": _run_roofline}
+_PASSTHROUGH = {"report": _run_report}
+_COMMANDS = {"check": _run_check, "trace": _run_trace, "roofline": _run_roofline, "bench": _run_bench}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -514,27 +514,30 @@ def _used_by(configs: Sequence[str]) -> str:
     parts = [label.split("/") for label in configs]
     upsamples = sorted({p[0] for p in parts})
     batches = sorted({p[-1] for p in parts}, key=lambda b: -int(b[1:]))
-    return f"{','.join(upsamples)} {','.join(batches)}"
+    sizes = sorted({int(p[2]) for p in parts if len(p) == 4})
+    return f"{','.join(upsamples)} {','.join(map(str, sizes))}{' ' if sizes else ''}{','.join(batches)}"
 
 
 def format_table(rows: Sequence[VariantReport]) -> str:
-    """Fixed-width table, one line per variant (``up``: UP_MODE; ``CTA/SM``: resident CTAs per SM; ``warn``: ptxas
-    performance warnings; ``s``: compile seconds; ``n``: launches)."""
+    """Fixed-width table, one line per variant (``up``: UP_MODE; ``CTA/SM``, ``warps/SM``: resident per SM, and
+    ``limit``: what limits them (regs, smem, warps); ``warn``: ptxas performance warnings; ``s``: compile seconds;
+    ``n``: launches)."""
     header = (
         f"{'variant':<18} {'dtype':<5} {'up':>2} {'BM':>4} {'BN':>4} {'BK':>3} {'warps':>5} {'stg':>3} "
-        f"{'regs':>4} {'spill':>5} {'smem KiB':>8} {'CTA/SM':>6} {'HGMMA':>5} {'HMMA':>4} {'warn':>4} {'s':>5} {'n':>3}"
-        "  used by"
+        f"{'regs':>4} {'spill':>5} {'smem KiB':>8} {'CTA/SM':>6} {'warps/SM':>8} {'limit':<5} {'HGMMA':>5} "
+        f"{'HMMA':>4} {'warn':>4} {'s':>5} {'n':>3}  used by"
     )
     lines = [header, "-" * len(header)]
+    short = {"registers": "regs", "shared memory": "smem", "launch fails": "FAIL"}
     for row in rows:
-        c = row.constexprs
+        c, occ = row.constexprs, row.occupancy
         lines.append(
             f"{row.name:<18} {row.dtype:<5} {c.get('UP_MODE', '-'):>2} {c.get('BLOCK_M', '-'):>4} "
             f"{c.get('BLOCK_N', '-'):>4} {c.get('BLOCK_K', '-'):>3} {row.num_warps:>5} {row.num_stages:>3} "
             f"{row.registers:>4} {row.spill_bytes:>5} {row.shared_bytes / 1024:>8.1f} "
-            f"{'-' if row.ctas_per_sm is None else row.ctas_per_sm:>6} {row.hgmma:>5} {row.hmma:>4} "
-            f"{len(row.ptxas_warnings):>4} "
-            f"{row.compile_s:>5.2f} {row.launches:>3}  {_used_by(row.configs)}"
+            f"{'-' if occ is None else occ.blocks_per_sm:>6} {'-' if occ is None else occ.warps_per_sm:>8} "
+            f"{'-' if occ is None else short.get(occ.limited_by, occ.limited_by):<5} {row.hgmma:>5} {row.hmma:>4} "
+            f"{len(row.ptxas_warnings):>4} {row.compile_s:>5.2f} {row.launches:>3}  {_used_by(row.configs)}"
         )
     lines.append(f"{len(rows)} variants, {sum(row.compile_s for row in rows):.1f} s compiling")
     return "\n".join(lines)
@@ -547,7 +550,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m fastunet.comp
     parser.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=list(DTYPES))
     parser.add_argument("--upsample", nargs="+", choices=UPSAMPLES, default=list(UPSAMPLES))
     parser.add_argument("--batch", nargs="+", type=int, default=list(REFERENCE_BATCHES))
-    parser.add_argument("--size", type=int, default=REFERENCE_SIZE)
+    parser.add_argument("--size", nargs="+", type=int, default=[REFERENCE_SIZE], help="H = W")
     parser.add_argument("--in-channels", type=int, default=REFERENCE_MODEL["in_channels"])
     parser.add_argument("--num-classes", type=int, default=REFERENCE_MODEL["num_classes"])
     parser.add_argument("--base-channels", type=int, default=REFERENCE_MODEL["base_channels"])
@@ -577,7 +580,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m fastunet.comp
     )
     wall_s = time.perf_counter() - start
     print(format_table(rows))
-    print(f"wall {wall_s:.1f} s, triton {triton.__version__}, target sm_{args.arch}")
+    print(f"wall {wall_s:.1f} s, triton {triton.__version__}, target sm_{args.arch} (compile report: built, not run)")
     flagged = [(row, problems(row)) for row in rows]
     for row, found in flagged:
         if found:

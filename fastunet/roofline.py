@@ -552,10 +552,13 @@ def format_roofline_report(report: dict) -> str:
         f"{'#':>3}  {'stage':<16} {'kernel':<18} {'GFLOP':>8} {'fused MB':>9} {'FLOP/B':>7} {'bound':<7} "
         f"{'eager k':>7} {'eager MB':>9} {'FLOP/B':>7}{floor_heads}"
     )
+    total = report["total"]
+    batch = report["input_shape"][0]
+    per_image = f"{total['flops'] / batch / 1e9:.1f} GFLOP per image" if batch else "empty batch"
     lines = [
         f"Roofline MODEL (lower bounds, not a measurement): {report['math']}, input "
-        f"{'x'.join(map(str, report['input_shape']))}; floors in microseconds (*: measured ceilings); bound: "
-        f"against {names[0]}",
+        f"{'x'.join(map(str, report['input_shape']))}: {total['flops'] / 1e9:.1f} GFLOP per forward ({per_image}); "
+        f"floors in microseconds (*: measured ceilings); bound: against {names[0]}",
         header,
         "-" * len(header),
     ]
@@ -573,7 +576,6 @@ def format_roofline_report(report: dict) -> str:
             f"{intensity(row['fused_intensity'])} {row['floors'][names[0]]['fused_bound']:<7} "
             f"{row['eager_kernels']:>7} {row['eager_bytes'] / 1e6:>9.2f} {intensity(row['eager_intensity'])}{floors}"
         )
-    total = report["total"]
     floors = "".join(
         f" {total['floors'][n]['fused_s'] * 1e6:>11.2f} {total['floors'][n]['eager_s'] * 1e6:>11.2f}" for n in names
     )
