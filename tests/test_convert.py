@@ -55,6 +55,36 @@ def test_milesial_layout_matches_original(device, ieee_fp32, bilinear, dtype, si
             assert_error_ratio(out, model(x), expected, factor=2.0)
 
 
+@pytest.mark.parametrize(
+    "upsample",
+    [
+        pytest.param(nn.Upsample(scale_factor=2, mode="nearest"), id="nearest"),
+        pytest.param(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False), id="bilinear-half-pixel"),
+        pytest.param(nn.UpsamplingBilinear2d(scale_factor=2), id="upsampling-bilinear2d"),
+    ],
+)
+def test_other_interpolations(device, upsample):
+    model = milesial(True)
+    for name in ("up1", "up2", "up3"):
+        getattr(model, name).up = copy.deepcopy(upsample)
+    fast = fastunet.convert(model.eval()).to(device)
+    x = torch.randn(1, 3, 18, 17, device=device)
+    with torch.no_grad():
+        out = fast(x)
+    assert fast.last_backend != "reference"
+    assert_network_close(out, float64_output(model, x), "fp32")
+
+
+def test_mixed_dtypes_outside_autocast_are_refused(device):
+    fast = fastunet.convert(milesial(False)).to(device)
+    with pytest.raises(TypeError, match="input dtype torch.float16 does not match the parameters' dtype torch.float32"):
+        fast(torch.randn(1, 3, 16, 16, device=device).half())
+    with pytest.raises(ValueError, match="expected input with 3 channels, got 4"):
+        fast(torch.randn(1, 4, 16, 16, device=device))
+    with pytest.raises(ValueError, match="too small for depth 3: H and W must be at least 8"):
+        fast(torch.randn(1, 3, 7, 16, device=device))
+
+
 def test_milesial_layout_depth4_launches(device):
     """The original's four levels: the same fused plan as the reference layout (22 launches with transposed
     convs, 18 with bilinear)."""
