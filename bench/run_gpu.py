@@ -287,8 +287,10 @@ def bench_config(
     deadline: float,
     ceilings: Ceilings,
     progress: Progress,
+    checkpoint: Callable[[dict], None] = lambda run: None,
 ) -> dict:
-    """Check and time one configuration in one dtype; compiled providers are skipped once ``deadline`` has passed."""
+    """Check and time one configuration in one dtype; compiled providers are skipped once ``deadline`` has passed.
+    ``checkpoint`` gets the partial result after each step (a run killed part-way keeps what it measured)."""
     dtype = DTYPES[dtype_name]
     mode = math_mode(dtype, "cuda")
     budget = NETWORK_BUDGETS[mode]
@@ -361,6 +363,7 @@ def bench_config(
     run["parity"] = parity
     del outputs
     _free()
+    checkpoint(run)
 
     for provider in args.providers:
         progress.step(f"{config.name} {dtype_name}: {provider}")
@@ -387,6 +390,8 @@ def bench_config(
         timing["compile_mode"] = mode_name
         timing["first_call_s"] = first_call_s.get(provider, timing["first_call_s"])
         run["providers"][provider] = timing
+        run["ratios"] = _ratios(run["providers"])
+        checkpoint(run)
         callables.pop(provider, None)
         torch._dynamo.reset()
         _free()
@@ -394,7 +399,8 @@ def bench_config(
     del model, x, callables
     _free()
     if not args.no_stages:
-        run["stages"] = bench_stage_set(config, dtype, args, deadline, ceilings, progress)
+        run["stages"] = []
+        bench_stage_set(config, dtype, args, deadline, ceilings, progress, run["stages"], lambda: checkpoint(run))
     return run
 
 
@@ -405,14 +411,15 @@ def bench_stage_set(
     deadline: float,
     ceilings: Ceilings,
     progress: Progress,
+    rows: list[dict],
+    checkpoint: Callable[[], None] = lambda: None,
 ) -> list[dict]:
     """Each stage of the fused forward (and the standalone head) alone, per stage provider, with its roofline
-    floor; a provider's output is checked against eager PyTorch before it is timed."""
+    floor, appended to ``rows``; a provider's output is checked against eager PyTorch before it is timed."""
     import triton.testing
 
     budget = NETWORK_BUDGETS[math_mode(dtype, "cuda")]
     peak, size = ceilings.peak_for(math_mode(dtype, "cuda")), dtype.itemsize
-    rows = []
     for stage in bench_stages(config):
         progress.step(f"{config.name} stage {stage.index:02d} {stage.label}")
         nbytes = (stage.bytes_read + stage.bytes_written) * size // 2  # traced in fp16
@@ -452,6 +459,7 @@ def bench_stage_set(
             torch._dynamo.reset()
         row["ratios"] = _ratios(row["providers"])
         rows.append(row)
+        checkpoint()
         del tensors, expected
         _free()
     return rows
@@ -567,7 +575,15 @@ def run(args: argparse.Namespace, configs: Sequence[BenchConfig], dtype_names: S
                     entry = {"config": config.name, "dtype": dtype_name, "skipped": f"time budget ({elapsed:.0f} s)"}
                 else:
                     deadline = started + args.time_budget_s
-                    entry = bench_config(config, dtype_name, args, deadline, ceilings, progress)
+                    done = list(payload["runs"])
+
+                    def checkpoint(partial: dict, done: list = done) -> None:
+                        payload["runs"] = [*done, partial]
+                        payload["elapsed_s"] = time.perf_counter() - started
+                        _write(path, payload)
+
+                    entry = bench_config(config, dtype_name, args, deadline, ceilings, progress, checkpoint)
+                    payload["runs"] = done
                     if not entry["parity"]["ok"] or "median_ms" not in entry["providers"].get("fastunet", {}):
                         status = 1
                 payload["runs"].append(entry)

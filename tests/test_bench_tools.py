@@ -1,0 +1,293 @@
+"""The tools of ``bench/`` that run without a GPU: the suite's collection, the compile report's schema and occupancy,
+the per-stage roofline report against hand counts, the PNG writer, and the GPU run's plumbing on fake timings."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+import subprocess
+import sys
+import zlib
+
+import pytest
+import torch
+
+from fastunet.compile_report import occupancy
+from fastunet.roofline import H100, H200, roofline_report
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def bench_path(monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))
+
+
+# -- the benchmark suite without CUDA: collected, then skipped ---------------------------------------------------
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the suite's behaviour without CUDA")
+def test_bench_suite_collects_and_skips_without_cuda():
+    command = [sys.executable, "-m", "pytest", "bench/", "-q", "-p", "no:cacheprovider", "-p", "no:randomly"]
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    tail = proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.returncode == 0, tail  # 5 would mean nothing was collected
+    summary = re.search(r"(\d+) skipped", proc.stdout)
+    assert summary and int(summary.group(1)) > 100, tail
+    assert not re.search(r"\d+ (passed|failed|error)", proc.stdout), tail
+
+
+# -- occupancy as the chip allocates it ----------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("registers", "warps", "smem_kib", "blocks", "limited_by"),
+    [
+        # 186 regs -> 192 x 32 = 6144 a warp; 16384 a partition holds 2 warps; 4 partitions: 8 warps = 1 CTA of 8.
+        # smem: (112 + 1) KiB per CTA -> 2 fit in 228 KiB.
+        pytest.param(186, 8, 112, 1, "registers", id="bilinear-up-tile"),
+        # 128 regs -> 4096 a warp: 4 per partition, 16 warps = 2 CTAs; smem (96 + 1) KiB -> 2 (registers first).
+        pytest.param(128, 8, 96, 2, "registers", id="conv-128x128"),
+        # 99 regs round to 104: 3328 a warp, 4 per partition: 2 CTAs of 8 warps; smem 21 KiB -> 10.
+        pytest.param(99, 8, 20, 2, "registers", id="small-k"),
+        # 246 regs -> 248 x 32 = 7936: 2 per partition, 8 warps = 2 CTAs of 4; smem (120 + 1) KiB -> 1.
+        pytest.param(246, 4, 120, 1, "shared memory", id="smem-bound"),
+        # 16 regs, 1 warp, no smem: 128 CTAs by registers, 64 by warps, 32 by the CTA limit.
+        pytest.param(16, 1, 0, 32, "blocks", id="cta-limit"),
+        # 32 regs, 2 warps: 64 warps by registers = 32 CTAs, 32 by warps, 32 by the CTA limit: registers first.
+        pytest.param(32, 2, 0, 32, "registers", id="tie"),
+        # 230 KiB is over the 227 KiB a launch may ask for.
+        pytest.param(64, 4, 230, 0, "launch fails", id="too-much-smem"),
+    ],
+)
+def test_occupancy_hand_counts(registers, warps, smem_kib, blocks, limited_by):
+    found = occupancy(90, registers, warps, smem_kib * 1024)
+    assert (found.blocks_per_sm, found.limited_by) == (blocks, limited_by)
+    assert found.warps_per_sm == blocks * warps and found.fraction == pytest.approx(blocks * warps / 64)
+    assert occupancy(75, registers, warps, 0) is None  # no table for that target
+
+
+# -- bench.compile_report: the issue's schema on a cheap configuration ---------------------------------------------
+def test_bench_compile_report_schema(tmp_path):
+    """``python -m bench.compile_report`` from the repository root compiles for sm_90 (no GPU) and writes, per
+    variant, kernel, config, registers, spills, shared memory, tensor-core instructions and occupancy."""
+    out = tmp_path / "report.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    command = [sys.executable, "-m", "bench.compile_report", "--arch", "sm_90", "--dtype", "fp16", "--batch", "1"]
+    command += ["--size", "16", "--base-channels", "8", "--depth", "1", "--json", str(out)]
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode in (0, 1) and out.exists(), proc.stdout + proc.stderr
+    assert "CTA/SM" in proc.stdout and "built, not run" in proc.stdout
+    report = json.loads(out.read_text())
+    assert report["arch"] == "sm_90" and report["configuration"]["dtypes"] == ["fp16"]
+    variants = report["variants"]
+    # depth 1: enc0 (conv, conv+pool), bottleneck (2 convs), dec0 (conv+up, conv+head); 4 distinct kernels at least.
+    assert sum(v["launches"] for v in variants) == 6 and len(variants) >= 4
+    for v in variants:
+        assert list(v)[:7] == ["kernel", "config", "registers", "spill_bytes", "shared_bytes",
+                               "tensor_core_instructions", "occupancy"]  # fmt: skip
+        assert v["kernel"].startswith("conv3x3")
+        assert {"BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"} <= set(v["config"])
+        assert 0 < v["registers"] <= 255 and v["spill_bytes"] >= 0 and v["shared_bytes"] > 0
+        assert v["tensor_core_instructions"] == v["hgmma"] + v["hmma"] > 0
+        expected = occupancy(90, v["registers"], v["config"]["num_warps"], v["shared_bytes"])
+        assert v["occupancy"] == expected.to_json()
+
+
+# -- the per-stage roofline report: hand counts for a tiny U-Net ---------------------------------------------------
+def test_roofline_report_stage_by_stage_hand_count():
+    """in 3, classes 2, base 4, depth 1, bilinear, fp16, input 1x3x8x8: three fused stages per level.
+
+    Fused launches (element counts, 2 bytes each), FLOPs = 2 * N*H*W * Cout * 9 * Cin (+ 2 * N*H*W * Cout * classes
+    for the fused head):
+      enc0.conv1: 8x8, 3 -> 4;   enc0.conv2 (+pool): 8x8, 4 -> 4, pooled 4x4x4;
+      bottleneck.conv1: 4x4, 4 -> 8;  bottleneck.conv2: 4x4, 8 -> 8;
+      dec0.conv1: 8x8, skip 4 + upsampled 8 (read at 4x4) -> 4;  dec0.conv2 (+head): 8x8, 4 -> 4 -> 2 logits.
+    Floor of a launch = max(FLOPs / peak, bytes / bandwidth); the network floor is their sum.
+    """
+    e, hw, low = 2, 64, 16
+    fused = {  # stage: (flops, elements read, elements written)
+        "enc0.conv1": (2 * hw * 4 * 9 * 3, hw * 3 + 9 * 3 * 4 + 4, hw * 4),
+        "enc0.conv2": (2 * hw * 4 * 9 * 4, hw * 4 + 9 * 4 * 4 + 4, hw * 4 + low * 4),
+        "bottleneck.conv1": (2 * low * 8 * 9 * 4, low * 4 + 9 * 4 * 8 + 8, low * 8),
+        "bottleneck.conv2": (2 * low * 8 * 9 * 8, low * 8 + 9 * 8 * 8 + 8, low * 8),
+        "dec0.conv1": (2 * hw * 4 * 9 * 12, hw * 4 + low * 8 + 9 * 12 * 4 + 4, hw * 4),
+        "dec0.conv2": (2 * hw * 4 * 9 * 4 + 2 * hw * 4 * 2, hw * 4 + 9 * 4 * 4 + 4 + 4 * 2 + 2, hw * 2),
+    }
+    # Eager kernels per stage: (flops, elements read, elements written). Conv, bias add, ReLU; pool writes values
+    # and int64 indices (4 elements of 2 bytes each); the decoder stage upsamples and concatenates first.
+    conv = lambda n_out, c_in, c_out, taps=9: [  # noqa: E731
+        (2 * n_out * c_out * taps * c_in, n_out // c_out * c_in + taps * c_in * c_out, n_out),
+        (0, n_out + c_out, n_out),
+        (0, n_out, n_out),
+    ]
+    eager = {
+        "enc0.conv1": conv(hw * 4, 3, 4),
+        "enc0.conv2": [*conv(hw * 4, 4, 4), (0, hw * 4, low * 4 + low * 4 * 4)],
+        "bottleneck.conv1": conv(low * 8, 4, 8),
+        "bottleneck.conv2": conv(low * 8, 8, 8),
+        "dec0.conv1": [(0, low * 8, hw * 8), (0, hw * 4 + hw * 8, hw * 12), *conv(hw * 4, 12, 4)],
+        "dec0.conv2": [*conv(hw * 4, 4, 4), *conv(hw * 2, 4, 2, taps=1)[:2]],
+    }
+    report = roofline_report(
+        {"in_channels": 3, "num_classes": 2, "base_channels": 4, "depth": 1, "upsample": "bilinear"},
+        (1, 3, 8, 8),
+        torch.float16,
+        ceilings=(H100, H200),
+    )
+    assert [row["stage"] for row in report["stages"]] == list(fused)
+    totals = {c.name: 0.0 for c in (H100, H200)}
+    for row in report["stages"]:
+        flops, read, written = fused[row["stage"]]
+        assert (row["flops"], row["fused_bytes_read"], row["fused_bytes_written"]) == (flops, read * e, written * e)
+        kernels = eager[row["stage"]]
+        assert row["eager_kernels"] == len(kernels), row["stage"]
+        assert row["eager_bytes"] == sum(r + w for _, r, w in kernels) * e, row["stage"]
+        for ceilings in (H100, H200):
+            peak, bandwidth = ceilings.peak_for("fp16"), ceilings.bandwidth
+            floor = max(flops / peak, (read + written) * e / bandwidth)
+            eager_floor = sum(max(f / peak, (r + w) * e / bandwidth) for f, r, w in kernels)
+            assert row["floors"][ceilings.name]["fused_s"] == pytest.approx(floor, rel=1e-12)
+            assert row["floors"][ceilings.name]["eager_s"] == pytest.approx(eager_floor, rel=1e-12)
+            totals[ceilings.name] += floor
+    for name, total in totals.items():
+        assert report["total"]["floors"][name]["fused_s"] == pytest.approx(total, rel=1e-12)
+    assert report["total"]["flops"] == sum(f for f, _, _ in fused.values())
+    # H200: the same tensor-core peak, 4.8 TB/s: only memory-bound stages get faster.
+    assert H200.peak_for("fp16") == H100.peak_for("fp16") and H200.bandwidth == 4.8e12
+
+
+# -- PNG writer and plots --------------------------------------------------------------------------------------------
+def _read_png(path: str) -> tuple[int, int, bytes]:
+    """Width, height and the decompressed scanlines of a PNG, checking its signature, IHDR and every CRC."""
+    data = open(path, "rb").read()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, chunks = 8, []
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        kind, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + length]
+        (crc,) = struct.unpack(">I", data[pos + 8 + length : pos + 12 + length])
+        assert crc == zlib.crc32(kind + body) & 0xFFFFFFFF, kind
+        chunks.append((kind, body))
+        pos += 12 + length
+    assert chunks[0][0] == b"IHDR" and chunks[-1][0] == b"IEND"
+    width, height, depth, color, compression, filtering, interlace = struct.unpack(">IIBBBBB", chunks[0][1])
+    assert (depth, color, compression, filtering, interlace) == (8, 2, 0, 0, 0)
+    return width, height, zlib.decompress(b"".join(body for kind, body in chunks if kind == b"IDAT"))
+
+
+def test_png_writer_round_trip(bench_path, tmp_path):
+    import plots
+
+    pixels = torch.randint(0, 256, (5, 7, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8).numpy()
+    path = str(tmp_path / "tiny.png")
+    plots.write_png(path, pixels)
+    width, height, raw = _read_png(path)
+    assert (width, height) == (7, 5) and len(raw) == 5 * (1 + 7 * 3)
+    rows = [raw[r * 22 : (r + 1) * 22] for r in range(5)]
+    assert all(row[0] == 0 for row in rows)  # filter type 0 (none) on every scanline
+    assert b"".join(row[1:] for row in rows) == pixels.tobytes()
+
+
+def _fake_stages(n: int) -> list[dict]:
+    return [
+        {
+            "index": i,
+            "stage": f"s{i}",
+            "kind": "conv",
+            "flops": 1e9 * (i + 1),
+            "fused_bytes": 1e6,
+            "floor_ms": 0.001,
+            "providers": {
+                "fastunet": {"median_ms": 0.01, "tflops": 100.0 * (i + 1)},
+                "torch-eager": {"median_ms": 0.02, "tflops": 50.0 * (i + 1)},
+            },
+            "ratios": {"fastunet": {"speedup_vs_torch_eager": 2.0}},
+        }
+        for i in range(n)
+    ]
+
+
+def test_builtin_plots_draw_bars_and_points(bench_path, tmp_path):
+    import plots
+
+    stages = _fake_stages(4)
+    speedup, roofline = str(tmp_path / "speedup.png"), str(tmp_path / "roofline.png")
+    assert plots.speedup_plot(stages, speedup, "speedup", use="builtin") == "builtin"
+    assert plots.roofline_plot(stages, 798.0, 3.0, roofline, "roofline", use="builtin") == "builtin"
+    for path, color in ((speedup, plots.COLORS["torch-eager"]), (roofline, plots.COLORS["point"])):
+        width, height, raw = _read_png(path)
+        stride = 1 + 3 * width
+        pixels = b"".join(raw[r * stride + 1 : (r + 1) * stride] for r in range(height))
+        assert pixels.count(bytes(color)) > 20, path  # bars (speedup) and stage points (roofline) were drawn
+
+
+# -- the GPU run's plumbing, on the CPU with fake timings (never shown as speed) -------------------------------------
+def test_run_gpu_plumbing_with_fake_timings(bench_path, tmp_path, monkeypatch):
+    """bench_config on a tiny config on the CPU: parity, providers, stages, ratios, checkpoints, the table, the plots
+    and the suite record. The timer is replaced by fixed fake numbers: this checks bookkeeping, not speed."""
+    import argparse
+
+    import run_gpu
+    import shapes
+    import suite_record
+    import triton.testing
+
+    fake_ms = {"fastunet": 1.0, "torch-eager": 2.0}
+    monkeypatch.setattr(run_gpu, "DEVICE", "cpu")
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(run_gpu, "peak_memory", lambda fn: {"peak_allocated_bytes": 0, "forward_peak_bytes": 0})
+    provider_of = {}
+
+    def fake_time_call(fn, warmup_ms, rep_ms):
+        fn()
+        return {"median_ms": fake_ms[provider_of[fn]], "first_call_s": 0.0}
+
+    monkeypatch.setattr(run_gpu, "time_call", fake_time_call)
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: (fn(), 0.5)[1])
+    real_callable = run_gpu.network_callable
+
+    def tracking_callable(model, x, provider, *rest):
+        fn = real_callable(model, x, provider, *rest)
+        provider_of[fn] = provider
+        return fn
+
+    monkeypatch.setattr(run_gpu, "network_callable", tracking_callable)
+
+    config = shapes.BenchConfig("tiny", 3, 2, 4, 1, "bilinear", None, 1, 8, 8)
+    args = argparse.Namespace(
+        seed=0, no_fp64=False, providers=["fastunet", "torch-eager"], stage_providers=["fastunet", "torch-eager"],
+        max_autotune_mode="max-autotune", warmup_ms=1, rep_ms=1, stage_rep_ms=1, profile=None, no_stages=False,
+    )  # fmt: skip
+    checkpoints = []
+    progress = run_gpu.Progress(20)
+    run = run_gpu.bench_config(
+        config, "float32", args, float("inf"), H100, progress, lambda partial: checkpoints.append(len(partial))
+    )
+    assert run["parity"]["fastunet_vs_fp64"]["rel_l2"] < 1e-5  # the interpreter ran the real kernels
+    assert run["fastunet_backend"] == "triton-interpreter" and run["parity"]["ok"] is False  # "triton" needs a GPU
+    assert run["providers"]["fastunet"]["images_per_s"] == pytest.approx(1000.0)
+    assert run["ratios"]["fastunet"]["speedup_vs_torch_eager"] == pytest.approx(2.0)
+    assert run["providers"]["fastunet"]["tflops"] == pytest.approx(run["flops"] / 1e-3 / 1e12)
+    assert [s["stage"] for s in run["stages"]][-1] == "head" and len(run["stages"]) == 7
+    assert all(s["providers"]["fastunet"]["median_ms"] == 0.5 for s in run["stages"])
+    assert len(checkpoints) >= 3
+    table = run_gpu.format_run(run, H100.name)
+    assert re.search(r"fastunet\s+1\.000\s+1000\.0", table) and "stages alone" in table
+
+    out = tmp_path / "suite"
+    out.mkdir()
+    payload = {"environment": {"device": "test"}, "ceilings": {}, "runs": [run]}
+    (out / "bench.json").write_text(json.dumps(payload))
+    (out / "stages.tsv").write_text("tests\t0\t12\t150\nbench\t124\t200\t200\n")
+    result = suite_record.record(str(out))
+    assert result["plots"]["files"] == ["tiny-float32-speedup.png", "tiny-float32-roofline.png"]
+    assert all(_read_png(str(out / name))[0] > 0 for name in result["plots"]["files"])
+    assert [s["ok"] for s in result["stages"]] == [True, False] and result["stages"][1]["timed_out"]
+    assert result["bench"][0]["ratios"]["fastunet"]["speedup_vs_torch_eager"] == pytest.approx(2.0)
+
+
+def test_profile_writes_a_chrome_trace(bench_path, tmp_path):
+    import run_gpu
+
+    path = run_gpu.write_profile(lambda: torch.ones(8) @ torch.ones(8), str(tmp_path / "p.trace.json"), "x", False)
+    events = json.loads(open(path).read())["traceEvents"]
+    assert any(event.get("name") == "x" for event in events)
