@@ -109,8 +109,9 @@ class FusedForward:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         in_channels, depth = self.input_spec()
         check_input(x, in_channels, depth)
-        # Under torch.compile the plan is built inside the graph (storage pointers cannot be traced).
-        compiling = torch.compiler.is_compiling()
+        # Traced (torch.compile, make_fx), the plan is built inside the graph and not cached: storage pointers
+        # cannot be traced, and a plan of fake tensors must never reach an eager call.
+        compiling = ops.is_traced()
         training, params, state = self._scan(keyed=not compiling)
         dtypes = {p.dtype for p in params}
         if len(dtypes) != 1:

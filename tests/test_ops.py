@@ -190,3 +190,20 @@ def test_first_call_from_several_threads(device, monkeypatch):
         expected = model(x)
     for out in results:
         assert torch.equal(out, expected)
+
+
+def test_tracing_records_the_custom_ops_and_caches_nothing(device):
+    """make_fx sees one custom op per launch; the plan it traces never reaches a later eager call."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    model, reference64 = build_pair(device, torch.float32, **SMALL, upsample="transpose", norm="batch")
+    x = torch.randn(1, 3, 8, 8, device=device)
+    with torch.no_grad():
+        graph = make_fx(model)(x)  # real tensors, traced: the kernels run once
+    targets = [str(node.target) for node in graph.graph.nodes if node.op == "call_function"]
+    # depth 2: 6 encoder convs, 4 decoder convs (the last with the head), 2 transposed convs.
+    assert sum("fastunet.conv2d_nhwc" in t for t in targets) == 10
+    assert sum("fastunet.conv_transpose2x2_nhwc" in t for t in targets) == 2
+    assert not model._plans
+    with torch.no_grad():
+        assert_network_close(model(x), reference64(x.double().cpu()), "fp32")
