@@ -50,7 +50,8 @@ def _check_conv(path: str, conv: nn.Module, ksize: int) -> nn.Conv2d:
         problems.append(f"kernel {conv.kernel_size} (expected {ksize}x{ksize})")
     if _pair(conv.stride) != (1, 1):
         problems.append(f"stride {conv.stride} (expected 1)")
-    if conv.padding != "same" and _pair(conv.padding) != (padding, padding):
+    named_ok = conv.padding == "same" or (conv.padding == "valid" and padding == 0)
+    if not named_ok and _pair(conv.padding) != (padding, padding):
         problems.append(f"padding {conv.padding} (expected {padding})")
     if _pair(conv.dilation) != (1, 1):
         problems.append(f"dilation {conv.dilation} (expected 1)")
@@ -63,6 +64,9 @@ def _check_conv(path: str, conv: nn.Module, ksize: int) -> nn.Conv2d:
     return conv
 
 
+_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
+
+
 def _check_norm(path: str, norm: nn.Module, channels: int) -> nn.BatchNorm2d:
     if type(norm) is not nn.BatchNorm2d:
         raise _fail(path, norm, "only BatchNorm2d (folded into the conv in eval mode) is supported as a norm")
@@ -73,7 +77,7 @@ def _check_norm(path: str, norm: nn.Module, channels: int) -> nn.BatchNorm2d:
     return norm
 
 
-def _read_double_conv(path: str, block: nn.Module) -> tuple[ConvSpec, ConvSpec]:
+def _read_double_conv(path: str, block: nn.Module, accepted: list[nn.Module]) -> tuple[ConvSpec, ConvSpec]:
     """[Conv2d 3x3, BatchNorm2d?, ReLU] twice, from ``block.double_conv`` or ``block`` itself."""
     if isinstance(getattr(block, "double_conv", None), nn.Sequential):
         seq, prefix = block.double_conv, f"{path}.double_conv"
@@ -91,15 +95,18 @@ def _read_double_conv(path: str, block: nn.Module) -> tuple[ConvSpec, ConvSpec]:
         conv = _check_conv(f"{prefix}.{name}", conv, 3)
         i += 1
         norm = None
-        if i < len(layers) and not isinstance(layers[i][1], nn.ReLU):
+        if i < len(layers) and isinstance(layers[i][1], _NORMS):
             norm = _check_norm(f"{prefix}.{layers[i][0]}", layers[i][1], conv.out_channels)
             i += 1
         if i >= len(layers):
             raise _fail(prefix, seq, f"conv '{name}' is not followed by a ReLU")
         act_name, act = layers[i]
         if type(act) is not nn.ReLU:
-            raise _fail(f"{prefix}.{act_name}", act, "only ReLU activations are fused")
+            raise _fail(
+                f"{prefix}.{act_name}", act, "only ReLU activations are fused (directly after the conv or its norm)"
+            )
         i += 1
+        accepted.append(act)
         specs.append(ConvSpec(conv, norm))
     if len(specs) != 2:
         raise _fail(prefix, seq, f"expected two conv [+ norm] + ReLU groups, found {len(specs)}")
@@ -108,7 +115,7 @@ def _read_double_conv(path: str, block: nn.Module) -> tuple[ConvSpec, ConvSpec]:
     return specs[0], specs[1]
 
 
-def _read_pool(path: str, pool: nn.Module) -> None:
+def _read_pool(path: str, pool: nn.Module, accepted: list[nn.Module]) -> None:
     if type(pool) is not nn.MaxPool2d:
         raise _fail(path, pool, "expected nn.MaxPool2d(2)")
     stride = pool.stride if pool.stride is not None else pool.kernel_size
@@ -121,9 +128,10 @@ def _read_pool(path: str, pool: nn.Module) -> None:
         or pool.return_indices
     ):
         raise _fail(path, pool, "only a 2x2 max-pool with stride 2, no padding, floor mode is fused")
+    accepted.append(pool)
 
 
-def _read_up(path: str, up: nn.Module) -> UpSpec:
+def _read_up(path: str, up: nn.Module, accepted: list[nn.Module]) -> UpSpec:
     if type(up) is nn.ConvTranspose2d:
         if (
             _pair(up.kernel_size) != (2, 2)
@@ -135,7 +143,8 @@ def _read_up(path: str, up: nn.Module) -> UpSpec:
         ):
             raise _fail(path, up, "only ConvTranspose2d(kernel_size=2, stride=2) without padding or groups is fused")
         return UpSpec("transpose", conv=up)
-    if isinstance(up, nn.Upsample):
+    if type(up) in (nn.Upsample, nn.UpsamplingBilinear2d, nn.UpsamplingNearest2d):
+        accepted.append(up)
         scale = up.scale_factor
         scales = tuple(float(s) for s in _pair(scale)) if scale is not None else None
         if up.size is not None or scales != (2.0, 2.0):
@@ -176,14 +185,15 @@ def read_milesial_layout(model: nn.Module) -> Layout:
             f"convert: {type(model).__name__} has {len(downs)} down and {len(ups)} up blocks: expected N >= 1 of each"
         )
     depth = len(downs)
-    encoders = [_read_double_conv("inc", children["inc"])]
+    accepted: list[nn.Module] = []  # the stateless modules the layout accounts for: ReLUs, pools, interpolations
+    encoders = [_read_double_conv("inc", children["inc"], accepted)]
     for name in downs:
         block = children[name]
         seq = getattr(block, "maxpool_conv", None)
         if not isinstance(seq, nn.Sequential) or len(seq) != 2:
             raise _fail(name, block, "expected `maxpool_conv` = Sequential(MaxPool2d(2), double conv)")
-        _read_pool(f"{name}.maxpool_conv.0", seq[0])
-        encoders.append(_read_double_conv(f"{name}.maxpool_conv.1", seq[1]))
+        _read_pool(f"{name}.maxpool_conv.0", seq[0], accepted)
+        encoders.append(_read_double_conv(f"{name}.maxpool_conv.1", seq[1], accepted))
     up_specs: list[UpSpec] = [None] * depth
     decoders: list[tuple[ConvSpec, ConvSpec]] = [None] * depth
     for j, name in enumerate(ups):
@@ -191,8 +201,8 @@ def read_milesial_layout(model: nn.Module) -> Layout:
         for attr in ("up", "conv"):
             if not isinstance(getattr(block, attr, None), nn.Module):
                 raise _fail(name, block, f"expected an `{attr}` submodule (an upsampling and a double conv)")
-        up_specs[level] = _read_up(f"{name}.up", block.up)
-        decoders[level] = _read_double_conv(f"{name}.conv", block.conv)
+        up_specs[level] = _read_up(f"{name}.up", block.up, accepted)
+        decoders[level] = _read_double_conv(f"{name}.conv", block.conv, accepted)
     outc = children["outc"]
     head = outc if type(outc) is nn.Conv2d else getattr(outc, "conv", None)
     if head is None:
@@ -227,7 +237,30 @@ def read_milesial_layout(model: nn.Module) -> Layout:
         below_channels = decoders[level][1].conv.out_channels
     if head.in_channels != below_channels:
         raise _fail("outc", head, f"reads {head.in_channels} channels, the last decoder writes {below_channels}")
-    return Layout(tuple(encoders), tuple(up_specs), tuple(decoders), head)
+    layout = Layout(tuple(encoders), tuple(up_specs), tuple(decoders), head)
+    _check_nothing_left_out(model, layout, set(map(id, accepted)))
+    return layout
+
+
+def _check_nothing_left_out(model: nn.Module, layout: Layout, stateless: set[int]) -> None:
+    """Every parameter, buffer and leaf module of ``model`` must be one the layout maps: an extra branch (a
+    residual 1x1 conv, a gate, a dropout) would otherwise be silently left out of the fused forward."""
+    mapped = {id(layout.head)} | stateless
+    for pair in (*layout.encoders, *layout.decoders):
+        for spec in pair:
+            mapped |= {id(spec.conv), id(spec.norm)}
+    mapped |= {id(up.conv) for up in layout.ups if up.conv is not None}
+    for name, module in model.named_modules():
+        if id(module) in mapped:
+            continue
+        if not list(module.children()):
+            raise _fail(name, module, "not part of the inc / down / up / outc layout: the fused forward would skip it")
+        for kind, tensors in (("parameter", module._parameters), ("buffer", module._buffers)):
+            for leaf, tensor in tensors.items():
+                if tensor is not None:
+                    raise _fail(
+                        name or type(model).__name__, module, f"its own {kind} '{leaf}' is not used by the layout"
+                    )
 
 
 def layout_forward(layout: Layout, x: torch.Tensor) -> torch.Tensor:
@@ -263,27 +296,39 @@ def layout_forward(layout: Layout, x: torch.Tensor) -> torch.Tensor:
 
 def _verify(model: nn.Module, depth: int, in_channels: int) -> None:
     """Check, in float64 on a CPU copy, that ``model``'s own eval forward computes what its layout says (catches a
-    forward that concatenates in another order, skips a stage, or adds one)."""
+    forward that concatenates in another order, skips a stage, or adds one), and that the converted module's
+    reference path (the source's forward run on it) does too."""
     if any(t.device.type == "meta" for t in itertools.chain(model.parameters(), model.buffers())):
         return  # nothing to compute with: the layout check alone applies
     probe = copy.deepcopy(model).to("cpu", torch.float64).eval()
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(1, in_channels, 2**depth + 1, 2**depth + 3, generator=generator, dtype=torch.float64)
+    size = 2 ** (depth + 1)  # a bottleneck of 2x2 or more, odd sizes so that every level pads
+    x = torch.randn(2, in_channels, size + 1, size + 3, generator=generator, dtype=torch.float64)
     with torch.no_grad():
         expected = probe(x)
         got = layout_forward(read_milesial_layout(probe), x)
-    if not isinstance(expected, torch.Tensor) or expected.shape != got.shape:
-        shape = tuple(expected.shape) if isinstance(expected, torch.Tensor) else type(expected).__name__
-        raise ConversionError(
-            f"convert: {type(model).__name__}.forward returned {shape}, the layout computes {tuple(got.shape)}"
-        )
-    error = (expected - got).norm() / got.norm().clamp_min(1e-300)
-    if not error <= 1e-9:
-        raise ConversionError(
-            f"convert: {type(model).__name__}.forward does not compute what its inc/down/up/outc modules describe "
-            f"(relative L2 difference {float(error):.1e} in float64): its forward differs from the supported "
-            "layout (concatenation order, padding, or an extra stage)"
-        )
+        if not isinstance(expected, torch.Tensor) or expected.shape != got.shape:
+            shape = tuple(expected.shape) if isinstance(expected, torch.Tensor) else type(expected).__name__
+            raise ConversionError(
+                f"convert: {type(model).__name__}.forward returned {shape}, the layout computes {tuple(got.shape)}"
+            )
+        error = (expected - got).norm() / got.norm().clamp_min(1e-300)
+        if not error <= 1e-9:
+            raise ConversionError(
+                f"convert: {type(model).__name__}.forward does not compute what its inc/down/up/outc modules "
+                f"describe (relative L2 difference {float(error):.1e} in float64): its forward differs from the "
+                "supported layout (concatenation order, padding, or an extra stage)"
+            )
+        try:
+            own = ConvertedUNet(probe).reference_forward(x)
+        except AttributeError as failure:
+            raise ConversionError(
+                f"convert: {type(model).__name__}.forward cannot run on the converted module ({failure})"
+            ) from failure
+        if not torch.equal(own, expected):
+            raise ConversionError(
+                f"convert: {type(model).__name__}.forward gives another result on the converted module"
+            )
 
 
 class ConvertedUNet(FusedForward, nn.Module):
@@ -303,14 +348,25 @@ class ConvertedUNet(FusedForward, nn.Module):
         self._buffers = clone._buffers
         self._non_persistent_buffers_set = clone._non_persistent_buffers_set
         self._modules = clone._modules
-        for name, value in clone.__dict__.items():  # plain attributes the source's forward may read
-            if not name.startswith("_") and name not in ("training", "forward"):
+        internals = set(nn.Module().__dict__) | {"forward"}
+        for name, value in clone.__dict__.items():  # attributes the source's forward may read
+            if name not in internals:
                 self.__dict__.setdefault(name, value)
         self.training = source.training
-        self._source_forward = type(source).forward
-        self._source_name = f"{type(source).__module__}.{type(source).__qualname__}"
+        self._source_class = type(source)
         self._input = (layout.in_channels, layout.depth)
-        self._init_fused()
+        self._init_fused(source)
+
+    def __getattr__(self, name: str):
+        """Methods and class attributes of the source class (its ``forward`` may call helpers of its own)."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            cls = self.__dict__.get("_source_class")
+            if cls is None or name.startswith("__") or not hasattr(cls, name):
+                raise
+            value = getattr(cls, name)
+            return value.__get__(self, type(self)) if hasattr(value, "__get__") else value
 
     def input_spec(self) -> tuple[int, int]:
         return self._input
@@ -319,10 +375,11 @@ class ConvertedUNet(FusedForward, nn.Module):
         return read_milesial_layout(self)
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._source_forward(self, x)
+        return self._source_class.forward(self, x)
 
     def extra_repr(self) -> str:
-        return f"source={self._source_name}, in_channels={self._input[0]}, depth={self._input[1]}"
+        cls = self._source_class
+        return f"source={cls.__module__}.{cls.__qualname__}, in_channels={self._input[0]}, depth={self._input[1]}"
 
 
 def convert(module: nn.Module, *, verify: bool = True) -> nn.Module:
@@ -344,6 +401,11 @@ def convert(module: nn.Module, *, verify: bool = True) -> nn.Module:
     if isinstance(module, FusedForward):
         return module
     if isinstance(module, UNet):
+        if type(module).forward is not UNet.forward:
+            raise ConversionError(
+                f"convert: {type(module).__qualname__} subclasses fastunet.UNet and overrides forward: the fused "
+                "forward computes UNet.forward only"
+            )
         return FastUNet.from_reference(module)
     converted = ConvertedUNet(module)
     if verify:

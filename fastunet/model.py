@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import threading
 import warnings
+import weakref
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -30,6 +32,35 @@ class FastUNetFallbackWarning(UserWarning):
     """Emitted (once per module and reason) when a forward runs the reference PyTorch math instead of the kernels."""
 
 
+class _Scan(NamedTuple):
+    training: list[str]
+    hooked: list[str]
+    params: list[torch.Tensor]
+    key: tuple | None  # None: do not cache
+
+
+def _global_hooks() -> bool:
+    from torch.nn.modules import module as module_mod
+
+    return bool(module_mod._global_forward_hooks or module_mod._global_forward_pre_hooks)
+
+
+def _refresh_in_place(cached: Plan, fresh: Plan) -> bool:
+    """Copy ``fresh`` into ``cached`` where every tensor matches in shape, dtype and device; False otherwise."""
+    old, new = ops.plan_tensors(cached), ops.plan_tensors(fresh)
+    if cached.fuse_head != fresh.fuse_head or len(old) != len(new):
+        return False
+    for a, b in zip(old, new, strict=True):
+        if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
+            return False
+        if a.is_inference() and not torch.is_inference_mode_enabled():
+            return False
+    with torch.no_grad():
+        for a, b in zip(old, new, strict=True):
+            a.copy_(b)
+    return True
+
+
 class FusedForward:
     """The fused forward of an ``nn.Module`` U-Net: dispatch, plan cache, input checks.
 
@@ -38,11 +69,14 @@ class FusedForward:
     :meth:`_init_fused` from its constructor.
     """
 
-    def _init_fused(self) -> None:
+    def _init_fused(self, source: nn.Module | None = None) -> None:
+        """Per-instance state; ``source``: the module whose tensors this one shares (kept shared through ``.to()``,
+        ``.half()`` and friends: see :meth:`_apply`)."""
         self.last_backend: str | None = None
         self.last_backend_reason: str | None = None
         self._plans: dict[tuple, tuple[tuple, Plan]] = {}
         self._warned: set[str] = set()
+        self._source_ref = weakref.ref(source) if source is not None else None
 
     def fused_layout(self) -> Layout:
         raise NotImplementedError
@@ -54,45 +88,86 @@ class FusedForward:
         """(input channels, depth) that the input is checked against."""
         raise NotImplementedError
 
+    # -- sharing, copying, pickling -------------------------------------------------------------------------------
+    def _apply(self, fn, recurse=True):
+        """``.to()``, ``.half()``, ``.cuda()``...: PyTorch swaps parameter data in place but replaces buffers with
+        new tensors, which would silently end the sharing with the source model (BatchNorm statistics left behind,
+        the source half-converted). Tensors shared before the conversion are pointed at again in the source."""
+        source = self._source_ref() if self._source_ref is not None else None
+        if source is None:
+            return super()._apply(fn, recurse)
+        own = dict(self.named_parameters()) | dict(self.named_buffers())
+        theirs = dict(source.named_parameters()) | dict(source.named_buffers())
+        shared = [name for name, tensor in own.items() if theirs.get(name) is tensor]
+        result = super()._apply(fn, recurse)
+        for name in shared:
+            prefix, _, leaf = name.rpartition(".")
+            module, mine = source.get_submodule(prefix), self.get_submodule(prefix)
+            table = "_parameters" if leaf in module._parameters else "_buffers"
+            getattr(module, table)[leaf] = getattr(mine, table)[leaf]
+        return result
+
+    def __getstate__(self):
+        """Pickles and deep copies carry no plan cache (rebuilt on the next forward) and no link to the source."""
+        state = super().__getstate__()
+        state["_plans"], state["_warned"], state["_source_ref"] = {}, set(), None
+        return state
+
     # -- plan ---------------------------------------------------------------------------------------------------
     def invalidate_plan(self) -> None:
         """Drop the folded/packed parameters; the next forward rebuilds them."""
         with _PLAN_LOCK:
             self._plans.clear()
 
-    def _scan(self, keyed: bool = True) -> tuple[list[str], list[torch.Tensor], tuple]:
-        """One walk over the modules per forward: the names of modules in training mode, the parameters, and
-        (when ``keyed``) the key that says whether a cached plan is still valid: each parameter's and buffer's
-        storage and version, and every BatchNorm eps."""
-        training, params, key = [], [], []
+    def _scan(self, keyed: bool = True) -> _Scan:
+        """One walk over the modules per forward: modules in training mode, submodules with forward hooks, the
+        parameters, and (when ``keyed``) the key that says whether a cached plan is still valid: every module's
+        identity and type (module surgery), each parameter's and buffer's storage and version, every BatchNorm
+        eps. Inference tensors have no version counter: a model holding them gets no cached plan."""
+        training, hooked, params, key = [], [], [], []
+        cacheable = keyed
         for name, module in self.named_modules():
             if module.training:
                 training.append(name or "the model")
-            for param in module._parameters.values():
-                if param is not None:
-                    params.append(param)
-                    if keyed:
-                        key.append((param.data_ptr(), param._version, param.dtype, param.device))
+            if name and (module._forward_hooks or module._forward_pre_hooks):
+                hooked.append(name)
             if keyed:
-                for buffer in module._buffers.values():
-                    if buffer is not None:
-                        key.append((buffer.data_ptr(), buffer._version, buffer.dtype, buffer.device))
-                if isinstance(module, nn.BatchNorm2d):
-                    key.append(module.eps)
-        return training, params, tuple(key)
+                key.append((id(module), type(module)))
+            for tensors, is_param in ((module._parameters, True), (module._buffers, False)):
+                for tensor in tensors.values():
+                    if tensor is None:
+                        continue
+                    if is_param:
+                        params.append(tensor)
+                    if keyed:
+                        if tensor.is_inference():
+                            cacheable = False
+                        else:
+                            key.append((tensor.data_ptr(), tensor._version, tensor.dtype, tensor.device))
+            if keyed and isinstance(module, nn.BatchNorm2d):
+                key.append(module.eps)
+        return _Scan(training, hooked, params, tuple(key) if cacheable else None)
 
     def plan(self, dtype: torch.dtype, device: torch.device, state: tuple | None = None) -> Plan:
-        """The packed parameters for ``dtype`` on ``device``, rebuilt if any parameter, buffer or BatchNorm ``eps``
-        changed since (one cached plan per dtype and device, so autocast and plain calls don't evict each other)."""
-        state = self._scan()[2] if state is None else state
+        """The packed parameters for ``dtype`` on ``device``, rebuilt if any parameter, buffer, module or BatchNorm
+        ``eps`` changed since (one cached plan per dtype and device, so autocast and plain calls don't evict each
+        other). A rebuild of the same shapes is copied into the cached tensors, so a captured CUDA graph replays
+        with the new weights."""
+        state = self._scan().key if state is None else state
+        if state is None:
+            return ops.build_plan(self.fused_layout(), dtype, device)
         cached = self._plans.get((dtype, device))
-        if cached is None or cached[0] != state:
-            with _PLAN_LOCK:
-                cached = self._plans.get((dtype, device))
-                if cached is None or cached[0] != state:
-                    cached = (state, ops.build_plan(self.fused_layout(), dtype, device))
-                    self._plans[(dtype, device)] = cached
-        return cached[1]
+        if cached is not None and cached[0] == state:
+            return cached[1]
+        with _PLAN_LOCK:
+            cached = self._plans.get((dtype, device))
+            if cached is not None and cached[0] == state:
+                return cached[1]
+            plan = ops.build_plan(self.fused_layout(), dtype, device)
+            if cached is not None and _refresh_in_place(cached[1], plan):
+                plan = cached[1]
+            self._plans[(dtype, device)] = (state, plan)
+            return plan
 
     # -- forward ------------------------------------------------------------------------------------------------
     def _fallback(self, x: torch.Tensor, reason: str, warn: bool) -> torch.Tensor:
@@ -112,7 +187,7 @@ class FusedForward:
         # Traced (torch.compile, make_fx), the plan is built inside the graph and not cached: storage pointers
         # cannot be traced, and a plan of fake tensors must never reach an eager call.
         compiling = ops.is_traced()
-        training, params, state = self._scan(keyed=not compiling)
+        training, hooked, params, state = self._scan(keyed=not compiling)
         dtypes = {p.dtype for p in params}
         if len(dtypes) != 1:
             found = sorted(map(str, dtypes))
@@ -129,6 +204,10 @@ class FusedForward:
         if training:
             reason = f"training mode ({training[0]}; no Triton backward kernels yet)"
             return self._fallback(x, reason, warn=False)
+        if hooked or _global_hooks():
+            where = f"on {hooked[0]}" if hooked else "registered globally"
+            reason = f"forward hooks {where}: the fused kernels cannot run them"
+            return self._fallback(x, reason, warn=True)
         if compiling and torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
             # The eager path's backward recomputes the reference with torch.autograd.grad, which TorchDynamo cannot
             # trace; compiled with autograd on, the whole forward is the reference math (inference: no_grad).
@@ -195,6 +274,7 @@ class FastUNet(FusedForward, UNet):
         fast = cls(**unet.config, device="meta")
         fast.load_state_dict(unet.state_dict(keep_vars=True), strict=True, assign=True)
         fast.train(unet.training)
+        fast._source_ref = weakref.ref(unet)
         return fast
 
     def input_spec(self) -> tuple[int, int]:

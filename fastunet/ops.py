@@ -20,6 +20,7 @@ from fastunet.kernels import INTERPRET
 from fastunet.kernels._common import alloc, is_dry_run
 from fastunet.kernels.conv import (
     MAX_HEAD_CHANNELS,
+    MAX_HEAD_CLASSES,
     conv2d_nhwc,
     conv_transpose2x2_nhwc,
     pack_conv_transpose_weight,
@@ -110,6 +111,13 @@ class Plan:
     fuse_head: bool
 
 
+def plan_tensors(plan: Plan) -> list[torch.Tensor]:
+    """Every tensor of a plan, in a fixed order."""
+    stages = [stage for pair in (*plan.encoders, *plan.decoders) for stage in pair]
+    stages += [up for _, _, up in plan.ups if up is not None] + [plan.head]
+    return [t for stage in stages for t in (stage.weight, stage.bias)]
+
+
 def fold_batchnorm(conv: nn.Conv2d, norm: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Conv weight and bias with an eval-mode BatchNorm folded in, computed in float64."""
     weight = conv.weight.detach().double()
@@ -165,7 +173,7 @@ def build_plan(layout: Layout, dtype: torch.dtype, device: torch.device) -> Plan
         ups=ups,
         decoders=[double(pair) for pair in layout.decoders],
         head=ConvStage(head_weight.to(device, dtype), head_bias.to(device, dtype).contiguous()),
-        fuse_head=head.in_channels <= MAX_HEAD_CHANNELS,
+        fuse_head=head.in_channels <= MAX_HEAD_CHANNELS and head.out_channels <= MAX_HEAD_CLASSES,
     )
 
 

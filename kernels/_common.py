@@ -44,24 +44,34 @@ class LaunchRecord:
     candidates: tuple = ()  # the autotuning candidates (tile constexprs + launch options), chosen one included
 
 
-_launch_logs: list[list[LaunchRecord]] = []
+class _ThreadState(threading.local):
+    """Per-thread switches: a dry run or a launch log in one thread (``fastunet.trace``, say) must not change
+    what another thread's forward launches or records."""
+
+    def __init__(self) -> None:
+        self.launch_logs: list[list[LaunchRecord]] = []
+        self.dry_run_depth = 0
+        self.autotune: bool | None = None  # None: the process default (FASTUNET_AUTOTUNE)
+
+
+_thread = _ThreadState()
+# Process-wide on purpose: a test aid that only changes the fill of fresh buffers, never what a kernel computes.
 _poison_depth = 0
-_dry_run_depth = 0
 
 
 @contextlib.contextmanager
 def launch_log() -> Iterator[list[LaunchRecord]]:
-    """Record every launch made through the launchers inside the ``with`` block."""
+    """Record every launch this thread makes through the launchers inside the ``with`` block."""
     records: list[LaunchRecord] = []
-    _launch_logs.append(records)
+    _thread.launch_logs.append(records)
     try:
         yield records
     finally:
-        _launch_logs.remove(records)
+        _thread.launch_logs.remove(records)
 
 
 def record_launch(record: LaunchRecord) -> None:
-    for records in _launch_logs:
+    for records in _thread.launch_logs:
         records.append(record)
 
 
@@ -78,20 +88,19 @@ def poison_outputs() -> Iterator[None]:
 
 @contextlib.contextmanager
 def dry_run() -> Iterator[None]:
-    """Launchers validate, allocate (on the ``meta`` device) and record, but launch nothing.
+    """Launchers validate, allocate (on the ``meta`` device) and record, but launch nothing (this thread only).
 
     Lets :func:`fastunet.trace` list the launches of any shape without running them.
     """
-    global _dry_run_depth
-    _dry_run_depth += 1
+    _thread.dry_run_depth += 1
     try:
         yield
     finally:
-        _dry_run_depth -= 1
+        _thread.dry_run_depth -= 1
 
 
 def is_dry_run() -> bool:
-    return _dry_run_depth > 0
+    return _thread.dry_run_depth > 0
 
 
 def alloc(
@@ -108,7 +117,7 @@ def check_runnable(t: torch.Tensor, what: str) -> None:
     """Refuse tensors that the active Triton mode cannot read (CPU tensors are never handed to a compiled kernel)."""
     if t.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"{what}: expected a float32, float16 or bfloat16 tensor, got {t.dtype}")
-    if _dry_run_depth and t.device.type == "meta":
+    if is_dry_run() and t.device.type == "meta":
         return
     if INTERPRET:
         if t.device.type != "cpu":
@@ -143,7 +152,7 @@ def sm_count(t: torch.Tensor) -> int:
     return MODELED_SM_COUNT
 
 
-_autotune_depth = 1 if os.environ.get("FASTUNET_AUTOTUNE", "0") == "1" else 0
+_AUTOTUNE_DEFAULT = os.environ.get("FASTUNET_AUTOTUNE", "0") == "1"
 _tuned: dict[tuple, dict] = {}
 
 
@@ -152,16 +161,19 @@ def autotuning(enabled: bool = True) -> Iterator[None]:
     """Time every candidate config the first time a launch key is seen (GPU only) and keep the fastest.
 
     Off by default (the first forward of each shape would otherwise pay for timing every candidate);
-    ``FASTUNET_AUTOTUNE=1`` turns it on for the whole process. Under the interpreter the first candidate (the
-    heuristic choice) is always used.
+    ``FASTUNET_AUTOTUNE=1`` turns it on for the whole process, this context manager for the calling thread. Under
+    the interpreter the first candidate (the heuristic choice) is always used.
     """
-    global _autotune_depth
-    previous = _autotune_depth
-    _autotune_depth = 1 if enabled else 0
+    previous = _thread.autotune
+    _thread.autotune = enabled
     try:
         yield
     finally:
-        _autotune_depth = previous
+        _thread.autotune = previous
+
+
+def _autotune_on() -> bool:
+    return _AUTOTUNE_DEFAULT if _thread.autotune is None else _thread.autotune
 
 
 # Triton's interpreter keeps global state while it runs a kernel: launches from several threads take turns.
@@ -183,7 +195,7 @@ def choose_config(key: tuple, candidates: list[dict], run, timer=None) -> dict:
     ``run(config)`` launches once with ``config``; ``timer(fn)`` returns a time in ms (default: Triton's
     ``do_bench``, median of CUDA-event timings after warm-up). Winners are cached per ``key``.
     """
-    if not _autotune_depth or _dry_run_depth or len(candidates) == 1:
+    if not _autotune_on() or is_dry_run() or len(candidates) == 1:
         return candidates[0]
     if key in _tuned:
         return _tuned[key]

@@ -47,8 +47,10 @@ from fastunet.kernels._common import (
 UP_NONE, UP_DIRECT, UP_NEAREST, UP_BILINEAR, UP_BILINEAR_AC = 0, 1, 2, 3, 4
 _UP_MODES = {"direct": UP_DIRECT, "nearest": UP_NEAREST, "bilinear": UP_BILINEAR}
 
-# The fused head keeps every output channel of one pixel in a single tile.
+# The fused head keeps every output channel of one pixel in a single tile, and the logits of its pixels in a
+# (BLOCK_M, next_pow2(n_cls)) fp32 accumulator beside the main one: both bounded so the tile stays in registers.
 MAX_HEAD_CHANNELS = 128
+MAX_HEAD_CLASSES = 64
 
 
 @triton.jit
@@ -604,6 +606,8 @@ def conv2d_nhwc(
         if c_out > MAX_HEAD_CHANNELS:
             raise ValueError(f"fused head needs C_out <= {MAX_HEAD_CHANNELS}, got {c_out}")
         n_cls = head_weight.shape[1]
+        if n_cls > MAX_HEAD_CLASSES:
+            raise ValueError(f"fused head needs at most {MAX_HEAD_CLASSES} classes, got {n_cls}")
         if head_bias.shape != (n_cls,):
             raise ValueError(f"head bias: expected shape ({n_cls},), got {tuple(head_bias.shape)}")
         head_weight, head_bias = head_weight.contiguous(), head_bias.contiguous()
@@ -694,6 +698,7 @@ def conv_transpose2x2_nhwc(x: torch.Tensor, w_packed: torch.Tensor, bias4: torch
 __all__ = [
     "INTERPRET",
     "MAX_HEAD_CHANNELS",
+    "MAX_HEAD_CLASSES",
     "conv2d_nhwc",
     "conv_transpose2x2_nhwc",
     "pack_conv_transpose_weight",
