@@ -290,3 +290,105 @@ def test_a_forward_that_differs_from_the_layout_is_refused():
     with pytest.raises(ConversionError, match="does not compute what its inc/down/up/outc modules describe"):
         fastunet.convert(model)
     assert isinstance(fastunet.convert(model, verify=False), ConvertedUNet)  # the check can be skipped, knowingly
+
+
+# -- edge cases: what convert must not get wrong ---------------------------------------------------------------
+class _WithShortcut(nn.Module):
+    """A double conv plus a residual 1x1 conv: a branch the layout does not have."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.double_conv = block.double_conv
+        self.shortcut = nn.Conv2d(block.double_conv[0].in_channels, block.double_conv[3].out_channels, 1)
+        nn.init.zeros_(self.shortcut.weight)
+        nn.init.zeros_(self.shortcut.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.double_conv(x) + self.shortcut(x)
+
+
+def test_an_extra_branch_is_refused_even_when_it_computes_zero():
+    model = milesial(True)
+    model.inc = _WithShortcut(model.inc)
+    with pytest.raises(ConversionError, match=r"'inc.shortcut' \(Conv2d\).*not part of the .* layout"):
+        fastunet.convert(model)
+
+
+def test_unet_subclass_with_its_own_forward_is_refused():
+    class Sigmoid(UNet):
+        def forward(self, x):
+            return super().forward(x).sigmoid()
+
+    with pytest.raises(ConversionError, match="overrides forward"):
+        fastunet.convert(Sigmoid(3, 2, 4, 2))
+
+
+class _HelperUNet(MilesialUNet):
+    def _finish(self, features: torch.Tensor) -> torch.Tensor:
+        return self.outc(features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = [self.inc(x)]
+        for i in range(1, self.depth + 1):
+            skips.append(getattr(self, f"down{i}")(skips[-1]))
+        features = skips.pop()
+        for j in range(1, self.depth + 1):
+            features = getattr(self, f"up{j}")(features, skips.pop())
+        return self._finish(features)
+
+
+def test_source_helpers_work_in_training_mode(device):
+    torch.manual_seed(0)
+    model = _HelperUNet(3, 2, True, width=4, depth=2).eval()
+    fast = fastunet.convert(model).to(device).train()
+    x = torch.randn(2, 3, 8, 8, device=device)
+    torch.testing.assert_close(fast(x), copy.deepcopy(model).train()(x))
+    assert fast.last_backend == "reference"
+
+
+def test_buffers_stay_shared_through_dtype_conversion():
+    model = milesial(True)
+    fast = fastunet.convert(model).half()
+    norm, fused_norm = model.inc.double_conv[1], fast.inc.double_conv[1]
+    assert norm.running_var is fused_norm.running_var and norm.running_var.dtype == torch.float16
+    assert norm.weight is fused_norm.weight
+    with torch.no_grad():
+        model(torch.randn(1, 3, 16, 16, dtype=torch.float16))  # the source still runs: nothing left in float32
+
+
+def test_module_surgery_reaches_the_next_forward(device):
+    model = milesial(True).to(device)
+    fast = fastunet.convert(model)
+    x = torch.randn(1, 3, 16, 16, device=device)
+    with torch.no_grad():
+        fast(x)
+        fast.up1.up = nn.Upsample(scale_factor=2, mode="nearest").eval()
+        model.up1.up = fast.up1.up
+        out = fast(x)
+    assert_network_close(out, float64_output(model, x), "fp32")
+
+
+def test_pickles_carry_no_plan_cache(device):
+    model = milesial(False).to(device)
+    fast = fastunet.convert(model)
+    with torch.no_grad():
+        fast(torch.randn(1, 3, 16, 16, device=device))
+    assert fast._plans
+    assert not copy.deepcopy(fast)._plans
+    buffer = io.BytesIO()
+    torch.save(fast, buffer)
+    buffer.seek(0)
+    assert not torch.load(buffer, weights_only=False)._plans
+
+
+def test_activation_and_padding_messages():
+    model = MilesialUNet(3, 2, True, width=4, depth=2)
+    model.inc.double_conv = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.GELU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU()
+    )
+    with pytest.raises(ConversionError, match=r"'inc.double_conv.1' \(GELU\): only ReLU activations"):
+        fastunet.convert(model)
+    model = milesial(True)
+    head = model.outc.conv
+    model.outc.conv = nn.Conv2d(head.in_channels, head.out_channels, 1, padding="valid")
+    assert isinstance(fastunet.convert(model.eval()), ConvertedUNet)

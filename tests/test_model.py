@@ -378,3 +378,48 @@ def test_dtype_rejections():
     fast.head.half()
     with pytest.raises(TypeError, match="all parameters in one dtype"):
         fast(torch.randn(1, 3, 8, 8))
+
+
+def test_submodule_hooks_run_on_the_reference_path(device):
+    fast, reference64 = small_pair(device)
+    seen = []
+    handle = fast.encoders[1].register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    x = torch.randn(1, 3, 8, 8, device=device)
+    with torch.no_grad(), pytest.warns(fastunet.FastUNetFallbackWarning, match="forward hooks on encoders.1"):
+        out = fast(x)
+    assert seen and fast.last_backend == "reference"
+    handle.remove()
+    with torch.no_grad():
+        assert_network_close(fast(x), reference64(x.double().cpu()), "fp32")
+    assert fast.last_backend != "reference"
+    torch.testing.assert_close(out, fast(x).detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_parameters_made_in_inference_mode(device):
+    with torch.inference_mode():
+        fast = FastUNet(**SMALL).to(device).eval()
+    reference = UNet(**SMALL).eval()
+    reference.load_state_dict(fast.state_dict())
+    x = torch.randn(1, 3, 8, 8, device=device)
+    with torch.no_grad():
+        out = fast(x)
+        assert fast.last_backend != "reference" and not fast._plans
+        assert_network_close(out, reference.double()(x.double().cpu()), "fp32")
+
+
+def test_many_classes_leave_the_head_unfused(device):
+    fast, reference64 = build_pair(
+        device, torch.float32, in_channels=3, num_classes=80, base_channels=4, depth=1, upsample="bilinear", norm=None
+    )
+    x = torch.randn(1, 3, 6, 5, device=device)
+    with launch_log() as records, torch.no_grad():
+        out = fast(x)
+    assert [r.name for r in records][-1] == "conv1x1" and len(records) == 7
+    assert_network_close(out, reference64(x.double().cpu()), "fp32")
+
+
+def test_from_reference_sharing_survives_to():
+    reference = UNet(**SMALL, norm="batch")
+    fast = FastUNet.from_reference(reference).to(torch.float16)
+    assert reference.encoders[0].norm1.running_mean is fast.encoders[0].norm1.running_mean
+    assert reference.encoders[0].norm1.running_mean.dtype == torch.float16

@@ -207,3 +207,31 @@ def test_tracing_records_the_custom_ops_and_caches_nothing(device):
     assert not model._plans
     with torch.no_grad():
         assert_network_close(model(x), reference64(x.double().cpu()), "fp32")
+
+
+def test_a_trace_in_another_thread_does_not_touch_a_forward(device):
+    """Dry runs and launch logs are per thread: tracing while another thread runs the model changes nothing."""
+    model, reference64 = build_pair(device, torch.float32, **SMALL, upsample="nearest", norm=None)
+    x = torch.randn(1, 3, 12, 12, device=device)
+    stop, traced, errors = threading.Event(), [], []
+
+    def tracer() -> None:
+        try:
+            while not stop.is_set():
+                traced.append(len(fastunet.trace(model, torch.empty(1, 3, 64, 64))))
+        except Exception as error:  # reported below
+            errors.append(error)
+
+    thread = threading.Thread(target=tracer)
+    thread.start()
+    try:
+        with torch.no_grad():
+            outputs = [model(x) for _ in range(3)]
+    finally:
+        stop.set()
+        thread.join()
+    assert not errors, errors
+    assert traced and set(traced) == {10}
+    expected = reference64(x.double().cpu())
+    for out in outputs:
+        assert_network_close(out, expected, "fp32")
