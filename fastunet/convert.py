@@ -321,7 +321,7 @@ def _verify(model: nn.Module, depth: int, in_channels: int) -> None:
             )
         try:
             own = ConvertedUNet(probe).reference_forward(x)
-        except AttributeError as failure:
+        except Exception as failure:  # e.g. a helper it lacks, or zero-argument super() on another class
             raise ConversionError(
                 f"convert: {type(model).__name__}.forward cannot run on the converted module ({failure})"
             ) from failure

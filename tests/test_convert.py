@@ -324,17 +324,20 @@ def test_unet_subclass_with_its_own_forward_is_refused():
 
 
 class _HelperUNet(MilesialUNet):
-    def _finish(self, features: torch.Tensor) -> torch.Tensor:
-        return self.outc(features)
+    """A forward that calls a method and reads a class attribute of its own class."""
+
+    _scale = 1.0
+
+    def _finish(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits * self._scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        skips = [self.inc(x)]
-        for i in range(1, self.depth + 1):
-            skips.append(getattr(self, f"down{i}")(skips[-1]))
-        features = skips.pop()
-        for j in range(1, self.depth + 1):
-            features = getattr(self, f"up{j}")(features, skips.pop())
-        return self._finish(features)
+        return self._finish(MilesialUNet.forward(self, x))
+
+
+class _SuperUNet(MilesialUNet):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x)
 
 
 def test_source_helpers_work_in_training_mode(device):
@@ -344,6 +347,13 @@ def test_source_helpers_work_in_training_mode(device):
     x = torch.randn(2, 3, 8, 8, device=device)
     torch.testing.assert_close(fast(x), copy.deepcopy(model).train()(x))
     assert fast.last_backend == "reference"
+
+
+def test_a_forward_that_cannot_run_on_the_converted_module_is_refused():
+    """Zero-argument super() needs an instance of the source class: refused at convert time, not at train time."""
+    torch.manual_seed(0)
+    with pytest.raises(ConversionError, match="cannot run on the converted module"):
+        fastunet.convert(_SuperUNet(3, 2, True, width=4, depth=2).eval())
 
 
 def test_buffers_stay_shared_through_dtype_conversion():
