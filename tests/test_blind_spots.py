@@ -1,4 +1,4 @@
-"""Checks for faults the rest of the suite let through when they were planted in the code.
+"""Checks for faults that the rest of the suite did not notice when they were introduced by mutation testing.
 
 * backward after a forward under ``torch.autocast`` (the reference recompute must run under the same autocast);
 * every autotuning candidate of the fused head holds all of a pixel's channels in one tile;
