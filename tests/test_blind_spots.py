@@ -61,7 +61,7 @@ def _autocast_pair(which: str, device: torch.device) -> tuple[nn.Module, nn.Modu
     else:
         reference = MilesialUNet(3, 2, True, width=4, depth=2)
         randomize_norm_stats(reference)
-        fast = fastunet.convert(copy.deepcopy(reference).eval())
+        fast = fastunet.convert(copy.deepcopy(reference).to(device).eval())
     return fast.to(device).eval(), reference.to(device).eval()
 
 

@@ -260,7 +260,7 @@ class MoatedLaunch:
 
     def alloc(self, shape, dtype, device, channels_last: bool = False) -> torch.Tensor:
         """Stands in for the launchers' allocator: an (N, H, W, C) output view with gaps between channels."""
-        assert torch.device(device) == self.device
+        assert torch.device(device).type == self.device.type
         batch, height, width, channels = shape
         return nhwc(self.output("allocated", (batch, channels, height, width), dtype, "channels_last"))
 
