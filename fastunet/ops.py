@@ -329,8 +329,9 @@ def run_plan(plan: Plan, x: torch.Tensor) -> torch.Tensor:
 
     Launches: 2 per encoder level (the second also writes the pooled map), 3 per decoder level (the upsampled map:
     a transposed conv, or a nearest/bilinear upsample; then two convs, the first reading the skip map and the
-    upsampled map directly, no concatenation); the 1x1 head runs in the last conv's epilogue. Activations are NHWC; the input is read and the
-    logits written in the caller's layout (NCHW, or channels_last for a channels_last input).
+    upsampled map directly, no concatenation); the 1x1 head runs in the last conv's epilogue. Activations are
+    NHWC; the input is read and the logits written in the caller's layout (NCHW, or channels_last for a
+    channels_last input).
     """
     depth = len(plan.decoders)
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
