@@ -364,23 +364,23 @@ class ConvProblem:
 
 
 def _fits(problem: ConvProblem, config: dict) -> bool:
-    """sm_90 build limits, from the compile report of the reference network.
+    """sm_90 build limits, from the compile report of the reference network (no spills, 255 registers at most).
 
-    * A-tile elements a thread loads per K step (BLOCK_M * BLOCK_K / threads) <= 32: at 64 (a 128 x 64 tile on one
-      warpgroup) the loader state takes the registers to 248-255; the small-K loader of the first conv sits at
-      255 with 32.
-    * fp32 accumulator <= 64 registers a thread.
-    * Pipeline buffers within ~200 KB of shared memory.
+    * fp32 accumulator <= 64 registers a thread: at 128 (a 128 x 128 tile on one warpgroup, 128 x 256 on two) the
+      kernel sits at 233-255 registers.
+    * A-tile elements a thread stages per K step (BLOCK_M * BLOCK_K / threads) <= 64 (the loads go to shared
+      memory asynchronously; their addresses and predicates stay in registers); 128 spills. The small-K loader of
+      the first conv computes a full address per element: <= 16 there (255 registers at 32 with the old loader).
+    * Pipeline buffers within 200 KB of shared memory (228 KB per SM).
     * The depth-to-space store serializes the wgmma pipeline at BLOCK_N 128 (ptxas warning): BLOCK_N <= 64 there;
       so does the fused head when two warpgroups share a 64-row tile: BLOCK_M >= 64 rows a warpgroup there.
     """
     threads = 32 * config["num_warps"]
     block_m, block_n, block_k = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
     smem = config["num_stages"] * (block_m + block_n) * block_k * problem.element_size
-    # The small-K path computes a full address per A element (tap and channel vary along K): twice the state.
-    loader_weight = 2 if problem.packed_k else 1
+    staged = block_m * block_k / threads
     return (
-        loader_weight * block_m * block_k <= 32 * threads
+        staged <= (16 if problem.packed_k else 64)
         and block_m * block_n <= 64 * threads
         and smem <= 200 * 1024
         and (not problem.d2s or block_n <= 64)
@@ -388,22 +388,32 @@ def _fits(problem: ConvProblem, config: dict) -> bool:
     )
 
 
+def _block_k(problem: ConvProblem) -> int:
+    """K block: up to 256 bytes of input channels per tap (128 in 16-bit dtypes, halving the loop's per-step
+    overhead against 128-byte blocks), the largest power of two that divides every source's channel count so no
+    block is masked; flattened (tap, channel) on the small-K path."""
+    widest = 256 // problem.element_size
+    if problem.packed_k:
+        return min(widest, max(16, next_pow2(9 * problem.c_main)))
+    channels = [c for c in (problem.c_main, problem.c_up) if c]
+    for block_k in (128, 64, 32, 16):
+        if block_k <= widest and all(c % block_k == 0 for c in channels):
+            return block_k
+    return min(widest, max(16, next_pow2(min(channels))))
+
+
 @functools.lru_cache(maxsize=4096)
 def pick_config(problem: ConvProblem) -> dict:
     """The heuristic tile for one launch (the first autotuning candidate, and the only one by default).
 
-    BLOCK_N covers the output channels (all of them when the head is fused), BLOCK_K one 128-byte row of input
-    channels per tap and source (or of the flattened taps on the small-K path), BLOCK_M the pixels; tiles shrink
+    BLOCK_N covers the output channels (all of them when the head is fused), BLOCK_K from :func:`_block_k`,
+    BLOCK_M the pixels; tiles shrink
     for tiny maps so that small launches do not run mostly masked lanes. tl.dot needs every dimension >= 16.
     Warps, pipeline depth and, if need be, a narrower pixel tile are chosen to meet :func:`_fits`.
     """
     widest = max(16, next_pow2(problem.c_out))
     block_n = widest if problem.head else min(64 if problem.d2s else 128, widest)
-    if problem.packed_k:
-        k_extent = 9 * problem.c_main
-    else:
-        k_extent = min(problem.c_main, problem.c_up) if problem.c_up else problem.c_main
-    block_k = min(128 // problem.element_size, max(16, next_pow2(k_extent)))
+    block_k = _block_k(problem)
     block_m = min(128, max(16, next_pow2(problem.m)))
     # Fewer tiles than SMs (deep layers at batch 1) leaves SMs idle: halve the pixel tile while that helps.
     while block_m > 64 and triton.cdiv(problem.m, block_m) * triton.cdiv(problem.c_out, block_n) < problem.sm_count:
