@@ -210,22 +210,22 @@ def _conv_nhwc_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
     if PACKED_K:
-        # K = (tap, channel) flattened: the address of every A element depends on both its row and its column.
-        k_total = KSIZE * KSIZE * c_main
+        # K = (tap, channel) flattened; PACKED_K is the channel count (< 16), a constant so that splitting K into
+        # tap and channel costs no division. An element's offset splits into its pixel's centre offset (per row) plus
+        # its tap's shift and channel (per column), and its padding into a per-row tap bitmask tested per column:
+        # no per-element coordinate arithmetic.
+        k_total: tl.constexpr = KSIZE * KSIZE * PACKED_K
+        row_base = pixel_offset(img, oy, ox, stride_xn, stride_xh, stride_xw)
+        tap_bits = _tap_bits(oy, ox, m_valid, height, width, KSIZE)
         for k0 in range(0, k_total, BLOCK_K):
             kk = k0 + offs_k
             k_mask = kk < k_total
-            tap = kk // c_main
-            ch = kk % c_main
-            iy = oy[:, None] + (tap // KSIZE - pad)[None, :]
-            ix = ox[:, None] + (tap % KSIZE - pad)[None, :]
-            ok = m_valid[:, None] & k_mask[None, :] & (iy >= 0) & (iy < height) & (ix >= 0) & (ix < width)
-            a_ptrs = (
-                x_ptr
-                + pixel_offset(img[:, None], iy, ix, stride_xn, stride_xh, stride_xw)
-                + ch.to(tl.int64)[None, :] * stride_xc
-            )
-            a = tl.load(a_ptrs, mask=ok, other=0.0)
+            tap = kk // PACKED_K
+            ch = kk % PACKED_K
+            column = (tap // KSIZE - pad).to(tl.int64) * stride_xh + (tap % KSIZE - pad).to(tl.int64) * stride_xw
+            column += ch.to(tl.int64) * stride_xc
+            ok = (((tap_bits[:, None] >> tap[None, :]) & 1) != 0) & k_mask[None, :]
+            a = tl.load(x_ptr + row_base[:, None] + column[None, :], mask=ok, other=0.0)
             b = tl.load(
                 w_ptr + kk[:, None] * c_out + offs_n[None, :], mask=k_mask[:, None] & n_mask[None, :], other=0.0
             )
@@ -540,7 +540,7 @@ def _launch(x, up, w_packed, bias, y, pooled, head_w, head_b, *, geometry, ksize
     flags = {
         "KSIZE": ksize,
         "TWO_SOURCES": up is not None,
-        "PACKED_K": packed_k,
+        "PACKED_K": c_main if packed_k else 0,  # the channel count, a constant on the small-K path
         "HAS_BIAS": bias is not None,
         "ACT": relu,
         "POOL": pooled is not None,
