@@ -26,6 +26,7 @@ from fastunet.kernels.conv import (
     pack_conv_transpose_weight,
     pack_conv_weight,
 )
+from fastunet.kernels.upsample import upsample2x_nhwc
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -246,6 +247,20 @@ def _conv_transpose_fake(x, weight, bias4):
     return x.new_empty((batch, 2 * height, 2 * width, weight.shape[1] // 4))
 
 
+@torch.library.custom_op(
+    "fastunet::upsample2x_nhwc", mutates_args=(), schema="(Tensor x, str mode, bool align_corners) -> Tensor"
+)
+def _upsample_op(x, mode, align_corners):
+    """:func:`fastunet.kernels.upsample.upsample2x_nhwc` as a custom op: (N, 2h, 2w, C) contiguous NHWC."""
+    return upsample2x_nhwc(x, mode, align_corners)
+
+
+@_upsample_op.register_fake
+def _upsample_fake(x, mode, align_corners):
+    batch, height, width, channels = x.shape
+    return x.new_empty((batch, 2 * height, 2 * width, channels))
+
+
 def is_traced() -> bool:
     """Whether TorchDynamo is tracing or a dispatch mode (FakeTensorMode, make_fx's proxy mode) is active: then
     the launches must go through the custom ops, and nothing built from the tensors may be cached."""
@@ -295,6 +310,12 @@ def _conv_transpose(x: torch.Tensor, stage: ConvStage) -> torch.Tensor:
     return torch.ops.fastunet.conv_transpose2x2_nhwc(x, stage.weight, stage.bias)
 
 
+def _upsample(x: torch.Tensor, mode: str, align_corners: bool) -> torch.Tensor:
+    if _direct():
+        return upsample2x_nhwc(x, mode, align_corners)
+    return torch.ops.fastunet.upsample2x_nhwc(x, mode, align_corners)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Forward
 # ---------------------------------------------------------------------------------------------------------------
@@ -306,10 +327,11 @@ def _nhwc(t: torch.Tensor) -> torch.Tensor:
 def run_plan(plan: Plan, x: torch.Tensor) -> torch.Tensor:
     """Eval-mode U-Net forward on the Triton kernels.
 
-    Launches: 2 per encoder level (the second also writes the pooled map), 2 per decoder level (the first reads
-    the skip map and the upsampled map directly, no concatenation), plus 1 per level with transposed-conv
-    upsampling; the 1x1 head runs in the last conv's epilogue. Activations are NHWC; the input is read and the
-    logits written in the caller's layout (NCHW, or channels_last for a channels_last input).
+    Launches: 2 per encoder level (the second also writes the pooled map), 3 per decoder level (the upsampled map:
+    a transposed conv, or a nearest/bilinear upsample; then two convs, the first reading the skip map and the
+    upsampled map directly, no concatenation); the 1x1 head runs in the last conv's epilogue. Activations are
+    NHWC; the input is read and the logits written in the caller's layout (NCHW, or channels_last for a
+    channels_last input).
     """
     depth = len(plan.decoders)
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
@@ -328,8 +350,11 @@ def run_plan(plan: Plan, x: torch.Tensor) -> torch.Tensor:
     for level in reversed(range(depth)):
         conv1, conv2 = plan.decoders[level]
         mode, align_corners, up_stage = plan.ups[level]
-        up = _conv_transpose(features, up_stage) if up_stage is not None else features
-        features, _ = _conv(skips[level], conv1, up=up, up_mode=mode, align_corners=align_corners)
+        if up_stage is not None:
+            up = _conv_transpose(features, up_stage)
+        else:
+            up = _upsample(features, mode, align_corners)
+        features, _ = _conv(skips[level], conv1, up=up, up_mode="direct")
         if level == 0 and plan.fuse_head:
             logits, _ = _conv(features, conv2, head=plan.head, nchw_out=logits_nchw)
             return logits.permute(0, 3, 1, 2)

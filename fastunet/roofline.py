@@ -103,7 +103,8 @@ def stage_labels(records: Sequence[LaunchRecord], depth: int, upsample: str) -> 
     """Names of the network stages the launches of a traced forward belong to (``enc0.conv1`` ... ``dec0.conv2``).
 
     Follows the launch order of the fused forward: two convs per encoder level and the bottleneck, then per decoder
-    level (deepest first) the transposed conv if any and two convs; a separate ``head`` when it is not fused.
+    level (deepest first) the upsampled map (transposed conv, or nearest/bilinear upsample) and two convs; a
+    separate ``head`` when it is not fused.
     Falls back to ``launch<i>`` if the trace does not have that shape.
     """
     labels = []
@@ -111,9 +112,7 @@ def stage_labels(records: Sequence[LaunchRecord], depth: int, upsample: str) -> 
         tag = f"enc{level}" if level < depth else "bottleneck"
         labels += [f"{tag}.conv1", f"{tag}.conv2"]
     for level in reversed(range(depth)):
-        if upsample == "transpose":
-            labels.append(f"dec{level}.up")
-        labels += [f"dec{level}.conv1", f"dec{level}.conv2"]
+        labels += [f"dec{level}.up", f"dec{level}.conv1", f"dec{level}.conv2"]
     if len(records) == len(labels) + 1:
         labels.append("head")
     if len(records) != len(labels):
@@ -325,9 +324,9 @@ def _label_stages(model: UNet, log: _EagerOpLog, head_label: str) -> list:
     """Forward pre-hooks that point ``log.stage`` at the fused stage each eager op belongs to; returns the handles.
 
     A conv's label holds until the next module sets another, so bias, BatchNorm, ReLU and pooling go to the conv
-    before them. A decoder block starts its first conv's stage, so upsampling, padding and concatenation go to the
-    conv after them; a transposed conv is its own stage (``decN.up``), and the padding and concatenation after it go
-    back to the first conv.
+    before them. A decoder block starts its first conv's stage; its upsampling (transposed conv or interpolation)
+    is its own stage (``decN.up``), and the padding and concatenation after it go to the first conv, which reads
+    the skip and the upsampled map directly.
     """
 
     def setter(label: str):
@@ -343,9 +342,8 @@ def _label_stages(model: UNet, log: _EagerOpLog, head_label: str) -> list:
         handles.append(encoder.conv2.register_forward_pre_hook(setter(f"{tag}.conv2")))
     for level, decoder in enumerate(model.decoders):
         handles.append(decoder.register_forward_pre_hook(setter(f"dec{level}.conv1")))
-        if model.upsample == "transpose":
-            handles.append(decoder.up.register_forward_pre_hook(setter(f"dec{level}.up")))
-            handles.append(decoder.up.register_forward_hook(setter(f"dec{level}.conv1")))
+        handles.append(decoder.up.register_forward_pre_hook(setter(f"dec{level}.up")))
+        handles.append(decoder.up.register_forward_hook(setter(f"dec{level}.conv1")))
         handles.append(decoder.conv.conv1.register_forward_pre_hook(setter(f"dec{level}.conv1")))
         handles.append(decoder.conv.conv2.register_forward_pre_hook(setter(f"dec{level}.conv2")))
     handles.append(model.head.register_forward_pre_hook(setter(head_label)))

@@ -129,6 +129,13 @@ def check_runnable(t: torch.Tensor, what: str) -> None:
         )
 
 
+def element_span(t: torch.Tensor) -> int:
+    """One past the largest element offset a kernel reads through ``t``'s sizes and strides (0 when empty)."""
+    if t.numel() == 0:
+        return 0
+    return 1 + sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride(), strict=True))
+
+
 def device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
     """Launch under the tensor's own GPU (a tensor on a non-current device would otherwise fault)."""
     if t.device.type == "cuda":

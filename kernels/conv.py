@@ -2,10 +2,11 @@
 
 One kernel serves every convolution of the network; constexpr flags select the fused work:
 
-* loader: one source (``UP_MODE=0``), or the decoder's two sources: channels ``[0, c_main)`` from the skip map and
-  ``[c_main, c_main + c_up)`` from a second map that is upsampled on the fly (direct read of a transposed-conv
-  output, nearest, or bilinear with either ``align_corners``), with the centered zero padding of odd sizes as a
-  loader offset. The concatenated tensor is never materialized.
+* loader: one source, or the decoder's two sources (``TWO_SOURCES``): channels ``[0, c_main)`` from the skip map
+  and ``[c_main, c_main + c_up)`` from the upsampled map (a transposed-conv output, or the nearest/bilinear map that
+  :mod:`fastunet.kernels.upsample` writes once per level), with the centered zero padding of odd sizes as a loader
+  offset. The concatenated tensor is never materialized. Both sources run the same flat (tap, channel block)
+  loop, whose per-pixel address work is hoisted out of it (:func:`_accumulate_source`).
 * ``PACKED_K``: small-channel path (the network's first conv, ``c_in=3``): K runs over the flattened
   (tap, channel) axis so that 27 useful products fill one 32-wide K block instead of nine mostly empty ones.
 * epilogue: bias, ReLU (NaN-preserving, like ``torch.relu``), store; the 2x2 max-pooled map (``POOL``); the 1x1
@@ -34,6 +35,7 @@ from fastunet.kernels._common import (
     check_runnable,
     choose_config,
     dot_flags,
+    element_span,
     is_dry_run,
     launch_guard,
     mma,
@@ -43,20 +45,94 @@ from fastunet.kernels._common import (
     sm_count,
     to_storage,
 )
-
-UP_NONE, UP_DIRECT, UP_NEAREST, UP_BILINEAR, UP_BILINEAR_AC = 0, 1, 2, 3, 4
-_UP_MODES = {"direct": UP_DIRECT, "nearest": UP_NEAREST, "bilinear": UP_BILINEAR}
+from fastunet.kernels.upsample import MODES as UPSAMPLE_MODES
+from fastunet.kernels.upsample import upsample2x_nhwc
 
 # The fused head keeps every output channel of one pixel in a single tile, and the logits of its pixels in a
 # (BLOCK_M, next_pow2(n_cls)) fp32 accumulator beside the main one: both bounded so the tile stays in registers.
 MAX_HEAD_CHANNELS = 128
 MAX_HEAD_CLASSES = 64
+# How the decoder's second source reaches full size: already there (a transposed-conv output), or 2x upsampled.
+UP_MODES = ("direct", *UPSAMPLE_MODES)
+
+
+@triton.jit
+def _tap_bits(y, x, valid, height, width, KSIZE: tl.constexpr):
+    """Per pixel, bit ``tap`` set where tap ``tap`` (row-major over the KSIZE x KSIZE window) reads inside the
+    (height, width) map: computed once per tile, so the K loop tests one bit instead of four bounds per pixel."""
+    pad: tl.constexpr = KSIZE // 2
+    bits = tl.zeros(y.shape, dtype=tl.int32)
+    for tap in tl.static_range(KSIZE * KSIZE):
+        iy = y + (tap // KSIZE - pad)
+        ix = x + (tap % KSIZE - pad)
+        inside = valid & (iy >= 0) & (iy < height) & (ix >= 0) & (ix < width)
+        bits = bits | (inside.to(tl.int32) << tap)
+    return bits
+
+
+@triton.jit
+def _accumulate_source(
+    acc,
+    src_ptr,
+    w_ptr,
+    row_base,  # (BLOCK_M,) int64: element offset of each output pixel's centre tap in this source
+    tap_bits,  # (BLOCK_M,) from _tap_bits
+    c_src,
+    w_row0,  # first row of this source's channels within a tap's rows of the packed weight
+    c_in,
+    c_out,
+    offs_k,
+    offs_n,
+    n_mask,
+    stride_h,
+    stride_w,
+    stride_c,
+    KSIZE: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    WIDE: tl.constexpr,
+    INTERPRETER: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """acc += A_src @ W_src over every (tap, channel block) of one source, as a single flat loop.
+
+    One flat loop is what the software pipeliner overlaps (a tap loop around a one-iteration channel loop would
+    not pipeline). Everything that depends on the pixel is computed before the loop (``row_base``, ``tap_bits``);
+    inside it the tap and channel block are loop-carried counters (no division), a tap moves every row by one
+    scalar offset, and its padding is one bit test per row. Offsets are int32 unless ``WIDE`` (a source or the
+    weight spans 2**31 elements or more): 64-bit address arithmetic doubles the loop's integer work.
+    """
+    pad: tl.constexpr = KSIZE // 2
+    offset_type: tl.constexpr = tl.int64 if WIDE else tl.int32
+    blocks = tl.cdiv(c_src, BLOCK_K)
+    b_offs = offs_k[:, None] * c_out + offs_n[None, :]
+    rows = row_base.to(offset_type)
+    tap = 0
+    c0 = 0
+    for _ in range(0, KSIZE * KSIZE * blocks):
+        shift = (tap // KSIZE - pad).to(offset_type) * stride_h + (tap % KSIZE - pad).to(offset_type) * stride_w
+        inside = ((tap_bits >> tap) & 1) != 0
+        a_ptrs = src_ptr + (rows + shift)[:, None] + (c0 + offs_k).to(offset_type)[None, :] * stride_c
+        b_ptrs = w_ptr + (tap * c_in + w_row0 + c0).to(offset_type) * c_out + b_offs
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=inside[:, None], other=0.0)
+            b = tl.load(b_ptrs, mask=n_mask[None, :], other=0.0)
+        else:
+            k_mask = (c0 + offs_k) < c_src
+            a = tl.load(a_ptrs, mask=inside[:, None] & k_mask[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = mma(a, b, acc, INTERPRETER, DOT_PRECISION)
+        c0 += BLOCK_K
+        next_tap = c0 >= c_src
+        tap += next_tap.to(tl.int32)
+        c0 = tl.where(next_tap, 0, c0)
+    return acc
 
 
 @triton.jit
 def _conv_nhwc_kernel(
-    x_ptr,  # (batch, height, width, c_main): the input, or the skip map when UP_MODE != 0
-    up_ptr,  # (batch, low_h, low_w, c_up): map upsampled on the fly
+    x_ptr,  # (batch, height, width, c_main): the input, or the skip map with TWO_SOURCES
+    up_ptr,  # (batch, up_h, up_w, c_up): the upsampled map (TWO_SOURCES)
     w_ptr,  # (KSIZE * KSIZE * (c_main + c_up), c_out): packed weights, row = tap * c_in + channel
     b_ptr,  # (c_out,)
     y_ptr,  # (batch, height, width, c_out), (batch, 2 height, 2 width, c_out / 4) with D2S, or logits with HEAD
@@ -70,14 +146,10 @@ def _conv_nhwc_kernel(
     c_up,
     c_out,
     n_cls,
-    low_h,
-    low_w,
     up_h,
     up_w,
     pad_top,
     pad_left,
-    scale_h,
-    scale_w,
     stride_xn,
     stride_xh,
     stride_xw,
@@ -95,8 +167,10 @@ def _conv_nhwc_kernel(
     stride_pw,
     stride_pc,
     KSIZE: tl.constexpr,
-    UP_MODE: tl.constexpr,
+    TWO_SOURCES: tl.constexpr,
     PACKED_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    WIDE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     ACT: tl.constexpr,
     POOL: tl.constexpr,
@@ -136,101 +210,77 @@ def _conv_nhwc_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
     if PACKED_K:
-        # K = (tap, channel) flattened: the address of every A element depends on both its row and its column.
-        k_total = KSIZE * KSIZE * c_main
+        # K = (tap, channel) flattened; PACKED_K is the channel count (< 16), a constant so that splitting K into
+        # tap and channel costs no division. An element's offset splits into its pixel's centre offset (per row) plus
+        # its tap's shift and channel (per column), and its padding into a per-row tap bitmask tested per column:
+        # no per-element coordinate arithmetic.
+        k_total: tl.constexpr = KSIZE * KSIZE * PACKED_K
+        row_base = pixel_offset(img, oy, ox, stride_xn, stride_xh, stride_xw)
+        tap_bits = _tap_bits(oy, ox, m_valid, height, width, KSIZE)
         for k0 in range(0, k_total, BLOCK_K):
             kk = k0 + offs_k
             k_mask = kk < k_total
-            tap = kk // c_main
-            ch = kk % c_main
-            iy = oy[:, None] + (tap // KSIZE - pad)[None, :]
-            ix = ox[:, None] + (tap % KSIZE - pad)[None, :]
-            ok = m_valid[:, None] & k_mask[None, :] & (iy >= 0) & (iy < height) & (ix >= 0) & (ix < width)
-            a_ptrs = (
-                x_ptr
-                + pixel_offset(img[:, None], iy, ix, stride_xn, stride_xh, stride_xw)
-                + ch.to(tl.int64)[None, :] * stride_xc
-            )
-            a = tl.load(a_ptrs, mask=ok, other=0.0)
+            tap = kk // PACKED_K
+            ch = kk % PACKED_K
+            column = (tap // KSIZE - pad).to(tl.int64) * stride_xh + (tap % KSIZE - pad).to(tl.int64) * stride_xw
+            column += ch.to(tl.int64) * stride_xc
+            ok = (((tap_bits[:, None] >> tap[None, :]) & 1) != 0) & k_mask[None, :]
+            a = tl.load(x_ptr + row_base[:, None] + column[None, :], mask=ok, other=0.0)
             b = tl.load(
                 w_ptr + kk[:, None] * c_out + offs_n[None, :], mask=k_mask[:, None] & n_mask[None, :], other=0.0
             )
             acc = mma(a, b, acc, INTERPRETER, DOT_PRECISION)
     else:
-        # One flattened loop per source over (tap, channel block): a single long loop is what the software
-        # pipeliner overlaps; a tap loop around a one-iteration channel loop (64 channels) would not pipeline.
-        main_blocks = tl.cdiv(c_main, BLOCK_K)
-        for it in range(0, KSIZE * KSIZE * main_blocks):
-            tap = it // main_blocks
-            ck = (it - tap * main_blocks) * BLOCK_K + offs_k
-            iy = oy + (tap // KSIZE - pad)
-            ix = ox + (tap % KSIZE - pad)
-            inside = m_valid & (iy >= 0) & (iy < height) & (ix >= 0) & (ix < width)
-            row = pixel_offset(img, iy, ix, stride_xn, stride_xh, stride_xw)
-            k_mask = ck < c_main
-            a = tl.load(
-                x_ptr + row[:, None] + ck.to(tl.int64)[None, :] * stride_xc,
-                mask=inside[:, None] & k_mask[None, :],
-                other=0.0,
+        acc = _accumulate_source(
+            acc,
+            x_ptr,
+            w_ptr,
+            pixel_offset(img, oy, ox, stride_xn, stride_xh, stride_xw),
+            _tap_bits(oy, ox, m_valid, height, width, KSIZE),
+            c_main,
+            0,
+            c_in,
+            c_out,
+            offs_k,
+            offs_n,
+            n_mask,
+            stride_xh,
+            stride_xw,
+            stride_xc,
+            KSIZE,
+            EVEN_K,
+            WIDE,
+            INTERPRETER,
+            DOT_PRECISION,
+            BLOCK_K,
+        )
+        if TWO_SOURCES:
+            # The upsampled map sits centered in the skip's frame (zero padding of odd sizes): its own coordinates.
+            uy = oy - pad_top
+            ux = ox - pad_left
+            acc = _accumulate_source(
+                acc,
+                up_ptr,
+                w_ptr,
+                pixel_offset(img, uy, ux, stride_un, stride_uh, stride_uw),
+                _tap_bits(uy, ux, m_valid, up_h, up_w, KSIZE),
+                c_up,
+                c_main,
+                c_in,
+                c_out,
+                offs_k,
+                offs_n,
+                n_mask,
+                stride_uh,
+                stride_uw,
+                stride_uc,
+                KSIZE,
+                EVEN_K,
+                WIDE,
+                INTERPRETER,
+                DOT_PRECISION,
+                BLOCK_K,
             )
-            b = tl.load(
-                w_ptr + (tap * c_in + ck)[:, None] * c_out + offs_n[None, :],
-                mask=k_mask[:, None] & n_mask[None, :],
-                other=0.0,
-            )
-            acc = mma(a, b, acc, INTERPRETER, DOT_PRECISION)
-        if UP_MODE != 0:
-            up_blocks = tl.cdiv(c_up, BLOCK_K)
-            for it in range(0, KSIZE * KSIZE * up_blocks):
-                tap = it // up_blocks
-                ck = (it - tap * up_blocks) * BLOCK_K + offs_k
-                iy = oy + (tap // KSIZE - pad)
-                ix = ox + (tap % KSIZE - pad)
-                # Coordinates in the (virtual) upsampled map, shifted by the centered zero padding.
-                uy = iy - pad_top
-                ux = ix - pad_left
-                u_inside = m_valid & (iy >= 0) & (iy < height) & (ix >= 0) & (ix < width)
-                u_inside = u_inside & (uy >= 0) & (uy < up_h) & (ux >= 0) & (ux < up_w)
-                k_mask = ck < c_up
-                ld_mask = u_inside[:, None] & k_mask[None, :]
-                col = ck.to(tl.int64)[None, :] * stride_uc
-                if UP_MODE == 1:
-                    u_row = pixel_offset(img, uy, ux, stride_un, stride_uh, stride_uw)
-                    a = tl.load(up_ptr + u_row[:, None] + col, mask=ld_mask, other=0.0)
-                elif UP_MODE == 2:
-                    u_row = pixel_offset(img, uy // 2, ux // 2, stride_un, stride_uh, stride_uw)
-                    a = tl.load(up_ptr + u_row[:, None] + col, mask=ld_mask, other=0.0)
-                else:
-                    if UP_MODE == 3:
-                        src_y = tl.maximum((uy.to(tl.float32) + 0.5) * scale_h - 0.5, 0.0)
-                        src_x = tl.maximum((ux.to(tl.float32) + 0.5) * scale_w - 0.5, 0.0)
-                    else:
-                        src_y = uy.to(tl.float32) * scale_h
-                        src_x = ux.to(tl.float32) * scale_w
-                    y0 = tl.minimum(src_y.to(tl.int32), low_h - 1)
-                    x0 = tl.minimum(src_x.to(tl.int32), low_w - 1)
-                    y1 = tl.minimum(y0 + 1, low_h - 1)
-                    x1 = tl.minimum(x0 + 1, low_w - 1)
-                    ly = (src_y - y0.to(tl.float32))[:, None]
-                    lx = (src_x - x0.to(tl.float32))[:, None]
-                    p00 = pixel_offset(img, y0, x0, stride_un, stride_uh, stride_uw)
-                    p01 = pixel_offset(img, y0, x1, stride_un, stride_uh, stride_uw)
-                    p10 = pixel_offset(img, y1, x0, stride_un, stride_uh, stride_uw)
-                    p11 = pixel_offset(img, y1, x1, stride_un, stride_uh, stride_uw)
-                    v00 = tl.load(up_ptr + p00[:, None] + col, mask=ld_mask, other=0.0).to(tl.float32)
-                    v01 = tl.load(up_ptr + p01[:, None] + col, mask=ld_mask, other=0.0).to(tl.float32)
-                    v10 = tl.load(up_ptr + p10[:, None] + col, mask=ld_mask, other=0.0).to(tl.float32)
-                    v11 = tl.load(up_ptr + p11[:, None] + col, mask=ld_mask, other=0.0).to(tl.float32)
-                    top = (1.0 - lx) * v00 + lx * v01
-                    bottom = (1.0 - lx) * v10 + lx * v11
-                    # Rounded to the storage dtype, as the materialized upsampled map would be.
-                    a = to_storage((1.0 - ly) * top + ly * bottom, up_ptr.dtype.element_ty, INTERPRETER)
-                b = tl.load(
-                    w_ptr + (tap * c_in + c_main + ck)[:, None] * c_out + offs_n[None, :],
-                    mask=k_mask[:, None] & n_mask[None, :],
-                    other=0.0,
-                )
-                acc = mma(a, b, acc, INTERPRETER, DOT_PRECISION)
 
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
@@ -310,29 +360,27 @@ class ConvProblem:
     packed_k: bool = False
     head: bool = False
     d2s: bool = False
-    bilinear: bool = False
     sm_count: int = 132
 
 
 def _fits(problem: ConvProblem, config: dict) -> bool:
-    """sm_90 build limits, from the compile report of the reference network.
+    """sm_90 build limits, from the compile report of the reference network (no spills, 255 registers at most).
 
-    * A-tile elements a thread loads per K step (BLOCK_M * BLOCK_K / threads) <= 32: at 64 (a 128 x 64 tile on one
-      warpgroup) the loader state takes the registers to 248-255 and the bilinear loader, holding four corner
-      tiles, spills; the small-K loader of the first conv sits at 255 with 32.
-    * fp32 accumulator <= 64 registers a thread.
-    * Pipeline buffers within ~200 KB of shared memory; the bilinear loader stages its four corner gathers.
+    * fp32 accumulator <= 64 registers a thread: at 128 (a 128 x 128 tile on one warpgroup, 128 x 256 on two) the
+      kernel sits at 233-255 registers.
+    * A-tile elements a thread stages per K step (BLOCK_M * BLOCK_K / threads) <= 64 (the loads go to shared
+      memory asynchronously; their addresses and predicates stay in registers); 128 spills. The small-K loader of
+      the first conv computes a full address per element: <= 16 there (255 registers at 32 with the old loader).
+    * Pipeline buffers within 200 KB of shared memory (228 KB per SM).
     * The depth-to-space store serializes the wgmma pipeline at BLOCK_N 128 (ptxas warning): BLOCK_N <= 64 there;
       so does the fused head when two warpgroups share a 64-row tile: BLOCK_M >= 64 rows a warpgroup there.
     """
     threads = 32 * config["num_warps"]
     block_m, block_n, block_k = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
-    a_tiles = 4 if problem.bilinear else 1
-    smem = config["num_stages"] * (a_tiles * block_m + block_n) * block_k * problem.element_size
-    # The small-K path computes a full address per A element (tap and channel vary along K): twice the state.
-    loader_weight = 2 if problem.packed_k else 1
+    smem = config["num_stages"] * (block_m + block_n) * block_k * problem.element_size
+    staged = block_m * block_k / threads
     return (
-        loader_weight * block_m * block_k <= 32 * threads
+        staged <= (16 if problem.packed_k else 64)
         and block_m * block_n <= 64 * threads
         and smem <= 200 * 1024
         and (not problem.d2s or block_n <= 64)
@@ -340,22 +388,32 @@ def _fits(problem: ConvProblem, config: dict) -> bool:
     )
 
 
+def _block_k(problem: ConvProblem) -> int:
+    """K block: up to 256 bytes of input channels per tap (128 in 16-bit dtypes, halving the loop's per-step
+    overhead against 128-byte blocks), the largest power of two that divides every source's channel count so no
+    block is masked; flattened (tap, channel) on the small-K path."""
+    widest = 256 // problem.element_size
+    if problem.packed_k:
+        return min(widest, max(16, next_pow2(9 * problem.c_main)))
+    channels = [c for c in (problem.c_main, problem.c_up) if c]
+    for block_k in (128, 64, 32, 16):
+        if block_k <= widest and all(c % block_k == 0 for c in channels):
+            return block_k
+    return min(widest, max(16, next_pow2(min(channels))))
+
+
 @functools.lru_cache(maxsize=4096)
 def pick_config(problem: ConvProblem) -> dict:
     """The heuristic tile for one launch (the first autotuning candidate, and the only one by default).
 
-    BLOCK_N covers the output channels (all of them when the head is fused), BLOCK_K one 128-byte row of input
-    channels per tap and source (or of the flattened taps on the small-K path), BLOCK_M the pixels; tiles shrink
+    BLOCK_N covers the output channels (all of them when the head is fused), BLOCK_K from :func:`_block_k`,
+    BLOCK_M the pixels; tiles shrink
     for tiny maps so that small launches do not run mostly masked lanes. tl.dot needs every dimension >= 16.
     Warps, pipeline depth and, if need be, a narrower pixel tile are chosen to meet :func:`_fits`.
     """
     widest = max(16, next_pow2(problem.c_out))
     block_n = widest if problem.head else min(64 if problem.d2s else 128, widest)
-    if problem.packed_k:
-        k_extent = 9 * problem.c_main
-    else:
-        k_extent = min(problem.c_main, problem.c_up) if problem.c_up else problem.c_main
-    block_k = min(128 // problem.element_size, max(16, next_pow2(k_extent)))
+    block_k = _block_k(problem)
     block_m = min(128, max(16, next_pow2(problem.m)))
     # Fewer tiles than SMs (deep layers at batch 1) leaves SMs idle: halve the pixel tile while that helps.
     while block_m > 64 and triton.cdiv(problem.m, block_m) * triton.cdiv(problem.c_out, block_n) < problem.sm_count:
@@ -387,11 +445,8 @@ def candidate_configs(problem: ConvProblem) -> tuple[dict, ...]:
     widest = max(16, next_pow2(problem.c_out))
     widths = (base["BLOCK_N"],) if problem.head else tuple(n for n in (64, 128, 256) if n <= widest)
     widths = widths or (base["BLOCK_N"],)
-    # Half-depth K blocks only for the bilinear loader, whose four staged corner tiles crowd shared memory.
-    halve = problem.bilinear and base["BLOCK_K"] >= 32
-    depths = (base["BLOCK_K"], base["BLOCK_K"] // 2) if halve else (base["BLOCK_K"],)
     for block_m, block_n, block_k, num_warps, num_stages in itertools.product(
-        (64, 128), widths, depths, (4, 8), (3, 4)
+        (64, 128), widths, (base["BLOCK_K"],), (4, 8), (3, 4)
     ):
         config = {
             "BLOCK_M": min(block_m, base["BLOCK_M"]),
@@ -439,25 +494,35 @@ def _check_no_overlap(out: torch.Tensor, inputs: list[torch.Tensor | None]) -> N
             raise ValueError("out must not share memory with an input of the same launch")
 
 
-def _launch(
-    x, up, w_packed, bias, y, pooled, head_w, head_b, *, ksize, up_mode, packed_k, relu, d2s, sizes, name, flops
-):
+@dataclasses.dataclass(frozen=True)
+class _Geometry:
+    """Sizes of one conv launch beyond its input's shape."""
+
+    c_out: int  # GEMM columns (4 * channels for the depth-to-space launch)
+    c_up: int = 0  # channels of the second source
+    n_cls: int = 0  # classes of a fused head
+    up_h: int = 0  # the second source's size, and its offset inside the skip's frame (centered zero padding)
+    up_w: int = 0
+    pad_top: int = 0
+    pad_left: int = 0
+
+
+def _launch(x, up, w_packed, bias, y, pooled, head_w, head_b, *, geometry, ksize, packed_k, relu, d2s, name, flops):
     batch, height, width, c_main = x.shape
-    c_up, c_out, n_cls, low_h, low_w, up_h, up_w, pad_top, pad_left, scale_h, scale_w = sizes
+    g = geometry
     m = batch * ((height + 1) // 2) * ((width + 1) // 2) * 4
     if m + 128 >= 2**31:
         # Pixel indices are int32 inside the kernel (addresses are int64): refuse rather than wrap.
         raise ValueError(f"at most 2**31 - 129 output pixels per launch (padded to even H and W), got {m}")
     problem = ConvProblem(
         m=m,
-        c_out=c_out,
+        c_out=g.c_out,
         c_main=c_main,
-        c_up=c_up,
+        c_up=g.c_up,
         element_size=x.element_size(),
         packed_k=packed_k,
         head=head_w is not None,
         d2s=d2s,
-        bilinear=up_mode in (UP_BILINEAR, UP_BILINEAR_AC),
         sm_count=sm_count(x),
     )
     candidates = candidate_configs(problem)
@@ -469,37 +534,43 @@ def _launch(
     b = bias if bias is not None else w_packed
     args = (
         x, up_t, w_packed, b, y, pool_t, hw, hb,
-        batch, height, width, c_main, c_up, c_out, n_cls, low_h, low_w, up_h, up_w, pad_top, pad_left,
-        scale_h, scale_w, *x.stride(), *up_t.stride(), *y.stride(), *pool_t.stride(),
+        batch, height, width, c_main, g.c_up, g.c_out, g.n_cls, g.up_h, g.up_w, g.pad_top, g.pad_left,
+        *x.stride(), *up_t.stride(), *y.stride(), *pool_t.stride(),
     )  # fmt: skip
     flags = {
         "KSIZE": ksize,
-        "UP_MODE": up_mode,
-        "PACKED_K": packed_k,
+        "TWO_SOURCES": up is not None,
+        "PACKED_K": c_main if packed_k else 0,  # the channel count, a constant on the small-K path
         "HAS_BIAS": bias is not None,
         "ACT": relu,
         "POOL": pooled is not None,
         "HEAD": head_w is not None,
         "D2S": d2s,
+        # int32 offsets in the main loop unless a source or the weight spans 2**31 elements (see _accumulate_source)
+        "WIDE": max(element_span(t) for t in (x, up_t, w_packed)) >= 2**31,
         "INTERPRETER": interpreter,
         "DOT_PRECISION": precision,
-        "BLOCK_CLS": max(16, next_pow2(n_cls)),
+        "BLOCK_CLS": max(16, next_pow2(g.n_cls)),
     }
-    if m == 0 or c_out == 0:
+    if m == 0 or g.c_out == 0:
         return
 
     def grid_of(cfg: dict) -> tuple[int, int]:
-        return (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(c_out, cfg["BLOCK_N"]))
+        return (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(g.c_out, cfg["BLOCK_N"]))
+
+    def constexprs_of(cfg: dict) -> dict:
+        # Channel counts that fill whole K blocks (every layer of the usual U-Nets) drop the K masks.
+        even_k = c_main % cfg["BLOCK_K"] == 0 and g.c_up % cfg["BLOCK_K"] == 0
+        return {**flags, "EVEN_K": even_k, **{key: cfg[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}}
 
     def run(cfg: dict) -> None:
-        tiles = {key: cfg[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}
         with launch_guard(x):
             _conv_nhwc_kernel[grid_of(cfg)](
-                *args, **flags, **tiles, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]
+                *args, **constexprs_of(cfg), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]
             )
 
     # Shapes share a tuning result when they differ only in the pixel count's power-of-two bucket.
-    key = ("conv", x.dtype, tuple(flags.items()), next_pow2(m), c_main, c_up, c_out, n_cls)
+    key = ("conv", x.dtype, tuple(flags.items()), next_pow2(m), c_main, g.c_up, g.c_out, g.n_cls)
     cfg = choose_config(key, candidates, run)
     tensors = [t for t in (x, up, w_packed, bias, head_w, head_b) if t is not None]
     record_launch(
@@ -511,7 +582,7 @@ def _launch(
             bytes_read=sum(t.numel() * t.element_size() for t in tensors),
             bytes_written=sum(t.numel() * t.element_size() for t in (y, pooled) if t is not None),
             args=args,
-            constexprs={**flags, **{key: cfg[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}},
+            constexprs=constexprs_of(cfg),
             launch_options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]},
             candidates=tuple(candidates),
         )
@@ -543,8 +614,9 @@ def conv2d_nhwc(
         bias: (C_out,) or None.
         up: optional (N, h, w, C_up) second input whose channels follow x's (the decoder's ``cat([skip, up])``).
         up_mode: ``"direct"`` (up is already at full size, e.g. a transposed-conv output), ``"nearest"`` or
-            ``"bilinear"`` (2x upsampling computed in the loader). The upsampled map is zero-padded, centered,
-            to (H, W).
+            ``"bilinear"`` (2x upsampling: one :func:`fastunet.kernels.upsample.upsample2x_nhwc` launch writes the
+            upsampled map, then the conv reads it directly). The upsampled map is zero-padded, centered, to (H, W).
+        align_corners: bilinear ``up_mode`` only, as in ``F.interpolate``.
         relu: apply ReLU after the bias.
         pool: also return the 2x2 max-pooled map (floor mode, like ``nn.MaxPool2d(2)``).
         head_weight, head_bias: (C_out, n_cls) and (n_cls,): fuse a 1x1 conv; the return value is then the
@@ -558,31 +630,23 @@ def conv2d_nhwc(
     if ksize % 2 != 1 or ksize < 1:
         raise ValueError(f"ksize must be odd (same padding of ksize // 2), got {ksize}")
     batch, height, width, c_main = x.shape
-    c_up = 0
-    low_h = low_w = up_h = up_w = pad_top = pad_left = 0
-    scale_h = scale_w = 0.0
-    mode = UP_NONE
+    c_up = up_h = up_w = pad_top = pad_left = 0
     if up is not None:
         _check_nhwc(up, "conv2d_nhwc upsampled input")
-        if up_mode not in _UP_MODES:
-            raise ValueError(f"up_mode must be one of {sorted(_UP_MODES)}, got {up_mode!r}")
+        if up_mode not in UP_MODES:
+            raise ValueError(f"up_mode must be one of {list(UP_MODES)}, got {up_mode!r}")
         if up.shape[0] != batch or up.dtype != x.dtype or up.device != x.device:
             raise ValueError(
                 f"upsampled input must match the skip map's batch, dtype and device: got {tuple(up.shape)} "
                 f"{up.dtype} {up.device} against {tuple(x.shape)} {x.dtype} {x.device}"
             )
-        mode = _UP_MODES[up_mode]
         low_h, low_w, c_up = up.shape[1], up.shape[2], up.shape[3]
-        up_h, up_w = (low_h, low_w) if mode == UP_DIRECT else (2 * low_h, 2 * low_w)
+        up_h, up_w = (low_h, low_w) if up_mode == "direct" else (2 * low_h, 2 * low_w)
         if up_h > height or up_w > width:
             raise ValueError(f"upsampled map ({up_h}x{up_w}) is larger than the skip map ({height}x{width})")
+        if align_corners and up_mode != "bilinear":
+            raise ValueError(f"align_corners applies to bilinear upsampling only, got up_mode={up_mode!r}")
         pad_top, pad_left = (height - up_h) // 2, (width - up_w) // 2
-        if mode == UP_BILINEAR and align_corners:
-            mode = UP_BILINEAR_AC
-            scale_h = (low_h - 1) / (up_h - 1) if up_h > 1 else 0.0
-            scale_w = (low_w - 1) / (up_w - 1) if up_w > 1 else 0.0
-        else:
-            scale_h = scale_w = 0.5
     elif up_mode is not None:
         raise ValueError("up_mode given without an upsampled input")
     c_in = c_main + c_up
@@ -622,6 +686,8 @@ def conv2d_nhwc(
     else:
         _check_no_overlap(out, [x, up, w_packed, bias, head_weight, head_bias])
     pooled = alloc((batch, height // 2, width // 2, c_out), x.dtype, x.device) if pool else None
+    if up is not None and up_mode != "direct":
+        up = upsample2x_nhwc(up, up_mode, align_corners)
     packed_k = up is None and ksize > 1 and c_main < 16
     flops = 2 * batch * height * width * c_out * ksize * ksize * c_in + 2 * batch * height * width * c_out * n_cls
     _launch(
@@ -633,12 +699,11 @@ def conv2d_nhwc(
         pooled,
         head_weight,
         head_bias,
+        geometry=_Geometry(c_out, c_up, n_cls, up_h, up_w, pad_top, pad_left),
         ksize=ksize,
-        up_mode=mode,
         packed_k=packed_k,
         relu=relu,
         d2s=False,
-        sizes=(c_up, c_out, n_cls, low_h, low_w, up_h, up_w, pad_top, pad_left, scale_h, scale_w),
         name=f"conv{ksize}x{ksize}"
         + ("+up" if up is not None else "")
         + ("+pool" if pool else "")
@@ -683,12 +748,11 @@ def conv_transpose2x2_nhwc(x: torch.Tensor, w_packed: torch.Tensor, bias4: torch
         None,
         None,
         None,
+        geometry=_Geometry(c_out4),
         ksize=1,
-        up_mode=UP_NONE,
         packed_k=False,
         relu=False,
         d2s=True,
-        sizes=(0, c_out4, 0, 0, 0, 0, 0, 0, 0, 0.0, 0.0),
         name="conv_transpose2x2",
         flops=2 * batch * h * w * c_in * c_out4,
     )

@@ -63,7 +63,7 @@ def test_every_candidate_config_is_correct(device, fresh_tuning_cache, c_skip, c
         patch.setattr("fastunet.kernels.conv.choose_config", choose_with_timer)
         conv2d_nhwc(skip.permute(0, 2, 3, 1), pack_conv_weight(weight), bias, pool=pool, out=out, **kwargs)
     assert len(seen) >= 2, "expected more than one candidate config"
-    (record,) = records
+    (record,) = [r for r in records if r.name.startswith("conv")]  # the bilinear case also launches an upsample
     (winner,) = _common.tuned_configs().values()
     assert record.launch_options == {"num_warps": winner["num_warps"], "num_stages": winner["num_stages"]}
     assert record.constexprs["BLOCK_M"] == winner["BLOCK_M"]

@@ -97,10 +97,12 @@ def test_reference_config_matches_design_numbers():
     shape = (1, 3, 512, 512)
     net = config_roofline({**reference, "upsample": "bilinear"}, shape, torch.float16)
     eager = eager_estimate({**reference, "upsample": "bilinear"}, shape, torch.float16)
-    assert len(net.launches) == 18 and eager.kernels == 68
+    assert len(net.launches) == 22 and eager.kernels == 68
     assert net.flops / 1e9 == pytest.approx(445.5, abs=0.05)
-    assert net.floor_s * 1e3 == pytest.approx(0.57, abs=0.01)
-    assert net.bytes / 1e9 == pytest.approx(0.57, rel=0.1)
+    # The fully fused design's 0.57 GB and 0.57 ms, plus the upsampled maps written once per level and read by the
+    # decoder's first conv (0.22 GB, 52 us): the price of a decoder loop that is not issue-bound.
+    assert net.floor_s * 1e3 == pytest.approx(0.62, abs=0.01)
+    assert net.bytes / 1e9 == pytest.approx(0.79, rel=0.05)
     assert eager.bytes_written / 1e6 == pytest.approx(1100, rel=0.1)
     assert eager.bytes / 1e9 == pytest.approx(2.3, rel=0.1)
     transposed = config_roofline({**reference, "upsample": "transpose", "norm": "batch"}, shape, torch.float16)
@@ -132,7 +134,7 @@ def test_cli_check_fails_outside_budget(capsys, monkeypatch):
     assert capsys.readouterr().out.rstrip().endswith("FAIL")
 
 
-@pytest.mark.parametrize(("upsample", "launches"), [("bilinear", 18), ("transpose", 22)])
+@pytest.mark.parametrize(("upsample", "launches"), [("bilinear", 22), ("transpose", 22)])
 def test_cli_trace_lists_the_launches(capsys, upsample, launches):
     assert cli.main(["trace", "--base-channels", "64", "--depth", "4", "--upsample", upsample]) == 0
     out = capsys.readouterr().out

@@ -300,12 +300,13 @@ def test_fused_head(device, dtype, channels_last, c_in, c_mid, n_cls):
 # ---------------------------------------------------------------------------------------------------------------
 # Offsets past 2**31, bad input
 # ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("c_in", [4, 16], ids=["small-k", "main-loop"])
 @pytest.mark.parametrize("axis", ["image", "row"])
-def test_int64_offsets(device, axis):
+def test_int64_offsets(device, axis, c_in):
     """Strides that fit in int32 but whose products with the index pass 2**31: the image (or row) index times its
-    stride must be computed in int64, for the loads and for the stores. Storage is allocated lazily: only the
-    touched pages are real."""
-    c_in, c_out = 4, 16
+    stride must be computed in int64, for the loads and for the stores (the main loop switches to 64-bit offsets,
+    ``WIDE``, for such a tensor). Storage is allocated lazily: only the touched pages are real."""
+    c_out = 16
     big = 2**30 + 64
     if axis == "image":
         shape, strides = (3, 3, 4, c_in), (big, 4 * c_in, c_in, 1)
@@ -319,9 +320,31 @@ def test_int64_offsets(device, axis):
     x.copy_(images)
     out.fill_(float("nan"))
     weight, bias = rand_conv(c_out, c_in, 3, torch.float16, device)
-    conv2d_nhwc(x, pack_conv_weight(weight), bias, out=out)
-    expected, _ = conv2d_nhwc(images, pack_conv_weight(weight), bias)
+    with _common.launch_log() as records:
+        conv2d_nhwc(x, pack_conv_weight(weight), bias, out=out)
+        expected, _ = conv2d_nhwc(images, pack_conv_weight(weight), bias)
+    assert [r.constexprs["WIDE"] for r in records] == [True, False]
     assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("two_sources", [False, True], ids=["one-source", "two-sources"])
+def test_wide_offsets_compute_the_same(device, monkeypatch, two_sources):
+    """The 64-bit offset variant of the main loop (chosen for tensors spanning 2**31 elements) forced on small
+    tensors gives the same bits as the 32-bit one, so both variants are tested on every machine."""
+    import fastunet.kernels.conv as conv_module
+
+    skip = torch.randn(2, 32, 7, 9, device=device)
+    low = torch.randn(2, 16, 3, 4, device=device) if two_sources else None
+    weight, bias = rand_conv(24, 32 + (16 if two_sources else 0), 3, torch.float32, device)
+    kwargs = {"up": nhwc(low), "up_mode": "nearest"} if two_sources else {}
+    narrow, _ = conv2d_nhwc(nhwc(skip), pack_conv_weight(weight), bias, **kwargs)
+    monkeypatch.setattr(conv_module, "element_span", lambda t: 2**31)
+    with _common.launch_log() as records:
+        wide, _ = conv2d_nhwc(nhwc(skip), pack_conv_weight(weight), bias, **kwargs)
+    assert records[-1].constexprs["WIDE"]
+    assert torch.equal(wide, narrow)
+    expected_input = skip if low is None else torch.cat([skip, center_pad(F.interpolate(low, scale_factor=2), 7, 9)], 1)
+    assert_kernel_close(nchw(wide), ref_conv(expected_input, weight, bias), 9 * weight.shape[1], "fp32")
 
 
 def test_bad_input_errors(device):
