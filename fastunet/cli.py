@@ -7,7 +7,7 @@
     fastunet trace --upsample bilinear # the launches of the reference config (base 64, depth 4, 512x512)
     fastunet roofline --batch 16       # a roofline model of those launches (a model, not a measurement)
     fastunet bench                     # the reference config: parity, then timings vs eager and torch.compile
-    fastunet report                    # compile every kernel variant for sm_90 (no GPU needed)
+    fastunet report                    # compile every kernel variant for sm_90, model the forward (no GPU needed)
 
 ``check`` runs the kernels where they can run: compiled on a CUDA device, otherwise on the CPU under Triton's
 interpreter. The interpreter is chosen by ``TRITON_INTERPRET=1`` before ``triton`` is imported; when this process
@@ -15,8 +15,8 @@ imported it already, ``check`` re-runs itself in a child process with the variab
 
 ``bench`` on a CUDA machine (from a source checkout: the benchmarks live in ``bench/``) checks parity, then times
 each provider and each stage. Without a GPU it makes no timings: it says so, runs the parity check under the
-interpreter on a small configuration, and prints the roofline model and the sm_90 compile report of the chosen
-configuration instead.
+interpreter on a small configuration, and prints the roofline model, the sm_90 compile report and the issue model of
+the chosen configuration instead.
 """
 
 from __future__ import annotations
@@ -381,7 +381,8 @@ def _bench_without_gpu(args: argparse.Namespace) -> int:
         "bench: no GPU here (torch.cuda.is_available() is False), so no timings are made: speed is measured only on "
         "a CUDA device.\n"
         "Instead: 1. parity under Triton's interpreter on a small configuration; 2. the roofline MODEL of the chosen "
-        "configuration (lower bounds, not measurements); 3. the sm_90 COMPILE REPORT of its kernels (built, not run)."
+        "configuration (lower bounds, not measurements); 3. the sm_90 COMPILE REPORT of its kernels (built, not run) "
+        "and the issue MODEL of its forward from their SASS (a model, not a measurement)."
     )
     result: dict = {"kind": "no GPU: parity (interpreter), roofline model, compile report; no timings", "sections": {}}
     status = 0
@@ -426,7 +427,9 @@ def _bench_without_gpu(args: argparse.Namespace) -> int:
         dtypes = args.report_dtypes or (
             ["fp16", "bf16"] if args.dtype in ("float16", "bfloat16") else [REPORT_DTYPES[args.dtype]]
         )
-        _section(f"3. sm_90 compile report ({' and '.join(dtypes)}; compiled for the GPU, nothing runs here)")
+        _section(
+            f"3. sm_90 compile report and issue model ({' and '.join(dtypes)}; compiled for the GPU, nothing runs here)"
+        )
         with tempfile.TemporaryDirectory(prefix="fastunet-report-") as work:
             path = os.path.join(work, "report.json")
             report_argv = [

@@ -8,6 +8,10 @@ the sm_90 warpgroup MMA; ``HMMA``: the sm_80-style MMA); ``ptxas -v`` adds its p
 serialization). This is the performance check that runs on any machine, and it catches compile errors that the
 interpreter never sees.
 
+The SASS also feeds the issue model (:mod:`fastunet.issue_model`): per variant, the instructions per warp per
+K-step of the loops that hold the tensor-core instructions against the tensor-core clocks of that K-step
+(``issue_ratio``), and per traced configuration a modeled forward time (a model, not a measurement).
+
 Arguments are specialized the way Triton's JIT does at launch (an integer equal to 1 becomes a constant; integers
 and pointers divisible by 16 get a divisibility hint), so each cubin is the one a launch on the GPU would build.
 
@@ -15,6 +19,7 @@ Needs ``TRITON_INTERPRET`` unset: under the interpreter the kernels are not comp
 choose interpreter-only constexprs. Usage::
 
     python -m fastunet.compile_report --dtype fp16 bf16 --upsample transpose bilinear --json report.json
+    python -m fastunet.compile_report --arch 80 --dtype bf16 --upsample bilinear   # Ampere (HMMA)
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import re
 import subprocess
@@ -36,8 +42,10 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 
-from fastunet.kernels._common import INTERPRET, LaunchRecord
+from fastunet import issue_model
+from fastunet.kernels._common import INTERPRET, LaunchRecord, modeled_target
 from fastunet.reference import UNet
+from fastunet.roofline import stage_labels
 from fastunet.trace import trace
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -181,12 +189,22 @@ class VariantReport:
     compile_s: float
     launches: int
     configs: tuple[str, ...]
+    mainloop: issue_model.MainLoop  # the tensor-core loops of the SASS: instructions per K-step, issue ratio
+
+    @property
+    def issue_ratio(self) -> float | None:
+        """Issue clocks over tensor-core clocks per K-step, in the costliest tensor-core loop (above 1: the loop
+        cannot feed the tensor cores)."""
+        return self.mainloop.summary()["issue_ratio"]
 
     def to_json(self) -> dict:
         row = dataclasses.asdict(self)
         row["constexprs"] = {
             k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in self.constexprs.items()
         }
+        row.pop("mainloop")
+        row.update(self.mainloop.summary())
+        row["loops"] = [loop.to_json() for loop in self.mainloop.loops]
         return row
 
 
@@ -253,25 +271,35 @@ def _specialize_record(record: LaunchRecord) -> tuple[dict, dict, tuple[int, ...
     return signature, constants, tuple(divisible)
 
 
+def variant_key(record: LaunchRecord) -> tuple:
+    """What makes a launch's cubin: kernel, constexprs, argument specialization and launch options."""
+    signature, constants, divisible = _specialize_record(record)
+    return (
+        id(record.kernel),
+        tuple(signature.items()),
+        tuple((k, repr(v)) for k, v in sorted(constants.items())),
+        divisible,
+        tuple(sorted(record.launch_options.items())),
+    )
+
+
 def collect_variants(traces: Iterable[tuple[str, Sequence[LaunchRecord]]]) -> list[Variant]:
     """Distinct kernel variants over labelled traces, in first-launch order.
 
     Launches share a variant when they run the same kernel with the same constexprs, argument specialization and
-    launch options: one cubin serves them all.
+    launch options (:func:`variant_key`): one cubin serves them all.
     """
+    return _collect(traces)[0]
+
+
+def _collect(traces: Iterable[tuple[str, Sequence[LaunchRecord]]]) -> tuple[list[Variant], list[tuple]]:
+    """The variants of :func:`collect_variants` and their keys, in the same order."""
     found: dict[tuple, dict] = {}
     for label, records in traces:
         for record in records:
             signature, constants, divisible = _specialize_record(record)
-            key = (
-                id(record.kernel),
-                tuple(signature.items()),
-                tuple((k, repr(v)) for k, v in sorted(constants.items())),
-                divisible,
-                tuple(sorted(record.launch_options.items())),
-            )
             entry = found.setdefault(
-                key,
+                variant_key(record),
                 {
                     "name": record.name,
                     "kernel": record.kernel,
@@ -286,7 +314,7 @@ def collect_variants(traces: Iterable[tuple[str, Sequence[LaunchRecord]]]) -> li
             entry["launches"] += 1
             if label not in entry["configs"]:
                 entry["configs"].append(label)
-    return [Variant(**{**entry, "configs": tuple(entry["configs"])}) for entry in found.values()]
+    return [Variant(**{**entry, "configs": tuple(entry["configs"])}) for entry in found.values()], list(found)
 
 
 TILE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
@@ -307,9 +335,10 @@ def with_candidates(records: Sequence[LaunchRecord]) -> list[LaunchRecord]:
 
 
 def trace_config(
-    upsample: str, dtype: torch.dtype, batch: int, size: int = REFERENCE_SIZE, **model_kwargs: int
+    upsample: str, dtype: torch.dtype, batch: int, size: int = REFERENCE_SIZE, arch: int = 90, **model_kwargs: int
 ) -> list[LaunchRecord]:
-    """Launches of one forward of the reference U-Net (``model_kwargs`` override it) on a ``size``-square input."""
+    """Launches of one forward of the reference U-Net (``model_kwargs`` override it) on a ``size``-square input,
+    as the launchers choose them for ``sm_<arch>`` (its SM count from :data:`fastunet.issue_model.ASSUMPTIONS`)."""
     kwargs = {**REFERENCE_MODEL, **model_kwargs}
     model = UNet(
         kwargs["in_channels"],
@@ -319,7 +348,22 @@ def trace_config(
         upsample=upsample,
         device="meta",
     )
-    return trace(model, torch.empty(batch, kwargs["in_channels"], size, size, dtype=dtype, device="meta"))
+    target = issue_model.ASSUMPTIONS.get(arch)
+    with modeled_target(arch, target.sm_count) if target else contextlib.nullcontext():
+        return trace(model, torch.empty(batch, kwargs["in_channels"], size, size, dtype=dtype, device="meta"))
+
+
+@dataclasses.dataclass(frozen=True)
+class TracedConfig:
+    """One traced configuration of the report: its launches, the stage each belongs to, and their variants."""
+
+    label: str  # upsample/dtype/b<batch>, or upsample/dtype/<size>/b<batch> when several sizes are reported
+    upsample: str
+    dtype: str
+    size: int
+    batch: int
+    records: tuple[LaunchRecord, ...]
+    stages: tuple[str, ...]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -382,8 +426,9 @@ def ctas_per_sm(arch: int, registers: int, num_warps: int, shared_bytes: int) ->
     return None if found is None else found.blocks_per_sm
 
 
-def compile_variant(variant: Variant, arch: int = 90) -> VariantReport:
-    """Compile one variant for ``sm_<arch>`` (no GPU needed) and read its registers, spills, smem and MMA ops."""
+def compile_variant(variant: Variant, arch: int = 90, sass_path: str | None = None) -> VariantReport:
+    """Compile one variant for ``sm_<arch>`` (no GPU needed) and read its registers, spills, smem, MMA ops and the
+    issue figures of its tensor-core loops (``sass_path``: also write its SASS there)."""
     target = GPUTarget("cuda", arch, 32)
     attrs = {(index,): make_backend(target).parse_attr("D") for index in variant.divisible}
     source = ASTSource(variant.kernel, dict(variant.signature), dict(variant.constexprs), attrs)
@@ -393,6 +438,9 @@ def compile_variant(variant: Variant, arch: int = 90) -> VariantReport:
     compile_s = time.perf_counter() - start
 
     usage, sass = _inspect_cubin(compiled.asm["cubin"])
+    if sass_path is not None:
+        with open(sass_path, "w") as handle:
+            handle.write(sass)
     ptxas_warnings = _ptxas_warnings(compiled.asm["ptx"], arch)
     opcodes = [m.group(0) for m in _MMA_RE.finditer(sass)]
     metadata = compiled.metadata
@@ -424,6 +472,9 @@ def compile_variant(variant: Variant, arch: int = 90) -> VariantReport:
         compile_s=round(compile_s, 3),
         launches=variant.launches,
         configs=variant.configs,
+        mainloop=issue_model.analyze(
+            sass, variant.constexprs, variant.dtype, metadata.num_warps, issue_model.ASSUMPTIONS.get(arch)
+        ),
     )
 
 
@@ -442,6 +493,91 @@ def _fresh_cache() -> Iterator[None]:
                 os.environ["TRITON_CACHE_DIR"] = previous
 
 
+@dataclasses.dataclass(frozen=True)
+class CompileResult:
+    """The compiled variants of a report and the traced configurations that launch them."""
+
+    arch: int
+    rows: list[VariantReport]
+    configs: list[TracedConfig]
+    variant_of: dict[str, tuple[int, ...]]  # config label -> index in ``rows`` of each launch's variant
+
+    def models(self, eta: float | None = None) -> list[issue_model.ForwardModel]:
+        """The modeled forward of each configuration (empty for a target without assumptions in
+        :data:`fastunet.issue_model.ASSUMPTIONS`); ``eta``: see :func:`fastunet.issue_model.assumptions_for`."""
+        assumptions = issue_model.assumptions_for(self.arch, eta)
+        if assumptions is None:
+            return []
+        return [
+            issue_model.model_forward(
+                c.upsample,
+                c.dtype,
+                c.size,
+                c.batch,
+                c.stages,
+                c.records,
+                [self.rows[i] for i in self.variant_of[c.label]],
+                assumptions,
+            )
+            for c in self.configs
+        ]
+
+
+def compile_configs(
+    dtypes: Sequence[str] = tuple(DTYPES),
+    upsamples: Sequence[str] = UPSAMPLES,
+    batches: Sequence[int] = REFERENCE_BATCHES,
+    size: int | Sequence[int] = REFERENCE_SIZE,
+    arch: int = 90,
+    fresh_cache: bool = True,
+    candidates: bool = False,
+    sass_dir: str | None = None,
+    **model_kwargs: int,
+) -> CompileResult:
+    """Compile every distinct variant that the given configurations launch (``candidates``: every variant the
+    autotuner may launch); one row per variant. Configurations are labelled ``upsample/dtype/b<batch>``, with
+    ``/<size>`` before the batch when several sizes are given. ``sass_dir``: write each variant's SASS there."""
+    if INTERPRET:
+        raise RuntimeError("the compile report needs real Triton compilation: run it with TRITON_INTERPRET unset")
+    expand = with_candidates if candidates else list
+    sizes = [size] if isinstance(size, int) else list(size)
+    depth = {**REFERENCE_MODEL, **model_kwargs}["depth"]
+
+    def label(upsample: str, dtype: str, size: int, batch: int) -> str:
+        return f"{upsample}/{dtype}/{size}/b{batch}" if len(sizes) > 1 else f"{upsample}/{dtype}/b{batch}"
+
+    configs = []
+    for dtype in dtypes:
+        for upsample in upsamples:
+            for size_ in sizes:
+                for batch in batches:
+                    records = trace_config(upsample, DTYPES[dtype], batch, size_, arch, **model_kwargs)
+                    configs.append(
+                        TracedConfig(
+                            label(upsample, dtype, size_, batch),
+                            upsample,
+                            dtype,
+                            size_,
+                            batch,
+                            tuple(records),
+                            tuple(stage_labels(records, depth, upsample)),
+                        )
+                    )
+    variants, keys = _collect((c.label, expand(c.records)) for c in configs)
+    index = {key: i for i, key in enumerate(keys)}
+    variant_of = {c.label: tuple(index[variant_key(record)] for record in c.records) for c in configs}
+    if sass_dir is not None:
+        os.makedirs(sass_dir, exist_ok=True)
+    with _fresh_cache() if fresh_cache else contextlib.nullcontext():
+        rows = [
+            compile_variant(
+                v, arch, None if sass_dir is None else os.path.join(sass_dir, f"sm{arch}_{i:03d}_{v.name}.sass")
+            )
+            for i, v in enumerate(variants)
+        ]
+    return CompileResult(arch, rows, configs, variant_of)
+
+
 def report(
     dtypes: Sequence[str] = tuple(DTYPES),
     upsamples: Sequence[str] = UPSAMPLES,
@@ -452,30 +588,8 @@ def report(
     candidates: bool = False,
     **model_kwargs: int,
 ) -> list[VariantReport]:
-    """Compile every distinct variant that the given configurations launch (``candidates``: every variant the
-    autotuner may launch); one row per variant. Configurations are labelled ``upsample/dtype/b<batch>``, with
-    ``/<size>`` before the batch when several sizes are given."""
-    if INTERPRET:
-        raise RuntimeError("the compile report needs real Triton compilation: run it with TRITON_INTERPRET unset")
-    expand = with_candidates if candidates else list
-    sizes = [size] if isinstance(size, int) else list(size)
-
-    def label(upsample: str, dtype: str, size: int, batch: int) -> str:
-        return f"{upsample}/{dtype}/{size}/b{batch}" if len(sizes) > 1 else f"{upsample}/{dtype}/b{batch}"
-
-    traces = [
-        (
-            label(upsample, dtype, size, batch),
-            expand(trace_config(upsample, DTYPES[dtype], batch, size, **model_kwargs)),
-        )
-        for dtype in dtypes
-        for upsample in upsamples
-        for size in sizes
-        for batch in batches
-    ]
-    variants = collect_variants(traces)
-    with _fresh_cache() if fresh_cache else contextlib.nullcontext():
-        return [compile_variant(v, arch) for v in variants]
+    """The rows of :func:`compile_configs`: one per compiled variant."""
+    return compile_configs(dtypes, upsamples, batches, size, arch, fresh_cache, candidates, **model_kwargs).rows
 
 
 def uses_tensor_cores(row: VariantReport) -> bool:
@@ -520,12 +634,14 @@ def _used_by(configs: Sequence[str]) -> str:
 
 def format_table(rows: Sequence[VariantReport]) -> str:
     """Fixed-width table, one line per variant (``up``: UP_MODE; ``CTA/SM``, ``warps/SM``: resident per SM, and
-    ``limit``: what limits them (regs, smem, warps); ``warn``: ptxas performance warnings; ``s``: compile seconds;
+    ``limit``: what limits them (regs, smem, warps); ``warn``: ptxas performance warnings; ``ins/K``: SASS
+    instructions per warp per K-step in the costliest tensor-core loop, ``issue``: its issue ratio (model), ``TMA``
+    and ``cpA``: UTMALDG and LDGSTS per iteration there, ``lp``: tensor-core loops; ``s``: compile seconds;
     ``n``: launches)."""
     header = (
         f"{'variant':<18} {'dtype':<5} {'up':>2} {'BM':>4} {'BN':>4} {'BK':>3} {'warps':>5} {'stg':>3} "
         f"{'regs':>4} {'spill':>5} {'smem KiB':>8} {'CTA/SM':>6} {'warps/SM':>8} {'limit':<5} {'HGMMA':>5} "
-        f"{'HMMA':>4} {'warn':>4} {'s':>5} {'n':>3}  used by"
+        f"{'HMMA':>4} {'warn':>4} {'ins/K':>5} {'issue':>5} {'TMA':>3} {'cpA':>3} {'lp':>2} {'s':>5} {'n':>3}  used by"
     )
     lines = [header, "-" * len(header)]
     short = {"registers": "regs", "shared memory": "smem", "launch fails": "FAIL"}
@@ -537,10 +653,50 @@ def format_table(rows: Sequence[VariantReport]) -> str:
             f"{row.registers:>4} {row.spill_bytes:>5} {row.shared_bytes / 1024:>8.1f} "
             f"{'-' if occ is None else occ.blocks_per_sm:>6} {'-' if occ is None else occ.warps_per_sm:>8} "
             f"{'-' if occ is None else short.get(occ.limited_by, occ.limited_by):<5} {row.hgmma:>5} {row.hmma:>4} "
-            f"{len(row.ptxas_warnings):>4} {row.compile_s:>5.2f} {row.launches:>3}  {_used_by(row.configs)}"
+            f"{len(row.ptxas_warnings):>4} {_issue_columns(row)} {row.compile_s:>5.2f} {row.launches:>3}  "
+            f"{_used_by(row.configs)}"
         )
     lines.append(f"{len(rows)} variants, {sum(row.compile_s for row in rows):.1f} s compiling")
     return "\n".join(lines)
+
+
+def _issue_columns(row: VariantReport) -> str:
+    summary = row.mainloop.summary()
+
+    def cell(key: str, width: int, spec: str = "") -> str:
+        value = summary[key]
+        return f"{'-' if value is None else format(value, spec):>{width}}"
+
+    return " ".join(
+        (cell("mainloop_instructions", 5, ".0f"), cell("issue_ratio", 5, ".2f"), cell("tma_loads", 3))
+        + (cell("cp_async", 3), cell("tensor_loops", 2))
+    )
+
+
+def print_model(models: Sequence[issue_model.ForwardModel], layers: bool | None = None) -> None:
+    """Print the modeled forwards (``layers``: with per-launch tables; None: when there are at most 4)."""
+    if models:
+        print()
+        print(issue_model.format_model(models, layers=len(models) <= 4 if layers is None else layers))
+
+
+def parse_arch(text: str) -> int:
+    """``sm_90``, ``sm_90a`` or ``90`` -> 90."""
+    value = text.lower().removeprefix("sm_").rstrip("a")
+    if not value.isdigit():
+        raise argparse.ArgumentTypeError(f"expected an architecture like sm_90 or 90, got {text!r}")
+    return int(value)
+
+
+def parse_eta(text: str) -> float:
+    """``eta`` of the issue model: a share of issue slots, in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected eta in (0, 1], got {text!r}")
+    return value
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "python -m fastunet.compile_report") -> int:
@@ -555,8 +711,17 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m fastunet.comp
     parser.add_argument("--num-classes", type=int, default=REFERENCE_MODEL["num_classes"])
     parser.add_argument("--base-channels", type=int, default=REFERENCE_MODEL["base_channels"])
     parser.add_argument("--depth", type=int, default=REFERENCE_MODEL["depth"])
-    parser.add_argument("--arch", type=int, default=90, help="compute capability as an integer (90: sm_90)")
+    parser.add_argument("--arch", type=parse_arch, default=90, help="target: 90 or sm_90 (default), 80 or sm_80")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    parser.add_argument(
+        "--eta",
+        type=parse_eta,
+        help="share of issue slots a loop gets, for the model (default: the newest fit, else 0.7)",
+    )
+    layers = parser.add_mutually_exclusive_group()
+    layers.add_argument("--layers", action="store_true", default=None, help="per-launch model tables, always")
+    layers.add_argument("--no-layers", dest="layers", action="store_false", help="model totals only")
+    parser.add_argument("--sass", metavar="DIR", help="write each variant's SASS to DIR")
     parser.add_argument(
         "--candidates", action="store_true", help="every autotuning candidate, not only the configs launched"
     )
@@ -566,7 +731,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m fastunet.comp
         return 2
 
     start = time.perf_counter()
-    rows = report(
+    result = compile_configs(
         args.dtype,
         args.upsample,
         args.batch,
@@ -577,10 +742,14 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m fastunet.comp
         base_channels=args.base_channels,
         depth=args.depth,
         candidates=args.candidates,
+        sass_dir=args.sass,
     )
+    rows = result.rows
+    models = result.models(args.eta)
     wall_s = time.perf_counter() - start
     print(format_table(rows))
     print(f"wall {wall_s:.1f} s, triton {triton.__version__}, target sm_{args.arch} (compile report: built, not run)")
+    print_model(models, args.layers)
     flagged = [(row, problems(row)) for row in rows]
     for row, found in flagged:
         if found:
@@ -592,6 +761,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m fastunet.comp
             "wall_s": round(wall_s, 3),
             "args": vars(args),
             "variants": [row.to_json() for row in rows],
+            "model": [model.to_json() for model in models],
+            "model_assumptions": models[0].assumptions.to_json() if models else None,
         }
         with open(args.json, "w") as handle:
             json.dump(payload, handle, indent=1)

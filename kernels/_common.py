@@ -44,6 +44,18 @@ class LaunchRecord:
     candidates: tuple = ()  # the autotuning candidates (tile constexprs + launch options), chosen one included
 
 
+@dataclasses.dataclass(frozen=True)
+class ModeledTarget:
+    """The GPU that launch choices model where no GPU is involved (interpreter, dry-run traces)."""
+
+    arch: int  # compute capability as an integer: 90 is sm_90
+    sm_count: int
+
+
+# The default modeled GPU: an H100/H200 SXM (sm_90, 132 SMs).
+MODELED_TARGET = ModeledTarget(arch=90, sm_count=132)
+
+
 class _ThreadState(threading.local):
     """Per-thread switches: a dry run or a launch log in one thread (``fastunet.trace``, say) must not change
     what another thread's forward launches or records."""
@@ -52,6 +64,7 @@ class _ThreadState(threading.local):
         self.launch_logs: list[list[LaunchRecord]] = []
         self.dry_run_depth = 0
         self.autotune: bool | None = None  # None: the process default (FASTUNET_AUTOTUNE)
+        self.target: ModeledTarget = MODELED_TARGET
 
 
 _thread = _ThreadState()
@@ -143,8 +156,24 @@ def device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-# SMs of the GPU the tile heuristics model where no GPU is involved (interpreter, dry-run traces): an H100 SXM.
-MODELED_SM_COUNT = 132
+@contextlib.contextmanager
+def modeled_target(arch: int, sm_count: int) -> Iterator[None]:
+    """Launch choices of this thread (tiles, load path) model ``sm_<arch>`` with ``sm_count`` SMs where no GPU is
+    involved: what a compile report for another target traces."""
+    previous = _thread.target
+    _thread.target = ModeledTarget(arch, sm_count)
+    try:
+        yield
+    finally:
+        _thread.target = previous
+
+
+def capability(t: torch.Tensor) -> int:
+    """Compute capability of the tensor's GPU as an integer (90: sm_90); the modeled target's off the GPU."""
+    if t.device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(t.device)
+        return 10 * major + minor
+    return _thread.target.arch
 
 
 @functools.cache
@@ -156,7 +185,7 @@ def sm_count(t: torch.Tensor) -> int:
     """Streaming multiprocessors of the tensor's GPU (queried once per device, at the first launch on it)."""
     if t.device.type == "cuda":
         return _cuda_sm_count(t.device.index if t.device.index is not None else torch.cuda.current_device())
-    return MODELED_SM_COUNT
+    return _thread.target.sm_count
 
 
 _AUTOTUNE_DEFAULT = os.environ.get("FASTUNET_AUTOTUNE", "0") == "1"

@@ -68,7 +68,8 @@ def test_occupancy_hand_counts(registers, warps, smem_kib, blocks, limited_by):
 # -- bench.compile_report: the issue's schema on a cheap configuration ---------------------------------------------
 def test_bench_compile_report_schema(tmp_path):
     """``python -m bench.compile_report`` from the repository root compiles for sm_90 (no GPU) and writes, per
-    variant, kernel, config, registers, spills, shared memory, tensor-core instructions and occupancy."""
+    variant, kernel, config, registers, spills, shared memory, tensor-core instructions, occupancy and the issue
+    figures of its main loop, and the modeled forward of each configuration."""
     out = tmp_path / "report.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     command = [sys.executable, "-m", "bench.compile_report", "--arch", "sm_90", "--dtype", "fp16", "--batch", "1"]
@@ -82,14 +83,24 @@ def test_bench_compile_report_schema(tmp_path):
     # depth 1: enc0 (conv, conv+pool), bottleneck (2 convs), dec0 (conv+up, conv+head); 4 distinct kernels at least.
     assert sum(v["launches"] for v in variants) == 6 and len(variants) >= 4
     for v in variants:
-        assert list(v)[:7] == ["kernel", "config", "registers", "spill_bytes", "shared_bytes",
-                               "tensor_core_instructions", "occupancy"]  # fmt: skip
+        assert list(v)[:12] == ["kernel", "config", "registers", "spill_bytes", "shared_bytes",
+                                "tensor_core_instructions", "occupancy", "issue_ratio", "mainloop_instructions",
+                                "tma_loads", "cp_async", "arch"]  # fmt: skip
+        assert v["arch"] == "sm_90" and v["loops"] and v["issue_ratio"] > 0 and v["mainloop_instructions"] > 0
+        # The main loop loads its operands (tiles this small take plain loads, not cp.async).
+        assert all(loop["cp_async"] + loop["tma_loads"] + loop["global_loads"] > 0 for loop in v["loops"])
         assert v["kernel"].startswith("conv3x3")
         assert {"BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"} <= set(v["config"])
         assert 0 < v["registers"] <= 255 and v["spill_bytes"] >= 0 and v["shared_bytes"] > 0
         assert v["tensor_core_instructions"] == v["hgmma"] + v["hmma"] > 0
         expected = occupancy(90, v["registers"], v["config"]["num_warps"], v["shared_bytes"])
         assert v["occupancy"] == expected.to_json()
+    (model,) = report["model"]
+    assert {k: model[k] for k in ("dtype", "batch")} == {"dtype": "fp16", "batch": 1} and len(model["layers"]) == 6
+    assert model["ms"] == pytest.approx(sum(layer["time_us"] for layer in model["layers"]) / 1e3, rel=1e-3)
+    # GFLOP per ms is TFLOP/s.
+    assert model["fraction_of_peak"] == pytest.approx(model["gflop"] / model["ms"] / 790, rel=1e-3)
+    assert "MODEL forward" in proc.stdout and "not a measurement" in proc.stdout
 
 
 # -- the per-stage roofline report: hand counts for a tiny U-Net ---------------------------------------------------

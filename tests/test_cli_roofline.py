@@ -153,7 +153,7 @@ def test_cli_roofline_says_it_is_a_model(capsys):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks what bench does without a GPU")
 def test_cli_bench_without_gpu_runs_the_labelled_analysis(capfd, tmp_path):
     """No GPU: says so, makes no timings, runs parity under the interpreter, prints the roofline model (H100 and
-    H200) and the sm_90 compile report of the chosen configuration; --json keeps all three."""
+    H200), the sm_90 compile report and the issue model of the chosen configuration; --json keeps all of them."""
     out_json = tmp_path / "bench.json"
     argv = ["bench", "--base-channels", "8", "--depth", "2", "--size", "32", "--report-dtypes", "fp16"]
     argv += ["--check-size", "16", "--check-depth", "2", "--check-base-channels", "4", "--json", str(out_json)]
@@ -171,6 +171,9 @@ def test_cli_bench_without_gpu_runs_the_labelled_analysis(capfd, tmp_path):
     assert roofline["total"]["flops"] == expected.flops
     variants = result["sections"]["compile_report"]["variants"]
     assert variants and all(v["arch"] == 90 and v["dtype"] == "fp16" and v["occupancy"] for v in variants)
+    assert "Issue-slot MODEL" in out and "MODEL forward bilinear fp16 batch 1 32x32" in out
+    (model,) = result["sections"]["compile_report"]["model"]
+    assert model["dtype"] == "fp16" and model["batch"] == 1 and model["ms"] > 0
 
 
 def test_cli_roofline_prints_the_reference_flops(capsys):

@@ -1,12 +1,13 @@
 """sm_90 build of every kernel variant the reference U-Net launches: compiles, no spills, HGMMA, fits in smem,
-no ptxas performance warnings.
+no ptxas performance warnings; the issue model's figures of each variant and of each forward; and the sm_80
+(Ampere) build of the reference config: HMMA, no spills.
 
-The kernels go through Triton's real compiler down to an sm_90 cubin (no GPU needed) in a subprocess: this test
-process has ``TRITON_INTERPRET=1`` on CPU machines, under which nothing compiles and the launchers pick
-interpreter-only constexprs. The report's figures come from ``cuobjdump`` on each cubin.
+The kernels go through Triton's real compiler down to a cubin (no GPU needed) in a subprocess: this test process
+has ``TRITON_INTERPRET=1`` on CPU machines, under which nothing compiles and the launchers pick interpreter-only
+constexprs. The report's figures come from ``cuobjdump`` on each cubin.
 
 Default: fp16 and bf16, every upsampling mode, batch 16 and 1 (24 variants per dtype, about 40 s per dtype on a
-2-core machine). fp32 is under ``slow``.
+2-core machine) for sm_90; the reference config (bilinear) for sm_80. fp32 is under ``slow``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import pytest
 import torch
 
 from fastunet.compile_report import REFERENCE_MODEL, specialize, trace_config
+from fastunet.roofline import Ceilings, config_roofline
 
 UPSAMPLES = ("transpose", "bilinear", "nearest")
 BATCHES = (16, 1)
@@ -27,6 +29,12 @@ BATCHES = (16, 1)
 HGMMA_SUFFIX = {"fp16": ".F32", "bf16": ".F32.BF16", "fp32": ".F32.TF32"}
 HGMMA_K = {"fp16": 16, "bf16": 16, "fp32": 8}
 H100_MAX_SHARED_PER_BLOCK = 227 * 1024
+A100_MAX_SHARED_PER_BLOCK = 163 * 1024
+# sm_80: one warp's MMA, m16n8k16 for 16-bit operands.
+HMMA_OPCODE = {"fp16": "HMMA.16816.F32", "bf16": "HMMA.16816.F32.BF16"}
+# What the issue model assumes of an H200: dense tensor-core FLOP/s, SMs, clock, DRAM bandwidth.
+H200_PEAK = {"fp16": 790e12, "bf16": 790e12, "fp32": 395e12}
+H200_SMS, H200_CLOCK, H200_BANDWIDTH = 132, 1.75e9, 4.3e12
 
 
 def expected_launches(upsample: str) -> int:
@@ -36,11 +44,11 @@ def expected_launches(upsample: str) -> int:
     return 2 * (depth + 1) + 2 * depth + (depth if upsample == "transpose" else 0)
 
 
-def run_report(out_dir, *options: str, timeout: int = 840) -> dict:
-    """Run the compile report in a process without TRITON_INTERPRET; return its JSON."""
+def run_report(out_dir, *options: str, timeout: int = 840, arch: int = 90) -> dict:
+    """Run the compile report for ``sm_<arch>`` in a process without TRITON_INTERPRET; return its JSON."""
     out = out_dir / "report.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    command = [sys.executable, "-m", "fastunet.compile_report", "--arch", "90", *options, "--json", str(out)]
+    command = [sys.executable, "-m", "fastunet.compile_report", "--arch", str(arch), *options, "--json", str(out)]
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
     # Exit status 1 means the report found a problem; the checks below say which.
     assert proc.returncode in (0, 1) and out.exists(), f"compile report failed:\n{proc.stdout}\n{proc.stderr}"
@@ -60,12 +68,12 @@ def _label(row: dict) -> str:
     )
 
 
-def coverage_problems(report: dict, dtype: str) -> list[str]:
+def coverage_problems(report: dict, dtype: str, arch: int = 90, upsamples=UPSAMPLES) -> list[str]:
     """Every launch of every configuration is in exactly one compiled variant."""
     variants = report["variants"]
-    expected = {f"{u}/{dtype}/b{b}": expected_launches(u) for u in UPSAMPLES for b in BATCHES}
+    expected = {f"{u}/{dtype}/b{b}": expected_launches(u) for u in upsamples for b in BATCHES}
     found = []
-    if report["arch"] != 90 or any(row["arch"] != 90 or row["dtype"] != dtype for row in variants):
+    if report["arch"] != arch or any(row["arch"] != arch or row["dtype"] != dtype for row in variants):
         found.append("rows for another target or dtype")
     if {label for row in variants for label in row["configs"]} != set(expected):
         found.append(f"configurations {sorted({label for row in variants for label in row['configs']})}")
@@ -113,6 +121,60 @@ def ptxas_problems(report: dict) -> list[str]:
     return [f"{_label(row)}: {warning}" for row in report["variants"] for warning in row["ptxas_warnings"]]
 
 
+def issue_problems(report: dict, dtype: str) -> list[str]:
+    """Each variant's tensor-core loops are found in its SASS, load their operands there, and the issue ratio is the
+    arithmetic of the costliest one's counts: num_warps * instructions / 4 per K-step against the tensor-core clocks
+    of the tile's K-step at 790 TFLOP/s over 132 SMs at 1.75 GHz (395 for TF32)."""
+    found = []
+    for row in report["variants"]:
+        c, loops = row["constexprs"], row["loops"]
+        if not loops:
+            found.append(f"{_label(row)}: no tensor-core loop found")
+            continue
+        clocks = 2 * c["BLOCK_M"] * c["BLOCK_N"] * c["BLOCK_K"] / (H200_PEAK[dtype] / H200_SMS / H200_CLOCK)
+        worst = max(loops, key=lambda loop: loop["instructions_per_k_step"])
+        ratio = row["num_warps"] * worst["instructions_per_k_step"] / 4 / clocks
+        if row["issue_ratio"] != pytest.approx(ratio, rel=1e-3) or row["tensor_loops"] != len(loops):
+            found.append(f"{_label(row)}: issue ratio {row['issue_ratio']}, its counts give {ratio:.3f}")
+        for loop in loops:
+            if not loop["mma"] < loop["instructions"] <= row["sass_instructions"] or not loop["k_steps"] >= 1:
+                found.append(f"{_label(row)}: loop {loop}")
+            if loop["cp_async"] + loop["tma_loads"] == 0:
+                found.append(f"{_label(row)}: no cp.async or TMA load in the loop at {loop['first']}")
+    return found
+
+
+def model_problems(report: dict, dtype: str, upsamples=UPSAMPLES) -> list[str]:
+    """One modeled forward per configuration, launch by launch: the FLOPs and bytes of the roofline model (traced
+    on its own here), never faster than its floor on the same ceilings, and totals that add up."""
+    found = []
+    models = {(m["upsample"], m["batch"]): m for m in report["model"]}
+    if set(models) != {(u, b) for u in upsamples for b in BATCHES}:
+        return [f"modeled configurations {sorted(models)}"]
+    ceilings = Ceilings("model", {"fp16": H200_PEAK["fp16"], "bf16": H200_PEAK["bf16"]}, H200_BANDWIDTH, H200_SMS)
+    for (upsample, batch), model in sorted(models.items()):
+        kwargs = {**REFERENCE_MODEL, "upsample": upsample}
+        floor = config_roofline(kwargs, (batch, 3, 512, 512), getattr(torch, DTYPE_NAMES[dtype]), ceilings=ceilings)
+        layers = model["layers"]
+        if [la["stage"] for la in layers] != [la.stage for la in floor.launches]:
+            found.append(f"{upsample} b{batch}: stages {[la['stage'] for la in layers]}")
+            continue
+        for layer, bound in zip(layers, floor.launches, strict=True):
+            if (layer["flops"], layer["bytes"]) != (bound.flops, bound.bytes):
+                found.append(f"{upsample} b{batch} {layer['stage']}: FLOPs or bytes differ from the roofline's")
+            if layer["time_us"] is None or layer["time_us"] < bound.floor_s * 1e6 * (1 - 1e-6):
+                found.append(f"{upsample} b{batch} {layer['stage']}: {layer['time_us']} us below the floor")
+        total_ms = sum(la["time_us"] for la in layers) / 1e3
+        if model["ms"] != pytest.approx(total_ms, rel=1e-3):
+            found.append(f"{upsample} b{batch}: {model['ms']} ms, its launches add up to {total_ms}")
+        if model["fraction_of_peak"] != pytest.approx(floor.flops / (total_ms * 1e-3) / H200_PEAK[dtype], rel=1e-3):
+            found.append(f"{upsample} b{batch}: fraction of peak {model['fraction_of_peak']}")
+    return found
+
+
+DTYPE_NAMES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+
+
 # One test per dtype (not one per check): under pytest-xdist, tests sharing a fixture can land on different
 # workers and each would compile the whole set again.
 @pytest.mark.parametrize("dtype", ["fp16", "bf16", pytest.param("fp32", marks=pytest.mark.slow)])
@@ -124,6 +186,42 @@ def test_sm90_build(dtype, tmp_path):
         "tensor cores": tensor_core_problems(report, dtype),
         "shared memory": shared_memory_problems(report),
         "ptxas warnings": ptxas_problems(report),
+        "issue figures": issue_problems(report, dtype),
+    }
+    if dtype != "fp32":  # the model tables the H200's 16-bit peak; fp32 runs as TF32 at half of it
+        sections["forward model"] = model_problems(report, dtype)
+    found = {name: problems for name, problems in sections.items() if problems}
+    assert not found, "\n".join(f"{name}:\n  " + "\n  ".join(problems) for name, problems in found.items())
+
+
+def hmma_problems(report: dict, dtype: str) -> list[str]:
+    """sm_80: the m16n8k16 warp MMA on the storage dtype's operands, in a loop; no HGMMA (an sm_90 instruction)."""
+    found = []
+    for row in report["variants"]:
+        if row["hgmma"] or not row["hmma"] or set(row["mma_opcodes"]) != {HMMA_OPCODE[dtype]}:
+            found.append(f"{_label(row)}: {row['hgmma']} HGMMA, {row['hmma']} HMMA, opcodes {row['mma_opcodes']}")
+        if not row["loops"] or any(loop["mma_opcodes"] != [HMMA_OPCODE[dtype]] for loop in row["loops"]):
+            found.append(f"{_label(row)}: no HMMA loop ({row['loops']})")
+    return found
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_sm80_build(dtype, tmp_path):
+    """Ampere: every variant of the reference config (bilinear, batch 16 and 1) builds for sm_80 with HMMA, no
+    spills, within the A100's shared memory, without ptxas performance warnings."""
+    options = ("--dtype", dtype, "--upsample", "bilinear", "--batch", *map(str, BATCHES))
+    report = run_report(tmp_path, *options, arch=80)
+    sections = {
+        "coverage": coverage_problems(report, dtype, arch=80, upsamples=("bilinear",)),
+        "register spills": spill_problems(report),
+        "tensor cores": hmma_problems(report, dtype),
+        "shared memory": [
+            f"{_label(row)}: {row['shared_bytes']} B, {row['ctas_per_sm']} CTAs/SM"
+            for row in report["variants"]
+            if row["shared_bytes"] > A100_MAX_SHARED_PER_BLOCK or not row["ctas_per_sm"]
+        ],
+        "ptxas warnings": ptxas_problems(report),
+        "model": [] if {m["gpu"] for m in report["model"]} == {"A100 SXM"} else [f"models {report['model']}"],
     }
     found = {name: problems for name, problems in sections.items() if problems}
     assert not found, "\n".join(f"{name}:\n  " + "\n  ".join(problems) for name, problems in found.items())

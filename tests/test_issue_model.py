@@ -1,0 +1,290 @@
+"""The SASS issue model without a compiler: the loop finder on hand-written SASS, and the launch model on made-up
+launches, each against arithmetic done here."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import threading
+import types
+
+import pytest
+import torch
+
+from fastunet import issue_model
+from fastunet.kernels._common import capability, modeled_target, sm_count
+
+# A kernel in cuobjdump's layout (second encoding words on their own lines, as cuobjdump prints them):
+#   0x000-0x040 prologue with one cp.async,
+#   0x050-0x0f0 loop A: one K-step of a 128x128x64 tile on 2 warpgroups (4 HGMMA.64x128x16), a TMA load, and a
+#               second backward branch to the loop head at 0x0d0 (a "continue"),
+#   0x100-0x130 a loop without tensor-core instructions,
+#   0x140-0x260 an outer loop around loop B at 0x160-0x230: two K-steps per iteration (8 HGMMA, unrolled), two
+#               cp.async loads,
+#   0x270       an HGMMA outside every loop (a fused epilogue GEMM), then the trailing self-branch.
+SASS_90 = """
+	code for sm_90a
+		Function : toy_kernel
+	.headerflags	@"EF_CUDA_SM90 EF_CUDA_VIRTUAL_SM(EF_CUDA_SM90)"
+        /*0000*/                   LDC R1, c[0x0][0x28] ;                               /* 0x00000a00ff017b82 */
+                                                                                        /* 0x000fe20000000800 */
+        /*0010*/                   S2R R0, SR_TID.X ;                                   /* 0x0000000000007919 */
+                                                                                        /* 0x000e220000002100 */
+        /*0020*/                   ISETP.GE.AND P0, PT, R0, 0x10, PT ;                  /* 0x000000100000780c */
+        /*0030*/                   LDGSTS.E.BYPASS.128 [R2], desc[UR4][R4.64] ;        /* 0x0000000004027fae */
+        /*0040*/                   ULDC UR4, c[0x0][0x20] ;                             /* 0x0000080000047ab9 */
+        /*0050*/                   IMAD R6, R0, 0x2, R1 ;                               /* 0x0000000200067824 */
+        /*0060*/                   UTMALDG.4D [UR8], [UR10] ;                           /* 0x00000008000075b4 */
+        /*0070*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;                        /* 0x0000000000007b1d */
+        /*0080*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8].tnspB, R24 ; /* 0x41e00000081879f0 */
+        /*0090*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR12].tnspB, R24 ; /* 0x41e000000c1879f0 */
+        /*00a0*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR16].tnspB, R24 ; /* 0x41e00000101879f0 */
+        /*00b0*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR20].tnspB, R24, gsb0 ; /* 0x41e0000014 */
+        /*00c0*/                   WARPGROUP.DEPBAR.LE gsb0, 0x1 ;                      /* 0x00008000000079c5 */
+        /*00d0*/               @P6 BRA 0x50 ;                                           /* 0xffffffec00f05947 */
+        /*00e0*/                   ISETP.GE.AND P1, PT, R7, R8, PT ;                    /* 0x000000080700720c */
+        /*00f0*/              @!P1 BRA 0x50 ;                                           /* 0xffffffec00f09947 */
+        /*0100*/                   IADD3 R9, R9, 0x1, RZ ;                              /* 0x0000000109097810 */
+        /*0110*/                   STS [R9], RZ ;                                       /* 0x000000ff09007388 */
+        /*0120*/                   ISETP.NE.AND P2, PT, R9, 0x4, PT ;                   /* 0x000000040900780c */
+        /*0130*/               @P2 BRA 0x100 ;                                          /* 0xfffffffc00f02947 */
+        /*0140*/                   IMAD.MOV.U32 R10, RZ, RZ, RZ ;                       /* 0x000000ffff0a7224 */
+        /*0150*/                   MOV R11, 0x400 ;                                     /* 0x00000400000b7802 */
+        /*0160*/                   LDGSTS.E.BYPASS.128 [R11], desc[UR4][R12.64], P3 ;   /* 0x000000000c0b7fae */
+        /*0170*/                   LDGSTS.E.BYPASS.128 [R11+0x800], desc[UR4][R14.64] ; /* 0x008000000e0b7fae */
+        /*0180*/                   LDGDEPBAR ;                                          /* 0x00000000000079af */
+        /*0190*/                   DEPBAR.LE SB0, 0x1 ;                                 /* 0x000080800000791a */
+        /*01a0*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;                        /* 0x0000000000007b1d */
+        /*01b0*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8].tnspB, R24 ; /* 0x41e00000081879f0 */
+        /*01c0*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8].tnspB, R24 ; /* 0x41e00000081879f0 */
+        /*01d0*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8].tnspB, R24 ; /* 0x41e00000081879f0 */
+        /*01e0*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8].tnspB, R24 ; /* 0x41e00000081879f0 */
+        /*01f0*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8].tnspB, R24 ; /* 0x41e00000081879f0 */
+        /*0200*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8].tnspB, R24 ; /* 0x41e00000081879f0 */
+        /*0210*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8].tnspB, R24 ; /* 0x41e00000081879f0 */
+        /*0220*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8].tnspB, R24, gsb0 ; /* 0x41e000000818 */
+        /*0230*/               @P4 BRA 0x160 ;                                          /* 0xffffffec00f04947 */
+        /*0240*/                   IADD3 R15, R15, 0x1, RZ ;                            /* 0x000000010f0f7810 */
+        /*0250*/                   ISETP.LT.AND P5, PT, R15, R16, PT ;                  /* 0x000000100f00720c */
+        /*0260*/               @P5 BRA 0x140 ;                                          /* 0xfffffffc00f05947 */
+        /*0270*/                   HGMMA.64x32x16.F32.BF16 R60, R40, gdesc[UR24], RZ, gsb0 ; /* 0x41e000001818 */
+        /*0280*/                   EXIT ;                                               /* 0x000000000000794d */
+        /*0290*/                   BRA 0x290;                                           /* 0xfffffffc00fc7947 */
+"""
+TILE = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}
+WARPS = 8
+
+
+def h200_tensor_clocks(tile: dict) -> float:
+    """Tensor-core clocks of one K-step of ``tile``: its FLOPs at 790 TFLOP/s shared by 132 SMs at 1.75 GHz."""
+    return 2 * math.prod(tile.values()) / (790e12 / 132 / 1.75e9)
+
+
+def test_parse_reads_addresses_opcodes_and_branch_targets():
+    instructions = issue_model.parse_sass(SASS_90)
+    assert len(instructions) == 0x290 // 16 + 1  # encoding continuation lines are not instructions
+    assert [ins.address for ins in instructions] == list(range(0, 0x2A0, 0x10))
+    by_address = {ins.address: ins for ins in instructions}
+    assert by_address[0xF0].opcode == "BRA" and by_address[0xF0].target == 0x50
+    assert by_address[0x60].opcode == "UTMALDG.4D" and by_address[0x60].target is None
+    assert by_address[0x80].opcode == "HGMMA.64x128x16.F32.BF16"
+
+
+def test_loops_from_backward_branches():
+    loops = issue_model.find_loops(issue_model.parse_sass(SASS_90))
+    # Two branches back to 0x50 make one loop; the self-branch after EXIT is no loop.
+    assert loops == [(0x50, 0xF0), (0x100, 0x130), (0x140, 0x260), (0x160, 0x230)]
+
+
+def test_innermost_tensor_core_loops_and_their_counts():
+    clocks = h200_tensor_clocks(TILE)
+    found = issue_model.analyze(SASS_90, TILE, "bf16", WARPS, issue_model.H200)
+    first, second = found.loops
+    # Loop A: 11 instructions, one K-step (4 x 64x128x16 on each of 2 warpgroups = 128x128x64).
+    assert (first.first, first.last, first.instructions, first.mma) == (0x50, 0xF0, 11, 4)
+    assert (first.k_steps, first.instructions_per_k_step) == (1, 11)
+    assert (first.tma_loads, first.cp_async, first.barriers) == (1, 0, 1)
+    # Loop B, not the loop around it: 14 instructions covering two K-steps, so 7 per K-step.
+    assert (second.first, second.last, second.instructions, second.mma) == (0x160, 0x230, 14, 8)
+    assert (second.k_steps, second.instructions_per_k_step) == (2, 7)
+    assert (second.tma_loads, second.cp_async, second.barriers) == (0, 2, 1)
+    assert found.tensor_clocks == pytest.approx(clocks)
+    assert first.issue_ratio == pytest.approx(WARPS * 11 / 4 / clocks)
+    assert second.issue_ratio == pytest.approx(WARPS * 7 / 4 / clocks)
+    summary = found.summary()
+    assert summary["mainloop_instructions"] == 11 and summary["tma_loads"] == 1 and summary["cp_async"] == 0
+    assert summary["issue_ratio"] == pytest.approx(WARPS * 11 / 4 / clocks, abs=1e-3)
+    assert summary["tensor_loops"] == 2
+
+
+def test_labels_as_nvdisasm_prints_them():
+    sass = """
+        /*0000*/                   MOV R0, RZ ;
+.L_x_0:
+        /*0010*/                   HMMA.16816.F32.BF16 R4, R8, R12, R4 ;
+        /*0020*/                   HMMA.16816.F32.BF16 R16, R8, R14, R16 ;
+        /*0030*/                   LDGSTS.E.BYPASS.128 [R2], desc[UR4][R4.64] ;
+        /*0040*/                   ISETP.NE.AND P0, PT, R0, R1, PT ;
+        /*0050*/               @P0 BRA `(.L_x_0) ;
+        /*0060*/                   EXIT ;
+"""
+    tile = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16}
+    (loop,) = issue_model.analyze(sass, tile, "bf16", 4, issue_model.A100).loops
+    assert (loop.first, loop.last, loop.instructions, loop.cp_async) == (0x10, 0x50, 5, 1)
+    # 2 HMMA.16816 (16x8x16 each) on each of 4 warps = 32x32x16: one K-step per iteration.
+    assert loop.k_steps == 1
+    a100_clocks = 2 * 32 * 32 * 16 / (312e12 / 108 / 1.41e9)
+    assert loop.issue_ratio == pytest.approx(4 * 5 / 4 / a100_clocks)
+
+
+def test_k_step_of_a_tile_smaller_than_the_warps():
+    """A 16x16x64 tile on 8 warps: each warp runs the m16n8k16 MMA on one 16x8 piece (several warps the same
+    one), so 4 HMMA per warp are one K-step, not four."""
+    body = "".join(f"        /*{0x10 * i:04x}*/                   HMMA.16816.F32 R4, R8, R12, R4 ;\n" for i in range(4))
+    sass = body + "        /*0040*/               @P0 BRA 0x0 ;\n"
+    (loop,) = issue_model.analyze(sass, {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 64}, "fp16", 8, None).loops
+    assert (loop.instructions, loop.mma, loop.k_steps, loop.instructions_per_k_step) == (5, 4, 1, 5)
+
+
+def test_no_tensor_core_loop():
+    found = issue_model.analyze(SASS_90.replace("HGMMA", "NOP"), TILE, "bf16", WARPS, issue_model.H200)
+    assert found.loops == () and found.summary()["issue_ratio"] is None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Launches and the forward
+# ---------------------------------------------------------------------------------------------------------------
+_CONV_PARAMS = tuple(types.SimpleNamespace(name=n, is_constexpr=False) for n in ("x_ptr", "c_main", "c_up"))
+
+
+def fake_record(grid, c_main=256, c_up=0, flops=None, nbytes=1 << 20, **constexprs):
+    """A launch record of a made-up conv kernel with the launchers' argument names."""
+    kernel = types.SimpleNamespace(params=_CONV_PARAMS)
+    c = {"KSIZE": 3, "UP_MODE": int(bool(c_up)), "PACKED_K": False, **TILE, **constexprs}
+    return types.SimpleNamespace(
+        name="conv",
+        kernel=kernel,
+        grid=grid,
+        flops=flops if flops is not None else 2 * math.prod(grid) * 128 * 128 * 9 * (c_main + c_up),
+        bytes_read=nbytes // 2,
+        bytes_written=nbytes - nbytes // 2,
+        args=(None, c_main, c_up),
+        constexprs=c,
+    )
+
+
+def fake_variant(instructions: tuple[int, ...], ctas_per_sm=1, warps=WARPS, tile=TILE):
+    clocks = h200_tensor_clocks(tile)
+    loops = tuple(
+        issue_model.TensorLoop(
+            first=i,
+            last=i + 1,
+            instructions=n,
+            mma=4,
+            mma_opcodes=(),
+            k_steps=1.0,
+            instructions_per_k_step=n,
+            tma_loads=0,
+            cp_async=0,
+            global_loads=0,
+            barriers=0,
+            tensor_clocks=clocks,
+            issue_clocks=warps * n / 4,
+            issue_ratio=warps * n / 4 / clocks,
+        )
+        for i, n in enumerate(instructions)
+    )
+    return types.SimpleNamespace(
+        mainloop=issue_model.MainLoop(loops, clocks), ctas_per_sm=ctas_per_sm, num_warps=warps, dtype="bf16"
+    )
+
+
+def test_k_steps_per_source():
+    assert issue_model.k_steps_per_source(fake_record((4, 1), c_main=512, c_up=1024)) == [72, 144]
+    assert issue_model.k_steps_per_source(fake_record((4, 1), c_main=100)) == [9 * 2]
+    packed = fake_record((4, 1), c_main=3, PACKED_K=True, BLOCK_K=32)
+    assert issue_model.k_steps_per_source(packed) == [1]  # 27 (tap, channel) pairs in one 32-wide K block
+
+
+@pytest.mark.parametrize("ctas, busiest", [(132, 1), (133, 2), (264, 2), (1000, 8)])
+def test_wave_quantization(ctas, busiest):
+    h200 = issue_model.H200
+    record = fake_record((ctas, 1), c_main=256)
+    layer = issue_model.model_layer("s", record, fake_variant((100,), ctas_per_sm=2), h200)
+    k = 9 * 256 // 64
+    tensor = busiest * k * 2 * 128 * 128 * 64 * 132 / 790e12
+    issue = busiest * k * WARPS * 100 / 4 / 1.75e9
+    assert layer.ctas_per_busiest_sm == busiest and layer.waves == -(-ctas // 264)
+    assert layer.tensor_s == pytest.approx(tensor) and layer.issue_s == pytest.approx(issue)
+    assert layer.time_s == pytest.approx(max(tensor, issue / 0.7, (1 << 20) / 4.3e12))
+
+
+def test_bounds_and_eta():
+    record = fake_record((264, 1))
+    lean, busy = fake_variant((100,)), fake_variant((400,))
+    assert issue_model.model_layer("s", record, lean, issue_model.H200).bound == "tensor"
+    slow = issue_model.model_layer("s", record, busy, issue_model.H200)
+    assert slow.bound == "issue" and slow.time_s == pytest.approx(slow.issue_s / 0.7)
+    half = issue_model.model_layer("s", record, busy, dataclasses.replace(issue_model.H200, eta=0.35))
+    assert half.time_s == pytest.approx(2 * slow.time_s)
+    flood = issue_model.model_layer("s", fake_record((264, 1), nbytes=10**10), lean, issue_model.H200)
+    assert flood.bound == "memory" and flood.time_s == pytest.approx(10**10 / 4.3e12)
+
+
+def test_two_source_loops_get_their_own_k_steps():
+    """A decoder conv: the skip loop (cheap) runs c_main's K-steps, the upsampled loop (costly) c_up's."""
+    record = fake_record((132, 1), c_main=64, c_up=128)
+    layer = issue_model.model_layer("s", record, fake_variant((100, 1000)), issue_model.H200)
+    assert layer.k_steps == (9, 18)
+    clocks = h200_tensor_clocks(TILE)
+    expected = 9 * max(clocks, WARPS * 100 / 4 / 0.7) + 18 * max(clocks, WARPS * 1000 / 4 / 0.7)
+    assert layer.time_s == pytest.approx(expected / 1.75e9)
+
+
+def test_forward_totals_and_a_launch_that_cannot_run():
+    records = [fake_record((264, 1)), fake_record((132, 2), nbytes=10**9)]
+    variants = [fake_variant((300,)), fake_variant((100,))]
+    model = issue_model.model_forward("bilinear", "bf16", 512, 16, ["a", "b"], records, variants, issue_model.H200)
+    total = sum(layer.time_s for layer in model.layers)
+    flops = sum(r.flops for r in records)
+    assert model.time_s == pytest.approx(total)
+    assert model.fraction_of_peak == pytest.approx(flops / total / 790e12)
+    row = model.to_json()
+    assert row["ms"] == pytest.approx(total * 1e3, rel=1e-3) and len(row["layers"]) == 2
+    broken = issue_model.model_forward(
+        "bilinear", "bf16", 512, 16, ["a"], records[:1], [fake_variant((300,), ctas_per_sm=0)], issue_model.H200
+    )
+    assert broken.layers[0].bound == "cannot launch" and broken.time_s is None and broken.to_json()["ms"] is None
+
+
+def test_fit_eta():
+    issue = [1.0, 2.0, 3.0, 0.1]
+    floors = [0.5, 0.5, 0.5, 0.5]
+    measured = [1.0 / 0.6, 2.0 / 0.6, 3.0 / 0.6, 0.6]  # the last launch is not issue-bound
+    assert issue_model.fit_eta(issue, measured, floors) == pytest.approx(0.6)
+    assert issue_model.fit_eta([0.1], [1.0], [0.5]) is None
+
+
+def test_eta_choice(monkeypatch):
+    assert issue_model.assumptions_for(90).eta == issue_model.DEFAULT_ETA
+    assert issue_model.assumptions_for(90, 0.5).eta == 0.5
+    with pytest.raises(ValueError, match="eta must be in"):
+        issue_model.assumptions_for(90, 1.5)
+    fit = issue_model.EtaFit(arch=90, gpu="H200", eta=0.55, source="bench/results/x.json")
+    monkeypatch.setattr(issue_model, "ETA_FITS", (fit,))
+    chosen = issue_model.assumptions_for(90)
+    assert chosen.eta == 0.55 and "x.json" in chosen.eta_source
+    assert issue_model.assumptions_for(80).eta == issue_model.DEFAULT_ETA
+    assert issue_model.assumptions_for(75) is None
+
+
+def test_modeled_target_is_per_thread():
+    x = torch.empty(1, device="meta")
+    seen = {}
+    with modeled_target(80, 108):
+        assert (capability(x), sm_count(x)) == (80, 108)
+        other = threading.Thread(target=lambda: seen.update(target=(capability(x), sm_count(x))))
+        other.start()
+        other.join()
+    assert seen["target"] == (90, 132)
+    assert (capability(x), sm_count(x)) == (90, 132)
