@@ -112,7 +112,7 @@ def format_table(variants: Sequence[dict]) -> str:
         ratio = "-" if v["issue_ratio"] is None else f"{v['issue_ratio']:.2f}"
         tma, cp_async = ("-" if v[key] is None else v[key] for key in ("tma_loads", "cp_async"))
         lines.append(
-            f"{v['kernel']:<14} {v['arch']:<5} {c['dtype']:<5} {c.get('UP_MODE', '-'):>2} {tile:<12} "
+            f"{v['kernel']:<14} {v['arch']:<5} {c['dtype']:<5} {int(c.get('TWO_SOURCES', 0)):>2} {tile:<12} "
             f"{c['num_warps']:>5} "
             f"{c['num_stages']:>3} {v['registers']:>4} {v['spill_bytes']:>7} {v['shared_bytes'] / 1024:>8.1f} "
             f"{v['tensor_core_instructions']:>6} {occ.get('blocks_per_sm', '-'):>6} {occ.get('warps_per_sm', '-'):>8} "

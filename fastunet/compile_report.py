@@ -602,25 +602,26 @@ def uses_tensor_cores(row: VariantReport) -> bool:
 
 
 def problems(row: VariantReport) -> list[str]:
-    """What is wrong with a variant: spills, shared memory over the launch limit, no tensor-core instructions, ptxas
-    performance warnings."""
+    """What is wrong with a variant: spills, shared memory over the launch limit, no tensor-core instructions in a
+    GEMM kernel (one with a K block; the upsample kernel is data movement), ptxas performance warnings."""
     found = []
     if row.spill_bytes or row.local_ops:
         found.append(f"spills ({row.spill_bytes} B/thread, {row.local_ops} LDL/STL)")
     if row.shared_limit_bytes is not None and row.shared_bytes > row.shared_limit_bytes:
         found.append(f"shared memory {row.shared_bytes} B > {row.shared_limit_bytes} B: the launch would fail")
-    if not uses_tensor_cores(row):
+    if "BLOCK_K" in row.constexprs and not uses_tensor_cores(row):
         found.append("no tensor-core instructions")
     found += [f"ptxas: {warning}" for warning in row.ptxas_warnings]
     return found
 
 
 def describe(row: VariantReport) -> str:
-    """Short name of a variant: kernel, dtype, UP_MODE, tile, warps, stages, and batch when compiled in as 1."""
+    """Short name of a variant: kernel, dtype, two sources or not, tile, warps, stages, and batch when compiled in as
+    1."""
     c = row.constexprs
     tile = "x".join(str(c.get(k, "-")) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
     batch = " batch=1" if c.get("batch") == 1 else ""
-    return f"{row.name} {row.dtype} up={c.get('UP_MODE', '-')} {tile} w{row.num_warps} s{row.num_stages}{batch}"
+    return f"{row.name} {row.dtype} up={int(c.get('TWO_SOURCES', 0))} {tile} w{row.num_warps} s{row.num_stages}{batch}"
 
 
 def _used_by(configs: Sequence[str]) -> str:
@@ -633,11 +634,11 @@ def _used_by(configs: Sequence[str]) -> str:
 
 
 def format_table(rows: Sequence[VariantReport]) -> str:
-    """Fixed-width table, one line per variant (``up``: UP_MODE; ``CTA/SM``, ``warps/SM``: resident per SM, and
-    ``limit``: what limits them (regs, smem, warps); ``warn``: ptxas performance warnings; ``ins/K``: SASS
-    instructions per warp per K-step in the costliest tensor-core loop, ``issue``: its issue ratio (model), ``TMA``
-    and ``cpA``: UTMALDG and LDGSTS per iteration there, ``lp``: tensor-core loops; ``s``: compile seconds;
-    ``n``: launches)."""
+    """Fixed-width table, one line per variant. ``up``: 1 for the decoder's two-source conv; ``CTA/SM``,
+    ``warps/SM``: resident per SM, and ``limit``: what limits them (regs, smem, warps); ``warn``: ptxas performance
+    warnings; ``ins/K``: SASS instructions per warp per K-step in the costliest tensor-core loop, ``issue``: its
+    issue ratio (model), ``TMA`` and ``cpA``: UTMALDG and LDGSTS per iteration there, ``lp``: tensor-core loops;
+    ``s``: compile seconds; ``n``: launches."""
     header = (
         f"{'variant':<18} {'dtype':<5} {'up':>2} {'BM':>4} {'BN':>4} {'BK':>3} {'warps':>5} {'stg':>3} "
         f"{'regs':>4} {'spill':>5} {'smem KiB':>8} {'CTA/SM':>6} {'warps/SM':>8} {'limit':<5} {'HGMMA':>5} "
@@ -648,7 +649,7 @@ def format_table(rows: Sequence[VariantReport]) -> str:
     for row in rows:
         c, occ = row.constexprs, row.occupancy
         lines.append(
-            f"{row.name:<18} {row.dtype:<5} {c.get('UP_MODE', '-'):>2} {c.get('BLOCK_M', '-'):>4} "
+            f"{row.name:<18} {row.dtype:<5} {int(c.get('TWO_SOURCES', 0)):>2} {c.get('BLOCK_M', '-'):>4} "
             f"{c.get('BLOCK_N', '-'):>4} {c.get('BLOCK_K', '-'):>3} {row.num_warps:>5} {row.num_stages:>3} "
             f"{row.registers:>4} {row.spill_bytes:>5} {row.shared_bytes / 1024:>8.1f} "
             f"{'-' if occ is None else occ.blocks_per_sm:>6} {'-' if occ is None else occ.warps_per_sm:>8} "

@@ -259,7 +259,9 @@ def tensor_loops(
     tensor_clocks: float | None,
     issue_per_clock: int,
 ) -> list[TensorLoop]:
-    """The innermost loop of each tensor-core instruction that sits in a loop, in address order.
+    """The innermost loop of each tensor-core instruction that sits in a loop, in address order. A kernel whose
+    tensor-core instructions all sit outside loops (a single K block, unrolled) is one straight pass: the whole
+    kernel counts as its one "loop", every instruction issued once (branches not taken are counted too).
 
     ``tile``: the CTA's (``BLOCK_M``, ``BLOCK_N``, ``BLOCK_K``), which with the MMA instructions of an iteration says
     how many K-steps it covers (one unless unrolled; None: one); ``tensor_clocks``: tensor-core clocks of a K-step.
@@ -271,6 +273,8 @@ def tensor_loops(
             around = [(a, b) for a, b in loops if a <= ins.address <= b]
             if around:
                 chosen.add(min(around, key=lambda loop: loop[1] - loop[0]))
+    if not chosen and any(is_mma(ins.opcode) for ins in instructions):
+        chosen.add((instructions[0].address, instructions[-1].address))
     found = []
     for first, last in sorted(chosen):
         body = [ins for ins in instructions if first <= ins.address <= last]
@@ -350,8 +354,9 @@ def analyze(
 # ---------------------------------------------------------------------------------------------------------------
 def k_steps_per_source(record) -> list[int] | None:
     """K-steps one CTA runs per source loop of a convolution launch: ``KSIZE**2 * cdiv(c, BLOCK_K)`` for the main
-    input (``c_main``) and, when ``UP_MODE`` is set, for the upsampled one (``c_up``); one flattened loop of
-    ``cdiv(KSIZE**2 * c_main, BLOCK_K)`` with ``PACKED_K``. None for a kernel without these arguments."""
+    input (``c_main``) and, with ``TWO_SOURCES``, for the upsampled one (``c_up``); one flattened loop of
+    ``cdiv(KSIZE**2 * c_main, BLOCK_K)`` with ``PACKED_K`` (the small-K path; its value is the channel
+    count). None for a kernel without these arguments."""
     params = getattr(record.kernel, "params", None)
     c = record.constexprs
     if params is None or "KSIZE" not in c or "BLOCK_K" not in c:
@@ -363,7 +368,7 @@ def k_steps_per_source(record) -> list[int] | None:
     if c.get("PACKED_K"):
         return [-(-taps * values["c_main"] // block_k)]
     steps = [taps * -(-values["c_main"] // block_k)]
-    if c.get("UP_MODE") and values.get("c_up"):
+    if c.get("TWO_SOURCES") and values.get("c_up"):
         steps.append(taps * -(-values["c_up"] // block_k))
     return steps
 

@@ -63,7 +63,7 @@ def compile_report(dtype: str, out_dir) -> dict:
 def _label(row: dict) -> str:
     c = row["constexprs"]
     return (
-        f"{row['name']} up={c['UP_MODE']} {c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']} "
+        f"{row['name']} up={int(c['TWO_SOURCES'])} {c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']} "
         f"w{row['num_warps']} s{row['num_stages']} batch={c.get('batch', 'n')}"
     )
 

@@ -160,7 +160,7 @@ _CONV_PARAMS = tuple(types.SimpleNamespace(name=n, is_constexpr=False) for n in 
 def fake_record(grid, c_main=256, c_up=0, flops=None, nbytes=1 << 20, **constexprs):
     """A launch record of a made-up conv kernel with the launchers' argument names."""
     kernel = types.SimpleNamespace(params=_CONV_PARAMS)
-    c = {"KSIZE": 3, "UP_MODE": int(bool(c_up)), "PACKED_K": False, **TILE, **constexprs}
+    c = {"KSIZE": 3, "TWO_SOURCES": bool(c_up), "PACKED_K": 0, **TILE, **constexprs}
     return types.SimpleNamespace(
         name="conv",
         kernel=kernel,
@@ -288,3 +288,22 @@ def test_modeled_target_is_per_thread():
         other.join()
     assert seen["target"] == (90, 132)
     assert (capability(x), sm_count(x)) == (90, 132)
+
+
+def test_straight_line_kernel_is_one_pass():
+    """Tensor-core instructions outside every loop and no loop holding any (a single K block, unrolled): the whole
+    kernel is one pass, every instruction counted once (the trailing self-branch included)."""
+    ops = [
+        "LDC R1, c[0x0][0x28]",
+        "IMAD R2, R1, 0x2, RZ",
+        "HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], R24",
+        "HGMMA.64x64x16.F32.BF16 R24, gdesc[UR12], R24",
+        "STG.E desc[UR4][R2.64], R24",
+        "EXIT",
+        "BRA 0x60",
+    ]
+    sass = "\n".join(f"        /*{16 * i:04x}*/                   {op} ;" for i, op in enumerate(ops))
+    (loop,) = issue_model.tensor_loops(issue_model.parse_sass(sass), (64, 64, 32), 4, 100.0, 4)
+    assert (loop.first, loop.last) == (0, 0x60)
+    assert loop.mma == 2 and loop.instructions == 7 and loop.k_steps == 1
+    assert loop.issue_ratio == pytest.approx(4 * 7 / 4 / 100.0)
