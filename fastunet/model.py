@@ -135,7 +135,7 @@ class FusedForward:
                         if tensor.is_inference():
                             cacheable = False
                         else:
-                            key.append((id(tensor), tensor.data_ptr(), tensor._version, tensor.dtype, tensor.device))
+                            key.append((tensor.data_ptr(), tensor._version, tensor.dtype, tensor.device))
                             objects.append(tensor)
             if keyed and isinstance(module, nn.BatchNorm2d):
                 key.append(module.eps)

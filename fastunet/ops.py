@@ -1,5 +1,5 @@
-"""The fused forward: the U-Net layout it reads, its plan of packed parameters, the kernels as torch custom ops,
-and its autograd wrapper.
+"""The fused forward: the U-Net layout it reads, its plan of packed parameters, the layout's math in plain PyTorch,
+the kernels as torch custom ops, and the autograd wrapper whose backward differentiates that math.
 
 The launchers are registered with ``torch.library`` as opaque custom ops (``fastunet::conv2d_nhwc`` and
 ``fastunet::conv_transpose2x2_nhwc``) with fake (meta) implementations, so ``torch.compile(fullgraph=True)`` traces
