@@ -44,20 +44,61 @@ BENCH_PROVIDERS = ("fastunet", "torch-eager", "torch-compile", "torch-compile-ma
 REPORT_DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1, refused with what was expected and what was given."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
 def _add_model_args(parser: argparse.ArgumentParser, defaults: dict) -> None:
     group = parser.add_argument_group("configuration")
-    group.add_argument("--in-channels", type=int, default=3)
-    group.add_argument("--num-classes", type=int, default=2)
-    group.add_argument("--base-channels", type=int, default=defaults["base_channels"])
-    group.add_argument("--depth", type=int, default=defaults["depth"])
+    group.add_argument("--in-channels", type=positive_int, default=3)
+    group.add_argument("--num-classes", type=positive_int, default=2)
+    group.add_argument("--base-channels", type=positive_int, default=defaults["base_channels"])
+    group.add_argument("--depth", type=positive_int, default=defaults["depth"], help="poolings; H, W >= 2**depth")
     group.add_argument("--upsample", choices=("transpose", "bilinear", "nearest"), default="bilinear")
     group.add_argument("--norm", choices=("none", "batch"), default="none", help="batch: BatchNorm (folded in eval)")
     group.add_argument("--align-corners", action="store_true", help="bilinear upsampling with align_corners=True")
-    group.add_argument("--batch", type=int, default=defaults["batch"])
-    group.add_argument("--size", type=int, default=defaults["size"], help="H and W (default %(default)s)")
-    group.add_argument("--height", type=int, help="H, overriding --size")
-    group.add_argument("--width", type=int, help="W, overriding --size")
+    group.add_argument("--batch", type=positive_int, default=defaults["batch"])
+    group.add_argument("--size", type=positive_int, default=defaults["size"], help="H and W (default %(default)s)")
+    group.add_argument("--height", type=positive_int, help="H, overriding --size")
+    group.add_argument("--width", type=positive_int, help="W, overriding --size")
     group.add_argument("--dtype", choices=sorted(DTYPES), default=defaults["dtype"])
+
+
+def _check_size_for_depth(depth: int, height: int, width: int, options: str) -> None:
+    smallest = 2**depth
+    if height < smallest or width < smallest:
+        raise ValueError(f"depth {depth} needs H and W >= 2**{depth} = {smallest}, got {height}x{width} ({options})")
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Checks across options (each option's own range is checked while parsing); raises ValueError."""
+    if getattr(args, "depth", None) is None:
+        return
+    _check_size_for_depth(args.depth, *_input_shape(args)[2:], "raise --size/--height/--width or lower --depth")
+    if getattr(args, "check_depth", None) is not None:
+        size = args.check_size
+        _check_size_for_depth(args.check_depth, size, size, "raise --check-size or lower --check-depth")
+
+
+def _check_weights(args: argparse.Namespace) -> None:
+    """Refuse a configuration whose largest conv (the bottleneck's second) the kernels cannot address. Imports the
+    kernels: call it once the interpreter choice is made."""
+    from fastunet.kernels.conv import check_weight_addressable
+
+    widest = args.base_channels * 2**args.depth
+    try:
+        check_weight_addressable(9 * widest, widest)
+    except ValueError as error:
+        raise ValueError(
+            f"--base-channels {args.base_channels} at --depth {args.depth} gives a {widest}-channel bottleneck: {error}"
+        ) from None
 
 
 def _model_kwargs(args: argparse.Namespace) -> dict:
@@ -131,9 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="dtypes of the compile report (default fp16 bf16 for half-precision configs, else the config's dtype)",
     )
     cpu.add_argument("--no-report", action="store_true", help="leave out the sm_90 compile report")
-    cpu.add_argument("--check-base-channels", type=int, default=CHECK_DEFAULTS["base_channels"])
-    cpu.add_argument("--check-depth", type=int, default=CHECK_DEFAULTS["depth"])
-    cpu.add_argument("--check-size", type=int, default=CHECK_DEFAULTS["size"])
+    cpu.add_argument("--check-base-channels", type=positive_int, default=CHECK_DEFAULTS["base_channels"])
+    cpu.add_argument("--check-depth", type=positive_int, default=CHECK_DEFAULTS["depth"])
+    cpu.add_argument("--check-size", type=positive_int, default=CHECK_DEFAULTS["size"])
     sub.add_parser(
         "report",
         help="compile every kernel variant for sm_90 and report registers, spills, tensor cores "
@@ -178,6 +219,7 @@ def _run_check(args: argparse.Namespace, argv: Sequence[str]) -> int:
         print("check: TRITON_INTERPRET=1 is set: unset it to run the compiled kernels on CUDA", file=sys.stderr)
         return 2
 
+    _check_weights(args)
     from fastunet.model import FastUNet
     from fastunet.parity import NETWORK_BUDGETS, math_mode, network_error, randomize_norm_stats
     from fastunet.reference import UNet
@@ -242,6 +284,8 @@ def _run_trace(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from fastunet.roofline import stage_labels, trace_config
     from fastunet.trace import summarize
 
+    _check_weights(args)
+
     records = trace_config(_model_kwargs(args), _input_shape(args), DTYPES[args.dtype])
     labels = stage_labels(records, args.depth, args.upsample)
     print(f"launches of one FastUNet forward (traced, nothing runs): {_describe(args)}")
@@ -278,6 +322,7 @@ def _run_roofline(args: argparse.Namespace, argv: Sequence[str]) -> int:
         roofline_report,
     )
 
+    _check_weights(args)
     dtype, allow_tf32 = DTYPES[args.dtype], not args.ieee
     kwargs, shape = _model_kwargs(args), _input_shape(args)
     print(f"configuration: {_describe(args)}")
@@ -515,6 +560,7 @@ def _bench_on_gpu(args: argparse.Namespace) -> int:
 
 def _run_bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
     finish_bench_timing_args(args)
+    _check_weights(args)
     if torch.cuda.is_available():
         return _bench_on_gpu(args)
     return _bench_without_gpu(args)
@@ -544,6 +590,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        validate_args(args)
         return _COMMANDS[args.command](args, argv)
     except (ValueError, TypeError) as error:  # an unsupported configuration: say which, no traceback
         print(f"fastunet {args.command}: {error}", file=sys.stderr)

@@ -21,12 +21,11 @@ import copy
 import itertools
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fastunet.model import FastUNet, FusedForward
-from fastunet.ops import ConvSpec, Layout, UpSpec
-from fastunet.reference import UNet, center_pad
+from fastunet.ops import ConvSpec, Layout, UpSpec, layout_forward
+from fastunet.reference import UNet
 
 
 class ConversionError(TypeError):
@@ -131,7 +130,11 @@ def _read_pool(path: str, pool: nn.Module, accepted: list[nn.Module]) -> None:
     accepted.append(pool)
 
 
-def _read_up(path: str, up: nn.Module, accepted: list[nn.Module]) -> UpSpec:
+def read_up(path: str, up: nn.Module, accepted: list[nn.Module] | None = None) -> UpSpec:
+    """The :class:`~fastunet.ops.UpSpec` of a 2x upsampling module (``path`` names it in errors); ``accepted``
+    collects the stateless modules mapped."""
+    if accepted is None:
+        accepted = []
     if type(up) is nn.ConvTranspose2d:
         if (
             _pair(up.kernel_size) != (2, 2)
@@ -201,7 +204,7 @@ def read_milesial_layout(model: nn.Module) -> Layout:
         for attr in ("up", "conv"):
             if not isinstance(getattr(block, attr, None), nn.Module):
                 raise _fail(name, block, f"expected an `{attr}` submodule (an upsampling and a double conv)")
-        up_specs[level] = _read_up(f"{name}.up", block.up, accepted)
+        up_specs[level] = read_up(f"{name}.up", block.up, accepted)
         decoders[level] = _read_double_conv(f"{name}.conv", block.conv, accepted)
     outc = children["outc"]
     head = outc if type(outc) is nn.Conv2d else getattr(outc, "conv", None)
@@ -263,59 +266,67 @@ def _check_nothing_left_out(model: nn.Module, layout: Layout, stateless: set[int
                     )
 
 
-def layout_forward(layout: Layout, x: torch.Tensor) -> torch.Tensor:
-    """The eval-mode math of ``layout`` in plain PyTorch (what the fused kernels compute)."""
+def probe_sizes(depth: int) -> list[tuple[int, int]]:
+    """(H, W) of the verification probes, in the order tried: odd sizes first, so that every level pads; then
+    sizes divisible by ``2**(depth + 1)``, for a source whose forward accepts only those."""
+    size = 2 ** (depth + 1)  # a bottleneck of 2x2 or more
+    return [(size + 1, size + 3), (size, 2 * size), (2 * size, 2 * size)]
 
-    def double(pair: tuple[ConvSpec, ConvSpec], t: torch.Tensor) -> torch.Tensor:
-        for spec in pair:
-            t = spec.conv(t)
-            if spec.norm is not None:
-                norm = spec.norm
-                t = F.batch_norm(t, norm.running_mean, norm.running_var, norm.weight, norm.bias, False, 0.0, norm.eps)
-            t = F.relu(t)
-        return t
 
-    skips = []
-    features = x
-    for level, pair in enumerate(layout.encoders):
-        features = double(pair, features)
-        if level < layout.depth:
-            skips.append(features)
-            features = F.max_pool2d(features, 2)
-    for level in reversed(range(layout.depth)):
-        up = layout.ups[level]
-        if up.conv is not None:
-            features = up.conv(features)
-        else:
-            align = up.align_corners if up.mode == "bilinear" else None
-            features = F.interpolate(features, scale_factor=2, mode=up.mode, align_corners=align)
-        skip = skips[level]
-        features = double(layout.decoders[level], torch.cat([skip, center_pad(features, *skip.shape[-2:])], 1))
-    return layout.head(features)
+_SKIP = "convert(model, verify=False) converts without this check"
 
 
 def _verify(model: nn.Module, depth: int, in_channels: int) -> None:
     """Check, in float64 on a CPU copy, that ``model``'s own eval forward computes what its layout says (catches a
     forward that concatenates in another order, skips a stage, or adds one), and that the converted module's
-    reference path (the source's forward run on it) does too."""
+    reference path (the source's forward run on it) does too. Any failure of the run itself is reported as a
+    :class:`ConversionError` that says it came from this verification."""
     if any(t.device.type == "meta" for t in itertools.chain(model.parameters(), model.buffers())):
         return  # nothing to compute with: the layout check alone applies
-    probe = copy.deepcopy(model).to("cpu", torch.float64).eval()
+    name = type(model).__name__
+    try:
+        probe = copy.deepcopy(model).to("cpu", torch.float64).eval()
+        layout = read_milesial_layout(probe)
+    except ConversionError:
+        raise
+    except Exception as failure:
+        raise ConversionError(
+            f"convert: verification could not make a float64 CPU copy of {name} ({type(failure).__name__}: "
+            f"{failure}); {_SKIP}"
+        ) from failure
     generator = torch.Generator().manual_seed(0)
-    size = 2 ** (depth + 1)  # a bottleneck of 2x2 or more, odd sizes so that every level pads
-    x = torch.randn(2, in_channels, size + 1, size + 3, generator=generator, dtype=torch.float64)
+    rejected: list[tuple[tuple[int, int], Exception]] = []
     with torch.no_grad():
-        expected = probe(x)
-        got = layout_forward(read_milesial_layout(probe), x)
+        for height, width in probe_sizes(depth):
+            x = torch.randn(2, in_channels, height, width, generator=generator, dtype=torch.float64)
+            try:
+                expected = probe(x)
+            except Exception as failure:  # e.g. a forward that accepts only sizes divisible by 16
+                rejected.append(((height, width), failure))
+                continue
+            break
+        else:
+            tried = ", ".join(f"{h}x{w}" for (h, w), _ in rejected)
+            first = rejected[0][1]
+            raise ConversionError(
+                f"convert: verification runs {name}.forward once in float64 on a CPU copy, and it raised on every "
+                f"probe input tried (batch 2, {in_channels} channels, H x W {tried}); the first error: "
+                f"{type(first).__name__}: {first}. {_SKIP}"
+            ) from first
+        try:
+            got = layout_forward(layout, x)
+        except Exception as failure:
+            raise ConversionError(
+                f"convert: verification could not run the layout's math on a {tuple(x.shape)} probe "
+                f"({type(failure).__name__}: {failure}); {_SKIP}"
+            ) from failure
         if not isinstance(expected, torch.Tensor) or expected.shape != got.shape:
             shape = tuple(expected.shape) if isinstance(expected, torch.Tensor) else type(expected).__name__
-            raise ConversionError(
-                f"convert: {type(model).__name__}.forward returned {shape}, the layout computes {tuple(got.shape)}"
-            )
+            raise ConversionError(f"convert: {name}.forward returned {shape}, the layout computes {tuple(got.shape)}")
         error = (expected - got).norm() / got.norm().clamp_min(1e-300)
         if not error <= 1e-9:
             raise ConversionError(
-                f"convert: {type(model).__name__}.forward does not compute what its inc/down/up/outc modules "
+                f"convert: {name}.forward does not compute what its inc/down/up/outc modules "
                 f"describe (relative L2 difference {float(error):.1e} in float64): its forward differs from the "
                 "supported layout (concatenation order, padding, or an extra stage)"
             )
@@ -323,12 +334,10 @@ def _verify(model: nn.Module, depth: int, in_channels: int) -> None:
             own = ConvertedUNet(probe).reference_forward(x)
         except Exception as failure:  # e.g. a helper it lacks, or zero-argument super() on another class
             raise ConversionError(
-                f"convert: {type(model).__name__}.forward cannot run on the converted module ({failure})"
+                f"convert: {name}.forward cannot run on the converted module ({failure})"
             ) from failure
         if not torch.equal(own, expected):
-            raise ConversionError(
-                f"convert: {type(model).__name__}.forward gives another result on the converted module"
-            )
+            raise ConversionError(f"convert: {name}.forward gives another result on the converted module")
 
 
 class ConvertedUNet(FusedForward, nn.Module):
@@ -391,8 +400,9 @@ def convert(module: nn.Module, *, verify: bool = True) -> nn.Module:
       :class:`ConvertedUNet`, with the source's ``state_dict`` keys.
 
     ``verify``: also run the source's own forward and the layout's math once in float64 on a CPU copy of the
-    model (a 2**depth + 1 by 2**depth + 3 input) and refuse the conversion if they differ; this catches a
-    ``forward`` that does something the module names do not say. Skipped for parameters on the meta device.
+    model and refuse the conversion if they differ; this catches a ``forward`` that does something the module names
+    do not say. The probe is batch 2 of ``2**(depth+1) + 1`` by ``2**(depth+1) + 3``, or, if the source's forward
+    rejects that, the first of :func:`probe_sizes` it accepts. Skipped for parameters on the meta device.
 
     Raises :class:`ConversionError` (a ``TypeError``) naming the first module that cannot be mapped, and why.
     """

@@ -1,5 +1,5 @@
-"""The fused forward: the U-Net layout it reads, its plan of packed parameters, the kernels as torch custom ops,
-and its autograd wrapper.
+"""The fused forward: the U-Net layout it reads, its plan of packed parameters, the layout's math in plain PyTorch,
+the kernels as torch custom ops, and the autograd wrapper whose backward differentiates that math.
 
 The launchers are registered with ``torch.library`` as opaque custom ops (``fastunet::conv2d_nhwc`` and
 ``fastunet::conv_transpose2x2_nhwc``) with fake (meta) implementations, so ``torch.compile(fullgraph=True)`` traces
@@ -14,6 +14,7 @@ import dataclasses
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fastunet.kernels import INTERPRET
@@ -27,6 +28,7 @@ from fastunet.kernels.conv import (
     pack_conv_weight,
 )
 from fastunet.kernels.upsample import upsample2x_nhwc
+from fastunet.reference import center_pad
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -38,8 +40,13 @@ __all__ = [
     "Layout",
     "Plan",
     "UpSpec",
+    "UpStage",
     "build_plan",
     "fold_batchnorm",
+    "layout_forward",
+    "layout_values",
+    "plan_tensors",
+    "refresh_in_place",
     "run_plan",
     "unet_forward",
 ]
@@ -101,21 +108,37 @@ class ConvStage:
     bias: torch.Tensor
 
 
+@dataclasses.dataclass(frozen=True)
+class UpStage:
+    """How the plan upsamples at one decoder level: ``mode`` ``"direct"``: the map below goes through the
+    transposed conv ``conv``; ``"bilinear"``, ``"nearest"``: the upsample kernel interpolates it. Either way the
+    decoder's first conv then reads the full-size map directly.
+
+    Two stages are equal when they upsample the same way; the packed tensors are not compared (a plan whose
+    stages all compare equal to a rebuilt one can take the rebuilt tensors in place)."""
+
+    mode: str
+    align_corners: bool = False
+    conv: ConvStage | None = dataclasses.field(default=None, compare=False)
+
+
 @dataclasses.dataclass
 class Plan:
-    """Everything a forward launches with, in the compute dtype and on the compute device."""
+    """Everything a forward launches with, in the compute dtype and on the compute device, and the layout it was
+    built from (the eval-mode backward differentiates that layout's math)."""
 
     encoders: list[tuple[ConvStage, ConvStage]]  # weights (9 c_in, c_out)
-    ups: list[tuple[str, bool, ConvStage | None]]  # (kernel up mode, align_corners, transposed conv) per level
+    ups: list[UpStage]
     decoders: list[tuple[ConvStage, ConvStage]]
     head: ConvStage  # weight (c_out, n_cls), bias (n_cls,)
     fuse_head: bool
+    layout: Layout
 
 
 def plan_tensors(plan: Plan) -> list[torch.Tensor]:
     """Every tensor of a plan, in a fixed order."""
     stages = [stage for pair in (*plan.encoders, *plan.decoders) for stage in pair]
-    stages += [up for _, _, up in plan.ups if up is not None] + [plan.head]
+    stages += [up.conv for up in plan.ups if up.conv is not None] + [plan.head]
     return [t for stage in stages for t in (stage.weight, stage.bias)]
 
 
@@ -139,17 +162,24 @@ def fold_batchnorm(conv: nn.Conv2d, norm: nn.Module | None) -> tuple[torch.Tenso
     return weight, bias
 
 
+def _owned(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A contiguous copy of ``t`` in ``dtype`` on ``device``, always in storage of its own: ``.to()`` returns the
+    tensor itself (a parameter, or a view of one) when nothing changes, and a plan tensor that aliased a parameter
+    would be overwritten by the next in-place refresh."""
+    return t.to(device=device, dtype=dtype, memory_format=torch.contiguous_format, copy=True)
+
+
 def build_plan(layout: Layout, dtype: torch.dtype, device: torch.device) -> Plan:
-    """Fold, pack and cast the parameters of ``layout`` for the kernels."""
+    """Fold, pack and cast the parameters of ``layout`` for the kernels (every tensor a fresh copy)."""
 
     def stage(spec: ConvSpec) -> ConvStage:
         weight, bias = fold_batchnorm(spec.conv, spec.norm)
-        return ConvStage(pack_conv_weight(weight).to(device, dtype), bias.to(device, dtype).contiguous())
+        return ConvStage(_owned(pack_conv_weight(weight), device, dtype), _owned(bias, device, dtype))
 
     def double(pair: tuple[ConvSpec, ConvSpec]) -> tuple[ConvStage, ConvStage]:
         return stage(pair[0]), stage(pair[1])
 
-    ups: list[tuple[str, bool, ConvStage | None]] = []
+    ups: list[UpStage] = []
     for up in layout.ups:
         if up.mode == "transpose":
             weight = up.conv.weight.detach()
@@ -158,13 +188,13 @@ def build_plan(layout: Layout, dtype: torch.dtype, device: torch.device) -> Plan
             else:
                 bias = torch.zeros(weight.shape[1], dtype=weight.dtype, device=weight.device)
             packed = ConvStage(
-                pack_conv_transpose_weight(weight).to(device, dtype), bias.repeat(4).to(device, dtype).contiguous()
+                _owned(pack_conv_transpose_weight(weight), device, dtype), _owned(bias.repeat(4), device, dtype)
             )
-            ups.append(("direct", False, packed))
+            ups.append(UpStage("direct", False, packed))
         else:
-            ups.append((up.mode, up.align_corners, None))
+            ups.append(UpStage(up.mode, up.align_corners))
     head = layout.head
-    head_weight = head.weight.detach()[:, :, 0, 0].t().contiguous()
+    head_weight = head.weight.detach()[:, :, 0, 0].t()
     if head.bias is not None:
         head_bias = head.bias.detach()
     else:
@@ -173,9 +203,104 @@ def build_plan(layout: Layout, dtype: torch.dtype, device: torch.device) -> Plan
         encoders=[double(pair) for pair in layout.encoders],
         ups=ups,
         decoders=[double(pair) for pair in layout.decoders],
-        head=ConvStage(head_weight.to(device, dtype), head_bias.to(device, dtype).contiguous()),
+        head=ConvStage(_owned(head_weight, device, dtype), _owned(head_bias, device, dtype)),
         fuse_head=head.in_channels <= MAX_HEAD_CHANNELS and head.out_channels <= MAX_HEAD_CLASSES,
+        layout=layout,
     )
+
+
+def refresh_in_place(cached: Plan, fresh: Plan) -> bool:
+    """Copy ``fresh`` into ``cached`` when both launch the same way (same upsampling stages, head fusion, and every
+    tensor's shape, dtype and device), so that a captured CUDA graph replays the new weights; False (``cached``
+    untouched) otherwise."""
+    old, new = plan_tensors(cached), plan_tensors(fresh)
+    if cached.fuse_head != fresh.fuse_head or cached.ups != fresh.ups or len(old) != len(new):
+        return False
+    for a, b in zip(old, new, strict=True):
+        if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
+            return False
+        if a.is_inference() and not torch.is_inference_mode_enabled():
+            return False
+    with torch.no_grad():
+        for a, b in zip(old, new, strict=True):
+            a.copy_(b)
+    cached.layout = fresh.layout
+    return True
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The layout's math in PyTorch: what the kernels compute, and what the eval-mode backward differentiates
+# ---------------------------------------------------------------------------------------------------------------
+def _layout_modules(layout: Layout) -> list[nn.Module]:
+    modules: list[nn.Module] = []
+    for pair in (*layout.encoders, *layout.decoders):
+        for spec in pair:
+            modules += [spec.conv] + ([spec.norm] if spec.norm is not None else [])
+    modules += [up.conv for up in layout.ups if up.conv is not None]
+    return [*modules, layout.head]
+
+
+_READ = {
+    nn.BatchNorm2d: ("running_mean", "running_var", "weight", "bias", "eps"),
+    nn.Conv2d: ("weight", "bias"),
+    nn.ConvTranspose2d: ("weight", "bias"),
+}
+
+
+def layout_values(layout: Layout) -> dict[tuple[int, str], object]:
+    """Everything :func:`layout_forward` reads from the layout's modules (tensors, and BatchNorm ``eps``), keyed by
+    ``(id(module), attribute)``: a snapshot that the math can be rerun on later."""
+    values: dict[tuple[int, str], object] = {}
+    for module in _layout_modules(layout):
+        kind = next(k for k in _READ if isinstance(module, k))
+        for attr in _READ[kind]:
+            values[(id(module), attr)] = getattr(module, attr)
+    return values
+
+
+def layout_forward(layout: Layout, x: torch.Tensor, values: dict[tuple[int, str], object] | None = None):
+    """The eval-mode math of ``layout`` in plain PyTorch (what the fused kernels compute), on the modules' current
+    tensors or on a :func:`layout_values` snapshot. Functional: no module is called and no mode is changed."""
+
+    def get(module: nn.Module, attr: str):
+        return getattr(module, attr) if values is None else values[(id(module), attr)]
+
+    def double(pair: tuple[ConvSpec, ConvSpec], t: torch.Tensor) -> torch.Tensor:
+        for spec in pair:
+            t = F.conv2d(t, get(spec.conv, "weight"), get(spec.conv, "bias"), padding=spec.conv.padding)
+            norm = spec.norm
+            if norm is not None:
+                t = F.batch_norm(
+                    t,
+                    get(norm, "running_mean"),
+                    get(norm, "running_var"),
+                    get(norm, "weight"),
+                    get(norm, "bias"),
+                    False,
+                    0.0,
+                    get(norm, "eps"),
+                )
+            t = F.relu(t)
+        return t
+
+    skips = []
+    features = x
+    for level, pair in enumerate(layout.encoders):
+        features = double(pair, features)
+        if level < layout.depth:
+            skips.append(features)
+            features = F.max_pool2d(features, 2)
+    for level in reversed(range(layout.depth)):
+        up = layout.ups[level]
+        if up.conv is not None:
+            features = F.conv_transpose2d(features, get(up.conv, "weight"), get(up.conv, "bias"), stride=2)
+        else:
+            align = up.align_corners if up.mode == "bilinear" else None
+            features = F.interpolate(features, scale_factor=2, mode=up.mode, align_corners=align)
+        skip = skips[level]
+        features = double(layout.decoders[level], torch.cat([skip, center_pad(features, *skip.shape[-2:])], 1))
+    head = layout.head
+    return F.conv2d(features, get(head, "weight"), get(head, "bias"), padding=head.padding)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -349,11 +474,11 @@ def run_plan(plan: Plan, x: torch.Tensor) -> torch.Tensor:
 
     for level in reversed(range(depth)):
         conv1, conv2 = plan.decoders[level]
-        mode, align_corners, up_stage = plan.ups[level]
-        if up_stage is not None:
-            up = _conv_transpose(features, up_stage)
+        stage = plan.ups[level]
+        if stage.conv is not None:
+            up = _conv_transpose(features, stage.conv)
         else:
-            up = _upsample(features, mode, align_corners)
+            up = _upsample(features, stage.mode, stage.align_corners)
         features, _ = _conv(skips[level], conv1, up=up, up_mode="direct")
         if level == 0 and plan.fuse_head:
             logits, _ = _conv(features, conv2, head=plan.head, nchw_out=logits_nchw)
@@ -364,52 +489,52 @@ def run_plan(plan: Plan, x: torch.Tensor) -> torch.Tensor:
 
 
 class _TritonForwardReferenceBackward(torch.autograd.Function):
-    """Output of the Triton forward; backward differentiates the eval-mode reference forward recomputed on the
-    inputs, parameters and buffers the forward saw (autograd's version check refuses any of them edited in place
-    since), so double backward works as the reference's does."""
+    """Output of the Triton forward; backward differentiates the layout's eval-mode math (:func:`layout_forward`),
+    recomputed on the input and on the very tensors the forward read (autograd's version check refuses any of them
+    edited in place since). Nothing of the live modules is read or switched, so other threads may run or train the
+    model meanwhile, and double backward works as the reference's does."""
 
     @staticmethod
-    def forward(ctx, model: nn.Module, plan: Plan, names: tuple[str, ...], x: torch.Tensor, *state: torch.Tensor):
+    def forward(ctx, plan: Plan, slots: tuple, constants: dict, x: torch.Tensor, *tensors: torch.Tensor):
         device_type = x.device.type
-        ctx.model, ctx.names = model, names
+        ctx.layout, ctx.slots, ctx.constants = plan.layout, slots, constants
         ctx.autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
-        ctx.save_for_backward(x, *state)
+        ctx.save_for_backward(x, *tensors)
         return run_plan(plan, x)
 
     @staticmethod
     def backward(ctx, grad_logits: torch.Tensor):
-        x, *state = ctx.saved_tensors
-        model = ctx.model
-        current = dict(model.named_parameters()) | dict(model.named_buffers())
-        if any(current.get(name) is not tensor for name, tensor in zip(ctx.names, state, strict=True)):
-            raise RuntimeError(
-                "FastUNet: parameters or buffers were replaced between forward and backward; "
-                "the reference recompute would not see the ones the forward used"
-            )
+        x, *tensors = ctx.saved_tensors
         # Under create_graph=True autograd runs this with grad mode on: the recompute's graph is kept, so second
         # derivatives (a gradient penalty, say) flow to the input and the parameters like the reference's.
         create_graph = torch.is_grad_enabled()
         device_type, autocast_on, autocast_dtype = ctx.autocast
-        modes = [(module, module.training) for module in model.modules()]
-        try:
-            model.eval()
-            with torch.enable_grad(), torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_on):
-                source = x if x.requires_grad else x.detach()
-                logits = model.reference_forward(source)
-                wanted = [t for t in (source, *state) if t.requires_grad]
-                grads = iter(torch.autograd.grad(logits, wanted, grad_logits, create_graph=create_graph))
-        finally:
-            for module, training in modes:
-                module.training = training
+        with torch.enable_grad(), torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_on):
+            source = x if x.requires_grad else x.detach()
+            values = dict(ctx.constants)
+            values.update((key, tensors[index]) for key, index in ctx.slots)
+            logits = layout_forward(ctx.layout, source, values)
+            wanted = [t for t in (source, *tensors) if t.requires_grad]
+            grads = iter(torch.autograd.grad(logits, wanted, grad_logits, create_graph=create_graph))
         grad_x = next(grads) if x.requires_grad else None
-        return (None, None, None, grad_x, *(next(grads) if t.requires_grad else None for t in state))
+        return (None, None, None, grad_x, *(next(grads) if t.requires_grad else None for t in tensors))
 
 
-def unet_forward(model: nn.Module, plan: Plan, x: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
-    """Run the plan; attach reference gradients when autograd needs them (``params``: the model's parameters;
-    ``model.reference_forward(x)`` is the reference math the backward differentiates)."""
-    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
-        named = list(model.named_parameters()) + list(model.named_buffers())
-        names = tuple(name for name, _ in named)
-        return _TritonForwardReferenceBackward.apply(model, plan, names, x, *(t for _, t in named))
-    return run_plan(plan, x)
+def unet_forward(plan: Plan, x: torch.Tensor, needs_grad: bool) -> torch.Tensor:
+    """Run the plan; with ``needs_grad``, attach the gradients of the plan's layout math (see
+    :class:`_TritonForwardReferenceBackward`)."""
+    if not needs_grad:
+        return run_plan(plan, x)
+    # Each tensor is handed to autograd once, however many modules read it (tied weights get one summed gradient).
+    tensors: list[torch.Tensor] = []
+    index: dict[int, int] = {}
+    slots, constants = [], {}
+    for key, value in layout_values(plan.layout).items():
+        if isinstance(value, torch.Tensor):
+            if id(value) not in index:
+                index[id(value)] = len(tensors)
+                tensors.append(value)
+            slots.append((key, index[id(value)]))
+        else:
+            constants[key] = value
+    return _TritonForwardReferenceBackward.apply(plan, tuple(slots), constants, x, *tensors)

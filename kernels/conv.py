@@ -289,7 +289,10 @@ def _conv_nhwc_kernel(
     out = to_storage(acc, y_ptr.dtype.element_ty, INTERPRETER)
 
     if HEAD:
-        # Fused 1x1 head: every output channel of these pixels is in this tile (grid dim 1 has size 1).
+        # Fused 1x1 head: every output channel of these pixels is in this tile (grid dim 1 has size 1). Columns past
+        # c_out hold inf * 0 = NaN where an input is infinite (their weights are masked to 0, the input is not):
+        # zeroed, or the head's dot would spread the NaN to every logit of the pixel.
+        out = tl.where(n_mask[None, :], out, tl.zeros_like(out))
         offs_c = tl.arange(0, BLOCK_CLS)
         c_mask = offs_c < n_cls
         head_w = tl.load(
@@ -494,6 +497,36 @@ def _check_no_overlap(out: torch.Tensor, inputs: list[torch.Tensor | None]) -> N
             raise ValueError("out must not share memory with an input of the same launch")
 
 
+# Weight addresses are int32 inside the kernel, (row * c_out + column), computed for masked lanes too: a row may
+# run one K block (<= 128) past the last and a column one N block (<= 256) past c_out without wrapping.
+_WEIGHT_ROW_SLACK, _WEIGHT_COL_SLACK = 128, 256
+
+
+def check_weight_addressable(rows: int, columns: int) -> None:
+    """Refuse a packed (rows, columns) weight whose element offsets would pass 2**31 (they are int32 in the kernel,
+    where int64 arithmetic would cost instructions in the main loop for weights no U-Net has)."""
+    if (rows + _WEIGHT_ROW_SLACK) * columns + _WEIGHT_COL_SLACK >= 2**31:
+        raise ValueError(
+            f"packed weight of {rows} x {columns} = {rows * columns} elements: the kernel addresses weights with "
+            f"32-bit offsets, so (rows + {_WEIGHT_ROW_SLACK}) * columns + {_WEIGHT_COL_SLACK} must stay below 2**31 "
+            "(fewer channels per conv)"
+        )
+
+
+def _has_internal_overlap(t: torch.Tensor) -> bool:
+    """Whether two elements of ``t`` may share a memory location (an expanded tensor, say): dimensions sorted by
+    stride must each step past everything the smaller ones span. Conservative: a layout it cannot prove free of
+    overlap counts as overlapping."""
+    span = 0
+    for size, stride in sorted(
+        ((s, abs(st)) for s, st in zip(t.shape, t.stride(), strict=True) if s > 1), key=lambda d: d[1]
+    ):
+        if stride <= span:
+            return True
+        span += (size - 1) * stride
+    return False
+
+
 @dataclasses.dataclass(frozen=True)
 class _Geometry:
     """Sizes of one conv launch beyond its input's shape."""
@@ -514,6 +547,7 @@ def _launch(x, up, w_packed, bias, y, pooled, head_w, head_b, *, geometry, ksize
     if m + 128 >= 2**31:
         # Pixel indices are int32 inside the kernel (addresses are int64): refuse rather than wrap.
         raise ValueError(f"at most 2**31 - 129 output pixels per launch (padded to even H and W), got {m}")
+    check_weight_addressable(*w_packed.shape)
     problem = ConvProblem(
         m=m,
         c_out=g.c_out,
@@ -684,6 +718,12 @@ def conv2d_nhwc(
             f"got {tuple(out.shape)} {out.dtype} on {out.device}"
         )
     else:
+        if out.numel() and _has_internal_overlap(out):
+            raise RuntimeError(
+                "out: unsupported operation: more than one element of the written-to tensor refers to a single "
+                f"memory location (shape {tuple(out.shape)}, strides {out.stride()}); pass a tensor whose elements "
+                "do not overlap (clone() an expanded one)"
+            )
         _check_no_overlap(out, [x, up, w_packed, bias, head_weight, head_bias])
     pooled = alloc((batch, height // 2, width // 2, c_out), x.dtype, x.device) if pool else None
     if up is not None and up_mode != "direct":
@@ -769,5 +809,6 @@ __all__ = [
     "pack_conv_weight",
     "ConvProblem",
     "candidate_configs",
+    "check_weight_addressable",
     "pick_config",
 ]
