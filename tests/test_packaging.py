@@ -19,6 +19,7 @@ def test_kernels_import_as_subpackage():
     assert "kernels" not in sys.modules or sys.modules["kernels"] is not fastunet.kernels
 
 
+@pytest.mark.tooling
 def test_wheel_maps_kernels_under_fastunet(tmp_path):
     pytest.importorskip("setuptools")
     result = subprocess.run(
