@@ -138,7 +138,7 @@ for stage in "${stages[@]}"; do
       run_stage install "$(cut_limit 45)" "$PY" -m pip "${pip_args[@]}"
       ;;
     bench)
-      limit=$(cut_limit 210)
+      limit=$(cut_limit 240)
       budget_s=$((limit - 30 > 10 ? limit - 30 : 10))  # imports, the final tables and the JSON fit in the rest
       bench_args=(--configs ref-bilinear-b16 ref-bilinear-b1 --dtypes bfloat16 --quick --time-budget-s "$budget_s"
                   --json "$OUT/bench.json" --profile "$OUT/profile")

@@ -577,6 +577,14 @@ def _cell(entry: dict, key: str, fmt: str, scale: float = 1.0) -> str:
     return format("-", f">{width}") if width else "-"
 
 
+def _stage_cell(entry: dict, width: int) -> str:
+    """A stage's median ms for one provider, or why there is none."""
+    if "median_ms" in entry:
+        return f"{entry['median_ms']:>{width}.4f}"
+    status = "skipped" if "skipped" in entry else "error" if "error" in entry else "-"
+    return f"{status:>{width}}"
+
+
 def format_run(run: dict, ceilings_name: str) -> str:
     """One table per configuration: a row per provider, then a row per stage (columns as wide as their names)."""
     if "skipped" in run or "error" in run:
@@ -629,12 +637,7 @@ def format_run(run: dict, ceilings_name: str) -> str:
         )
     for stage in stages:
         ratios = stage.get("ratios", {}).get("fastunet", {})
-        cells = " ".join(
-            _cell(stage["providers"].get(name, {}), "median_ms", f">{widths[name]}.4f")
-            if "median_ms" in stage["providers"].get(name, {})
-            else f"{'skipped' if 'skipped' in stage['providers'].get(name, {}) else '-':>{widths[name]}}"
-            for name in names
-        )
+        cells = " ".join(_stage_cell(stage["providers"].get(name, {}), widths[name]) for name in names)
         lines.append(
             f"{stage['index']:>3} {stage['stage']:<{label_width}} {stage['kind']:<15} {stage['floor_ms']:>7.4f} "
             f"{cells} {_cell(ratios, 'speedup_vs_torch_eager', '>7.2f')} "
@@ -734,10 +737,10 @@ def run(args: argparse.Namespace, configs: Sequence[BenchConfig], dtype_names: S
     started = time.perf_counter()
     deadline = started + args.time_budget_s
     plan = plan_phases(args)
+    stage_count = sum(len(bench_stages(config)) for config in configs) if not args.no_stages else 0
     steps = 0
     for kind, chosen in plan:
-        per_job = len(chosen) if kind == "network" else sum(len(bench_stages(config)) for config in configs)
-        steps += per_job * (len(configs) if kind == "network" else 1) * len(dtype_names)
+        steps += (len(chosen) * len(configs) if kind == "network" else stage_count) * len(dtype_names)
     progress = Progress(steps + len(configs) * len(dtype_names) + (0 if args.no_ceilings else 1))
     ceilings = H100
     if not args.no_ceilings:

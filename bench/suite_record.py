@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import hashlib
+import importlib.metadata
 import json
 import os
 import platform
@@ -119,6 +120,12 @@ def collect_environment() -> dict:
             env[name] = __import__(name).__version__
         except Exception as error:  # not installed, or broken: say which
             env[name] = None if isinstance(error, ImportError) else f"{type(error).__name__}: {error}"
+    env["test_packages"] = {}  # what the tests stage can use (a missing one changes what runs)
+    for dist in ("pytest", "pytest-xdist", "pytest-timeout", "hypothesis", "setuptools"):
+        try:
+            env["test_packages"][dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            env["test_packages"][dist] = None
     env["nvidia_smi"] = _nvidia_smi()
     env["driver"] = env["nvidia_smi"].get("driver")
     try:

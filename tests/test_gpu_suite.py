@@ -26,6 +26,11 @@ def _listing(folder) -> list[str]:
     return sorted(os.listdir(folder))
 
 
+def _suite_env(**extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "TRITON_", "FASTUNET_"))}
+    return env | {"PYTHON": sys.executable} | extra
+
+
 def test_pack_keeps_the_main_files_and_tars_the_rest(suite_record, tmp_path):
     """Six PNGs, logs, a profile folder, an earlier tarball and a file too large to come back: record.json,
     bench.json, tests-junit.xml, four PNGs and one tarball stay; the other PNGs, the logs, the traces and the earlier
@@ -111,16 +116,14 @@ def test_dry_run_goes_through_every_stage_and_packs(tmp_path):
         'exec "$@"\n'
     )
     sanitizer.chmod(0o755)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "TRITON_", "FASTUNET_"))}
-    env |= {
-        "DRY_RUN": "1",
-        "PYTHON": sys.executable,
-        "FASTUNET_COMMIT": "feedc0ffee",
-        "COMPUTE_SANITIZER": str(sanitizer),
-        "SANITIZER_ARGV": str(argv_file),
-        "SUITE_TESTS": "tests/test_tolerances.py",
-        "BENCH_ARGS": "--providers fastunet torch-eager --stage-providers fastunet torch-eager --no-fp64",
-    }
+    env = _suite_env(
+        DRY_RUN="1",
+        FASTUNET_COMMIT="feedc0ffee",
+        COMPUTE_SANITIZER=str(sanitizer),
+        SANITIZER_ARGV=str(argv_file),
+        SUITE_TESTS="tests/test_tolerances.py",
+        BENCH_ARGS="--providers fastunet torch-eager --stage-providers fastunet torch-eager --no-fp64",
+    )
     proc = subprocess.run(
         ["bash", "bench/gpu_suite.sh", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
     )
@@ -155,3 +158,36 @@ def test_dry_run_goes_through_every_stage_and_packs(tmp_path):
         assert name in members, (name, members)
     assert any(name.startswith("profile/") and name.endswith(".trace.json") for name in members)
     assert "8 files" in proc.stdout or f"{len(files)} files" in proc.stdout
+
+
+def test_env_stage_alone_records_versions_and_the_folder_still_packs(tmp_path):
+    """The env stage by itself leaves a record.json with the versions (whatever fails later), and a folder left with
+    more than 8 entries without a record stage is packed by the script itself."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for i in range(9):
+        (out / f"left-over-{i}.log").write_text(str(i))
+    proc = subprocess.run(
+        ["bash", "bench/gpu_suite.sh", str(out)],
+        cwd=ROOT,
+        env=_suite_env(STAGES="env", DRY_RUN="1"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert _listing(out) == ["record.json", "rest.tar.gz"]
+    record = json.loads((out / "record.json").read_text())
+    import numpy
+    import torch
+    import triton
+
+    assert (record["torch"], record["triton"], record["numpy"]) == (
+        torch.__version__,
+        triton.__version__,
+        numpy.__version__,
+    )
+    assert record["environment"]["cuda_available"] == torch.cuda.is_available()
+    with tarfile.open(out / "rest.tar.gz") as tar:
+        names = set(tar.getnames())
+    assert {f"left-over-{i}.log" for i in range(9)} | {"env.json", "env.log", "stages.tsv"} <= names
