@@ -337,6 +337,8 @@ def _gpu_run_mode(run_gpu, monkeypatch, device: torch.device) -> str:
     """The bench's device: CUDA with the compiled kernels where there is one, else the CPU under the interpreter
     (the dry-run mode); returns the backend fastunet must report."""
     if device.type == "cuda":
+        # run() turns cuDNN autotuning on for the baselines: put the switch back after the test.
+        monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)
         return "triton"
     monkeypatch.setattr(run_gpu, "DEVICE", "cpu")
     monkeypatch.setattr(run_gpu, "DRY_RUN", True)
