@@ -268,7 +268,8 @@ def roofline_plot(
 
 
 def plot_results(payload: dict, out_dir: str, use: str | None = None) -> dict:
-    """Both plots for every run of a ``run_gpu`` payload that has stage timings; returns ``{"backend", "files"}``."""
+    """Both plots for every run of a ``run_gpu`` payload that has stage timings; returns ``{"backend", "files"}``
+    (backend None when there was nothing to draw)."""
     os.makedirs(out_dir, exist_ok=True)
     files, used = [], set()
     ceilings = payload.get("ceilings", {})
@@ -283,7 +284,7 @@ def plot_results(payload: dict, out_dir: str, use: str | None = None) -> dict:
         bandwidth = ceilings.get("bandwidth_bytes_per_s", 3.0e12) / 1e12
         used.add(roofline_plot(stages, peak, bandwidth, stem + "-roofline.png", f"roofline: {title}", use))
         files += [stem + "-speedup.png", stem + "-roofline.png"]
-    return {"backend": ",".join(sorted(used)) or backend(), "files": files}
+    return {"backend": ",".join(sorted(used)) or None, "files": files}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

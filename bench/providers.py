@@ -39,6 +39,9 @@ PROVIDERS: tuple[str, ...] = ("fastunet", "torch-eager", "torch-compile", "torch
 # use (it pays its 18-22 launches): "max-autotune-no-cudagraphs" compares like with like on launch overhead.
 COMPILE_MODES: dict[str, str] = {"torch-compile": "default", "torch-compile-max-autotune": "max-autotune"}
 DEFAULT_COMPILE_MODE = COMPILE_MODES["torch-compile-max-autotune"]
+# torch.compile backend of the compiled providers: None for inductor (what is timed). A dry run on the CPU sets
+# "eager" (dynamo traces, nothing is generated), so the plumbing runs in seconds without a C++ toolchain.
+COMPILE_BACKEND: str | None = None
 
 
 def compile_mode(provider: str, max_autotune_mode: str = DEFAULT_COMPILE_MODE) -> str | None:
@@ -182,6 +185,8 @@ def compiled(fn: Callable, mode: str) -> Callable:
     recompilation limit and, past it, silently run eager.
     """
     torch._dynamo.reset()
+    if COMPILE_BACKEND is not None:
+        return torch.compile(fn, backend=COMPILE_BACKEND)
     return torch.compile(fn, mode=mode)
 
 

@@ -9,22 +9,33 @@ calls are not timed), record the peak memory of one forward, and time each stage
 the same math in eager PyTorch and torch.compile. With ``--profile DIR``, one forward per provider is also recorded
 with ``torch.profiler`` (Chrome trace format).
 
-Results go to ``<out>/<date>-<device>-<commit>.json`` (or ``--json FILE``), rewritten after every configuration
-so a run cut short keeps what it measured. Run from the repository root on a CUDA machine (no network needed)::
+The work runs in phases, so that a run cut short keeps what matters most: fastunet and eager PyTorch on every
+configuration (whole network, then each stage), then ``torch.compile`` (default mode), then max-autotune. A step
+that compiles starts only when the time budget still holds what such a compile takes (``--compile-start-s``,
+``--max-autotune-start-s``); SIGINT (``timeout -s INT``) ends the run with its results written and printed.
+
+Results go to ``<out>/<date>-<device>-<commit>.json`` (or ``--json FILE``), rewritten after every step. Run from the
+repository root on a CUDA machine (no network needed)::
 
     python bench/run_gpu.py --quick                   # a few minutes
-    python bench/run_gpu.py --configs ref-bilinear-b16 --dtypes float16 bfloat16 --out /some/dir
+    python bench/run_gpu.py --configs ref-bilinear-b16 ref-bilinear-b1 --dtypes bfloat16 --out /some/dir
     fastunet bench                                    # the same for one configuration built from options
+    TRITON_INTERPRET=1 python bench/run_gpu.py --dry-run --json /tmp/dry.json   # the plumbing on a CPU
 
-The commit comes from ``git rev-parse HEAD`` (``FASTUNET_COMMIT`` overrides it, e.g. for a copied tree without
-``.git``). A torch.compile failure is recorded in the JSON and the run goes on. Exit status 1 when fastunet failed
-or missed its error budget on any configuration.
+``--dry-run`` runs the same steps on the CPU under Triton's interpreter, on shrunken copies of the configurations,
+with one wall-clock call in place of ``do_bench`` and dynamo's eager backend in place of inductor: it checks the
+bookkeeping, never speed, and says so in its JSON and tables.
+
+The commit comes from ``FASTUNET_COMMIT`` when set (a copied tree without ``.git``), else ``git rev-parse HEAD``.
+A torch.compile failure is recorded in the JSON and the run goes on. Exit status 1 when fastunet failed or missed
+its error budget on any configuration.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import gc
 import json
@@ -32,13 +43,13 @@ import math
 import os
 import platform
 import re
-import subprocess
 import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
 
 import _source_tree  # first: makes fastunet importable from the source tree
+import providers as providers_module
 import torch
 import triton
 from providers import (
@@ -51,7 +62,8 @@ from providers import (
     stage_callable,
     stage_tensors,
 )
-from shapes import CONFIGS, QUICK_CONFIGS, BenchConfig, bench_stages
+from shapes import CONFIGS, QUICK_CONFIGS, BenchConfig, Stage, bench_stages
+from suite_record import commit_info
 
 import fastunet
 from fastunet.cli import add_bench_timing_args, finish_bench_timing_args
@@ -62,63 +74,86 @@ from fastunet.roofline import H100, Ceilings, ceilings_json, config_roofline, me
 
 REPO = _source_tree.REPO
 DEVICE = "cuda"
+DRY_RUN = False  # set by --dry-run: CPU tensors, the interpreter, wall-clock placeholders instead of GPU timings
+DRY_RUN_NOTE = "dry run on the CPU (Triton interpreter, one wall-clock call per timing): bookkeeping, not speed"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 MATMUL_SIZE = 8192  # bf16 (8192 x 8192) @ (8192 x 8192): 1.1 TFLOP, ~1.4 ms on an H100
 COPY_BYTES = 2**30  # a 1 GiB device-to-device copy (2 GiB of traffic)
-
-
-def _git(*args: str) -> str | None:
-    try:
-        result = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return result.stdout.strip() if result.returncode == 0 else None
+# Seconds of time budget a compiling step needs before it is started (a whole-network compile; a single stage
+# compiles in about a quarter of that). Measured orders of magnitude: torch.compile default of the reference U-Net
+# 30-60 s, max-autotune 1.5-5 min.
+COMPILE_START_S = 60.0
+MAX_AUTOTUNE_START_S = 240.0
+STAGE_SHARE = 0.25
+# Phases, most important first: each is (kind, providers); providers not asked for are left out.
+PHASES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("network", ("fastunet", "torch-eager")),
+    ("stages", ("fastunet", "torch-eager")),
+    ("network", ("torch-compile",)),
+    ("stages", ("torch-compile",)),
+    ("network", ("torch-compile-max-autotune",)),
+    ("stages", ("torch-compile-max-autotune",)),
+)
 
 
 def environment() -> dict:
     """Device, library versions and source revision of this run."""
-    props = torch.cuda.get_device_properties(0)
-    commit = os.environ.get("FASTUNET_COMMIT") or _git("rev-parse", "HEAD")
-    status = _git("status", "--porcelain", "--untracked-files=no")
-    return {
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(0),
-        "capability": list(torch.cuda.get_device_capability(0)),
-        "sm_count": props.multi_processor_count,
-        "memory_gib": round(props.total_memory / 2**30, 1),
+    env: dict = {"date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    if DEVICE == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        env |= {
+            "device": torch.cuda.get_device_name(0),
+            "capability": list(torch.cuda.get_device_capability(0)),
+            "sm_count": props.multi_processor_count,
+            "memory_gib": round(props.total_memory / 2**30, 1),
+        }
+    else:
+        env |= {"device": "cpu (dry run)", "capability": None, "sm_count": None, "memory_gib": None}
+    env |= {
         "torch": torch.__version__,
         "triton": triton.__version__,
         "cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version(),
+        "cudnn": torch.backends.cudnn.version() if DEVICE == "cuda" else None,
         "python": platform.python_version(),
         "fastunet": fastunet.__version__,
-        "commit": commit,
-        "dirty": bool(status) if status is not None else None,
+        **commit_info(),
         "cudnn_benchmark": torch.backends.cudnn.benchmark,
         "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
         "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
         "FASTUNET_AUTOTUNE": os.environ.get("FASTUNET_AUTOTUNE"),
     }
+    return env
 
 
-def _median_ms(fn: Callable) -> float:
+def _sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_ms(fn: Callable, warmup_ms: float, rep_ms: float, return_mode: str = "median"):
+    """``triton.testing.do_bench`` on a GPU; in a dry run one call timed by the wall clock (a placeholder)."""
+    if DRY_RUN:
+        start = time.perf_counter()
+        fn()
+        elapsed_ms = (time.perf_counter() - start) * 1e3
+        return [elapsed_ms] if return_mode == "all" else elapsed_ms
     import triton.testing
 
-    return triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
+    return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode=return_mode)
 
 
 def _matmul_ms(n: int) -> float:
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     a = torch.randn((n, n), device=DEVICE, dtype=torch.bfloat16, generator=gen)
     b = torch.randn((n, n), device=DEVICE, dtype=torch.bfloat16, generator=gen)
-    return _median_ms(lambda: a @ b)
+    return bench_ms(lambda: a @ b, 50, 300)
 
 
 def _copy_ms(nbytes: int) -> float:
     gen = torch.Generator(device=DEVICE).manual_seed(1)
     src = torch.randint(0, 256, (nbytes,), device=DEVICE, dtype=torch.uint8, generator=gen)
     dst = torch.empty_like(src)
-    return _median_ms(lambda: dst.copy_(src))
+    return bench_ms(lambda: dst.copy_(src), 50, 300)
 
 
 def measure_ceilings(sm_count: int) -> tuple[dict, Ceilings]:
@@ -172,7 +207,8 @@ def _error_text(error: BaseException) -> str:
 
 def _free() -> None:
     gc.collect()
-    torch.cuda.empty_cache()
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
 
 
 class Progress:
@@ -203,13 +239,11 @@ class Progress:
 
 def time_call(fn: Callable, warmup_ms: float, rep_ms: float) -> dict:
     """First call (compile/autotune) timed on its own, then ``do_bench``: median and spread of the timed calls."""
-    import triton.testing
-
     start = time.perf_counter()
     fn()
-    torch.cuda.synchronize()
+    _sync()
     first_call_s = time.perf_counter() - start
-    times = sorted(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="all"))
+    times = sorted(bench_ms(fn, warmup_ms, rep_ms, return_mode="all"))
 
     def quantile(q: float) -> float:
         return times[min(len(times) - 1, int(q * len(times)))]
@@ -226,7 +260,10 @@ def time_call(fn: Callable, warmup_ms: float, rep_ms: float) -> dict:
 
 def peak_memory(fn: Callable) -> dict:
     """Peak allocated memory over one call of ``fn``, in total and above what was allocated before it (torch's
-    caching allocator; CUDA-graph pools of max-autotune were allocated when the graph was captured)."""
+    caching allocator; CUDA-graph pools of max-autotune were allocated when the graph was captured). Empty off a
+    GPU."""
+    if DEVICE != "cuda":
+        return {}
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
@@ -280,22 +317,56 @@ def _ratios(entries: dict) -> dict:
     return ratios
 
 
-def bench_config(
-    config: BenchConfig,
-    dtype_name: str,
-    args: argparse.Namespace,
-    deadline: float,
-    ceilings: Ceilings,
-    progress: Progress,
-    checkpoint: Callable[[dict], None] = lambda run: None,
-) -> dict:
-    """Check and time one configuration in one dtype; compiled providers are skipped once ``deadline`` has passed.
-    ``checkpoint`` gets the partial result after each step (a run killed part-way keeps what it measured)."""
+def start_needs_s(provider: str, kind: str, args: argparse.Namespace) -> float:
+    """Seconds of time budget a step must still have to be started: 0 for the uncompiled providers, the expected
+    compile time for the compiled ones (a stage compiles in a fraction of the whole network's time)."""
+    if compile_mode(provider, args.max_autotune_mode) is None:
+        return 0.0
+    need = args.max_autotune_start_s if provider == "torch-compile-max-autotune" else args.compile_start_s
+    return need if kind == "network" else need * STAGE_SHARE
+
+
+def _time_skip(provider: str, kind: str, args: argparse.Namespace, deadline: float) -> str | None:
+    """Why a step of ``provider`` is not started now (None: start it)."""
+    left = deadline - time.perf_counter()
+    need = start_needs_s(provider, kind, args)
+    if left <= 0:
+        return "time budget spent"
+    if left < need:
+        return f"time budget: {left:.0f} s left, a {provider} compile needs about {need:.0f} s"
+    return None
+
+
+@dataclasses.dataclass
+class Job:
+    """One configuration in one dtype: its JSON entry, filled in phase by phase, and what later phases reuse."""
+
+    config: BenchConfig
+    dtype_name: str
+    run: dict
+    model: torch.nn.Module | None = None
+    x: torch.Tensor | None = None
+    started: bool = False
+    callables: dict = dataclasses.field(default_factory=dict)
+    first_call_s: dict = dataclasses.field(default_factory=dict)
+    stages: list[Stage] | None = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype_name]
+
+    def release(self) -> None:
+        self.model = self.x = None
+        self.callables.clear()
+
+
+def new_job(config: BenchConfig, dtype_name: str, ceilings: Ceilings) -> Job:
+    """The job's JSON entry with what is known before anything runs (sizes, roofline floor, budget)."""
     dtype = DTYPES[dtype_name]
     mode = math_mode(dtype, "cuda")
     budget = NETWORK_BUDGETS[mode]
     net = config_roofline(config.model_kwargs(), config.input_shape(), dtype, ceilings=ceilings)
-    run: dict = {
+    run = {
         "config": config.name,
         "model": config.model_kwargs(),
         "input_shape": list(config.input_shape()),
@@ -309,27 +380,32 @@ def bench_config(
         "budget": {"rel_l2": budget.rel_l2, "max_norm": budget.max_norm},
         "providers": {},
     }
-    model = make_model(config, dtype, DEVICE, seed=args.seed)
-    x = make_input(config, dtype, DEVICE, seed=args.seed + 1)
+    return Job(config, dtype_name, run)
 
-    # Parity before timing: fastunet against eager in the same dtype and against float64 on the same parameters.
-    progress.step(f"{config.name} {dtype_name}: parity")
+
+def start_job(job: Job, args: argparse.Namespace, progress: Progress) -> None:
+    """Build the model and input, then parity before any timing: fastunet against eager in the same dtype and
+    against float64 on the same parameters. The first calls (Triton compilation, cuDNN autotuning) are timed."""
+    config, run = job.config, job.run
+    budget = NETWORK_BUDGETS[run["math"]]
+    job.started = True
+    job.model = make_model(config, job.dtype, DEVICE, seed=args.seed)
+    job.x = make_input(config, job.dtype, DEVICE, seed=args.seed + 1)
+    progress.step(f"{config.name} {job.dtype_name}: parity")
     parity: dict = {}
     outputs: dict[str, torch.Tensor] = {}
-    callables: dict[str, Callable] = {}
-    first_call_s: dict[str, float] = {}
     for provider in ("fastunet", "torch-eager"):
         try:
-            fn = network_callable(model, x, provider)
+            fn = network_callable(job.model, job.x, provider)
             start = time.perf_counter()
             outputs[provider] = fn()
-            torch.cuda.synchronize()
-            first_call_s[provider] = time.perf_counter() - start  # includes Triton compilation / cuDNN autotuning
-            callables[provider] = fn
+            _sync()
+            job.first_call_s[provider] = time.perf_counter() - start  # Triton compilation / cuDNN autotuning
+            job.callables[provider] = fn
         except Exception as error:  # recorded, the run goes on
             traceback.print_exc()
             run["providers"][provider] = {"error": _error_text(error)}
-    fast_module = callables["fastunet"].module if "fastunet" in callables else None
+    fast_module = job.callables["fastunet"].module if "fastunet" in job.callables else None
     if fast_module is not None:
         run["fastunet_backend"] = fast_module.last_backend
     if len(outputs) == 2:
@@ -340,8 +416,8 @@ def bench_config(
         try:
             with torch.no_grad():
                 ref64 = fastunet.UNet(**config.model_kwargs(), device=DEVICE, dtype=torch.float64).eval()
-                ref64.load_state_dict(model.state_dict())
-                expected = ref64(x.double())
+                ref64.load_state_dict(job.model.state_dict())
+                expected = ref64(job.x.double())
             for provider, out in outputs.items():
                 parity[f"{_key(provider)}_vs_fp64"] = _errors(out, expected)
             del ref64, expected
@@ -350,7 +426,8 @@ def bench_config(
             parity["fp64_error"] = _error_text(error)
         finally:
             torch.backends.cudnn.benchmark = saved
-    ok = fast_module is not None and fast_module.last_backend == "triton"
+    kernels = "triton-interpreter" if DRY_RUN else "triton"
+    ok = fast_module is not None and fast_module.last_backend == kernels
     if "fastunet_vs_fp64" in parity:
         ok = ok and parity["fastunet_vs_fp64"]["rel_l2"] <= budget.rel_l2
         ok = ok and parity["fastunet_vs_fp64"]["max_norm"] <= budget.max_norm
@@ -363,117 +440,156 @@ def bench_config(
     run["parity"] = parity
     del outputs
     _free()
-    checkpoint(run)
-
-    for provider in args.providers:
-        progress.step(f"{config.name} {dtype_name}: {provider}")
-        if provider in run["providers"]:
-            continue  # failed above
-        mode_name = compile_mode(provider, args.max_autotune_mode)
-        if mode_name is not None and time.perf_counter() > deadline:
-            run["providers"][provider] = {"skipped": "time budget", "compile_mode": mode_name}
-            continue
-        try:
-            fn = callables.get(provider) or network_callable(model, x, provider, args.max_autotune_mode)
-            timing = time_call(fn, args.warmup_ms, args.rep_ms)
-            timing.update(peak_memory(fn))
-            if args.profile:
-                path = os.path.join(args.profile, f"{config.name}-{dtype_name}-{provider}.trace.json")
-                timing["profile"] = write_profile(fn, path, f"{provider} forward")
-        except Exception as error:  # torch.compile or an OOM: record and go on
-            traceback.print_exc()
-            run["providers"][provider] = {"error": _error_text(error), "compile_mode": mode_name}
-            torch._dynamo.reset()
-            _free()
-            continue
-        timing = _with_rates(timing, net.flops, config.batch, net.floor_s, ceilings)
-        timing["compile_mode"] = mode_name
-        timing["first_call_s"] = first_call_s.get(provider, timing["first_call_s"])
-        run["providers"][provider] = timing
-        run["ratios"] = _ratios(run["providers"])
-        checkpoint(run)
-        callables.pop(provider, None)
-        torch._dynamo.reset()
-        _free()
-    run["ratios"] = _ratios(run["providers"])
-    del model, x, callables
-    _free()
-    if not args.no_stages:
-        run["stages"] = []
-        bench_stage_set(config, dtype, args, deadline, ceilings, progress, run["stages"], lambda: checkpoint(run))
-    return run
 
 
-def bench_stage_set(
-    config: BenchConfig,
-    dtype: torch.dtype,
+def time_network(
+    job: Job,
+    providers: Sequence[str],
     args: argparse.Namespace,
     deadline: float,
     ceilings: Ceilings,
     progress: Progress,
-    rows: list[dict],
-    checkpoint: Callable[[], None] = lambda: None,
-) -> list[dict]:
-    """Each stage of the fused forward (and the standalone head) alone, per stage provider, with its roofline
-    floor, appended to ``rows``; a provider's output is checked against eager PyTorch before it is timed."""
-    import triton.testing
+    checkpoint: Callable[[], None],
+) -> None:
+    """Time the whole forward for each of ``providers`` (those whose step fits the time left)."""
+    run, config = job.run, job.config
+    for provider in providers:
+        progress.step(f"{config.name} {job.dtype_name}: {provider}")
+        if provider in run["providers"]:
+            continue  # failed in the parity check
+        mode_name = compile_mode(provider, args.max_autotune_mode)
+        skip = _time_skip(provider, "network", args, deadline)
+        if skip is not None:
+            run["providers"][provider] = {"skipped": skip, "compile_mode": mode_name}
+            job.callables.pop(provider, None)
+            continue
+        try:
+            fn = job.callables.get(provider) or network_callable(job.model, job.x, provider, args.max_autotune_mode)
+            timing = time_call(fn, args.warmup_ms, args.rep_ms)
+            timing.update(peak_memory(fn))
+            if args.profile:
+                path = os.path.join(args.profile, f"{config.name}-{job.dtype_name}-{provider}.trace.json")
+                timing["profile"] = write_profile(fn, path, f"{provider} forward", cuda=DEVICE == "cuda")
+        except Exception as error:  # torch.compile or an OOM: record and go on
+            traceback.print_exc()
+            run["providers"][provider] = {"error": _error_text(error), "compile_mode": mode_name}
+            job.callables.pop(provider, None)
+            torch._dynamo.reset()
+            _free()
+            continue
+        timing = _with_rates(timing, run["flops"], config.batch, run["roofline_floor_ms"] / 1e3, ceilings)
+        timing["compile_mode"] = _mode_label(mode_name)
+        timing["first_call_s"] = job.first_call_s.get(provider, timing["first_call_s"])
+        if DRY_RUN:
+            timing["timer"] = DRY_RUN_NOTE
+        run["providers"][provider] = timing
+        run["ratios"] = _ratios(run["providers"])
+        checkpoint()
+        job.callables.pop(provider, None)
+        torch._dynamo.reset()
+        _free()
+    run["ratios"] = _ratios(run["providers"])
 
+
+def _mode_label(mode_name: str | None) -> str | None:
+    if mode_name is None or not DRY_RUN:
+        return mode_name
+    return f"{mode_name}; dry run: eager backend"
+
+
+def time_stages(
+    job: Job,
+    providers: Sequence[str],
+    args: argparse.Namespace,
+    deadline: float,
+    ceilings: Ceilings,
+    progress: Progress,
+    checkpoint: Callable[[], None],
+) -> None:
+    """Each stage of the fused forward (and the standalone head) alone for each of ``providers``, with its roofline
+    floor, in ``job.run["stages"]`` (one row per stage, providers added phase by phase); a provider's output is
+    checked against eager PyTorch before it is timed."""
+    config, dtype = job.config, job.dtype
     budget = NETWORK_BUDGETS[math_mode(dtype, "cuda")]
     peak, size = ceilings.peak_for(math_mode(dtype, "cuda")), dtype.itemsize
-    for stage in bench_stages(config):
-        progress.step(f"{config.name} stage {stage.index:02d} {stage.label}")
-        nbytes = (stage.bytes_read + stage.bytes_written) * size // 2  # traced in fp16
-        row: dict = {
-            "index": stage.index,
-            "stage": stage.label,
-            "kind": stage.kind,
-            "kernel": stage.kernel,
-            "flops": stage.flops,
-            "fused_bytes": nbytes,
-            "floor_ms": max(stage.flops / peak, nbytes / ceilings.bandwidth) * 1e3,
-            "providers": {},
-        }
-        tensors = stage_tensors(stage, dtype, DEVICE, seed=args.seed)
-        expected = eager_stage(stage, tensors)()
-        for provider in args.stage_providers:
-            mode_name = compile_mode(provider, args.max_autotune_mode)
-            if mode_name is not None and time.perf_counter() > deadline:
-                row["providers"][provider] = {"skipped": "time budget"}
-                continue
-            try:
-                fn = stage_callable(stage, provider, tensors, args.max_autotune_mode)
-                for got, want in zip(fn(), expected, strict=True):
-                    error = network_error(got, want)
-                    if error.rel_l2 > 2 * budget.rel_l2 or error.max_norm > 2 * budget.max_norm:
-                        raise AssertionError(f"differs from eager by rel-L2 {error.rel_l2:.2e}")
-                median_ms = triton.testing.do_bench(fn, warmup=10, rep=args.stage_rep_ms, return_mode="median")
-                row["providers"][provider] = {
-                    "median_ms": median_ms,
-                    "tflops": stage.flops / (median_ms / 1e3) / 1e12,
-                    "gbps": nbytes / (median_ms / 1e3) / 1e9,
-                    "fraction_of_roofline": row["floor_ms"] / median_ms,
-                }
-            except Exception as error:
-                traceback.print_exc()
-                row["providers"][provider] = {"error": _error_text(error)}
-            torch._dynamo.reset()
+    if job.stages is None:
+        job.stages = bench_stages(config)
+    rows = job.run.setdefault("stages", [])
+    by_index = {row["index"]: row for row in rows}
+    for stage in job.stages:
+        progress.step(f"{config.name} {job.dtype_name} stage {stage.index:02d} {stage.label}: {', '.join(providers)}")
+        row = by_index.get(stage.index)
+        if row is None:
+            nbytes = (stage.bytes_read + stage.bytes_written) * size // 2  # traced in fp16
+            row = {
+                "index": stage.index,
+                "stage": stage.label,
+                "kind": stage.kind,
+                "kernel": stage.kernel,
+                "flops": stage.flops,
+                "fused_bytes": nbytes,
+                "floor_ms": max(stage.flops / peak, nbytes / ceilings.bandwidth) * 1e3,
+                "providers": {},
+            }
+            rows.append(row)
+            by_index[stage.index] = row
+        skips = {provider: _time_skip(provider, "stage", args, deadline) for provider in providers}
+        for provider, skip in skips.items():
+            if skip is not None:
+                row["providers"][provider] = {"skipped": skip}
+        todo = [provider for provider, skip in skips.items() if skip is None]
+        if todo:
+            tensors = stage_tensors(stage, dtype, DEVICE, seed=args.seed)
+            expected = eager_stage(stage, tensors)()
+            for provider in todo:
+                try:
+                    fn = stage_callable(stage, provider, tensors, args.max_autotune_mode)
+                    for got, want in zip(fn(), expected, strict=True):
+                        error = network_error(got, want)
+                        if error.rel_l2 > 2 * budget.rel_l2 or error.max_norm > 2 * budget.max_norm:
+                            raise AssertionError(f"differs from eager by rel-L2 {error.rel_l2:.2e}")
+                    median_ms = bench_ms(fn, 10, args.stage_rep_ms)
+                    entry = {
+                        "median_ms": median_ms,
+                        "tflops": stage.flops / (median_ms / 1e3) / 1e12,
+                        "gbps": row["fused_bytes"] / (median_ms / 1e3) / 1e9,
+                        "fraction_of_roofline": row["floor_ms"] / median_ms,
+                    }
+                    if DRY_RUN:
+                        entry["timer"] = DRY_RUN_NOTE
+                    row["providers"][provider] = entry
+                except Exception as error:
+                    traceback.print_exc()
+                    row["providers"][provider] = {"error": _error_text(error)}
+                torch._dynamo.reset()
+            del tensors, expected
         row["ratios"] = _ratios(row["providers"])
-        rows.append(row)
         checkpoint()
-        del tensors, expected
         _free()
-    return rows
 
 
 def _cell(entry: dict, key: str, fmt: str, scale: float = 1.0) -> str:
+    """``entry[key]`` formatted with ``fmt``, or a dash as wide as that format would be."""
     value = entry.get(key)
-    return format(value * scale, fmt) if isinstance(value, (int, float)) else "-"
+    if isinstance(value, (int, float)):
+        return format(value * scale, fmt)
+    width = re.match(r"[<>^]?(\d*)", fmt).group(1)
+    return format("-", f">{width}") if width else "-"
+
+
+def _stage_cell(entry: dict, width: int) -> str:
+    """A stage's median ms for one provider, or why there is none."""
+    if "median_ms" in entry:
+        return f"{entry['median_ms']:>{width}.4f}"
+    status = "skipped" if "skipped" in entry else "error" if "error" in entry else "-"
+    return f"{status:>{width}}"
 
 
 def format_run(run: dict, ceilings_name: str) -> str:
-    """One table per configuration: a row per provider."""
-    if "skipped" in run:
-        return f"{run['config']} {run['dtype']}: skipped ({run['skipped']})"
+    """One table per configuration: a row per provider, then a row per stage (columns as wide as their names)."""
+    if "skipped" in run or "error" in run:
+        status = f"skipped ({run['skipped']})" if "skipped" in run else f"failed ({run['error']})"
+        return f"{run['config']} {run['dtype']}: {status}"
     parity = run["parity"]
     rel = parity.get("fastunet_vs_fp64", parity.get("fastunet_vs_eager", {})).get("rel_l2", math.nan)
     lines = [
@@ -482,20 +598,27 @@ def format_run(run: dict, ceilings_name: str) -> str:
         f"(fastunet rel-L2 {rel:.1e} vs float64)  roofline floor {run['roofline_floor_ms']:.3f} ms "
         f"({ceilings_name})",
     ]
+    if DRY_RUN:
+        lines.append(f"{DRY_RUN_NOTE}: the times below are placeholders")
+    labels = {
+        provider: provider + (f" ({entry['compile_mode']})" if entry.get("compile_mode") else "")
+        for provider, entry in run["providers"].items()
+    }
+    width = max([len("provider"), *map(len, labels.values())])
     header = (
-        f"{'provider':<27} {'ms':>9} {'images/s':>9} {'TFLOP/s':>8} {'% bf16 mm':>9} {'% roof':>6} "
+        f"{'provider':<{width}} {'ms':>9} {'images/s':>9} {'TFLOP/s':>8} {'% bf16 mm':>9} {'% roof':>6} "
         f"{'x eager':>7} {'x compile':>9} {'x max-at':>8} {'peak MB':>8}"
     )
     lines += [header, "-" * len(header)]
     for provider, entry in run["providers"].items():
-        label = provider + (f" ({entry['compile_mode']})" if entry.get("compile_mode") else "")
+        label = labels[provider]
         if "median_ms" not in entry:
             status = entry.get("skipped") or entry.get("error", "-")
-            lines.append(f"{label:<27} {'skipped: ' if 'skipped' in entry else 'error: '}{status[:90]}")
+            lines.append(f"{label:<{width}} {'skipped: ' if 'skipped' in entry else 'error: '}{status[:90]}")
             continue
-        ratios = run["ratios"].get(_key(provider), {})
+        ratios = run.get("ratios", {}).get(_key(provider), {})
         lines.append(
-            f"{label:<27} {entry['median_ms']:>9.3f} {entry['images_per_s']:>9.1f} {entry['tflops']:>8.1f} "
+            f"{label:<{width}} {entry['median_ms']:>9.3f} {entry['images_per_s']:>9.1f} {entry['tflops']:>8.1f} "
             f"{_cell(entry, 'fraction_of_bf16_matmul', '>9.1%')} {_cell(entry, 'fraction_of_roofline', '>6.1%')} "
             f"{_cell(ratios, 'speedup_vs_torch_eager', '>7.2f')} {_cell(ratios, 'speedup_vs_torch_compile', '>9.2f')} "
             f"{_cell(ratios, 'speedup_vs_torch_compile_max_autotune', '>8.2f')} "
@@ -503,19 +626,22 @@ def format_run(run: dict, ceilings_name: str) -> str:
         )
     stages = run.get("stages", [])
     if stages:
-        names = list(stages[0]["providers"])
+        names = list(dict.fromkeys(name for stage in stages for name in stage["providers"]))
+        widths = {name: max(len(name), 9) for name in names}
+        label_width = max([len("stage"), *(len(stage["stage"]) for stage in stages)])
         lines.append("\nstages alone: median ms per provider, roofline floor ms, fastunet speedups")
         lines.append(
-            f"{'#':>3} {'stage':<16} {'kind':<15} {'floor':>7} "
-            + " ".join(f"{name[:13]:>13}" for name in names)
+            f"{'#':>3} {'stage':<{label_width}} {'kind':<15} {'floor':>7} "
+            + " ".join(f"{name:>{widths[name]}}" for name in names)
             + f" {'x eager':>7} {'x compile':>9}"
         )
     for stage in stages:
-        ratios = stage["ratios"].get("fastunet", {})
-        cells = " ".join(f"{_cell(entry, 'median_ms', '>13.4f')}" for entry in stage["providers"].values())
+        ratios = stage.get("ratios", {}).get("fastunet", {})
+        cells = " ".join(_stage_cell(stage["providers"].get(name, {}), widths[name]) for name in names)
         lines.append(
-            f"{stage['index']:>3} {stage['stage']:<16} {stage['kind']:<15} {stage['floor_ms']:>7.4f} {cells} "
-            f"{_cell(ratios, 'speedup_vs_torch_eager', '>7.2f')} {_cell(ratios, 'speedup_vs_torch_compile', '>9.2f')}"
+            f"{stage['index']:>3} {stage['stage']:<{label_width}} {stage['kind']:<15} {stage['floor_ms']:>7.4f} "
+            f"{cells} {_cell(ratios, 'speedup_vs_torch_eager', '>7.2f')} "
+            f"{_cell(ratios, 'speedup_vs_torch_compile', '>9.2f')}"
         )
     return "\n".join(lines)
 
@@ -527,7 +653,7 @@ def parse_args(argv: Sequence[str] | None, prog: str | None = None) -> argparse.
         nargs="+",
         choices=list(CONFIGS),
         metavar="NAME",
-        help=f"from bench/shapes.py: {', '.join(CONFIGS)} (default: all, or the --quick set)",
+        help=f"from bench/shapes.py, run in this order: {', '.join(CONFIGS)} (default: all, or the --quick set)",
     )
     parser.add_argument(
         "--dtypes",
@@ -539,58 +665,139 @@ def parse_args(argv: Sequence[str] | None, prog: str | None = None) -> argparse.
     )
     parser.add_argument("--out", default=str(REPO / "bench" / "results"), help="results folder (default %(default)s)")
     add_bench_timing_args(parser)
+    add_schedule_args(parser)
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="the same steps on the CPU under TRITON_INTERPRET=1, on shrunken configurations, with wall-clock "
+        "placeholders for the timings and dynamo's eager backend for torch.compile: checks the plumbing, not speed",
+    )
     args = parser.parse_args(argv)
     if args.configs is None:
         args.configs = list(QUICK_CONFIGS) if args.quick else list(CONFIGS)
     return finish_bench_timing_args(args)
 
 
+def add_schedule_args(parser: argparse.ArgumentParser) -> None:
+    """When a compiling step may start (the other steps start while any time budget is left)."""
+    parser.add_argument(
+        "--compile-start-s",
+        type=float,
+        default=COMPILE_START_S,
+        help="start a torch.compile (default mode) of the whole network only with this much of the time budget "
+        "left, a stage's with a quarter of it (default %(default)s)",
+    )
+    parser.add_argument(
+        "--max-autotune-start-s",
+        type=float,
+        default=MAX_AUTOTUNE_START_S,
+        help="the same for max-autotune (default %(default)s)",
+    )
+
+
+def complete_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Defaults of the options that only this script's parser has (``fastunet bench`` passes its own namespace)."""
+    defaults = {"compile_start_s": COMPILE_START_S, "max_autotune_start_s": MAX_AUTOTUNE_START_S, "dry_run": False}
+    for name, value in defaults.items():
+        if not hasattr(args, name):
+            setattr(args, name, value)
+    return args
+
+
+def plan_phases(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
+    """The phases of this run in order, each with the providers asked for (empty phases left out)."""
+    plan = []
+    for kind, group in PHASES:
+        if kind == "stages" and args.no_stages:
+            continue
+        asked = args.providers if kind == "network" else args.stage_providers
+        chosen = [provider for provider in group if provider in asked]
+        if chosen:
+            plan.append((kind, chosen))
+    return plan
+
+
 def run(args: argparse.Namespace, configs: Sequence[BenchConfig], dtype_names: Sequence[str]) -> tuple[int, dict]:
-    """Measure the ceilings, then check and time every configuration in every dtype; returns (status, payload) and
-    writes the payload to ``args.json`` or a new file under ``args.out``."""
-    torch.backends.cudnn.benchmark = True  # eager and compiled baselines with cuDNN autotuning
+    """Measure the ceilings, then check and time every configuration in every dtype, phase by phase (see the module
+    docstring); returns (status, payload) and writes the payload to ``args.json`` or a new file under ``args.out``
+    after every step."""
+    complete_args(args)
+    if DEVICE == "cuda":
+        torch.backends.cudnn.benchmark = True  # eager and compiled baselines with cuDNN autotuning
     env = environment()
     path = args.json or results_path(args.out, env)
-    payload: dict = {"kind": "GPU measurement", "environment": env, "args": vars(args), "runs": []}
+    payload: dict = {
+        "kind": DRY_RUN_NOTE if DRY_RUN else "GPU measurement",
+        "environment": env,
+        "args": vars(args),
+        "runs": [],
+    }
     print(f"{env['device']}  torch {env['torch']}  triton {env['triton']}  commit {env['commit']}")
     print(f"results -> {path}")
     started = time.perf_counter()
-    n_steps = len(configs) * len(dtype_names) * (1 + len(args.providers))
-    if not args.no_stages:
-        n_steps += sum(len(bench_stages(config)) for config in configs) * len(dtype_names)
-    progress = Progress(n_steps + (0 if args.no_ceilings else 1))
+    deadline = started + args.time_budget_s
+    plan = plan_phases(args)
+    stage_count = sum(len(bench_stages(config)) for config in configs) if not args.no_stages else 0
+    steps = 0
+    for kind, chosen in plan:
+        steps += (len(chosen) * len(configs) if kind == "network" else stage_count) * len(dtype_names)
+    progress = Progress(steps + len(configs) * len(dtype_names) + (0 if args.no_ceilings else 1))
     ceilings = H100
     if not args.no_ceilings:
         progress.step("ceilings: bf16 matmul, device copy")
         record, ceilings = measure_ceilings(env["sm_count"])
         payload["ceilings_measured"] = record
     payload["ceilings"] = ceilings_json(ceilings)
-    status = 0
+    jobs = [new_job(config, dtype_name, ceilings) for config in configs for dtype_name in dtype_names]
+    payload["runs"] = [job.run for job in jobs]  # filled in place, phase by phase
+
+    def checkpoint() -> None:
+        payload["elapsed_s"] = time.perf_counter() - started
+        payload["fastunet_tuned_configs"] = {str(key): cfg for key, cfg in tuned_configs().items()}
+        _write(path, payload)
+
+    checkpoint()
     tuning = autotuning() if args.autotune else contextlib.nullcontext()
-    with tuning:
-        for config in configs:
-            for dtype_name in dtype_names:
-                elapsed = time.perf_counter() - started
-                if elapsed > args.time_budget_s:
-                    entry = {"config": config.name, "dtype": dtype_name, "skipped": f"time budget ({elapsed:.0f} s)"}
-                else:
-                    deadline = started + args.time_budget_s
-                    done = list(payload["runs"])
-
-                    def checkpoint(partial: dict, done: list = done) -> None:
-                        payload["runs"] = [*done, partial]
-                        payload["elapsed_s"] = time.perf_counter() - started
-                        _write(path, payload)
-
-                    entry = bench_config(config, dtype_name, args, deadline, ceilings, progress, checkpoint)
-                    payload["runs"] = done
-                    if not entry["parity"]["ok"] or "median_ms" not in entry["providers"].get("fastunet", {}):
-                        status = 1
-                payload["runs"].append(entry)
-                payload["elapsed_s"] = time.perf_counter() - started
-                payload["fastunet_tuned_configs"] = {str(key): cfg for key, cfg in tuned_configs().items()}
-                _write(path, payload)
+    status = 0
+    try:
+        with tuning:
+            for kind, chosen in plan:
+                for job in jobs:
+                    if "skipped" in job.run or "error" in job.run:
+                        continue
+                    if not job.started:
+                        if time.perf_counter() >= deadline:
+                            job.run["skipped"] = f"time budget ({time.perf_counter() - started:.0f} s)"
+                            continue
+                        try:
+                            start_job(job, args, progress)
+                        except Exception as error:  # an OOM building the model, say: recorded, the run goes on
+                            traceback.print_exc()
+                            job.run["error"] = _error_text(error)
+                            job.release()
+                            continue
+                        checkpoint()
+                    if kind == "network":
+                        time_network(job, chosen, args, deadline, ceilings, progress, checkpoint)
+                    else:
+                        time_stages(job, chosen, args, deadline, ceilings, progress, checkpoint)
+                    checkpoint()
+    except KeyboardInterrupt:
+        traceback.print_exc()
+        payload["interrupted"] = "stopped by SIGINT (a time limit): what was measured before is kept"
+        status = 1
+    finally:
+        for job in jobs:
+            job.release()
+        _free()
     progress.close()
+    for job in jobs:
+        entry = job.run
+        if "error" in entry or ("parity" in entry and not entry["parity"]["ok"]):
+            status = 1
+        elif "parity" in entry and "median_ms" not in entry["providers"].get("fastunet", {"median_ms": None}):
+            status = 1
+    checkpoint()
     payload["path"] = path
     for entry in payload["runs"]:
         print(format_run(entry, ceilings.name))
@@ -598,16 +805,46 @@ def run(args: argparse.Namespace, configs: Sequence[BenchConfig], dtype_names: S
     return status, payload
 
 
+def configure_dry_run() -> None:
+    """Switch this module to the dry run: CPU tensors, wall-clock placeholders, dynamo's eager backend."""
+    global DEVICE, DRY_RUN
+    DEVICE, DRY_RUN = "cpu", True
+    providers_module.COMPILE_BACKEND = "eager"
+
+
+def dry_run_config(config: BenchConfig) -> BenchConfig:
+    """``config`` shrunk for the interpreter (base 4, depth 1, 8x8, batch at most 2), same layout and norm."""
+    return dataclasses.replace(
+        config,
+        name=f"{config.name}-dry",
+        base_channels=4,
+        depth=1,
+        height=8,
+        width=8,
+        batch=min(config.batch, 2),
+        note=f"dry-run copy of {config.name}",
+    )
+
+
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """Run the checks and timings; return the exit status."""
     args = parse_args(argv, prog)
-    if not torch.cuda.is_available():
-        print("run_gpu.py times CUDA kernels: no CUDA device is available here", file=sys.stderr)
+    configs = [CONFIGS[name] for name in args.configs]
+    if args.dry_run:
+        if not INTERPRET:
+            print("--dry-run runs the kernels under Triton's interpreter: set TRITON_INTERPRET=1", file=sys.stderr)
+            return 2
+        configure_dry_run()
+        configs = [dry_run_config(config) for config in configs]
+        args.no_ceilings = True
+    elif not torch.cuda.is_available():
+        print("run_gpu.py times CUDA kernels: no CUDA device is available here (--dry-run: the plumbing on a CPU)",
+              file=sys.stderr)  # fmt: skip
         return 2
-    if INTERPRET:
+    elif INTERPRET:
         print("TRITON_INTERPRET=1 is set: unset it to time the compiled kernels", file=sys.stderr)
         return 2
-    status, _ = run(args, [CONFIGS[name] for name in args.configs], args.dtypes)
+    status, _ = run(args, configs, args.dtypes)
     return status
 
 

@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import functools
 import os
+import re
 import threading
 from collections.abc import Iterator
 
@@ -22,6 +23,38 @@ import triton.language as tl
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Triton's interpreter before 3.7 turns 1-element arrays into Python ints, which NumPy 2.4 refuses ("only
+# 0-dimensional arrays can be converted to Python scalars"); Triton 3.7 converts them explicitly.
+INTERPRETER_FIXED_TRITON = (3, 7)
+NUMPY_STRICT_SCALARS = (2, 4)
+
+
+def _major_minor(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+
+
+@functools.cache
+def interpreter_numpy_problem(triton_version: str, numpy_version: str) -> str | None:
+    """Why Triton's interpreter cannot run with these versions (None when it can), naming the fix."""
+    if _major_minor(triton_version) >= INTERPRETER_FIXED_TRITON:
+        return None
+    if _major_minor(numpy_version) < NUMPY_STRICT_SCALARS:
+        return None
+    return (
+        f"Triton {triton_version}'s interpreter (TRITON_INTERPRET=1) cannot run with NumPy {numpy_version}: it "
+        "converts 1-element arrays to Python scalars, which NumPy 2.4 refuses. Install NumPy < 2.4 "
+        "(pip install 'numpy<2.4') or Triton >= 3.7 (pip install 'triton>=3.7')."
+    )
+
+
+def check_interpreter_versions() -> None:
+    """Raise a RuntimeError naming the fix when this Triton's interpreter cannot run with this NumPy."""
+    import numpy
+
+    problem = interpreter_numpy_problem(triton.__version__, numpy.__version__)
+    if problem is not None:
+        raise RuntimeError(problem)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +168,7 @@ def check_runnable(t: torch.Tensor, what: str) -> None:
     if INTERPRET:
         if t.device.type != "cpu":
             raise RuntimeError(f"{what}: TRITON_INTERPRET=1 runs kernels on CPU tensors, got a tensor on {t.device}")
+        check_interpreter_versions()
     elif t.device.type != "cuda":
         raise RuntimeError(
             f"{what}: compiled Triton kernels need a CUDA tensor, got a tensor on {t.device} "

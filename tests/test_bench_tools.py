@@ -11,6 +11,7 @@ import subprocess
 import sys
 import zlib
 
+import numpy as np
 import pytest
 import torch
 
@@ -66,6 +67,7 @@ def test_occupancy_hand_counts(registers, warps, smem_kib, blocks, limited_by):
 
 
 # -- bench.compile_report: the issue's schema on a cheap configuration ---------------------------------------------
+@pytest.mark.tooling
 def test_bench_compile_report_schema(tmp_path):
     """``python -m bench.compile_report`` from the repository root compiles for sm_90 (no GPU) and writes, per
     variant, kernel, config, registers, spills, shared memory, tensor-core instructions, occupancy and the issue
@@ -167,8 +169,18 @@ def test_roofline_report_stage_by_stage_hand_count():
 
 
 # -- PNG writer and plots --------------------------------------------------------------------------------------------
-def _read_png(path: str) -> tuple[int, int, bytes]:
-    """Width, height and the decompressed scanlines of a PNG, checking its signature, IHDR and every CRC."""
+def _paeth(left: int, up: int, up_left: int) -> int:
+    estimate = left + up - up_left
+    d_left, d_up, d_up_left = abs(estimate - left), abs(estimate - up), abs(estimate - up_left)
+    if d_left <= d_up and d_left <= d_up_left:
+        return left
+    return up if d_up <= d_up_left else up_left
+
+
+def _read_png(path: str) -> tuple[int, int, np.ndarray]:
+    """Width, height and the (height, width, 3) RGB pixels of an 8-bit RGB or RGBA PNG (what the built-in writer and
+    matplotlib's Agg backend write), checking the signature, IHDR and every CRC and undoing the five scanline filters.
+    Written from the PNG specification, so it checks the writer against an independent reader."""
     data = open(path, "rb").read()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     pos, chunks = 8, []
@@ -181,8 +193,33 @@ def _read_png(path: str) -> tuple[int, int, bytes]:
         pos += 12 + length
     assert chunks[0][0] == b"IHDR" and chunks[-1][0] == b"IEND"
     width, height, depth, color, compression, filtering, interlace = struct.unpack(">IIBBBBB", chunks[0][1])
-    assert (depth, color, compression, filtering, interlace) == (8, 2, 0, 0, 0)
-    return width, height, zlib.decompress(b"".join(body for kind, body in chunks if kind == b"IDAT"))
+    assert (depth, compression, filtering, interlace) == (8, 0, 0, 0) and color in (2, 6), (depth, color)
+    channels = 3 if color == 2 else 4
+    raw = zlib.decompress(b"".join(body for kind, body in chunks if kind == b"IDAT"))
+    stride = width * channels
+    assert len(raw) == height * (1 + stride)
+    rows, previous = [], np.zeros(stride, np.uint8)
+    for r in range(height):
+        kind = raw[r * (1 + stride)]
+        line = np.frombuffer(raw, np.uint8, stride, r * (1 + stride) + 1).copy()
+        if kind == 1:  # sub: running sum of each channel along the row, modulo 256
+            line = np.cumsum(line.reshape(width, channels), axis=0, dtype=np.uint8).reshape(-1)
+        elif kind == 2:  # up
+            line = line + previous
+        elif kind in (3, 4):  # average, Paeth: each byte depends on the one decoded before it
+            out, up = bytearray(line.tobytes()), previous.tolist()
+            for i in range(stride):
+                left = out[i - channels] if i >= channels else 0
+                up_left = up[i - channels] if i >= channels else 0
+                predictor = (left + up[i]) // 2 if kind == 3 else _paeth(left, up[i], up_left)
+                out[i] = (out[i] + predictor) & 0xFF
+            line = np.frombuffer(bytes(out), np.uint8)
+        else:
+            assert kind == 0, f"filter type {kind}"
+        rows.append(line)
+        previous = line
+    pixels = np.stack(rows).reshape(height, width, channels)
+    return width, height, pixels[:, :, :3]
 
 
 def test_png_writer_round_trip(bench_path, tmp_path):
@@ -191,11 +228,9 @@ def test_png_writer_round_trip(bench_path, tmp_path):
     pixels = torch.randint(0, 256, (5, 7, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8).numpy()
     path = str(tmp_path / "tiny.png")
     plots.write_png(path, pixels)
-    width, height, raw = _read_png(path)
-    assert (width, height) == (7, 5) and len(raw) == 5 * (1 + 7 * 3)
-    rows = [raw[r * 22 : (r + 1) * 22] for r in range(5)]
-    assert all(row[0] == 0 for row in rows)  # filter type 0 (none) on every scanline
-    assert b"".join(row[1:] for row in rows) == pixels.tobytes()
+    width, height, decoded = _read_png(path)
+    assert (width, height) == (7, 5)
+    assert decoded.tobytes() == pixels.tobytes()
 
 
 def _fake_stages(n: int) -> list[dict]:
@@ -217,83 +252,217 @@ def _fake_stages(n: int) -> list[dict]:
     ]
 
 
-def test_builtin_plots_draw_bars_and_points(bench_path, tmp_path):
+def _has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize(
+    "use",
+    [
+        "builtin",
+        pytest.param(
+            "matplotlib", marks=pytest.mark.skipif(not _has_matplotlib(), reason="matplotlib is not installed")
+        ),
+    ],
+)
+def test_plots_draw_bars_and_points(bench_path, tmp_path, use):
     import plots
 
     stages = _fake_stages(4)
     speedup, roofline = str(tmp_path / "speedup.png"), str(tmp_path / "roofline.png")
-    assert plots.speedup_plot(stages, speedup, "speedup", use="builtin") == "builtin"
-    assert plots.roofline_plot(stages, 798.0, 3.0, roofline, "roofline", use="builtin") == "builtin"
+    assert plots.speedup_plot(stages, speedup, "speedup", use=use) == use
+    assert plots.roofline_plot(stages, 798.0, 3.0, roofline, "roofline", use=use) == use
     for path, color in ((speedup, plots.COLORS["torch-eager"]), (roofline, plots.COLORS["point"])):
-        width, height, raw = _read_png(path)
-        stride = 1 + 3 * width
-        pixels = b"".join(raw[r * stride + 1 : (r + 1) * stride] for r in range(height))
-        assert pixels.count(bytes(color)) > 20, path  # bars (speedup) and stage points (roofline) were drawn
+        _, _, pixels = _read_png(path)
+        drawn = (pixels == np.array(color, np.uint8)).all(axis=-1).sum()
+        assert drawn > 20, path  # bars (speedup) and stage points (roofline) were drawn
 
 
-# -- the GPU run's plumbing, on the CPU with fake timings (never shown as speed) -------------------------------------
-def test_run_gpu_plumbing_with_fake_timings(bench_path, tmp_path, monkeypatch):
-    """bench_config on a tiny config on the CPU: parity, providers, stages, ratios, checkpoints, the table, the plots
-    and the suite record. The timer is replaced by fixed fake numbers: this checks bookkeeping, not speed."""
+def test_plot_backend_follows_what_is_importable(bench_path, tmp_path, monkeypatch):
+    """Without matplotlib the built-in rasterizer draws; with nothing to draw no backend is claimed."""
+    import plots
+
+    payload = {"environment": {"device": "test"}, "ceilings": {}, "runs": [{"config": "c", "dtype": "d",
+               "stages": _fake_stages(3)}]}  # fmt: skip
+    expected = "matplotlib" if _has_matplotlib() else "builtin"
+    assert plots.plot_results(payload, str(tmp_path / "a"))["backend"] == expected
+    monkeypatch.setattr(plots, "_matplotlib", lambda: None)
+    result = plots.plot_results(payload, str(tmp_path / "b"))
+    assert result["backend"] == "builtin" and len(result["files"]) == 2
+    assert all(_read_png(path)[0] > 0 for path in result["files"])
+    assert plots.plot_results({"runs": [{"config": "c", "dtype": "d"}]}, str(tmp_path / "c")) == {
+        "backend": None,
+        "files": [],
+    }
+
+
+# -- the GPU run's plumbing, with fake timings (never shown as speed) -------------------------------------------------
+class _Tracked:
+    """Fake timings for the GPU run: the callables each provider gets are remembered, and timing one of them returns
+    that provider's fixed number (or raises, to stand for SIGINT); every callable made is logged in order."""
+
+    def __init__(self, monkeypatch, run_gpu, providers, fake_ms: dict, interrupt_on: str | None = None) -> None:
+        self.provider_of: dict = {}
+        self.log: list[tuple] = []
+        self.fake_ms, self.interrupt_on = fake_ms, interrupt_on
+        real_network, real_stage = run_gpu.network_callable, run_gpu.stage_callable
+
+        def network_callable(model, x, provider, *rest):
+            fn = real_network(model, x, provider, *rest)
+            self.provider_of[fn] = provider
+            self.log.append(("network", x.shape[0], provider))
+            return fn
+
+        def stage_callable(stage, provider, *rest):
+            fn = real_stage(stage, provider, *rest)
+            self.provider_of[fn] = provider
+            self.log.append(("stages", stage.config, provider))
+            return fn
+
+        monkeypatch.setattr(run_gpu, "network_callable", network_callable)
+        monkeypatch.setattr(run_gpu, "stage_callable", stage_callable)
+        monkeypatch.setattr(run_gpu, "bench_ms", self.bench_ms)
+        monkeypatch.setattr(providers, "compiled", lambda fn, mode: fn)  # no dynamo: the order is what is checked
+
+    def bench_ms(self, fn, warmup_ms, rep_ms, return_mode="median"):
+        provider = self.provider_of[fn]
+        if provider == self.interrupt_on:
+            raise KeyboardInterrupt
+        fn()
+        ms = self.fake_ms[provider]
+        return [ms] if return_mode == "all" else ms
+
+
+def _bench_args(run_gpu, tmp_path, *extra: str):
+    return run_gpu.parse_args(
+        ["--configs", "ref-bilinear-b16", "ref-bilinear-b1", "--dtypes", "float32", "--no-ceilings", "--quick",
+         "--json", str(tmp_path / "bench.json"), *extra]
+    )  # fmt: skip
+
+
+def _gpu_run_mode(run_gpu, monkeypatch, device: torch.device) -> str:
+    """The bench's device: CUDA with the compiled kernels where there is one, else the CPU under the interpreter
+    (the dry-run mode); returns the backend fastunet must report."""
+    if device.type == "cuda":
+        # run() turns cuDNN autotuning on for the baselines: put the switch back after the test.
+        monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)
+        return "triton"
+    monkeypatch.setattr(run_gpu, "DEVICE", "cpu")
+    monkeypatch.setattr(run_gpu, "DRY_RUN", True)
+    return "triton-interpreter"
+
+
+def test_run_gpu_phases_and_bookkeeping(bench_path, tmp_path, monkeypatch, device, capsys):
+    """run() on two shrunken configs with fixed fake timings: fastunet and eager first (whole network for every
+    config, then every stage), then torch.compile, and max-autotune skipped by the time rule; parity on the real
+    kernels, rates, ratios, checkpoints, the tables, the plots and the suite record. Bookkeeping, not speed."""
+    import providers
+    import run_gpu
+    import suite_record
+
+    from fastunet.parity import NETWORK_BUDGETS, math_mode
+
+    backend = _gpu_run_mode(run_gpu, monkeypatch, device)
+    tracked = _Tracked(monkeypatch, run_gpu, providers, {"fastunet": 1.0, "torch-eager": 2.0, "torch-compile": 4.0})
+    args = _bench_args(run_gpu, tmp_path, "--compile-start-s", "0", "--max-autotune-start-s", "1e9")
+    configs = [run_gpu.dry_run_config(run_gpu.CONFIGS[name]) for name in args.configs]
+    writes = []
+    real_write = run_gpu._write
+    monkeypatch.setattr(run_gpu, "_write", lambda path, payload: (writes.append(path), real_write(path, payload)))
+    status, payload = run_gpu.run(args, configs, args.dtypes)
+
+    a, b = (config.name for config in configs)
+    phases = [entry for i, entry in enumerate(tracked.log) if i == 0 or entry != tracked.log[i - 1]]
+    assert phases == [
+        ("network", 2, "fastunet"), ("network", 2, "torch-eager"), ("network", 1, "fastunet"),
+        ("network", 1, "torch-eager"),
+        *[("stages", a, provider) for _ in range(7) for provider in ("fastunet", "torch-eager")],
+        *[("stages", b, provider) for _ in range(7) for provider in ("fastunet", "torch-eager")],
+        ("network", 2, "torch-compile"), ("network", 1, "torch-compile"),
+        ("stages", a, "torch-compile"), ("stages", b, "torch-compile"),
+    ]  # fmt: skip
+    assert status == 0 and len(writes) > 20  # written after every step
+    budget = NETWORK_BUDGETS[math_mode(torch.float32, device.type)]
+    for run in payload["runs"]:
+        assert run["fastunet_backend"] == backend and run["parity"]["ok"] is True
+        assert run["parity"]["fastunet_vs_fp64"]["rel_l2"] <= budget.rel_l2  # the real kernels ran
+        fast = run["providers"]["fastunet"]
+        assert fast["images_per_s"] == pytest.approx(run["input_shape"][0] * 1000.0)
+        assert fast["tflops"] == pytest.approx(run["flops"] / 1e-3 / 1e12)
+        assert run["ratios"]["fastunet"] == pytest.approx(
+            {"speedup_vs_torch_eager": 2.0, "speedup_vs_torch_compile": 4.0}
+        )
+        assert "time budget" in run["providers"]["torch-compile-max-autotune"]["skipped"]
+        assert [s["stage"] for s in run["stages"]][-1] == "head" and len(run["stages"]) == 7
+        for stage in run["stages"]:
+            assert stage["ratios"]["fastunet"] == pytest.approx(
+                {"speedup_vs_torch_eager": 2.0, "speedup_vs_torch_compile": 4.0}
+            )
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved["runs"][1]["stages"][6]["providers"]["torch-compile"]["median_ms"] == 4.0
+
+    # Tables: every timed row as wide as its header, whatever the provider names.
+    table = run_gpu.format_run(payload["runs"][0], H100.name)
+    assert re.search(r"fastunet\s+1\.000\s+2000\.0", table) and "stages alone" in table
+    lines = table.splitlines()
+    for header_start in ("provider", "  #"):
+        (at,) = [i for i, line in enumerate(lines) if line.startswith(header_start)]
+        width = len(lines[at])
+        rows = lines[at + 1 :] if header_start == "  #" else lines[at + 2 : at + 5]
+        assert rows and all(len(row) == width for row in rows), (lines[at], rows)
+    out = capsys.readouterr().out
+    assert "torch-compile-max-autotune (max-autotune" in out and "skipped: time budget" in out
+
+    # The suite record: plots of both configs, headline, stage rows.
+    folder = tmp_path / "suite"
+    folder.mkdir()
+    (folder / "bench.json").write_text((tmp_path / "bench.json").read_text())
+    (folder / "stages.tsv").write_text("tests\t0\t12\t150\nbench\t124\t200\t200\n")
+    result = suite_record.record(str(folder))
+    assert result["plots"]["files"] == [
+        f"{name}-float32-{kind}.png" for name in (a, b) for kind in ("speedup", "roofline")
+    ]
+    assert all(_read_png(str(folder / name))[0] > 0 for name in result["plots"]["files"])
+    assert [s["ok"] for s in result["stages"]] == [True, False] and result["stages"][1]["timed_out"]
+    assert [row["config"] for row in result["headline"]] == [a, b]
+    assert result["headline"][0]["torch-compile_ms"] == 4.0 and result["headline"][0]["speedup_vs_torch_eager"] == 2.0
+
+
+def test_run_gpu_keeps_its_results_when_interrupted(bench_path, tmp_path, monkeypatch, device):
+    """SIGINT (the suite's `timeout -s INT`) during the torch.compile phase: the run stops, writes what it measured
+    with the interruption noted, and says it failed."""
+    import providers
+    import run_gpu
+
+    _gpu_run_mode(run_gpu, monkeypatch, device)
+    _Tracked(monkeypatch, run_gpu, providers, {"fastunet": 1.0, "torch-eager": 2.0}, interrupt_on="torch-compile")
+    args = _bench_args(run_gpu, tmp_path, "--no-stages", "--configs", "ref-bilinear-b1", "--compile-start-s", "0")
+    configs = [run_gpu.dry_run_config(run_gpu.CONFIGS[name]) for name in args.configs]
+    status, _ = run_gpu.run(args, configs, args.dtypes)
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert status == 1 and "SIGINT" in saved["interrupted"]
+    (run,) = saved["runs"]
+    assert run["providers"]["fastunet"]["median_ms"] == 1.0 and run["providers"]["torch-eager"]["median_ms"] == 2.0
+    assert "torch-compile" not in run["providers"]
+
+
+def test_compile_steps_start_only_with_time_for_them(bench_path):
     import argparse
 
     import run_gpu
-    import shapes
-    import suite_record
-    import triton.testing
 
-    fake_ms = {"fastunet": 1.0, "torch-eager": 2.0}
-    monkeypatch.setattr(run_gpu, "DEVICE", "cpu")
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
-    monkeypatch.setattr(run_gpu, "peak_memory", lambda fn: {"peak_allocated_bytes": 0, "forward_peak_bytes": 0})
-    provider_of = {}
-
-    def fake_time_call(fn, warmup_ms, rep_ms):
-        fn()
-        return {"median_ms": fake_ms[provider_of[fn]], "first_call_s": 0.0}
-
-    monkeypatch.setattr(run_gpu, "time_call", fake_time_call)
-    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: (fn(), 0.5)[1])
-    real_callable = run_gpu.network_callable
-
-    def tracking_callable(model, x, provider, *rest):
-        fn = real_callable(model, x, provider, *rest)
-        provider_of[fn] = provider
-        return fn
-
-    monkeypatch.setattr(run_gpu, "network_callable", tracking_callable)
-
-    config = shapes.BenchConfig("tiny", 3, 2, 4, 1, "bilinear", None, 1, 8, 8)
-    args = argparse.Namespace(
-        seed=0, no_fp64=False, providers=["fastunet", "torch-eager"], stage_providers=["fastunet", "torch-eager"],
-        max_autotune_mode="max-autotune", warmup_ms=1, rep_ms=1, stage_rep_ms=1, profile=None, no_stages=False,
-    )  # fmt: skip
-    checkpoints = []
-    progress = run_gpu.Progress(20)
-    run = run_gpu.bench_config(
-        config, "float32", args, float("inf"), H100, progress, lambda partial: checkpoints.append(len(partial))
-    )
-    assert run["parity"]["fastunet_vs_fp64"]["rel_l2"] < 1e-5  # the interpreter ran the real kernels
-    assert run["fastunet_backend"] == "triton-interpreter" and run["parity"]["ok"] is False  # "triton" needs a GPU
-    assert run["providers"]["fastunet"]["images_per_s"] == pytest.approx(1000.0)
-    assert run["ratios"]["fastunet"]["speedup_vs_torch_eager"] == pytest.approx(2.0)
-    assert run["providers"]["fastunet"]["tflops"] == pytest.approx(run["flops"] / 1e-3 / 1e12)
-    assert [s["stage"] for s in run["stages"]][-1] == "head" and len(run["stages"]) == 7
-    assert all(s["providers"]["fastunet"]["median_ms"] == 0.5 for s in run["stages"])
-    assert len(checkpoints) >= 3
-    table = run_gpu.format_run(run, H100.name)
-    assert re.search(r"fastunet\s+1\.000\s+1000\.0", table) and "stages alone" in table
-
-    out = tmp_path / "suite"
-    out.mkdir()
-    payload = {"environment": {"device": "test"}, "ceilings": {}, "runs": [run]}
-    (out / "bench.json").write_text(json.dumps(payload))
-    (out / "stages.tsv").write_text("tests\t0\t12\t150\nbench\t124\t200\t200\n")
-    result = suite_record.record(str(out))
-    assert result["plots"]["files"] == ["tiny-float32-speedup.png", "tiny-float32-roofline.png"]
-    assert all(_read_png(str(out / name))[0] > 0 for name in result["plots"]["files"])
-    assert [s["ok"] for s in result["stages"]] == [True, False] and result["stages"][1]["timed_out"]
-    assert result["bench"][0]["ratios"]["fastunet"]["speedup_vs_torch_eager"] == pytest.approx(2.0)
+    args = argparse.Namespace(max_autotune_mode="max-autotune", compile_start_s=60.0, max_autotune_start_s=240.0)
+    now = run_gpu.time.perf_counter()
+    assert run_gpu._time_skip("fastunet", "network", args, now + 1) is None
+    assert run_gpu._time_skip("fastunet", "network", args, now - 1) == "time budget spent"
+    assert run_gpu._time_skip("torch-compile", "network", args, now + 100) is None
+    assert "needs about 60 s" in run_gpu._time_skip("torch-compile", "network", args, now + 30)
+    assert run_gpu._time_skip("torch-compile", "stage", args, now + 30) is None  # a stage: a quarter of that
+    assert "needs about 240 s" in run_gpu._time_skip("torch-compile-max-autotune", "network", args, now + 200)
 
 
 def test_profile_writes_a_chrome_trace(bench_path, tmp_path):

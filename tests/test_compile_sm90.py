@@ -28,6 +28,7 @@ BATCHES = (16, 1)
 # Operand type of the warpgroup MMA for each storage dtype (fp32 runs as TF32: cudnn.allow_tf32 defaults on).
 HGMMA_SUFFIX = {"fp16": ".F32", "bf16": ".F32.BF16", "fp32": ".F32.TF32"}
 HGMMA_K = {"fp16": 16, "bf16": 16, "fp32": 8}
+pytestmark = pytest.mark.tooling  # compiles for sm_90 on any machine: CI runs it, the GPU suite need not
 H100_MAX_SHARED_PER_BLOCK = 227 * 1024
 A100_MAX_SHARED_PER_BLOCK = 163 * 1024
 # sm_80: one warp's MMA, m16n8k16 for 16-bit operands.

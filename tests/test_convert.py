@@ -72,7 +72,7 @@ def test_other_interpolations(device, upsample):
     with torch.no_grad():
         out = fast(x)
     assert fast.last_backend != "reference"
-    assert_network_close(out, float64_output(model, x), "fp32")
+    assert_network_close(out, float64_output(model, x), precision_key(out.dtype, device))
 
 
 def test_mixed_dtypes_outside_autocast_are_refused(device):
@@ -102,7 +102,7 @@ def test_widths_are_read_from_the_weights(device):
     with torch.no_grad():
         out = fast(x)
     assert fast.last_backend != "reference"
-    assert_network_close(out, float64_output(model, x), "fp32")
+    assert_network_close(out, float64_output(model, x), precision_key(out.dtype, device))
 
 
 # -- module contract -----------------------------------------------------------------------------------------------
@@ -130,7 +130,7 @@ def test_parameter_updates_reach_the_next_forward(device):
         model.up1.conv.double_conv[1].running_var.mul_(4.0)
         after = fast(x)
     assert not torch.equal(before, after)
-    assert_network_close(after, float64_output(model, x), "fp32")
+    assert_network_close(after, float64_output(model, x), precision_key(after.dtype, device))
 
 
 def test_train_eval_and_no_grad(device):
@@ -375,7 +375,7 @@ def test_module_surgery_reaches_the_next_forward(device):
         fast.up1.up = nn.Upsample(scale_factor=2, mode="nearest").eval()
         model.up1.up = fast.up1.up
         out = fast(x)
-    assert_network_close(out, float64_output(model, x), "fp32")
+    assert_network_close(out, float64_output(model, x), precision_key(out.dtype, device))
 
 
 def test_pickles_carry_no_plan_cache(device):

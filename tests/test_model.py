@@ -390,7 +390,7 @@ def test_dtype_rejections():
         fast(torch.randn(1, 3, 8, 8))
 
 
-def test_submodule_hooks_run_on_the_reference_path(device):
+def test_submodule_hooks_run_on_the_reference_path(device, ieee_fp32):
     fast, reference64 = small_pair(device)
     seen = []
     handle = fast.encoders[1].register_forward_hook(lambda module, args, out: seen.append(out.shape))
@@ -400,7 +400,7 @@ def test_submodule_hooks_run_on_the_reference_path(device):
     assert seen and fast.last_backend == "reference"
     handle.remove()
     with torch.no_grad():
-        assert_network_close(fast(x), reference64(x.double().cpu()), "fp32")
+        assert_network_close(fast(x), reference64(x.double().cpu()), precision_key(torch.float32, device))
     assert fast.last_backend != "reference"
     torch.testing.assert_close(out, fast(x).detach(), rtol=1e-5, atol=1e-5)
 
@@ -414,7 +414,7 @@ def test_parameters_made_in_inference_mode(device):
     with torch.no_grad():
         out = fast(x)
         assert fast.last_backend != "reference" and not fast._plans
-        assert_network_close(out, reference.double()(x.double().cpu()), "fp32")
+        assert_network_close(out, reference.double()(x.double().cpu()), precision_key(out.dtype, device))
 
 
 def test_many_classes_leave_the_head_unfused(device):
@@ -425,7 +425,7 @@ def test_many_classes_leave_the_head_unfused(device):
     with launch_log() as records, torch.no_grad():
         out = fast(x)
     assert [r.name for r in records][-1] == "conv1x1" and len(records) == 7
-    assert_network_close(out, reference64(x.double().cpu()), "fp32")
+    assert_network_close(out, reference64(x.double().cpu()), precision_key(out.dtype, device))
 
 
 def test_from_reference_sharing_survives_to():

@@ -12,7 +12,7 @@ from test_unet_parity import build_pair
 import fastunet
 from fastunet import ops
 from fastunet.kernels.conv import pack_conv_transpose_weight, pack_conv_weight
-from tolerances import assert_network_close
+from tolerances import assert_network_close, precision_key
 
 SMALL = {"in_channels": 3, "num_classes": 2, "base_channels": 4, "depth": 2}
 
@@ -206,7 +206,7 @@ def test_tracing_records_the_custom_ops_and_caches_nothing(device):
     assert sum("fastunet.conv_transpose2x2_nhwc" in t for t in targets) == 2
     assert not model._plans
     with torch.no_grad():
-        assert_network_close(model(x), reference64(x.double().cpu()), "fp32")
+        assert_network_close(model(x), reference64(x.double().cpu()), precision_key(torch.float32, device))
 
 
 def test_a_trace_in_another_thread_does_not_touch_a_forward(device):
@@ -234,4 +234,4 @@ def test_a_trace_in_another_thread_does_not_touch_a_forward(device):
     assert traced and set(traced) == {5 * 2 + 2}  # depth 2
     expected = reference64(x.double().cpu())
     for out in outputs:
-        assert_network_close(out, expected, "fp32")
+        assert_network_close(out, expected, precision_key(out.dtype, device))

@@ -31,8 +31,26 @@ def precision_key(dtype: torch.dtype, device: torch.device) -> str:
     return math_mode(dtype, device.type)
 
 
+def check_precision_key(key: str, dtype: torch.dtype, device_type: str, allow_tf32: bool | None = None) -> None:
+    """Refuse a float32 tolerance row that is not the math the output was computed with.
+
+    fp32 runs as TF32 on CUDA by default: a test that names ``"fp32"`` there holds TF32 results to the strict budget
+    and fails on the first GPU run (and ``"tf32"`` on the CPU would be ten times too loose). Tests pass
+    ``precision_key(dtype, device)``, or take the ``ieee_fp32`` fixture to keep the strict budget on a GPU.
+    """
+    if dtype != torch.float32 or key not in ("fp32", "tf32"):
+        return
+    expected = math_mode(dtype, device_type, allow_tf32)
+    if key != expected:
+        raise AssertionError(
+            f"float32 on {device_type} runs as {expected}, but the test checks it with the {key!r} tolerances: "
+            "use precision_key(dtype, device), or the ieee_fp32 fixture for the strict fp32 budget on a GPU"
+        )
+
+
 def assert_kernel_close(out: torch.Tensor, ref: torch.Tensor, k: int, key: str) -> None:
     """Elementwise check of a single kernel's output against a float64 reference; NaN never passes."""
+    check_precision_key(key, out.dtype, out.device.type)
     tol = KERNEL[key]
     out64 = out.detach().double().cpu()
     ref64 = ref.detach().double().cpu()
@@ -46,6 +64,7 @@ def assert_kernel_close(out: torch.Tensor, ref: torch.Tensor, k: int, key: str) 
 
 def assert_network_close(out: torch.Tensor, ref: torch.Tensor, key: str) -> None:
     """Normwise check of a whole network's output against float64, with the published budget for ``key``."""
+    check_precision_key(key, out.dtype, out.device.type)
     budget = NETWORK_BUDGETS[key]
     assert out.shape == ref.shape, f"shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
     assert not out.detach().isnan().any(), "NaN in the network output"
