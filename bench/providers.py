@@ -31,6 +31,7 @@ from fastunet.kernels.conv import (
     pack_conv_transpose_weight,
     pack_conv_weight,
 )
+from fastunet.kernels.upsample import upsample2x_nhwc
 from fastunet.parity import randomize_norm_stats
 from fastunet.reference import center_pad
 
@@ -89,7 +90,9 @@ def stage_tensors(stage: Stage, dtype: torch.dtype, device: torch.device | str, 
         un, uh, uw, uc = stage.up_shape
         up = randn(un, uc, uh, uw).contiguous(memory_format=torch.channels_last)
     head_weight = head_bias = None
-    if stage.kind == "conv-transpose":
+    if stage.kind == "upsample":  # no parameters
+        weight = bias = x.new_empty(0)
+    elif stage.kind == "conv-transpose":
         c_in, c_real = stage.c_main, stage.c_out // 4
         weight, bias = randn(c_in, c_real, 2, 2, scale=(1.0 / c_in) ** 0.5), randn(c_real, scale=0.1)
     elif stage.kind == "head":
@@ -112,6 +115,11 @@ def eager_stage(stage: Stage, t: StageTensors) -> Callable[[], tuple[torch.Tenso
         return lambda: (F.conv_transpose2d(x, weight, bias, stride=2),)
     if kind == "head":
         return lambda: (F.conv2d(x, weight, bias),)
+    if kind == "upsample":
+        mode, align_corners = stage.up_mode, stage.align_corners
+        return lambda: (
+            F.interpolate(x, scale_factor=2, mode=mode, align_corners=align_corners if mode == "bilinear" else None),
+        )
 
     def conv(inp: torch.Tensor) -> torch.Tensor:
         return F.relu(F.conv2d(inp, weight, bias, padding=1))
@@ -148,6 +156,9 @@ def fused_stage(stage: Stage, t: StageTensors) -> Callable[[], tuple[torch.Tenso
     """The stage as one fastunet launch on NHWC views laid out as in the traced forward; returns NCHW views."""
     x = _like_traced(t.x, stage.x_shape, stage.x_stride)
     kind = stage.kind
+    if kind == "upsample":
+        mode, align_corners = stage.up_mode, stage.align_corners
+        return lambda: (_nchw(upsample2x_nhwc(x, mode, align_corners)),)
     if kind == "conv-transpose":
         w_packed = pack_conv_transpose_weight(t.weight)
         bias4 = t.bias.repeat(4).contiguous()

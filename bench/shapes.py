@@ -14,7 +14,8 @@ import _source_tree  # noqa: F401  (makes fastunet importable from the source tr
 import torch
 
 from fastunet.kernels._common import dry_run, launch_log
-from fastunet.kernels.conv import UP_BILINEAR, UP_BILINEAR_AC, UP_DIRECT, UP_NEAREST, UP_NONE, conv2d_nhwc
+from fastunet.kernels.conv import conv2d_nhwc
+from fastunet.kernels.upsample import BILINEAR_ALIGN_CORNERS, NEAREST
 from fastunet.roofline import stage_labels, trace_config
 
 
@@ -97,17 +98,16 @@ NETWORK_CONFIGS: tuple[str, ...] = (
     "ref-bilinear-b16",
 )
 
-_UP_MODE_NAMES = {UP_NONE: None, UP_DIRECT: "direct", UP_NEAREST: "nearest", UP_BILINEAR: "bilinear"}
-
 
 @dataclasses.dataclass(frozen=True)
 class Stage:
     """One launch of the fused forward, with the sizes needed to rebuild it alone.
 
     ``kind`` is ``conv`` (3x3 + bias + ReLU), ``conv+pool``, ``conv+up`` (the decoder's first conv reading the skip
-    map and the upsampled map), ``conv+head`` (last conv with the 1x1 head fused), ``head`` (unfused 1x1 head) or
-    ``conv-transpose`` (2x2 stride-2 transposed conv). ``x_shape``/``x_stride`` and friends are the NHWC views the
-    launcher received (an NCHW tensor seen through a permutation has NCHW strides).
+    map and the full-size upsampled map, ``up_mode`` "direct"), ``conv+head`` (last conv with the 1x1 head fused),
+    ``head`` (unfused 1x1 head), ``conv-transpose`` (2x2 stride-2 transposed conv) or ``upsample`` (2x nearest or
+    bilinear, ``up_mode`` and ``align_corners``; ``low_h``/``low_w`` its input size). ``x_shape``/``x_stride`` and
+    friends are the NHWC views the launcher received (an NCHW tensor seen through a permutation has NCHW strides).
     """
 
     config: str
@@ -152,22 +152,57 @@ def _kernel_args(record) -> dict:
 
 def _kind(record) -> str:
     c = record.constexprs
+    if "MODE" in c:  # the upsample kernel
+        return "upsample"
     if c["D2S"]:
         return "conv-transpose"
     if c["HEAD"]:
         return "conv+head"
     if c["KSIZE"] == 1:
         return "head"
-    if c["UP_MODE"] != UP_NONE:
+    if c["TWO_SOURCES"]:
         return "conv+up"
     return "conv+pool" if c["POOL"] else "conv"
 
 
+def _upsample_stage(config: BenchConfig, index: int, label: str, record) -> Stage:
+    args = _kernel_args(record)
+    x, y, mode = args["x_ptr"], args["y_ptr"], record.constexprs["MODE"]
+    return Stage(
+        config=config.name,
+        index=index,
+        label=label,
+        kernel=record.name,
+        kind="upsample",
+        batch=args["batch"],
+        height=y.shape[1],
+        width=y.shape[2],
+        c_main=args["channels"],
+        c_up=0,
+        c_out=args["channels"],
+        n_cls=0,
+        low_h=args["low_h"],
+        low_w=args["low_w"],
+        up_mode="nearest" if mode == NEAREST.value else "bilinear",
+        align_corners=mode == BILINEAR_ALIGN_CORNERS.value,
+        x_shape=tuple(x.shape),
+        x_stride=tuple(x.stride()),
+        up_shape=None,
+        up_stride=None,
+        y_shape=tuple(y.shape),
+        y_stride=tuple(y.stride()),
+        flops=record.flops,
+        bytes_read=record.bytes_read,
+        bytes_written=record.bytes_written,
+    )
+
+
 def _stage(config: BenchConfig, index: int, label: str, record) -> Stage:
+    if _kind(record) == "upsample":
+        return _upsample_stage(config, index, label, record)
     args = _kernel_args(record)
     x, up, y = args["x_ptr"], args["up_ptr"], args["y_ptr"]
-    up_code = record.constexprs["UP_MODE"]
-    has_up = up_code != UP_NONE
+    has_up = bool(record.constexprs["TWO_SOURCES"])
     return Stage(
         config=config.name,
         index=index,
@@ -181,10 +216,10 @@ def _stage(config: BenchConfig, index: int, label: str, record) -> Stage:
         c_up=args["c_up"],
         c_out=args["c_out"],
         n_cls=args["n_cls"],
-        low_h=args["low_h"],
-        low_w=args["low_w"],
-        up_mode="bilinear" if up_code == UP_BILINEAR_AC else _UP_MODE_NAMES[up_code],
-        align_corners=up_code == UP_BILINEAR_AC,
+        low_h=args["up_h"],
+        low_w=args["up_w"],
+        up_mode="direct" if has_up else None,
+        align_corners=False,
         x_shape=tuple(x.shape),
         x_stride=tuple(x.stride()),
         up_shape=tuple(up.shape) if has_up else None,

@@ -82,9 +82,13 @@ def test_bench_compile_report_schema(tmp_path):
     report = json.loads(out.read_text())
     assert report["arch"] == "sm_90" and report["configuration"]["dtypes"] == ["fp16"]
     variants = report["variants"]
-    # depth 1: enc0 (conv, conv+pool), bottleneck (2 convs), dec0 (conv+up, conv+head); 4 distinct kernels at least.
-    assert sum(v["launches"] for v in variants) == 6 and len(variants) >= 4
+    # depth 1: enc0 (conv, conv+pool), bottleneck (2 convs), dec0 (upsample, conv+up, conv+head).
+    assert sum(v["launches"] for v in variants) == 7 and len(variants) >= 5
+    (upsample,) = [v for v in variants if v["kernel"] == "upsample2x"]
+    assert upsample["tensor_core_instructions"] == 0 and not upsample["loops"] and upsample["spill_bytes"] == 0
     for v in variants:
+        if v is upsample:
+            continue
         assert list(v)[:12] == ["kernel", "config", "registers", "spill_bytes", "shared_bytes",
                                 "tensor_core_instructions", "occupancy", "issue_ratio", "mainloop_instructions",
                                 "tma_loads", "cp_async", "arch"]  # fmt: skip
@@ -98,7 +102,7 @@ def test_bench_compile_report_schema(tmp_path):
         expected = occupancy(90, v["registers"], v["config"]["num_warps"], v["shared_bytes"])
         assert v["occupancy"] == expected.to_json()
     (model,) = report["model"]
-    assert {k: model[k] for k in ("dtype", "batch")} == {"dtype": "fp16", "batch": 1} and len(model["layers"]) == 6
+    assert {k: model[k] for k in ("dtype", "batch")} == {"dtype": "fp16", "batch": 1} and len(model["layers"]) == 7
     assert model["ms"] == pytest.approx(sum(layer["time_us"] for layer in model["layers"]) / 1e3, rel=1e-3)
     # GFLOP per ms is TFLOP/s.
     assert model["fraction_of_peak"] == pytest.approx(model["gflop"] / model["ms"] / 790, rel=1e-3)
@@ -107,13 +111,14 @@ def test_bench_compile_report_schema(tmp_path):
 
 # -- the per-stage roofline report: hand counts for a tiny U-Net ---------------------------------------------------
 def test_roofline_report_stage_by_stage_hand_count():
-    """in 3, classes 2, base 4, depth 1, bilinear, fp16, input 1x3x8x8: three fused stages per level.
+    """in 3, classes 2, base 4, depth 1, bilinear, fp16, input 1x3x8x8.
 
     Fused launches (element counts, 2 bytes each), FLOPs = 2 * N*H*W * Cout * 9 * Cin (+ 2 * N*H*W * Cout * classes
     for the fused head):
       enc0.conv1: 8x8, 3 -> 4;   enc0.conv2 (+pool): 8x8, 4 -> 4, pooled 4x4x4;
       bottleneck.conv1: 4x4, 4 -> 8;  bottleneck.conv2: 4x4, 8 -> 8;
-      dec0.conv1: 8x8, skip 4 + upsampled 8 (read at 4x4) -> 4;  dec0.conv2 (+head): 8x8, 4 -> 4 -> 2 logits.
+      dec0.up: 4x4x8 -> 8x8x8 (data movement, no FLOPs);
+      dec0.conv1: 8x8, skip 4 + upsampled 8 -> 4;  dec0.conv2 (+head): 8x8, 4 -> 4 -> 2 logits.
     Floor of a launch = max(FLOPs / peak, bytes / bandwidth); the network floor is their sum.
     """
     e, hw, low = 2, 64, 16
@@ -122,11 +127,12 @@ def test_roofline_report_stage_by_stage_hand_count():
         "enc0.conv2": (2 * hw * 4 * 9 * 4, hw * 4 + 9 * 4 * 4 + 4, hw * 4 + low * 4),
         "bottleneck.conv1": (2 * low * 8 * 9 * 4, low * 4 + 9 * 4 * 8 + 8, low * 8),
         "bottleneck.conv2": (2 * low * 8 * 9 * 8, low * 8 + 9 * 8 * 8 + 8, low * 8),
-        "dec0.conv1": (2 * hw * 4 * 9 * 12, hw * 4 + low * 8 + 9 * 12 * 4 + 4, hw * 4),
+        "dec0.up": (0, low * 8, hw * 8),
+        "dec0.conv1": (2 * hw * 4 * 9 * 12, hw * 4 + hw * 8 + 9 * 12 * 4 + 4, hw * 4),
         "dec0.conv2": (2 * hw * 4 * 9 * 4 + 2 * hw * 4 * 2, hw * 4 + 9 * 4 * 4 + 4 + 4 * 2 + 2, hw * 2),
     }
     # Eager kernels per stage: (flops, elements read, elements written). Conv, bias add, ReLU; pool writes values
-    # and int64 indices (4 elements of 2 bytes each); the decoder stage upsamples and concatenates first.
+    # and int64 indices (4 elements of 2 bytes each); the decoder upsamples, then concatenates before its conv.
     conv = lambda n_out, c_in, c_out, taps=9: [  # noqa: E731
         (2 * n_out * c_out * taps * c_in, n_out // c_out * c_in + taps * c_in * c_out, n_out),
         (0, n_out + c_out, n_out),
@@ -137,7 +143,8 @@ def test_roofline_report_stage_by_stage_hand_count():
         "enc0.conv2": [*conv(hw * 4, 4, 4), (0, hw * 4, low * 4 + low * 4 * 4)],
         "bottleneck.conv1": conv(low * 8, 4, 8),
         "bottleneck.conv2": conv(low * 8, 8, 8),
-        "dec0.conv1": [(0, low * 8, hw * 8), (0, hw * 4 + hw * 8, hw * 12), *conv(hw * 4, 12, 4)],
+        "dec0.up": [(0, low * 8, hw * 8)],
+        "dec0.conv1": [(0, hw * 4 + hw * 8, hw * 12), *conv(hw * 4, 12, 4)],
         "dec0.conv2": [*conv(hw * 4, 4, 4), *conv(hw * 2, 4, 2, taps=1)[:2]],
     }
     report = roofline_report(
@@ -380,8 +387,8 @@ def test_run_gpu_phases_and_bookkeeping(bench_path, tmp_path, monkeypatch, devic
     assert phases == [
         ("network", 2, "fastunet"), ("network", 2, "torch-eager"), ("network", 1, "fastunet"),
         ("network", 1, "torch-eager"),
-        *[("stages", a, provider) for _ in range(7) for provider in ("fastunet", "torch-eager")],
-        *[("stages", b, provider) for _ in range(7) for provider in ("fastunet", "torch-eager")],
+        *[("stages", a, provider) for _ in range(8) for provider in ("fastunet", "torch-eager")],
+        *[("stages", b, provider) for _ in range(8) for provider in ("fastunet", "torch-eager")],
         ("network", 2, "torch-compile"), ("network", 1, "torch-compile"),
         ("stages", a, "torch-compile"), ("stages", b, "torch-compile"),
     ]  # fmt: skip
@@ -397,7 +404,7 @@ def test_run_gpu_phases_and_bookkeeping(bench_path, tmp_path, monkeypatch, devic
             {"speedup_vs_torch_eager": 2.0, "speedup_vs_torch_compile": 4.0}
         )
         assert "time budget" in run["providers"]["torch-compile-max-autotune"]["skipped"]
-        assert [s["stage"] for s in run["stages"]][-1] == "head" and len(run["stages"]) == 7
+        assert [s["stage"] for s in run["stages"]][-1] == "head" and len(run["stages"]) == 8
         for stage in run["stages"]:
             assert stage["ratios"]["fastunet"] == pytest.approx(
                 {"speedup_vs_torch_eager": 2.0, "speedup_vs_torch_compile": 4.0}

@@ -20,17 +20,21 @@ TINY = {"in_channels": 3, "num_classes": 2, "base_channels": 8, "depth": 2, "ups
 TINY_INPUT = (2, 3, 16, 16)
 
 
-def _conv(n, h, w, c_in, c_out, *, low=0, pool=False, head=0):
+def _conv(n, h, w, c_in, c_out, *, pool=False, head=0):
     """(flops, elements read, elements written) of one fused conv3x3 launch, counted by hand."""
     flops = 2 * n * h * w * c_out * 9 * c_in + 2 * n * h * w * c_out * head
-    c_skip = c_in - low
-    read = n * h * w * c_skip + n * (h // 2) * (w // 2) * low + 9 * c_in * c_out + c_out
+    read = n * h * w * c_in + 9 * c_in * c_out + c_out  # the skip and the full-size upsampled map
     if head:
         read += c_out * head + head
         written = n * h * w * head  # the feature map itself is never stored
     else:
         written = n * h * w * c_out + (n * (h // 2) * (w // 2) * c_out if pool else 0)
     return flops, read, written
+
+
+def _upsample(n, low_h, low_w, channels):
+    """(flops, elements read, elements written) of one 2x upsample launch: data movement, no network FLOPs."""
+    return 0, n * low_h * low_w * channels, n * 4 * low_h * low_w * channels
 
 
 TINY_HAND_COUNT = [
@@ -40,9 +44,11 @@ TINY_HAND_COUNT = [
     ("enc1.conv2", _conv(2, 8, 8, 16, 16, pool=True)),
     ("bottleneck.conv1", _conv(2, 4, 4, 16, 32)),
     ("bottleneck.conv2", _conv(2, 4, 4, 32, 32)),
-    ("dec1.conv1", _conv(2, 8, 8, 16 + 32, 16, low=32)),  # skip 16 channels + 32 upsampled from 4x4
+    ("dec1.up", _upsample(2, 4, 4, 32)),
+    ("dec1.conv1", _conv(2, 8, 8, 16 + 32, 16)),  # skip 16 channels + 32 upsampled from 4x4
     ("dec1.conv2", _conv(2, 8, 8, 16, 16)),
-    ("dec0.conv1", _conv(2, 16, 16, 8 + 16, 8, low=16)),
+    ("dec0.up", _upsample(2, 8, 8, 16)),
+    ("dec0.conv1", _conv(2, 16, 16, 8 + 16, 8)),
     ("dec0.conv2", _conv(2, 16, 16, 8, 8, head=2)),
 ]
 
@@ -147,7 +153,7 @@ def test_cli_roofline_says_it_is_a_model(capsys):
     assert cli.main(["roofline", "--base-channels", "16", "--depth", "3", "--size", "64"]) == 0
     out = capsys.readouterr().out
     assert "not a measurement" in out and "TF32 399 TFLOP/s: assumed" in out
-    assert "fused forward: 14 launches" in out and "eager estimate:" in out
+    assert "fused forward: 17 launches" in out and "eager estimate:" in out
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks what bench does without a GPU")
@@ -204,16 +210,22 @@ def test_bench_configs_and_stages(bench_modules):
     assert {"ref-bilinear-b16", "ref-transpose-b1", "ref-transpose-b16", "milesial-b1", "smoke"} <= set(shapes.CONFIGS)
     stages = shapes.stages(reference)
     encoder = ["conv", "conv+pool"] * 4 + ["conv", "conv"]
-    decoder = ["conv+up", "conv"] * 3 + ["conv+up", "conv+head"]
+    decoder = ["upsample", "conv+up", "conv"] * 3 + ["upsample", "conv+up", "conv+head"]
     assert [s.kind for s in stages] == encoder + decoder
     traced = trace_config(reference.model_kwargs(), reference.input_shape())
     assert [s.flops for s in stages] == [r.flops for r in traced]
-    up = stages[10]
+    upsample, up = stages[10], stages[11]
+    assert (upsample.label, upsample.up_mode, upsample.x_shape, upsample.y_shape) == (
+        "dec3.up",
+        "bilinear",
+        (1, 32, 32, 1024),
+        (1, 64, 64, 1024),
+    )
     assert (up.label, up.up_mode, up.x_shape, up.up_shape) == (
         "dec3.conv1",
-        "bilinear",
+        "direct",
         (1, 64, 64, 512),
-        (1, 32, 32, 1024),
+        (1, 64, 64, 1024),
     )
     assert [s.kind for s in shapes.stages(shapes.CONFIGS["milesial-b1"])].count("conv-transpose") == 4
 
