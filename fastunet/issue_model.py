@@ -448,6 +448,12 @@ def model_layer(stage: str, record, variant, assumptions: Assumptions) -> LayerM
         note = "no tensor-core loop: memory time only"
     scale = busiest / assumptions.clock_hz
     tensor_s, issue_s, compute_s = tensor_clocks * scale, issue_clocks * scale, compute_clocks * scale
+    operand = operand_type(variant.dtype, c)
+    if loops and operand is not None:
+        # The loops' K-steps leave out tensor work outside them (a fused head's GEMM in the epilogue): the launch's
+        # FLOPs at the peak rate bound it from below.
+        flops_s = record.flops / (assumptions.flops_per_clock(operand) * sms * assumptions.clock_hz)
+        tensor_s, compute_s = max(tensor_s, flops_s), max(compute_s, flops_s)
     cps = variant.ctas_per_sm
     if cps == 0:
         time_s, bound = None, "cannot launch"

@@ -205,7 +205,7 @@ def test_sm90_build(dtype, tmp_path):
 def hmma_problems(report: dict, dtype: str) -> list[str]:
     """sm_80: the m16n8k16 warp MMA on the storage dtype's operands, in a loop; no HGMMA (an sm_90 instruction)."""
     found = []
-    for row in report["variants"]:
+    for row in gemm_rows(report):
         if row["hgmma"] or not row["hmma"] or set(row["mma_opcodes"]) != {HMMA_OPCODE[dtype]}:
             found.append(f"{_label(row)}: {row['hgmma']} HGMMA, {row['hmma']} HMMA, opcodes {row['mma_opcodes']}")
         if not row["loops"] or any(loop["mma_opcodes"] != [HMMA_OPCODE[dtype]] for loop in row["loops"]):
@@ -225,7 +225,7 @@ def test_sm80_build(dtype, tmp_path):
         "tensor cores": hmma_problems(report, dtype),
         "shared memory": [
             f"{_label(row)}: {row['shared_bytes']} B, {row['ctas_per_sm']} CTAs/SM"
-            for row in report["variants"]
+            for row in gemm_rows(report)
             if row["shared_bytes"] > A100_MAX_SHARED_PER_BLOCK or not row["ctas_per_sm"]
         ],
         "ptxas warnings": ptxas_problems(report),
