@@ -144,6 +144,8 @@ def upsample2x_nhwc(
     # About 8K elements a program: enough bytes in flight per SM for a memory-bound copy, few masked lanes.
     block_p = max(16, 8192 // block_c)
     grid = (triton.cdiv(pixels, block_p), triton.cdiv(channels, block_c))
+    if pixels == 0 or channels == 0:  # nothing to write: no launch, like the conv launcher
+        return y
     args = (x, y, batch, low_h, low_w, channels, scale_h, scale_w, *x.stride(), *y.stride())
     constexprs = {"MODE": kernel_mode, "INTERPRETER": INTERPRET, "BLOCK_P": block_p, "BLOCK_C": block_c}
     record_launch(
@@ -159,7 +161,7 @@ def upsample2x_nhwc(
             launch_options={"num_warps": 4, "num_stages": 1},
         )
     )
-    if pixels and channels and not is_dry_run():
+    if not is_dry_run():
         with launch_guard(x):
             _upsample2x_nhwc_kernel[grid](*args, **constexprs, num_warps=4, num_stages=1)
     return y

@@ -36,6 +36,7 @@ from fastunet.kernels.conv import ConvProblem, candidate_configs, conv2d_nhwc, p
 from fastunet.ops import fold_batchnorm
 from fastunet.parity import randomize_norm_stats
 from fastunet.reference import center_pad
+from interpreter_patch import patched_builder
 from tolerances import assert_kernel_close, assert_network_close, precision_key
 
 
@@ -175,17 +176,8 @@ def gpu_nan_rules() -> Iterator[None]:
         "create_maxnumf": lambda lhs, rhs: builder.binary_op(lhs, rhs, np.fmax),
         "create_minnumf": lambda lhs, rhs: builder.binary_op(lhs, rhs, np.fmin),
     }
-    before = {name: vars(builder).get(name) for name in replacements}
-    for name, function in replacements.items():
-        setattr(builder, name, function)
-    try:
+    with patched_builder(replacements):
         yield
-    finally:
-        for name, previous in before.items():
-            if previous is None:
-                delattr(builder, name)
-            else:
-                setattr(builder, name, previous)
 
 
 @pytest.fixture

@@ -30,6 +30,7 @@ from fastunet.kernels import conv as conv_module
 from fastunet.kernels import upsample as upsample_module
 from fastunet.kernels.conv import conv2d_nhwc, conv_transpose2x2_nhwc, pack_conv_transpose_weight, pack_conv_weight
 from fastunet.reference import center_pad
+from interpreter_patch import patched_builder
 from tolerances import assert_kernel_close, precision_key
 
 # Quiet NaNs with a payload of their own (the NaN that arithmetic makes is 0x7FC00000 / 0x7E00 / 0x7FC0 on the CPU
@@ -173,7 +174,6 @@ def hooked_memory_ops(audit: AddressAudit | HostGuard) -> Iterator[None]:
 
     builder = interpreter.interpreter_builder
     load, store = builder.create_masked_load, builder.create_masked_store
-    before = {name: vars(builder).get(name) for name in ("create_masked_load", "create_masked_store")}
 
     def masked_load(ptrs, mask, other, *args):
         keep = audit.read(ptrs.data, mask.data)
@@ -183,15 +183,8 @@ def hooked_memory_ops(audit: AddressAudit | HostGuard) -> Iterator[None]:
         keep = audit.write(ptrs.data, mask.data)
         return store(ptrs, value, interpreter.TensorHandle(keep, mask.dtype), *args)
 
-    builder.create_masked_load, builder.create_masked_store = masked_load, masked_store
-    try:
+    with patched_builder({"create_masked_load": masked_load, "create_masked_store": masked_store}):
         yield
-    finally:
-        for name, previous in before.items():
-            if previous is None:
-                delattr(builder, name)
-            else:
-                setattr(builder, name, previous)
 
 
 # ---------------------------------------------------------------------------------------------------------------
