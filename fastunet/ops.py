@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastunet.kernels import INTERPRET
-from fastunet.kernels._common import alloc, is_dry_run
+from fastunet.kernels._common import alloc, is_dry_run, set_launch_stage
 from fastunet.kernels.conv import (
     MAX_HEAD_CHANNELS,
     MAX_HEAD_CLASSES,
@@ -456,8 +456,18 @@ def run_plan(plan: Plan, x: torch.Tensor) -> torch.Tensor:
     a transposed conv, or a nearest/bilinear upsample; then two convs, the first reading the skip map and the
     upsampled map directly, no concatenation); the 1x1 head runs in the last conv's epilogue. Activations are
     NHWC; the input is read and the logits written in the caller's layout (NCHW, or channels_last for a
-    channels_last input).
+    channels_last input). Each launch's record carries its stage name (``enc0.conv1`` ... ``dec0.conv2``,
+    ``decN.up``, ``head``) when the launch runs eagerly or in a dry run.
     """
+    direct = _direct()
+    try:
+        return _run_stages(plan, x, set_launch_stage if direct else lambda _: None)
+    finally:
+        if direct:
+            set_launch_stage(None)
+
+
+def _run_stages(plan: Plan, x: torch.Tensor, stage: Callable[[str], None]) -> torch.Tensor:
     depth = len(plan.decoders)
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     logits_nchw = not channels_last
@@ -465,7 +475,10 @@ def run_plan(plan: Plan, x: torch.Tensor) -> torch.Tensor:
     skips = []
     features = _nhwc(x)
     for level, (conv1, conv2) in enumerate(plan.encoders):
+        tag = f"enc{level}" if level < depth else "bottleneck"
+        stage(f"{tag}.conv1")
         features, _ = _conv(features, conv1)
+        stage(f"{tag}.conv2")
         if level < depth:
             skip, features = _conv(features, conv2, pool=True)
             skips.append(skip)
@@ -474,16 +487,20 @@ def run_plan(plan: Plan, x: torch.Tensor) -> torch.Tensor:
 
     for level in reversed(range(depth)):
         conv1, conv2 = plan.decoders[level]
-        stage = plan.ups[level]
-        if stage.conv is not None:
-            up = _conv_transpose(features, stage.conv)
+        up_stage = plan.ups[level]
+        stage(f"dec{level}.up")
+        if up_stage.conv is not None:
+            up = _conv_transpose(features, up_stage.conv)
         else:
-            up = _upsample(features, stage.mode, stage.align_corners)
+            up = _upsample(features, up_stage.mode, up_stage.align_corners)
+        stage(f"dec{level}.conv1")
         features, _ = _conv(skips[level], conv1, up=up, up_mode="direct")
+        stage(f"dec{level}.conv2")
         if level == 0 and plan.fuse_head:
             logits, _ = _conv(features, conv2, head=plan.head, nchw_out=logits_nchw)
             return logits.permute(0, 3, 1, 2)
         features, _ = _conv(features, conv2)
+    stage("head")
     logits, _ = _conv(features, plan.head, ksize=1, relu=False, nchw_out=logits_nchw)
     return logits.permute(0, 3, 1, 2)
 

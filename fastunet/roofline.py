@@ -102,11 +102,14 @@ def measured_ceilings(name: str, matmul_flops: float, copy_bytes_per_s: float, s
 def stage_labels(records: Sequence[LaunchRecord], depth: int, upsample: str) -> list[str]:
     """Names of the network stages the launches of a traced forward belong to (``enc0.conv1`` ... ``dec0.conv2``).
 
-    Follows the launch order of the fused forward: two convs per encoder level and the bottleneck, then per decoder
-    level (deepest first) the upsampled map (transposed conv, or nearest/bilinear upsample) and two convs; a
-    separate ``head`` when it is not fused.
+    The names the launch records carry (the fused forward stamps them); for records without, the launch order of
+    the fused forward: two convs per encoder level and the bottleneck, then per decoder level (deepest first) the
+    upsampled map (transposed conv, or nearest/bilinear upsample) and two convs; a separate ``head`` when it is not
+    fused.
     Falls back to ``launch<i>`` if the trace does not have that shape.
     """
+    if records and all(record.stage for record in records):  # named by the fused forward that launched them
+        return [record.stage for record in records]
     labels = []
     for level in range(depth + 1):
         tag = f"enc{level}" if level < depth else "bottleneck"

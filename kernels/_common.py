@@ -75,6 +75,7 @@ class LaunchRecord:
     constexprs: dict
     launch_options: dict
     candidates: tuple = ()  # the autotuning candidates (tile constexprs + launch options), chosen one included
+    stage: str | None = None  # the network stage the caller named (``enc0.conv1``, ``dec2.up``...), if any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +98,7 @@ class _ThreadState(threading.local):
         self.launch_logs: list[list[LaunchRecord]] = []
         self.dry_run_depth = 0
         self.autotune: bool | None = None  # None: the process default (FASTUNET_AUTOTUNE)
+        self.stage: str | None = None  # stamped on the records of this thread's next launches
         self.target: ModeledTarget = MODELED_TARGET
 
 
@@ -116,7 +118,14 @@ def launch_log() -> Iterator[list[LaunchRecord]]:
         _thread.launch_logs.remove(records)
 
 
+def set_launch_stage(stage: str | None) -> None:
+    """Name the network stage of this thread's following launches (their records carry it); None clears it."""
+    _thread.stage = stage
+
+
 def record_launch(record: LaunchRecord) -> None:
+    if record.stage is None and _thread.stage is not None:
+        record = dataclasses.replace(record, stage=_thread.stage)
     for records in _thread.launch_logs:
         records.append(record)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import re
@@ -10,6 +11,8 @@ import pytest
 import torch
 
 from fastunet import cli, parity
+from fastunet.kernels._common import dry_run, launch_log
+from fastunet.kernels.conv import conv2d_nhwc
 from fastunet.roofline import H100, config_roofline, eager_estimate, stage_labels, trace_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -117,8 +120,23 @@ def test_reference_config_matches_design_numbers():
 
 
 def test_stage_labels_fall_back_on_unexpected_traces():
-    records = trace_config(TINY, TINY_INPUT)
+    records = [dataclasses.replace(r, stage=None) for r in trace_config(TINY, TINY_INPUT)]
     assert stage_labels(records[:-1], 2, "bilinear") == [f"launch{i}" for i in range(len(records) - 1)]
+
+
+@pytest.mark.parametrize("upsample", ["bilinear", "transpose"])
+def test_launch_records_carry_their_stage(upsample):
+    """The fused forward names each launch's stage; the names agree with the launch order derived without them, and
+    a launch after the forward carries none."""
+    kwargs = {**TINY, "upsample": upsample}
+    records = trace_config(kwargs, TINY_INPUT)
+    named = [r.stage for r in records]
+    assert named == stage_labels([dataclasses.replace(r, stage=None) for r in records], 2, upsample)
+    assert named[-3:] == ["dec0.up", "dec0.conv1", "dec0.conv2"]
+    with dry_run(), launch_log() as later:
+        conv2d_nhwc(torch.empty(1, 4, 4, 16, device="meta"), torch.empty(9 * 16, 16, device="meta"))
+    (record,) = later
+    assert record.stage is None
 
 
 # -- the fastunet command -------------------------------------------------------------------------------------------
