@@ -1,6 +1,6 @@
 """fastunet: a U-Net forward for PyTorch on fused Triton kernels, tested for parity with a reference U-Net."""
 
-from fastunet.convert import ConversionError, ConvertedUNet, convert
+from fastunet.convert import ConversionError, ConvertedUNet, UnwrappedModuleWarning, convert
 from fastunet.model import FastUNet, FastUNetFallbackWarning
 from fastunet.reference import UNet
 from fastunet.trace import summarize, trace
@@ -11,6 +11,7 @@ __all__ = [
     "FastUNet",
     "FastUNetFallbackWarning",
     "UNet",
+    "UnwrappedModuleWarning",
     "convert",
     "summarize",
     "trace",

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import warnings
 
 import torch
 from torch import nn
@@ -391,6 +392,27 @@ class ConvertedUNet(FusedForward, nn.Module):
         return f"source={cls.__module__}.{cls.__qualname__}, in_channels={self._input[0]}, depth={self._input[1]}"
 
 
+class UnwrappedModuleWarning(UserWarning):
+    """:func:`convert` converted the model inside a wrapper (``DataParallel``, ``DistributedDataParallel``, a
+    ``torch.compile``d module) and returns the fused model unwrapped."""
+
+
+def _unwrap(module: nn.Module) -> tuple[nn.Module, list[str]]:
+    """The model inside data-parallel and ``torch.compile`` wrappers, and the wrappers' names, outermost first."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    wrappers = []
+    while True:
+        if isinstance(module, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            wrappers.append(type(module).__name__)
+            module = module.module
+        elif isinstance(module, OptimizedModule):
+            wrappers.append("torch.compile")
+            module = module._orig_mod
+        else:
+            return module, wrappers
+
+
 def convert(module: nn.Module, *, verify: bool = True) -> nn.Module:
     """A fused module computing what ``module`` computes, sharing its parameter and buffer tensors.
 
@@ -404,10 +426,21 @@ def convert(module: nn.Module, *, verify: bool = True) -> nn.Module:
     do not say. The probe is batch 2 of ``2**(depth+1) + 1`` by ``2**(depth+1) + 3``, or, if the source's forward
     rejects that, the first of :func:`probe_sizes` it accepts. Skipped for parameters on the meta device.
 
+    A model inside ``nn.DataParallel``, ``DistributedDataParallel`` or ``torch.compile`` is converted and returned
+    unwrapped, with an :class:`UnwrappedModuleWarning` (wrap the fused model again to run it that way).
+
     Raises :class:`ConversionError` (a ``TypeError``) naming the first module that cannot be mapped, and why.
     """
     if not isinstance(module, nn.Module):
         raise ConversionError(f"convert: expected an nn.Module, got {type(module).__name__}")
+    module, wrappers = _unwrap(module)
+    if wrappers:
+        warnings.warn(
+            f"convert: converted the {type(module).__name__} inside {' inside '.join(wrappers)}; the fused model "
+            "is returned unwrapped (wrap it again to run it data-parallel or compiled)",
+            UnwrappedModuleWarning,
+            stacklevel=2,
+        )
     if isinstance(module, FusedForward):
         return module
     if isinstance(module, UNet):
