@@ -77,15 +77,25 @@ def _check_norm(path: str, norm: nn.Module, channels: int) -> nn.BatchNorm2d:
     return norm
 
 
+# Identity in eval mode: skipped where they stand in a double conv (in training mode the source's own forward runs).
+_NO_OPS = (nn.Identity, nn.modules.dropout._DropoutNd)
+
+
 def _read_double_conv(path: str, block: nn.Module, accepted: list[nn.Module]) -> tuple[ConvSpec, ConvSpec]:
-    """[Conv2d 3x3, BatchNorm2d?, ReLU] twice, from ``block.double_conv`` or ``block`` itself."""
+    """[Conv2d 3x3, BatchNorm2d?, ReLU] twice, from ``block.double_conv`` or ``block`` itself; ``nn.Identity`` and
+    dropout layers anywhere in it are no-ops (eval mode)."""
     if isinstance(getattr(block, "double_conv", None), nn.Sequential):
         seq, prefix = block.double_conv, f"{path}.double_conv"
     elif isinstance(block, nn.Sequential):
         seq, prefix = block, path
     else:
         raise _fail(path, block, "expected a double conv: a `double_conv` Sequential of conv3x3 [+ BatchNorm2d] + ReLU")
-    layers = list(seq.named_children())
+    layers = []
+    for name, layer in seq.named_children():
+        if isinstance(layer, _NO_OPS):
+            accepted.append(layer)
+        else:
+            layers.append((name, layer))
     specs: list[ConvSpec] = []
     i = 0
     while i < len(layers):

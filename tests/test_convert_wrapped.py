@@ -62,3 +62,21 @@ def test_distributed_data_parallel_converts(tmp_path):
 def test_wrapper_around_an_unsupported_model_is_still_refused():
     with pytest.raises(fastunet.ConversionError), pytest.warns(UnwrappedModuleWarning):
         fastunet.convert(nn.DataParallel(nn.Sequential(nn.Conv2d(3, 3, 3))))
+
+
+def test_identity_and_dropout_in_a_double_conv_are_no_ops(device):
+    """``nn.Identity`` in place of a norm and dropout layers between the convs: eval-mode no-ops, converted as such
+    (the float64 verification run checks the source's own forward agrees)."""
+    torch.manual_seed(2)
+    model = MilesialUNet(3, 2, bilinear=True, width=4, depth=2)
+    first, norm, relu, second, norm2, relu2 = model.inc.double_conv
+    model.inc.double_conv = nn.Sequential(first, nn.Identity(), relu, nn.Dropout2d(0.5), second, norm2, relu2)
+    up_convs = model.up1.conv.double_conv
+    model.up1.conv.double_conv = nn.Sequential(*up_convs[:3], nn.Dropout(0.2), *up_convs[3:], nn.Identity())
+    model.eval()
+    fast = fastunet.convert(model).to(device).eval()
+    x = torch.randn(2, 3, 9, 12, device=device)
+    with torch.no_grad():
+        out = fast(x)
+    assert fast.last_backend != "reference"
+    assert_network_close(out, model.double()(x.double().cpu()), precision_key(out.dtype, device))
