@@ -8,8 +8,9 @@ Supported layouts:
   ``up<i>.up`` = ``nn.Upsample(scale_factor=2, mode="bilinear" or "nearest")`` or ``ConvTranspose2d(k=2, s=2)``,
   ``up<i>.conv`` a double conv; ``outc.conv`` (or ``outc``) a 1x1 conv. A double conv is a module whose
   ``double_conv`` (or itself, if a Sequential) is [Conv2d 3x3, BatchNorm2d?, ReLU, Conv2d 3x3, BatchNorm2d?,
-  ReLU]. ``up<i>`` upsamples the map below, zero-pads it (centered) to the skip's size and convolves
-  ``cat([skip, up])``. Widths are read from the weights.
+  ReLU] (``nn.Identity`` and dropout layers in it are eval-mode no-ops). ``up<i>`` upsamples the map below,
+  zero-pads it (centered) to the skip's size and convolves ``cat([skip, up])`` or ``cat([up, skip])`` (found by
+  the verification run, level by level). Widths are read from the weights.
 
 Anything else raises :class:`ConversionError` naming the first module that could not be mapped and why. No
 approximate conversion, no partial PyTorch fallback.
@@ -179,9 +180,11 @@ def _numbered(children: dict[str, nn.Module], prefix: str) -> list[str]:
         names.append(f"{prefix}{i}")
 
 
-def read_milesial_layout(model: nn.Module) -> Layout:
+def read_milesial_layout(model: nn.Module, up_first: tuple[bool, ...] = ()) -> Layout:
     """The :class:`~fastunet.ops.Layout` of an ``inc``/``down<i>``/``up<i>``/``outc`` U-Net (see the module doc);
-    raises :class:`ConversionError` naming the first module that does not fit."""
+    raises :class:`ConversionError` naming the first module that does not fit. ``up_first``: per decoder level,
+    whether it concatenates the upsampled map before the skip (module names cannot say; the verification run finds
+    it)."""
     children = dict(model.named_children())
     downs, ups = _numbered(children, "down"), _numbered(children, "up")
     expected = {"inc", "outc", *downs, *ups}
@@ -251,7 +254,7 @@ def read_milesial_layout(model: nn.Module) -> Layout:
         below_channels = decoders[level][1].conv.out_channels
     if head.in_channels != below_channels:
         raise _fail("outc", head, f"reads {head.in_channels} channels, the last decoder writes {below_channels}")
-    layout = Layout(tuple(encoders), tuple(up_specs), tuple(decoders), head)
+    layout = Layout(tuple(encoders), tuple(up_specs), tuple(decoders), head, tuple(up_first))
     _check_nothing_left_out(model, layout, set(map(id, accepted)))
     return layout
 
@@ -287,10 +290,12 @@ def probe_sizes(depth: int) -> list[tuple[int, int]]:
 _SKIP = "convert(model, verify=False) converts without this check"
 
 
-def _verify(model: nn.Module, depth: int, in_channels: int) -> None:
+def _verify(model: nn.Module, depth: int, in_channels: int) -> tuple[bool, ...]:
     """Check, in float64 on a CPU copy, that ``model``'s own eval forward computes what its layout says (catches a
-    forward that concatenates in another order, skips a stage, or adds one), and that the converted module's
-    reference path (the source's forward run on it) does too. Any failure of the run itself is reported as a
+    forward that skips a stage, adds one, or pads otherwise), and that the converted module's reference path (the
+    source's forward run on it) does too. Module names cannot say in which order a decoder concatenates the skip
+    and the upsampled map: the orders are tried, skip first everywhere first, and the one that matches is returned
+    (per decoder level, whether the upsampled map comes first). Any failure of the run itself is reported as a
     :class:`ConversionError` that says it came from this verification."""
     if any(t.device.type == "meta" for t in itertools.chain(model.parameters(), model.buffers())):
         return  # nothing to compute with: the layout check alone applies
@@ -335,11 +340,19 @@ def _verify(model: nn.Module, depth: int, in_channels: int) -> None:
             shape = tuple(expected.shape) if isinstance(expected, torch.Tensor) else type(expected).__name__
             raise ConversionError(f"convert: {name}.forward returned {shape}, the layout computes {tuple(got.shape)}")
         error = (expected - got).norm() / got.norm().clamp_min(1e-300)
+        up_first: tuple[bool, ...] = ()
+        orders = itertools.product((False, True), repeat=depth) if error.item() > 1e-9 else ()
+        for order in orders:
+            if any(order):
+                candidate = layout_forward(read_milesial_layout(probe, order), x)
+                if (expected - candidate).norm() / candidate.norm().clamp_min(1e-300) <= 1e-9:
+                    error, up_first = 0.0, order
+                    break
         if not error <= 1e-9:
             raise ConversionError(
                 f"convert: {name}.forward does not compute what its inc/down/up/outc modules "
-                f"describe (relative L2 difference {float(error):.1e} in float64): its forward differs from the "
-                "supported layout (concatenation order, padding, or an extra stage)"
+                f"describe in either concatenation order (relative L2 difference {float(error):.1e} in float64): "
+                "its forward differs from the supported layout (padding, or a stage added or skipped)"
             )
         try:
             own = ConvertedUNet(probe).reference_forward(x)
@@ -349,6 +362,7 @@ def _verify(model: nn.Module, depth: int, in_channels: int) -> None:
             ) from failure
         if not torch.equal(own, expected):
             raise ConversionError(f"convert: {name}.forward gives another result on the converted module")
+    return up_first
 
 
 class ConvertedUNet(FusedForward, nn.Module):
@@ -375,6 +389,7 @@ class ConvertedUNet(FusedForward, nn.Module):
         self.training = source.training
         self._source_class = type(source)
         self._input = (layout.in_channels, layout.depth)
+        self._up_first: tuple[bool, ...] = ()  # concatenation order per decoder level (see convert's verification)
         self._init_fused(source)
 
     def __getattr__(self, name: str):
@@ -392,7 +407,7 @@ class ConvertedUNet(FusedForward, nn.Module):
         return self._input
 
     def fused_layout(self) -> Layout:
-        return read_milesial_layout(self)
+        return read_milesial_layout(self, self._up_first)
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._source_class.forward(self, x)
@@ -462,5 +477,5 @@ def convert(module: nn.Module, *, verify: bool = True) -> nn.Module:
         return FastUNet.from_reference(module)
     converted = ConvertedUNet(module)
     if verify:
-        _verify(module, converted._input[1], converted._input[0])
+        converted._up_first = _verify(module, converted._input[1], converted._input[0])
     return converted

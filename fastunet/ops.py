@@ -79,14 +79,19 @@ class Layout:
 
     ``encoders[level]`` for levels 0..depth (the last is the bottleneck; each level but it ends in a 2x2
     max-pool); ``ups[level]`` and ``decoders[level]`` for levels 0..depth-1 (the decoder at ``level`` reads
-    ``cat([skip[level], up(map below)])``, the upsampled map zero-padded, centered, to the skip's size); ``head``:
-    the 1x1 conv to the logits. Channel widths come from the weights, so they need not double per level.
+    ``cat([skip[level], up(map below)])``, or ``cat([up(...), skip[level]])`` where ``up_first[level]``, the
+    upsampled map zero-padded, centered, to the skip's size); ``head``: the 1x1 conv to the logits. Channel widths
+    come from the weights, so they need not double per level.
     """
 
     encoders: tuple[tuple[ConvSpec, ConvSpec], ...]
     ups: tuple[UpSpec, ...]
     decoders: tuple[tuple[ConvSpec, ConvSpec], ...]
     head: nn.Conv2d
+    up_first: tuple[bool, ...] = ()  # per decoder level; empty: the skip first everywhere
+
+    def concat_up_first(self, level: int) -> bool:
+        return bool(self.up_first) and self.up_first[level]
 
     @property
     def depth(self) -> int:
@@ -172,12 +177,21 @@ def _owned(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.T
 def build_plan(layout: Layout, dtype: torch.dtype, device: torch.device) -> Plan:
     """Fold, pack and cast the parameters of ``layout`` for the kernels (every tensor a fresh copy)."""
 
-    def stage(spec: ConvSpec) -> ConvStage:
+    def stage(spec: ConvSpec, skip_after: int = 0) -> ConvStage:
         weight, bias = fold_batchnorm(spec.conv, spec.norm)
+        if skip_after:  # cat([up, skip]): the kernel reads the skip's channels first, so its weight rows move up
+            weight = torch.cat([weight[:, skip_after:], weight[:, :skip_after]], dim=1)
         return ConvStage(_owned(pack_conv_weight(weight), device, dtype), _owned(bias, device, dtype))
 
-    def double(pair: tuple[ConvSpec, ConvSpec]) -> tuple[ConvStage, ConvStage]:
-        return stage(pair[0]), stage(pair[1])
+    def double(pair: tuple[ConvSpec, ConvSpec], skip_after: int = 0) -> tuple[ConvStage, ConvStage]:
+        return stage(pair[0], skip_after), stage(pair[1])
+
+    def decoder(level: int) -> tuple[ConvStage, ConvStage]:
+        pair = layout.decoders[level]
+        if not layout.concat_up_first(level):
+            return double(pair)
+        skip_channels = layout.encoders[level][1].conv.out_channels
+        return double(pair, pair[0].conv.in_channels - skip_channels)
 
     ups: list[UpStage] = []
     for up in layout.ups:
@@ -202,7 +216,7 @@ def build_plan(layout: Layout, dtype: torch.dtype, device: torch.device) -> Plan
     return Plan(
         encoders=[double(pair) for pair in layout.encoders],
         ups=ups,
-        decoders=[double(pair) for pair in layout.decoders],
+        decoders=[decoder(level) for level in range(layout.depth)],
         head=ConvStage(_owned(head_weight, device, dtype), _owned(head_bias, device, dtype)),
         fuse_head=head.in_channels <= MAX_HEAD_CHANNELS and head.out_channels <= MAX_HEAD_CLASSES,
         layout=layout,
@@ -291,14 +305,16 @@ def layout_forward(layout: Layout, x: torch.Tensor, values: dict[tuple[int, str]
             skips.append(features)
             features = F.max_pool2d(features, 2)
     for level in reversed(range(layout.depth)):
-        up = layout.ups[level]
-        if up.conv is not None:
-            features = F.conv_transpose2d(features, get(up.conv, "weight"), get(up.conv, "bias"), stride=2)
+        spec = layout.ups[level]
+        if spec.conv is not None:
+            features = F.conv_transpose2d(features, get(spec.conv, "weight"), get(spec.conv, "bias"), stride=2)
         else:
-            align = up.align_corners if up.mode == "bilinear" else None
-            features = F.interpolate(features, scale_factor=2, mode=up.mode, align_corners=align)
+            align = spec.align_corners if spec.mode == "bilinear" else None
+            features = F.interpolate(features, scale_factor=2, mode=spec.mode, align_corners=align)
         skip = skips[level]
-        features = double(layout.decoders[level], torch.cat([skip, center_pad(features, *skip.shape[-2:])], 1))
+        upsampled = center_pad(features, *skip.shape[-2:])
+        joined = torch.cat([upsampled, skip] if layout.concat_up_first(level) else [skip, upsampled], 1)
+        features = double(layout.decoders[level], joined)
     head = layout.head
     return F.conv2d(features, get(head, "weight"), get(head, "bias"), padding=head.padding)
 

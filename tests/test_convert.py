@@ -273,7 +273,7 @@ def test_unknown_models_are_refused():
 
 
 class _CatUpFirst(Up):
-    """The upsampled map concatenated before the skip: the module names match the layout, the math does not."""
+    """The upsampled map concatenated before the skip (nnU-Net's order): the module names cannot tell."""
 
     def forward(self, low: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         up = self.up(low)
@@ -282,11 +282,32 @@ class _CatUpFirst(Up):
         return self.conv(torch.cat([up, skip], dim=1))
 
 
+class _ScaledUp(Up):
+    """A forward that doubles the upsampled map: the module names match the layout, the math does not."""
+
+    def forward(self, low: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return super().forward(2 * low, skip)
+
+
+@pytest.mark.parametrize("bilinear", [True, False], ids=["bilinear", "transpose"])
+def test_concatenation_order_is_found_by_verification(device, bilinear):
+    """cat([up, skip]) in one decoder level and cat([skip, up]) in the others: the verification run finds each
+    level's order, and the plan reorders that level's weight rows so the kernels read the skip first."""
+    model = milesial(bilinear)
+    model.up3.__class__ = _CatUpFirst  # the same modules and weights, the other concatenation order
+    fast = fastunet.convert(model)
+    assert fast._up_first == (True, False, False)  # up3 is the last decoder: level 0, beside the full-size skip
+    fast = fast.to(device).eval()
+    x = torch.randn(2, 3, 19, 21, device=device)
+    with torch.no_grad():
+        out = fast(x)
+    assert fast.last_backend != "reference"
+    assert_network_close(out, model.double()(x.double().cpu()), precision_key(out.dtype, device))
+
+
 def test_a_forward_that_differs_from_the_layout_is_refused():
     model = milesial(True)
-    swapped = _CatUpFirst(8, 4, True)
-    swapped.load_state_dict(model.up3.state_dict())
-    model.up3 = swapped
+    model.up3.__class__ = _ScaledUp
     with pytest.raises(ConversionError, match="does not compute what its inc/down/up/outc modules describe"):
         fastunet.convert(model)
     assert isinstance(fastunet.convert(model, verify=False), ConvertedUNet)  # the check can be skipped, knowingly
