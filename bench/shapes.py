@@ -235,7 +235,7 @@ def _stage(config: BenchConfig, index: int, label: str, record) -> Stage:
 def stages(config: BenchConfig, dtype: torch.dtype = torch.float16) -> list[Stage]:
     """The launches of ``config``'s fused forward in ``dtype``, as standalone stages (traced on ``meta``)."""
     records = trace_config(config.model_kwargs(), config.input_shape(), dtype)
-    labels = stage_labels(records, config.depth, config.upsample)
+    labels = stage_labels(records, config.depth)
     pairs = enumerate(zip(labels, records, strict=True))
     return [_stage(config, index, label, record) for index, (label, record) in pairs]
 

@@ -287,7 +287,7 @@ def _run_trace(args: argparse.Namespace, argv: Sequence[str]) -> int:
     _check_weights(args)
 
     records = trace_config(_model_kwargs(args), _input_shape(args), DTYPES[args.dtype])
-    labels = stage_labels(records, args.depth, args.upsample)
+    labels = stage_labels(records, args.depth)
     print(f"launches of one FastUNet forward (traced, nothing runs): {_describe(args)}")
     header = (
         f"{'#':>3}  {'stage':<16} {'kernel':<19} {'grid':<12} {'BLOCK MxNxK':<13} {'warps':>5} {'stages':>6} "

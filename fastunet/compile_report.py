@@ -349,7 +349,7 @@ def trace_config(
         device="meta",
     )
     target = issue_model.ASSUMPTIONS.get(arch)
-    with modeled_target(arch, target.sm_count) if target else contextlib.nullcontext():
+    with modeled_target(target.sm_count) if target else contextlib.nullcontext():
         return trace(model, torch.empty(batch, kwargs["in_channels"], size, size, dtype=dtype, device="meta"))
 
 
@@ -560,7 +560,7 @@ def compile_configs(
                             size_,
                             batch,
                             tuple(records),
-                            tuple(stage_labels(records, depth, upsample)),
+                            tuple(stage_labels(records, depth)),
                         )
                     )
     variants, keys = _collect((c.label, expand(c.records)) for c in configs)

@@ -99,7 +99,7 @@ def measured_ceilings(name: str, matmul_flops: float, copy_bytes_per_s: float, s
     )
 
 
-def stage_labels(records: Sequence[LaunchRecord], depth: int, upsample: str) -> list[str]:
+def stage_labels(records: Sequence[LaunchRecord], depth: int) -> list[str]:
     """Names of the network stages the launches of a traced forward belong to (``enc0.conv1`` ... ``dec0.conv2``).
 
     The names the launch records carry (the fused forward stamps them); for records without, the launch order of
@@ -245,7 +245,7 @@ def config_roofline(
 ) -> NetworkRoofline:
     """Trace ``UNet(**model_kwargs)`` on ``input_shape`` and place it on the roofline."""
     records = trace_config(model_kwargs, input_shape, dtype)
-    labels = stage_labels(records, model_kwargs.get("depth", 4), model_kwargs.get("upsample", "transpose"))
+    labels = stage_labels(records, model_kwargs.get("depth", 4))
     return roofline(records, dtype, ceilings=ceilings, allow_tf32=allow_tf32, labels=labels)
 
 
@@ -369,7 +369,7 @@ def eager_estimate(
     peak = ceilings.peak_for(math_mode(dtype, "cuda", allow_tf32))
     model = UNet(**model_kwargs, device="meta", dtype=dtype).eval()
     x = torch.empty(tuple(input_shape), device="meta", dtype=dtype)
-    fused_labels = stage_labels(trace_config(model_kwargs, input_shape, dtype), model.depth, model.upsample)
+    fused_labels = stage_labels(trace_config(model_kwargs, input_shape, dtype), model.depth)
     log = _EagerOpLog()
     log.stage = fused_labels[0]
     handles = _label_stages(model, log, "head" if "head" in fused_labels else fused_labels[-1])
@@ -480,7 +480,7 @@ def roofline_report(
     launch. JSON-ready; :func:`format_roofline_report` prints it.
     """
     records = trace_config(model_kwargs, input_shape, dtype)
-    labels = stage_labels(records, model_kwargs.get("depth", 4), model_kwargs.get("upsample", "transpose"))
+    labels = stage_labels(records, model_kwargs.get("depth", 4))
     nets = {c.name: roofline(records, dtype, ceilings=c, allow_tf32=allow_tf32, labels=labels) for c in ceilings}
     eagers = {
         c.name: eager_estimate(model_kwargs, input_shape, dtype, ceilings=c, allow_tf32=allow_tf32) for c in ceilings

@@ -80,14 +80,13 @@ class LaunchRecord:
 
 @dataclasses.dataclass(frozen=True)
 class ModeledTarget:
-    """The GPU that launch choices model where no GPU is involved (interpreter, dry-run traces)."""
+    """The GPU that launch choices model where no GPU is involved (interpreter, dry-run traces): its SM count."""
 
-    arch: int  # compute capability as an integer: 90 is sm_90
     sm_count: int
 
 
-# The default modeled GPU: an H100/H200 SXM (sm_90, 132 SMs).
-MODELED_TARGET = ModeledTarget(arch=90, sm_count=132)
+# The default modeled GPU: an H100/H200 SXM (132 SMs).
+MODELED_TARGET = ModeledTarget(sm_count=132)
 
 
 class _ThreadState(threading.local):
@@ -200,23 +199,15 @@ def device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
 
 
 @contextlib.contextmanager
-def modeled_target(arch: int, sm_count: int) -> Iterator[None]:
-    """Launch choices of this thread (tiles, load path) model ``sm_<arch>`` with ``sm_count`` SMs where no GPU is
-    involved: what a compile report for another target traces."""
+def modeled_target(sm_count: int) -> Iterator[None]:
+    """Launch choices of this thread (tiles) model a GPU with ``sm_count`` SMs where no GPU is involved: what a
+    compile report for another target traces."""
     previous = _thread.target
-    _thread.target = ModeledTarget(arch, sm_count)
+    _thread.target = ModeledTarget(sm_count)
     try:
         yield
     finally:
         _thread.target = previous
-
-
-def capability(t: torch.Tensor) -> int:
-    """Compute capability of the tensor's GPU as an integer (90: sm_90); the modeled target's off the GPU."""
-    if t.device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(t.device)
-        return 10 * major + minor
-    return _thread.target.arch
 
 
 @functools.cache

@@ -121,7 +121,7 @@ def test_reference_config_matches_design_numbers():
 
 def test_stage_labels_fall_back_on_unexpected_traces():
     records = [dataclasses.replace(r, stage=None) for r in trace_config(TINY, TINY_INPUT)]
-    assert stage_labels(records[:-1], 2, "bilinear") == [f"launch{i}" for i in range(len(records) - 1)]
+    assert stage_labels(records[:-1], 2) == [f"launch{i}" for i in range(len(records) - 1)]
 
 
 @pytest.mark.parametrize("upsample", ["bilinear", "transpose"])
@@ -131,7 +131,7 @@ def test_launch_records_carry_their_stage(upsample):
     kwargs = {**TINY, "upsample": upsample}
     records = trace_config(kwargs, TINY_INPUT)
     named = [r.stage for r in records]
-    assert named == stage_labels([dataclasses.replace(r, stage=None) for r in records], 2, upsample)
+    assert named == stage_labels([dataclasses.replace(r, stage=None) for r in records], 2)
     assert named[-3:] == ["dec0.up", "dec0.conv1", "dec0.conv2"]
     with dry_run(), launch_log() as later:
         conv2d_nhwc(torch.empty(1, 4, 4, 16, device="meta"), torch.empty(9 * 16, 16, device="meta"))

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fastunet import issue_model
-from fastunet.kernels._common import capability, modeled_target, sm_count
+from fastunet.kernels._common import modeled_target, sm_count
 
 # A kernel in cuobjdump's layout (second encoding words on their own lines, as cuobjdump prints them):
 #   0x000-0x040 prologue with one cp.async,
@@ -281,13 +281,13 @@ def test_eta_choice(monkeypatch):
 def test_modeled_target_is_per_thread():
     x = torch.empty(1, device="meta")
     seen = {}
-    with modeled_target(80, 108):
-        assert (capability(x), sm_count(x)) == (80, 108)
-        other = threading.Thread(target=lambda: seen.update(target=(capability(x), sm_count(x))))
+    with modeled_target(108):
+        assert sm_count(x) == 108
+        other = threading.Thread(target=lambda: seen.update(target=sm_count(x)))
         other.start()
         other.join()
-    assert seen["target"] == (90, 132)
-    assert (capability(x), sm_count(x)) == (90, 132)
+    assert seen["target"] == 132
+    assert sm_count(x) == 132
 
 
 def test_straight_line_kernel_is_one_pass():
