@@ -34,7 +34,11 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
 __all__ = [
+    "ACT_KINDS",
     "INTERPRET",
+    "JOINS",
+    "RELU",
+    "Act",
     "ConvSpec",
     "ConvStage",
     "Layout",
@@ -45,32 +49,112 @@ __all__ = [
     "fold_batchnorm",
     "layout_forward",
     "layout_values",
+    "act_of",
+    "apply_act",
     "plan_tensors",
     "refresh_in_place",
     "run_plan",
     "unet_forward",
+    "unfused_reason",
 ]
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Layout: which modules make up the network, in the order the fused forward uses them
 # ---------------------------------------------------------------------------------------------------------------
+ACT_KINDS = ("relu", "leaky_relu", "prelu", "silu", "clamp", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class Act:
+    """The activation after a conv (and its norm): ``kind`` is ``"relu"``, ``"leaky_relu"`` (negative ``slope``),
+    ``"prelu"`` (``module``: the ``nn.PReLU`` whose weight holds one slope or one per channel), ``"silu"``,
+    ``"clamp"`` (to ``[lo, hi]``: ReLU6, Hardtanh) or ``"none"``."""
+
+    kind: str = "relu"
+    slope: float = 0.0
+    lo: float = 0.0
+    hi: float = 0.0
+    module: nn.PReLU | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in ACT_KINDS:
+            raise ValueError(f"activation kind must be one of {ACT_KINDS}, got {self.kind!r}")
+        if (self.kind == "prelu") != isinstance(self.module, nn.PReLU):
+            raise ValueError("a 'prelu' activation needs its nn.PReLU module (and only it carries one)")
+        if self.kind == "clamp" and not self.lo <= self.hi:
+            raise ValueError(f"a clamp needs lo <= hi, got [{self.lo}, {self.hi}]")
+
+
+RELU = Act()
+
+
+def act_of(module: nn.Module | None) -> Act:
+    """The :class:`Act` of an activation module (``None`` and ``nn.Identity``: no activation); raises
+    ``ValueError`` naming the module type for any other."""
+    kind = type(module)
+    if module is None or kind is nn.Identity:
+        return Act("none")
+    if kind is nn.ReLU:
+        return RELU
+    if kind is nn.LeakyReLU:
+        return Act("leaky_relu", slope=float(module.negative_slope))
+    if kind is nn.PReLU:
+        return Act("prelu", module=module)
+    if kind is nn.SiLU:
+        return Act("silu")
+    if kind is nn.ReLU6:
+        return Act("clamp", lo=0.0, hi=6.0)
+    if kind is nn.Hardtanh:
+        return Act("clamp", lo=float(module.min_val), hi=float(module.max_val))
+    raise ValueError(
+        f"{kind.__name__} is not a supported activation (ReLU, LeakyReLU, PReLU, SiLU, ReLU6, Hardtanh or none)"
+    )
+
+
+def apply_act(act: Act, t: torch.Tensor, prelu_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """``act`` applied to ``t`` in PyTorch (``prelu_weight``: the PReLU slopes to use, default the module's)."""
+    if act.kind == "relu":
+        return F.relu(t)
+    if act.kind == "leaky_relu":
+        return F.leaky_relu(t, act.slope)
+    if act.kind == "prelu":
+        return F.prelu(t, act.module.weight if prelu_weight is None else prelu_weight)
+    if act.kind == "silu":
+        return F.silu(t)
+    if act.kind == "clamp":
+        return F.hardtanh(t, act.lo, act.hi)
+    return t
+
+
 @dataclasses.dataclass(frozen=True)
 class ConvSpec:
-    """A 3x3 conv (padding 1) and the eval-mode BatchNorm after it, if any; a ReLU follows both."""
+    """A conv (3x3, padding 1 or 0), the eval-mode BatchNorm after it, if any, and the activation after both."""
 
     conv: nn.Conv2d
     norm: nn.BatchNorm2d | None = None
+    act: Act | None = None  # None: ReLU (a default that torch.compile can trace through)
+
+    @property
+    def activation(self) -> Act:
+        return RELU if self.act is None else self.act
 
 
 @dataclasses.dataclass(frozen=True)
 class UpSpec:
     """How a decoder level upsamples the map below it: ``"transpose"`` (``conv``: ConvTranspose2d k=2 s=2),
-    ``"bilinear"`` or ``"nearest"`` (2x interpolation)."""
+    ``"bilinear"`` or ``"nearest"`` (2x interpolation, after the 1x1 conv ``pre_conv`` if there is one), or
+    ``"pixelshuffle"`` (``conv``: a Conv2d to 4x the channels, then a 2x depth-to-space; with ``blur``, the result is
+    zero-padded by one row and column at the top and left and averaged over 2x2 windows, stride 1)."""
 
     mode: str
     align_corners: bool = False
-    conv: nn.ConvTranspose2d | None = None
+    conv: nn.ConvTranspose2d | nn.Conv2d | None = None
+    pre_conv: nn.Conv2d | None = None
+    blur: bool = False
+
+
+JOINS = ("pad", "replicate", "crop")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,9 +163,14 @@ class Layout:
 
     ``encoders[level]`` for levels 0..depth (the last is the bottleneck; each level but it ends in a 2x2
     max-pool); ``ups[level]`` and ``decoders[level]`` for levels 0..depth-1 (the decoder at ``level`` reads
-    ``cat([skip[level], up(map below)])``, or ``cat([up(...), skip[level]])`` where ``up_first[level]``, the
-    upsampled map zero-padded, centered, to the skip's size); ``head``: the 1x1 conv to the logits. Channel widths
-    come from the weights, so they need not double per level.
+    ``cat([skip[level], up(map below)])``, or ``cat([up(...), skip[level]])`` where ``up_first[level]``);
+    ``head``: the last conv, to the logits (1x1, or a 3x3 with no activation). Channel widths come from the
+    weights, so they need not double per level.
+
+    ``join`` says how the upsampled map and the skip are brought to one size: ``"pad"``: the upsampled map
+    zero-padded, centered (the extra row/column at the bottom/right); ``"replicate"``: the upsampled map padded at
+    the bottom/right by repeating its last row/column; ``"crop"``: the skip center-cropped to the upsampled map
+    (the valid-conv U-Net; the extra row/column cropped at the bottom/right).
     """
 
     encoders: tuple[tuple[ConvSpec, ConvSpec], ...]
@@ -89,6 +178,11 @@ class Layout:
     decoders: tuple[tuple[ConvSpec, ConvSpec], ...]
     head: nn.Conv2d
     up_first: tuple[bool, ...] = ()  # per decoder level; empty: the skip first everywhere
+    join: str = "pad"
+
+    def __post_init__(self) -> None:
+        if self.join not in JOINS:
+            raise ValueError(f"join must be one of {JOINS}, got {self.join!r}")
 
     def concat_up_first(self, level: int) -> bool:
         return bool(self.up_first) and self.up_first[level]
@@ -100,6 +194,41 @@ class Layout:
     @property
     def in_channels(self) -> int:
         return self.encoders[0][0].conv.in_channels
+
+    def conv_specs(self) -> list[tuple[str, ConvSpec]]:
+        """Every conv of the encoders and decoders with its stage name (``enc0.conv1`` ... ``dec0.conv2``)."""
+        named = []
+        for level, pair in enumerate(self.encoders):
+            tag = f"enc{level}" if level < self.depth else "bottleneck"
+            named += [(f"{tag}.conv{i + 1}", spec) for i, spec in enumerate(pair)]
+        for level, pair in enumerate(self.decoders):
+            named += [(f"dec{level}.conv{i + 1}", spec) for i, spec in enumerate(pair)]
+        return named
+
+
+def unfused_reason(layout: Layout) -> str | None:
+    """Why the kernels cannot run ``layout`` (the first feature they lack), or None when they can. The layout's
+    math (:func:`layout_forward`) covers every feature; the kernels grow into it."""
+    for name, spec in layout.conv_specs():
+        if spec.activation.kind != "relu":
+            return f"{name}: the {spec.activation.kind} activation is not fused yet (ReLU is)"
+        if _pair(spec.conv.padding) != (1, 1) and spec.conv.padding != "same":
+            padding = spec.conv.padding if isinstance(spec.conv.padding, str) else _pair(spec.conv.padding)[0]
+            return f"{name}: convs with padding {padding} are not fused yet (padding 1 is)"
+    if layout.join != "pad":
+        return f"joining the skip and the upsampled map by {layout.join!r} is not fused yet (zero padding is)"
+    for level, up in enumerate(layout.ups):
+        if up.mode == "pixelshuffle":
+            return f"dec{level}.up: pixel-shuffle upsampling is not fused yet"
+        if up.pre_conv is not None:
+            return f"dec{level}.up: a 1x1 conv before the upsampling is not fused yet"
+    if _pair(layout.head.kernel_size) != (1, 1):
+        return f"head: a {layout.head.kernel_size} head conv is not fused yet (1x1 is)"
+    return None
+
+
+def _pair(value) -> tuple:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -175,7 +304,11 @@ def _owned(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.T
 
 
 def build_plan(layout: Layout, dtype: torch.dtype, device: torch.device) -> Plan:
-    """Fold, pack and cast the parameters of ``layout`` for the kernels (every tensor a fresh copy)."""
+    """Fold, pack and cast the parameters of ``layout`` for the kernels (every tensor a fresh copy); raises
+    ``ValueError`` with :func:`unfused_reason` for a layout the kernels cannot run."""
+    reason = unfused_reason(layout)
+    if reason is not None:
+        raise ValueError(f"the fused kernels cannot run this layout: {reason}")
 
     def stage(spec: ConvSpec, skip_after: int = 0) -> ConvStage:
         weight, bias = fold_batchnorm(spec.conv, spec.norm)
@@ -250,7 +383,9 @@ def _layout_modules(layout: Layout) -> list[nn.Module]:
     for pair in (*layout.encoders, *layout.decoders):
         for spec in pair:
             modules += [spec.conv] + ([spec.norm] if spec.norm is not None else [])
-    modules += [up.conv for up in layout.ups if up.conv is not None]
+            modules += [spec.activation.module] if spec.activation.module is not None else []
+    for up in layout.ups:
+        modules += [m for m in (up.pre_conv, up.conv) if m is not None]
     return [*modules, layout.head]
 
 
@@ -258,6 +393,7 @@ _READ = {
     nn.BatchNorm2d: ("running_mean", "running_var", "weight", "bias", "eps"),
     nn.Conv2d: ("weight", "bias"),
     nn.ConvTranspose2d: ("weight", "bias"),
+    nn.PReLU: ("weight",),
 }
 
 
@@ -279,9 +415,12 @@ def layout_forward(layout: Layout, x: torch.Tensor, values: dict[tuple[int, str]
     def get(module: nn.Module, attr: str):
         return getattr(module, attr) if values is None else values[(id(module), attr)]
 
+    def conv(module: nn.Conv2d, t: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(t, get(module, "weight"), get(module, "bias"), padding=module.padding)
+
     def double(pair: tuple[ConvSpec, ConvSpec], t: torch.Tensor) -> torch.Tensor:
         for spec in pair:
-            t = F.conv2d(t, get(spec.conv, "weight"), get(spec.conv, "bias"), padding=spec.conv.padding)
+            t = conv(spec.conv, t)
             norm = spec.norm
             if norm is not None:
                 t = F.batch_norm(
@@ -294,7 +433,8 @@ def layout_forward(layout: Layout, x: torch.Tensor, values: dict[tuple[int, str]
                     0.0,
                     get(norm, "eps"),
                 )
-            t = F.relu(t)
+            act = spec.activation
+            t = apply_act(act, t, get(act.module, "weight") if act.module is not None else None)
         return t
 
     skips = []
@@ -305,18 +445,41 @@ def layout_forward(layout: Layout, x: torch.Tensor, values: dict[tuple[int, str]
             skips.append(features)
             features = F.max_pool2d(features, 2)
     for level in reversed(range(layout.depth)):
-        spec = layout.ups[level]
-        if spec.conv is not None:
-            features = F.conv_transpose2d(features, get(spec.conv, "weight"), get(spec.conv, "bias"), stride=2)
-        else:
-            align = spec.align_corners if spec.mode == "bilinear" else None
-            features = F.interpolate(features, scale_factor=2, mode=spec.mode, align_corners=align)
-        skip = skips[level]
-        upsampled = center_pad(features, *skip.shape[-2:])
-        joined = torch.cat([upsampled, skip] if layout.concat_up_first(level) else [skip, upsampled], 1)
+        features = upsample(layout.ups[level], features, get)
+        skip, features = join(layout.join, skips[level], features)
+        joined = torch.cat([features, skip] if layout.concat_up_first(level) else [skip, features], 1)
         features = double(layout.decoders[level], joined)
-    head = layout.head
-    return F.conv2d(features, get(head, "weight"), get(head, "bias"), padding=head.padding)
+    return conv(layout.head, features)
+
+
+def upsample(spec: UpSpec, t: torch.Tensor, get=getattr) -> torch.Tensor:
+    """One decoder level's 2x upsampling as ``spec`` describes it, in PyTorch (``get(module, attr)`` reads the
+    modules' tensors)."""
+    if spec.mode == "transpose":
+        return F.conv_transpose2d(t, get(spec.conv, "weight"), get(spec.conv, "bias"), stride=2)
+    if spec.mode == "pixelshuffle":
+        t = F.conv2d(t, get(spec.conv, "weight"), get(spec.conv, "bias"), padding=spec.conv.padding)
+        t = F.pixel_shuffle(t, 2)
+        return F.avg_pool2d(F.pad(t, [1, 0, 1, 0]), 2, stride=1) if spec.blur else t
+    if spec.pre_conv is not None:
+        t = F.conv2d(t, get(spec.pre_conv, "weight"), get(spec.pre_conv, "bias"))
+    align = spec.align_corners if spec.mode == "bilinear" else None
+    return F.interpolate(t, scale_factor=2, mode=spec.mode, align_corners=align)
+
+
+def join(how: str, skip: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(skip, upsampled map) brought to one size as :attr:`Layout.join` ``how`` says."""
+    dy, dx = skip.shape[-2] - up.shape[-2], skip.shape[-1] - up.shape[-1]
+    if how == "pad":
+        return skip, center_pad(up, *skip.shape[-2:])
+    if how == "replicate":
+        if dy < 0 or dx < 0:
+            raise ValueError(f"replicate join: the upsampled map {tuple(up.shape)} is larger than the skip")
+        return skip, F.pad(up, [0, dx, 0, dy], mode="replicate") if dy or dx else up
+    if dy < 0 or dx < 0:
+        raise ValueError(f"crop join: the skip {tuple(skip.shape)} is smaller than the upsampled map")
+    top, left = dy // 2, dx // 2
+    return skip[..., top : top + up.shape[-2], left : left + up.shape[-1]], up
 
 
 # ---------------------------------------------------------------------------------------------------------------

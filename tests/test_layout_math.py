@@ -1,0 +1,164 @@
+"""The layout's math (``ops.layout_forward``) for every feature a :class:`~fastunet.ops.Layout` can describe, against
+the same network written out by hand in float64 PyTorch; and ``unfused_reason`` for what the kernels lack."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastunet import ops
+from fastunet.ops import Act, ConvSpec, Layout, UpSpec
+
+
+def _conv(c_in, c_out, k=3, padding=1):
+    return nn.Conv2d(c_in, c_out, k, padding=padding).double()
+
+
+def _layout(act_module=None, padding=1, up="transpose", join="pad", head_k=1, up_first=False):
+    """Depth-1 layout with 4 -> 6 channels, every conv followed by ``act_module`` (ReLU when None)."""
+    act = ops.act_of(act_module) if act_module is not None else None
+
+    def pair(c_in, c_out):
+        return ConvSpec(_conv(c_in, c_out, padding=padding), None, act), ConvSpec(
+            _conv(c_out, c_out, padding=padding), None, act
+        )
+
+    if up == "transpose":
+        spec = UpSpec("transpose", conv=nn.ConvTranspose2d(6, 3, 2, stride=2).double())
+        up_channels = 3
+    elif up == "pixelshuffle":
+        spec = UpSpec("pixelshuffle", conv=_conv(6, 12), blur=True)
+        up_channels = 3
+    else:
+        spec = UpSpec("bilinear", align_corners=True, pre_conv=_conv(6, 3, 1, 0))
+        up_channels = 3
+    head = nn.Conv2d(4, 2, head_k, padding=head_k // 2).double()
+    return Layout((pair(2, 4), pair(4, 6)), (spec,), (pair(4 + up_channels, 4),), head, (up_first,), join)
+
+
+def _by_hand(layout: Layout, x: torch.Tensor, act) -> torch.Tensor:
+    def double(pair, t):
+        for spec in pair:
+            t = act(F.conv2d(t, spec.conv.weight, spec.conv.bias, padding=spec.conv.padding))
+        return t
+
+    skip = double(layout.encoders[0], x)
+    low = double(layout.encoders[1], F.max_pool2d(skip, 2))
+    up = layout.ups[0]
+    if up.mode == "transpose":
+        u = F.conv_transpose2d(low, up.conv.weight, up.conv.bias, stride=2)
+    elif up.mode == "pixelshuffle":
+        u = F.pixel_shuffle(F.conv2d(low, up.conv.weight, up.conv.bias, padding=1), 2)
+        u = nn.Sequential(nn.ZeroPad2d((1, 0, 1, 0)), nn.AvgPool2d(2, stride=1))(u)
+    else:
+        u = F.conv2d(low, up.pre_conv.weight, up.pre_conv.bias)
+        u = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True)(u)
+    dy, dx = skip.shape[-2] - u.shape[-2], skip.shape[-1] - u.shape[-1]
+    if layout.join == "pad":
+        u = F.pad(u, [dx // 2, dx - dx // 2, dy // 2, dy - dy // 2])
+    elif layout.join == "replicate":
+        u = nn.ReplicationPad2d((0, dx, 0, dy))(u)
+    else:
+        skip = skip[:, :, dy // 2 : dy // 2 + u.shape[-2], dx // 2 : dx // 2 + u.shape[-1]]
+    joined = torch.cat([u, skip] if layout.up_first[0] else [skip, u], 1)
+    out = double(layout.decoders[0], joined)
+    return F.conv2d(out, layout.head.weight, layout.head.bias, padding=layout.head.padding)
+
+
+ACTIVATIONS = {
+    "relu": (None, F.relu),
+    "leaky_relu": (nn.LeakyReLU(0.1), lambda t: torch.where(t >= 0, t, 0.1 * t)),
+    "silu": (nn.SiLU(), lambda t: t * torch.sigmoid(t)),
+    "relu6": (nn.ReLU6(), lambda t: t.clamp(0, 6)),
+    "hardtanh": (nn.Hardtanh(-0.5, 0.25), lambda t: t.clamp(-0.5, 0.25)),
+    "none": (nn.Identity(), lambda t: t),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+def test_activations(name):
+    module, by_hand = ACTIVATIONS[name]
+    layout = _layout(module)
+    x = torch.randn(2, 2, 9, 11, dtype=torch.float64)
+    torch.testing.assert_close(ops.layout_forward(layout, x), _by_hand(layout, x, by_hand), rtol=1e-12, atol=1e-12)
+
+
+def test_prelu_per_channel_slopes_and_snapshot():
+    prelu = nn.PReLU(4).double()
+    with torch.no_grad():
+        prelu.weight.copy_(torch.linspace(-0.5, 0.7, 4, dtype=torch.float64))
+    act = ops.act_of(prelu)
+    conv = _conv(3, 4)
+    layout_pair = (ConvSpec(conv, None, act), ConvSpec(_conv(4, 4), None, act))
+    x = torch.randn(1, 3, 5, 6, dtype=torch.float64)
+    t = F.conv2d(x, conv.weight, conv.bias, padding=1)
+    slopes = prelu.weight.view(1, 4, 1, 1)
+    expected = torch.where(t >= 0, t, slopes * t)
+    got = ops.apply_act(act, t)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    # The slopes are among the values the math reads (the eval backward differentiates through them).
+    deeper = (ConvSpec(_conv(4, 4), None, act), ConvSpec(_conv(4, 4), None, act))
+    layout = Layout(
+        (layout_pair, deeper),
+        (UpSpec("nearest"),),
+        ((ConvSpec(_conv(8, 4)), ConvSpec(_conv(4, 4))),),
+        _conv(4, 2, 1, 0),
+    )
+    values = ops.layout_values(layout)
+    assert values[(id(prelu), "weight")] is prelu.weight
+    x = torch.randn(1, 3, 8, 8, dtype=torch.float64)
+    before = ops.layout_forward(layout, x, values)
+    values[(id(prelu), "weight")] = prelu.weight.detach() + 1.0
+    changed = ops.layout_forward(layout, x, values)
+    assert not torch.equal(changed, before)
+    with torch.no_grad():
+        prelu.weight.add_(1.0)
+    torch.testing.assert_close(ops.layout_forward(layout, x), changed, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("join", ["pad", "replicate"])
+@pytest.mark.parametrize("up", ["transpose", "pixelshuffle", "bilinear"])
+@pytest.mark.parametrize("up_first", [False, True])
+def test_upsampling_and_joins(up, join, up_first):
+    layout = _layout(up=up, join=join, up_first=up_first)
+    x = torch.randn(2, 2, 9, 11, dtype=torch.float64)  # odd: every join pads
+    torch.testing.assert_close(ops.layout_forward(layout, x), _by_hand(layout, x, F.relu), rtol=1e-12, atol=1e-12)
+
+
+def test_valid_convs_crop_the_skip_and_3x3_head():
+    layout = _layout(padding=0, join="crop", head_k=3)
+    x = torch.randn(1, 2, 30, 34, dtype=torch.float64)
+    got = ops.layout_forward(layout, x)
+    torch.testing.assert_close(got, _by_hand(layout, x, F.relu), rtol=1e-12, atol=1e-12)
+    # 30 -> 26 -> pool 13 -> 9 -> up 18; skip 26 cropped to 18 -> 14 -> 3x3 head (padding 1) keeps 14
+    assert got.shape == (1, 2, 14, 18)
+
+
+def test_unfused_reason_names_each_missing_feature():
+    assert ops.unfused_reason(_layout()) is None
+    cases = {
+        "leaky_relu activation": _layout(nn.LeakyReLU(0.01)),
+        "padding 0": _layout(padding=0, join="crop"),
+        "'replicate'": _layout(join="replicate"),
+        "pixel-shuffle": _layout(up="pixelshuffle"),
+        "1x1 conv before the upsampling": _layout(up="bilinear"),
+        "head": _layout(head_k=3),
+    }
+    for words, layout in cases.items():
+        reason = ops.unfused_reason(layout)
+        assert reason is not None and words in reason, (words, reason)
+        with pytest.raises(ValueError, match="cannot run this layout"):
+            ops.build_plan(layout, torch.float32, torch.device("cpu"))
+
+
+def test_bad_act_and_join_are_refused():
+    with pytest.raises(ValueError, match="GELU is not a supported activation"):
+        ops.act_of(nn.GELU())
+    with pytest.raises(ValueError, match="activation kind"):
+        Act("gelu")
+    with pytest.raises(ValueError, match="lo <= hi"):
+        Act("clamp", lo=1.0, hi=0.0)
+    with pytest.raises(ValueError, match="join must be one of"):
+        _layout(join="reflect")
