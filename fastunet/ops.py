@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ACT_KINDS",
     "INTERPRET",
+    "DOWNS",
     "JOINS",
     "RELU",
     "Act",
@@ -49,6 +50,7 @@ __all__ = [
     "fold_batchnorm",
     "layout_forward",
     "layout_values",
+    "norm_kind",
     "act_of",
     "apply_act",
     "plan_tensors",
@@ -127,12 +129,32 @@ def apply_act(act: Act, t: torch.Tensor, prelu_weight: torch.Tensor | None = Non
     return t
 
 
+def norm_kind(norm: nn.Module | None) -> str | None:
+    """How a norm acts in eval mode: ``"folds"`` (running statistics: BatchNorm2d, or an InstanceNorm2d that tracks
+    them; an affine map that folds into the conv before it), ``"instance"`` (per-(image, channel) statistics of the
+    data), ``"group"`` (per-(image, group)); None for no norm. Raises ``ValueError`` for anything else."""
+    if norm is None:
+        return None
+    if type(norm) in (nn.BatchNorm2d, nn.InstanceNorm2d):
+        running = norm.track_running_stats and norm.running_mean is not None and norm.running_var is not None
+        if running:
+            return "folds"
+        if type(norm) is nn.InstanceNorm2d:
+            return "instance"
+        raise ValueError("a BatchNorm2d without running statistics normalizes by batch statistics even in eval mode")
+    if type(norm) is nn.GroupNorm:
+        return "group"
+    raise ValueError(f"{type(norm).__name__} is not a supported norm (BatchNorm2d, InstanceNorm2d, GroupNorm)")
+
+
 @dataclasses.dataclass(frozen=True)
 class ConvSpec:
-    """A conv (3x3, padding 1 or 0), the eval-mode BatchNorm after it, if any, and the activation after both."""
+    """A conv (3x3, padding 1 or 0; stride 2 where it down-samples), the norm after it, if any, and the activation
+    after both. The norm, as in eval mode (see :func:`norm_kind`): BatchNorm2d with running statistics (folds into
+    the conv), InstanceNorm2d (per-image statistics, or running ones where it tracks them) or GroupNorm."""
 
     conv: nn.Conv2d
-    norm: nn.BatchNorm2d | None = None
+    norm: nn.BatchNorm2d | nn.InstanceNorm2d | nn.GroupNorm | None = None
     act: Act | None = None  # None: ReLU (a default that torch.compile can trace through)
 
     @property
@@ -155,17 +177,19 @@ class UpSpec:
 
 
 JOINS = ("pad", "replicate", "crop")
+DOWNS = ("pool", "stride")
 
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
     """A U-Net as the fused forward reads it.
 
-    ``encoders[level]`` for levels 0..depth (the last is the bottleneck; each level but it ends in a 2x2
-    max-pool); ``ups[level]`` and ``decoders[level]`` for levels 0..depth-1 (the decoder at ``level`` reads
-    ``cat([skip[level], up(map below)])``, or ``cat([up(...), skip[level]])`` where ``up_first[level]``);
-    ``head``: the last conv, to the logits (1x1, or a 3x3 with no activation). Channel widths come from the
-    weights, so they need not double per level.
+    ``encoders[level]`` for levels 0..depth (the last is the bottleneck); ``down`` says how a level passes its
+    map to the next: ``"pool"``, a 2x2 max-pool, or ``"stride"``, the next level's first conv has stride 2 (the
+    nnU-Net and DynUNet encoders); ``ups[level]`` and ``decoders[level]`` for levels 0..depth-1 (the decoder at
+    ``level`` reads ``cat([skip[level], up(map below)])``, or ``cat([up(...), skip[level]])`` where
+    ``up_first[level]``); ``head``: the last conv, to the logits (1x1, or a 3x3 with no activation). Channel widths
+    come from the weights, so they need not double per level.
 
     ``join`` says how the upsampled map and the skip are brought to one size: ``"pad"``: the upsampled map
     zero-padded, centered (the extra row/column at the bottom/right); ``"replicate"``: the upsampled map padded at
@@ -179,10 +203,13 @@ class Layout:
     head: nn.Conv2d
     up_first: tuple[bool, ...] = ()  # per decoder level; empty: the skip first everywhere
     join: str = "pad"
+    down: str = "pool"
 
     def __post_init__(self) -> None:
         if self.join not in JOINS:
             raise ValueError(f"join must be one of {JOINS}, got {self.join!r}")
+        if self.down not in DOWNS:
+            raise ValueError(f"down must be one of {DOWNS}, got {self.down!r}")
 
     def concat_up_first(self, level: int) -> bool:
         return bool(self.up_first) and self.up_first[level]
@@ -210,11 +237,21 @@ def unfused_reason(layout: Layout) -> str | None:
     """Why the kernels cannot run ``layout`` (the first feature they lack), or None when they can. The layout's
     math (:func:`layout_forward`) covers every feature; the kernels grow into it."""
     for name, spec in layout.conv_specs():
+        kind = norm_kind(spec.norm)
+        if kind not in (None, "folds"):
+            return (
+                f"{name}: {type(spec.norm).__name__} is not fused yet (norms that cannot fold into the conv weights: "
+                "per-image statistics)"
+            )
+        if _pair(spec.conv.stride) != (1, 1):
+            return f"{name}: strided convs are not fused yet (down-sampling by 2x2 max-pool is)"
         if spec.activation.kind != "relu":
             return f"{name}: the {spec.activation.kind} activation is not fused yet (ReLU is)"
         if _pair(spec.conv.padding) != (1, 1) and spec.conv.padding != "same":
             padding = spec.conv.padding if isinstance(spec.conv.padding, str) else _pair(spec.conv.padding)[0]
             return f"{name}: convs with padding {padding} are not fused yet (padding 1 is)"
+    if layout.down != "pool":
+        return "down-sampling by strided convs is not fused yet (2x2 max-pool is)"
     if layout.join != "pad":
         return f"joining the skip and the upsampled map by {layout.join!r} is not fused yet (zero padding is)"
     for level, up in enumerate(layout.ups):
@@ -283,8 +320,8 @@ def fold_batchnorm(conv: nn.Conv2d, norm: nn.Module | None) -> tuple[torch.Tenso
         bias = conv.bias.detach().double()
     else:
         bias = torch.zeros(weight.shape[0], dtype=torch.float64, device=weight.device)
-    if isinstance(norm, nn.BatchNorm2d):
-        if norm.running_mean is None or norm.running_var is None:
+    if isinstance(norm, (nn.BatchNorm2d, nn.InstanceNorm2d)):
+        if norm_kind(norm) != "folds":
             raise ValueError("BatchNorm2d without running statistics cannot be folded for eval-mode inference")
         scale = norm.running_var.detach().double().add(norm.eps).rsqrt()
         if norm.weight is not None:
@@ -394,6 +431,8 @@ _READ = {
     nn.Conv2d: ("weight", "bias"),
     nn.ConvTranspose2d: ("weight", "bias"),
     nn.PReLU: ("weight",),
+    nn.InstanceNorm2d: ("running_mean", "running_var", "weight", "bias", "eps"),
+    nn.GroupNorm: ("weight", "bias", "eps"),
 }
 
 
@@ -416,13 +455,18 @@ def layout_forward(layout: Layout, x: torch.Tensor, values: dict[tuple[int, str]
         return getattr(module, attr) if values is None else values[(id(module), attr)]
 
     def conv(module: nn.Conv2d, t: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(t, get(module, "weight"), get(module, "bias"), padding=module.padding)
+        return F.conv2d(t, get(module, "weight"), get(module, "bias"), stride=module.stride, padding=module.padding)
 
     def double(pair: tuple[ConvSpec, ConvSpec], t: torch.Tensor) -> torch.Tensor:
         for spec in pair:
             t = conv(spec.conv, t)
             norm = spec.norm
-            if norm is not None:
+            kind = norm_kind(norm)
+            if kind == "instance":
+                t = F.instance_norm(t, weight=get(norm, "weight"), bias=get(norm, "bias"), eps=get(norm, "eps"))
+            elif kind == "group":
+                t = F.group_norm(t, norm.num_groups, get(norm, "weight"), get(norm, "bias"), get(norm, "eps"))
+            elif kind == "folds":
                 t = F.batch_norm(
                     t,
                     get(norm, "running_mean"),
@@ -443,7 +487,8 @@ def layout_forward(layout: Layout, x: torch.Tensor, values: dict[tuple[int, str]
         features = double(pair, features)
         if level < layout.depth:
             skips.append(features)
-            features = F.max_pool2d(features, 2)
+            if layout.down == "pool":
+                features = F.max_pool2d(features, 2)
     for level in reversed(range(layout.depth)):
         features = upsample(layout.ups[level], features, get)
         skip, features = join(layout.join, skips[level], features)
@@ -456,7 +501,15 @@ def upsample(spec: UpSpec, t: torch.Tensor, get=getattr) -> torch.Tensor:
     """One decoder level's 2x upsampling as ``spec`` describes it, in PyTorch (``get(module, attr)`` reads the
     modules' tensors)."""
     if spec.mode == "transpose":
-        return F.conv_transpose2d(t, get(spec.conv, "weight"), get(spec.conv, "bias"), stride=2)
+        module = spec.conv
+        return F.conv_transpose2d(
+            t,
+            get(module, "weight"),
+            get(module, "bias"),
+            stride=module.stride,
+            padding=module.padding,
+            output_padding=module.output_padding,
+        )
     if spec.mode == "pixelshuffle":
         t = F.conv2d(t, get(spec.conv, "weight"), get(spec.conv, "bias"), padding=spec.conv.padding)
         t = F.pixel_shuffle(t, 2)

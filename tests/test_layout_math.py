@@ -162,3 +162,104 @@ def test_bad_act_and_join_are_refused():
         Act("clamp", lo=1.0, hi=0.0)
     with pytest.raises(ValueError, match="join must be one of"):
         _layout(join="reflect")
+
+
+class _StridedInstanceNormNet(nn.Module):
+    """Depth 2, conv-norm-LeakyReLU twice per stage, the first conv of each deeper stage strided, transposed-conv
+    up steps, cat([up, skip]), 1x1 head: the nnU-Net plain-conv structure, written out as modules."""
+
+    def __init__(self, norm):
+        super().__init__()
+        widths = [4, 8, 16]
+
+        def stage(c_in, c_out, stride):
+            return nn.Sequential(
+                nn.Conv2d(c_in, c_out, 3, stride, 1),
+                norm(c_out),
+                nn.LeakyReLU(0.01),
+                nn.Conv2d(c_out, c_out, 3, 1, 1),
+                norm(c_out),
+                nn.LeakyReLU(0.01),
+            )
+
+        self.enc = nn.ModuleList([stage(2, 4, 1), stage(4, 8, 2), stage(8, 16, 2)])
+        self.ups = nn.ModuleList([nn.ConvTranspose2d(widths[i + 1], widths[i], 2, 2) for i in range(2)])
+        self.dec = nn.ModuleList([stage(2 * widths[i], widths[i], 1) for i in range(2)])
+        self.head = nn.Conv2d(4, 3, 1)
+
+    def forward(self, x):
+        skips = []
+        for stage in self.enc:
+            x = stage(x)
+            skips.append(x)
+        x = skips.pop()
+        for level in (1, 0):
+            x = self.dec[level](torch.cat([self.ups[level](x), skips[level]], 1))
+        return self.head(x)
+
+    def layout(self) -> Layout:
+        def pair(seq):
+            return (
+                ConvSpec(seq[0], seq[1], ops.act_of(seq[2])),
+                ConvSpec(seq[3], seq[4], ops.act_of(seq[5])),
+            )
+
+        ups = tuple(UpSpec("transpose", conv=up) for up in self.ups)
+        encoders = tuple(pair(s) for s in self.enc)
+        decoders = tuple(pair(s) for s in self.dec)
+        return Layout(encoders, ups, decoders, self.head, (True, True), "pad", "stride")
+
+
+NORMS = {
+    "instance_affine": lambda c: nn.InstanceNorm2d(c, affine=True),
+    "instance": lambda c: nn.InstanceNorm2d(c),
+    "group": lambda c: nn.GroupNorm(2, c),
+    "instance_running": lambda c: nn.InstanceNorm2d(c, affine=True, track_running_stats=True),
+}
+
+
+@pytest.mark.parametrize("norm", sorted(NORMS))
+def test_norms_that_do_not_fold_and_strided_down_sampling(norm):
+    torch.manual_seed(0)
+    net = _StridedInstanceNormNet(NORMS[norm]).double().eval()
+    for module in net.modules():
+        if isinstance(module, (nn.InstanceNorm2d, nn.GroupNorm)) and module.weight is not None:
+            with torch.no_grad():
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.5, 0.5)
+        if getattr(module, "running_var", None) is not None:
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(2, 2, 16, 12, dtype=torch.float64)
+    layout = net.layout()
+    with torch.no_grad():
+        torch.testing.assert_close(ops.layout_forward(layout, x), net(x), rtol=1e-12, atol=1e-12)
+    reason = ops.unfused_reason(layout)
+    if norm == "instance_running":
+        assert "cannot fold" not in reason  # running statistics fold
+    else:
+        assert "cannot fold into the conv weights" in reason and "enc0.conv1" in reason
+
+
+def test_norm_kind():
+    assert ops.norm_kind(None) is None
+    assert ops.norm_kind(nn.BatchNorm2d(3)) == "folds"
+    assert ops.norm_kind(nn.InstanceNorm2d(3)) == "instance"
+    assert ops.norm_kind(nn.InstanceNorm2d(3, track_running_stats=True)) == "folds"
+    assert ops.norm_kind(nn.GroupNorm(1, 3)) == "group"
+    with pytest.raises(ValueError, match="batch statistics even in eval mode"):
+        ops.norm_kind(nn.BatchNorm2d(3, track_running_stats=False))
+    with pytest.raises(ValueError, match="LayerNorm is not a supported norm"):
+        ops.norm_kind(nn.LayerNorm(3))
+    with pytest.raises(ValueError, match="down must be one of"):
+        Layout((), (), (), nn.Conv2d(1, 1, 1), (), "pad", "avgpool")
+
+
+def test_strided_down_sampling_is_named_unfused():
+    net = _StridedInstanceNormNet(nn.BatchNorm2d).double().eval()
+    layout = net.layout()
+    relu = tuple(tuple(ConvSpec(s.conv, s.norm) for s in pair) for pair in layout.encoders)
+    decoders = tuple(tuple(ConvSpec(s.conv, s.norm) for s in pair) for pair in layout.decoders)
+    layout = Layout(relu, layout.ups, decoders, layout.head, layout.up_first, "pad", "stride")
+    expected = "enc1.conv1: strided convs are not fused yet (down-sampling by 2x2 max-pool is)"
+    assert ops.unfused_reason(layout) == expected
