@@ -41,6 +41,7 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from fastunet import issue_model
 from fastunet.kernels._common import INTERPRET, LaunchRecord, modeled_target
@@ -218,6 +219,11 @@ def specialize(arg: object, specialize_value: bool = True, specialize_alignment:
     when the argument carries the ``tt.divisibility=16`` hint that lets loads and stores vectorize (a pointer or an
     integer divisible by 16). Integers are 32-bit or 64-bit by magnitude; floats are fp32.
     """
+    if arg is None:  # an unused operand (the pointer path's TMA descriptors): the JIT makes it a constant
+        return "constexpr", None
+    if isinstance(arg, TensorDescriptor):
+        block = ", ".join(map(str, arg.block_shape))
+        return f"tensordesc<{_POINTER_TYPES[arg.base.dtype][1:]}[{block}]>", False
     if isinstance(arg, torch.Tensor):
         if arg.dtype not in _POINTER_TYPES:
             raise TypeError(f"no Triton pointer type for {arg.dtype}")
@@ -338,7 +344,8 @@ def trace_config(
     upsample: str, dtype: torch.dtype, batch: int, size: int = REFERENCE_SIZE, arch: int = 90, **model_kwargs: int
 ) -> list[LaunchRecord]:
     """Launches of one forward of the reference U-Net (``model_kwargs`` override it) on a ``size``-square input,
-    as the launchers choose them for ``sm_<arch>`` (its SM count from :data:`fastunet.issue_model.ASSUMPTIONS`)."""
+    as the launchers choose them for ``sm_<arch>`` (its SM count from :data:`fastunet.issue_model.ASSUMPTIONS`; TMA
+    loads from sm_90 on)."""
     kwargs = {**REFERENCE_MODEL, **model_kwargs}
     model = UNet(
         kwargs["in_channels"],
@@ -349,7 +356,7 @@ def trace_config(
         device="meta",
     )
     target = issue_model.ASSUMPTIONS.get(arch)
-    with modeled_target(target.sm_count) if target else contextlib.nullcontext():
+    with modeled_target(target.sm_count, arch) if target else contextlib.nullcontext():
         return trace(model, torch.empty(batch, kwargs["in_channels"], size, size, dtype=dtype, device="meta"))
 
 

@@ -193,12 +193,17 @@ def parse_sass(text: str) -> list[Instruction]:
 
 def find_loops(instructions: Sequence[Instruction]) -> list[tuple[int, int]]:
     """Loops as (first, last) instruction addresses: each backward branch closes a loop starting at its target.
-    Several backward branches to one target make one loop (up to the last of them)."""
+    Several backward branches to one target make one loop (up to the last of them).
+
+    Loops nest or are disjoint. A backward branch whose span starts inside a loop and ends past it comes from an
+    out-of-line block jumping back into that loop (the retry path of a TMA loop's mbarrier wait, placed after the
+    kernel's exit): it closes no loop."""
     ends: dict[int, int] = {}
     for ins in instructions:
         if ins.target is not None and ins.target < ins.address:
             ends[ins.target] = max(ends.get(ins.target, ins.address), ins.address)
-    return sorted(ends.items())
+    spans = sorted(ends.items())
+    return [(a, b) for a, b in spans if not any(first < a <= last < b for first, last in spans)]
 
 
 def is_mma(opcode: str) -> bool:

@@ -76,17 +76,21 @@ class LaunchRecord:
     launch_options: dict
     candidates: tuple = ()  # the autotuning candidates (tile constexprs + launch options), chosen one included
     stage: str | None = None  # the network stage the caller named (``enc0.conv1``, ``dec2.up``...), if any
+    path: str = "pointer"  # how the main loop loads its operands: "tma" (tensor descriptors) or "pointer"
+    path_reason: str = ""  # why the launcher chose that path
 
 
 @dataclasses.dataclass(frozen=True)
 class ModeledTarget:
-    """The GPU that launch choices model where no GPU is involved (interpreter, dry-run traces): its SM count."""
+    """The GPU that launch choices model where no GPU is involved (dry-run traces, interpreter): its SM count and
+    compute capability."""
 
     sm_count: int
+    arch: int = 90  # compute capability as an integer: 90 is sm_90
 
 
-# The default modeled GPU: an H100/H200 SXM (132 SMs).
-MODELED_TARGET = ModeledTarget(sm_count=132)
+# The default modeled GPU: an H100/H200 SXM (sm_90, 132 SMs).
+MODELED_TARGET = ModeledTarget(sm_count=132, arch=90)
 
 
 class _ThreadState(threading.local):
@@ -99,6 +103,7 @@ class _ThreadState(threading.local):
         self.autotune: bool | None = None  # None: the process default (FASTUNET_AUTOTUNE)
         self.stage: str | None = None  # stamped on the records of this thread's next launches
         self.target: ModeledTarget = MODELED_TARGET
+        self.load_path: str | None = None  # None: the process default (FASTUNET_LOAD_PATH)
 
 
 _thread = _ThreadState()
@@ -199,15 +204,51 @@ def device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
 
 
 @contextlib.contextmanager
-def modeled_target(sm_count: int) -> Iterator[None]:
-    """Launch choices of this thread (tiles) model a GPU with ``sm_count`` SMs where no GPU is involved: what a
-    compile report for another target traces."""
+def modeled_target(sm_count: int, arch: int = 90) -> Iterator[None]:
+    """Launch choices of this thread (tiles, load path) model ``sm_<arch>`` with ``sm_count`` SMs where no GPU is
+    involved: what a compile report for another target traces."""
     previous = _thread.target
-    _thread.target = ModeledTarget(sm_count)
+    _thread.target = ModeledTarget(sm_count, arch)
     try:
         yield
     finally:
         _thread.target = previous
+
+
+def capability(t: torch.Tensor) -> int:
+    """Compute capability of the tensor's GPU as an integer (90: sm_90); the modeled target's off the GPU."""
+    if t.device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(t.device)
+        return 10 * major + minor
+    return _thread.target.arch
+
+
+LOAD_PATHS = ("auto", "tma", "pointer")
+_LOAD_PATH_DEFAULT = os.environ.get("FASTUNET_LOAD_PATH", "auto")
+
+
+@contextlib.contextmanager
+def load_path(path: str) -> Iterator[None]:
+    """How this thread's conv launches load their operands: ``"auto"`` (TMA on sm_90 and newer where the tensors
+    allow it, pointer loads elsewhere and under the interpreter), ``"tma"`` (TMA wherever the tensors allow it, the
+    interpreter included: how the CPU test suite runs that path) or ``"pointer"``. ``FASTUNET_LOAD_PATH`` sets the
+    process default. Each launch record says which path ran and why."""
+    if path not in LOAD_PATHS:
+        raise ValueError(f"load path must be one of {list(LOAD_PATHS)}, got {path!r}")
+    previous = _thread.load_path
+    _thread.load_path = path
+    try:
+        yield
+    finally:
+        _thread.load_path = previous
+
+
+def requested_load_path() -> str:
+    """The load path this thread asks for (see :func:`load_path`)."""
+    path = _LOAD_PATH_DEFAULT if _thread.load_path is None else _thread.load_path
+    if path not in LOAD_PATHS:
+        raise ValueError(f"FASTUNET_LOAD_PATH must be one of {list(LOAD_PATHS)}, got {path!r}")
+    return path
 
 
 @functools.cache

@@ -27,11 +27,13 @@ import itertools
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from fastunet.kernels._common import (
     INTERPRET,
     LaunchRecord,
     alloc,
+    capability,
     check_runnable,
     choose_config,
     dot_flags,
@@ -42,6 +44,7 @@ from fastunet.kernels._common import (
     next_pow2,
     pixel_offset,
     record_launch,
+    requested_load_path,
     sm_count,
     to_storage,
 )
@@ -52,6 +55,9 @@ from fastunet.kernels.upsample import upsample2x_nhwc
 # (BLOCK_M, next_pow2(n_cls)) fp32 accumulator beside the main one: both bounded so the tile stays in registers.
 MAX_HEAD_CHANNELS = 128
 MAX_HEAD_CLASSES = 64
+# Pixels of the narrowest TMA row box: the sm_90 warpgroup MMA takes 64 rows a warpgroup (a 32-row dot falls back to
+# the sm_80 MMA). Automatic path choice keeps narrower maps on pointer loads, where a row box would be half padding.
+TMA_MIN_ROW = 64
 # How the decoder's second source reaches full size: already there (a transposed-conv output), or 2x upsampled.
 UP_MODES = ("direct", *UPSAMPLE_MODES)
 
@@ -130,6 +136,68 @@ def _accumulate_source(
 
 
 @triton.jit
+def _accumulate_source_tma(
+    acc_top,
+    acc_bottom,
+    src_desc,  # 4-D (batch, height, width, c_src) descriptor, box (1, 1, BLOCK_W, BLOCK_K)
+    w_desc,  # 3-D (taps, c_src, c_out) descriptor over this source's rows of the packed weight, box (1, BLOCK_K, N)
+    img,
+    y0,  # the tile's first output row and column, in this source's coordinates
+    x0,
+    n0,
+    c_src,
+    KSIZE: tl.constexpr,
+    ROWS: tl.constexpr,
+    INTERPRETER: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """acc_top (+ acc_bottom) += A_src @ W_src over every (tap, channel block) of one source, loaded by TMA.
+
+    Tap (dy, dx) of output row y is the box at (img, y + dy, x0 + dx, c0): coordinates outside the map (negative
+    or past the end) are zero-filled by the hardware, which is the convolution's zero padding, and channels past
+    ``c_src`` are zero in both operands (each source has its own weight descriptor), so no mask is computed. Both
+    operands stay in shared memory for the wgmma. A 2-row tile takes one row box per row and one accumulator per
+    row: a 2-D spatial box reshaped to one operand goes through registers and serializes the wgmma on sm_90.
+    """
+    pad: tl.constexpr = KSIZE // 2
+    dy = -pad
+    dx = -pad
+    tap = 0
+    c0 = 0
+    for _ in range(0, KSIZE * KSIZE * tl.cdiv(c_src, BLOCK_K)):
+        b = w_desc.load([tap, c0, n0]).reshape(BLOCK_K, BLOCK_N)
+        a = src_desc.load([img, y0 + dy, x0 + dx, c0]).reshape(BLOCK_W, BLOCK_K)
+        acc_top = mma(a, b, acc_top, INTERPRETER, DOT_PRECISION)
+        if ROWS == 2:
+            a = src_desc.load([img, y0 + 1 + dy, x0 + dx, c0]).reshape(BLOCK_W, BLOCK_K)
+            acc_bottom = mma(a, b, acc_bottom, INTERPRETER, DOT_PRECISION)
+        c0 += BLOCK_K
+        next_tap = c0 >= c_src
+        c0 = tl.where(next_tap, 0, c0)
+        tap += next_tap.to(tl.int32)
+        dx += next_tap.to(tl.int32)
+        next_row = dx > pad
+        dx = tl.where(next_row, -pad, dx)
+        dy += next_row.to(tl.int32)
+    return acc_top, acc_bottom
+
+
+@triton.jit
+def _window_major(top, bottom):
+    """Accumulators of two output rows, (BLOCK_W, N) each, as one (2 BLOCK_W, N) tile ordered like the pointer
+    path's: row 4 w + 2 dy + dx is pixel (y0 + dy, x0 + 2 w + dx), so each 2x2 pooling window is 4 rows."""
+    block_w: tl.constexpr = top.shape[0]
+    block_n: tl.constexpr = top.shape[1]
+    both = tl.join(top, bottom)  # (x, n, dy)
+    both = tl.reshape(both, (block_w // 2, 2, block_n, 2))  # (window, dx, n, dy)
+    both = tl.permute(both, (0, 3, 1, 2))  # (window, dy, dx, n)
+    return tl.reshape(both, (2 * block_w, block_n))
+
+
+@triton.jit
 def _conv_nhwc_kernel(
     x_ptr,  # (batch, height, width, c_main): the input, or the skip map with TWO_SOURCES
     up_ptr,  # (batch, up_h, up_w, c_up): the upsampled map (TWO_SOURCES)
@@ -139,6 +207,10 @@ def _conv_nhwc_kernel(
     pool_ptr,  # (batch, height // 2, width // 2, c_out)
     head_w_ptr,  # (c_out, n_cls)
     head_b_ptr,  # (n_cls,)
+    x_desc,  # TMA descriptors of x, up and their rows of the packed weight (TMA_ROWS > 0; None on the pointer path)
+    up_desc,
+    w_desc,
+    w_up_desc,
     batch,
     height,
     width,
@@ -176,6 +248,7 @@ def _conv_nhwc_kernel(
     POOL: tl.constexpr,
     HEAD: tl.constexpr,
     D2S: tl.constexpr,
+    TMA_ROWS: tl.constexpr,
     INTERPRETER: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -185,7 +258,9 @@ def _conv_nhwc_kernel(
 ):
     """y[p, n] = act(bias[n] + sum_k A[p, k] W[k, n]) over a (BLOCK_M pixels) x (BLOCK_N channels) tile.
 
-    Grid: (cdiv(M, BLOCK_M), cdiv(c_out, BLOCK_N)), M = batch * ceil(height/2) * ceil(width/2) * 4.
+    Grid: (cdiv(M, BLOCK_M), cdiv(c_out, BLOCK_N)), M = batch * ceil(height/2) * ceil(width/2) * 4; with TMA loads
+    (``TMA_ROWS`` row boxes of BLOCK_M / TMA_ROWS pixels per tile): (batch * cdiv(height, TMA_ROWS) *
+    cdiv(width, BLOCK_M / TMA_ROWS), cdiv(c_out, BLOCK_N)).
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -202,6 +277,23 @@ def _conv_nhwc_kernel(
     img = window // (half_w * half_h)
     oy = 2 * win_y + quad // 2
     ox = 2 * win_x + quad % 2
+    if TMA_ROWS:
+        # A tile is TMA_ROWS output rows of block_w pixels starting at (img_t, y0, x0); two rows are ordered
+        # window-major (see _window_major), so the epilogue below serves both paths.
+        block_w: tl.constexpr = BLOCK_M // TMA_ROWS
+        tiles_x = tl.cdiv(width, block_w)
+        row_groups = tl.cdiv(height, TMA_ROWS)
+        x0 = (pid_m % tiles_x) * block_w
+        y0 = (pid_m // tiles_x % row_groups) * TMA_ROWS
+        img_t = pid_m // (tiles_x * row_groups)
+        local = tl.arange(0, BLOCK_M)
+        img = tl.zeros_like(local) + img_t
+        if TMA_ROWS == 2:
+            oy = y0 + local % 4 // 2
+            ox = x0 + 2 * (local // 4) + local % 2
+        else:
+            oy = tl.zeros_like(local) + y0
+            ox = x0 + local
     m_valid = (img < batch) & (oy < height) & (ox < width)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -209,7 +301,26 @@ def _conv_nhwc_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
-    if PACKED_K:
+    if TMA_ROWS:
+        block_w_: tl.constexpr = BLOCK_M // TMA_ROWS
+        top = tl.zeros((block_w_, BLOCK_N), dtype=tl.float32)
+        bottom = tl.zeros((block_w_, BLOCK_N), dtype=tl.float32)
+        n0 = pid_n * BLOCK_N
+        top, bottom = _accumulate_source_tma(
+            top, bottom, x_desc, w_desc, img_t, y0, x0, n0, c_main,
+            KSIZE, TMA_ROWS, INTERPRETER, DOT_PRECISION, block_w_, BLOCK_N, BLOCK_K,
+        )  # fmt: skip
+        if TWO_SOURCES:
+            # The upsampled map's own coordinates (centered in the skip's frame): out-of-map boxes zero-fill.
+            top, bottom = _accumulate_source_tma(
+                top, bottom, up_desc, w_up_desc, img_t, y0 - pad_top, x0 - pad_left, n0, c_up,
+                KSIZE, TMA_ROWS, INTERPRETER, DOT_PRECISION, block_w_, BLOCK_N, BLOCK_K,
+            )  # fmt: skip
+        if TMA_ROWS == 2:
+            acc = _window_major(top, bottom)
+        else:
+            acc = top
+    elif PACKED_K:
         # K = (tap, channel) flattened; PACKED_K is the channel count (< 16), a constant so that splitting K into
         # tap and channel costs no division. An element's offset splits into its pixel's centre offset (per row) plus
         # its tap's shift and channel (per column), and its padding into a per-row tap bitmask tested per column:
@@ -339,6 +450,12 @@ def _conv_nhwc_kernel(
         pw_x = offs_w % half_w
         pw_y = (offs_w // half_w) % half_h
         p_img = offs_w // (half_w * half_h)
+        if TMA_ROWS:
+            tl.static_assert(TMA_ROWS == 2, "the pooled epilogue needs 2-row tiles")
+            local_w = tl.arange(0, BLOCK_M // 4)
+            pw_x = x0 // 2 + local_w
+            pw_y = tl.zeros_like(local_w) + y0 // 2
+            p_img = tl.zeros_like(local_w) + img_t
         p_valid = (p_img < batch) & (pw_y < height // 2) & (pw_x < width // 2)
         p_ptrs = (
             pool_ptr
@@ -531,6 +648,87 @@ def _has_internal_overlap(t: torch.Tensor) -> bool:
     return False
 
 
+def _address(t: torch.Tensor) -> int:
+    """The tensor's first element address (on ``meta``, its byte offset: storage itself is taken as aligned)."""
+    return t.storage_offset() * t.element_size() if t.device.type == "meta" else t.data_ptr()
+
+
+def _tma_problem(t: torch.Tensor, what: str) -> str | None:
+    """Why a TMA descriptor cannot address ``t`` (None when it can): every dimension non-empty, the last one
+    contiguous, the other strides and the first element 16-byte aligned."""
+    elem = t.element_size()
+    if any(size == 0 for size in t.shape):
+        return f"{what} has an empty dimension {tuple(t.shape)}"
+    if t.stride(-1) != 1:
+        return f"{what} is not contiguous in its last dimension (stride {t.stride(-1)})"
+    unaligned = [stride for stride in t.stride()[:-1] if stride * elem % 16]
+    if unaligned:
+        return (
+            f"{what} strides {tuple(t.stride())} x {elem} B are not all multiples of 16 bytes "
+            f"({t.shape[-1]} channels; TMA needs a multiple of {16 // elem})"
+        )
+    if _address(t) % 16:
+        return f"{what} starts {_address(t) % 16} bytes past a 16-byte boundary (storage offset {t.storage_offset()})"
+    return None
+
+
+def choose_load_path(
+    x: torch.Tensor, up: torch.Tensor | None, w_packed: torch.Tensor, *, packed_k: bool
+) -> tuple[str, str]:
+    """("tma" or "pointer", why) for a conv launch reading ``x`` (and ``up``) with ``w_packed``.
+
+    TMA needs sm_90 or newer (off the GPU: the modeled target; under the interpreter: only when asked for, see
+    :func:`fastunet.kernels._common.load_path`) and tensors a descriptor can address (:func:`_tma_problem`). The
+    small-K first conv keeps its packed (tap, channel) loader. Asked for automatically, maps narrower than
+    :data:`TMA_MIN_ROW` pixels stay on pointer loads (a row box would be mostly padding)."""
+    requested = requested_load_path()
+    if requested == "pointer":
+        return "pointer", "pointer loads asked for (load_path or FASTUNET_LOAD_PATH)"
+    if packed_k:
+        return "pointer", f"small-K loader: {x.shape[-1]} input channels packed with the taps into one K axis"
+    if INTERPRET:
+        if requested == "auto":
+            return "pointer", "the interpreter runs pointer loads unless TMA is asked for (load_path('tma'))"
+    elif capability(x) < 90:
+        return "pointer", f"sm_{capability(x)}: TMA needs sm_90 or newer"
+    for t, what in ((x, "input"), (up, "upsampled input"), (w_packed, "packed weight")):
+        problem = None if t is None else _tma_problem(t, what)
+        if problem:
+            return "pointer", problem
+    width = x.shape[2]
+    if requested == "auto" and width < TMA_MIN_ROW:
+        return "pointer", f"map {width} px wide: a {TMA_MIN_ROW}-px TMA row box would be mostly padding"
+    if requested == "tma":
+        return "tma", "TMA asked for; strides and addresses 16-byte aligned"
+    return "tma", f"sm_{capability(x)}: NHWC strides and addresses 16-byte aligned"
+
+
+def _tma_tile(config: dict, width: int, pool: bool) -> tuple[int, int]:
+    """(row boxes, BLOCK_M) of a TMA tile for a config chosen by pixel count: rows of at least :data:`TMA_MIN_ROW`
+    pixels, as wide as BLOCK_M where the map is; two rows where the pooled epilogue needs whole 2x2 windows."""
+    if pool:
+        return 2, 2 * max(TMA_MIN_ROW, config["BLOCK_M"] // 2)
+    block_w = max(TMA_MIN_ROW, min(config["BLOCK_M"], next_pow2(width)))
+    rows = max(1, config["BLOCK_M"] // block_w)
+    return rows, rows * block_w
+
+
+def _tma_descriptors(x, up, w_packed, c_main, rows, block_m, block_n, block_k) -> tuple:
+    """Host-side descriptors: one per source over its NHWC map (row boxes), one per source over its rows of the
+    packed weight viewed as (taps, c_in, c_out), so channels past a source's own read as zero."""
+    block_w = block_m // rows
+    w_rows = w_packed.view(-1, x.shape[-1] + (up.shape[-1] if up is not None else 0), w_packed.shape[-1])
+
+    def describe(t: torch.Tensor, block: list[int]) -> TensorDescriptor:
+        return TensorDescriptor(t, list(t.shape), list(t.stride()), block)
+
+    x_desc = describe(x, [1, 1, block_w, block_k])
+    w_desc = describe(w_rows[:, :c_main], [1, block_k, block_n])
+    if up is None:
+        return x_desc, None, w_desc, None
+    return x_desc, describe(up, [1, 1, block_w, block_k]), w_desc, describe(w_rows[:, c_main:], [1, block_k, block_n])
+
+
 @dataclasses.dataclass(frozen=True)
 class _Geometry:
     """Sizes of one conv launch beyond its input's shape."""
@@ -570,11 +768,22 @@ def _launch(x, up, w_packed, bias, y, pooled, head_w, head_b, *, geometry, ksize
     hw = head_w if head_w is not None else w_packed
     hb = head_b if head_b is not None else w_packed
     b = bias if bias is not None else w_packed
-    args = (
-        x, up_t, w_packed, b, y, pool_t, hw, hb,
-        batch, height, width, c_main, g.c_up, g.c_out, g.n_cls, g.up_h, g.up_w, g.pad_top, g.pad_left,
-        *x.stride(), *up_t.stride(), *y.stride(), *pool_t.stride(),
-    )  # fmt: skip
+
+    def tile_of(cfg: dict) -> tuple[int, int]:
+        """(TMA_ROWS, BLOCK_M): 0 row boxes on the pointer path."""
+        return _tma_tile(cfg, width, pooled is not None) if path == "tma" else (0, cfg["BLOCK_M"])
+
+    def args_of(cfg: dict) -> tuple:
+        rows, block_m = tile_of(cfg)
+        descriptors = (None,) * 4
+        if rows:
+            descriptors = _tma_descriptors(x, up, w_packed, c_main, rows, block_m, cfg["BLOCK_N"], cfg["BLOCK_K"])
+        return (
+            x, up_t, w_packed, b, y, pool_t, hw, hb, *descriptors,
+            batch, height, width, c_main, g.c_up, g.c_out, g.n_cls, g.up_h, g.up_w, g.pad_top, g.pad_left,
+            *x.stride(), *up_t.stride(), *y.stride(), *pool_t.stride(),
+        )  # fmt: skip
+
     flags = {
         "KSIZE": ksize,
         "TWO_SOURCES": up is not None,
@@ -592,23 +801,30 @@ def _launch(x, up, w_packed, bias, y, pooled, head_w, head_b, *, geometry, ksize
     }
     if m == 0 or g.c_out == 0:
         return
+    path, path_reason = choose_load_path(x, up, w_packed, packed_k=packed_k)
 
     def grid_of(cfg: dict) -> tuple[int, int]:
+        rows, block_m = tile_of(cfg)
+        if rows:
+            tiles = batch * triton.cdiv(height, rows) * triton.cdiv(width, block_m // rows)
+            return (tiles, triton.cdiv(g.c_out, cfg["BLOCK_N"]))
         return (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(g.c_out, cfg["BLOCK_N"]))
 
     def constexprs_of(cfg: dict) -> dict:
         # Channel counts that fill whole K blocks (every layer of the usual U-Nets) drop the K masks.
         even_k = c_main % cfg["BLOCK_K"] == 0 and g.c_up % cfg["BLOCK_K"] == 0
-        return {**flags, "EVEN_K": even_k, **{key: cfg[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}}
+        rows, block_m = tile_of(cfg)
+        tile = {"BLOCK_M": block_m, "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"]}
+        return {**flags, "EVEN_K": even_k, "TMA_ROWS": rows, **tile}
 
     def run(cfg: dict) -> None:
         with launch_guard(x):
             _conv_nhwc_kernel[grid_of(cfg)](
-                *args, **constexprs_of(cfg), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]
+                *args_of(cfg), **constexprs_of(cfg), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]
             )
 
     # Shapes share a tuning result when they differ only in the pixel count's power-of-two bucket.
-    key = ("conv", x.dtype, tuple(flags.items()), next_pow2(m), c_main, g.c_up, g.c_out, g.n_cls)
+    key = ("conv", x.dtype, tuple(flags.items()), path, next_pow2(m), c_main, g.c_up, g.c_out, g.n_cls)
     cfg = choose_config(key, candidates, run)
     tensors = [t for t in (x, up, w_packed, bias, head_w, head_b) if t is not None]
     record_launch(
@@ -619,10 +835,12 @@ def _launch(x, up, w_packed, bias, y, pooled, head_w, head_b, *, geometry, ksize
             flops=flops,
             bytes_read=sum(t.numel() * t.element_size() for t in tensors),
             bytes_written=sum(t.numel() * t.element_size() for t in (y, pooled) if t is not None),
-            args=args,
+            args=args_of(cfg),
             constexprs=constexprs_of(cfg),
             launch_options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]},
             candidates=tuple(candidates),
+            path=path,
+            path_reason=path_reason,
         )
     )
     if not is_dry_run():
@@ -814,5 +1032,6 @@ __all__ = [
     "ConvProblem",
     "candidate_configs",
     "check_weight_addressable",
+    "choose_load_path",
     "pick_config",
 ]

@@ -307,3 +307,30 @@ def test_straight_line_kernel_is_one_pass():
     assert (loop.first, loop.last) == (0, 0x60)
     assert loop.mma == 2 and loop.instructions == 7 and loop.k_steps == 1
     assert loop.issue_ratio == pytest.approx(4 * 7 / 4 / 100.0)
+
+
+def test_out_of_line_wait_is_no_loop():
+    """TMA loops wait on an mbarrier whose retry path sits after the kernel's exit and jumps back into the loop. That
+    backward jump straddles the loop's end and closes no loop: counting it would take the epilogue (and its fused
+    head's HGMMA) for a main loop of several hundred instructions."""
+    ops = [
+        "UTMALDG.4D [UR8], [UR10]",  # 0x00 prologue load
+        "SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR7], R5",  # 0x10 loop head: wait for the stage
+        "@!P0 BRA 0xa0",  # 0x20 not ready yet: the out-of-line retry
+        "HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4].tnspB, R24",  # 0x30 resumes here
+        "UTMALDG.4D [UR8], [UR10]",
+        "@P1 BRA 0x10",  # 0x50 loop end
+        "HGMMA.64x16x16.F32.BF16 R40, R24, gdesc[UR16].tnspB, R40",  # 0x60 epilogue GEMM
+        "STG.E desc[UR4][R2.64], R40",
+        "EXIT",
+        "NOP",
+        "SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR7], R5",  # 0xa0 retry: spin, then back into the loop
+        "@!P0 BRA 0xa0",
+        "BRA 0x30",  # 0xc0
+        "BRA 0xd0",
+    ]
+    sass = "\n".join(f"        /*{16 * i:04x}*/                   {op} ;" for i, op in enumerate(ops))
+    instructions = issue_model.parse_sass(sass)
+    assert issue_model.find_loops(instructions) == [(0x10, 0x50), (0xA0, 0xB0)]
+    (loop,) = issue_model.tensor_loops(instructions, (64, 64, 16), 4, 100.0, 4)
+    assert (loop.first, loop.last, loop.instructions, loop.mma, loop.tma_loads) == (0x10, 0x50, 5, 1, 1)
