@@ -224,7 +224,7 @@ def conv2d_weight_grad_nhwc(
     per_split = triton.cdiv(per_split, block_p) * block_p
     part = alloc((splits, rows, c_out), torch.float32, x.device)
     bias_part = alloc((splits, c_out), torch.float32, x.device) if bias else part
-    interpreter, precision = dot_flags(x.dtype, torch.backends.cuda.matmul.allow_tf32)
+    interpreter, precision = dot_flags(x.dtype, torch.backends.cudnn.allow_tf32)
     grid = (ksize * ksize * triton.cdiv(c_in, block_c), triton.cdiv(c_out, block_n), splits)
     args = (
         x, dz, part, bias_part, batch, in_h, in_w, out_h, out_w, c_in, c_out, rows, per_split,

@@ -39,8 +39,12 @@ def _poisoned_outputs():
 
 
 @pytest.fixture(autouse=True)
-def _restore_tf32():
+def _ieee_fp32_by_default():
+    """fp32 runs as IEEE fp32 in every test (TF32 off, as PyTorch's own suite does), so fp32 checks hold the kernels
+    and the references to the strict budget on a GPU too; the TF32 tests turn it on with the ``tf32`` fixture. The
+    switches are restored after each test."""
     cudnn, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     yield
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = cudnn, matmul
 
@@ -52,5 +56,11 @@ def device() -> torch.device:
 
 @pytest.fixture
 def ieee_fp32():
-    """fp32 without TF32, for the strict tolerance on a GPU (restored by _restore_tf32)."""
+    """fp32 without TF32 (the default of every test; kept for the tests that say so explicitly)."""
     torch.backends.cudnn.allow_tf32 = False
+
+
+@pytest.fixture
+def tf32():
+    """fp32 convolutions on TF32 tensor cores, PyTorch's default for cuDNN convs (restored after the test)."""
+    torch.backends.cudnn.allow_tf32 = True

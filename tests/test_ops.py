@@ -143,7 +143,7 @@ def test_cuda_graph_capture_and_replay():
 
 
 @pytest.mark.gpu
-def test_non_default_gpu():
+def test_non_default_gpu(tf32):
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two CUDA devices")
     device = torch.device("cuda", 1)

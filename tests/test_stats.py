@@ -9,12 +9,25 @@ import torch.nn.functional as F
 
 from fastunet.kernels.stats import norm_scale_shift, partial_moments
 
+DEVICE = None  # set by the autouse fixture below: the suite's device
+
+
+@pytest.fixture(autouse=True)
+def _device(device):
+    global DEVICE
+    DEVICE = device
+
+
+def _on(t):
+    return None if t is None else t.to(DEVICE)
+
 
 def _normalized(z_nchw: torch.Tensor, groups: int, weight, bias, eps: float, block_m: int = 16) -> torch.Tensor:
-    """z * scale + shift in float64, scale and shift from the kernels."""
-    mean, m2, count = partial_moments(z_nchw.permute(0, 2, 3, 1), block_m)
-    scale, shift = norm_scale_shift(mean, m2, count, groups, weight, bias, eps)
-    return z_nchw.double() * scale.double()[:, :, None, None] + shift.double()[:, :, None, None]
+    """z * scale + shift in float64 on the CPU, scale and shift from the kernels on the suite's device."""
+    mean, m2, count = partial_moments(_on(z_nchw).permute(0, 2, 3, 1), block_m)
+    scale, shift = norm_scale_shift(mean, m2, count, groups, _on(weight), _on(bias), eps)
+    scale, shift = scale.double().cpu(), shift.double().cpu()
+    return z_nchw.double() * scale[:, :, None, None] + shift[:, :, None, None]
 
 
 @pytest.mark.parametrize("groups", [1, 2, 6])
@@ -39,9 +52,9 @@ def test_large_mean_does_not_cancel():
     """Values 1e4 + O(1): sum and sum of squares lose the variance in fp32; merged moments keep it."""
     torch.manual_seed(1)
     z = 1e4 + torch.randn(2, 4, 32, 32)
-    mean, m2, count = partial_moments(z.permute(0, 2, 3, 1), 64)
+    mean, m2, count = partial_moments(_on(z).permute(0, 2, 3, 1), 64)
     scale, _ = norm_scale_shift(mean, m2, count, 4, None, None, 0.0)
-    var = 1.0 / scale.double() ** 2
+    var = 1.0 / scale.double().cpu() ** 2
     expected = z.double().var(dim=(2, 3), unbiased=False)
     # fp32 means near 1e4 carry ~5e-4 of rounding, so ~1e-3 relative is the floor for any fp32 method here ...
     torch.testing.assert_close(var, expected, rtol=1e-3, atol=0)
@@ -81,23 +94,23 @@ def test_nan_and_inf_poison_only_their_group():
 
 def test_constant_map_gives_eps_scale():
     z = torch.full((1, 2, 4, 4), 3.0)
-    mean, m2, count = partial_moments(z.permute(0, 2, 3, 1), 16)
+    mean, m2, count = partial_moments(_on(z).permute(0, 2, 3, 1), 16)
     scale, shift = norm_scale_shift(mean, m2, count, 2, None, None, 0.25)
-    torch.testing.assert_close(scale, torch.full((1, 2), 2.0))
-    torch.testing.assert_close(shift, torch.full((1, 2), -6.0))
+    torch.testing.assert_close(scale.cpu(), torch.full((1, 2), 2.0))
+    torch.testing.assert_close(shift.cpu(), torch.full((1, 2), -6.0))
 
 
 def test_bad_arguments_are_refused():
-    mean, m2, count = partial_moments(torch.randn(1, 4, 4, 6), 16)
+    mean, m2, count = partial_moments(_on(torch.randn(1, 4, 4, 6)), 16)
     with pytest.raises(ValueError, match="positive divisor of the 6 channels, got 4"):
         norm_scale_shift(mean, m2, count, 4, None, None, 1e-5)
     with pytest.raises(ValueError, match="both weight and bias"):
-        norm_scale_shift(mean, m2, count, 6, torch.ones(6), None, 1e-5)
+        norm_scale_shift(mean, m2, count, 6, _on(torch.ones(6)), None, 1e-5)
     with pytest.raises(ValueError, match=r"weight must have shape \(6,\)"):
-        norm_scale_shift(mean, m2, count, 6, torch.ones(5), torch.ones(5), 1e-5)
+        norm_scale_shift(mean, m2, count, 6, _on(torch.ones(5)), _on(torch.ones(5)), 1e-5)
     with pytest.raises(ValueError, match="count of shape"):
         norm_scale_shift(mean, m2, count.reshape(-1), 6, None, None, 1e-5)
     with pytest.raises(ValueError, match="power of two"):
-        partial_moments(torch.randn(1, 4, 4, 6), 24)
+        partial_moments(_on(torch.randn(1, 4, 4, 6)), 24)
     with pytest.raises(ValueError, match="4-D"):
-        partial_moments(torch.randn(4, 4, 6), 16)
+        partial_moments(_on(torch.randn(4, 4, 6)), 16)
