@@ -147,3 +147,42 @@ def test_interpreter_refuses_an_incompatible_numpy_before_launching(monkeypatch)
     x = torch.randn(1, 4, 4, 3)
     with pytest.raises(RuntimeError, match=r"NumPy 2\.4\.6.*pip install 'numpy<2\.4'"):
         conv2d_nhwc(x, pack_conv_weight(torch.randn(2, 3, 3, 3)), torch.randn(2))
+
+
+CORE = ("model", "ops", "convert", "dispatch", "plan_cache", "sharing", "reference", "parity")
+
+
+def _module_level_imports(path: pathlib.Path) -> list[str]:
+    """Modules a file imports when it is imported (module level, ``if``/``try`` blocks included; not inside
+    functions or classes)."""
+    import ast
+
+    found, todo = [], list(ast.parse(path.read_text()).body)
+    while todo:
+        node = todo.pop()
+        if isinstance(node, ast.Import):
+            found += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            found += [base] + [f"{base}.{alias.name}" for alias in node.names]
+        elif isinstance(node, (ast.If, ast.Try)):
+            todo += node.body + node.orelse + getattr(node, "finalbody", [])
+            todo += [stmt for handler in getattr(node, "handlers", []) for stmt in handler.body]
+    return found
+
+
+@pytest.mark.parametrize(
+    "path",
+    [ROOT / "fastunet" / f"{name}.py" for name in CORE] + sorted((ROOT / "kernels").glob("*.py")),
+    ids=lambda path: path.relative_to(ROOT).as_posix(),
+)
+def test_the_forward_path_does_not_import_the_tooling(path):
+    """The forward path (model, ops, convert, kernels, ...) imports neither the tooling nor the command line when it
+    is imported: the core reads on its own."""
+    imports = _module_level_imports(path)
+    assert any(name.startswith(("torch", "triton", "fastunet")) for name in imports)  # the walk sees its imports
+    assert not [name for name in imports if name.startswith(("fastunet.tooling", "fastunet.cli"))]
+
+
+def test_the_tooling_package_imports_nothing_itself():
+    assert _module_level_imports(ROOT / "fastunet" / "tooling" / "__init__.py") == []

@@ -2,12 +2,12 @@
 
 First the ceilings of this device: a large dense bf16 matmul and a device-to-device copy, both with
 ``triton.testing.do_bench``; the roofline floors and the "% of the bf16 matmul rate" use them. Then, for each
-configuration of the benchmark table (:mod:`fastunet.tooling.shapes`) and each dtype: check fastunet's output against eager PyTorch and a float64
-reference (normwise errors, published budgets), then time every provider with ``do_bench`` (CUDA events, L2
-flushed between calls, median of the timed calls; the first call, which compiles and autotunes, and the warm-up
-calls are not timed), record the peak memory of one forward, and time each stage of the fused forward alone against
-the same math in eager PyTorch and torch.compile. With ``--profile DIR``, one forward per provider is also recorded
-with ``torch.profiler`` (Chrome trace format).
+configuration of the benchmark table (:mod:`fastunet.tooling.shapes`) and each dtype: check fastunet's output
+against eager PyTorch and a float64 reference (normwise errors, published budgets), then time every provider with
+``do_bench`` (CUDA events, L2 flushed between calls, median of the timed calls; the first call, which compiles and
+autotunes, and the warm-up calls are not timed), record the peak memory of one forward, and time each stage of the
+fused forward alone against the same math in eager PyTorch and torch.compile. With ``--profile DIR``, one forward
+per provider is also recorded with ``torch.profiler`` (Chrome trace format).
 
 The work runs in phases, so that a run cut short keeps what matters most: fastunet and eager PyTorch on every
 configuration (whole network, then each stage), then ``torch.compile`` (default mode), then max-autotune. A step
