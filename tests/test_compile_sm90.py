@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from fastunet.tooling.compile_report import REFERENCE_MODEL, specialize, trace_for_target
+from fastunet.tooling.dtypes import torch_dtype
 from fastunet.tooling.roofline import Ceilings, config_roofline
 
 UPSAMPLES = ("transpose", "bilinear", "nearest")
@@ -164,7 +165,7 @@ def model_problems(report: dict, dtype: str, upsamples=UPSAMPLES) -> list[str]:
     ceilings = Ceilings("model", {"fp16": H200_PEAK["fp16"], "bf16": H200_PEAK["bf16"]}, H200_BANDWIDTH, H200_SMS)
     for (upsample, batch), model in sorted(models.items()):
         kwargs = {**REFERENCE_MODEL, "upsample": upsample}
-        floor = config_roofline(kwargs, (batch, 3, 512, 512), getattr(torch, DTYPE_NAMES[dtype]), ceilings=ceilings)
+        floor = config_roofline(kwargs, (batch, 3, 512, 512), torch_dtype(dtype), ceilings=ceilings)
         layers = model["layers"]
         if [la["stage"] for la in layers] != [la.stage for la in floor.launches]:
             found.append(f"{upsample} b{batch}: stages {[la['stage'] for la in layers]}")
@@ -180,9 +181,6 @@ def model_problems(report: dict, dtype: str, upsamples=UPSAMPLES) -> list[str]:
         if model["fraction_of_peak"] != pytest.approx(floor.flops / (total_ms * 1e-3) / H200_PEAK[dtype], rel=1e-3):
             found.append(f"{upsample} b{batch}: fraction of peak {model['fraction_of_peak']}")
     return found
-
-
-DTYPE_NAMES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 
 
 # One test per dtype (not one per check): under pytest-xdist, tests sharing a fixture can land on different
