@@ -20,15 +20,13 @@ from __future__ import annotations
 
 import gc
 
-import _source_tree  # noqa: F401  (makes fastunet importable from the source tree)
 import pytest
 import torch
-from providers import DEFAULT_COMPILE_MODE, PROVIDERS
-from shapes import CONFIGS, NETWORK_CONFIGS, STAGE_CONFIGS, bench_stages
 
 from fastunet.kernels import INTERPRET
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+from fastunet.tooling.dtypes import DTYPES
+from fastunet.tooling.providers import DEFAULT_COMPILE_MODE, PROVIDERS
+from fastunet.tooling.shapes import CONFIGS, NETWORK_CONFIGS, STAGE_CONFIGS, bench_stages
 
 
 def _names(value: str) -> list[str]:
@@ -40,7 +38,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(
         "--bench-config",
         default=",".join(NETWORK_CONFIGS),
-        help=f"whole-network configs from bench/shapes.py (default %(default)s; all: {','.join(CONFIGS)})",
+        help=f"whole-network configs from fastunet.tooling.shapes (default %(default)s; all: {','.join(CONFIGS)})",
     )
     group.addoption(
         "--stage-config",

@@ -1,7 +1,7 @@
 """Roofline model of the benchmark configurations (a model, not a measurement).
 
-The model itself is :mod:`fastunet.roofline` (installed with the package, also behind ``fastunet roofline``); this
-script applies it to every configuration of ``bench/shapes.py``::
+The model itself is :mod:`fastunet.tooling.roofline` (installed with the package, also behind ``fastunet roofline``);
+this script applies it to every configuration of the benchmark table (:mod:`fastunet.tooling.shapes`)::
 
     python bench/roofline.py                          # summary of every config, launches of ref-bilinear-b1
     python bench/roofline.py --launches ref-transpose-b16 --dtype bfloat16
@@ -11,20 +11,23 @@ from __future__ import annotations
 
 import argparse
 
-import _source_tree  # noqa: F401  (makes fastunet importable from the source tree)
-import torch
-from shapes import CONFIGS
-
 from fastunet.parity import math_mode
-from fastunet.roofline import H100, config_roofline, eager_estimate, format_ceilings, format_launches, format_summary
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+from fastunet.tooling.dtypes import DTYPES, dtype_name
+from fastunet.tooling.roofline import (
+    H100,
+    config_roofline,
+    eager_estimate,
+    format_ceilings,
+    format_launches,
+    format_summary,
+)
+from fastunet.tooling.shapes import CONFIGS
 
 
 def main(argv: list[str] | None = None) -> int:
     """Print the per-config summary table, then the per-launch table of one config."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--dtype", choices=list(DTYPES), default="float16")
+    parser.add_argument("--dtype", type=dtype_name, default="float16", help="float16 (fp16), bfloat16 (bf16), float32")
     parser.add_argument("--launches", choices=list(CONFIGS), default="ref-bilinear-b1", metavar="CONFIG")
     args = parser.parse_args(argv)
     dtype = DTYPES[args.dtype]

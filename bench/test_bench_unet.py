@@ -18,12 +18,18 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from providers import eager_stage, make_input, make_model, network_callable, stage_callable, stage_tensors
-from shapes import BenchConfig, Stage
 
 from fastunet.parity import NETWORK_BUDGETS, math_mode, network_error
-from fastunet.roofline import trace_config
-from fastunet.trace import summarize
+from fastunet.tooling.providers import (
+    eager_stage,
+    make_input,
+    make_model,
+    network_callable,
+    stage_callable,
+    stage_tensors,
+)
+from fastunet.tooling.shapes import BenchConfig, Stage
+from fastunet.tooling.trace import summarize, trace_config
 
 pytest.importorskip("pytest_benchmark", reason="the benchmark suite needs pytest-benchmark")
 pytestmark = pytest.mark.gpu

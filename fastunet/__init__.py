@@ -3,7 +3,7 @@
 from fastunet.convert import ConversionError, ConvertedUNet, UnwrappedModuleWarning, convert
 from fastunet.model import FastUNet, FastUNetFallbackWarning
 from fastunet.reference import UNet
-from fastunet.trace import summarize, trace
+from fastunet.tooling.trace import summarize, trace
 
 __all__ = [
     "ConversionError",

@@ -13,8 +13,8 @@
 interpreter. The interpreter is chosen by ``TRITON_INTERPRET=1`` before ``triton`` is imported; when this process
 imported it already, ``check`` re-runs itself in a child process with the variable set.
 
-``bench`` on a CUDA machine (from a source checkout: the benchmarks live in ``bench/``) checks parity, then times
-each provider and each stage. Without a GPU it makes no timings: it says so, runs the parity check under the
+``bench`` on a CUDA machine checks parity, then times each provider and each stage (:mod:`fastunet.tooling.timing`,
+part of the installed package). Without a GPU it makes no timings: it says so, runs the parity check under the
 interpreter on a small configuration, and prints the roofline model, the sm_90 compile report and the issue model of
 the chosen configuration instead.
 """
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib
 import json
 import os
 import subprocess
@@ -31,17 +30,16 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+from fastunet.tooling.dtypes import DTYPES, SHORT_NAMES, dtype_name, short_dtype_name
+from fastunet.tooling.timing_args import add_timing_args, finish_timing_args
+
 _CHILD_MARK = "FASTUNET_CLI_INTERPRETER_CHILD"
 
 CHECK_DEFAULTS = {"base_channels": 8, "depth": 3, "size": 32, "batch": 2, "dtype": "float32"}
 REFERENCE_DEFAULTS = {"base_channels": 64, "depth": 4, "size": 512, "batch": 1, "dtype": "float16"}
-BENCH_PROVIDERS = ("fastunet", "torch-eager", "torch-compile", "torch-compile-max-autotune")
-REPORT_DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 
 
 def positive_int(text: str) -> int:
@@ -68,7 +66,12 @@ def _add_model_args(parser: argparse.ArgumentParser, defaults: dict) -> None:
     group.add_argument("--size", type=positive_int, default=defaults["size"], help="H and W (default %(default)s)")
     group.add_argument("--height", type=positive_int, help="H, overriding --size")
     group.add_argument("--width", type=positive_int, help="W, overriding --size")
-    group.add_argument("--dtype", choices=sorted(DTYPES), default=defaults["dtype"])
+    group.add_argument(
+        "--dtype",
+        type=dtype_name,
+        default=defaults["dtype"],
+        help="float32 (fp32), float16 (fp16) or bfloat16 (bf16) (default %(default)s)",
+    )
 
 
 def _check_size_for_depth(depth: int, height: int, width: int, options: str) -> None:
@@ -163,12 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
         "roofline model and the sm_90 compile report of the chosen configuration.",
     )
     _add_model_args(bench, REFERENCE_DEFAULTS)
-    add_bench_timing_args(bench)
+    add_timing_args(bench)
     cpu = bench.add_argument_group("without a GPU")
     cpu.add_argument(
         "--report-dtypes",
         nargs="+",
-        choices=list(REPORT_DTYPES.values()),
+        type=short_dtype_name,
         help="dtypes of the compile report (default fp16 bf16 for half-precision configs, else the config's dtype)",
     )
     cpu.add_argument("--no-report", action="store_true", help="leave out the sm_90 compile report")
@@ -281,13 +284,12 @@ def _run_check(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 # -- trace and roofline -------------------------------------------------------------------------------------------
 def _run_trace(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from fastunet.roofline import stage_labels, trace_config
-    from fastunet.trace import summarize
+    from fastunet.tooling.trace import stage_labels, summarize, trace_config
 
     _check_weights(args)
 
     records = trace_config(_model_kwargs(args), _input_shape(args), DTYPES[args.dtype])
-    labels = stage_labels(records, args.depth)
+    labels = stage_labels(records)
     print(f"launches of one FastUNet forward (traced, nothing runs): {_describe(args)}")
     header = (
         f"{'#':>3}  {'stage':<16} {'kernel':<19} {'grid':<12} {'BLOCK MxNxK':<13} {'warps':>5} {'stages':>6} "
@@ -313,7 +315,7 @@ def _run_trace(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 
 def _run_roofline(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from fastunet.roofline import (
+    from fastunet.tooling.roofline import (
         DEFAULT_CEILINGS,
         config_roofline,
         eager_estimate,
@@ -337,74 +339,6 @@ def _run_roofline(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 
 # -- bench ----------------------------------------------------------------------------------------------------------
-def add_bench_timing_args(parser: argparse.ArgumentParser) -> None:
-    """Options of a GPU timing run, shared by ``fastunet bench`` and ``bench/run_gpu.py``."""
-    group = parser.add_argument_group("timing (GPU)")
-    group.add_argument(
-        "--providers",
-        nargs="+",
-        choices=BENCH_PROVIDERS,
-        default=list(BENCH_PROVIDERS),
-        help="whole-network providers (default: all)",
-    )
-    group.add_argument(
-        "--stage-providers",
-        nargs="+",
-        choices=BENCH_PROVIDERS,
-        default=["fastunet", "torch-eager", "torch-compile"],
-        help="providers of the per-stage timings (default %(default)s)",
-    )
-    group.add_argument("--no-stages", action="store_true", help="leave out the per-stage timings")
-    group.add_argument(
-        "--max-autotune-mode",
-        default="max-autotune",
-        help="torch.compile mode of torch-compile-max-autotune (default %(default)s; max-autotune-no-cudagraphs "
-        "leaves out CUDA graphs, which fastunet does not use)",
-    )
-    group.add_argument("--quick", action="store_true", help="shorter timing (and the quick config set of run_gpu.py)")
-    group.add_argument("--no-fp64", action="store_true", help="skip the float64 reference check")
-    group.add_argument("--no-ceilings", action="store_true", help="use the recorded H100 ceilings, measure none")
-    group.add_argument(
-        "--autotune",
-        action="store_true",
-        help="let fastunet time its candidate tiles on the first call of each shape (as FASTUNET_AUTOTUNE=1 does)",
-    )
-    group.add_argument("--warmup-ms", type=float, default=None, help="do_bench warm-up time (default 100, quick 25)")
-    group.add_argument("--rep-ms", type=float, default=None, help="do_bench timed time (default 500, quick 200)")
-    group.add_argument("--stage-rep-ms", type=float, default=None, help="do_bench time per stage (default 100)")
-    group.add_argument(
-        "--time-budget-s",
-        type=float,
-        default=360.0,
-        help="start no new configuration and no new torch.compile after this many seconds (default %(default)s)",
-    )
-    group.add_argument("--seed", type=int, default=0)
-    group.add_argument("--json", metavar="FILE", help="write the results as JSON to FILE")
-    group.add_argument(
-        "--profile", metavar="DIR", help="write a torch.profiler trace (Chrome format) of one forward per provider"
-    )
-
-
-def finish_bench_timing_args(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill the defaults that depend on ``--quick``."""
-    if args.warmup_ms is None:
-        args.warmup_ms = 25.0 if args.quick else 100.0
-    if args.rep_ms is None:
-        args.rep_ms = 200.0 if args.quick else 500.0
-    if args.stage_rep_ms is None:
-        args.stage_rep_ms = 50.0 if args.quick else 100.0
-    return args
-
-
-def _bench_dir() -> Path | None:
-    import fastunet
-
-    for root in (Path(fastunet.__file__).resolve().parents[1], Path.cwd()):
-        if (root / "bench" / "run_gpu.py").is_file():
-            return root / "bench"
-    return None
-
-
 def _section(title: str) -> None:
     print(f"\n== {title} " + "=" * max(0, 100 - len(title)), flush=True)
 
@@ -419,7 +353,7 @@ def _child_env(interpret: bool) -> dict:
 def _bench_without_gpu(args: argparse.Namespace) -> int:
     """No GPU: say so, then parity under the interpreter (small config), the roofline model and the compile report
     of the chosen configuration. Nothing here is timed as speed."""
-    from fastunet.roofline import format_roofline_report, roofline_report
+    from fastunet.tooling.roofline import format_roofline_report, roofline_report
 
     started = time.perf_counter()
     print(
@@ -470,7 +404,7 @@ def _bench_without_gpu(args: argparse.Namespace) -> int:
 
     if not args.no_report:
         dtypes = args.report_dtypes or (
-            ["fp16", "bf16"] if args.dtype in ("float16", "bfloat16") else [REPORT_DTYPES[args.dtype]]
+            ["fp16", "bf16"] if args.dtype in ("float16", "bfloat16") else [SHORT_NAMES[args.dtype]]
         )
         _section(
             f"3. sm_90 compile report and issue model ({' and '.join(dtypes)}; compiled for the GPU, nothing runs here)"
@@ -501,7 +435,7 @@ def _bench_without_gpu(args: argparse.Namespace) -> int:
             ]
             if _input_shape(args)[2] != _input_shape(args)[3]:
                 print("compile report: traced at H = W = --height (tile choices rarely depend on the aspect)")
-            command = [sys.executable, "-m", "fastunet.compile_report", *report_argv]
+            command = [sys.executable, "-m", "fastunet.tooling.compile_report", *report_argv]
             report_status = subprocess.call(command, env=_child_env(False))
             if os.path.exists(path):
                 with open(path) as handle:
@@ -522,24 +456,15 @@ def _bench_without_gpu(args: argparse.Namespace) -> int:
 
 
 def _bench_on_gpu(args: argparse.Namespace) -> int:
-    bench = _bench_dir()
-    if bench is None:
-        print(
-            "bench: bench/run_gpu.py not found: the GPU benchmarks live in the source tree, not in the installed "
-            "package; run this from a checkout of the repository",
-            file=sys.stderr,
-        )
-        return 2
     if _interpreter_state() or os.environ.get("TRITON_INTERPRET") == "1":
         print("bench: TRITON_INTERPRET=1 is set: unset it to time the compiled kernels", file=sys.stderr)
         return 2
-    if str(bench) not in sys.path:
-        sys.path.insert(0, str(bench))
-    run_gpu = importlib.import_module("run_gpu")
-    shapes = importlib.import_module("shapes")
+    from fastunet.tooling import timing
+    from fastunet.tooling.shapes import BenchConfig
+
     batch, c_in, height, width = _input_shape(args)
     kwargs = _model_kwargs(args)
-    config = shapes.BenchConfig(
+    config = BenchConfig(
         name=f"{kwargs['upsample']}-b{kwargs['base_channels']}-d{kwargs['depth']}-{height}x{width}-n{batch}",
         in_channels=c_in,
         num_classes=kwargs["num_classes"],
@@ -553,13 +478,12 @@ def _bench_on_gpu(args: argparse.Namespace) -> int:
         align_corners=kwargs["align_corners"],
         note="fastunet bench",
     )
-    args.out = str(bench / "results")
-    status, _ = run_gpu.run(args, [config], [args.dtype])
+    status, _ = timing.run(args, [config], [args.dtype])
     return status
 
 
 def _run_bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    finish_bench_timing_args(args)
+    finish_timing_args(args)
     _check_weights(args)
     if torch.cuda.is_available():
         return _bench_on_gpu(args)
@@ -567,12 +491,9 @@ def _run_bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 
 def _run_report(rest: Sequence[str]) -> int:
-    try:
-        compile_report = importlib.import_module("fastunet.compile_report")
-    except ImportError as error:
-        print(f"report: the compile report is not available in this installation ({error})", file=sys.stderr)
-        return 2
-    return int(compile_report.main(list(rest), prog="fastunet report") or 0)
+    from fastunet.tooling import compile_report
+
+    return compile_report.main(list(rest), prog="fastunet report")
 
 
 _PASSTHROUGH = {"report": _run_report}

@@ -1,5 +1,6 @@
-"""The tools of ``bench/`` that run without a GPU: the suite's collection, the compile report's schema and occupancy,
-the per-stage roofline report against hand counts, the PNG writer, and the GPU run's plumbing on fake timings."""
+"""The benchmark tools that run without a GPU: the suite's collection, the compile report's schema and occupancy,
+the per-stage roofline report against hand counts, the PNG writer, and the GPU timing run's plumbing on fake
+timings."""
 
 from __future__ import annotations
 
@@ -15,14 +16,17 @@ import numpy as np
 import pytest
 import torch
 
-from fastunet.compile_report import occupancy
-from fastunet.roofline import H100, H200, roofline_report
+from fastunet.tooling import providers
+from fastunet.tooling import timing as run_gpu
+from fastunet.tooling.compile_report import occupancy
+from fastunet.tooling.roofline import H100, H200, roofline_report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture
 def bench_path(monkeypatch):
+    """The scripts of ``bench/`` (plots, suite record) importable as modules, for this test only."""
     monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))
 
 
@@ -367,8 +371,6 @@ def test_run_gpu_phases_and_bookkeeping(bench_path, tmp_path, monkeypatch, devic
     """run() on two shrunken configs with fixed fake timings: fastunet and eager first (whole network for every
     config, then every stage), then torch.compile, and max-autotune skipped by the time rule; parity on the real
     kernels, rates, ratios, checkpoints, the tables, the plots and the suite record. Bookkeeping, not speed."""
-    import providers
-    import run_gpu
     import suite_record
 
     from fastunet.parity import NETWORK_BUDGETS, math_mode
@@ -439,12 +441,9 @@ def test_run_gpu_phases_and_bookkeeping(bench_path, tmp_path, monkeypatch, devic
     assert result["headline"][0]["torch-compile_ms"] == 4.0 and result["headline"][0]["speedup_vs_torch_eager"] == 2.0
 
 
-def test_run_gpu_keeps_its_results_when_interrupted(bench_path, tmp_path, monkeypatch, device):
+def test_run_gpu_keeps_its_results_when_interrupted(tmp_path, monkeypatch, device):
     """SIGINT (the suite's `timeout -s INT`) during the torch.compile phase: the run stops, writes what it measured
     with the interruption noted, and says it failed."""
-    import providers
-    import run_gpu
-
     _gpu_run_mode(run_gpu, monkeypatch, device)
     _Tracked(monkeypatch, run_gpu, providers, {"fastunet": 1.0, "torch-eager": 2.0}, interrupt_on="torch-compile")
     args = _bench_args(run_gpu, tmp_path, "--no-stages", "--configs", "ref-bilinear-b1", "--compile-start-s", "0")
@@ -457,10 +456,8 @@ def test_run_gpu_keeps_its_results_when_interrupted(bench_path, tmp_path, monkey
     assert "torch-compile" not in run["providers"]
 
 
-def test_compile_steps_start_only_with_time_for_them(bench_path):
+def test_compile_steps_start_only_with_time_for_them():
     import argparse
-
-    import run_gpu
 
     args = argparse.Namespace(max_autotune_mode="max-autotune", compile_start_s=60.0, max_autotune_start_s=240.0)
     now = run_gpu.time.perf_counter()
@@ -472,9 +469,7 @@ def test_compile_steps_start_only_with_time_for_them(bench_path):
     assert "needs about 240 s" in run_gpu._time_skip("torch-compile-max-autotune", "network", args, now + 200)
 
 
-def test_profile_writes_a_chrome_trace(bench_path, tmp_path):
-    import run_gpu
-
+def test_profile_writes_a_chrome_trace(tmp_path):
     path = run_gpu.write_profile(lambda: torch.ones(8) @ torch.ones(8), str(tmp_path / "p.trace.json"), "x", False)
     events = json.loads(open(path).read())["traceEvents"]
     assert any(event.get("name") == "x" for event in events)

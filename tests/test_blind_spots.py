@@ -305,12 +305,13 @@ def test_nan_through_the_network(device, gpu_nan_semantics):
 _SMALL_K_BUILD = textwrap.dedent(
     """
     import json, sys
-    from fastunet.compile_report import DTYPES, collect_variants, compile_variant, trace_config
+    from fastunet.tooling.compile_report import collect_variants, compile_variant, trace_for_target
+    from fastunet.tooling.dtypes import torch_dtype
 
     rows = []
     for dtype in sys.argv[1:]:
         for batch in (16, 1):
-            records = [r for r in trace_config("transpose", DTYPES[dtype], batch) if r.constexprs["PACKED_K"]]
+            records = [r for r in trace_for_target("transpose", torch_dtype(dtype), batch) if r.constexprs["PACKED_K"]]
             for variant in collect_variants([(f"{dtype}/b{batch}", records)]):
                 row = compile_variant(variant, 90)
                 rows.append({"label": f"{dtype}/b{batch}", "registers": row.registers, "spill_bytes": row.spill_bytes,

@@ -55,3 +55,59 @@ def test_configurations_the_kernels_cannot_run_are_refused(capsys, argv, message
     captured = capsys.readouterr()
     assert not captured.out, "nothing may be printed as a result"
     assert re.search(message, captured.err), captured.err
+
+
+# -- one set of spellings for dtypes and targets, in every command ------------------------------------------------
+@pytest.mark.parametrize(
+    "spellings, canonical",
+    [
+        pytest.param(("--arch", "sm_90", "sm_80", "--dtype", "bf16", "fp16"), ([90, 80], ["bf16", "fp16"]), id="short"),
+        pytest.param(
+            ("--arch", "90", "sm_80a", "--dtype", "bfloat16", "float16"), ([90, 80], ["bf16", "fp16"]), id="long"
+        ),
+        pytest.param(("--arch", "SM_90", "--dtype", "BF16", "float32"), ([90], ["bf16", "fp32"]), id="mixed"),
+    ],
+)
+def test_report_accepts_either_spelling(spellings, canonical):
+    """``fastunet report`` and ``python -m bench.compile_report`` parse one command line: ``sm_90`` and ``90`` name
+    one target, ``bf16`` and ``bfloat16`` one dtype; the report's labels use the short names."""
+    from fastunet.tooling.compile_report import build_parser
+
+    args = build_parser().parse_args(list(spellings))
+    assert (args.arch, args.dtype) == canonical
+
+
+@pytest.mark.parametrize("command", ["check", "trace", "roofline", "bench"])
+@pytest.mark.parametrize("spelling, name", [("bf16", "bfloat16"), ("bfloat16", "bfloat16"), ("fp32", "float32")])
+def test_commands_accept_either_dtype_spelling(command, spelling, name):
+    args = cli.build_parser().parse_args([command, "--dtype", spelling])
+    assert args.dtype == name
+
+
+@pytest.mark.parametrize(
+    "argv, option, given",
+    [
+        pytest.param(["--dtype", "half"], "--dtype", "'half'", id="report-dtype"),
+        pytest.param(["--arch", "hopper"], "--arch", "'hopper'", id="report-arch"),
+    ],
+)
+def test_report_refuses_unknown_spellings(capsys, argv, option, given):
+    from fastunet.tooling.compile_report import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv, prog="fastunet report")
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    expected = "expected a dtype, one of float32 (fp32), float16 (fp16), bfloat16 (bf16)"
+    if option == "--arch":
+        expected = "expected an architecture like sm_90 or 90"
+    assert f"argument {option}: {expected}, got {given}" in err, err
+
+
+def test_commands_refuse_an_unknown_dtype(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["trace", "--dtype", "float64"])
+    assert (
+        "argument --dtype: expected a dtype, one of float32 (fp32), float16 (fp16), bfloat16 (bf16), got 'float64'"
+        in (capsys.readouterr().err)
+    )

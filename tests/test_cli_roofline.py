@@ -1,10 +1,9 @@
-"""The roofline model against hand counts, the ``fastunet`` command, and the benchmark plumbing of ``bench/``."""
+"""The roofline model against hand counts, the ``fastunet`` command, and the benchmark shapes and providers."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import pathlib
 import re
 
 import pytest
@@ -13,9 +12,10 @@ import torch
 from fastunet import cli, parity
 from fastunet.kernels._common import dry_run, launch_log
 from fastunet.kernels.conv import conv2d_nhwc
-from fastunet.roofline import H100, config_roofline, eager_estimate, stage_labels, trace_config
+from fastunet.tooling import providers, shapes
+from fastunet.tooling.roofline import H100, config_roofline, eager_estimate
+from fastunet.tooling.trace import stage_labels, trace_config
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 PEAK_FP16, PEAK_TF32, PEAK_FP32, BANDWIDTH = 798e12, 399e12, 67e12, 3.0e12
 
 # in 3, classes 2, base 8, depth 2, bilinear, batch 2, 16x16: levels 16x16x8, 8x8x16, bottleneck 4x4x32.
@@ -119,24 +119,20 @@ def test_reference_config_matches_design_numbers():
     assert H100.peak_for("fp16") == PEAK_FP16 and H100.bandwidth == BANDWIDTH
 
 
-def test_stage_labels_fall_back_on_unexpected_traces():
-    records = [dataclasses.replace(r, stage=None) for r in trace_config(TINY, TINY_INPUT)]
-    assert stage_labels(records[:-1], 2) == [f"launch{i}" for i in range(len(records) - 1)]
-
-
 @pytest.mark.parametrize("upsample", ["bilinear", "transpose"])
 def test_launch_records_carry_their_stage(upsample):
-    """The fused forward names each launch's stage; the names agree with the launch order derived without them, and
-    a launch after the forward carries none."""
+    """The fused forward names each launch's stage, in the order of the hand count; a launch after the forward
+    carries none, and its label says only where it sits in the list."""
     kwargs = {**TINY, "upsample": upsample}
     records = trace_config(kwargs, TINY_INPUT)
-    named = [r.stage for r in records]
-    assert named == stage_labels([dataclasses.replace(r, stage=None) for r in records], 2)
-    assert named[-3:] == ["dec0.up", "dec0.conv1", "dec0.conv2"]
+    assert [r.stage for r in records] == stage_labels(records) == [name for name, _ in TINY_HAND_COUNT]
     with dry_run(), launch_log() as later:
         conv2d_nhwc(torch.empty(1, 4, 4, 16, device="meta"), torch.empty(9 * 16, 16, device="meta"))
     (record,) = later
     assert record.stage is None
+    assert stage_labels([*records, record])[-1] == f"launch{len(records)}"
+    unnamed = [dataclasses.replace(r, stage=None) for r in records[:2]]
+    assert stage_labels(unnamed) == ["launch0", "launch1"]
 
 
 # -- the fastunet command -------------------------------------------------------------------------------------------
@@ -194,7 +190,9 @@ def test_cli_bench_without_gpu_runs_the_labelled_analysis(capfd, tmp_path):
     expected = config_roofline({**TINY, "base_channels": 8}, (1, 3, 32, 32), torch.float16)
     assert roofline["total"]["flops"] == expected.flops
     variants = result["sections"]["compile_report"]["variants"]
-    assert variants and all(v["arch"] == 90 and v["dtype"] == "fp16" and v["occupancy"] for v in variants)
+    assert variants and all(v["arch"] == "sm_90" and v["config"]["dtype"] == "fp16" for v in variants)
+    assert all(v["occupancy"] for v in variants)
+    assert all(v["issue_ratio"] for v in variants if "BLOCK_K" in v["config"])
     assert "Issue-slot MODEL" in out and "MODEL forward bilinear fp16 batch 1 32x32" in out
     (model,) = result["sections"]["compile_report"]["model"]
     assert model["dtype"] == "fp16" and model["batch"] == 1 and model["ms"] > 0
@@ -211,18 +209,8 @@ def test_cli_without_command_prints_help(capsys):
     assert "check" in capsys.readouterr().out
 
 
-# -- bench/ plumbing: stages derived from the trace, and each stage's fused and eager versions agree -------------
-@pytest.fixture
-def bench_modules(monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT / "bench"))
-    import providers
-    import shapes
-
-    return shapes, providers
-
-
-def test_bench_configs_and_stages(bench_modules):
-    shapes, _ = bench_modules
+# -- benchmark plumbing: stages derived from the trace, and each stage's fused and eager versions agree ----------
+def test_bench_configs_and_stages():
     reference = shapes.CONFIGS["ref-bilinear-b1"]
     assert reference.model_kwargs()["upsample"] == "bilinear" and reference.input_shape() == (1, 3, 512, 512)
     assert {"ref-bilinear-b16", "ref-transpose-b1", "ref-transpose-b16", "milesial-b1", "smoke"} <= set(shapes.CONFIGS)
@@ -257,8 +245,7 @@ def test_bench_configs_and_stages(bench_modules):
         pytest.param(("transpose", "batch", False, (2, 4, 13, 10)), id="transpose"),
     ],
 )
-def test_bench_stage_providers_agree(bench_modules, device, config):
-    shapes, providers = bench_modules
+def test_bench_stage_providers_agree(device, config):
     upsample, norm, align_corners, (batch, c_in, height, width) = config
     bench_config = shapes.BenchConfig("tiny", c_in, 3, 8, 2, upsample, norm, batch, height, width, align_corners)
     for stage in shapes.stages(bench_config, torch.float32):

@@ -20,8 +20,9 @@ import sys
 import pytest
 import torch
 
-from fastunet.compile_report import REFERENCE_MODEL, specialize, trace_config
-from fastunet.roofline import Ceilings, config_roofline
+from fastunet.tooling.compile_report import REFERENCE_MODEL, specialize, trace_for_target
+from fastunet.tooling.dtypes import torch_dtype
+from fastunet.tooling.roofline import Ceilings, config_roofline
 
 UPSAMPLES = ("transpose", "bilinear", "nearest")
 BATCHES = (16, 1)
@@ -47,14 +48,15 @@ def expected_launches(upsample: str) -> int:
 
 def gemm_rows(report: dict) -> list[dict]:
     """The conv family's variants (the tensor-core GEMMs); the upsample kernel is data movement."""
-    return [row for row in report["variants"] if "BLOCK_K" in row["constexprs"]]
+    return [row for row in report["variants"] if "BLOCK_K" in row["config"]]
 
 
 def run_report(out_dir, *options: str, timeout: int = 840, arch: int = 90) -> dict:
     """Run the compile report for ``sm_<arch>`` in a process without TRITON_INTERPRET; return its JSON."""
     out = out_dir / "report.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    command = [sys.executable, "-m", "fastunet.compile_report", "--arch", str(arch), *options, "--json", str(out)]
+    command = [sys.executable, "-m", "fastunet.tooling.compile_report", "--arch", str(arch), *options]
+    command += ["--json", str(out)]
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
     # Exit status 1 means the report found a problem; the checks below say which.
     assert proc.returncode in (0, 1) and out.exists(), f"compile report failed:\n{proc.stdout}\n{proc.stderr}"
@@ -67,11 +69,11 @@ def compile_report(dtype: str, out_dir) -> dict:
 
 
 def _label(row: dict) -> str:
-    c = row["constexprs"]
+    c = row["config"]
     tile = "x".join(str(c.get(key, "-")) for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
     return (
-        f"{row['name']} up={int(c.get('TWO_SOURCES', 0))} {tile} "
-        f"w{row['num_warps']} s{row['num_stages']} batch={c.get('batch', 'n')}"
+        f"{row['kernel']} up={int(c.get('TWO_SOURCES', 0))} {tile} "
+        f"w{c['num_warps']} s{c['num_stages']} batch={c.get('batch', 'n')}"
     )
 
 
@@ -80,14 +82,15 @@ def coverage_problems(report: dict, dtype: str, arch: int = 90, upsamples=UPSAMP
     variants = report["variants"]
     expected = {f"{u}/{dtype}/b{b}": expected_launches(u) for u in upsamples for b in BATCHES}
     found = []
-    if report["arch"] != arch or any(row["arch"] != arch or row["dtype"] != dtype for row in variants):
+    target = f"sm_{arch}"
+    if report["arch"] != target or any(row["arch"] != target or row["config"]["dtype"] != dtype for row in variants):
         found.append("rows for another target or dtype")
-    if {label for row in variants for label in row["configs"]} != set(expected):
-        found.append(f"configurations {sorted({label for row in variants for label in row['configs']})}")
+    if {label for row in variants for label in row["used_by"]} != set(expected):
+        found.append(f"configurations {sorted({label for row in variants for label in row['used_by']})}")
     if sum(row["launches"] for row in variants) != sum(expected.values()):
         found.append(f"{sum(row['launches'] for row in variants)} launches, expected {sum(expected.values())}")
     # batch=1 is compiled in as a constant by the JIT, so each batch size has variants of its own.
-    if {row["constexprs"].get("batch") for row in variants} != {None, 1}:
+    if {row["config"].get("batch") for row in variants} != {None, 1}:
         found.append("batch 1 did not get variants of its own")
     return found
 
@@ -104,9 +107,9 @@ def tensor_core_problems(report: dict, dtype: str) -> list[str]:
     """HGMMA on the storage dtype's operands, enough instructions for one BLOCK_M x BLOCK_K step, no HMMA."""
     found = []
     for row in gemm_rows(report):
-        c = row["constexprs"]
+        c = row["config"]
         # One K step of the tile: BLOCK_M / 64 rows of m64 HGMMA, split over the warpgroups, times BLOCK_K / k.
-        needed = max(1, c["BLOCK_M"] // 64 // max(1, row["num_warps"] // 4)) * (c["BLOCK_K"] // HGMMA_K[dtype])
+        needed = max(1, c["BLOCK_M"] // 64 // max(1, c["num_warps"] // 4)) * (c["BLOCK_K"] // HGMMA_K[dtype])
         opcodes = [op for op in row["mma_opcodes"] if op.startswith("HGMMA")]
         if row["hgmma"] < needed or not opcodes or not all(op.endswith(HGMMA_SUFFIX[dtype]) for op in opcodes):
             found.append(f"{_label(row)}: {row['hgmma']} HGMMA (need >= {needed}), opcodes {row['mma_opcodes']}")
@@ -134,13 +137,13 @@ def issue_problems(report: dict, dtype: str) -> list[str]:
     of the tile's K-step at 790 TFLOP/s over 132 SMs at 1.75 GHz (395 for TF32)."""
     found = []
     for row in gemm_rows(report):
-        c, loops = row["constexprs"], row["loops"]
+        c, loops = row["config"], row["loops"]
         if not loops:
             found.append(f"{_label(row)}: no tensor-core loop found")
             continue
         clocks = 2 * c["BLOCK_M"] * c["BLOCK_N"] * c["BLOCK_K"] / (H200_PEAK[dtype] / H200_SMS / H200_CLOCK)
         worst = max(loops, key=lambda loop: loop["instructions_per_k_step"])
-        ratio = row["num_warps"] * worst["instructions_per_k_step"] / 4 / clocks
+        ratio = c["num_warps"] * worst["instructions_per_k_step"] / 4 / clocks
         if row["issue_ratio"] != pytest.approx(ratio, rel=1e-3) or row["tensor_loops"] != len(loops):
             found.append(f"{_label(row)}: issue ratio {row['issue_ratio']}, its counts give {ratio:.3f}")
         for loop in loops:
@@ -180,7 +183,7 @@ def model_problems(report: dict, dtype: str, upsamples=UPSAMPLES) -> list[str]:
     ceilings = Ceilings("model", {"fp16": H200_PEAK["fp16"], "bf16": H200_PEAK["bf16"]}, H200_BANDWIDTH, H200_SMS)
     for (upsample, batch), model in sorted(models.items()):
         kwargs = {**REFERENCE_MODEL, "upsample": upsample}
-        floor = config_roofline(kwargs, (batch, 3, 512, 512), getattr(torch, DTYPE_NAMES[dtype]), ceilings=ceilings)
+        floor = config_roofline(kwargs, (batch, 3, 512, 512), torch_dtype(dtype), ceilings=ceilings)
         layers = model["layers"]
         if [la["stage"] for la in layers] != [la.stage for la in floor.launches]:
             found.append(f"{upsample} b{batch}: stages {[la['stage'] for la in layers]}")
@@ -196,9 +199,6 @@ def model_problems(report: dict, dtype: str, upsamples=UPSAMPLES) -> list[str]:
         if model["fraction_of_peak"] != pytest.approx(floor.flops / (total_ms * 1e-3) / H200_PEAK[dtype], rel=1e-3):
             found.append(f"{upsample} b{batch}: fraction of peak {model['fraction_of_peak']}")
     return found
-
-
-DTYPE_NAMES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 
 
 # One test per dtype (not one per check): under pytest-xdist, tests sharing a fixture can land on different
@@ -301,7 +301,7 @@ def test_specialization_matches_jit(arg):
 @pytest.mark.parametrize("upsample", UPSAMPLES)
 def test_traced_arguments_specialize_like_jit(upsample, batch):
     jit = _jit_specialization()
-    records = trace_config(upsample, torch.float16, batch)
+    records = trace_for_target(upsample, torch.float16, batch)
     assert len(records) == expected_launches(upsample)
     mismatches = [
         (record.name, index, specialize(arg), jit(arg))
@@ -320,10 +320,10 @@ def test_sm90_build_wide_head(tmp_path, base_channels, fused):
         tmp_path, "--dtype", "fp16", "--upsample", "bilinear", "--batch", "2", "--size", "64",
         "--base-channels", str(base_channels), "--depth", "1",
     )  # fmt: skip
-    heads = [row for row in gemm_rows(report) if row["constexprs"]["HEAD"]]
-    standalone = [row for row in gemm_rows(report) if row["constexprs"]["KSIZE"] == 1]
+    heads = [row for row in gemm_rows(report) if row["config"]["HEAD"]]
+    standalone = [row for row in gemm_rows(report) if row["config"]["KSIZE"] == 1]
     if fused:
-        assert heads and not standalone and all(row["constexprs"]["BLOCK_N"] == base_channels for row in heads)
+        assert heads and not standalone and all(row["config"]["BLOCK_N"] == base_channels for row in heads)
     else:
         assert standalone and not heads
     found = spill_problems(report) + tensor_core_problems(report, "fp16") + shared_memory_problems(report)

@@ -11,8 +11,8 @@ import types
 import pytest
 import torch
 
-from fastunet import issue_model
 from fastunet.kernels._common import modeled_target, sm_count
+from fastunet.tooling import issue_model
 
 # A kernel in cuobjdump's layout (second encoding words on their own lines, as cuobjdump prints them):
 #   0x000-0x040 prologue with one cp.async,

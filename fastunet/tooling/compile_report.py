@@ -8,18 +8,28 @@ the sm_90 warpgroup MMA; ``HMMA``: the sm_80-style MMA); ``ptxas -v`` adds its p
 serialization). This is the performance check that runs on any machine, and it catches compile errors that the
 interpreter never sees.
 
-The SASS also feeds the issue model (:mod:`fastunet.issue_model`): per variant, the instructions per warp per
+The SASS also feeds the issue model (:mod:`fastunet.tooling.issue_model`): per variant, the instructions per warp per
 K-step of the loops that hold the tensor-core instructions against the tensor-core clocks of that K-step
 (``issue_ratio``), and per traced configuration a modeled forward time (a model, not a measurement).
 
 Arguments are specialized the way Triton's JIT does at launch (an integer equal to 1 becomes a constant; integers
 and pointers divisible by 16 get a divisibility hint), so each cubin is the one a launch on the GPU would build.
 
+One command line and one JSON schema, behind ``fastunet report`` and ``python -m bench.compile_report`` alike
+(:func:`main`). The JSON (:func:`run`) holds, per variant, ``kernel``, ``config`` (tile, warps, stages, dtype and
+the other compile-time constants), ``registers``, ``spill_bytes``, ``shared_bytes``, ``tensor_core_instructions``
+(HGMMA + HMMA), the ``occupancy`` those allow on an SM, the issue figures of its costliest tensor-core loop
+(``issue_ratio``, ``mainloop_instructions`` per warp per K-step, ``tma_loads`` and ``cp_async`` per iteration) and
+``arch``, then the details (:meth:`VariantReport.to_json`); top level, ``model``: the modeled forward of each
+configuration on the first target (``dtype``, ``batch``, ``ms``, ``tflops``, ``fraction_of_peak`` and its
+``layers``) under ``model_assumptions``.
+
 Needs ``TRITON_INTERPRET`` unset: under the interpreter the kernels are not compilable objects and the launchers
 choose interpreter-only constexprs. Usage::
 
-    python -m fastunet.compile_report --dtype fp16 bf16 --upsample transpose bilinear --json report.json
-    python -m fastunet.compile_report --arch 80 --dtype bf16 --upsample bilinear   # Ampere (HMMA)
+    fastunet report                                          # the reference config, fp16 and bf16, sm_90
+    fastunet report --arch sm_90 sm_80 --json report.json    # also Ampere (HMMA); the model is of the first
+    python -m bench.compile_report --arch 90 --dtype bfloat16 --upsample transpose bilinear --batch 1
 """
 
 from __future__ import annotations
@@ -43,18 +53,22 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from fastunet import issue_model
-from fastunet.kernels._common import INTERPRET, LaunchRecord, modeled_target
-from fastunet.reference import UNet
-from fastunet.roofline import stage_labels
-from fastunet.trace import trace
+from fastunet.kernels._common import INTERPRET, LaunchRecord
+from fastunet.tooling import issue_model
+from fastunet.tooling.dtypes import short_dtype_name, torch_dtype
+from fastunet.tooling.trace import stage_labels, trace_config
 
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 UPSAMPLES = ("transpose", "bilinear", "nearest")
 # The reference configuration of the performance work: base 64, depth 4, RGB in, 2 classes, 512x512.
 REFERENCE_MODEL = {"in_channels": 3, "num_classes": 2, "base_channels": 64, "depth": 4}
 REFERENCE_SIZE = 512
 REFERENCE_BATCHES = (16, 1)
+# What the command compiles when not told otherwise: the reference config (bilinear) in both 16-bit dtypes, for the
+# project's GPU (sm_90).
+DEFAULT_DTYPES = ("fp16", "bf16")
+DEFAULT_UPSAMPLES = ("bilinear",)
+DEFAULT_ARCHS = (90,)
+TILE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,14 +213,65 @@ class VariantReport:
         return self.mainloop.summary()["issue_ratio"]
 
     def to_json(self) -> dict:
-        row = dataclasses.asdict(self)
-        row["constexprs"] = {
-            k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in self.constexprs.items()
+        """The variant in the report's schema: :data:`SCHEMA_KEYS` first, then the details (``tensor_clocks`` and
+        ``tensor_loops`` of the issue model, each tensor-core loop in ``loops``, HGMMA and HMMA counts and opcodes,
+        SASS size, LDL/STL count, the shared-memory limit, resident CTAs, ptxas warnings, what :func:`problems`
+        finds, launches, the configurations that use it, compile seconds)."""
+        config = {key: self.constexprs[key] for key in TILE_KEYS if key in self.constexprs}
+        config.update({"num_warps": self.num_warps, "num_stages": self.num_stages, "dtype": self.dtype})
+        config.update(
+            {
+                key: value if isinstance(value, (bool, int, float, str)) else str(value)
+                for key, value in self.constexprs.items()
+                if key not in TILE_KEYS
+            }
+        )
+        issue = self.mainloop.summary()
+        return {
+            "kernel": self.name,
+            "config": config,
+            "registers": self.registers,
+            "spill_bytes": self.spill_bytes,
+            "shared_bytes": self.shared_bytes,
+            "tensor_core_instructions": self.hgmma + self.hmma,
+            "occupancy": self.occupancy.to_json() if self.occupancy else None,
+            "issue_ratio": issue["issue_ratio"],
+            "mainloop_instructions": issue["mainloop_instructions"],
+            "tma_loads": issue["tma_loads"],
+            "cp_async": issue["cp_async"],
+            "arch": f"sm_{self.arch}",
+            "tensor_clocks": issue["tensor_clocks"],
+            "tensor_loops": issue["tensor_loops"],
+            "loops": [loop.to_json() for loop in self.mainloop.loops],
+            "hgmma": self.hgmma,
+            "hmma": self.hmma,
+            "mma_opcodes": list(self.mma_opcodes),
+            "sass_instructions": self.sass_instructions,
+            "local_ops": self.local_ops,
+            "shared_limit_bytes": self.shared_limit_bytes,
+            "ctas_per_sm": self.ctas_per_sm,
+            "ptxas_warnings": list(self.ptxas_warnings),
+            "problems": problems(self),
+            "launches": self.launches,
+            "used_by": list(self.configs),
+            "compile_s": self.compile_s,
         }
-        row.pop("mainloop")
-        row.update(self.mainloop.summary())
-        row["loops"] = [loop.to_json() for loop in self.mainloop.loops]
-        return row
+
+
+SCHEMA_KEYS = (
+    "kernel",
+    "config",
+    "registers",
+    "spill_bytes",
+    "shared_bytes",
+    "tensor_core_instructions",
+    "occupancy",
+    "issue_ratio",
+    "mainloop_instructions",
+    "tma_loads",
+    "cp_async",
+    "arch",
+)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -323,9 +388,6 @@ def _collect(traces: Iterable[tuple[str, Sequence[LaunchRecord]]]) -> tuple[list
     return [Variant(**{**entry, "configs": tuple(entry["configs"])}) for entry in found.values()], list(found)
 
 
-TILE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
-
-
 def with_candidates(records: Sequence[LaunchRecord]) -> list[LaunchRecord]:
     """Each launch once per autotuning candidate config (the chosen one included): what tuning may compile."""
     expanded = []
@@ -340,24 +402,17 @@ def with_candidates(records: Sequence[LaunchRecord]) -> list[LaunchRecord]:
     return expanded
 
 
-def trace_config(
+def trace_for_target(
     upsample: str, dtype: torch.dtype, batch: int, size: int = REFERENCE_SIZE, arch: int = 90, **model_kwargs: int
 ) -> list[LaunchRecord]:
     """Launches of one forward of the reference U-Net (``model_kwargs`` override it) on a ``size``-square input,
-    as the launchers choose them for ``sm_<arch>`` (its SM count from :data:`fastunet.issue_model.ASSUMPTIONS`; TMA
+    with the tiles the launchers choose for ``sm_<arch>`` (its SM count from
+    :data:`fastunet.tooling.issue_model.ASSUMPTIONS`; a target not tabled there gets the launchers' default; TMA
     loads from sm_90 on)."""
-    kwargs = {**REFERENCE_MODEL, **model_kwargs}
-    model = UNet(
-        kwargs["in_channels"],
-        kwargs["num_classes"],
-        kwargs["base_channels"],
-        kwargs["depth"],
-        upsample=upsample,
-        device="meta",
-    )
+    kwargs = {**REFERENCE_MODEL, **model_kwargs, "upsample": upsample}
     target = issue_model.ASSUMPTIONS.get(arch)
-    with modeled_target(target.sm_count, arch) if target else contextlib.nullcontext():
-        return trace(model, torch.empty(batch, kwargs["in_channels"], size, size, dtype=dtype, device="meta"))
+    shape = (batch, kwargs["in_channels"], size, size)
+    return trace_config(kwargs, shape, dtype, sm_count=target.sm_count if target else None, arch=arch)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -511,7 +566,8 @@ class CompileResult:
 
     def models(self, eta: float | None = None) -> list[issue_model.ForwardModel]:
         """The modeled forward of each configuration (empty for a target without assumptions in
-        :data:`fastunet.issue_model.ASSUMPTIONS`); ``eta``: see :func:`fastunet.issue_model.assumptions_for`."""
+        :data:`~fastunet.tooling.issue_model.ASSUMPTIONS`); ``eta``: see
+        :func:`~fastunet.tooling.issue_model.assumptions_for`."""
         assumptions = issue_model.assumptions_for(self.arch, eta)
         if assumptions is None:
             return []
@@ -531,7 +587,7 @@ class CompileResult:
 
 
 def compile_configs(
-    dtypes: Sequence[str] = tuple(DTYPES),
+    dtypes: Sequence[str] = DEFAULT_DTYPES,
     upsamples: Sequence[str] = UPSAMPLES,
     batches: Sequence[int] = REFERENCE_BATCHES,
     size: int | Sequence[int] = REFERENCE_SIZE,
@@ -548,7 +604,6 @@ def compile_configs(
         raise RuntimeError("the compile report needs real Triton compilation: run it with TRITON_INTERPRET unset")
     expand = with_candidates if candidates else list
     sizes = [size] if isinstance(size, int) else list(size)
-    depth = {**REFERENCE_MODEL, **model_kwargs}["depth"]
 
     def label(upsample: str, dtype: str, size: int, batch: int) -> str:
         return f"{upsample}/{dtype}/{size}/b{batch}" if len(sizes) > 1 else f"{upsample}/{dtype}/b{batch}"
@@ -558,7 +613,7 @@ def compile_configs(
         for upsample in upsamples:
             for size_ in sizes:
                 for batch in batches:
-                    records = trace_config(upsample, DTYPES[dtype], batch, size_, arch, **model_kwargs)
+                    records = trace_for_target(upsample, torch_dtype(dtype), batch, size_, arch, **model_kwargs)
                     configs.append(
                         TracedConfig(
                             label(upsample, dtype, size_, batch),
@@ -567,7 +622,7 @@ def compile_configs(
                             size_,
                             batch,
                             tuple(records),
-                            tuple(stage_labels(records, depth)),
+                            tuple(stage_labels(records)),
                         )
                     )
     variants, keys = _collect((c.label, expand(c.records)) for c in configs)
@@ -583,20 +638,6 @@ def compile_configs(
             for i, v in enumerate(variants)
         ]
     return CompileResult(arch, rows, configs, variant_of)
-
-
-def report(
-    dtypes: Sequence[str] = tuple(DTYPES),
-    upsamples: Sequence[str] = UPSAMPLES,
-    batches: Sequence[int] = REFERENCE_BATCHES,
-    size: int | Sequence[int] = REFERENCE_SIZE,
-    arch: int = 90,
-    fresh_cache: bool = True,
-    candidates: bool = False,
-    **model_kwargs: int,
-) -> list[VariantReport]:
-    """The rows of :func:`compile_configs`: one per compiled variant."""
-    return compile_configs(dtypes, upsamples, batches, size, arch, fresh_cache, candidates, **model_kwargs).rows
 
 
 def uses_tensor_cores(row: VariantReport) -> bool:
@@ -623,12 +664,15 @@ def problems(row: VariantReport) -> list[str]:
 
 
 def describe(row: VariantReport) -> str:
-    """Short name of a variant: kernel, dtype, two sources or not, tile, warps, stages, and batch when compiled in as
-    1."""
+    """Short name of a variant: kernel, target, dtype, two sources or not, tile, warps, stages, and batch when
+    compiled in as 1."""
     c = row.constexprs
-    tile = "x".join(str(c.get(k, "-")) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+    tile = "x".join(str(c.get(k, "-")) for k in TILE_KEYS)
     batch = " batch=1" if c.get("batch") == 1 else ""
-    return f"{row.name} {row.dtype} up={int(c.get('TWO_SOURCES', 0))} {tile} w{row.num_warps} s{row.num_stages}{batch}"
+    return (
+        f"{row.name} sm_{row.arch} {row.dtype} up={int(c.get('TWO_SOURCES', 0))} {tile} w{row.num_warps} "
+        f"s{row.num_stages}{batch}"
+    )
 
 
 def _used_by(configs: Sequence[str]) -> str:
@@ -647,7 +691,7 @@ def format_table(rows: Sequence[VariantReport]) -> str:
     issue ratio (model), ``TMA`` and ``cpA``: UTMALDG and LDGSTS per iteration there, ``lp``: tensor-core loops;
     ``s``: compile seconds; ``n``: launches."""
     header = (
-        f"{'variant':<18} {'dtype':<5} {'up':>2} {'BM':>4} {'BN':>4} {'BK':>3} {'warps':>5} {'stg':>3} "
+        f"{'variant':<18} {'arch':<5} {'dtype':<5} {'up':>2} {'BM':>4} {'BN':>4} {'BK':>3} {'warps':>5} {'stg':>3} "
         f"{'regs':>4} {'spill':>5} {'smem KiB':>8} {'CTA/SM':>6} {'warps/SM':>8} {'limit':<5} {'HGMMA':>5} "
         f"{'HMMA':>4} {'warn':>4} {'ins/K':>5} {'issue':>5} {'TMA':>3} {'cpA':>3} {'lp':>2} {'s':>5} {'n':>3}  used by"
     )
@@ -656,9 +700,9 @@ def format_table(rows: Sequence[VariantReport]) -> str:
     for row in rows:
         c, occ = row.constexprs, row.occupancy
         lines.append(
-            f"{row.name:<18} {row.dtype:<5} {int(c.get('TWO_SOURCES', 0)):>2} {c.get('BLOCK_M', '-'):>4} "
-            f"{c.get('BLOCK_N', '-'):>4} {c.get('BLOCK_K', '-'):>3} {row.num_warps:>5} {row.num_stages:>3} "
-            f"{row.registers:>4} {row.spill_bytes:>5} {row.shared_bytes / 1024:>8.1f} "
+            f"{row.name:<18} {'sm_' + str(row.arch):<5} {row.dtype:<5} {int(c.get('TWO_SOURCES', 0)):>2} "
+            f"{c.get('BLOCK_M', '-'):>4} {c.get('BLOCK_N', '-'):>4} {c.get('BLOCK_K', '-'):>3} {row.num_warps:>5} "
+            f"{row.num_stages:>3} {row.registers:>4} {row.spill_bytes:>5} {row.shared_bytes / 1024:>8.1f} "
             f"{'-' if occ is None else occ.blocks_per_sm:>6} {'-' if occ is None else occ.warps_per_sm:>8} "
             f"{'-' if occ is None else short.get(occ.limited_by, occ.limited_by):<5} {row.hgmma:>5} {row.hmma:>4} "
             f"{len(row.ptxas_warnings):>4} {_issue_columns(row)} {row.compile_s:>5.2f} {row.launches:>3}  "
@@ -689,8 +733,8 @@ def print_model(models: Sequence[issue_model.ForwardModel], layers: bool | None 
 
 
 def parse_arch(text: str) -> int:
-    """``sm_90``, ``sm_90a`` or ``90`` -> 90."""
-    value = text.lower().removeprefix("sm_").rstrip("a")
+    """``sm_90``, ``sm_90a`` or ``90`` -> 90 (argparse type)."""
+    value = str(text).strip().lower().removeprefix("sm_").removesuffix("a")
     if not value.isdigit():
         raise argparse.ArgumentTypeError(f"expected an architecture like sm_90 or 90, got {text!r}")
     return int(value)
@@ -707,20 +751,42 @@ def parse_eta(text: str) -> float:
     return value
 
 
-def main(argv: Sequence[str] | None = None, prog: str = "python -m fastunet.compile_report") -> int:
-    """CLI: print the table (``--json``: also write the rows). Exit status 1 when a variant has a problem, 2 when
-    the report cannot run."""
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """The command line of the report (``fastunet report``, ``python -m bench.compile_report``)."""
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
-    parser.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=list(DTYPES))
-    parser.add_argument("--upsample", nargs="+", choices=UPSAMPLES, default=list(UPSAMPLES))
-    parser.add_argument("--batch", nargs="+", type=int, default=list(REFERENCE_BATCHES))
-    parser.add_argument("--size", nargs="+", type=int, default=[REFERENCE_SIZE], help="H = W")
-    parser.add_argument("--in-channels", type=int, default=REFERENCE_MODEL["in_channels"])
-    parser.add_argument("--num-classes", type=int, default=REFERENCE_MODEL["num_classes"])
-    parser.add_argument("--base-channels", type=int, default=REFERENCE_MODEL["base_channels"])
-    parser.add_argument("--depth", type=int, default=REFERENCE_MODEL["depth"])
-    parser.add_argument("--arch", type=parse_arch, default=90, help="target: 90 or sm_90 (default), 80 or sm_80")
-    parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    parser.add_argument(
+        "--arch",
+        nargs="+",
+        type=parse_arch,
+        default=list(DEFAULT_ARCHS),
+        help="targets: sm_90 or 90 (default), sm_80 or 80, ...; the model is of the first",
+    )
+    parser.add_argument(
+        "--dtype",
+        nargs="+",
+        type=short_dtype_name,
+        default=list(DEFAULT_DTYPES),
+        help="fp16 or float16, bf16 or bfloat16, fp32 or float32 (default: fp16 bf16)",
+    )
+    parser.add_argument("--upsample", nargs="+", choices=UPSAMPLES, default=list(DEFAULT_UPSAMPLES))
+    parser.add_argument("--batch", nargs="+", type=positive_int, default=list(REFERENCE_BATCHES))
+    parser.add_argument("--size", nargs="+", type=positive_int, default=[REFERENCE_SIZE], help="H = W")
+    parser.add_argument("--in-channels", type=positive_int, default=REFERENCE_MODEL["in_channels"])
+    parser.add_argument("--num-classes", type=positive_int, default=REFERENCE_MODEL["num_classes"])
+    parser.add_argument("--base-channels", type=positive_int, default=REFERENCE_MODEL["base_channels"])
+    parser.add_argument("--depth", type=positive_int, default=REFERENCE_MODEL["depth"])
+    parser.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     parser.add_argument(
         "--eta",
         type=parse_eta,
@@ -733,49 +799,85 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m fastunet.comp
     parser.add_argument(
         "--candidates", action="store_true", help="every autotuning candidate, not only the configs launched"
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def run(args: argparse.Namespace) -> tuple[dict, list[VariantReport], list[issue_model.ForwardModel]]:
+    """Compile the variants ``args`` selects for each target: the JSON payload (the schema above), the compiled
+    rows of every target, and the modeled forwards on the first target."""
+    start = time.perf_counter()
+    archs = list(dict.fromkeys(args.arch))
+    model_kwargs = {
+        "in_channels": args.in_channels,
+        "num_classes": args.num_classes,
+        "base_channels": args.base_channels,
+        "depth": args.depth,
+    }
+    results = [
+        compile_configs(
+            args.dtype,
+            args.upsample,
+            args.batch,
+            args.size,
+            arch,
+            candidates=args.candidates,
+            sass_dir=args.sass,
+            **model_kwargs,
+        )
+        for arch in archs
+    ]
+    rows = [row for result in results for row in result.rows]
+    models = results[0].models(args.eta)
+    payload = {
+        "kind": f"compile report ({', '.join(f'sm_{a}' for a in archs)} cubins built without a GPU; nothing was run "
+        "or timed) and issue model (a model, not a measurement)",
+        "triton": triton.__version__,
+        "arch": f"sm_{archs[0]}",
+        "archs": [f"sm_{arch}" for arch in archs],
+        "configuration": {
+            "model": model_kwargs,
+            "upsample": list(args.upsample),
+            "dtypes": list(args.dtype),
+            "batches": list(args.batch),
+            "sizes": list(args.size),
+            "candidates": bool(args.candidates),
+        },
+        "limits": dataclasses.asdict(SM_LIMITS[archs[0]]) if archs[0] in SM_LIMITS else None,
+        "wall_s": round(time.perf_counter() - start, 3),
+        "variants": [row.to_json() for row in rows],
+        "model": [model.to_json() for model in models],
+        "model_assumptions": models[0].assumptions.to_json() if models else None,
+    }
+    return payload, rows, models
+
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """The report's command line: print the table, the problems and the issue model (``--json``: also write the
+    payload of :func:`run`). Exit status 1 when a variant spills, lacks tensor-core instructions, asks for more shared
+    memory than a launch may, or draws a ptxas performance warning; 2 when the report cannot run."""
+    prog = prog or "fastunet report"
+    args = build_parser(prog).parse_args(argv)
     if INTERPRET:
         print(f"{prog}: needs real Triton compilation; run it with TRITON_INTERPRET unset", file=sys.stderr)
         return 2
-
-    start = time.perf_counter()
-    result = compile_configs(
-        args.dtype,
-        args.upsample,
-        args.batch,
-        args.size,
-        args.arch,
-        in_channels=args.in_channels,
-        num_classes=args.num_classes,
-        base_channels=args.base_channels,
-        depth=args.depth,
-        candidates=args.candidates,
-        sass_dir=args.sass,
-    )
-    rows = result.rows
-    models = result.models(args.eta)
-    wall_s = time.perf_counter() - start
+    payload, rows, models = run(args)
     print(format_table(rows))
-    print(f"wall {wall_s:.1f} s, triton {triton.__version__}, target sm_{args.arch} (compile report: built, not run)")
+    print(
+        f"wall {payload['wall_s']:.1f} s, triton {payload['triton']}, {', '.join(payload['archs'])} "
+        "(compile report: built, not run)"
+    )
     print_model(models, args.layers)
     flagged = [(row, problems(row)) for row in rows]
     for row, found in flagged:
         if found:
             print(f"PROBLEM {describe(row)}: {'; '.join(found)}")
     if args.json:
-        payload = {
-            "triton": triton.__version__,
-            "arch": args.arch,
-            "wall_s": round(wall_s, 3),
-            "args": vars(args),
-            "variants": [row.to_json() for row in rows],
-            "model": [model.to_json() for model in models],
-            "model_assumptions": models[0].assumptions.to_json() if models else None,
-        }
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as handle:
             json.dump(payload, handle, indent=1)
+            handle.write("\n")
     return 1 if any(found for _, found in flagged) else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog="python -m fastunet.tooling.compile_report"))

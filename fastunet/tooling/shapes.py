@@ -1,6 +1,7 @@
 """The benchmark shapes: one table of named network configurations, and the per-stage shapes derived from it.
 
-Shared by the pytest-benchmark suite, the GPU run script and the roofline report. A *stage* is one launch of the
+Shared by the GPU timing run (``fastunet bench``, ``bench/run_gpu.py``), the pytest-benchmark suite in ``bench/``
+and the roofline report of the benchmark configurations (``bench/roofline.py``). A *stage* is one launch of the
 fused forward, as :func:`fastunet.trace` lists it; :func:`stages` reads its sizes back from the traced launch, so
 the stage benchmarks always match what the network launches.
 """
@@ -10,13 +11,12 @@ from __future__ import annotations
 import dataclasses
 import inspect
 
-import _source_tree  # noqa: F401  (makes fastunet importable from the source tree)
 import torch
 
 from fastunet.kernels._common import dry_run, launch_log
 from fastunet.kernels.conv import conv2d_nhwc
 from fastunet.kernels.upsample import BILINEAR_ALIGN_CORNERS, NEAREST
-from fastunet.roofline import stage_labels, trace_config
+from fastunet.tooling.roofline import stage_labels, trace_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,7 +235,7 @@ def _stage(config: BenchConfig, index: int, label: str, record) -> Stage:
 def stages(config: BenchConfig, dtype: torch.dtype = torch.float16) -> list[Stage]:
     """The launches of ``config``'s fused forward in ``dtype``, as standalone stages (traced on ``meta``)."""
     records = trace_config(config.model_kwargs(), config.input_shape(), dtype)
-    labels = stage_labels(records, config.depth)
+    labels = stage_labels(records)
     pairs = enumerate(zip(labels, records, strict=True))
     return [_stage(config, index, label, record) for index, (label, record) in pairs]
 

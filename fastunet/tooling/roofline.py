@@ -29,7 +29,7 @@ from torch.utils._pytree import tree_flatten
 from fastunet.kernels._common import LaunchRecord
 from fastunet.parity import math_mode
 from fastunet.reference import UNet
-from fastunet.trace import trace
+from fastunet.tooling.trace import stage_labels, trace_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,41 +97,6 @@ def measured_ceilings(name: str, matmul_flops: float, copy_bytes_per_s: float, s
             "TF32 and fp32 scaled from the bf16 rate in the H100's proportions, not measured",
         ),
     )
-
-
-def stage_labels(records: Sequence[LaunchRecord], depth: int) -> list[str]:
-    """Names of the network stages the launches of a traced forward belong to (``enc0.conv1`` ... ``dec0.conv2``).
-
-    The names the launch records carry (the fused forward stamps them); for records without, the launch order of
-    the fused forward: two convs per encoder level and the bottleneck, then per decoder level (deepest first) the
-    upsampled map (transposed conv, or nearest/bilinear upsample) and two convs; a separate ``head`` when it is not
-    fused.
-    Falls back to ``launch<i>`` if the trace does not have that shape.
-    """
-    if records and all(record.stage for record in records):  # named by the fused forward that launched them
-        return [record.stage for record in records]
-    labels = []
-    for level in range(depth + 1):
-        tag = f"enc{level}" if level < depth else "bottleneck"
-        labels += [f"{tag}.conv1", f"{tag}.conv2"]
-    for level in reversed(range(depth)):
-        labels += [f"dec{level}.up", f"dec{level}.conv1", f"dec{level}.conv2"]
-    if len(records) == len(labels) + 1:
-        labels.append("head")
-    if len(records) != len(labels):
-        return [f"launch{i}" for i in range(len(records))]
-    return labels
-
-
-def trace_config(
-    model_kwargs: dict, input_shape: Sequence[int], dtype: torch.dtype = torch.float16
-) -> list[LaunchRecord]:
-    """Trace the fused forward of ``UNet(**model_kwargs)`` on an input of ``input_shape`` and ``dtype``.
-
-    Everything lives on the ``meta`` device: any size traces in milliseconds on any machine.
-    """
-    model = UNet(**model_kwargs, device="meta")
-    return trace(model, torch.empty(tuple(input_shape), device="meta", dtype=dtype))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,7 +180,7 @@ def roofline(
     """Place each traced launch on the roofline of ``ceilings`` for compute dtype ``dtype`` on a GPU."""
     mode = math_mode(dtype, "cuda", allow_tf32)
     peak = ceilings.peak_for(mode)
-    labels = list(labels) if labels is not None else [f"launch{i}" for i in range(len(records))]
+    labels = list(labels) if labels is not None else stage_labels(records)
     if len(labels) != len(records):
         raise ValueError(f"got {len(labels)} labels for {len(records)} launches")
     launches = [
@@ -245,8 +210,7 @@ def config_roofline(
 ) -> NetworkRoofline:
     """Trace ``UNet(**model_kwargs)`` on ``input_shape`` and place it on the roofline."""
     records = trace_config(model_kwargs, input_shape, dtype)
-    labels = stage_labels(records, model_kwargs.get("depth", 4))
-    return roofline(records, dtype, ceilings=ceilings, allow_tf32=allow_tf32, labels=labels)
+    return roofline(records, dtype, ceilings=ceilings, allow_tf32=allow_tf32)
 
 
 # -- eager PyTorch estimate ---------------------------------------------------------------------------------------
@@ -369,7 +333,7 @@ def eager_estimate(
     peak = ceilings.peak_for(math_mode(dtype, "cuda", allow_tf32))
     model = UNet(**model_kwargs, device="meta", dtype=dtype).eval()
     x = torch.empty(tuple(input_shape), device="meta", dtype=dtype)
-    fused_labels = stage_labels(trace_config(model_kwargs, input_shape, dtype), model.depth)
+    fused_labels = stage_labels(trace_config(model_kwargs, input_shape, dtype))
     log = _EagerOpLog()
     log.stage = fused_labels[0]
     handles = _label_stages(model, log, "head" if "head" in fused_labels else fused_labels[-1])
@@ -480,8 +444,7 @@ def roofline_report(
     launch. JSON-ready; :func:`format_roofline_report` prints it.
     """
     records = trace_config(model_kwargs, input_shape, dtype)
-    labels = stage_labels(records, model_kwargs.get("depth", 4))
-    nets = {c.name: roofline(records, dtype, ceilings=c, allow_tf32=allow_tf32, labels=labels) for c in ceilings}
+    nets = {c.name: roofline(records, dtype, ceilings=c, allow_tf32=allow_tf32) for c in ceilings}
     eagers = {
         c.name: eager_estimate(model_kwargs, input_shape, dtype, ceilings=c, allow_tf32=allow_tf32) for c in ceilings
     }

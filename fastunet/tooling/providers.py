@@ -19,12 +19,9 @@ import copy
 import dataclasses
 from collections.abc import Callable
 
-import _source_tree  # noqa: F401  (makes fastunet importable from the source tree)
 import torch
 import torch.nn.functional as F
-from shapes import BenchConfig, Stage
 
-from fastunet import FastUNet, UNet
 from fastunet.kernels.conv import (
     conv2d_nhwc,
     conv_transpose2x2_nhwc,
@@ -32,10 +29,12 @@ from fastunet.kernels.conv import (
     pack_conv_weight,
 )
 from fastunet.kernels.upsample import upsample2x_nhwc
+from fastunet.model import FastUNet
 from fastunet.parity import randomize_norm_stats
-from fastunet.reference import center_pad
+from fastunet.reference import UNet, center_pad
+from fastunet.tooling.shapes import BenchConfig, Stage
+from fastunet.tooling.timing_args import PROVIDERS
 
-PROVIDERS: tuple[str, ...] = ("fastunet", "torch-eager", "torch-compile", "torch-compile-max-autotune")
 # torch.compile mode of each compiled provider. max-autotune captures CUDA graphs, which the fused forward does not
 # use (it pays its 18-22 launches): "max-autotune-no-cudagraphs" compares like with like on launch overhead.
 COMPILE_MODES: dict[str, str] = {"torch-compile": "default", "torch-compile-max-autotune": "max-autotune"}

@@ -1,0 +1,82 @@
+"""``trace``: the kernels one forward launches, with shapes, FLOPs and bytes, without running them.
+
+:func:`trace` lists the launches of a model's forward; :func:`trace_config` traces one configuration, built from
+the reference U-Net's constructor arguments, the way every tool here (roofline, compile report, benchmarks) does;
+:func:`stage_labels` gives each launch the stage name the fused forward stamped on its record.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+import torch
+
+from fastunet.kernels._common import LaunchRecord, dry_run, launch_log, modeled_target
+from fastunet.model import FastUNet, FusedForward
+from fastunet.ops import build_plan, run_plan
+from fastunet.reference import UNet, check_input
+
+
+def trace(model: torch.nn.Module, x: torch.Tensor) -> list[LaunchRecord]:
+    """List the launches of ``model``'s eval-mode Triton forward on an input shaped like ``x``.
+
+    ``model``: a :class:`fastunet.UNet`, a :class:`fastunet.FastUNet`, or a module returned by
+    :func:`fastunet.convert`.
+
+    Nothing runs: the plan is built on the ``meta`` device and the launchers validate, allocate and record in
+    dry-run mode, so any size can be traced on any machine. ``x`` may itself be a meta tensor; only its shape,
+    dtype and strides are used.
+
+    Each record has the kernel name, grid, FLOPs, bytes read (each input, weight and bias once), bytes written and
+    the name of the network stage it belongs to (``enc0.conv1`` ... ``dec0.conv2``).
+    """
+    if isinstance(model, UNet) and not isinstance(model, FusedForward):
+        model = FastUNet.from_reference(model)
+    if not isinstance(model, FusedForward):
+        raise TypeError(
+            f"expected a fastunet.UNet, a FastUNet or a module from fastunet.convert(), got {type(model).__name__}"
+        )
+    in_channels, depth = model.input_spec()
+    check_input(x, in_channels, depth)
+    plan = build_plan(model.fused_layout(), x.dtype, torch.device("meta"))
+    meta_x = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta")
+    with dry_run(), launch_log() as records:
+        run_plan(plan, meta_x)
+    return list(records)
+
+
+def trace_config(
+    model_kwargs: dict,
+    input_shape: Sequence[int],
+    dtype: torch.dtype = torch.float16,
+    *,
+    sm_count: int | None = None,
+    arch: int = 90,
+) -> list[LaunchRecord]:
+    """Trace the fused forward of ``UNet(**model_kwargs)`` on an input of ``input_shape`` and ``dtype``.
+
+    Everything lives on the ``meta`` device: any size traces in milliseconds on any machine. ``sm_count``: choose
+    the tiles (and, with ``arch``, the load path: TMA from sm_90 on) for a GPU with that many SMs (what a compile
+    report for a given target traces); by default the launchers' own choice where no GPU is involved.
+    """
+    model = UNet(**model_kwargs, device="meta")
+    x = torch.empty(tuple(input_shape), device="meta", dtype=dtype)
+    with modeled_target(sm_count, arch) if sm_count is not None else contextlib.nullcontext():
+        return trace(model, x)
+
+
+def stage_labels(records: Sequence[LaunchRecord]) -> list[str]:
+    """The stage name of each launch (``enc0.conv1`` ... ``dec0.conv2``), as the fused forward stamped it on the
+    record; ``launch<i>`` for a launch made outside a forward (a launcher called on its own)."""
+    return [record.stage or f"launch{i}" for i, record in enumerate(records)]
+
+
+def summarize(records: list[LaunchRecord]) -> dict:
+    """Totals over a trace: launches, FLOPs, bytes read and written."""
+    return {
+        "launches": len(records),
+        "flops": sum(r.flops for r in records),
+        "bytes_read": sum(r.bytes_read for r in records),
+        "bytes_written": sum(r.bytes_written for r in records),
+    }
