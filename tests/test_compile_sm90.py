@@ -165,10 +165,10 @@ TMA_ISSUE_RATIO = 0.6
 def tma_problems(report: dict) -> list[str]:
     """The reference config's wide aligned convs take TMA loads within the issue-model target: some variant of
     each configuration does (its maps from 64 px wide; the first conv keeps its small-K loader)."""
-    tma = [row for row in gemm_rows(report) if row["constexprs"].get("TMA_ROWS")]
+    tma = [row for row in gemm_rows(report) if row["config"].get("TMA_ROWS")]
     found = [f"{_label(row)}: issue ratio {row['issue_ratio']}" for row in tma if row["issue_ratio"] > TMA_ISSUE_RATIO]
-    missing = {label for row in report["variants"] for label in row["configs"]} - {
-        label for row in tma for label in row["configs"]
+    missing = {label for row in report["variants"] for label in row["used_by"]} - {
+        label for row in tma for label in row["used_by"]
     }
     return found + [f"{label}: no TMA variant" for label in sorted(missing)]
 
@@ -248,7 +248,7 @@ def test_sm80_build(dtype, tmp_path):
             if row["shared_bytes"] > A100_MAX_SHARED_PER_BLOCK or not row["ctas_per_sm"]
         ],
         "ptxas warnings": ptxas_problems(report),
-        "pointer loads only": [_label(row) for row in gemm_rows(report) if row["constexprs"]["TMA_ROWS"]],
+        "pointer loads only": [_label(row) for row in gemm_rows(report) if row["config"]["TMA_ROWS"]],
         "model": [] if {m["gpu"] for m in report["model"]} == {"A100 SXM"} else [f"models {report['model']}"],
     }
     found = {name: problems for name, problems in sections.items() if problems}
