@@ -43,7 +43,9 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 
 from fastunet import issue_model
-from fastunet.kernels._common import INTERPRET, LaunchRecord, modeled_target
+from fastunet.kernels._common import INTERPRET, LaunchRecord, dry_run, launch_log, modeled_target
+from fastunet.model import FastUNet
+from fastunet.ops import Act, ConvSpec, Layout, build_plan, run_plan
 from fastunet.reference import UNet
 from fastunet.roofline import stage_labels
 from fastunet.trace import trace
@@ -54,6 +56,9 @@ UPSAMPLES = ("transpose", "bilinear", "nearest")
 REFERENCE_MODEL = {"in_channels": 3, "num_classes": 2, "base_channels": 64, "depth": 4}
 REFERENCE_SIZE = 512
 REFERENCE_BATCHES = (16, 1)
+# Layout features beyond the reference U-Net (see fastunet.ops.Layout) whose variants the report also builds: the
+# reference network (transposed-conv upsampling) with every conv's activation, its join, or its padding changed.
+FEATURES = ("leaky_relu", "prelu", "silu", "replicate", "valid")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -353,6 +358,44 @@ def trace_config(
         return trace(model, torch.empty(batch, kwargs["in_channels"], size, size, dtype=dtype, device="meta"))
 
 
+def feature_layout(feature: str, **model_kwargs: int) -> Layout:
+    """The reference U-Net's layout (on ``meta``) with one of :data:`FEATURES`."""
+    kwargs = {**REFERENCE_MODEL, **model_kwargs}
+    model = UNet(kwargs["in_channels"], kwargs["num_classes"], kwargs["base_channels"], kwargs["depth"],
+                 upsample="transpose", device="meta")  # fmt: skip
+    layout = FastUNet.from_reference(model).fused_layout()
+    if feature == "replicate":
+        return dataclasses.replace(layout, join="replicate")
+
+    def changed(spec: ConvSpec) -> ConvSpec:
+        conv = spec.conv
+        if feature == "valid":
+            conv = torch.nn.Conv2d(conv.in_channels, conv.out_channels, 3, padding=0, device="meta")
+            return dataclasses.replace(spec, conv=conv)
+        if feature == "prelu":
+            return dataclasses.replace(spec, act=Act("prelu", module=torch.nn.PReLU(conv.out_channels, device="meta")))
+        return dataclasses.replace(spec, act=Act("leaky_relu", slope=0.01) if feature == "leaky_relu" else Act(feature))
+
+    def pairs(levels):
+        return tuple((changed(first), changed(second)) for first, second in levels)
+
+    join = "crop" if feature == "valid" else layout.join
+    return dataclasses.replace(layout, encoders=pairs(layout.encoders), decoders=pairs(layout.decoders), join=join)
+
+
+def trace_feature(
+    feature: str, dtype: torch.dtype, batch: int, size: int = REFERENCE_SIZE, arch: int = 90, **model_kwargs: int
+) -> list[LaunchRecord]:
+    """Launches of one forward of :func:`feature_layout` (like :func:`trace_config`)."""
+    layout = feature_layout(feature, **model_kwargs)
+    plan = build_plan(layout, dtype, torch.device("meta"))
+    x = torch.empty(batch, layout.in_channels, size, size, dtype=dtype, device="meta")
+    target = issue_model.ASSUMPTIONS.get(arch)
+    with modeled_target(target.sm_count) if target else contextlib.nullcontext(), dry_run(), launch_log() as records:
+        run_plan(plan, x)
+    return list(records)
+
+
 @dataclasses.dataclass(frozen=True)
 class TracedConfig:
     """One traced configuration of the report: its launches, the stage each belongs to, and their variants."""
@@ -532,6 +575,7 @@ def compile_configs(
     fresh_cache: bool = True,
     candidates: bool = False,
     sass_dir: str | None = None,
+    features: Sequence[str] = (),
     **model_kwargs: int,
 ) -> CompileResult:
     """Compile every distinct variant that the given configurations launch (``candidates``: every variant the
@@ -548,10 +592,13 @@ def compile_configs(
 
     configs = []
     for dtype in dtypes:
-        for upsample in upsamples:
+        for upsample in (*upsamples, *features):
             for size_ in sizes:
                 for batch in batches:
-                    records = trace_config(upsample, DTYPES[dtype], batch, size_, arch, **model_kwargs)
+                    if upsample in FEATURES:
+                        records = trace_feature(upsample, DTYPES[dtype], batch, size_, arch, **model_kwargs)
+                    else:
+                        records = trace_config(upsample, DTYPES[dtype], batch, size_, arch, **model_kwargs)
                     configs.append(
                         TracedConfig(
                             label(upsample, dtype, size_, batch),
@@ -706,6 +753,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m fastunet.comp
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     parser.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=list(DTYPES))
     parser.add_argument("--upsample", nargs="+", choices=UPSAMPLES, default=list(UPSAMPLES))
+    parser.add_argument(
+        "--features", nargs="*", choices=FEATURES, default=[], help="also layouts with these features (see FEATURES)"
+    )
     parser.add_argument("--batch", nargs="+", type=int, default=list(REFERENCE_BATCHES))
     parser.add_argument("--size", nargs="+", type=int, default=[REFERENCE_SIZE], help="H = W")
     parser.add_argument("--in-channels", type=int, default=REFERENCE_MODEL["in_channels"])
@@ -744,6 +794,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m fastunet.comp
         depth=args.depth,
         candidates=args.candidates,
         sass_dir=args.sass,
+        features=args.features,
     )
     rows = result.rows
     models = result.models(args.eta)
