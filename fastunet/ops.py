@@ -47,6 +47,7 @@ __all__ = [
     "UpSpec",
     "UpStage",
     "build_plan",
+    "conv_padding",
     "fold_batchnorm",
     "layout_forward",
     "layout_values",
@@ -245,23 +246,42 @@ def unfused_reason(layout: Layout) -> str | None:
             )
         if _pair(spec.conv.stride) != (1, 1):
             return f"{name}: strided convs are not fused yet (down-sampling by 2x2 max-pool is)"
-        if spec.activation.kind != "relu":
-            return f"{name}: the {spec.activation.kind} activation is not fused yet (ReLU is)"
-        if _pair(spec.conv.padding) != (1, 1) and spec.conv.padding != "same":
-            padding = spec.conv.padding if isinstance(spec.conv.padding, str) else _pair(spec.conv.padding)[0]
-            return f"{name}: convs with padding {padding} are not fused yet (padding 1 is)"
+        if _pair(spec.conv.kernel_size) != (3, 3):
+            return f"{name}: a {_pair(spec.conv.kernel_size)} conv is not fused (3x3 is)"
+        if conv_padding(spec.conv) is None:
+            return f"{name}: convs with padding {spec.conv.padding} are not fused (padding 1 and 0 are)"
     if layout.down != "pool":
         return "down-sampling by strided convs is not fused yet (2x2 max-pool is)"
-    if layout.join != "pad":
-        return f"joining the skip and the upsampled map by {layout.join!r} is not fused yet (zero padding is)"
     for level, up in enumerate(layout.ups):
-        if up.mode == "pixelshuffle":
-            return f"dec{level}.up: pixel-shuffle upsampling is not fused yet"
-        if up.pre_conv is not None:
-            return f"dec{level}.up: a 1x1 conv before the upsampling is not fused yet"
-    if _pair(layout.head.kernel_size) != (1, 1):
-        return f"head: a {layout.head.kernel_size} head conv is not fused yet (1x1 is)"
+        if up.mode == "transpose":
+            t = up.conv
+            shape = tuple(_pair(v) for v in (t.kernel_size, t.stride, t.padding, t.output_padding, t.dilation))
+            if shape != ((2, 2), (2, 2), (0, 0), (0, 0), (1, 1)) or t.groups != 1:
+                return f"dec{level}.up: transposed convs other than kernel 2, stride 2 are not fused yet"
+        if up.mode == "pixelshuffle" and (conv_padding(up.conv) != _pair(up.conv.kernel_size)[0] // 2):
+            return f"dec{level}.up: the pixel shuffle's conv must keep the size (padding kernel_size // 2)"
+    head_size = _pair(layout.head.kernel_size)
+    if head_size not in ((1, 1), (3, 3)) or conv_padding(layout.head) is None:
+        return f"head: a {head_size} head conv with padding {layout.head.padding} is not fused (1x1, or 3x3 is)"
     return None
+
+
+def conv_padding(conv: nn.Conv2d) -> int | None:
+    """The conv's padding when the kernels run it (stride 1, no dilation, one group, zero padding: ``kernel // 2``
+    on every side, or 0), else None."""
+    size = _pair(conv.kernel_size)
+    if size[0] != size[1] or size[0] % 2 != 1 or _pair(conv.stride) != (1, 1) or _pair(conv.dilation) != (1, 1):
+        return None
+    if conv.groups != 1 or conv.padding_mode != "zeros":
+        return None
+    if conv.padding == "same":
+        return size[0] // 2
+    if conv.padding == "valid":
+        return 0
+    padding = _pair(conv.padding)
+    if padding[0] != padding[1] or padding[0] not in (0, size[0] // 2):
+        return None
+    return padding[0]
 
 
 def _pair(value) -> tuple:
@@ -273,16 +293,32 @@ def _pair(value) -> tuple:
 # ---------------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class ConvStage:
-    """One conv (+ folded eval BatchNorm): packed weight and bias in the compute dtype."""
+    """One conv (+ folded eval BatchNorm): packed weight and bias in the compute dtype, its size and padding, and
+    the activation its epilogue applies (``slopes``: PReLU's, one per output channel)."""
 
     weight: torch.Tensor
     bias: torch.Tensor
+    ksize: int = 3
+    padding: int = 1
+    act: Act | None = None  # None: ReLU (a default that torch.compile can trace through)
+    slopes: torch.Tensor | None = None
+
+    @property
+    def activation(self) -> Act:
+        return RELU if self.act is None else self.act
+
+    def launch_constants(self) -> tuple:
+        """What the launches read of this stage besides its tensors."""
+        act = self.activation
+        return self.ksize, self.padding, act.kind, act.slope, act.lo, act.hi
 
 
 @dataclasses.dataclass(frozen=True)
 class UpStage:
     """How the plan upsamples at one decoder level: ``mode`` ``"direct"``: the map below goes through the
-    transposed conv ``conv``; ``"bilinear"``, ``"nearest"``: the upsample kernel interpolates it. Either way the
+    transposed conv ``conv``; ``"bilinear"``, ``"nearest"``: the upsample kernel interpolates it (after the 1x1
+    conv ``pre_conv`` at low resolution, if any); ``"pixelshuffle"``, ``"pixelshuffle_blur"``: the conv ``conv``
+    at low resolution (output channels sub-pixel-major), then the upsample kernel's pixel shuffle. Either way the
     decoder's first conv then reads the full-size map directly.
 
     Two stages are equal when they upsample the same way; the packed tensors are not compared (a plan whose
@@ -291,6 +327,7 @@ class UpStage:
     mode: str
     align_corners: bool = False
     conv: ConvStage | None = dataclasses.field(default=None, compare=False)
+    pre_conv: ConvStage | None = dataclasses.field(default=None, compare=False)
 
 
 @dataclasses.dataclass
@@ -301,16 +338,24 @@ class Plan:
     encoders: list[tuple[ConvStage, ConvStage]]  # weights (9 c_in, c_out)
     ups: list[UpStage]
     decoders: list[tuple[ConvStage, ConvStage]]
-    head: ConvStage  # weight (c_out, n_cls), bias (n_cls,)
+    head: ConvStage  # weight (k * k * c_out, n_cls), bias (n_cls,)
     fuse_head: bool
     layout: Layout
+    join: str = "pad"
+
+
+def _stages(plan: Plan) -> list[ConvStage]:
+    stages = [stage for pair in (*plan.encoders, *plan.decoders) for stage in pair]
+    stages += [conv for up in plan.ups for conv in (up.pre_conv, up.conv) if conv is not None]
+    return [*stages, plan.head]
 
 
 def plan_tensors(plan: Plan) -> list[torch.Tensor]:
     """Every tensor of a plan, in a fixed order."""
-    stages = [stage for pair in (*plan.encoders, *plan.decoders) for stage in pair]
-    stages += [up.conv for up in plan.ups if up.conv is not None] + [plan.head]
-    return [t for stage in stages for t in (stage.weight, stage.bias)]
+    tensors = []
+    for stage in _stages(plan):
+        tensors += [stage.weight, stage.bias] + ([stage.slopes] if stage.slopes is not None else [])
+    return tensors
 
 
 def fold_batchnorm(conv: nn.Conv2d, norm: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -347,11 +392,27 @@ def build_plan(layout: Layout, dtype: torch.dtype, device: torch.device) -> Plan
     if reason is not None:
         raise ValueError(f"the fused kernels cannot run this layout: {reason}")
 
+    def packed(conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor, act: Act = RELU) -> ConvStage:
+        slopes = None
+        if act.kind == "prelu":  # one slope per output channel (a single one broadcast)
+            slopes = _owned(act.module.weight.detach().expand(weight.shape[0]), device, dtype)
+        return ConvStage(
+            _owned(pack_conv_weight(weight), device, dtype),
+            _owned(bias, device, dtype),
+            _pair(conv.kernel_size)[0],
+            conv_padding(conv),
+            act,
+            slopes,
+        )
+
     def stage(spec: ConvSpec, skip_after: int = 0) -> ConvStage:
         weight, bias = fold_batchnorm(spec.conv, spec.norm)
         if skip_after:  # cat([up, skip]): the kernel reads the skip's channels first, so its weight rows move up
             weight = torch.cat([weight[:, skip_after:], weight[:, :skip_after]], dim=1)
-        return ConvStage(_owned(pack_conv_weight(weight), device, dtype), _owned(bias, device, dtype))
+        return packed(spec.conv, weight, bias, spec.activation)
+
+    def plain(conv: nn.Conv2d) -> ConvStage:  # no norm, no activation
+        return packed(conv, *fold_batchnorm(conv, None), Act("none"))
 
     def double(pair: tuple[ConvSpec, ConvSpec], skip_after: int = 0) -> tuple[ConvStage, ConvStage]:
         return stage(pair[0], skip_after), stage(pair[1])
@@ -371,34 +432,44 @@ def build_plan(layout: Layout, dtype: torch.dtype, device: torch.device) -> Plan
                 bias = up.conv.bias.detach()
             else:
                 bias = torch.zeros(weight.shape[1], dtype=weight.dtype, device=weight.device)
-            packed = ConvStage(
+            transposed = ConvStage(
                 _owned(pack_conv_transpose_weight(weight), device, dtype), _owned(bias.repeat(4), device, dtype)
             )
-            ups.append(UpStage("direct", False, packed))
+            ups.append(UpStage("direct", False, transposed))
+        elif up.mode == "pixelshuffle":
+            # Output channel c * 4 + k of the conv (pixel_shuffle's order) becomes k * C + c: each sub-pixel's
+            # channels contiguous for the shuffle.
+            weight, bias = fold_batchnorm(up.conv, None)
+            order = torch.arange(weight.shape[0], device=weight.device).view(-1, 4).t().reshape(-1)
+            conv = packed(up.conv, weight[order], bias[order], Act("none"))
+            ups.append(UpStage("pixelshuffle_blur" if up.blur else "pixelshuffle", False, conv))
         else:
-            ups.append(UpStage(up.mode, up.align_corners))
+            pre_conv = plain(up.pre_conv) if up.pre_conv is not None else None
+            ups.append(UpStage(up.mode, up.align_corners, pre_conv=pre_conv))
     head = layout.head
-    head_weight = head.weight.detach()[:, :, 0, 0].t()
-    if head.bias is not None:
-        head_bias = head.bias.detach()
-    else:
-        head_bias = torch.zeros(head.out_channels, dtype=head_weight.dtype, device=head_weight.device)
+    head_stage = plain(head)
     return Plan(
         encoders=[double(pair) for pair in layout.encoders],
         ups=ups,
         decoders=[decoder(level) for level in range(layout.depth)],
-        head=ConvStage(_owned(head_weight, device, dtype), _owned(head_bias, device, dtype)),
-        fuse_head=head.in_channels <= MAX_HEAD_CHANNELS and head.out_channels <= MAX_HEAD_CLASSES,
+        head=head_stage,
+        fuse_head=head_stage.ksize == 1
+        and head.in_channels <= MAX_HEAD_CHANNELS
+        and head.out_channels <= MAX_HEAD_CLASSES,
         layout=layout,
+        join=layout.join,
     )
 
 
 def refresh_in_place(cached: Plan, fresh: Plan) -> bool:
-    """Copy ``fresh`` into ``cached`` when both launch the same way (same upsampling stages, head fusion, and every
-    tensor's shape, dtype and device), so that a captured CUDA graph replays the new weights; False (``cached``
-    untouched) otherwise."""
+    """Copy ``fresh`` into ``cached`` when both launch the same way (same upsampling stages, head fusion, join, each
+    conv's size, padding and activation, and every tensor's shape, dtype and device), so that a captured CUDA graph
+    replays the new weights; False (``cached`` untouched) otherwise."""
     old, new = plan_tensors(cached), plan_tensors(fresh)
     if cached.fuse_head != fresh.fuse_head or cached.ups != fresh.ups or len(old) != len(new):
+        return False
+    constants = [[stage.launch_constants() for stage in _stages(plan)] for plan in (cached, fresh)]
+    if cached.join != fresh.join or constants[0] != constants[1]:
         return False
     for a, b in zip(old, new, strict=True):
         if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
@@ -539,34 +610,56 @@ def join(how: str, skip: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, 
 # Custom ops
 # ---------------------------------------------------------------------------------------------------------------
 _CONV_SCHEMA = (
-    "(Tensor x, Tensor weight, Tensor? bias, Tensor? up, Tensor? head_weight, Tensor? head_bias, int ksize, "
-    "str up_mode, bool align_corners, bool relu, bool pool, bool nchw_out) -> (Tensor, Tensor)"
+    "(Tensor x, Tensor weight, Tensor? bias, Tensor? up, Tensor? head_weight, Tensor? head_bias, Tensor? slopes, "
+    "int ksize, int padding, str up_mode, bool align_corners, str join, str activation, float slope, float lo, "
+    "float hi, bool pool, bool nchw_out) -> (Tensor, Tensor)"
 )
 
 
-def _conv_output(x: torch.Tensor, channels: int, nchw_out: bool) -> torch.Tensor:
+def _conv_output(x: torch.Tensor, height: int, width: int, channels: int, nchw_out: bool) -> torch.Tensor:
     """The (N, H, W, channels) output view: contiguous NHWC, or a permuted contiguous NCHW tensor."""
-    batch, height, width, _ = x.shape
+    batch = x.shape[0]
     if nchw_out:
         return alloc((batch, channels, height, width), x.dtype, x.device).permute(0, 2, 3, 1)
     return alloc((batch, height, width, channels), x.dtype, x.device)
 
 
-def _conv2d_launch(x, weight, bias, up, head_weight, head_bias, ksize, up_mode, align_corners, relu, pool, nchw_out):
+def _conv_size(x: torch.Tensor, up: torch.Tensor | None, up_mode: str, join: str, ksize: int, padding: int):
+    """(height, width) of a conv launch's output: the input's frame (x's, or the upsampled map's with a crop
+    join), ``ksize - 1`` smaller for a valid conv."""
+    height, width = x.shape[1], x.shape[2]
+    if up is not None and join == "crop":
+        scale = 1 if up_mode == "direct" else 2
+        height, width = scale * up.shape[1], scale * up.shape[2]
+    shrink = 2 * (ksize // 2 - padding)
+    return height - shrink, width - shrink
+
+
+def _conv2d_launch(
+    x, weight, bias, up, head_weight, head_bias, slopes, ksize, padding, up_mode, align_corners, join, activation,
+    slope, lo, hi, pool, nchw_out,
+):  # fmt: skip
     """:func:`fastunet.kernels.conv2d_nhwc` as a custom op. Returns (y, pooled): y is (N, H, W, C_out or n_cls),
     a view of an NCHW tensor when ``nchw_out``; pooled is empty unless ``pool``. ``up_mode`` "" means no second
     source."""
     channels = head_weight.shape[1] if head_weight is not None else weight.shape[1]
-    out = _conv_output(x, channels, nchw_out)
+    height, width = _conv_size(x, up, up_mode, join, ksize, padding)
+    out = _conv_output(x, max(height, 0), max(width, 0), channels, nchw_out)
     y, pooled = conv2d_nhwc(
         x,
         weight,
         bias,
         ksize=ksize,
+        padding=padding,
         up=up,
         up_mode=up_mode or None,
         align_corners=align_corners,
-        relu=relu,
+        join=join,
+        activation=activation,
+        slope=slope,
+        lo=lo,
+        hi=hi,
+        slopes=slopes,
         pool=pool,
         head_weight=head_weight,
         head_bias=head_bias,
@@ -579,9 +672,13 @@ _conv2d_op = torch.library.custom_op("fastunet::conv2d_nhwc", mutates_args=(), s
 
 
 @_conv2d_op.register_fake
-def _conv2d_fake(x, weight, bias, up, head_weight, head_bias, ksize, up_mode, align_corners, relu, pool, nchw_out):
+def _conv2d_fake(
+    x, weight, bias, up, head_weight, head_bias, slopes, ksize, padding, up_mode, align_corners, join, activation,
+    slope, lo, hi, pool, nchw_out,
+):  # fmt: skip
     channels = head_weight.shape[1] if head_weight is not None else weight.shape[1]
-    batch, height, width, _ = x.shape
+    batch = x.shape[0]
+    height, width = _conv_size(x, up, up_mode, join, ksize, padding)
     if nchw_out:
         y = x.new_empty((batch, channels, height, width)).permute(0, 2, 3, 1)
     else:
@@ -635,16 +732,15 @@ def _conv(
     *,
     up: torch.Tensor | None = None,
     up_mode: str = "",
-    align_corners: bool = False,
+    join: str = "pad",
     pool: bool = False,
     head: ConvStage | None = None,
-    ksize: int = 3,
-    relu: bool = True,
     nchw_out: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One conv launch: through the custom op while a compiler or a tracing mode is watching, else (eager calls,
     dry runs) straight to the op's own implementation, saving the dispatcher's ~10-20 us a launch."""
     op: Callable = _conv2d_launch if _direct() else torch.ops.fastunet.conv2d_nhwc
+    act = stage.activation
     return op(
         x,
         stage.weight,
@@ -652,10 +748,16 @@ def _conv(
         up,
         head.weight if head is not None else None,
         head.bias if head is not None else None,
-        ksize,
+        stage.slopes,
+        stage.ksize,
+        stage.padding,
         up_mode,
-        align_corners,
-        relu,
+        False,
+        join,
+        act.kind,
+        float(act.slope),
+        float(act.lo),
+        float(act.hi),
         pool,
         nchw_out,
     )
@@ -686,10 +788,12 @@ def run_plan(plan: Plan, x: torch.Tensor) -> torch.Tensor:
 
     Launches: 2 per encoder level (the second also writes the pooled map), 3 per decoder level (the upsampled map:
     a transposed conv, or a nearest/bilinear upsample; then two convs, the first reading the skip map and the
-    upsampled map directly, no concatenation); the 1x1 head runs in the last conv's epilogue. Activations are
-    NHWC; the input is read and the logits written in the caller's layout (NCHW, or channels_last for a
-    channels_last input). Each launch's record carries its stage name (``enc0.conv1`` ... ``dec0.conv2``,
-    ``decN.up``, ``head``) when the launch runs eagerly or in a dry run.
+    upsampled map directly, no concatenation, joined as the layout says); one more per level for a 1x1 conv before
+    the upsample (``decN.pre_conv``) or a pixel shuffle (its conv at low resolution, then the shuffle, both
+    ``decN.up``); a 1x1 head runs in the last conv's epilogue when it fits, else (and a 3x3 head) as its own
+    launch. Activations are NHWC; the input is read and the logits written in the caller's layout (NCHW, or
+    channels_last for a channels_last input). Each launch's record carries its stage name (``enc0.conv1`` ...
+    ``dec0.conv2``, ``decN.up``, ``head``) when the launch runs eagerly or in a dry run.
     """
     direct = _direct()
     try:
@@ -720,20 +824,26 @@ def _run_stages(plan: Plan, x: torch.Tensor, stage: Callable[[str], None]) -> to
     for level in reversed(range(depth)):
         conv1, conv2 = plan.decoders[level]
         up_stage = plan.ups[level]
+        if up_stage.pre_conv is not None:
+            stage(f"dec{level}.pre_conv")
+            features, _ = _conv(features, up_stage.pre_conv)
         stage(f"dec{level}.up")
-        if up_stage.conv is not None:
+        if up_stage.mode == "direct":
             up = _conv_transpose(features, up_stage.conv)
+        elif up_stage.conv is not None:  # pixel shuffle: the conv at low resolution, then the shuffle (+ blur)
+            shuffled, _ = _conv(features, up_stage.conv)
+            up = _upsample(shuffled, up_stage.mode, False)
         else:
             up = _upsample(features, up_stage.mode, up_stage.align_corners)
         stage(f"dec{level}.conv1")
-        features, _ = _conv(skips[level], conv1, up=up, up_mode="direct")
+        features, _ = _conv(skips[level], conv1, up=up, up_mode="direct", join=plan.join)
         stage(f"dec{level}.conv2")
         if level == 0 and plan.fuse_head:
             logits, _ = _conv(features, conv2, head=plan.head, nchw_out=logits_nchw)
             return logits.permute(0, 3, 1, 2)
         features, _ = _conv(features, conv2)
     stage("head")
-    logits, _ = _conv(features, plan.head, ksize=1, relu=False, nchw_out=logits_nchw)
+    logits, _ = _conv(features, plan.head, nchw_out=logits_nchw)
     return logits.permute(0, 3, 1, 2)
 
 

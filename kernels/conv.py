@@ -6,12 +6,18 @@ One kernel serves every convolution of the network; constexpr flags select the f
   and ``[c_main, c_main + c_up)`` from the upsampled map (a transposed-conv output, or the nearest/bilinear map that
   :mod:`fastunet.kernels.upsample` writes once per level), with the centered zero padding of odd sizes as a loader
   offset. The concatenated tensor is never materialized. Both sources run the same flat (tap, channel block)
-  loop, whose per-pixel address work is hoisted out of it (:func:`_accumulate_source`).
+  loop, whose per-pixel address work is hoisted out of it (:func:`_accumulate_source`). How the two maps meet
+  (``join``): the upsampled map zero-padded, centered (``pad_top``/``pad_left``); padded at the bottom/right by
+  repeating its last row and column (``CLAMP_UP``: its coordinates clamped in the loop); or the skip read through a
+  centered crop (``crop_top``/``crop_left``: a base offset). A conv with padding 0 (a valid conv) reads its input
+  at a constant +1 offset (``conv_off``) and writes an output two rows and columns smaller.
 * ``PACKED_K``: small-channel path (the network's first conv, ``c_in=3``): K runs over the flattened
   (tap, channel) axis so that 27 useful products fill one 32-wide K block instead of nine mostly empty ones.
-* epilogue: bias, ReLU (NaN-preserving, like ``torch.relu``), store; the 2x2 max-pooled map (``POOL``); the 1x1
-  head (``HEAD``: logits written in the caller's layout, the feature map itself never stored); or a
-  depth-to-space store (``D2S``: a stride-2 2x2 transposed conv is a per-pixel GEMM ``c_in -> 4*c_out``).
+* epilogue: bias, the activation (``ACT``: ReLU, LeakyReLU, PReLU with per-channel slopes, SiLU, a clamp to
+  ``[lo, hi]`` as in ReLU6/Hardtanh, or none; NaN and infinities as torch's), store; the 2x2 max-pooled map
+  (``POOL``, of the activated map); the 1x1 head (``HEAD``: logits written in the caller's layout, the feature map
+  itself never stored); or a depth-to-space store (``D2S``: a stride-2 2x2 transposed conv is a per-pixel GEMM
+  ``c_in -> 4*c_out``).
 
 GEMM view: M = output pixels, N = output channels, K = input channels x taps. The M axis is ordered
 window-major: four consecutive rows are one 2x2 pooling window, so the pooled map is a reshape and a max over the
@@ -60,6 +66,38 @@ MAX_HEAD_CLASSES = 64
 TMA_MIN_ROW = 64
 # How the decoder's second source reaches full size: already there (a transposed-conv output), or 2x upsampled.
 UP_MODES = ("direct", *UPSAMPLE_MODES)
+# How the upsampled map and the skip are brought to one size (see conv2d_nhwc).
+JOINS = ("pad", "replicate", "crop")
+
+# Epilogue activations: constexpr globals, so the kernel compares names, not numbers.
+ACT_NONE = tl.constexpr(0)
+ACT_RELU = tl.constexpr(1)
+ACT_LEAKY_RELU = tl.constexpr(2)
+ACT_PRELU = tl.constexpr(3)
+ACT_SILU = tl.constexpr(4)
+ACT_CLAMP = tl.constexpr(5)
+ACTIVATIONS = {"none": ACT_NONE, "relu": ACT_RELU, "leaky_relu": ACT_LEAKY_RELU, "prelu": ACT_PRELU,
+               "silu": ACT_SILU, "clamp": ACT_CLAMP}  # fmt: skip
+
+
+@triton.jit
+def _activate(acc, slopes_ptr, offs_n, n_mask, slope, lo, hi, ACT: tl.constexpr):
+    """The activation on the fp32 accumulator, with torch's special values: comparisons and selects rather than
+    ``tl.maximum``/``tl.minimum`` (compiled, those drop NaN), so NaN stays NaN; LeakyReLU and PReLU scale every
+    non-positive value (``-inf * 0`` is NaN, as in torch); SiLU is ``x / (1 + exp(-x))`` (``-inf`` gives NaN,
+    as in torch)."""
+    if ACT == ACT_RELU:
+        acc = tl.where(acc < 0.0, 0.0, acc)  # relu that keeps NaN (tl.maximum would drop it)
+    elif ACT == ACT_LEAKY_RELU:
+        acc = tl.where(acc > 0.0, acc, acc * slope)
+    elif ACT == ACT_PRELU:
+        slopes = tl.load(slopes_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        acc = tl.where(acc > 0.0, acc, acc * slopes[None, :])
+    elif ACT == ACT_SILU:
+        acc = acc / (1.0 + tl.exp(-acc))
+    elif ACT == ACT_CLAMP:
+        acc = tl.where(acc < lo, lo, tl.where(acc > hi, hi, acc))
+    return acc
 
 
 @triton.jit
@@ -81,8 +119,12 @@ def _accumulate_source(
     acc,
     src_ptr,
     w_ptr,
-    row_base,  # (BLOCK_M,) int64: element offset of each output pixel's centre tap in this source
+    row_base,  # (BLOCK_M,) int64: element offset of each output pixel's centre tap (CLAMP: of its image) here
     tap_bits,  # (BLOCK_M,) from _tap_bits
+    row_y,  # (BLOCK_M,) CLAMP only: each pixel's centre tap in this source, and the source's last row/column
+    row_x,
+    last_y,
+    last_x,
     c_src,
     w_row0,  # first row of this source's channels within a tap's rows of the packed weight
     c_in,
@@ -96,6 +138,7 @@ def _accumulate_source(
     KSIZE: tl.constexpr,
     EVEN_K: tl.constexpr,
     WIDE: tl.constexpr,
+    CLAMP: tl.constexpr,
     INTERPRETER: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -116,9 +159,15 @@ def _accumulate_source(
     tap = 0
     c0 = 0
     for _ in range(0, KSIZE * KSIZE * blocks):
-        shift = (tap // KSIZE - pad).to(offset_type) * stride_h + (tap % KSIZE - pad).to(offset_type) * stride_w
+        if CLAMP:
+            yy = tl.minimum(row_y + (tap // KSIZE - pad), last_y).to(offset_type)
+            xx = tl.minimum(row_x + (tap % KSIZE - pad), last_x).to(offset_type)
+            tap_rows = rows + yy * stride_h + xx * stride_w
+        else:
+            shift = (tap // KSIZE - pad).to(offset_type) * stride_h + (tap % KSIZE - pad).to(offset_type) * stride_w
+            tap_rows = rows + shift
         inside = ((tap_bits >> tap) & 1) != 0
-        a_ptrs = src_ptr + (rows + shift)[:, None] + (c0 + offs_k).to(offset_type)[None, :] * stride_c
+        a_ptrs = src_ptr + tap_rows[:, None] + (c0 + offs_k).to(offset_type)[None, :] * stride_c
         b_ptrs = w_ptr + (tap * c_in + w_row0 + c0).to(offset_type) * c_out + b_offs
         if EVEN_K:
             a = tl.load(a_ptrs, mask=inside[:, None], other=0.0)
@@ -211,17 +260,26 @@ def _conv_nhwc_kernel(
     up_desc,
     w_desc,
     w_up_desc,
+    slopes_ptr,  # (c_out,): PReLU slopes
     batch,
-    height,
+    height,  # of the output
     width,
     c_main,
     c_up,
     c_out,
     n_cls,
+    in_h,  # the input's frame: x's size, or with a crop join the upsampled map's (the skip is read cropped)
+    in_w,
+    conv_off,  # input coordinate of an output pixel's centre tap minus its own: KSIZE // 2 - padding
+    crop_top,  # where the input's frame starts inside x (crop join)
+    crop_left,
     up_h,
     up_w,
-    pad_top,
+    pad_top,  # where the upsampled map starts inside the input's frame (centered zero padding)
     pad_left,
+    act_slope,  # LeakyReLU
+    act_lo,  # clamp
+    act_hi,
     stride_xn,
     stride_xh,
     stride_xw,
@@ -240,6 +298,7 @@ def _conv_nhwc_kernel(
     stride_pc,
     KSIZE: tl.constexpr,
     TWO_SOURCES: tl.constexpr,
+    CLAMP_UP: tl.constexpr,
     PACKED_K: tl.constexpr,
     EVEN_K: tl.constexpr,
     WIDE: tl.constexpr,
@@ -261,6 +320,11 @@ def _conv_nhwc_kernel(
     Grid: (cdiv(M, BLOCK_M), cdiv(c_out, BLOCK_N)), M = batch * ceil(height/2) * ceil(width/2) * 4; with TMA loads
     (``TMA_ROWS`` row boxes of BLOCK_M / TMA_ROWS pixels per tile): (batch * cdiv(height, TMA_ROWS) *
     cdiv(width, BLOCK_M / TMA_ROWS), cdiv(c_out, BLOCK_N)).
+
+    Geometry is base-offset arithmetic done once per tile: an output pixel's centre tap sits at (oy, ox) +
+    conv_off in the input's frame (zero padding at that frame's border), at + (crop_top, crop_left) in x and at
+    - (pad_top, pad_left) in the upsampled map. The TMA path takes the plain geometry only (conv_off, crop and
+    the replicate join zero; see choose_load_path).
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -295,6 +359,9 @@ def _conv_nhwc_kernel(
             oy = tl.zeros_like(local) + y0
             ox = x0 + local
     m_valid = (img < batch) & (oy < height) & (ox < width)
+    # The centre tap in the input's frame.
+    jy = oy + conv_off
+    jx = ox + conv_off
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < c_out
@@ -326,8 +393,8 @@ def _conv_nhwc_kernel(
         # its tap's shift and channel (per column), and its padding into a per-row tap bitmask tested per column:
         # no per-element coordinate arithmetic.
         k_total: tl.constexpr = KSIZE * KSIZE * PACKED_K
-        row_base = pixel_offset(img, oy, ox, stride_xn, stride_xh, stride_xw)
-        tap_bits = _tap_bits(oy, ox, m_valid, height, width, KSIZE)
+        row_base = pixel_offset(img, jy, jx, stride_xn, stride_xh, stride_xw)
+        tap_bits = _tap_bits(jy, jx, m_valid, in_h, in_w, KSIZE)
         for k0 in range(0, k_total, BLOCK_K):
             kk = k0 + offs_k
             k_mask = kk < k_total
@@ -346,8 +413,12 @@ def _conv_nhwc_kernel(
             acc,
             x_ptr,
             w_ptr,
-            pixel_offset(img, oy, ox, stride_xn, stride_xh, stride_xw),
-            _tap_bits(oy, ox, m_valid, height, width, KSIZE),
+            pixel_offset(img, jy + crop_top, jx + crop_left, stride_xn, stride_xh, stride_xw),
+            _tap_bits(jy, jx, m_valid, in_h, in_w, KSIZE),
+            jy,
+            jx,
+            0,
+            0,
             c_main,
             0,
             c_in,
@@ -361,20 +432,32 @@ def _conv_nhwc_kernel(
             KSIZE,
             EVEN_K,
             WIDE,
+            False,
             INTERPRETER,
             DOT_PRECISION,
             BLOCK_K,
         )
         if TWO_SOURCES:
-            # The upsampled map sits centered in the skip's frame (zero padding of odd sizes): its own coordinates.
-            uy = oy - pad_top
-            ux = ox - pad_left
+            # The upsampled map's own coordinates: it sits at (pad_top, pad_left) in the input's frame.
+            uy = jy - pad_top
+            ux = jx - pad_left
+            if CLAMP_UP:
+                # Replicate join: the frame's zero padding applies, and a row or column past the map repeats its last.
+                up_base = img.to(tl.int64) * stride_un
+                up_bits = _tap_bits(jy, jx, m_valid, in_h, in_w, KSIZE)
+            else:
+                up_base = pixel_offset(img, uy, ux, stride_un, stride_uh, stride_uw)
+                up_bits = _tap_bits(uy, ux, m_valid, up_h, up_w, KSIZE)
             acc = _accumulate_source(
                 acc,
                 up_ptr,
                 w_ptr,
-                pixel_offset(img, uy, ux, stride_un, stride_uh, stride_uw),
-                _tap_bits(uy, ux, m_valid, up_h, up_w, KSIZE),
+                up_base,
+                up_bits,
+                uy,
+                ux,
+                up_h - 1,
+                up_w - 1,
                 c_up,
                 c_main,
                 c_in,
@@ -388,6 +471,7 @@ def _conv_nhwc_kernel(
                 KSIZE,
                 EVEN_K,
                 WIDE,
+                CLAMP_UP,
                 INTERPRETER,
                 DOT_PRECISION,
                 BLOCK_K,
@@ -395,8 +479,8 @@ def _conv_nhwc_kernel(
 
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    if ACT:
-        acc = tl.where(acc < 0.0, 0.0, acc)  # relu that keeps NaN (tl.maximum would drop it)
+    # Before the pool (max over the window of the activated map: SiLU is not monotonic) and before a fused head.
+    acc = _activate(acc, slopes_ptr, offs_n, n_mask, act_slope, act_lo, act_hi, ACT)
     out = to_storage(acc, y_ptr.dtype.element_ty, INTERPRETER)
 
     if HEAD:
@@ -673,19 +757,22 @@ def _tma_problem(t: torch.Tensor, what: str) -> str | None:
 
 
 def choose_load_path(
-    x: torch.Tensor, up: torch.Tensor | None, w_packed: torch.Tensor, *, packed_k: bool
+    x: torch.Tensor, up: torch.Tensor | None, w_packed: torch.Tensor, *, packed_k: bool, plain_geometry: bool = True
 ) -> tuple[str, str]:
     """("tma" or "pointer", why) for a conv launch reading ``x`` (and ``up``) with ``w_packed``.
 
     TMA needs sm_90 or newer (off the GPU: the modeled target; under the interpreter: only when asked for, see
     :func:`fastunet.kernels._common.load_path`) and tensors a descriptor can address (:func:`_tma_problem`). The
-    small-K first conv keeps its packed (tap, channel) loader. Asked for automatically, maps narrower than
+    small-K first conv keeps its packed (tap, channel) loader, and so do the valid conv, the cropped skip and the
+    replicate join (``plain_geometry`` False). Asked for automatically, maps narrower than
     :data:`TMA_MIN_ROW` pixels stay on pointer loads (a row box would be mostly padding)."""
     requested = requested_load_path()
     if requested == "pointer":
         return "pointer", "pointer loads asked for (load_path or FASTUNET_LOAD_PATH)"
     if packed_k:
         return "pointer", f"small-K loader: {x.shape[-1]} input channels packed with the taps into one K axis"
+    if not plain_geometry:
+        return "pointer", "valid conv, cropped skip or replicate join: the row boxes take the padded geometry only"
     if INTERPRET:
         if requested == "auto":
             return "pointer", "the interpreter runs pointer loads unless TMA is asked for (load_path('tma'))"
@@ -731,20 +818,40 @@ def _tma_descriptors(x, up, w_packed, c_main, rows, block_m, block_n, block_k) -
 
 @dataclasses.dataclass(frozen=True)
 class _Geometry:
-    """Sizes of one conv launch beyond its input's shape."""
+    """Sizes of one conv launch beyond its input's shape (see the kernel's arguments of the same names)."""
 
     c_out: int  # GEMM columns (4 * channels for the depth-to-space launch)
+    out_h: int  # the output's size (the input's, 2 rows and columns less for a 3x3 conv with padding 0)
+    out_w: int
+    in_h: int  # the input's frame: x's size, or with a crop join the upsampled map's
+    in_w: int
+    conv_off: int = 0
+    crop_top: int = 0
+    crop_left: int = 0
     c_up: int = 0  # channels of the second source
     n_cls: int = 0  # classes of a fused head
-    up_h: int = 0  # the second source's size, and its offset inside the skip's frame (centered zero padding)
+    up_h: int = 0  # the second source's size, and its offset inside the input's frame (centered zero padding)
     up_w: int = 0
     pad_top: int = 0
     pad_left: int = 0
+    clamp_up: bool = False  # replicate join
 
 
-def _launch(x, up, w_packed, bias, y, pooled, head_w, head_b, *, geometry, ksize, packed_k, relu, d2s, name, flops):
-    batch, height, width, c_main = x.shape
+@dataclasses.dataclass(frozen=True)
+class _Activation:
+    """The epilogue's activation: kind (a key of :data:`ACTIVATIONS`), its scalars and PReLU's (c_out,) slopes."""
+
+    kind: str = "relu"
+    slope: float = 0.0
+    lo: float = 0.0
+    hi: float = 0.0
+    slopes: torch.Tensor | None = None
+
+
+def _launch(x, up, w_packed, bias, y, pooled, head_w, head_b, *, geometry, ksize, packed_k, act, d2s, name, flops):
+    batch, _, _, c_main = x.shape
     g = geometry
+    height, width = g.out_h, g.out_w
     m = batch * ((height + 1) // 2) * ((width + 1) // 2) * 4
     if m + 128 >= 2**31:
         # Pixel indices are int32 inside the kernel (addresses are int64): refuse rather than wrap.
@@ -768,6 +875,7 @@ def _launch(x, up, w_packed, bias, y, pooled, head_w, head_b, *, geometry, ksize
     hw = head_w if head_w is not None else w_packed
     hb = head_b if head_b is not None else w_packed
     b = bias if bias is not None else w_packed
+    slopes = act.slopes if act.slopes is not None else w_packed
 
     def tile_of(cfg: dict) -> tuple[int, int]:
         """(TMA_ROWS, BLOCK_M): 0 row boxes on the pointer path."""
@@ -779,17 +887,19 @@ def _launch(x, up, w_packed, bias, y, pooled, head_w, head_b, *, geometry, ksize
         if rows:
             descriptors = _tma_descriptors(x, up, w_packed, c_main, rows, block_m, cfg["BLOCK_N"], cfg["BLOCK_K"])
         return (
-            x, up_t, w_packed, b, y, pool_t, hw, hb, *descriptors,
-            batch, height, width, c_main, g.c_up, g.c_out, g.n_cls, g.up_h, g.up_w, g.pad_top, g.pad_left,
+            x, up_t, w_packed, b, y, pool_t, hw, hb, *descriptors, slopes,
+            batch, height, width, c_main, g.c_up, g.c_out, g.n_cls, g.in_h, g.in_w, g.conv_off, g.crop_top,
+            g.crop_left, g.up_h, g.up_w, g.pad_top, g.pad_left, float(act.slope), float(act.lo), float(act.hi),
             *x.stride(), *up_t.stride(), *y.stride(), *pool_t.stride(),
         )  # fmt: skip
 
     flags = {
         "KSIZE": ksize,
         "TWO_SOURCES": up is not None,
+        "CLAMP_UP": g.clamp_up,
         "PACKED_K": c_main if packed_k else 0,  # the channel count, a constant on the small-K path
         "HAS_BIAS": bias is not None,
-        "ACT": relu,
+        "ACT": ACTIVATIONS[act.kind].value,
         "POOL": pooled is not None,
         "HEAD": head_w is not None,
         "D2S": d2s,
@@ -801,7 +911,8 @@ def _launch(x, up, w_packed, bias, y, pooled, head_w, head_b, *, geometry, ksize
     }
     if m == 0 or g.c_out == 0:
         return
-    path, path_reason = choose_load_path(x, up, w_packed, packed_k=packed_k)
+    plain = not (g.conv_off or g.crop_top or g.crop_left or g.clamp_up)
+    path, path_reason = choose_load_path(x, up, w_packed, packed_k=packed_k, plain_geometry=plain)
 
     def grid_of(cfg: dict) -> tuple[int, int]:
         rows, block_m = tile_of(cfg)
@@ -826,7 +937,7 @@ def _launch(x, up, w_packed, bias, y, pooled, head_w, head_b, *, geometry, ksize
     # Shapes share a tuning result when they differ only in the pixel count's power-of-two bucket.
     key = ("conv", x.dtype, tuple(flags.items()), path, next_pow2(m), c_main, g.c_up, g.c_out, g.n_cls)
     cfg = choose_config(key, candidates, run)
-    tensors = [t for t in (x, up, w_packed, bias, head_w, head_b) if t is not None]
+    tensors = [t for t in (x, up, w_packed, bias, head_w, head_b, act.slopes) if t is not None]
     record_launch(
         LaunchRecord(
             name=name,
@@ -853,40 +964,65 @@ def conv2d_nhwc(
     bias: torch.Tensor | None = None,
     *,
     ksize: int = 3,
+    padding: int | None = None,
     up: torch.Tensor | None = None,
     up_mode: str | None = None,
     align_corners: bool = False,
-    relu: bool = True,
+    join: str = "pad",
+    activation: str = "relu",
+    slope: float = 0.0,
+    lo: float = 0.0,
+    hi: float = 0.0,
+    slopes: torch.Tensor | None = None,
     pool: bool = False,
     head_weight: torch.Tensor | None = None,
     head_bias: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Same-padded ``ksize x ksize`` convolution (stride 1) of an NHWC view, with its fused neighbours.
+    """``ksize x ksize`` convolution (stride 1) of an NHWC view, with its fused neighbours.
 
     Args:
         x: (N, H, W, C_main) view, any strides (an NCHW tensor permuted to NHWC is read in place).
         w_packed: (ksize * ksize * (C_main + C_up), C_out) from :func:`pack_conv_weight`.
         bias: (C_out,) or None.
+        padding: zero padding on every side, ``ksize // 2`` (the default: same size) or 0 (a valid conv: the
+            output is ``ksize - 1`` rows and columns smaller).
         up: optional (N, h, w, C_up) second input whose channels follow x's (the decoder's ``cat([skip, up])``).
         up_mode: ``"direct"`` (up is already at full size, e.g. a transposed-conv output), ``"nearest"`` or
             ``"bilinear"`` (2x upsampling: one :func:`fastunet.kernels.upsample.upsample2x_nhwc` launch writes the
-            upsampled map, then the conv reads it directly). The upsampled map is zero-padded, centered, to (H, W).
+            upsampled map, then the conv reads it directly).
         align_corners: bilinear ``up_mode`` only, as in ``F.interpolate``.
-        relu: apply ReLU after the bias.
+        join: how the upsampled map and the skip ``x`` meet: ``"pad"``: the upsampled map zero-padded, centered, to
+            (H, W); ``"replicate"``: padded at the bottom/right to (H, W) by repeating its last row and column;
+            ``"crop"``: ``x`` center-cropped to the upsampled map's size (the conv's input is then that size).
+        activation: ``"relu"``, ``"leaky_relu"`` (negative ``slope``), ``"prelu"`` (``slopes``: (C_out,)),
+            ``"silu"``, ``"clamp"`` (to ``[lo, hi]``) or ``"none"``, applied after the bias (before the pool and
+            the fused head).
         pool: also return the 2x2 max-pooled map (floor mode, like ``nn.MaxPool2d(2)``).
         head_weight, head_bias: (C_out, n_cls) and (n_cls,): fuse a 1x1 conv; the return value is then the
             logits, and the C_out feature map is not stored.
-        out: optional destination (N, H, W, C_out or n_cls) view, e.g. an NCHW tensor permuted to NHWC.
+        out: optional destination (N, H_out, W_out, C_out or n_cls) view, e.g. an NCHW tensor permuted to NHWC.
 
     Returns:
         (y, pooled): y in NHWC (or ``out``), pooled None unless ``pool``.
     """
     _check_nhwc(x, "conv2d_nhwc input")
     if ksize % 2 != 1 or ksize < 1:
-        raise ValueError(f"ksize must be odd (same padding of ksize // 2), got {ksize}")
+        raise ValueError(f"ksize must be odd, got {ksize}")
+    padding = ksize // 2 if padding is None else padding
+    if padding not in (0, ksize // 2):
+        raise ValueError(
+            f"padding must be {ksize // 2} (same size) or 0 (valid) for a {ksize}x{ksize} conv, got {padding}"
+        )
+    if join not in JOINS:
+        raise ValueError(f"join must be one of {list(JOINS)}, got {join!r}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
+    if activation == "clamp" and not lo <= hi:
+        raise ValueError(f"a clamp needs lo <= hi, got [{lo}, {hi}]")
     batch, height, width, c_main = x.shape
-    c_up = up_h = up_w = pad_top = pad_left = 0
+    in_h, in_w = height, width
+    c_up = up_h = up_w = pad_top = pad_left = crop_top = crop_left = 0
     if up is not None:
         _check_nhwc(up, "conv2d_nhwc upsampled input")
         if up_mode not in UP_MODES:
@@ -902,9 +1038,22 @@ def conv2d_nhwc(
             raise ValueError(f"upsampled map ({up_h}x{up_w}) is larger than the skip map ({height}x{width})")
         if align_corners and up_mode != "bilinear":
             raise ValueError(f"align_corners applies to bilinear upsampling only, got up_mode={up_mode!r}")
-        pad_top, pad_left = (height - up_h) // 2, (width - up_w) // 2
+        if join == "pad":
+            pad_top, pad_left = (height - up_h) // 2, (width - up_w) // 2
+        elif join == "crop":
+            crop_top, crop_left = (height - up_h) // 2, (width - up_w) // 2
+            in_h, in_w = up_h, up_w
+        elif up_h == 0 or up_w == 0:
+            raise ValueError(f"replicate join: an empty upsampled map ({up_h}x{up_w}) has no row to repeat")
     elif up_mode is not None:
         raise ValueError("up_mode given without an upsampled input")
+    shrink = 2 * (ksize // 2 - padding)
+    out_h, out_w = in_h - shrink, in_w - shrink
+    if out_h < 1 or out_w < 1:
+        raise ValueError(
+            f"a {ksize}x{ksize} conv with padding {padding} needs an input of at least {shrink + 1}x{shrink + 1}, "
+            f"got {in_h}x{in_w}"
+        )
     c_in = c_main + c_up
     if w_packed.dim() != 2 or w_packed.shape[0] != ksize * ksize * c_in:
         raise ValueError(
@@ -912,11 +1061,21 @@ def conv2d_nhwc(
             f"{ksize}x{ksize} kernel, got {tuple(w_packed.shape)}"
         )
     c_out = w_packed.shape[1]
-    for t, what in ((w_packed, "weight"), (bias, "bias"), (head_weight, "head weight"), (head_bias, "head bias")):
+    tensors = ((w_packed, "weight"), (bias, "bias"), (head_weight, "head weight"), (head_bias, "head bias"),
+               (slopes, "PReLU slopes"))  # fmt: skip
+    for t, what in tensors:
         if t is not None and (t.dtype != x.dtype or t.device != x.device):
             raise ValueError(f"{what}: expected {x.dtype} on {x.device}, got {t.dtype} on {t.device}")
     if bias is not None and bias.shape != (c_out,):
         raise ValueError(f"bias: expected shape ({c_out},), got {tuple(bias.shape)}")
+    if (activation == "prelu") != (slopes is not None):
+        raise ValueError("PReLU slopes are given with the 'prelu' activation, and only with it")
+    if slopes is not None:
+        if slopes.shape != (c_out,):
+            raise ValueError(
+                f"PReLU slopes: expected shape ({c_out},) (one slope per channel), got {tuple(slopes.shape)}"
+            )
+        slopes = slopes.contiguous()
     if not w_packed.is_contiguous():
         raise ValueError("packed weight must be contiguous")
     n_cls = 0
@@ -933,10 +1092,10 @@ def conv2d_nhwc(
         head_weight, head_bias = head_weight.contiguous(), head_bias.contiguous()
     y_channels = n_cls if head_weight is not None else c_out
     if out is None:
-        out = alloc((batch, height, width, y_channels), x.dtype, x.device)
-    elif out.shape != (batch, height, width, y_channels) or out.dtype != x.dtype or out.device != x.device:
+        out = alloc((batch, out_h, out_w, y_channels), x.dtype, x.device)
+    elif out.shape != (batch, out_h, out_w, y_channels) or out.dtype != x.dtype or out.device != x.device:
         raise ValueError(
-            f"out: expected shape {(batch, height, width, y_channels)} {x.dtype} on {x.device}, "
+            f"out: expected shape {(batch, out_h, out_w, y_channels)} {x.dtype} on {x.device}, "
             f"got {tuple(out.shape)} {out.dtype} on {out.device}"
         )
     else:
@@ -946,12 +1105,13 @@ def conv2d_nhwc(
                 f"memory location (shape {tuple(out.shape)}, strides {out.stride()}); pass a tensor whose elements "
                 "do not overlap (clone() an expanded one)"
             )
-        _check_no_overlap(out, [x, up, w_packed, bias, head_weight, head_bias])
-    pooled = alloc((batch, height // 2, width // 2, c_out), x.dtype, x.device) if pool else None
+        _check_no_overlap(out, [x, up, w_packed, bias, head_weight, head_bias, slopes])
+    pooled = alloc((batch, out_h // 2, out_w // 2, c_out), x.dtype, x.device) if pool else None
     if up is not None and up_mode != "direct":
         up = upsample2x_nhwc(up, up_mode, align_corners)
     packed_k = up is None and ksize > 1 and c_main < 16
-    flops = 2 * batch * height * width * c_out * ksize * ksize * c_in + 2 * batch * height * width * c_out * n_cls
+    pixels = batch * out_h * out_w
+    flops = 2 * pixels * c_out * ksize * ksize * c_in + 2 * pixels * c_out * n_cls
     _launch(
         x,
         up,
@@ -961,10 +1121,26 @@ def conv2d_nhwc(
         pooled,
         head_weight,
         head_bias,
-        geometry=_Geometry(c_out, c_up, n_cls, up_h, up_w, pad_top, pad_left),
+        geometry=_Geometry(
+            c_out,
+            out_h,
+            out_w,
+            in_h,
+            in_w,
+            ksize // 2 - padding,
+            crop_top,
+            crop_left,
+            c_up,
+            n_cls,
+            up_h,
+            up_w,
+            pad_top,
+            pad_left,
+            up is not None and join == "replicate",
+        ),  # fmt: skip
         ksize=ksize,
         packed_k=packed_k,
-        relu=relu,
+        act=_Activation(activation, slope, lo, hi, slopes),
         d2s=False,
         name=f"conv{ksize}x{ksize}"
         + ("+up" if up is not None else "")
@@ -1010,10 +1186,10 @@ def conv_transpose2x2_nhwc(x: torch.Tensor, w_packed: torch.Tensor, bias4: torch
         None,
         None,
         None,
-        geometry=_Geometry(c_out4),
+        geometry=_Geometry(c_out4, h, w, h, w),
         ksize=1,
         packed_k=False,
-        relu=False,
+        act=_Activation("none"),
         d2s=True,
         name="conv_transpose2x2",
         flops=2 * batch * h * w * c_in * c_out4,
@@ -1022,7 +1198,9 @@ def conv_transpose2x2_nhwc(x: torch.Tensor, w_packed: torch.Tensor, bias4: torch
 
 
 __all__ = [
+    "ACTIVATIONS",
     "INTERPRET",
+    "JOINS",
     "MAX_HEAD_CHANNELS",
     "MAX_HEAD_CLASSES",
     "conv2d_nhwc",

@@ -8,6 +8,16 @@ after which the conv's second source is an ordinary map read like the skip.
 
 Numerics follow ``F.interpolate(scale_factor=2)``: the source coordinate of an output pixel is computed in fp32,
 the corners are blended in fp32, and the result is rounded once to the storage dtype. Nearest is a bit-exact copy.
+
+The pixel-shuffle modes finish MONAI's subpixel upsampling after its conv (an ordinary conv launch at low
+resolution, whose output channels the plan orders sub-pixel-major: channel ``(i * 2 + j) * C + c`` is
+``pixel_shuffle``'s ``c * 4 + i * 2 + j``, so each sub-pixel's channels are one contiguous vector):
+``"pixelshuffle"`` is the depth-to-space copy (bit-exact), ``"pixelshuffle_blur"`` also zero-pads it by one row
+and column at the top and left and averages 2x2 windows with stride 1 (four neighbours summed in fp32 in
+``avg_pool2d``'s order, scaled by 1/4, rounded once). Why a mode here rather than a depth-to-space store in the
+conv: the blur needs neighbours that other conv tiles write (a second pass whatever the conv stores), and the
+conv kernel's depth-to-space store serializes its wgmma pipeline at 128-wide tiles, which a 3x3 conv (nine
+times the transposed conv's K) should not pay.
 """
 
 from __future__ import annotations
@@ -33,7 +43,11 @@ from fastunet.kernels._common import (
 NEAREST = tl.constexpr(0)
 BILINEAR = tl.constexpr(1)
 BILINEAR_ALIGN_CORNERS = tl.constexpr(2)
+PIXEL_SHUFFLE = tl.constexpr(3)
+PIXEL_SHUFFLE_BLUR = tl.constexpr(4)
+# The interpolations (what the conv's loader may take as a second source's up_mode), and the pixel shuffles.
 MODES = ("nearest", "bilinear")
+SHUFFLE_MODES = ("pixelshuffle", "pixelshuffle_blur")
 
 
 @triton.jit
@@ -49,8 +63,20 @@ def _upsample_source(dst, scale, size, MODE: tl.constexpr):
 
 
 @triton.jit
+def _shuffled(x_ptr, img, y, x, offs_c, channels, valid, stride_xn, stride_xh, stride_xw, stride_xc):
+    """Element (y, x) of the pixel-shuffled map, channels ``offs_c``, as fp32 (0 where ``valid`` is false): low
+    pixel (y // 2, x // 2), sub-pixel channel block ``(y % 2) * 2 + x % 2``."""
+    sub = (y % 2) * 2 + x % 2
+    base = (
+        pixel_offset(img, y // 2, x // 2, stride_xn, stride_xh, stride_xw) + (sub * channels).to(tl.int64) * stride_xc
+    )
+    ptrs = x_ptr + base[:, None] + offs_c.to(tl.int64)[None, :] * stride_xc
+    return tl.load(ptrs, mask=valid[:, None] & (offs_c < channels)[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _upsample2x_nhwc_kernel(
-    x_ptr,  # (batch, low_h, low_w, channels)
+    x_ptr,  # (batch, low_h, low_w, channels), or (batch, low_h, low_w, 4 channels) for a pixel shuffle
     y_ptr,  # (batch, 2 low_h, 2 low_w, channels)
     batch,
     low_h,
@@ -91,6 +117,22 @@ def _upsample2x_nhwc_kernel(
     if MODE == NEAREST:
         src = pixel_offset(img, oy // 2, ox // 2, stride_xn, stride_xh, stride_xw)
         out = tl.load(x_ptr + src[:, None] + col_x, mask=mask, other=0.0)
+    elif MODE == PIXEL_SHUFFLE:
+        sub = (oy % 2) * 2 + ox % 2
+        src = pixel_offset(img, oy // 2, ox // 2, stride_xn, stride_xh, stride_xw)
+        src += (sub * channels).to(tl.int64) * stride_xc
+        out = tl.load(x_ptr + src[:, None] + col_x, mask=mask, other=0.0)
+    elif MODE == PIXEL_SHUFFLE_BLUR:
+        # avg_pool2d(pad(t, [1, 0, 1, 0]), 2, stride=1): the window (oy-1..oy, ox-1..ox), zeros above and left.
+        up_row = p_mask & (oy > 0)
+        left = p_mask & (ox > 0)
+        total = _shuffled(x_ptr, img, oy - 1, ox - 1, offs_c, channels, up_row & left, stride_xn, stride_xh,
+                          stride_xw, stride_xc)  # fmt: skip
+        total += _shuffled(x_ptr, img, oy - 1, ox, offs_c, channels, up_row, stride_xn, stride_xh, stride_xw,
+                           stride_xc)  # fmt: skip
+        total += _shuffled(x_ptr, img, oy, ox - 1, offs_c, channels, left, stride_xn, stride_xh, stride_xw, stride_xc)
+        total += _shuffled(x_ptr, img, oy, ox, offs_c, channels, p_mask, stride_xn, stride_xh, stride_xw, stride_xc)
+        out = to_storage(total * 0.25, y_ptr.dtype.element_ty, INTERPRETER)
     else:
         y0, y1, ly = _upsample_source(oy, scale_h, low_h, MODE)
         x0, x1, lx = _upsample_source(ox, scale_w, low_w, MODE)
@@ -110,11 +152,13 @@ def _upsample2x_nhwc_kernel(
 def upsample2x_nhwc(
     x: torch.Tensor, mode: str, align_corners: bool = False, *, name: str = "upsample2x"
 ) -> torch.Tensor:
-    """2x upsampling of an (N, h, w, C) view, like ``F.interpolate(scale_factor=2, mode=mode)`` on NCHW.
+    """2x upsampling of an (N, h, w, C) view, like ``F.interpolate(scale_factor=2, mode=mode)`` on NCHW; or the
+    pixel shuffle of an (N, h, w, 4 C) view whose channel ``(i * 2 + j) * C + c`` goes to output pixel
+    ``(2 y + i, 2 x + j)``, channel ``c`` (see the module's docstring; ``_blur``: then the 2x2 average).
 
     Args:
-        x: (N, h, w, C) view, any strides.
-        mode: ``"nearest"`` or ``"bilinear"``.
+        x: (N, h, w, C) view (4 C channels for the pixel shuffles), any strides.
+        mode: ``"nearest"``, ``"bilinear"``, ``"pixelshuffle"`` or ``"pixelshuffle_blur"``.
         align_corners: bilinear only, as in ``F.interpolate``.
 
     Returns:
@@ -123,17 +167,24 @@ def upsample2x_nhwc(
     if x.dim() != 4:
         raise ValueError(f"upsample2x_nhwc input: expected a 4-D (N, H, W, C) view, got shape {tuple(x.shape)}")
     check_runnable(x, "upsample2x_nhwc input")
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
+    if mode not in MODES + SHUFFLE_MODES:
+        raise ValueError(f"mode must be one of {list(MODES + SHUFFLE_MODES)}, got {mode!r}")
     if align_corners and mode != "bilinear":
         raise ValueError("align_corners only applies to bilinear upsampling")
     batch, low_h, low_w, channels = x.shape
+    if mode in SHUFFLE_MODES:
+        if channels % 4:
+            raise ValueError(f"a 2x pixel shuffle needs a multiple of 4 channels, got {channels}")
+        channels //= 4
     pixels = batch * 4 * low_h * low_w
     if pixels + 1024 >= 2**31:
         raise ValueError(f"at most 2**31 - 1025 output pixels per launch, got {pixels}")
     y = alloc((batch, 2 * low_h, 2 * low_w, channels), x.dtype, x.device)
     if mode == "nearest":
         kernel_mode, scale_h, scale_w = NEAREST.value, 0.5, 0.5
+    elif mode in SHUFFLE_MODES:
+        kernel_mode = (PIXEL_SHUFFLE if mode == "pixelshuffle" else PIXEL_SHUFFLE_BLUR).value
+        scale_h = scale_w = 0.5
     elif align_corners:
         kernel_mode = BILINEAR_ALIGN_CORNERS.value
         scale_h = (low_h - 1) / (2 * low_h - 1) if low_h > 1 else 0.0
@@ -167,4 +218,4 @@ def upsample2x_nhwc(
     return y
 
 
-__all__ = ["MODES", "upsample2x_nhwc"]
+__all__ = ["MODES", "SHUFFLE_MODES", "upsample2x_nhwc"]

@@ -341,3 +341,25 @@ def test_sm90_build_autotuning_candidates(tmp_path):
     found = spill_problems(report) + tensor_core_problems(report, "fp16") + shared_memory_problems(report)
     found += ptxas_problems(report)
     assert not found, "\n".join(found)
+
+
+def test_sm90_build_feature_variants(tmp_path):
+    """The layout features' variants (LeakyReLU, per-channel PReLU and SiLU epilogues, the replicate join's clamped
+    loader, valid convs with the crop join) build like the reference's: no spills, HGMMA, no ptxas warnings."""
+    report = run_report(
+        tmp_path, "--dtype", "fp16", "--upsample", "transpose", "--batch", "1",
+        "--features", "leaky_relu", "prelu", "silu", "replicate", "valid",
+    )  # fmt: skip
+    rows = gemm_rows(report)
+
+    def built(feature: str) -> list[dict]:
+        return [row for row in rows if f"{feature}/fp16/b1" in row["configs"]]
+
+    assert {row["constexprs"]["ACT"] for row in built("leaky_relu")} >= {2}
+    assert {row["constexprs"]["ACT"] for row in built("prelu")} >= {3}
+    assert {row["constexprs"]["ACT"] for row in built("silu")} >= {4}
+    assert any(row["constexprs"]["CLAMP_UP"] for row in built("replicate"))
+    assert built("valid")
+    found = spill_problems(report) + tensor_core_problems(report, "fp16") + shared_memory_problems(report)
+    found += ptxas_problems(report)
+    assert not found, "\n".join(found)

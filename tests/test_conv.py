@@ -391,7 +391,7 @@ def test_conv1x1_without_activation(device, dtype):
     x = torch.randn(2, 160, 5, 7).to(device, dtype)
     weight, bias = rand_conv(3, 160, 1, dtype, device)
     logits = torch.full((2, 3, 5, 7), float("nan"), device=device, dtype=dtype)
-    conv2d_nhwc(nhwc(x), pack_conv_weight(weight), bias, ksize=1, relu=False, out=nhwc(logits))
+    conv2d_nhwc(nhwc(x), pack_conv_weight(weight), bias, ksize=1, activation="none", out=nhwc(logits))
     reference = F.conv2d(x.double().cpu(), weight.double().cpu(), bias.double().cpu())
     assert (reference < 0).any()
     assert_kernel_close(logits, reference, 160, precision_key(dtype, device))

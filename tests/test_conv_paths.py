@@ -139,7 +139,7 @@ def test_conv1x1_both_paths(device, path, dtype):
     x = torch.randn(1, 16, 3, 5).to(device, dtype)
     weight, bias = rand_weight(8, 16, 1, dtype, device)
     (y, _), record = run_logged(
-        path, conv2d_nhwc, channels_last(x), pack_conv_weight(weight), bias, ksize=1, relu=False
+        path, conv2d_nhwc, channels_last(x), pack_conv_weight(weight), bias, ksize=1, activation="none"
     )
     check_record(record, path, device)
     reference = F.conv2d(x.double().cpu(), weight.double().cpu(), bias.double().cpu())

@@ -29,6 +29,7 @@ from fastunet.kernels import INTERPRET
 from fastunet.kernels import conv as conv_module
 from fastunet.kernels import upsample as upsample_module
 from fastunet.kernels.conv import conv2d_nhwc, conv_transpose2x2_nhwc, pack_conv_transpose_weight, pack_conv_weight
+from fastunet.kernels.upsample import upsample2x_nhwc
 from fastunet.reference import center_pad
 from interpreter_patch import patched_builder
 from tolerances import assert_kernel_close, precision_key
@@ -300,23 +301,78 @@ def _out_for(m: MoatedLaunch, layout: str, shape, dtype) -> torch.Tensor | None:
     return None if layout == "expanded" else nhwc(m.output("out", shape, dtype, layout))
 
 
+ACTS = {  # the epilogue's activations: launcher arguments and torch's function on the float64 map
+    "relu": ({}, F.relu),
+    "none": ({}, lambda t: t),
+    "leaky_relu": ({"slope": 0.2}, lambda t: F.leaky_relu(t, 0.2)),
+    "silu": ({}, F.silu),
+    "clamp": ({"lo": -0.1, "hi": 0.2}, lambda t: F.hardtanh(t, -0.1, 0.2)),
+}
+
+
 def conv_case(
     m: MoatedLaunch, *, batch, c_in, c_out, height, width, layout, dtype=torch.float32, pool=False, ksize=3,
-    relu=True,
+    activation="relu", padding=None,
 ) -> list[Result]:  # fmt: skip
+    """One-source conv; ``activation`` "prelu": per-channel slopes read from a moated parameter."""
+    padding = ksize // 2 if padding is None else padding
+    shrink = ksize - 1 - 2 * padding
     x = m.input("x", torch.randn(batch, c_in, height, width).to(dtype), layout)
     weight, bias = _conv_weight(c_out, c_in, ksize, dtype)
-    out = _out_for(m, layout, (batch, c_out, height, width), dtype)
+    out = _out_for(m, layout, (batch, c_out, height - shrink, width - shrink), dtype)
+    if activation == "prelu":
+        slopes = torch.linspace(-0.5, 0.5, c_out).to(dtype)
+        kwargs, act = {"slopes": m.param("slopes", slopes)}, lambda t: F.prelu(t, slopes.double())
+    else:
+        kwargs, act = ACTS[activation]
     y, pooled = conv2d_nhwc(
-        nhwc(x), m.param("weight", pack_conv_weight(weight)), m.param("bias", bias), ksize=ksize, relu=relu,
-        pool=pool, out=out,
+        nhwc(x), m.param("weight", pack_conv_weight(weight)), m.param("bias", bias), ksize=ksize, padding=padding,
+        activation=activation, pool=pool, out=out, **kwargs,
     )  # fmt: skip
-    ref = F.conv2d(x.double().cpu(), weight.double(), bias.double(), padding=ksize // 2)
-    ref = ref.relu() if relu else ref
+    ref = act(F.conv2d(x.double().cpu(), weight.double(), bias.double(), padding=padding))
     results = [("y", y, ref, ksize * ksize * c_in)]
     if pool:
         results.append(("pooled", pooled, F.max_pool2d(ref, 2), ksize * ksize * c_in))
     return results
+
+
+def join_case(m: MoatedLaunch, *, join, layout, dtype=torch.float32) -> list[Result]:
+    """Decoder loader with the replicate join (the map one row and column short, its last ones repeated) or the
+    crop join (a valid conv over the skip center-cropped to the map, odd margins) and the pool."""
+    batch, c_skip, c_up, c_out = 2, 5, 7, 18
+    height, width, up_h, up_w = (9, 11, 8, 10) if join == "replicate" else (12, 11, 7, 8)
+    padding = 1 if join == "replicate" else 0
+    skip = m.input("skip", torch.randn(batch, c_skip, height, width).to(dtype), layout)
+    up = m.input("up", torch.randn(batch, c_up, up_h, up_w).to(dtype), layout)
+    weight, bias = _conv_weight(c_out, c_skip + c_up, 3, dtype)
+    out_h, out_w = (height, width) if join == "replicate" else (up_h - 2, up_w - 2)
+    out = _out_for(m, layout, (batch, c_out, out_h, out_w), dtype)
+    y, pooled = conv2d_nhwc(
+        nhwc(skip), m.param("weight", pack_conv_weight(weight)), m.param("bias", bias), padding=padding, up=nhwc(up),
+        up_mode="direct", join=join, pool=True, out=out,
+    )  # fmt: skip
+    skip64, up64 = skip.double().cpu(), up.double().cpu()
+    if join == "replicate":
+        up64 = F.pad(up64, [0, width - up_w, 0, height - up_h], mode="replicate")
+    else:
+        top, left = (height - up_h) // 2, (width - up_w) // 2
+        skip64 = skip64[..., top : top + up_h, left : left + up_w]
+    ref = F.conv2d(torch.cat([skip64, up64], 1), weight.double(), bias.double(), padding=padding).relu()
+    k = 9 * (c_skip + c_up)
+    return [("y", y, ref, k), ("pooled", pooled, F.max_pool2d(ref, 2), k)]
+
+
+def shuffle_case(m: MoatedLaunch, *, blur, layout, dtype=torch.float32) -> list[Result]:
+    """The upsample kernel's pixel shuffle (+ blur) of a low-resolution map whose channels are sub-pixel-major."""
+    batch, channels, low_h, low_w = 2, 5, 3, 4
+    low = m.input("low", torch.randn(batch, 4 * channels, low_h, low_w).to(dtype), layout)
+    y = upsample2x_nhwc(nhwc(low), "pixelshuffle_blur" if blur else "pixelshuffle")
+    # Sub-pixel-major (k * C + c) back to pixel_shuffle's channel order (c * 4 + k).
+    ordered = low.double().cpu().view(batch, 4, channels, low_h, low_w).transpose(1, 2)
+    ref = F.pixel_shuffle(ordered.reshape(batch, 4 * channels, low_h, low_w), 2)
+    if blur:
+        ref = F.avg_pool2d(F.pad(ref, [1, 0, 1, 0]), 2, stride=1)
+    return [("y", y, ref, 4)]
 
 
 def _upsample(low: torch.Tensor, mode: str, align_corners: bool) -> torch.Tensor:
@@ -407,10 +463,25 @@ def _cases() -> list:
                   dtype=dtype),
             _case(d2s_case, f"depth-to-space-wide-{name}", c_in=9, c_out=17, layout="expanded", dtype=dtype),
         ]  # fmt: skip
+    for activation in ("leaky_relu", "prelu", "silu", "clamp"):
+        cases.append(_case(conv_case, f"conv-pool-{activation}", batch=2, c_in=20, c_out=18, height=9, width=7,
+                           layout="channels_last", pool=True, activation=activation))  # fmt: skip
+    for layout in INPUT_LAYOUTS:
+        cases += [
+            _case(conv_case, f"conv-valid-pool-{layout}", batch=2, c_in=17, c_out=19, height=9, width=8,
+                  layout=layout, pool=True, padding=0),
+            _case(join_case, f"join-replicate-{layout}", join="replicate", layout=layout),
+            _case(join_case, f"join-crop-valid-{layout}", join="crop", layout=layout),
+            _case(shuffle_case, f"pixel-shuffle-blur-{layout}", blur=True, layout=layout),
+        ]  # fmt: skip
     cases += [
+        _case(shuffle_case, "pixel-shuffle", blur=False, layout="nchw"),
+        _case(conv_case, "conv-prelu-fp16", batch=1, c_in=20, c_out=24, height=5, width=7, layout="nchw",
+              dtype=torch.float16, activation="prelu"),
+        _case(join_case, "join-replicate-bf16", join="replicate", layout="nchw", dtype=torch.bfloat16),
         _case(d2s_case, "depth-to-space-wide", c_in=9, c_out=17, layout="channels_last"),
         _case(conv_case, "conv1x1-unfused-head", batch=2, c_in=19, c_out=5, height=5, width=3, layout="nchw", ksize=1,
-              relu=False),
+              activation="none"),
     ]  # fmt: skip
     return cases
 

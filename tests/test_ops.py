@@ -21,14 +21,19 @@ def _nhwc(batch, height, width, channels, device, dtype=torch.float32):
     return torch.randn(batch, height, width, channels, device=device, dtype=dtype)
 
 
-def _conv_args(device, c_in=5, c_out=6, *, up=None, up_mode="", align_corners=False, pool=False, head=0, nchw=False):
+def _conv_args(
+    device, c_in=5, c_out=6, *, up=None, up_mode="", align_corners=False, pool=False, head=0, nchw=False, padding=1,
+    join="pad", activation="relu", slope=0.0, lo=0.0, hi=0.0, prelu=False,
+):  # fmt: skip
     x = _nhwc(2, 7, 6, c_in, device)
     c_up = up.shape[-1] if up is not None else 0
     weight = pack_conv_weight(torch.randn(c_out, c_in + c_up, 3, 3, device=device))
     bias = torch.randn(c_out, device=device)
     head_w = torch.randn(c_out, head, device=device) if head else None
     head_b = torch.randn(head, device=device) if head else None
-    return (x, weight, bias, up, head_w, head_b, 3, up_mode, align_corners, True, pool, nchw)
+    slopes = torch.rand(c_out, device=device) if prelu else None
+    return (x, weight, bias, up, head_w, head_b, slopes, 3, padding, up_mode, align_corners, join, activation,
+            slope, lo, hi, pool, nchw)  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -39,11 +44,18 @@ def _conv_args(device, c_in=5, c_out=6, *, up=None, up_mode="", align_corners=Fa
         pytest.param({"head": 3, "nchw": True}, id="head-nchw"),
         pytest.param({"up_mode": "bilinear", "align_corners": True}, id="bilinear-ac"),
         pytest.param({"up_mode": "nearest"}, id="nearest"),
+        pytest.param({"activation": "leaky_relu", "slope": 0.1, "pool": True}, id="leaky-relu-pool"),
+        pytest.param({"activation": "prelu", "prelu": True, "head": 2}, id="prelu-head"),
+        pytest.param({"activation": "clamp", "lo": -0.5, "hi": 0.5, "padding": 0, "pool": True}, id="clamp-valid"),
+        pytest.param({"up_mode": "direct", "join": "replicate", "activation": "silu"}, id="replicate-silu"),
+        pytest.param({"up_mode": "direct", "join": "crop", "padding": 0, "pool": True}, id="crop-valid"),
     ],
 )
 def test_conv_op_passes_opcheck(device, case):
     case = dict(case)
-    if case.get("up_mode"):
+    if case.get("up_mode") == "direct":
+        case["up"] = _nhwc(2, 6, 5, 4, device)
+    elif case.get("up_mode"):
         case["up"] = _nhwc(2, 3, 3, 4, device)
     args = _conv_args(device, **case)
     torch.library.opcheck(torch.ops.fastunet.conv2d_nhwc.default, args)
@@ -63,11 +75,16 @@ def test_conv_transpose_op_passes_opcheck(device):
     torch.library.opcheck(torch.ops.fastunet.conv_transpose2x2_nhwc.default, args)
 
 
-def test_fake_output_matches_the_real_one(device):
+@pytest.mark.parametrize("valid_crop", [False, True], ids=["same", "valid-crop"])
+def test_fake_output_matches_the_real_one(device, valid_crop):
     """Shapes and strides from the fake implementation are the kernel's own (torch.compile plans with them)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    args = _conv_args(device, head=3, nchw=True, pool=True)
+    if valid_crop:  # the output: the upsampled map's size (5x4), 2 smaller
+        up = _nhwc(2, 5, 4, 3, device)
+        args = _conv_args(device, head=3, nchw=True, pool=True, up=up, up_mode="direct", join="crop", padding=0)
+    else:
+        args = _conv_args(device, head=3, nchw=True, pool=True)
     real = torch.ops.fastunet.conv2d_nhwc(*args)
     with FakeTensorMode() as mode:
         fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]

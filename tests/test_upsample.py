@@ -106,7 +106,10 @@ def test_bad_input_errors(device):
     x = torch.randn(1, 4, 4, 3, device=device)
     with pytest.raises(ValueError, match=r"expected a 4-D \(N, H, W, C\) view, got shape \(4, 4, 3\)"):
         upsample2x_nhwc(x[0], "nearest")
-    with pytest.raises(ValueError, match="mode must be one of \\['nearest', 'bilinear'\\], got 'bicubic'"):
+    with pytest.raises(
+        ValueError,
+        match="mode must be one of \\['nearest', 'bilinear', 'pixelshuffle', 'pixelshuffle_blur'\\], got 'bicubic'",
+    ):
         upsample2x_nhwc(x, "bicubic")
     with pytest.raises(ValueError, match="align_corners only applies to bilinear"):
         upsample2x_nhwc(x, "nearest", align_corners=True)

@@ -53,7 +53,10 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from fastunet.kernels._common import INTERPRET, LaunchRecord
+from fastunet.kernels._common import INTERPRET, LaunchRecord, dry_run, launch_log, modeled_target
+from fastunet.model import FastUNet
+from fastunet.ops import Act, ConvSpec, Layout, build_plan, run_plan
+from fastunet.reference import UNet
 from fastunet.tooling import issue_model
 from fastunet.tooling.dtypes import short_dtype_name, torch_dtype
 from fastunet.tooling.trace import stage_labels, trace_config
@@ -69,6 +72,9 @@ DEFAULT_DTYPES = ("fp16", "bf16")
 DEFAULT_UPSAMPLES = ("bilinear",)
 DEFAULT_ARCHS = (90,)
 TILE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
+# Layout features beyond the reference U-Net (see fastunet.ops.Layout) whose variants the report also builds: the
+# reference network (transposed-conv upsampling) with every conv's activation, its join, or its padding changed.
+FEATURES = ("leaky_relu", "prelu", "silu", "replicate", "valid")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -415,6 +421,45 @@ def trace_for_target(
     return trace_config(kwargs, shape, dtype, sm_count=target.sm_count if target else None, arch=arch)
 
 
+def feature_layout(feature: str, **model_kwargs: int) -> Layout:
+    """The reference U-Net's layout (on ``meta``) with one of :data:`FEATURES`."""
+    kwargs = {**REFERENCE_MODEL, **model_kwargs}
+    model = UNet(kwargs["in_channels"], kwargs["num_classes"], kwargs["base_channels"], kwargs["depth"],
+                 upsample="transpose", device="meta")  # fmt: skip
+    layout = FastUNet.from_reference(model).fused_layout()
+    if feature == "replicate":
+        return dataclasses.replace(layout, join="replicate")
+
+    def changed(spec: ConvSpec) -> ConvSpec:
+        conv = spec.conv
+        if feature == "valid":
+            conv = torch.nn.Conv2d(conv.in_channels, conv.out_channels, 3, padding=0, device="meta")
+            return dataclasses.replace(spec, conv=conv)
+        if feature == "prelu":
+            return dataclasses.replace(spec, act=Act("prelu", module=torch.nn.PReLU(conv.out_channels, device="meta")))
+        return dataclasses.replace(spec, act=Act("leaky_relu", slope=0.01) if feature == "leaky_relu" else Act(feature))
+
+    def pairs(levels):
+        return tuple((changed(first), changed(second)) for first, second in levels)
+
+    join = "crop" if feature == "valid" else layout.join
+    return dataclasses.replace(layout, encoders=pairs(layout.encoders), decoders=pairs(layout.decoders), join=join)
+
+
+def trace_feature(
+    feature: str, dtype: torch.dtype, batch: int, size: int = REFERENCE_SIZE, arch: int = 90, **model_kwargs: int
+) -> list[LaunchRecord]:
+    """Launches of one forward of :func:`feature_layout` (like :func:`trace_config`)."""
+    layout = feature_layout(feature, **model_kwargs)
+    plan = build_plan(layout, dtype, torch.device("meta"))
+    x = torch.empty(batch, layout.in_channels, size, size, dtype=dtype, device="meta")
+    target = issue_model.ASSUMPTIONS.get(arch)
+    modeled = modeled_target(target.sm_count, arch) if target else contextlib.nullcontext()
+    with modeled, dry_run(), launch_log() as records:
+        run_plan(plan, x)
+    return list(records)
+
+
 @dataclasses.dataclass(frozen=True)
 class TracedConfig:
     """One traced configuration of the report: its launches, the stage each belongs to, and their variants."""
@@ -595,6 +640,7 @@ def compile_configs(
     fresh_cache: bool = True,
     candidates: bool = False,
     sass_dir: str | None = None,
+    features: Sequence[str] = (),
     **model_kwargs: int,
 ) -> CompileResult:
     """Compile every distinct variant that the given configurations launch (``candidates``: every variant the
@@ -610,10 +656,13 @@ def compile_configs(
 
     configs = []
     for dtype in dtypes:
-        for upsample in upsamples:
+        for upsample in (*upsamples, *features):
             for size_ in sizes:
                 for batch in batches:
-                    records = trace_for_target(upsample, torch_dtype(dtype), batch, size_, arch, **model_kwargs)
+                    if upsample in FEATURES:
+                        records = trace_feature(upsample, torch_dtype(dtype), batch, size_, arch, **model_kwargs)
+                    else:
+                        records = trace_for_target(upsample, torch_dtype(dtype), batch, size_, arch, **model_kwargs)
                     configs.append(
                         TracedConfig(
                             label(upsample, dtype, size_, batch),
@@ -780,6 +829,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         help="fp16 or float16, bf16 or bfloat16, fp32 or float32 (default: fp16 bf16)",
     )
     parser.add_argument("--upsample", nargs="+", choices=UPSAMPLES, default=list(DEFAULT_UPSAMPLES))
+    parser.add_argument(
+        "--features", nargs="*", choices=FEATURES, default=[], help="also layouts with these features (see FEATURES)"
+    )
     parser.add_argument("--batch", nargs="+", type=positive_int, default=list(REFERENCE_BATCHES))
     parser.add_argument("--size", nargs="+", type=positive_int, default=[REFERENCE_SIZE], help="H = W")
     parser.add_argument("--in-channels", type=positive_int, default=REFERENCE_MODEL["in_channels"])
@@ -822,6 +874,7 @@ def run(args: argparse.Namespace) -> tuple[dict, list[VariantReport], list[issue
             arch,
             candidates=args.candidates,
             sass_dir=args.sass,
+            features=args.features,
             **model_kwargs,
         )
         for arch in archs
@@ -837,6 +890,7 @@ def run(args: argparse.Namespace) -> tuple[dict, list[VariantReport], list[issue
         "configuration": {
             "model": model_kwargs,
             "upsample": list(args.upsample),
+            "features": list(args.features),
             "dtypes": list(args.dtype),
             "batches": list(args.batch),
             "sizes": list(args.size),

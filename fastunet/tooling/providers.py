@@ -165,7 +165,7 @@ def fused_stage(stage: Stage, t: StageTensors) -> Callable[[], tuple[torch.Tenso
     if kind == "head":
         w_packed = pack_conv_weight(t.weight)
         logits = torch.empty_strided(stage.y_shape, stage.y_stride, dtype=x.dtype, device=x.device)
-        return lambda: (_nchw(conv2d_nhwc(x, w_packed, t.bias, ksize=1, relu=False, out=logits)[0]),)
+        return lambda: (_nchw(conv2d_nhwc(x, w_packed, t.bias, ksize=1, activation="none", out=logits)[0]),)
     w_packed = pack_conv_weight(t.weight)
     if kind in ("conv", "conv+pool"):
         pool = kind == "conv+pool"

@@ -252,7 +252,7 @@ def head_stage(config: BenchConfig, dtype: torch.dtype = torch.float16, index: i
     bias = torch.empty((k,), device="meta", dtype=dtype)
     logits = torch.empty((n, k, h, w), device="meta", dtype=dtype).permute(0, 2, 3, 1)
     with dry_run(), launch_log() as records:
-        conv2d_nhwc(features, weight, bias, ksize=1, relu=False, out=logits)
+        conv2d_nhwc(features, weight, bias, ksize=1, activation="none", out=logits)
     (record,) = records
     return _stage(config, index, "head", record)
 
