@@ -127,6 +127,12 @@ def set_launch_stage(stage: str | None) -> None:
     _thread.stage = stage
 
 
+def recording() -> bool:
+    """Whether a launch log of this thread is open: launchers build their :class:`LaunchRecord` only then (the
+    record costs microseconds of host time a launch)."""
+    return bool(_thread.launch_logs)
+
+
 def record_launch(record: LaunchRecord) -> None:
     if record.stage is None and _thread.stage is not None:
         record = dataclasses.replace(record, stage=_thread.stage)
@@ -215,11 +221,16 @@ def modeled_target(sm_count: int, arch: int = 90) -> Iterator[None]:
         _thread.target = previous
 
 
+@functools.cache
+def _cuda_capability(index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(index)
+    return 10 * major + minor
+
+
 def capability(t: torch.Tensor) -> int:
     """Compute capability of the tensor's GPU as an integer (90: sm_90); the modeled target's off the GPU."""
     if t.device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(t.device)
-        return 10 * major + minor
+        return _cuda_capability(t.device.index if t.device.index is not None else torch.cuda.current_device())
     return _thread.target.arch
 
 

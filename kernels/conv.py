@@ -50,6 +50,7 @@ from fastunet.kernels._common import (
     next_pow2,
     pixel_offset,
     record_launch,
+    recording,
     requested_load_path,
     sm_count,
     to_storage,
@@ -937,25 +938,29 @@ def _launch(x, up, w_packed, bias, y, pooled, head_w, head_b, *, geometry, ksize
     # Shapes share a tuning result when they differ only in the pixel count's power-of-two bucket.
     key = ("conv", x.dtype, tuple(flags.items()), path, next_pow2(m), c_main, g.c_up, g.c_out, g.n_cls)
     cfg = choose_config(key, candidates, run)
-    tensors = [t for t in (x, up, w_packed, bias, head_w, head_b, act.slopes) if t is not None]
-    record_launch(
-        LaunchRecord(
-            name=name,
-            kernel=_conv_nhwc_kernel,
-            grid=grid_of(cfg),
-            flops=flops,
-            bytes_read=sum(t.numel() * t.element_size() for t in tensors),
-            bytes_written=sum(t.numel() * t.element_size() for t in (y, pooled) if t is not None),
-            args=args_of(cfg),
-            constexprs=constexprs_of(cfg),
-            launch_options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]},
-            candidates=tuple(candidates),
-            path=path,
-            path_reason=path_reason,
+    grid, args, constexprs = grid_of(cfg), args_of(cfg), constexprs_of(cfg)
+    options = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    if recording():
+        tensors = [t for t in (x, up, w_packed, bias, head_w, head_b, act.slopes) if t is not None]
+        record_launch(
+            LaunchRecord(
+                name=name,
+                kernel=_conv_nhwc_kernel,
+                grid=grid,
+                flops=flops,
+                bytes_read=sum(t.numel() * t.element_size() for t in tensors),
+                bytes_written=sum(t.numel() * t.element_size() for t in (y, pooled) if t is not None),
+                args=args,
+                constexprs=constexprs,
+                launch_options=options,
+                candidates=tuple(candidates),
+                path=path,
+                path_reason=path_reason,
+            )
         )
-    )
     if not is_dry_run():
-        run(cfg)
+        with launch_guard(x):
+            _conv_nhwc_kernel[grid](*args, **constexprs, **options)
 
 
 def conv2d_nhwc(

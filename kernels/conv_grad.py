@@ -31,6 +31,7 @@ from fastunet.kernels._common import (
     next_pow2,
     pixel_offset,
     record_launch,
+    recording,
     sm_count,
 )
 
@@ -241,38 +242,40 @@ def conv2d_weight_grad_nhwc(
         "BLOCK_N": block_n,
     }
     options = {"num_warps": 4, "num_stages": 3}
-    record_launch(
-        LaunchRecord(
-            name=name,
-            kernel=_weight_grad_partial_kernel,
-            grid=grid,
-            flops=2 * pixels * rows * c_out,
-            bytes_read=(x.numel() + dz.numel()) * x.element_size(),
-            bytes_written=part.numel() * 4 + (bias_part.numel() * 4 if bias else 0),
-            args=args,
-            constexprs=constexprs,
-            launch_options=options,
+    if recording():
+        record_launch(
+            LaunchRecord(
+                name=name,
+                kernel=_weight_grad_partial_kernel,
+                grid=grid,
+                flops=2 * pixels * rows * c_out,
+                bytes_read=(x.numel() + dz.numel()) * x.element_size(),
+                bytes_written=part.numel() * 4 + (bias_part.numel() * 4 if bias else 0),
+                args=args,
+                constexprs=constexprs,
+                launch_options=options,
+            )
         )
-    )
     reductions = [(part, out, rows * c_out, row_offset)]
     if bias:
         reductions.append((bias_part, db, c_out, 0))
     block = 1024
     for source, target, elements, offset in reductions:
         sum_args = (source, target, splits, elements, offset, c_out)
-        record_launch(
-            LaunchRecord(
-                name=f"{name}.sum",
-                kernel=_sum_splits_kernel,
-                grid=(triton.cdiv(elements, block),),
-                flops=0,
-                bytes_read=source.numel() * 4,
-                bytes_written=elements * 4,
-                args=sum_args,
-                constexprs={"BLOCK": block},
-                launch_options={"num_warps": 4, "num_stages": 1},
+        if recording():
+            record_launch(
+                LaunchRecord(
+                    name=f"{name}.sum",
+                    kernel=_sum_splits_kernel,
+                    grid=(triton.cdiv(elements, block),),
+                    flops=0,
+                    bytes_read=source.numel() * 4,
+                    bytes_written=elements * 4,
+                    args=sum_args,
+                    constexprs={"BLOCK": block},
+                    launch_options={"num_warps": 4, "num_stages": 1},
+                )
             )
-        )
     if not is_dry_run():
         with launch_guard(x):
             _weight_grad_partial_kernel[grid](*args, **constexprs, **options)

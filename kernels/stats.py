@@ -33,6 +33,7 @@ from fastunet.kernels._common import (
     launch_guard,
     next_pow2,
     record_launch,
+    recording,
 )
 
 
@@ -178,19 +179,20 @@ def partial_moments(z: torch.Tensor, block_m: int = 128, *, name: str = "partial
     grid = (batch * tiles, triton.cdiv(channels, block_c))
     args = (z, mean, m2, count, pixels, width, channels, tiles, *z.stride())
     constexprs = {"BLOCK_M": block_m, "BLOCK_C": block_c}
-    record_launch(
-        LaunchRecord(
-            name=name,
-            kernel=_partial_moments_kernel,
-            grid=grid,
-            flops=0,
-            bytes_read=z.numel() * z.element_size(),
-            bytes_written=(2 * mean.numel() + count.numel()) * 4,
-            args=args,
-            constexprs=constexprs,
-            launch_options={"num_warps": 4, "num_stages": 1},
+    if recording():
+        record_launch(
+            LaunchRecord(
+                name=name,
+                kernel=_partial_moments_kernel,
+                grid=grid,
+                flops=0,
+                bytes_read=z.numel() * z.element_size(),
+                bytes_written=(2 * mean.numel() + count.numel()) * 4,
+                args=args,
+                constexprs=constexprs,
+                launch_options={"num_warps": 4, "num_stages": 1},
+            )
         )
-    )
     if not is_dry_run():
         with launch_guard(z):
             _partial_moments_kernel[grid](*args, **constexprs, num_warps=4, num_stages=1)
@@ -245,19 +247,20 @@ def norm_scale_shift(
     grid = (batch, groups)
     args = (mean, m2, count, weight, bias, scale, shift, tiles, channels, group_size, float(eps))
     constexprs = {"HAS_AFFINE": affine, "BLOCK_T": block_t, "BLOCK_G": block_g}
-    record_launch(
-        LaunchRecord(
-            name=name,
-            kernel=_norm_scale_shift_kernel,
-            grid=grid,
-            flops=0,
-            bytes_read=(2 * mean.numel() + count.numel()) * 4,
-            bytes_written=2 * scale.numel() * 4,
-            args=args,
-            constexprs=constexprs,
-            launch_options={"num_warps": 4, "num_stages": 1},
+    if recording():
+        record_launch(
+            LaunchRecord(
+                name=name,
+                kernel=_norm_scale_shift_kernel,
+                grid=grid,
+                flops=0,
+                bytes_read=(2 * mean.numel() + count.numel()) * 4,
+                bytes_written=2 * scale.numel() * 4,
+                args=args,
+                constexprs=constexprs,
+                launch_options={"num_warps": 4, "num_stages": 1},
+            )
         )
-    )
     if not is_dry_run():
         with launch_guard(mean):
             _norm_scale_shift_kernel[grid](*args, **constexprs, num_warps=4, num_stages=1)

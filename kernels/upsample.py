@@ -36,6 +36,7 @@ from fastunet.kernels._common import (
     next_pow2,
     pixel_offset,
     record_launch,
+    recording,
     to_storage,
 )
 
@@ -199,19 +200,20 @@ def upsample2x_nhwc(
         return y
     args = (x, y, batch, low_h, low_w, channels, scale_h, scale_w, *x.stride(), *y.stride())
     constexprs = {"MODE": kernel_mode, "INTERPRETER": INTERPRET, "BLOCK_P": block_p, "BLOCK_C": block_c}
-    record_launch(
-        LaunchRecord(
-            name=name,
-            kernel=_upsample2x_nhwc_kernel,
-            grid=grid,
-            flops=0,  # data movement: the network's FLOPs count the convolutions, like the eager estimate
-            bytes_read=x.numel() * x.element_size(),
-            bytes_written=y.numel() * y.element_size(),
-            args=args,
-            constexprs=constexprs,
-            launch_options={"num_warps": 4, "num_stages": 1},
+    if recording():
+        record_launch(
+            LaunchRecord(
+                name=name,
+                kernel=_upsample2x_nhwc_kernel,
+                grid=grid,
+                flops=0,  # data movement: the network's FLOPs count the convolutions, like the eager estimate
+                bytes_read=x.numel() * x.element_size(),
+                bytes_written=y.numel() * y.element_size(),
+                args=args,
+                constexprs=constexprs,
+                launch_options={"num_warps": 4, "num_stages": 1},
+            )
         )
-    )
     if not is_dry_run():
         with launch_guard(x):
             _upsample2x_nhwc_kernel[grid](*args, **constexprs, num_warps=4, num_stages=1)
