@@ -19,6 +19,7 @@ approximate conversion, no partial PyTorch fallback.
 from __future__ import annotations
 
 import copy
+import inspect
 import itertools
 import warnings
 
@@ -129,6 +130,11 @@ class ConvertedUNet(FusedForward, nn.Module):
             cls = self.__dict__.get("_source_class")
             if cls is None or name.startswith("__") or not hasattr(cls, name):
                 raise
+            raw = inspect.getattr_static(cls, name)
+            if isinstance(raw, staticmethod):
+                return raw.__func__
+            if isinstance(raw, classmethod):
+                return raw.__get__(None, cls)
             value = getattr(cls, name)
             return value.__get__(self, type(self)) if hasattr(value, "__get__") else value
 

@@ -500,6 +500,8 @@ class _Recorder(TorchFunctionMode):
             kind = "view"
             rest = args[1:]
             info["replay"] = lambda t, func=func, rest=rest, kwargs=kwargs: func(t, *rest, **kwargs)
+        if kind == "other":  # every tensor it reads: what reaches the output through it is on its way
+            inputs = self._data([*args, *kwargs.values()])
         self._add(kind, inputs, where, out, module=module, path=path, info=info)
 
     @staticmethod
@@ -635,7 +637,7 @@ class _Matcher:
         if kernel[0] != kernel[1] or kernel[0] not in kernels:
             problems.append(f"kernel {conv.kernel_size} (expected {' or '.join(f'{k}x{k}' for k in kernels)})")
         if _pair(conv.stride) != (1, 1):
-            problems.append(f"stride {conv.stride} (expected 1)")
+            problems.append(f"stride {conv.stride} (expected 1: the layout downsamples by a 2x2 max-pool)")
         if conv.padding not in ("same", "valid") and _pair(conv.padding) not in ((0, 0), (kernel[0] // 2,) * 2):
             problems.append(f"padding {conv.padding} (expected {kernel[0] // 2}, or 0 for valid convs)")
         if _pair(conv.dilation) != (1, 1):
@@ -973,8 +975,8 @@ class _Matcher:
                         )
             if module._modules or id(module) in reads or id(module) in consumed:
                 continue
-            if id(module) in self.rec.called and isinstance(module, (nn.Identity, nn.modules.dropout._DropoutNd)):
-                continue
+            if isinstance(module, (nn.Identity, nn.modules.dropout._DropoutNd)):
+                continue  # eval-mode no-ops, run or not
             ran = "runs, but its result does not reach the output" if id(module) in self.rec.called else "never runs"
             raise self.refuse(
                 f"{type(module).__name__} at '{path}'", f"{ran}: not part of the U-Net its forward computes"

@@ -253,7 +253,10 @@ def _replace(path: str, module: nn.Module):
             _replace("down2.maxpool_conv.0", nn.AvgPool2d(2)), "down2.maxpool_conv.0", "2x2 max-pool", id="avg-pool"
         ),
         pytest.param(
-            _replace("outc.conv", nn.Conv2d(4, 2, 3, padding=1)), "outc.conv", "head conv is not fused yet", id="3x3-head"
+            _replace("outc.conv", nn.Conv2d(4, 2, 3, padding=1)),
+            "outc.conv",
+            "head conv is not fused yet",
+            id="3x3-head",
         ),
         pytest.param(
             _replace("inc.double_conv.1", nn.BatchNorm2d(4, track_running_stats=False)),
@@ -273,7 +276,9 @@ def test_unsupported_layers_are_named(edit, path, reason):
 def test_unknown_models_are_refused():
     with pytest.raises(ConversionError, match=r"Sequential: ReLU at '1': the output comes from here, not from a conv"):
         fastunet.convert(nn.Sequential(nn.Conv2d(3, 3, 3), nn.ReLU()))
-    with pytest.raises(ConversionError, match="Sequential: the input: feeds '0', where the layout has the concatenation"):
+    with pytest.raises(
+        ConversionError, match="Sequential: the input: feeds '0', where the layout has the concatenation"
+    ):
         fastunet.convert(nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 2, 1)))
     with pytest.raises(ConversionError, match="Module has no nn.Conv2d"):
         fastunet.convert(nn.Module())
@@ -305,7 +310,8 @@ def test_concatenation_order_is_read_from_the_forward(device, bilinear):
     model = milesial(bilinear)
     model.up3.__class__ = _CatUpFirst  # the same modules and weights, the other concatenation order
     fast = fastunet.convert(model)
-    assert fast.fused_layout().up_first == (True, False, False)  # up3 is the last decoder: level 0, beside the full-size skip
+    # up3 is the last decoder: level 0, beside the full-size skip.
+    assert fast.fused_layout().up_first == (True, False, False)
     fast = fast.to(device).eval()
     x = torch.randn(2, 3, 19, 21, device=device)
     with torch.no_grad():
