@@ -987,10 +987,11 @@ class _Matcher:
 # Entry point
 # ---------------------------------------------------------------------------------------------------------------
 def probe_sizes(depth: int) -> list[tuple[int, int]]:
-    """(H, W) of the probes, in the order tried: odd sizes first, so that every level pads; then sizes divisible by
-    ``2**(depth + 1)``, for a source whose forward accepts only those."""
+    """(H, W) of the probes, in the order tried: odd sizes first, so that levels pad (or crop by odd amounts), the
+    second for a valid-conv U-Net, which loses 4 pixels a level; then sizes divisible by ``2**(depth + 1)``, for a
+    source whose forward accepts only those."""
     size = 2 ** (depth + 1)  # a bottleneck of 2x2 or more
-    return [(size + 1, size + 3), (size, 2 * size), (2 * size, 2 * size)]
+    return [(size + 1, size + 3), (2 * size + 1, 2 * size + 3), (size, 2 * size), (2 * size, 2 * size)]
 
 
 @dataclasses.dataclass

@@ -331,6 +331,21 @@ def test_valid_convs_and_a_cropped_skip(device):
     assert_converts_or_names_the_gap(model, device, size=(44, 45), where="enc.0.body.0")
 
 
+def test_a_crop_off_centre_is_refused():
+    class CeilCrop(Handmade):
+        def forward(self, x):
+            skip = self._level(self.enc[0], x)
+            low = self._level(self.enc[1], F.max_pool2d(skip, 2))
+            up = self.ups[0](low)
+            dy, dx = skip.shape[-2] - up.shape[-2], skip.shape[-1] - up.shape[-1]
+            top, left = (dy + 1) // 2, (dx + 1) // 2  # the extra row and column cropped at the top and left
+            skip = skip[:, :, top : top + up.shape[-2], left : left + up.shape[-1]]
+            return self.head(self._level(self.dec[0], torch.cat([skip, up], 1)))
+
+    message = _refusal(CeilCrop(depth=1, join="crop", norm=False).eval())
+    assert "Tensor.__getitem__ in CeilCrop.forward: the skip" in message and "not a centred crop" in message, message
+
+
 ACTIVATIONS = {  # name: (Handmade's arguments, the activation kind recognised)
     "leaky_relu": (dict(act=nn.LeakyReLU(0.2)), "leaky_relu"),
     "prelu": (dict(act=nn.PReLU()), "prelu"),
