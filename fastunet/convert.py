@@ -1,18 +1,13 @@
 """``convert``: turn a supported U-Net module into a fused module over the same tensors.
 
-Supported layouts:
+* :class:`fastunet.UNet`: returns :meth:`FastUNet.from_reference`; a fused module is returned as it is.
+* Any other module: :func:`fastunet.recognize.recognize` records what its forward computes and matches it to a
+  :class:`~fastunet.ops.Layout` (any module names; milesial/Pytorch-UNet's ``inc``/``down<i>``/``up<i>``/``outc``
+  is one case); the recognised layout's math is checked against the source's own output in float64 on the same
+  probe; then, where the kernels can run that layout (:func:`fastunet.ops.unfused_reason`), a
+  :class:`ConvertedUNet` sharing the source's tensors and keys is returned.
 
-* :class:`fastunet.UNet`: returns :meth:`FastUNet.from_reference`.
-* The ``inc`` / ``down1..downN`` / ``up1..upN`` / ``outc`` layout of the most used public PyTorch U-Net
-  (milesial/Pytorch-UNet): ``inc`` a double conv; ``down<i>.maxpool_conv`` = [MaxPool2d(2), double conv];
-  ``up<i>.up`` = ``nn.Upsample(scale_factor=2, mode="bilinear" or "nearest")`` or ``ConvTranspose2d(k=2, s=2)``,
-  ``up<i>.conv`` a double conv; ``outc.conv`` (or ``outc``) a 1x1 conv. A double conv is a module whose
-  ``double_conv`` (or itself, if a Sequential) is [Conv2d 3x3, BatchNorm2d?, ReLU, Conv2d 3x3, BatchNorm2d?,
-  ReLU] (``nn.Identity`` and dropout layers in it are eval-mode no-ops). ``up<i>`` upsamples the map below,
-  zero-pads it (centered) to the skip's size and convolves ``cat([skip, up])`` or ``cat([up, skip])`` (found by
-  the verification run, level by level). Widths are read from the weights.
-
-Anything else raises :class:`ConversionError` naming the first module that could not be mapped and why. No
+Anything else raises :class:`ConversionError` naming the model, the module (or call) that does not fit and why. No
 approximate conversion, no partial PyTorch fallback.
 """
 
@@ -96,7 +91,8 @@ def _unfused(name: str, recipe: Recipe, reason: str) -> ConversionError:
 
 
 class ConvertedUNet(FusedForward, nn.Module):
-    """The fused forward of an ``inc``/``down<i>``/``up<i>``/``outc`` U-Net (see :func:`convert`).
+    """The fused forward of a recognised U-Net (see :func:`convert`); ``recipe`` says which of its modules make
+    up the layout (:class:`fastunet.recognize.Recipe`).
 
     Holds copies of the source model's submodules that share its parameter and buffer tensors, under the same
     names, so ``state_dict`` keys are the source's and checkpoints load into either. Train/eval modes are its
@@ -180,18 +176,21 @@ def convert(module: nn.Module, *, verify: bool = True) -> nn.Module:
 
     * :class:`fastunet.UNet` -> :class:`fastunet.FastUNet` (via :meth:`FastUNet.from_reference`); a fused module
       is returned as it is.
-    * An ``inc``/``down<i>``/``up<i>``/``outc`` U-Net (milesial/Pytorch-UNet's layout, either upsampling) ->
-      :class:`ConvertedUNet`, with the source's ``state_dict`` keys.
+    * Any other U-Net whose forward computes a :class:`~fastunet.ops.Layout` (see :mod:`fastunet.recognize`:
+      its forward is run once on a copy and what it computes is matched, whatever the module names) ->
+      :class:`ConvertedUNet`, with the source's ``state_dict`` keys, where the kernels can run that layout.
 
-    ``verify``: also run the source's own forward and the layout's math once in float64 on a CPU copy of the
-    model and refuse the conversion if they differ; this catches a ``forward`` that does something the module names
-    do not say. The probe is batch 2 of ``2**(depth+1) + 1`` by ``2**(depth+1) + 3``, or, if the source's forward
-    rejects that, the first of :func:`probe_sizes` it accepts. Skipped for parameters on the meta device.
+    ``verify``: record the forward in float64 on a CPU copy and check that the recognised layout's math gives the
+    source's own output there (catches what a trace cannot show: a module whose ``forward`` was replaced); the probe
+    is batch 2 of ``2**(depth+1) + 1`` by ``2**(depth+1) + 3``, or, if the source's forward rejects that, the first
+    of :func:`probe_sizes` it accepts. ``verify=False`` records the forward on the meta device (nothing computed,
+    nothing compared); so does a model whose tensors are on the meta device.
 
     A model inside ``nn.DataParallel``, ``DistributedDataParallel`` or ``torch.compile`` is converted and returned
     unwrapped, with an :class:`UnwrappedModuleWarning` (wrap the fused model again to run it that way).
 
-    Raises :class:`ConversionError` (a ``TypeError``) naming the first module that cannot be mapped, and why.
+    Raises :class:`ConversionError` (a ``TypeError``) naming the model, the first module or call on the way to the
+    output that cannot be mapped (or the feature the kernels lack yet, with its module paths), and why.
     """
     if not isinstance(module, nn.Module):
         raise ConversionError(f"convert: expected an nn.Module, got {type(module).__name__}")
