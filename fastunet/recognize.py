@@ -345,7 +345,7 @@ class _Recorder(TorchFunctionMode):
         path = self.paths.get(id(module), "")
         where = f"{type(module).__name__} at '{path}'"
         inputs = self._data(args)
-        if isinstance(module, (nn.Dropout, nn.modules.dropout._DropoutNd, nn.Identity)) and len(inputs) == 1:
+        if isinstance(module, (nn.modules.dropout._DropoutNd, nn.Identity)) and len(inputs) == 1:
             if isinstance(out, torch.Tensor):
                 self.producer[id(out)] = inputs[0]
                 self.kept.append(out)
@@ -386,6 +386,10 @@ class _Recorder(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        if self.inside_atomic == 0 and func is T.__setitem__:  # an in-place write: what reads the tensor next reads it
+            target = args[0]
+            self._add("other", self._data(list(args)), f"Tensor.__setitem__ {self._location()}", target)
+            return out
         if self.inside_atomic == 0 and (
             isinstance(out, torch.Tensor)
             or (isinstance(out, (tuple, list)) and any(isinstance(t, torch.Tensor) for t in out))

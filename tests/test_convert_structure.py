@@ -456,6 +456,25 @@ def test_a_residual_add_is_refused_naming_the_call():
     assert "Residual: Tensor.mean in Residual.forward: not part of the U-Net layout" in message, message
 
 
+def test_an_in_place_write_is_refused_naming_it():
+    """Written into with ``__setitem__`` (which returns nothing): the skip read afterwards is no longer the conv's
+    output, and the trace says so, with or without the float64 comparison."""
+
+    class ZeroedChannel(Handmade):
+        def forward(self, x):
+            skip = self._level(self.enc[0], x)
+            low = self._level(self.enc[1], F.max_pool2d(skip, 2))
+            skip[:, 0] = 0.0
+            up = F.interpolate(low, scale_factor=2, mode="bilinear", align_corners=True)
+            up = F.pad(up, [0, skip.shape[-1] - up.shape[-1], 0, skip.shape[-2] - up.shape[-2]])
+            return self.head(self._level(self.dec[0], torch.cat([skip, up], 1)))
+
+    model = ZeroedChannel(depth=1, up="bilinear").eval()
+    for verify in (True, False):
+        with pytest.raises(ConversionError, match=r"ZeroedChannel: Tensor.__setitem__ in ZeroedChannel.forward"):
+            fastunet.convert(model, verify=verify)
+
+
 def test_bicubic_and_size_interpolation_are_refused():
     class Bicubic(Handmade):
         def forward(self, x):
