@@ -42,8 +42,8 @@ def test_a_source_that_accepts_only_some_sizes_converts(device, depth):
 
 def test_a_source_that_rejects_every_probe_is_a_conversion_error():
     torch.manual_seed(0)
-    with pytest.raises(ConversionError, match=r"verification .* raised on every probe input.*verify=False") as info:
-        fastunet.convert(_RefusingUNet(3, 2, True, width=4, depth=2).eval())
-    assert "this forward refuses every input" in str(info.value)
-    assert isinstance(info.value.__cause__, RuntimeError)
-    assert isinstance(fastunet.convert(_RefusingUNet(3, 2, True, width=4, depth=2), verify=False), ConvertedUNet)
+    for verify in (True, False):  # the forward is what convert reads: it must run, checked or not
+        with pytest.raises(ConversionError, match=r"_RefusingUNet: convert runs .*raised on every probe input") as info:
+            fastunet.convert(_RefusingUNet(3, 2, True, width=4, depth=2).eval(), verify=verify)
+        assert "this forward refuses every input" in str(info.value)
+        assert isinstance(info.value.__cause__, RuntimeError)
