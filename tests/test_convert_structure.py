@@ -328,7 +328,7 @@ def test_valid_convs_and_a_cropped_skip(device):
     model = handmade(join="crop", norm=False, up="transpose")
     layout = assert_recognized(model, size=(44, 45))
     assert layout.join == "crop" and all(spec.conv.padding == (0, 0) for _, spec in layout.conv_specs())
-    assert_converts_or_names_the_gap(model, device, size=(44, 45), where="enc.0.body.0")
+    assert assert_converts_or_names_the_gap(model, device, size=(44, 45), where="enc.0.body.0") == "fused"
 
 
 def test_a_crop_off_centre_is_refused():
@@ -367,7 +367,7 @@ def test_each_activation(device, name):
     layout = assert_recognized(model)
     assert {spec.activation.kind for _, spec in layout.conv_specs()} == {kind}
     where = "enc.0.body.2" if "act" in kw and kind != "none" else None  # the module, named in a refusal
-    assert_converts_or_names_the_gap(model, device, where=where)
+    assert assert_converts_or_names_the_gap(model, device, where=where) == "fused"
 
 
 def test_prelu_slopes_are_shared_with_the_source():
@@ -381,7 +381,7 @@ def test_replicate_padding(device):
     """MONAI's join: the upsampled map padded at the bottom/right by repeating its last row and column."""
     model = handmade(join="replicate")
     assert assert_recognized(model, size=(13, 23)).join == "replicate"
-    assert_converts_or_names_the_gap(model, device)
+    assert assert_converts_or_names_the_gap(model, device) == "fused"
 
 
 @pytest.mark.parametrize("up", ["pixelshuffle", "preconv-bilinear"])
@@ -393,13 +393,13 @@ def test_pixel_shuffle_and_a_conv_before_the_interpolation(device, up):
         assert spec.mode == "pixelshuffle" and spec.blur and spec.conv is model.ups[-1][0]
     else:
         assert spec.mode == "bilinear" and spec.pre_conv is model.ups[-1][0]
-    assert_converts_or_names_the_gap(model, device)
+    assert assert_converts_or_names_the_gap(model, device) == "fused"
 
 
 def test_a_3x3_head(device):
     model = handmade(head_k=3, up="bilinear")
     assert assert_recognized(model).head.kernel_size == (3, 3)
-    assert_converts_or_names_the_gap(model, device, where="head")
+    assert assert_converts_or_names_the_gap(model, device, where="head") == "fused"
 
 
 def test_wrapped_handmade_model_converts(device):

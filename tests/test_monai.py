@@ -42,13 +42,13 @@ def test_basic_unet_is_recognised(upsample, size):
 @pytest.mark.parametrize("upsample", ["deconv", "nontrainable", "pixelshuffle"])
 def test_basic_unet_converts_or_names_the_gap(device, upsample):
     model = basic_unet(upsample)
-    assert_converts_or_names_the_gap(model, device, size=(33, 37))
+    assert assert_converts_or_names_the_gap(model, device, size=(33, 37)) == "fused"
 
 
 def test_basic_unet_with_leaky_relu(device):
     model = basic_unet("deconv", act="leakyrelu")
     assert {spec.activation.kind for _, spec in assert_recognized(model, (33, 37)).conv_specs()} == {"leaky_relu"}
-    assert_converts_or_names_the_gap(model, device, size=(32, 32))
+    assert assert_converts_or_names_the_gap(model, device, size=(32, 32)) == "fused"
 
 
 def test_keys_and_shared_tensors_where_recognised():
