@@ -44,7 +44,7 @@ KEEP = ("record.json", "bench.json", "tests-junit.xml")  # kept as files, in thi
 MAX_FILES = 8
 MAX_FILE_MIB = 16
 SOURCE_DIRS = ("fastunet", "kernels", "bench", "tests", ".ci")
-HEADLINE_PROVIDERS = ("fastunet", "torch-eager", "torch-compile", "torch-compile-max-autotune")
+HEADLINE_PROVIDERS = ("fastunet", "fastunet-graphs", "torch-eager", "torch-compile", "torch-compile-max-autotune")
 
 
 # -- environment ---------------------------------------------------------------------------------------------------
@@ -254,7 +254,7 @@ def headline(runs: Sequence[dict]) -> list[dict]:
 
 def format_headline(rows: Sequence[dict]) -> str:
     """The headline rows as a small table (ms; x: fastunet's speedup over that provider)."""
-    names = ("fastunet", "torch-eager", "torch-compile", "torch-compile-max-autotune")
+    names = HEADLINE_PROVIDERS
     header = f"{'config':<22} {'dtype':<9} {'parity':<6} " + " ".join(f"{name:>26}" for name in names)
     lines = [header]
     for row in rows:

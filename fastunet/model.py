@@ -22,6 +22,8 @@ from fastunet.dispatch import (
     Dispatch,
     dispatch_reason,
 )
+from fastunet.graphs import GraphCache
+from fastunet.kernels._common import is_dry_run, recording
 from fastunet.ops import INTERPRET, ConvSpec, Layout, Plan
 from fastunet.plan_cache import PlanCache, Stamp
 from fastunet.reference import UNet, check_input
@@ -52,6 +54,12 @@ class _Scan(NamedTuple):
     stamp: Stamp | None  # None: do not cache
 
 
+def _graph_replay_allowed() -> bool:
+    """A captured graph may replace the launches: no capture in progress (a user's own graph records the plain
+    launches), no launch log or dry run open (they want the launches themselves)."""
+    return not torch.cuda.is_current_stream_capturing() and not recording() and not is_dry_run()
+
+
 def _global_hooks() -> bool:
     from torch.nn.modules import module as module_mod
 
@@ -72,8 +80,20 @@ class FusedForward:
         self.last_backend: str | None = None
         self.last_backend_reason: str | None = None
         self._plans = PlanCache()
+        self._graphs: GraphCache | None = None  # CUDA graphs of the forward: off unless use_cuda_graphs() is called
         self._warned: set[str] = set()
         self._source_link = SourceLink(source) if source is not None else None
+
+    def use_cuda_graphs(self, enabled: bool = True, limit: int = 2):
+        """Replay the eval forward's kernel launches as CUDA graphs (see :mod:`fastunet.graphs`): one graph per input
+        signature (shape, strides, dtype, device, stream), captured on its second forward, at most ``limit`` kept.
+        For small inputs, where launching 22 kernels from Python takes longer than running them. Forwards that need
+        gradients, run under a compiler or inside another capture, or on the CPU launch as usual. Returns the module.
+        """
+        if not isinstance(enabled, bool):
+            raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+        self._graphs = GraphCache(limit) if enabled else None
+        return self
 
     def fused_layout(self) -> Layout:
         raise NotImplementedError
@@ -96,6 +116,8 @@ class FusedForward:
             with link.kept(self):
                 result = super()._apply(fn, recurse)
         self._plans.release_if_stale(self._scan().stamp)
+        if self._graphs is not None:
+            self._graphs.clear()
         return result
 
     def __getstate__(self):
@@ -106,8 +128,10 @@ class FusedForward:
 
     # -- plan ---------------------------------------------------------------------------------------------------
     def invalidate_plan(self) -> None:
-        """Drop the folded/packed parameters; the next forward rebuilds them."""
+        """Drop the folded/packed parameters (and any CUDA graph reading them); the next forward rebuilds them."""
         self._plans.clear()
+        if self._graphs is not None:
+            self._graphs.clear()
 
     def _scan(self, keyed: bool = True) -> _Scan:
         """One walk over the modules per forward: modules in training mode, submodules with forward hooks, the
@@ -203,6 +227,12 @@ class FusedForward:
             plan = ops.build_plan(self.fused_layout(), compute_dtype, x.device)
         else:
             plan = self.plan(compute_dtype, x.device, stamp)
+        graphs = self._graphs
+        if graphs is not None and not needs_grad and not traced and x.is_cuda and _graph_replay_allowed():
+            logits = graphs.run(plan, x.to(compute_dtype))
+            if logits is not None:
+                self.last_backend, self.last_backend_reason = decision.backend, f"{decision.reason}; CUDA graph replay"
+                return logits
         logits = ops.unet_forward(plan, x.to(compute_dtype), needs_grad)
         self.last_backend, self.last_backend_reason = decision.backend, decision.reason
         return logits

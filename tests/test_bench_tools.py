@@ -376,7 +376,8 @@ def test_run_gpu_phases_and_bookkeeping(bench_path, tmp_path, monkeypatch, devic
     from fastunet.parity import NETWORK_BUDGETS, math_mode
 
     backend = _gpu_run_mode(run_gpu, monkeypatch, device)
-    tracked = _Tracked(monkeypatch, run_gpu, providers, {"fastunet": 1.0, "torch-eager": 2.0, "torch-compile": 4.0})
+    timings = {"fastunet": 1.0, "fastunet-graphs": 0.5, "torch-eager": 2.0, "torch-compile": 4.0}
+    tracked = _Tracked(monkeypatch, run_gpu, providers, timings)
     args = _bench_args(run_gpu, tmp_path, "--compile-start-s", "0", "--max-autotune-start-s", "1e9")
     configs = [run_gpu.dry_run_config(run_gpu.CONFIGS[name]) for name in args.configs]
     writes = []
@@ -387,8 +388,8 @@ def test_run_gpu_phases_and_bookkeeping(bench_path, tmp_path, monkeypatch, devic
     a, b = (config.name for config in configs)
     phases = [entry for i, entry in enumerate(tracked.log) if i == 0 or entry != tracked.log[i - 1]]
     assert phases == [
-        ("network", 2, "fastunet"), ("network", 2, "torch-eager"), ("network", 1, "fastunet"),
-        ("network", 1, "torch-eager"),
+        ("network", 2, "fastunet"), ("network", 2, "torch-eager"), ("network", 2, "fastunet-graphs"),
+        ("network", 1, "fastunet"), ("network", 1, "torch-eager"), ("network", 1, "fastunet-graphs"),
         *[("stages", a, provider) for _ in range(8) for provider in ("fastunet", "torch-eager")],
         *[("stages", b, provider) for _ in range(8) for provider in ("fastunet", "torch-eager")],
         ("network", 2, "torch-compile"), ("network", 1, "torch-compile"),

@@ -235,8 +235,10 @@ def network_callable(
     ``fastunet`` shares ``model``'s parameters and reads ``x`` as given; the torch providers run a channels_last
     copy of the model on a channels_last copy of ``x``.
     """
-    if provider == "fastunet":
+    if provider in ("fastunet", "fastunet-graphs"):
         module: torch.nn.Module = FastUNet.from_reference(model).eval()
+        if provider == "fastunet-graphs":
+            module.use_cuda_graphs()
         inp = x
     elif provider == "torch-eager" or provider in COMPILE_MODES:
         module = copy.deepcopy(model).to(memory_format=torch.channels_last).eval()

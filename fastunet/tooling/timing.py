@@ -61,7 +61,6 @@ from fastunet.parity import NETWORK_BUDGETS, math_mode, network_error
 from fastunet.tooling import providers as providers_module
 from fastunet.tooling.dtypes import DTYPES, dtype_name
 from fastunet.tooling.providers import (
-    PROVIDERS,
     compile_mode,
     eager_stage,
     make_input,
@@ -72,7 +71,7 @@ from fastunet.tooling.providers import (
 )
 from fastunet.tooling.roofline import H100, Ceilings, ceilings_json, config_roofline, measured_ceilings
 from fastunet.tooling.shapes import CONFIGS, QUICK_CONFIGS, BenchConfig, Stage, bench_stages
-from fastunet.tooling.timing_args import add_timing_args, finish_timing_args
+from fastunet.tooling.timing_args import BASELINES, add_timing_args, finish_timing_args
 
 DEVICE = "cuda"
 DRY_RUN = False  # set by --dry-run: CPU tensors, the interpreter, wall-clock placeholders instead of GPU timings
@@ -82,7 +81,7 @@ COPY_BYTES = 2**30  # a 1 GiB device-to-device copy (2 GiB of traffic)
 STAGE_SHARE = 0.25
 # Phases, most important first: each is (kind, providers); providers not asked for are left out.
 PHASES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("network", ("fastunet", "torch-eager")),
+    ("network", ("fastunet", "fastunet-graphs", "torch-eager")),
     ("stages", ("fastunet", "torch-eager")),
     ("network", ("torch-compile",)),
     ("stages", ("torch-compile",)),
@@ -334,7 +333,7 @@ def _ratios(entries: dict) -> dict:
         mine = entry.get("median_ms")
         if not mine:
             continue
-        for baseline in PROVIDERS[1:]:
+        for baseline in BASELINES:
             theirs = entries.get(baseline, {}).get("median_ms")
             if theirs and baseline != provider:
                 ratios.setdefault(_key(provider), {})[f"speedup_vs_{_key(baseline)}"] = theirs / mine

@@ -10,7 +10,16 @@ import argparse
 import os
 
 # The benchmark providers (what each runs: :mod:`fastunet.tooling.providers`).
-PROVIDERS: tuple[str, ...] = ("fastunet", "torch-eager", "torch-compile", "torch-compile-max-autotune")
+# fastunet-graphs: the fused forward replayed as a CUDA graph (FusedForward.use_cuda_graphs), whole network only.
+PROVIDERS: tuple[str, ...] = (
+    "fastunet",
+    "fastunet-graphs",
+    "torch-eager",
+    "torch-compile",
+    "torch-compile-max-autotune",
+)
+# What fastunet is compared with.
+BASELINES: tuple[str, ...] = ("torch-eager", "torch-compile", "torch-compile-max-autotune")
 # Seconds of time budget a compiling step needs before it is started (a whole-network compile; a single stage
 # compiles in about a quarter of that). Measured orders of magnitude: torch.compile default of the reference U-Net
 # 30-60 s, max-autotune 1.5-5 min.
@@ -38,7 +47,7 @@ def add_timing_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--stage-providers",
         nargs="+",
-        choices=PROVIDERS,
+        choices=[p for p in PROVIDERS if p != "fastunet-graphs"],
         default=["fastunet", "torch-eager", "torch-compile"],
         help="providers of the per-stage timings (default %(default)s)",
     )
