@@ -353,12 +353,12 @@ def test_sm90_build_feature_variants(tmp_path):
     rows = gemm_rows(report)
 
     def built(feature: str) -> list[dict]:
-        return [row for row in rows if f"{feature}/fp16/b1" in row["configs"]]
+        return [row for row in rows if f"{feature}/fp16/b1" in row["used_by"]]
 
-    assert {row["constexprs"]["ACT"] for row in built("leaky_relu")} >= {2}
-    assert {row["constexprs"]["ACT"] for row in built("prelu")} >= {3}
-    assert {row["constexprs"]["ACT"] for row in built("silu")} >= {4}
-    assert any(row["constexprs"]["CLAMP_UP"] for row in built("replicate"))
+    assert {row["config"]["ACT"] for row in built("leaky_relu")} >= {2}
+    assert {row["config"]["ACT"] for row in built("prelu")} >= {3}
+    assert {row["config"]["ACT"] for row in built("silu")} >= {4}
+    assert any(row["config"]["CLAMP_UP"] for row in built("replicate"))
     assert built("valid")
     found = spill_problems(report) + tensor_core_problems(report, "fp16") + shared_memory_problems(report)
     found += ptxas_problems(report)
