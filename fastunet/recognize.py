@@ -22,9 +22,10 @@ Matching. From the output backwards: the head conv; per decoder level two conv [
 the concatenation of a skip and an upsampled map, in either order (the upsampled map: a transposed conv, a 2x
 interpolation with or without a 1x1 conv before it, or a conv + pixel shuffle with or without the 2x2 blur; padded
 by zeros, centred, or by replication at the bottom/right; or the skip centre-cropped); then the bottleneck over a
-2x2 max-pool; then the encoder levels down to the input, each ending at the skip its decoder concatenates. Every
-step on the way to the output must be consumed by that pattern, and every parameter, buffer and leaf module of the
-model must be used by it; the first that is not is named in the refusal, with the model.
+2x2 max-pool, or with a 3x3 stride-2 first conv reading the skip above it; then the encoder levels down to the
+input the same way, each ending at the skip its decoder concatenates. Every step on the way to the output must be
+consumed by that pattern, and every module that runs (or whose tensors are read) must be used by it; the first that
+is not is named in the refusal, with the model. Modules that never run in the eval forward are left out.
 
 The result is a :class:`Recipe`: module paths and the facts no module holds (functional activations and their
 parameters, concatenation order per level, how the skip and the upsampled map are joined). It resolves to a

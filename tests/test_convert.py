@@ -224,10 +224,10 @@ def _replace(path: str, module: nn.Module):
     [
         pytest.param(_replace("inc.double_conv.2", nn.GELU()), "inc.double_conv.2", "GELU", id="gelu"),
         pytest.param(
-            _replace("down1.maxpool_conv.1.double_conv.1", nn.InstanceNorm2d(8)),
+            _replace("down1.maxpool_conv.1.double_conv.1", nn.LocalResponseNorm(2)),
             "down1.maxpool_conv.1.double_conv.1",
-            r"not supported yet \(norms that cannot fold into the conv weights\)",
-            id="instance-norm",
+            r"not a supported norm \(BatchNorm2d, InstanceNorm2d, GroupNorm\)",
+            id="local-response-norm",
         ),
         pytest.param(
             _replace("inc.double_conv.3", nn.Conv2d(4, 4, 3, padding=2, dilation=2, bias=False)),
