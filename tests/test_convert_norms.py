@@ -521,3 +521,20 @@ def test_strided_layout_math_matches_a_hand_written_forward():
     expected = F.conv2d(low, model.output_block.weight, model.output_block.bias)
     with torch.no_grad():
         torch.testing.assert_close(ops.layout_forward(layout, x), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("norm", sorted(NORMS))
+def test_recognised_layout_is_the_hand_built_one(norm):
+    """tests/test_layout_math.py builds the layout of its strided InstanceNorm net by hand: the recogniser finds the
+    same modules, down-sampling, concatenation order and join."""
+    from test_layout_math import _StridedInstanceNormNet
+
+    torch.manual_seed(0)
+    net = randomize_norms(_StridedInstanceNormNet(NORMS[norm]))
+    found, expected = recognize(net).recipe.resolve(net), net.layout()
+    assert (found.down, found.join, found.up_first) == (expected.down, expected.join, expected.up_first)
+    assert found.head is expected.head
+    assert [(spec.conv, spec.norm, spec.activation) for _, spec in found.conv_specs()] == [
+        (spec.conv, spec.norm, spec.activation) for _, spec in expected.conv_specs()
+    ]
+    assert [up.conv for up in found.ups] == [up.conv for up in expected.ups]
