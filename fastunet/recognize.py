@@ -22,9 +22,10 @@ Matching. From the output backwards: the head conv; per decoder level two conv [
 the concatenation of a skip and an upsampled map, in either order (the upsampled map: a transposed conv, a 2x
 interpolation with or without a 1x1 conv before it, or a conv + pixel shuffle with or without the 2x2 blur; padded
 by zeros, centred, or by replication at the bottom/right; or the skip centre-cropped); then the bottleneck over a
-2x2 max-pool; then the encoder levels down to the input, each ending at the skip its decoder concatenates. Every
-step on the way to the output must be consumed by that pattern, and every parameter, buffer and leaf module of the
-model must be used by it; the first that is not is named in the refusal, with the model.
+2x2 max-pool, or with a 3x3 stride-2 first conv reading the skip above it; then the encoder levels down to the
+input the same way, each ending at the skip its decoder concatenates. Every step on the way to the output must be
+consumed by that pattern, and every module that runs (or whose tensors are read) must be used by it; the first that
+is not is named in the refusal, with the model. Modules that never run in the eval forward are left out.
 
 The result is a :class:`Recipe`: module paths and the facts no module holds (functional activations and their
 parameters, concatenation order per level, how the skip and the upsampled map are joined). It resolves to a
@@ -60,23 +61,25 @@ def _pair(value) -> tuple:
 # ---------------------------------------------------------------------------------------------------------------
 # Upsampling modules (also read by FastUNet.fused_layout)
 # ---------------------------------------------------------------------------------------------------------------
-def read_up(path: str, up: nn.Module, accepted: list[nn.Module] | None = None) -> UpSpec:
+_TRANSPOSE_K2 = ((2, 2), (2, 2), (0, 0), (0, 0))  # kernel, stride, padding, output_padding
+_TRANSPOSE_K3 = ((3, 3), (2, 2), (1, 1), (1, 1))  # MONAI's UNet and DynUNet(upsample_kernel_size=3): also 2H x 2W
+
+
+def read_up(path: str, up: nn.Module, accepted: list[nn.Module] | None = None, *, transpose_k3: bool = False) -> UpSpec:
     """The :class:`~fastunet.ops.UpSpec` of a 2x upsampling module (``path`` names it in errors); ``accepted``
-    collects the stateless modules mapped."""
+    collects the stateless modules mapped. ``transpose_k3``: a ``ConvTranspose2d(kernel_size=3, stride=2,
+    padding=1, output_padding=1)`` is a 2x upsampling too (the recogniser's layouts; the kernels say whether they
+    run it)."""
     if accepted is None:
         accepted = []
     if type(up) is nn.ConvTranspose2d:
-        if (
-            _pair(up.kernel_size) != (2, 2)
-            or _pair(up.stride) != (2, 2)
-            or _pair(up.padding) != (0, 0)
-            or _pair(up.output_padding) != (0, 0)
-            or _pair(up.dilation) != (1, 1)
-            or up.groups != 1
-        ):
+        form = tuple(_pair(v) for v in (up.kernel_size, up.stride, up.padding, up.output_padding))
+        forms = (_TRANSPOSE_K2, _TRANSPOSE_K3) if transpose_k3 else (_TRANSPOSE_K2,)
+        if form not in forms or _pair(up.dilation) != (1, 1) or up.groups != 1 or up.padding_mode != "zeros":
+            also = " or (kernel_size=3, stride=2, padding=1, output_padding=1)" if transpose_k3 else ""
             raise ConversionError(
-                f"convert: ConvTranspose2d at '{path}': only ConvTranspose2d(kernel_size=2, stride=2) without "
-                "padding or groups is fused"
+                f"convert: ConvTranspose2d at '{path}': only ConvTranspose2d(kernel_size=2, stride=2){also} without "
+                "groups or dilation is fused"
             )
         return UpSpec("transpose", conv=up)
     if type(up) in (nn.Upsample, nn.UpsamplingBilinear2d, nn.UpsamplingNearest2d):
@@ -156,7 +159,7 @@ class UpRecipe:
     def resolve(self, root: nn.Module) -> UpSpec:
         pre_conv = root.get_submodule(self.pre_conv) if self.pre_conv is not None else None
         if self.module is not None:
-            spec = read_up(self.module, root.get_submodule(self.module))
+            spec = read_up(self.module, root.get_submodule(self.module), transpose_k3=True)
             return dataclasses.replace(spec, pre_conv=pre_conv) if pre_conv is not None else spec
         conv = root.get_submodule(self.conv) if self.conv is not None else None
         return UpSpec(self.mode, self.align_corners, conv, pre_conv, self.blur)
@@ -177,6 +180,7 @@ class Recipe:
     head: str
     up_first: tuple[bool, ...]
     join: str
+    down: str = "pool"
     where: tuple[tuple[str, str], ...] = ()
 
     @property
@@ -192,6 +196,7 @@ class Recipe:
             head=root.get_submodule(self.head),
             up_first=self.up_first,
             join=self.join,
+            down=self.down,
         )
 
     def locate(self, stage: str) -> str | None:
@@ -285,6 +290,7 @@ class _Recorder(TorchFunctionMode):
         self.producer: dict[int, int] = {}
         self.kept: list[torch.Tensor] = []  # ids stay unique while the tensors live
         self.called: set[int] = set()  # modules that ran
+        self.touched: set[int] = set()  # modules whose parameters or buffers a traced function read
         self.stack: list[nn.Module] = []
         self.inside_atomic = 0
 
@@ -386,6 +392,10 @@ class _Recorder(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        if self.inside_atomic == 0:
+            for value in itertools.chain(_flat(args), _flat(kwargs.values())):
+                if isinstance(value, torch.Tensor) and id(value) in self.owners:
+                    self.touched.add(id(self.owners[id(value)][0]))
         if self.inside_atomic == 0 and func is T.__setitem__:  # an in-place write: what reads the tensor next reads it
             target = args[0]
             self._add("other", self._data(list(args)), f"Tensor.__setitem__ {self._location()}", target)
@@ -437,7 +447,11 @@ class _Recorder(TorchFunctionMode):
             else:
                 info["why"] = "a functional batch_norm folds only with an nn.BatchNorm2d's own statistics, in eval"
         elif func in _NORM_FNS:
-            kind = "norm"
+            module, path, why = self._own_norm(func, args, kwargs)
+            if why is None:
+                kind = "norm"
+            else:
+                info["why"] = why
         elif func in _RELU_FNS:
             kind, info["act"] = "act", ActRecipe("relu")
         elif func in _LEAKY_FNS:
@@ -508,6 +522,45 @@ class _Recorder(TorchFunctionMode):
             inputs = self._data([*args, *kwargs.values()])
         self._add(kind, inputs, where, out, module=module, path=path, info=info)
 
+    def _own_norm(self, func, args, kwargs) -> tuple[nn.Module | None, str | None, str | None]:
+        """The module of a functional instance or group norm that is exactly its module's eval-mode call (its own
+        parameters, statistics and settings), and its path; else why not."""
+        if func is F.instance_norm:
+            why = (
+                "a functional instance_norm maps onto the layout only as an nn.InstanceNorm2d's own eval-mode call "
+                "(its weight, bias, running statistics and eps)"
+            )
+            owned = [_arg(args, kwargs, i, n) for i, n in ((3, "weight"), (1, "running_mean"))]
+            module, path = next((self._owner(t) for t in owned if t is not None), (None, None))
+            if type(module) is not nn.InstanceNorm2d:
+                return None, None, why
+            same = (
+                _arg(args, kwargs, 3, "weight") is module.weight
+                and _arg(args, kwargs, 4, "bias") is module.bias
+                and _arg(args, kwargs, 1, "running_mean") is module.running_mean
+                and _arg(args, kwargs, 2, "running_var") is module.running_var
+                and bool(_arg(args, kwargs, 5, "use_input_stats", True)) == (module.running_mean is None)
+                and _arg(args, kwargs, 7, "eps", 1e-5) == module.eps
+            )
+            return (module, path, None) if same else (None, None, why)
+        if func in (F.group_norm, torch.group_norm):
+            why = (
+                "a functional group_norm maps onto the layout only as an nn.GroupNorm's own call (its weight, bias, "
+                "number of groups and eps)"
+            )
+            weight = _arg(args, kwargs, 2, "weight")
+            module, path = self._owner(weight) if weight is not None else (None, None)
+            if type(module) is not nn.GroupNorm:
+                return None, None, why
+            same = (
+                weight is module.weight
+                and _arg(args, kwargs, 3, "bias") is module.bias
+                and _arg(args, kwargs, 1, "num_groups") == module.num_groups
+                and _arg(args, kwargs, 4, "eps", 1e-5) == module.eps
+            )
+            return (module, path, None) if same else (None, None, why)
+        return None, None, "not a supported norm (BatchNorm2d, InstanceNorm2d, GroupNorm)"
+
     @staticmethod
     def _same_conv(module, args, kwargs, transpose: bool) -> bool:
         """Whether a functional conv call is exactly its module's own (weight, bias, stride, padding, ...)."""
@@ -528,6 +581,7 @@ class _Recorder(TorchFunctionMode):
     def run(self, x: torch.Tensor):
         self.steps = [Step(0, "input", (), "the input", tuple(x.shape))]
         self.producer, self.kept, self.called, self.stack, self.inside_atomic = {id(x): 0}, [x], set(), [], 0
+        self.touched = set()
         handles = []
         for module in self.model.modules():
             handles.append(module.register_forward_pre_hook(self._pre_hook))
@@ -553,7 +607,7 @@ def _flat(values):
 # Matching the trace to a layout
 # ---------------------------------------------------------------------------------------------------------------
 _STRUCTURE = (
-    "the U-Net layout: conv [+ BatchNorm] [+ activation] pairs, 2x2 max-pools, 2x upsamplings, skip "
+    "the U-Net layout: conv [+ norm] [+ activation] pairs, 2x2 max-pools or stride-2 convs, 2x upsamplings, skip "
     "concatenations, a head conv"
 )
 
@@ -628,11 +682,17 @@ class _Matcher:
                 self.check_pool(step)
 
     def check_norm(self, step: Step) -> None:
+        """BatchNorm2d with running statistics, InstanceNorm2d (with or without them) and GroupNorm map onto the
+        layout (see :func:`fastunet.ops.norm_kind`)."""
         norm = step.module
-        if type(norm) is not nn.BatchNorm2d:
-            raise self.refuse(step.where, "not supported yet (norms that cannot fold into the conv weights)")
-        if not norm.track_running_stats or norm.running_mean is None:
-            raise self.refuse(step.where, "BatchNorm2d without running statistics cannot fold into the conv weights")
+        if type(norm) not in (nn.BatchNorm2d, nn.InstanceNorm2d, nn.GroupNorm):
+            raise self.refuse(step.where, "not a supported norm (BatchNorm2d, InstanceNorm2d, GroupNorm)")
+        if type(norm) is nn.BatchNorm2d and (not norm.track_running_stats or norm.running_mean is None):
+            raise self.refuse(
+                step.where,
+                "BatchNorm2d without running statistics normalizes by batch statistics even in eval mode: it cannot "
+                "fold into the conv weights",
+            )
 
     def check_conv(self, step: Step, kernels: tuple[int, ...]) -> None:
         conv = step.module
@@ -640,8 +700,17 @@ class _Matcher:
         kernel = _pair(conv.kernel_size)
         if kernel[0] != kernel[1] or kernel[0] not in kernels:
             problems.append(f"kernel {conv.kernel_size} (expected {' or '.join(f'{k}x{k}' for k in kernels)})")
-        if _pair(conv.stride) != (1, 1):
-            problems.append(f"stride {conv.stride} (expected 1: the layout downsamples by a 2x2 max-pool)")
+        if _pair(conv.stride) == (2, 2):
+            if kernel != (3, 3) or conv.padding in ("same", "valid") or _pair(conv.padding) != (1, 1):
+                problems.append(
+                    f"stride {conv.stride} with kernel {conv.kernel_size} and padding {conv.padding} (a strided conv "
+                    "down-samples in the layout only as a 3x3 conv with stride 2 and padding 1)"
+                )
+        elif _pair(conv.stride) != (1, 1):
+            problems.append(
+                f"stride {conv.stride} (expected 1, or 2 for a level's first conv: the layout down-samples by a 2x2 "
+                "max-pool or a 3x3 stride-2 conv)"
+            )
         if conv.padding not in ("same", "valid") and _pair(conv.padding) not in ((0, 0), (kernel[0] // 2,) * 2):
             problems.append(f"padding {conv.padding} (expected {kernel[0] // 2}, or 0 for valid convs)")
         if _pair(conv.dilation) != (1, 1):
@@ -686,14 +755,17 @@ class _Matcher:
                 return None
             after = norm or act
             raise self.refuse(
-                after.where, f"expected a 3x3 conv before it (conv [+ BatchNorm] [+ activation]), found {step.where}"
+                after.where, f"expected a 3x3 conv before it (conv [+ norm] [+ activation]), found {step.where}"
             )
         for used in (act, norm, step):
             if used is not None:
                 self.used.add(used.index)
-        if norm is not None and norm.module.num_features != step.module.out_channels:
-            raise self.refuse(norm.where, f"normalizes {norm.module.num_features} channels, the conv writes "
-                              f"{step.module.out_channels}")  # fmt: skip
+        if norm is not None:
+            channels = getattr(norm.module, "num_features", getattr(norm.module, "num_channels", None))
+            if channels != step.module.out_channels:
+                raise self.refuse(
+                    norm.where, f"normalizes {channels} channels, the conv writes {step.module.out_channels}"
+                )
         if act is None:
             act_recipe = ActRecipe("none")
         elif act.module is not None and act.info.get("act") is None:
@@ -703,10 +775,11 @@ class _Matcher:
         paths = [self.path_of(s) for s in (step, norm, act) if s is not None]
         return ConvRecipe(step.path, norm.path if norm is not None else None, act_recipe), step.inputs[0], paths
 
-    def groups(self, index: int) -> tuple[list, int]:
-        """The conv groups read backwards from ``index`` (last first) and the step before the first of them."""
+    def groups(self, index: int, stop: int | None = None) -> tuple[list, int]:
+        """The conv groups read backwards from ``index`` (last first, up to the step ``stop`` if it is met) and the
+        step before the first of them."""
         groups = []
-        while (group := self.conv_group(index)) is not None:
+        while self.resolved(index) != stop and (group := self.conv_group(index)) is not None:
             groups.append(group)
             index = group[1]
         return groups, self.resolved(index)
@@ -728,6 +801,13 @@ class _Matcher:
     def head(self) -> tuple[str, int]:
         index = self.resolved(self.output)
         step = self.step(index)
+        if step.kind == "conv_transpose":
+            raise self.refuse(
+                step.where,
+                "the output comes from a transposed conv: an up-sampling after the last skip concatenation (as in "
+                "MONAI's UNet, whose up path up-samples the concatenated map); the layout concatenates a skip with "
+                "the map up-sampled to its size, then runs two 3x3 convs and a head conv at that size",
+            )
         if step.kind != "conv":
             raise self.refuse(
                 step.where,
@@ -735,6 +815,8 @@ class _Matcher:
                 "activation after it)",
             )
         self.check_conv(step, (1, 3))
+        if _pair(step.module.stride) != (1, 1):
+            raise self.refuse(step.where, f"stride {step.module.stride}: the head conv has stride 1")
         self.where["head"] = f"'{step.path}'"
         return step.path, step.inputs[0]
 
@@ -821,7 +903,7 @@ class _Matcher:
         elif step.kind == "conv_transpose":
             visited.append(index)
             module_call = step.info.get("name") == "ConvTranspose2d"
-            read_up(step.path, step.module)  # its settings
+            read_up(step.path, step.module, transpose_k3=True)  # its settings
             up = UpRecipe("transpose", module=step.path if module_call else None, conv=step.path)
             below, where = step.inputs[0], f"'{step.path}'"
         elif step.kind == "interp":
@@ -894,7 +976,9 @@ class _Matcher:
         decoders, ups, up_first, joins, skips = [], [], [], [], []
         while True:
             level = len(decoders)
-            groups, first = self.groups(index)
+            # Below a decoder level: another one (its convs read a concatenation), or the bottleneck, whose first
+            # conv reads the pooled skip of the level above, or that skip itself with stride 2.
+            groups, first = self.groups(index, stop=skips[-1] if skips else None)
             step = self.step(first)
             if step.kind == "cat":
                 decoders.append(self.pair(groups, first, f"dec{level}"))
@@ -906,37 +990,47 @@ class _Matcher:
                     joins.append(join)
                 index = below
                 continue
-            if step.kind == "maxpool" and decoders:
-                self.check_pool(step)
+            if decoders and (step.kind == "maxpool" or first == skips[-1]):
                 bottleneck = self.pair(groups, first, "bottleneck")
                 break
             convs = ", ".join(f"'{g[0].conv}'" for g in reversed(groups)) or "the head"
             raise self.refuse(
                 step.where,
                 f"feeds {convs}, where the layout has the concatenation of a skip and an upsampled map"
-                + (" (or the bottleneck's 2x2 max-pool)" if decoders else " (the last decoder level)"),
+                + (" (or the bottleneck's 2x2 max-pool or stride-2 conv)" if decoders else " (the last decoder level)"),
             )
         depth = len(decoders)
         encoders: list = [None] * (depth + 1)
         encoders[depth] = bottleneck
-        pool = step
-        for level in reversed(range(depth)):
-            index = self.resolved(pool.inputs[0])
-            if index != skips[level]:
-                raise self.refuse(
-                    f"dec{level}",
-                    f"concatenates {self.steps[skips[level]].where}, but the encoder's level {level} output (pooled "
-                    f"by {pool.where}) is {self.steps[index].where}",
-                )
-            groups, first = self.groups(index)
-            encoders[level] = self.pair(groups, first, f"enc{level}")
+        downs: dict[int, tuple[str, str]] = {}  # level: how the level above passes its map down, and where
+        for level in reversed(range(1, depth + 1)):
+            skip, stage = skips[level - 1], "bottleneck" if level == depth else f"enc{level}"
             step = self.step(first)
-            if level > 0:
-                if step.kind != "maxpool":
-                    raise self.refuse(step.where, "found where the layout has a 2x2 max-pool")
-                pool = step
-            elif first != 0:
-                raise self.refuse(step.where, "found where the first conv should read the input")
+            if first == skip:  # the level's first conv reads the skip itself: a strided conv down-samples
+                downs[level] = ("stride", self.where[f"{stage}.conv1"])
+                index = skip
+            elif step.kind == "maxpool":
+                self.check_pool(step)
+                index = self.resolved(step.inputs[0])
+                if index != skip:
+                    raise self.refuse(
+                        f"dec{level - 1}",
+                        f"concatenates {self.steps[skip].where}, but the encoder's level {level - 1} output (pooled "
+                        f"by {step.where}) is {self.steps[index].where}",
+                    )
+                downs[level] = ("pool", step.where)
+            else:
+                raise self.refuse(
+                    step.where,
+                    f"found where the layout has a 2x2 max-pool (or, for a stride-2 first conv of {stage}, the skip "
+                    f"{self.steps[skip].where})",
+                )
+            groups, first = self.groups(index, stop=skips[level - 2] if level > 1 else None)
+            encoders[level - 1] = self.pair(groups, first, f"enc{level - 1}")
+        if first != 0:
+            raise self.refuse(self.step(first).where, "found where the first conv should read the input")
+        down = self.down(downs, depth)
+        self.check_strides(encoders, decoders, ups, down)
         kinds = {kind for kind, _ in joins}
         if len(kinds) > 1:
             raise self.refuse(
@@ -953,12 +1047,54 @@ class _Matcher:
             head=head,
             up_first=tuple(up_first),
             join=join,
+            down=down,
             where=tuple(self.where.items()),
         )
 
+    def down(self, downs: dict[int, tuple[str, str]], depth: int) -> str:
+        """The layout's ``down``: every level down-samples the same way."""
+        kinds = {kind for kind, _ in downs.values()}
+        if len(kinds) > 1:
+            stage = {level: "bottleneck" if level == depth else f"enc{level}" for level in downs}
+            told = "; ".join(
+                f"{stage[level]}: {'a 2x2 max-pool' if kind == 'pool' else 'a stride-2 conv'} ({where})"
+                for level, (kind, where) in sorted(downs.items())
+            )
+            raise self.refuse(
+                "down-sampling", f"mixes max-pools and strided convs ({told}): the layout down-samples the same way "
+                "at every level"
+            )  # fmt: skip
+        return kinds.pop()
+
+    def check_strides(self, encoders: list, decoders: list, ups: list, down: str) -> None:
+        """A stride-2 conv only as the first conv of a level below the first, where the layout strides."""
+        model = self.rec.model
+        convs = []
+        for level, pair in enumerate(encoders):
+            for i, recipe in enumerate(pair):
+                convs.append((recipe.conv, down == "stride" and level > 0 and i == 0))
+        convs += [(recipe.conv, False) for pair in decoders for recipe in pair]
+        for up in ups:  # a transposed conv's stride is its upsampling (read_up checks it)
+            convs += [(path, False) for path in (up.pre_conv, up.conv if up.mode == "pixelshuffle" else None) if path]
+        for path, strided in convs:
+            stride = _pair(model.get_submodule(path).stride)
+            if strided and stride != (2, 2):
+                raise self.refuse(
+                    f"'{path}'", f"reads the skip of the level above at its own size (stride {stride}): a level "
+                    "down-samples by a 2x2 max-pool or by a stride-2 first conv"
+                )  # fmt: skip
+            if not strided and stride != (1, 1):
+                raise self.refuse(
+                    f"'{path}'", f"stride {stride}: a strided conv is fused only as the first conv of an encoder "
+                    "level, where it down-samples"
+                )  # fmt: skip
+
     def check_accounted(self, recipe: Recipe, model: nn.Module) -> None:
-        """Every parameter and buffer belongs to a module the layout reads; every leaf module ran on the way to
-        the output (or is an eval-mode no-op that ran)."""
+        """What the eval forward runs is the layout: every module that ran, or whose parameters or buffers a traced
+        call read, is one the layout reads, a container, an eval-mode no-op (dropout, ``nn.Identity``), or a leaf
+        whose result the layout consumed; one that ran with its result discarded is refused. A module that never
+        ran and whose tensors nothing read (the trace shows it) is no part of the eval forward and is left out:
+        nnU-Net's deep-supervision heads with deep supervision off."""
         layout = recipe.resolve(model)
         reads = {id(layout.head)}
         for pair in (*layout.encoders, *layout.decoders):
@@ -968,23 +1104,26 @@ class _Matcher:
             reads |= {id(up.conv), id(up.pre_conv)}
         consumed = {id(self.steps[i].module) for i in self.used if self.steps[i].module is not None}
         for path, module in model.named_modules():
+            if id(module) in reads:
+                continue
+            if id(module) not in self.rec.called and id(module) not in self.rec.touched:
+                continue  # never ran in the eval forward: not part of what it computes
+            leaf_ran = id(module) in self.rec.called and not module._modules
+            no_op = isinstance(module, (nn.Identity, nn.modules.dropout._DropoutNd))  # eval-mode no-ops
+            if leaf_ran and id(module) not in consumed and not no_op:
+                raise self.refuse(
+                    f"{type(module).__name__} at '{path}'",
+                    "runs, but its result does not reach the output: not part of the U-Net its forward computes",
+                )
             for table, kind in ((module._parameters, "parameter"), (module._buffers, "buffer")):
                 for leaf, tensor in table.items():
-                    if tensor is not None and id(module) not in reads:
+                    if tensor is not None:
                         name = f"{path}.{leaf}" if path else leaf
                         raise self.refuse(
                             f"{kind} '{name}' of {type(module).__name__}",
-                            "not used by the U-Net its forward computes (an extra branch the fused forward would "
-                            "leave out)",
+                            "read by the forward, but not used by the U-Net it computes (an extra branch, or one "
+                            "whose result is discarded, that the fused forward would leave out)",
                         )
-            if module._modules or id(module) in reads or id(module) in consumed:
-                continue
-            if isinstance(module, (nn.Identity, nn.modules.dropout._DropoutNd)):
-                continue  # eval-mode no-ops, run or not
-            ran = "runs, but its result does not reach the output" if id(module) in self.rec.called else "never runs"
-            raise self.refuse(
-                f"{type(module).__name__} at '{path}'", f"{ran}: not part of the U-Net its forward computes"
-            )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1034,7 +1173,8 @@ def recognize(model: nn.Module, *, numeric: bool = True) -> Recognition:
     False or the model's tensors are on the meta device), record what it computes and match it to a layout.
 
     The probe is batch 2, with the input channels of the model's first ``nn.Conv2d``, at the first of
-    :func:`probe_sizes` the forward accepts (for a depth guessed from the model's max-pool modules, then deeper);
+    :func:`probe_sizes` the forward accepts (for a depth guessed from the model's max-pool modules and stride-2
+    convs, then deeper);
     when the recognised depth is not the guess, the forward is recorded again at that depth's sizes. Raises
     :class:`ConversionError` naming the model, the module or call that does not fit, and why.
     """
@@ -1050,8 +1190,10 @@ def recognize(model: nn.Module, *, numeric: bool = True) -> Recognition:
             f"({type(failure).__name__}: {failure})"
         ) from failure
     device, dtype = ("meta", torch.float32) if on_meta else ("cpu", torch.float64)
-    pools = sum(type(m) is nn.MaxPool2d for m in model.modules())
-    guesses = sorted({max(1, pools), 4, _MAX_DEPTH_GUESS} - set(range(1, max(1, pools))))
+    downs = sum(
+        type(m) is nn.MaxPool2d or (type(m) is nn.Conv2d and _pair(m.stride) == (2, 2)) for m in model.modules()
+    )
+    guesses = sorted({max(1, downs), 4, _MAX_DEPTH_GUESS} - set(range(1, max(1, downs))))
     generator = torch.Generator().manual_seed(0)
     rejected: list[tuple[tuple[int, int], Exception]] = []
 

@@ -224,10 +224,10 @@ def _replace(path: str, module: nn.Module):
     [
         pytest.param(_replace("inc.double_conv.2", nn.GELU()), "inc.double_conv.2", "GELU", id="gelu"),
         pytest.param(
-            _replace("down1.maxpool_conv.1.double_conv.1", nn.InstanceNorm2d(8)),
+            _replace("down1.maxpool_conv.1.double_conv.1", nn.LocalResponseNorm(2)),
             "down1.maxpool_conv.1.double_conv.1",
-            r"not supported yet \(norms that cannot fold into the conv weights\)",
-            id="instance-norm",
+            r"not a supported norm \(BatchNorm2d, InstanceNorm2d, GroupNorm\)",
+            id="local-response-norm",
         ),
         pytest.param(
             _replace("inc.double_conv.3", nn.Conv2d(4, 4, 3, padding=2, dilation=2, bias=False)),
@@ -352,15 +352,30 @@ def test_an_extra_branch_is_refused_even_when_it_computes_zero():
         fastunet.convert(model)
 
 
-def test_modules_and_parameters_the_forward_does_not_use_are_refused():
+def test_modules_the_eval_forward_never_runs_are_left_out():
+    """A module that never runs (nor has its tensors read) is no part of what the eval forward computes: it is left
+    out of the layout and kept, shared, in the converted module (tests/test_convert_norms.py: one that runs with its
+    result discarded is refused)."""
     model = milesial(True)
     model.unused = nn.Conv2d(4, 4, 1)
-    with pytest.raises(ConversionError, match=r"parameter 'unused.weight' of Conv2d: not used by the U-Net"):
-        fastunet.convert(model)
-    model = milesial(True)
     model.gate = nn.Sigmoid()
-    with pytest.raises(ConversionError, match=r"Sigmoid at 'gate': never runs"):
-        fastunet.convert(model)
+    fast = fastunet.convert(model)
+    assert isinstance(fast, ConvertedUNet)
+    assert fast.get_parameter("unused.weight") is model.unused.weight
+    layout = fast.fused_layout()
+    assert all(spec.conv is not fast.unused for _, spec in layout.conv_specs()) and layout.head is not fast.unused
+
+
+def test_a_module_that_runs_with_its_result_discarded_is_refused():
+    class Gated(MilesialUNet):
+        def forward(self, x):
+            self.gate(x)
+            return MilesialUNet.forward(self, x)
+
+    model = Gated(3, 2, True, width=4, depth=3)
+    model.gate = nn.Sigmoid()
+    with pytest.raises(ConversionError, match=r"Gated: Sigmoid at 'gate': runs, but its result does not reach"):
+        fastunet.convert(model.eval())
 
 
 def test_unet_subclass_with_its_own_forward_is_refused():

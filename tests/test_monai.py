@@ -1,7 +1,9 @@
-"""Real MONAI networks through ``convert`` (skipped where MONAI is not installed): BasicUNet 2-D with ReLU and
-BatchNorm in each upsampling mode is recognised, its recognised math equals its own forward at sizes divisible by
-16 and at odd sizes, and ``convert`` either fuses it (parity with its float64 forward) or names the feature the
-kernels lack; the configurations that cannot be mapped are refused naming MONAI's module path."""
+"""Real MONAI networks through ``convert`` (skipped where MONAI is not installed): BasicUNet 2-D in each upsampling
+mode, with ReLU and BatchNorm and with its defaults (InstanceNorm, LeakyReLU 0.1), and DynUNet 2-D are recognised,
+their recognised math equals their own forward (BasicUNet at sizes divisible by 16 and at odd sizes), and ``convert``
+either fuses them (parity with their float64 forward) or names the feature the kernels lack; the configurations that
+cannot be mapped (MONAI's UNet, 3-D, DynUNet with deep supervision or residual blocks) are refused naming MONAI's
+module path or call."""
 
 from __future__ import annotations
 
@@ -10,9 +12,10 @@ import torch
 
 monai_nets = pytest.importorskip("monai.networks.nets")
 
+from test_convert_norms import randomize_norms  # noqa: E402
 from test_convert_structure import assert_converts_or_names_the_gap, assert_recognized  # noqa: E402
 
-from fastunet import ConversionError, convert  # noqa: E402
+from fastunet import ConversionError, convert, ops  # noqa: E402
 from fastunet.convert import recognize  # noqa: E402
 from fastunet.parity import randomize_norm_stats  # noqa: E402
 
@@ -61,31 +64,88 @@ def test_keys_and_shared_tensors_where_recognised():
     assert layout.head is model.final_conv
 
 
+def test_basic_unet_defaults(device):
+    """MONAI's defaults: InstanceNorm with affine parameters and LeakyReLU(0.1) after every conv."""
+    torch.manual_seed(0)
+    model = randomize_norms(monai_nets.BasicUNet(spatial_dims=2, in_channels=3, out_channels=2, features=FEATURES))
+    for size in ((32, 48), (33, 37)):
+        layout = assert_recognized(model, size)
+    assert layout.depth == 4 and layout.down == "pool" and layout.join == "replicate"
+    assert {ops.norm_kind(spec.norm) for _, spec in layout.conv_specs()} == {"instance"}
+    assert {(spec.activation.kind, spec.activation.slope) for _, spec in layout.conv_specs()} == {("leaky_relu", 0.1)}
+    assert layout.encoders[0][0].norm is model.conv_0.conv_0.adn.N
+    assert assert_converts_or_names_the_gap(model, device, size=(33, 37)) in ("fused", "refused")
+
+
+def test_basic_unet_with_group_norm(device):
+    model = randomize_norms(basic_unet("deconv", norm=("group", {"num_groups": 2})))
+    layout = assert_recognized(model, (33, 37))
+    assert {ops.norm_kind(spec.norm) for _, spec in layout.conv_specs()} == {"group"}
+    assert assert_converts_or_names_the_gap(model, device, size=(33, 37)) in ("fused", "refused")
+
+
+def test_basic_unet_3d_is_refused():
+    with pytest.raises(ConversionError) as info:
+        convert(basic_unet("deconv", spatial_dims=3))
+    assert "BasicUNet: Conv3d at 'conv_0.conv_0.conv': only 2-D U-Nets convert" in str(info.value), str(info.value)
+
+
+def dyn_unet(**kw) -> torch.nn.Module:
+    torch.manual_seed(0)
+    args = dict(kernel_size=[3, 3, 3, 3], strides=[1, 2, 2, 2], upsample_kernel_size=[2, 2, 2], filters=[4, 8, 8, 16])
+    return randomize_norms(monai_nets.DynUNet(2, 3, 2, **(args | kw)))
+
+
+@pytest.mark.parametrize("norm", ["instance", "batch"])
+def test_dyn_unet(device, norm):
+    """DynUNet 2-D (depth 3, strided down-sampling, ``cat((up, skip))``); its decoder does not pad, so sizes are
+    multiples of 8."""
+    model = dyn_unet(norm_name=norm)
+    for size in ((16, 24), (32, 8)):
+        layout = assert_recognized(model, size)
+    assert layout.depth == 3 and layout.down == "stride" and all(layout.up_first)
+    assert layout.encoders[1][0].conv is model.downsamples[0].conv1.conv and model.downsamples[0].conv1.conv.stride == (
+        2,
+        2,
+    )
+    assert {(spec.activation.kind, spec.activation.slope) for _, spec in layout.conv_specs()} == {("leaky_relu", 0.01)}
+    assert layout.head is model.output_block.conv.conv
+    assert assert_converts_or_names_the_gap(model, device, size=(16, 24)) in ("fused", "refused")
+
+
+def test_dyn_unet_refusals():
+    """Deep supervision on: its heads run in the eval forward and their results are dropped; residual blocks add."""
+    with pytest.raises(ConversionError) as info:
+        convert(dyn_unet(deep_supervision=True, deep_supr_num=1))
+    expected = "DynUNet: Conv2d at 'deep_supervision_heads.0.conv.conv': runs, but its result does not reach the output"
+    assert expected in str(info.value), str(info.value)
+    with pytest.raises(ConversionError) as info:
+        convert(dyn_unet(res_block=True))
+    assert "DynUNet: Tensor.add_ in 'input_block' (UnetResBlock.forward): not part of the U-Net layout" in str(
+        info.value
+    ), str(info.value)
+
+
 @pytest.mark.parametrize(
     "kw, message",
     [
         pytest.param(
-            dict(act=("LeakyReLU", {"negative_slope": 0.1}), norm=("instance", {"affine": True})),
-            "BasicUNet: InstanceNorm2d at 'conv_0.conv_0.adn.N': not supported yet (norms that cannot fold",
-            id="default-instance-norm",
+            {},
+            "UNet: ConvTranspose2d at 'model.2.conv': the output comes from a transposed conv: an up-sampling after "
+            "the last skip concatenation",
+            id="default",
         ),
         pytest.param(
-            dict(norm=("group", {"num_groups": 2})),
-            "BasicUNet: GroupNorm at 'conv_0.conv_0.adn.N': not supported yet",
-            id="group-norm",
-        ),
-        pytest.param(
-            dict(spatial_dims=3), "BasicUNet: Conv3d at 'conv_0.conv_0.conv': only 2-D U-Nets convert", id="3d"
+            dict(num_res_units=2),
+            "UNet: Tensor.add in 'model.0' (ResidualUnit.forward): not part of the U-Net layout",
+            id="residual-units",
         ),
     ],
 )
-def test_basic_unet_refusals_name_the_blocker(kw, message):
+def test_monai_unet_is_refused_naming_the_structure_it_does_not_share(kw, message):
+    """MONAI's UNet strides its first conv (no level at full resolution) and up-samples after each concatenation,
+    with residual units where asked for: no layout describes it."""
+    model = monai_nets.UNet(spatial_dims=2, in_channels=3, out_channels=2, channels=(4, 8, 16), strides=(2, 2), **kw)
     with pytest.raises(ConversionError) as info:
-        convert(basic_unet("deconv", **kw))
+        convert(model.eval())
     assert message in str(info.value), str(info.value)
-
-
-def test_monai_unet_is_refused_at_its_strided_conv():
-    model = monai_nets.UNet(spatial_dims=2, in_channels=3, out_channels=2, channels=(4, 8, 16), strides=(2, 2)).eval()
-    with pytest.raises(ConversionError, match=r"UNet: Conv2d at 'model.0.conv': stride \(2, 2\)"):
-        convert(model)
