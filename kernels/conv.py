@@ -1145,7 +1145,8 @@ def conv2d_nhwc(
             upsampled map, then the conv reads it directly).
         align_corners: bilinear ``up_mode`` only, as in ``F.interpolate``.
         join: how the upsampled map and the skip ``x`` meet: ``"pad"``: the upsampled map zero-padded, centered, to
-            (H, W) (one row or column more than the skip: the first one dropped, as a negative centered pad does); ``"replicate"``: padded at the bottom/right to (H, W) by repeating its last row and column;
+            (H, W) (one row or column more than the skip: the first one dropped, as a negative centered pad does);
+            ``"replicate"``: padded at the bottom/right to (H, W) by repeating its last row and column;
             ``"crop"``: ``x`` center-cropped to the upsampled map's size (the conv's input is then that size).
         activation: ``"relu"``, ``"leaky_relu"`` (negative ``slope``), ``"prelu"`` (``slopes``: (C_out,)),
             ``"silu"``, ``"clamp"`` (to ``[lo, hi]``) or ``"none"``, applied after the bias (before the pool and

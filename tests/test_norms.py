@@ -97,11 +97,12 @@ def test_stats_epilogue_then_normalize_on_load(device, dtype, norm, path):
     weight = (torch.randn(c_mid, c_in, 3, 3) / math.sqrt(9 * c_in)).to(dtype)
     bias = (torch.randn(c_mid) + 1.0).to(dtype)
     spec = NORM_CASES[norm](c_mid)
-    with load_path(path):
+    with load_path(path), launch_log() as records:
         z, norm_in = conv2d_nhwc(
-            _nhwc(x).to(device), pack_conv_weight(weight).to(device), bias.to(device), activation="leaky_relu",
-            slope=0.01, norm=_on(spec, device),
+            _nhwc(x).contiguous().to(device), pack_conv_weight(weight).to(device), bias.to(device),
+            activation="leaky_relu", slope=0.01, norm=_on(spec, device),
         )  # fmt: skip
+    assert records[0].path == path and records[0].constexprs["STATS"] and records[1].name == "norm_scale_shift"
     key = precision_key(dtype, device)
     pre = F.conv2d(x.double(), weight.double(), bias.double(), padding=1)
     assert_kernel_close(_nchw(z), pre, 9 * c_in, key)
