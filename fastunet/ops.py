@@ -27,6 +27,7 @@ from fastunet.kernels.conv import (
     pack_conv_transpose_weight,
     pack_conv_weight,
 )
+from fastunet.kernels.stats import NormIn, NormSpec, normalize_nhwc
 from fastunet.kernels.upsample import upsample2x_nhwc
 from fastunet.reference import center_pad
 
@@ -43,6 +44,7 @@ __all__ = [
     "ConvSpec",
     "ConvStage",
     "Layout",
+    "NormStage",
     "Plan",
     "UpSpec",
     "UpStage",
@@ -237,21 +239,25 @@ class Layout:
 def unfused_reason(layout: Layout) -> str | None:
     """Why the kernels cannot run ``layout`` (the first feature they lack), or None when they can. The layout's
     math (:func:`layout_forward`) covers every feature; the kernels grow into it."""
+    down_convs = {f"enc{level}.conv1" for level in range(1, layout.depth)} | {"bottleneck.conv1"}
     for name, spec in layout.conv_specs():
-        kind = norm_kind(spec.norm)
-        if kind not in (None, "folds"):
-            return (
-                f"{name}: {type(spec.norm).__name__} is not fused yet (norms that cannot fold into the conv weights: "
-                "per-image statistics)"
-            )
-        if _pair(spec.conv.stride) != (1, 1):
-            return f"{name}: strided convs are not fused yet (down-sampling by 2x2 max-pool is)"
+        norm_kind(spec.norm)  # raises for a norm the layout cannot describe
+        stride = _pair(spec.conv.stride)
         if _pair(spec.conv.kernel_size) != (3, 3):
             return f"{name}: a {_pair(spec.conv.kernel_size)} conv is not fused (3x3 is)"
+        if layout.down == "stride" and name in down_convs and layout.depth:
+            if stride != (2, 2) or conv_padding(spec.conv) != 1:
+                return (
+                    f"{name}: with strided down-sampling the first conv of a deeper level is 3x3 stride 2 padding 1, "
+                    f"got stride {spec.conv.stride} padding {spec.conv.padding}"
+                )
+        elif stride != (1, 1):
+            return (
+                f"{name}: a strided conv is fused only as the first conv of a deeper level of a layout that "
+                "down-samples by strided convs (Layout.down == 'stride')"
+            )
         if conv_padding(spec.conv) is None:
             return f"{name}: convs with padding {spec.conv.padding} are not fused (padding 1 and 0 are)"
-    if layout.down != "pool":
-        return "down-sampling by strided convs is not fused yet (2x2 max-pool is)"
     for level, up in enumerate(layout.ups):
         if up.mode == "transpose":
             t = up.conv
@@ -267,15 +273,18 @@ def unfused_reason(layout: Layout) -> str | None:
 
 
 def conv_padding(conv: nn.Conv2d) -> int | None:
-    """The conv's padding when the kernels run it (stride 1, no dilation, one group, zero padding: ``kernel // 2``
-    on every side, or 0), else None."""
+    """The conv's padding when the kernels run it (stride 1 or 2 alike in both dimensions, no dilation, one group,
+    zero padding: ``kernel // 2`` on every side, or 0), else None. Where a stride 2 may sit is
+    :func:`unfused_reason`'s call."""
     size = _pair(conv.kernel_size)
-    if size[0] != size[1] or size[0] % 2 != 1 or _pair(conv.stride) != (1, 1) or _pair(conv.dilation) != (1, 1):
+    if size[0] != size[1] or size[0] % 2 != 1 or _pair(conv.stride) not in ((1, 1), (2, 2)):
+        return None
+    if _pair(conv.dilation) != (1, 1):
         return None
     if conv.groups != 1 or conv.padding_mode != "zeros":
         return None
     if conv.padding == "same":
-        return size[0] // 2
+        return size[0] // 2 if _pair(conv.stride) == (1, 1) else None
     if conv.padding == "valid":
         return 0
     padding = _pair(conv.padding)
@@ -292,9 +301,25 @@ def _pair(value) -> tuple:
 # Plan: folded, packed, cast parameters
 # ---------------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
+class NormStage:
+    """A norm with data statistics after a conv (InstanceNorm2d: ``groups`` = channels; GroupNorm): its affine
+    parameters as fp32 plan tensors (or none) and ``eps``."""
+
+    groups: int
+    eps: float
+    weight: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+
+    def spec(self) -> NormSpec:
+        return NormSpec(self.groups, self.weight, self.bias, self.eps)
+
+
+@dataclasses.dataclass
 class ConvStage:
-    """One conv (+ folded eval BatchNorm): packed weight and bias in the compute dtype, its size and padding, and
-    the activation its epilogue applies (``slopes``: PReLU's, one per output channel)."""
+    """One conv (+ folded eval BatchNorm): packed weight and bias in the compute dtype, its size, padding and
+    stride, and the activation after it (``slopes``: PReLU's, one per output channel). With ``norm`` (a norm with
+    data statistics) the conv stores the pre-norm map and its statistics, and the activation is applied by whatever
+    reads the map; otherwise the epilogue applies it."""
 
     weight: torch.Tensor
     bias: torch.Tensor
@@ -302,6 +327,8 @@ class ConvStage:
     padding: int = 1
     act: Act | None = None  # None: ReLU (a default that torch.compile can trace through)
     slopes: torch.Tensor | None = None
+    stride: int = 1
+    norm: NormStage | None = None
 
     @property
     def activation(self) -> Act:
@@ -310,7 +337,8 @@ class ConvStage:
     def launch_constants(self) -> tuple:
         """What the launches read of this stage besides its tensors."""
         act = self.activation
-        return self.ksize, self.padding, act.kind, act.slope, act.lo, act.hi
+        norm = (self.norm.groups, self.norm.eps, self.norm.weight is not None) if self.norm is not None else None
+        return self.ksize, self.padding, act.kind, act.slope, act.lo, act.hi, self.stride, norm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -342,6 +370,7 @@ class Plan:
     fuse_head: bool
     layout: Layout
     join: str = "pad"
+    down: str = "pool"
 
 
 def _stages(plan: Plan) -> list[ConvStage]:
@@ -355,6 +384,8 @@ def plan_tensors(plan: Plan) -> list[torch.Tensor]:
     tensors = []
     for stage in _stages(plan):
         tensors += [stage.weight, stage.bias] + ([stage.slopes] if stage.slopes is not None else [])
+        if stage.norm is not None and stage.norm.weight is not None:
+            tensors += [stage.norm.weight, stage.norm.bias]
     return tensors
 
 
@@ -392,7 +423,9 @@ def build_plan(layout: Layout, dtype: torch.dtype, device: torch.device) -> Plan
     if reason is not None:
         raise ValueError(f"the fused kernels cannot run this layout: {reason}")
 
-    def packed(conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor, act: Act = RELU) -> ConvStage:
+    def packed(
+        conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor, act: Act = RELU, norm: NormStage | None = None
+    ) -> ConvStage:
         slopes = None
         if act.kind == "prelu":  # one slope per output channel (a single one broadcast)
             slopes = _owned(act.module.weight.detach().expand(weight.shape[0]), device, dtype)
@@ -403,13 +436,27 @@ def build_plan(layout: Layout, dtype: torch.dtype, device: torch.device) -> Plan
             conv_padding(conv),
             act,
             slopes,
+            _pair(conv.stride)[0],
+            norm,
+        )
+
+    def data_norm(module: nn.Module) -> NormStage:
+        """InstanceNorm2d or GroupNorm: statistics in fp32, so its affine parameters are fp32 plan tensors."""
+        groups = module.num_groups if isinstance(module, nn.GroupNorm) else module.num_features
+        affine = module.weight is not None and module.bias is not None
+        return NormStage(
+            int(groups),
+            float(module.eps),
+            _owned(module.weight.detach(), device, torch.float32) if affine else None,
+            _owned(module.bias.detach(), device, torch.float32) if affine else None,
         )
 
     def stage(spec: ConvSpec, skip_after: int = 0) -> ConvStage:
-        weight, bias = fold_batchnorm(spec.conv, spec.norm)
+        folds = norm_kind(spec.norm) in (None, "folds")
+        weight, bias = fold_batchnorm(spec.conv, spec.norm if folds else None)
         if skip_after:  # cat([up, skip]): the kernel reads the skip's channels first, so its weight rows move up
             weight = torch.cat([weight[:, skip_after:], weight[:, :skip_after]], dim=1)
-        return packed(spec.conv, weight, bias, spec.activation)
+        return packed(spec.conv, weight, bias, spec.activation, None if folds else data_norm(spec.norm))
 
     def plain(conv: nn.Conv2d) -> ConvStage:  # no norm, no activation
         return packed(conv, *fold_batchnorm(conv, None), Act("none"))
@@ -448,16 +495,21 @@ def build_plan(layout: Layout, dtype: torch.dtype, device: torch.device) -> Plan
             ups.append(UpStage(up.mode, up.align_corners, pre_conv=pre_conv))
     head = layout.head
     head_stage = plain(head)
+    decoders = [decoder(level) for level in range(layout.depth)]
+    last = decoders[0][1] if decoders else None
     return Plan(
         encoders=[double(pair) for pair in layout.encoders],
         ups=ups,
-        decoders=[decoder(level) for level in range(layout.depth)],
+        decoders=decoders,
         head=head_stage,
+        # A fused head reads the last conv's activated map in its epilogue: not a map that still needs its norm.
         fuse_head=head_stage.ksize == 1
         and head.in_channels <= MAX_HEAD_CHANNELS
-        and head.out_channels <= MAX_HEAD_CLASSES,
+        and head.out_channels <= MAX_HEAD_CLASSES
+        and (last is None or last.norm is None),
         layout=layout,
         join=layout.join,
+        down=layout.down,
     )
 
 
@@ -469,7 +521,7 @@ def refresh_in_place(cached: Plan, fresh: Plan) -> bool:
     if cached.fuse_head != fresh.fuse_head or cached.ups != fresh.ups or len(old) != len(new):
         return False
     constants = [[stage.launch_constants() for stage in _stages(plan)] for plan in (cached, fresh)]
-    if cached.join != fresh.join or constants[0] != constants[1]:
+    if cached.join != fresh.join or cached.down != fresh.down or constants[0] != constants[1]:
         return False
     for a, b in zip(old, new, strict=True):
         if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
@@ -609,11 +661,32 @@ def join(how: str, skip: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, 
 # ---------------------------------------------------------------------------------------------------------------
 # Custom ops
 # ---------------------------------------------------------------------------------------------------------------
+# A map read through its norm (NormIn): scale, shift, the activation after the norm and its parameters.
+_NORM_IN_ARGS = (
+    'Tensor? in_scale=None, Tensor? in_shift=None, str in_activation="none", float in_slope=0.0, float in_lo=0.0, '
+    "float in_hi=0.0, Tensor? in_slopes=None"
+)
 _CONV_SCHEMA = (
     "(Tensor x, Tensor weight, Tensor? bias, Tensor? up, Tensor? head_weight, Tensor? head_bias, Tensor? slopes, "
     "int ksize, int padding, str up_mode, bool align_corners, str join, str activation, float slope, float lo, "
-    "float hi, bool pool, bool nchw_out) -> (Tensor, Tensor)"
+    f"float hi, bool pool, bool nchw_out, int stride=1, {_NORM_IN_ARGS}, int norm_groups=0, "
+    "Tensor? norm_weight=None, Tensor? norm_bias=None, float norm_eps=0.0) -> (Tensor, Tensor, Tensor, Tensor)"
 )
+
+
+def _norm_in(scale, shift, activation, slope, lo, hi, slopes) -> NormIn | None:
+    """The custom ops' flattened NormIn arguments, back as one (None when ``scale`` is None)."""
+    if scale is None:
+        return None
+    return NormIn(scale, shift, activation, slope, lo, hi, slopes)
+
+
+def _norm_in_args(norm_in: NormIn | None) -> tuple:
+    """A NormIn as the custom ops' flattened arguments (see :data:`_NORM_IN_ARGS`)."""
+    if norm_in is None:
+        return (None, None, "none", 0.0, 0.0, 0.0, None)
+    n = norm_in
+    return (n.scale, n.shift, n.activation, float(n.slope), float(n.lo), float(n.hi), n.slopes)
 
 
 def _conv_output(x: torch.Tensor, height: int, width: int, channels: int, nchw_out: bool) -> torch.Tensor:
@@ -624,28 +697,34 @@ def _conv_output(x: torch.Tensor, height: int, width: int, channels: int, nchw_o
     return alloc((batch, height, width, channels), x.dtype, x.device)
 
 
-def _conv_size(x: torch.Tensor, up: torch.Tensor | None, up_mode: str, join: str, ksize: int, padding: int):
+def _conv_size(
+    x: torch.Tensor, up: torch.Tensor | None, up_mode: str, join: str, ksize: int, padding: int, stride: int = 1
+):
     """(height, width) of a conv launch's output: the input's frame (x's, or the upsampled map's with a crop
-    join), ``ksize - 1`` smaller for a valid conv."""
+    join), ``ksize - 1`` smaller for a valid conv, then divided by the stride as torch does."""
     height, width = x.shape[1], x.shape[2]
     if up is not None and join == "crop":
         scale = 1 if up_mode == "direct" else 2
         height, width = scale * up.shape[1], scale * up.shape[2]
     shrink = 2 * (ksize // 2 - padding)
-    return height - shrink, width - shrink
+    return (height - shrink - 1) // stride + 1, (width - shrink - 1) // stride + 1
 
 
 def _conv2d_launch(
     x, weight, bias, up, head_weight, head_bias, slopes, ksize, padding, up_mode, align_corners, join, activation,
-    slope, lo, hi, pool, nchw_out,
+    slope, lo, hi, pool, nchw_out, stride=1, in_scale=None, in_shift=None, in_activation="none", in_slope=0.0,
+    in_lo=0.0, in_hi=0.0, in_slopes=None, norm_groups=0, norm_weight=None, norm_bias=None, norm_eps=0.0,
 ):  # fmt: skip
-    """:func:`fastunet.kernels.conv2d_nhwc` as a custom op. Returns (y, pooled): y is (N, H, W, C_out or n_cls),
-    a view of an NCHW tensor when ``nchw_out``; pooled is empty unless ``pool``. ``up_mode`` "" means no second
-    source."""
+    """:func:`fastunet.kernels.conv2d_nhwc` as a custom op. Returns (y, pooled, scale, shift): y is (N, H, W, C_out
+    or n_cls), a view of an NCHW tensor when ``nchw_out``; pooled is empty unless ``pool``; with ``norm_groups``
+    (a norm with data statistics after the conv) y is the pre-norm map and scale, shift its fp32 (N, C_out)
+    normalization, else both empty. ``up_mode`` "" means no second source; ``in_scale`` given: x is read through
+    its norm."""
     channels = head_weight.shape[1] if head_weight is not None else weight.shape[1]
-    height, width = _conv_size(x, up, up_mode, join, ksize, padding)
+    height, width = _conv_size(x, up, up_mode, join, ksize, padding, stride)
     out = _conv_output(x, max(height, 0), max(width, 0), channels, nchw_out)
-    y, pooled = conv2d_nhwc(
+    norm = NormSpec(norm_groups, norm_weight, norm_bias, norm_eps) if norm_groups else None
+    y, second = conv2d_nhwc(
         x,
         weight,
         bias,
@@ -664,8 +743,14 @@ def _conv2d_launch(
         head_weight=head_weight,
         head_bias=head_bias,
         out=out,
+        stride=stride,
+        norm_in=_norm_in(in_scale, in_shift, in_activation, in_slope, in_lo, in_hi, in_slopes),
+        norm=norm,
     )
-    return y, pooled if pooled is not None else x.new_empty(0)
+    if norm is not None:
+        return y, x.new_empty(0), second.scale, second.shift
+    empty = x.new_empty(0, dtype=torch.float32)
+    return y, second if second is not None else x.new_empty(0), empty, empty.clone()
 
 
 _conv2d_op = torch.library.custom_op("fastunet::conv2d_nhwc", mutates_args=(), schema=_CONV_SCHEMA)(_conv2d_launch)
@@ -674,45 +759,117 @@ _conv2d_op = torch.library.custom_op("fastunet::conv2d_nhwc", mutates_args=(), s
 @_conv2d_op.register_fake
 def _conv2d_fake(
     x, weight, bias, up, head_weight, head_bias, slopes, ksize, padding, up_mode, align_corners, join, activation,
-    slope, lo, hi, pool, nchw_out,
+    slope, lo, hi, pool, nchw_out, stride=1, in_scale=None, in_shift=None, in_activation="none", in_slope=0.0,
+    in_lo=0.0, in_hi=0.0, in_slopes=None, norm_groups=0, norm_weight=None, norm_bias=None, norm_eps=0.0,
 ):  # fmt: skip
     channels = head_weight.shape[1] if head_weight is not None else weight.shape[1]
     batch = x.shape[0]
-    height, width = _conv_size(x, up, up_mode, join, ksize, padding)
+    height, width = _conv_size(x, up, up_mode, join, ksize, padding, stride)
     if nchw_out:
         y = x.new_empty((batch, channels, height, width)).permute(0, 2, 3, 1)
     else:
         y = x.new_empty((batch, height, width, channels))
     pooled = x.new_empty((batch, height // 2, width // 2, weight.shape[1])) if pool else x.new_empty(0)
-    return y, pooled
+    stats = (batch, weight.shape[1]) if norm_groups else (0,)
+    return y, pooled, x.new_empty(stats, dtype=torch.float32), x.new_empty(stats, dtype=torch.float32)
 
 
 @torch.library.custom_op(
-    "fastunet::conv_transpose2x2_nhwc", mutates_args=(), schema="(Tensor x, Tensor weight, Tensor? bias4) -> Tensor"
+    "fastunet::conv_transpose2x2_nhwc",
+    mutates_args=(),
+    schema=f"(Tensor x, Tensor weight, Tensor? bias4, {_NORM_IN_ARGS}) -> Tensor",
 )
-def _conv_transpose_op(x, weight, bias4):
+def _conv_transpose_op(
+    x,
+    weight,
+    bias4,
+    in_scale=None,
+    in_shift=None,
+    in_activation="none",
+    in_slope=0.0,
+    in_lo=0.0,
+    in_hi=0.0,
+    in_slopes=None,
+):
     """:func:`fastunet.kernels.conv_transpose2x2_nhwc` as a custom op: (N, 2h, 2w, C_out) contiguous NHWC."""
-    return conv_transpose2x2_nhwc(x, weight, bias4)
+    return conv_transpose2x2_nhwc(
+        x, weight, bias4, norm_in=_norm_in(in_scale, in_shift, in_activation, in_slope, in_lo, in_hi, in_slopes)
+    )
 
 
 @_conv_transpose_op.register_fake
-def _conv_transpose_fake(x, weight, bias4):
+def _conv_transpose_fake(
+    x,
+    weight,
+    bias4,
+    in_scale=None,
+    in_shift=None,
+    in_activation="none",
+    in_slope=0.0,
+    in_lo=0.0,
+    in_hi=0.0,
+    in_slopes=None,
+):
     batch, height, width, _ = x.shape
     return x.new_empty((batch, 2 * height, 2 * width, weight.shape[1] // 4))
 
 
 @torch.library.custom_op(
-    "fastunet::upsample2x_nhwc", mutates_args=(), schema="(Tensor x, str mode, bool align_corners) -> Tensor"
+    "fastunet::upsample2x_nhwc",
+    mutates_args=(),
+    schema=f"(Tensor x, str mode, bool align_corners, {_NORM_IN_ARGS}) -> Tensor",
 )
-def _upsample_op(x, mode, align_corners):
+def _upsample_op(
+    x,
+    mode,
+    align_corners,
+    in_scale=None,
+    in_shift=None,
+    in_activation="none",
+    in_slope=0.0,
+    in_lo=0.0,
+    in_hi=0.0,
+    in_slopes=None,
+):
     """:func:`fastunet.kernels.upsample.upsample2x_nhwc` as a custom op: (N, 2h, 2w, C) contiguous NHWC."""
-    return upsample2x_nhwc(x, mode, align_corners)
+    return upsample2x_nhwc(
+        x, mode, align_corners, norm_in=_norm_in(in_scale, in_shift, in_activation, in_slope, in_lo, in_hi, in_slopes)
+    )
 
 
 @_upsample_op.register_fake
-def _upsample_fake(x, mode, align_corners):
+def _upsample_fake(
+    x,
+    mode,
+    align_corners,
+    in_scale=None,
+    in_shift=None,
+    in_activation="none",
+    in_slope=0.0,
+    in_lo=0.0,
+    in_hi=0.0,
+    in_slopes=None,
+):
     batch, height, width, channels = x.shape
     return x.new_empty((batch, 2 * height, 2 * width, channels))
+
+
+@torch.library.custom_op(
+    "fastunet::normalize_nhwc", mutates_args=(), schema=f"(Tensor z, bool pool, {_NORM_IN_ARGS}) -> Tensor"
+)
+def _normalize_op(
+    z, pool, in_scale=None, in_shift=None, in_activation="none", in_slope=0.0, in_lo=0.0, in_hi=0.0, in_slopes=None
+):
+    """:func:`fastunet.kernels.stats.normalize_nhwc` as a custom op: the normalized (and pooled) contiguous NHWC."""
+    return normalize_nhwc(z, _norm_in(in_scale, in_shift, in_activation, in_slope, in_lo, in_hi, in_slopes), pool)
+
+
+@_normalize_op.register_fake
+def _normalize_fake(
+    z, pool, in_scale=None, in_shift=None, in_activation="none", in_slope=0.0, in_lo=0.0, in_hi=0.0, in_slopes=None
+):
+    batch, height, width, channels = z.shape
+    return z.new_empty((batch, height // 2, width // 2, channels) if pool else (batch, height, width, channels))
 
 
 def is_traced() -> bool:
@@ -726,8 +883,13 @@ def _direct() -> bool:
     return is_dry_run() or not is_traced()
 
 
+# A map as the forward passes it on: the tensor, and how to read it (None: as stored; a NormIn: the stored pre-norm
+# map of a conv followed by a norm with data statistics, read as act(z * scale + shift)).
+_Map = tuple[torch.Tensor, NormIn | None]
+
+
 def _conv(
-    x: torch.Tensor,
+    x: _Map,
     stage: ConvStage,
     *,
     up: torch.Tensor | None = None,
@@ -736,13 +898,15 @@ def _conv(
     pool: bool = False,
     head: ConvStage | None = None,
     nchw_out: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One conv launch: through the custom op while a compiler or a tracing mode is watching, else (eager calls,
-    dry runs) straight to the op's own implementation, saving the dispatcher's ~10-20 us a launch."""
+) -> tuple[_Map, torch.Tensor]:
+    """One conv launch (with a norm with data statistics after it: and the finalize launch): through the custom op
+    while a compiler or a tracing mode is watching, else (eager calls, dry runs) straight to the op's own
+    implementation, saving the dispatcher's ~10-20 us a launch. Returns (the output map, the pooled map)."""
     op: Callable = _conv2d_launch if _direct() else torch.ops.fastunet.conv2d_nhwc
     act = stage.activation
-    return op(
-        x,
+    norm = stage.norm
+    y, pooled, scale, shift = op(
+        x[0],
         stage.weight,
         stage.bias,
         up,
@@ -760,19 +924,35 @@ def _conv(
         float(act.hi),
         pool,
         nchw_out,
+        stage.stride,
+        *_norm_in_args(x[1]),
+        norm.groups if norm is not None else 0,
+        norm.weight if norm is not None else None,
+        norm.bias if norm is not None else None,
+        float(norm.eps) if norm is not None else 0.0,
     )
+    if norm is None:
+        return (y, None), pooled
+    return (y, NormIn(scale, shift, act.kind, float(act.slope), float(act.lo), float(act.hi), stage.slopes)), pooled
 
 
-def _conv_transpose(x: torch.Tensor, stage: ConvStage) -> torch.Tensor:
+def _conv_transpose(x: _Map, stage: ConvStage) -> torch.Tensor:
     if _direct():
-        return conv_transpose2x2_nhwc(x, stage.weight, stage.bias)
-    return torch.ops.fastunet.conv_transpose2x2_nhwc(x, stage.weight, stage.bias)
+        return conv_transpose2x2_nhwc(x[0], stage.weight, stage.bias, norm_in=x[1])
+    return torch.ops.fastunet.conv_transpose2x2_nhwc(x[0], stage.weight, stage.bias, *_norm_in_args(x[1]))
 
 
-def _upsample(x: torch.Tensor, mode: str, align_corners: bool) -> torch.Tensor:
+def _upsample(x: _Map, mode: str, align_corners: bool) -> torch.Tensor:
     if _direct():
-        return upsample2x_nhwc(x, mode, align_corners)
-    return torch.ops.fastunet.upsample2x_nhwc(x, mode, align_corners)
+        return upsample2x_nhwc(x[0], mode, align_corners, norm_in=x[1])
+    return torch.ops.fastunet.upsample2x_nhwc(x[0], mode, align_corners, *_norm_in_args(x[1]))
+
+
+def _normalize(x: _Map, pool: bool) -> torch.Tensor:
+    """The map normalized and activated (and 2x2 max-pooled): one memory-bound launch."""
+    if _direct():
+        return normalize_nhwc(x[0], x[1], pool)
+    return torch.ops.fastunet.normalize_nhwc(x[0], pool, *_norm_in_args(x[1]))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -786,12 +966,18 @@ def _nhwc(t: torch.Tensor) -> torch.Tensor:
 def run_plan(plan: Plan, x: torch.Tensor) -> torch.Tensor:
     """Eval-mode U-Net forward on the Triton kernels.
 
-    Launches: 2 per encoder level (the second also writes the pooled map), 3 per decoder level (the upsampled map:
+    Launches: 2 per encoder level (the second also writes the pooled map; with strided down-sampling the next
+    level's first conv has stride 2 and there is no pool), 3 per decoder level (the upsampled map:
     a transposed conv, or a nearest/bilinear upsample; then two convs, the first reading the skip map and the
     upsampled map directly, no concatenation, joined as the layout says); one more per level for a 1x1 conv before
     the upsample (``decN.pre_conv``) or a pixel shuffle (its conv at low resolution, then the shuffle, both
     ``decN.up``); a 1x1 head runs in the last conv's epilogue when it fits, else (and a 3x3 head) as its own
-    launch. Activations are NHWC; the input is read and the logits written in the caller's layout (NCHW, or
+    launch. A conv followed by a norm with data statistics (InstanceNorm, GroupNorm) stores the pre-norm map and its
+    tile statistics, one small launch (same stage name) turns them into per-(image, channel) scale and shift, and
+    every consumer (the next conv's loader, the transposed conv, the upsample kernel, the head) reads the map as
+    ``act(z * scale + shift)``; a max-pool after such a norm is one normalize+activate+pool launch (``encN.pool``),
+    and the head then runs as its own launch. Activations are NHWC; the input is read and the logits written in the
+    caller's layout (NCHW, or
     channels_last for a channels_last input). Each launch's record carries its stage name (``enc0.conv1`` ...
     ``dec0.conv2``, ``decN.up``, ``head``) when the launch runs eagerly or in a dry run.
     """
@@ -808,18 +994,27 @@ def _run_stages(plan: Plan, x: torch.Tensor, stage: Callable[[str], None]) -> to
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     logits_nchw = not channels_last
 
-    skips = []
-    features = _nhwc(x)
+    skips: list[_Map] = []
+    features: _Map = (_nhwc(x), None)
     for level, (conv1, conv2) in enumerate(plan.encoders):
         tag = f"enc{level}" if level < depth else "bottleneck"
         stage(f"{tag}.conv1")
-        features, _ = _conv(features, conv1)
+        features, _ = _conv(features, conv1)  # stride 2 where the layout down-samples by strided convs
         stage(f"{tag}.conv2")
-        if level < depth:
-            skip, features = _conv(features, conv2, pool=True)
-            skips.append(skip)
-        else:
+        if level == depth:
             features, _ = _conv(features, conv2)
+        elif plan.down == "stride":
+            features, _ = _conv(features, conv2)
+            skips.append(features)
+        elif conv2.norm is None:
+            skip, pooled = _conv(features, conv2, pool=True)
+            skips.append(skip)
+            features = (pooled, None)
+        else:  # the pool reads the normalized map: normalize, activate and pool in one pass
+            skip, _ = _conv(features, conv2)
+            skips.append(skip)
+            stage(f"{tag}.pool")
+            features = (_normalize(skip, pool=True), None)
 
     for level in reversed(range(depth)):
         conv1, conv2 = plan.decoders[level]
@@ -831,19 +1026,19 @@ def _run_stages(plan: Plan, x: torch.Tensor, stage: Callable[[str], None]) -> to
         if up_stage.mode == "direct":
             up = _conv_transpose(features, up_stage.conv)
         elif up_stage.conv is not None:  # pixel shuffle: the conv at low resolution, then the shuffle (+ blur)
-            shuffled, _ = _conv(features, up_stage.conv)
-            up = _upsample(shuffled, up_stage.mode, False)
+            (shuffled, _), _ = _conv(features, up_stage.conv)
+            up = _upsample((shuffled, None), up_stage.mode, False)
         else:
             up = _upsample(features, up_stage.mode, up_stage.align_corners)
         stage(f"dec{level}.conv1")
         features, _ = _conv(skips[level], conv1, up=up, up_mode="direct", join=plan.join)
         stage(f"dec{level}.conv2")
         if level == 0 and plan.fuse_head:
-            logits, _ = _conv(features, conv2, head=plan.head, nchw_out=logits_nchw)
+            (logits, _), _ = _conv(features, conv2, head=plan.head, nchw_out=logits_nchw)
             return logits.permute(0, 3, 1, 2)
         features, _ = _conv(features, conv2)
     stage("head")
-    logits, _ = _conv(features, plan.head, nchw_out=logits_nchw)
+    (logits, _), _ = _conv(features, plan.head, nchw_out=logits_nchw)
     return logits.permute(0, 3, 1, 2)
 
 

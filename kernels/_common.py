@@ -399,3 +399,35 @@ def dot_flags(dtype: torch.dtype, allow_tf32: bool) -> tuple[bool, str]:
     if dtype == torch.float32:
         return False, "tf32" if allow_tf32 else "ieee"
     return False, "tf32"
+
+
+# Epilogue activations: constexpr globals, so the kernel compares names, not numbers.
+ACT_NONE = tl.constexpr(0)
+ACT_RELU = tl.constexpr(1)
+ACT_LEAKY_RELU = tl.constexpr(2)
+ACT_PRELU = tl.constexpr(3)
+ACT_SILU = tl.constexpr(4)
+ACT_CLAMP = tl.constexpr(5)
+ACTIVATIONS = {"none": ACT_NONE, "relu": ACT_RELU, "leaky_relu": ACT_LEAKY_RELU, "prelu": ACT_PRELU,
+               "silu": ACT_SILU, "clamp": ACT_CLAMP}  # fmt: skip
+
+
+@triton.jit
+def activate(acc, slopes_ptr, offs_n, n_mask, slope, lo, hi, ACT: tl.constexpr):
+    """The activation ``ACT`` on an fp32 tile whose columns are channels ``offs_n`` (``slopes_ptr``: PReLU's, one per
+    channel; masked by ``n_mask``), with torch's special values: comparisons and selects rather than
+    ``tl.maximum``/``tl.minimum`` (compiled, those drop NaN), so NaN stays NaN; LeakyReLU and PReLU scale every
+    non-positive value (``-inf * 0`` is NaN, as in torch); SiLU is ``x / (1 + exp(-x))`` (``-inf`` gives NaN,
+    as in torch)."""
+    if ACT == ACT_RELU:
+        acc = tl.where(acc < 0.0, 0.0, acc)  # relu that keeps NaN (tl.maximum would drop it)
+    elif ACT == ACT_LEAKY_RELU:
+        acc = tl.where(acc > 0.0, acc, acc * slope)
+    elif ACT == ACT_PRELU:
+        slopes = tl.load(slopes_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        acc = tl.where(acc > 0.0, acc, acc * slopes[None, :])
+    elif ACT == ACT_SILU:
+        acc = acc / (1.0 + tl.exp(-acc))
+    elif ACT == ACT_CLAMP:
+        acc = tl.where(acc < lo, lo, tl.where(acc > hi, hi, acc))
+    return acc

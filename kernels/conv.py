@@ -36,8 +36,11 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from fastunet.kernels._common import (
+    ACT_NONE,
+    ACTIVATIONS,
     INTERPRET,
     LaunchRecord,
+    activate,
     alloc,
     capability,
     check_runnable,
@@ -55,6 +58,7 @@ from fastunet.kernels._common import (
     sm_count,
     to_storage,
 )
+from fastunet.kernels.stats import NormIn, NormSpec, norm_scale_shift, normalize, tile_moments
 from fastunet.kernels.upsample import MODES as UPSAMPLE_MODES
 from fastunet.kernels.upsample import upsample2x_nhwc
 
@@ -69,36 +73,6 @@ TMA_MIN_ROW = 64
 UP_MODES = ("direct", *UPSAMPLE_MODES)
 # How the upsampled map and the skip are brought to one size (see conv2d_nhwc).
 JOINS = ("pad", "replicate", "crop")
-
-# Epilogue activations: constexpr globals, so the kernel compares names, not numbers.
-ACT_NONE = tl.constexpr(0)
-ACT_RELU = tl.constexpr(1)
-ACT_LEAKY_RELU = tl.constexpr(2)
-ACT_PRELU = tl.constexpr(3)
-ACT_SILU = tl.constexpr(4)
-ACT_CLAMP = tl.constexpr(5)
-ACTIVATIONS = {"none": ACT_NONE, "relu": ACT_RELU, "leaky_relu": ACT_LEAKY_RELU, "prelu": ACT_PRELU,
-               "silu": ACT_SILU, "clamp": ACT_CLAMP}  # fmt: skip
-
-
-@triton.jit
-def _activate(acc, slopes_ptr, offs_n, n_mask, slope, lo, hi, ACT: tl.constexpr):
-    """The activation on the fp32 accumulator, with torch's special values: comparisons and selects rather than
-    ``tl.maximum``/``tl.minimum`` (compiled, those drop NaN), so NaN stays NaN; LeakyReLU and PReLU scale every
-    non-positive value (``-inf * 0`` is NaN, as in torch); SiLU is ``x / (1 + exp(-x))`` (``-inf`` gives NaN,
-    as in torch)."""
-    if ACT == ACT_RELU:
-        acc = tl.where(acc < 0.0, 0.0, acc)  # relu that keeps NaN (tl.maximum would drop it)
-    elif ACT == ACT_LEAKY_RELU:
-        acc = tl.where(acc > 0.0, acc, acc * slope)
-    elif ACT == ACT_PRELU:
-        slopes = tl.load(slopes_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        acc = tl.where(acc > 0.0, acc, acc * slopes[None, :])
-    elif ACT == ACT_SILU:
-        acc = acc / (1.0 + tl.exp(-acc))
-    elif ACT == ACT_CLAMP:
-        acc = tl.where(acc < lo, lo, tl.where(acc > hi, hi, acc))
-    return acc
 
 
 @triton.jit
@@ -136,10 +110,19 @@ def _accumulate_source(
     stride_h,
     stride_w,
     stride_c,
+    norm_scale_ptr,  # NORM: (batch, c_src) fp32 scale and shift, the producer's PReLU slopes and scalars
+    norm_shift_ptr,
+    norm_slopes_ptr,
+    norm_slope,
+    norm_lo,
+    norm_hi,
+    norm_img,  # NORM: the tile's image (every row of a NORM tile is in one image)
     KSIZE: tl.constexpr,
     EVEN_K: tl.constexpr,
     WIDE: tl.constexpr,
     CLAMP: tl.constexpr,
+    NORM: tl.constexpr,
+    NORM_ACT: tl.constexpr,
     INTERPRETER: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -151,6 +134,10 @@ def _accumulate_source(
     inside it the tap and channel block are loop-carried counters (no division), a tap moves every row by one
     scalar offset, and its padding is one bit test per row. Offsets are int32 unless ``WIDE`` (a source or the
     weight spans 2**31 elements or more): 64-bit address arithmetic doubles the loop's integer work.
+
+    ``NORM``: the source is a stored pre-norm map; each element becomes ``act(z * scale + shift)`` (one scale and
+    shift vector per K block: the tile is one image's) and then the padding's zero, in fp32, rounded once to the
+    operand dtype. The transform sits between the load and the dot, so these loads go through registers.
     """
     pad: tl.constexpr = KSIZE // 2
     offset_type: tl.constexpr = tl.int64 if WIDE else tl.int32
@@ -171,12 +158,23 @@ def _accumulate_source(
         a_ptrs = src_ptr + tap_rows[:, None] + (c0 + offs_k).to(offset_type)[None, :] * stride_c
         b_ptrs = w_ptr + (tap * c_in + w_row0 + c0).to(offset_type) * c_out + b_offs
         if EVEN_K:
-            a = tl.load(a_ptrs, mask=inside[:, None], other=0.0)
+            keep = inside[:, None]
+            a = tl.load(a_ptrs, mask=keep, other=0.0)
             b = tl.load(b_ptrs, mask=n_mask[None, :], other=0.0)
         else:
             k_mask = (c0 + offs_k) < c_src
-            a = tl.load(a_ptrs, mask=inside[:, None] & k_mask[None, :], other=0.0)
+            keep = inside[:, None] & k_mask[None, :]
+            a = tl.load(a_ptrs, mask=keep, other=0.0)
             b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        if NORM:
+            channels = c0 + offs_k
+            c_ok = channels < c_src
+            table = norm_img.to(tl.int64) * c_src + channels
+            scale = tl.load(norm_scale_ptr + table, mask=c_ok, other=0.0)
+            shift = tl.load(norm_shift_ptr + table, mask=c_ok, other=0.0)
+            v = normalize(a, scale[None, :], shift[None, :], norm_slopes_ptr, channels, c_ok, norm_slope, norm_lo,
+                          norm_hi, NORM_ACT)  # fmt: skip
+            a = to_storage(tl.where(keep, v, 0.0), src_ptr.dtype.element_ty, INTERPRETER)
         acc = mma(a, b, acc, INTERPRETER, DOT_PRECISION)
         c0 += BLOCK_K
         next_tap = c0 >= c_src
@@ -262,6 +260,12 @@ def _conv_nhwc_kernel(
     w_desc,
     w_up_desc,
     slopes_ptr,  # (c_out,): PReLU slopes
+    in_scale_ptr,  # (batch, c_main) fp32 (NORM_IN): x is a pre-norm map, read as act(x * scale + shift)
+    in_shift_ptr,
+    in_slopes_ptr,  # (c_main,): PReLU slopes of the activation after x's norm (NORM_IN)
+    mean_ptr,  # (batch * tiles_img, c_out) fp32 (STATS): per-tile mean and M2 of the stored map, per channel
+    m2_ptr,
+    count_ptr,  # (batch * tiles_img,) fp32 (STATS): valid pixels of each tile
     batch,
     height,  # of the output
     width,
@@ -281,6 +285,10 @@ def _conv_nhwc_kernel(
     act_slope,  # LeakyReLU
     act_lo,  # clamp
     act_hi,
+    in_slope,  # NORM_IN: the activation after x's norm (LeakyReLU slope, clamp bounds)
+    in_lo,
+    in_hi,
+    tiles_img,  # PER_IMAGE: tiles per image
     stride_xn,
     stride_xh,
     stride_xw,
@@ -309,6 +317,11 @@ def _conv_nhwc_kernel(
     HEAD: tl.constexpr,
     D2S: tl.constexpr,
     TMA_ROWS: tl.constexpr,
+    STRIDE: tl.constexpr,
+    PER_IMAGE: tl.constexpr,
+    NORM_IN: tl.constexpr,
+    IN_ACT: tl.constexpr,
+    STATS: tl.constexpr,
     INTERPRETER: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -320,12 +333,19 @@ def _conv_nhwc_kernel(
 
     Grid: (cdiv(M, BLOCK_M), cdiv(c_out, BLOCK_N)), M = batch * ceil(height/2) * ceil(width/2) * 4; with TMA loads
     (``TMA_ROWS`` row boxes of BLOCK_M / TMA_ROWS pixels per tile): (batch * cdiv(height, TMA_ROWS) *
-    cdiv(width, BLOCK_M / TMA_ROWS), cdiv(c_out, BLOCK_N)).
+    cdiv(width, BLOCK_M / TMA_ROWS), cdiv(c_out, BLOCK_N)); with ``PER_IMAGE`` (pointer loads): (batch * tiles_img,
+    cdiv(c_out, BLOCK_N)), each tile the window-major pixels of one image, so that a tile's statistics (``STATS``)
+    and its input's normalization (``NORM_IN``) belong to one image.
 
-    Geometry is base-offset arithmetic done once per tile: an output pixel's centre tap sits at (oy, ox) +
-    conv_off in the input's frame (zero padding at that frame's border), at + (crop_top, crop_left) in x and at
-    - (pad_top, pad_left) in the upsampled map. The TMA path takes the plain geometry only (conv_off, crop and
-    the replicate join zero; see choose_load_path).
+    ``STATS``: the epilogue stores the pre-norm map (bias added, no activation) and the count, mean and M2 of the
+    stored values of its tile per channel (tile ``pid_m`` = image * tiles per image + tile, on both load paths);
+    :func:`fastunet.kernels.stats.norm_scale_shift` merges them. ``NORM_IN``: x is read as ``act(x * scale +
+    shift)`` (per image and channel), zero padding after it.
+
+    Geometry is base-offset arithmetic done once per tile: an output pixel's centre tap sits at (STRIDE oy,
+    STRIDE ox) + conv_off in the input's frame (zero padding at that frame's border), at + (crop_top, crop_left)
+    in x and at - (pad_top, pad_left) in the upsampled map. The TMA path takes the plain geometry only (conv_off,
+    crop and the replicate join zero, stride 1; see choose_load_path).
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -334,12 +354,19 @@ def _conv_nhwc_kernel(
     c_in = c_main + c_up
     pad: tl.constexpr = KSIZE // 2
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if PER_IMAGE:
+        img_t = pid_m // tiles_img
+        offs_m = (pid_m % tiles_img) * BLOCK_M + tl.arange(0, BLOCK_M)
+        window = offs_m // 4
+        img = tl.zeros_like(offs_m) + img_t
+        win_y = window // half_w  # past the image's last window: oy >= height, masked below
+    else:
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        window = offs_m // 4
+        img = window // (half_w * half_h)
+        win_y = (window // half_w) % half_h
     quad = offs_m % 4
-    window = offs_m // 4
     win_x = window % half_w
-    win_y = (window // half_w) % half_h
-    img = window // (half_w * half_h)
     oy = 2 * win_y + quad // 2
     ox = 2 * win_x + quad % 2
     if TMA_ROWS:
@@ -361,8 +388,8 @@ def _conv_nhwc_kernel(
             ox = x0 + local
     m_valid = (img < batch) & (oy < height) & (ox < width)
     # The centre tap in the input's frame.
-    jy = oy + conv_off
-    jx = ox + conv_off
+    jy = STRIDE * oy + conv_off
+    jx = STRIDE * ox + conv_off
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < c_out
@@ -430,10 +457,19 @@ def _conv_nhwc_kernel(
             stride_xh,
             stride_xw,
             stride_xc,
+            in_scale_ptr,
+            in_shift_ptr,
+            in_slopes_ptr,
+            in_slope,
+            in_lo,
+            in_hi,
+            img_t if PER_IMAGE else 0,
             KSIZE,
             EVEN_K,
             WIDE,
             False,
+            NORM_IN,
+            IN_ACT,
             INTERPRETER,
             DOT_PRECISION,
             BLOCK_K,
@@ -449,6 +485,8 @@ def _conv_nhwc_kernel(
             else:
                 up_base = pixel_offset(img, uy, ux, stride_un, stride_uh, stride_uw)
                 up_bits = _tap_bits(uy, ux, m_valid, up_h, up_w, KSIZE)
+                # A map one row or column larger than the frame (negative pad): the frame's zero padding still holds.
+                up_bits = up_bits & _tap_bits(jy, jx, m_valid, in_h, in_w, KSIZE)
             acc = _accumulate_source(
                 acc,
                 up_ptr,
@@ -469,10 +507,19 @@ def _conv_nhwc_kernel(
                 stride_uh,
                 stride_uw,
                 stride_uc,
+                in_scale_ptr,
+                in_shift_ptr,
+                in_slopes_ptr,
+                in_slope,
+                in_lo,
+                in_hi,
+                0,
                 KSIZE,
                 EVEN_K,
                 WIDE,
                 CLAMP_UP,
+                False,
+                IN_ACT,
                 INTERPRETER,
                 DOT_PRECISION,
                 BLOCK_K,
@@ -481,7 +528,7 @@ def _conv_nhwc_kernel(
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     # Before the pool (max over the window of the activated map: SiLU is not monotonic) and before a fused head.
-    acc = _activate(acc, slopes_ptr, offs_n, n_mask, act_slope, act_lo, act_hi, ACT)
+    acc = activate(acc, slopes_ptr, offs_n, n_mask, act_slope, act_lo, act_hi, ACT)
     out = to_storage(acc, y_ptr.dtype.element_ty, INTERPRETER)
 
     if HEAD:
@@ -525,6 +572,15 @@ def _conv_nhwc_kernel(
         )
         tl.store(y_ptrs, out, mask=m_valid[:, None] & n_mask[None, :])
 
+    if STATS:
+        # Moments of the values as stored (rounded), as the norm computes them from the tensor it is given.
+        count, mean, m2 = tile_moments(out.to(tl.float32), m_valid)
+        at = pid_m.to(tl.int64) * c_out + offs_n
+        tl.store(mean_ptr + at, mean, mask=n_mask)
+        tl.store(m2_ptr + at, m2, mask=n_mask)
+        if pid_n == 0:
+            tl.store(count_ptr + pid_m, count)
+
     if POOL:
         # Rows 4w..4w+3 of the tile are the 2x2 window w: max over them, NaN-propagating like nn.MaxPool2d.
         quads = tl.reshape(out, (BLOCK_M // 4, 4, BLOCK_N))
@@ -535,6 +591,11 @@ def _conv_nhwc_kernel(
         pw_x = offs_w % half_w
         pw_y = (offs_w // half_w) % half_h
         p_img = offs_w // (half_w * half_h)
+        if PER_IMAGE:
+            local_w = (pid_m % tiles_img) * (BLOCK_M // 4) + tl.arange(0, BLOCK_M // 4)
+            pw_x = local_w % half_w
+            pw_y = local_w // half_w
+            p_img = tl.zeros_like(local_w) + img_t
         if TMA_ROWS:
             tl.static_assert(TMA_ROWS == 2, "the pooled epilogue needs 2-row tiles")
             local_w = tl.arange(0, BLOCK_M // 4)
@@ -758,14 +819,23 @@ def _tma_problem(t: torch.Tensor, what: str) -> str | None:
 
 
 def choose_load_path(
-    x: torch.Tensor, up: torch.Tensor | None, w_packed: torch.Tensor, *, packed_k: bool, plain_geometry: bool = True
+    x: torch.Tensor,
+    up: torch.Tensor | None,
+    w_packed: torch.Tensor,
+    *,
+    packed_k: bool,
+    plain_geometry: bool = True,
+    strided: bool = False,
+    normalized: bool = False,
 ) -> tuple[str, str]:
     """("tma" or "pointer", why) for a conv launch reading ``x`` (and ``up``) with ``w_packed``.
 
     TMA needs sm_90 or newer (off the GPU: the modeled target; under the interpreter: only when asked for, see
     :func:`fastunet.kernels._common.load_path`) and tensors a descriptor can address (:func:`_tma_problem`). The
     small-K first conv keeps its packed (tap, channel) loader, and so do the valid conv, the cropped skip and the
-    replicate join (``plain_geometry`` False). Asked for automatically, maps narrower than
+    replicate join (``plain_geometry`` False), a strided conv (a row box reads consecutive pixels) and an input
+    normalized on load (``normalized``: TMA lands operands in shared memory for the wgmma, with no register pass to
+    apply ``act(z * scale + shift)``). Asked for automatically, maps narrower than
     :data:`TMA_MIN_ROW` pixels stay on pointer loads (a row box would be mostly padding)."""
     requested = requested_load_path()
     if requested == "pointer":
@@ -773,7 +843,17 @@ def choose_load_path(
     if packed_k:
         return "pointer", f"small-K loader: {x.shape[-1]} input channels packed with the taps into one K axis"
     if not plain_geometry:
-        return "pointer", "valid conv, cropped skip or replicate join: the row boxes take the padded geometry only"
+        return "pointer", (
+            "valid conv, cropped skip, replicate join or an upsampled map larger than the skip: the row boxes take "
+            "the padded geometry only"
+        )
+    if strided:
+        return "pointer", "strided conv: a TMA row box reads consecutive pixels, a stride-2 tap every other one"
+    if normalized:
+        return "pointer", (
+            "input normalized on load: TMA lands the operand in shared memory for the wgmma, with no register pass "
+            "to apply act(z * scale + shift)"
+        )
     if INTERPRET:
         if requested == "auto":
             return "pointer", "the interpreter runs pointer loads unless TMA is asked for (load_path('tma'))"
@@ -849,7 +929,28 @@ class _Activation:
     slopes: torch.Tensor | None = None
 
 
-def _launch(x, up, w_packed, bias, y, pooled, head_w, head_b, *, geometry, ksize, packed_k, act, d2s, name, flops):
+def _launch(
+    x,
+    up,
+    w_packed,
+    bias,
+    y,
+    pooled,
+    head_w,
+    head_b,
+    *,
+    geometry,
+    ksize,
+    packed_k,
+    act,
+    d2s,
+    name,
+    flops,
+    stride=1,
+    norm_in: NormIn | None = None,
+    stats: NormSpec | None = None,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Launch the conv kernel (and, with ``stats``, the finalize step: returns the (N, C) fp32 scale and shift)."""
     batch, _, _, c_main = x.shape
     g = geometry
     height, width = g.out_h, g.out_w
@@ -877,21 +978,41 @@ def _launch(x, up, w_packed, bias, y, pooled, head_w, head_b, *, geometry, ksize
     hb = head_b if head_b is not None else w_packed
     b = bias if bias is not None else w_packed
     slopes = act.slopes if act.slopes is not None else w_packed
+    in_args = norm_in.args(w_packed) if norm_in is not None else (w_packed, w_packed, w_packed, 0.0, 0.0, 0.0)
+    moments: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def tile_of(cfg: dict) -> tuple[int, int]:
         """(TMA_ROWS, BLOCK_M): 0 row boxes on the pointer path."""
         return _tma_tile(cfg, width, pooled is not None) if path == "tma" else (0, cfg["BLOCK_M"])
+
+    def tiles_per_image(cfg: dict) -> int:
+        rows, block_m = tile_of(cfg)
+        if rows:
+            return triton.cdiv(height, rows) * triton.cdiv(width, block_m // rows)
+        return triton.cdiv(((height + 1) // 2) * ((width + 1) // 2) * 4, block_m)
+
+    def moments_of(cfg: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(mean, M2, count) buffers of a STATS launch: a row per (image, tile)."""
+        tiles = tiles_per_image(cfg)
+        if tiles not in moments:
+            moments[tiles] = (
+                alloc((batch, tiles, g.c_out), torch.float32, x.device),
+                alloc((batch, tiles, g.c_out), torch.float32, x.device),
+                alloc((batch, tiles), torch.float32, x.device),
+            )
+        return moments[tiles]
 
     def args_of(cfg: dict) -> tuple:
         rows, block_m = tile_of(cfg)
         descriptors = (None,) * 4
         if rows:
             descriptors = _tma_descriptors(x, up, w_packed, c_main, rows, block_m, cfg["BLOCK_N"], cfg["BLOCK_K"])
+        stat_args = moments_of(cfg) if stats is not None else (w_packed, w_packed, w_packed)
         return (
-            x, up_t, w_packed, b, y, pool_t, hw, hb, *descriptors, slopes,
+            x, up_t, w_packed, b, y, pool_t, hw, hb, *descriptors, slopes, *in_args[:3], *stat_args,
             batch, height, width, c_main, g.c_up, g.c_out, g.n_cls, g.in_h, g.in_w, g.conv_off, g.crop_top,
             g.crop_left, g.up_h, g.up_w, g.pad_top, g.pad_left, float(act.slope), float(act.lo), float(act.hi),
-            *x.stride(), *up_t.stride(), *y.stride(), *pool_t.stride(),
+            *in_args[3:], tiles_per_image(cfg), *x.stride(), *up_t.stride(), *y.stride(), *pool_t.stride(),
         )  # fmt: skip
 
     flags = {
@@ -904,6 +1025,10 @@ def _launch(x, up, w_packed, bias, y, pooled, head_w, head_b, *, geometry, ksize
         "POOL": pooled is not None,
         "HEAD": head_w is not None,
         "D2S": d2s,
+        "STRIDE": stride,
+        "NORM_IN": norm_in is not None,
+        "IN_ACT": ACTIVATIONS[norm_in.activation].value if norm_in is not None else ACT_NONE.value,
+        "STATS": stats is not None,
         # int32 offsets in the main loop unless a source or the weight spans 2**31 elements (see _accumulate_source)
         "WIDE": max(element_span(t) for t in (x, up_t, w_packed)) >= 2**31,
         "INTERPRETER": interpreter,
@@ -911,12 +1036,22 @@ def _launch(x, up, w_packed, bias, y, pooled, head_w, head_b, *, geometry, ksize
         "BLOCK_CLS": max(16, next_pow2(g.n_cls)),
     }
     if m == 0 or g.c_out == 0:
-        return
-    plain = not (g.conv_off or g.crop_top or g.crop_left or g.clamp_up)
-    path, path_reason = choose_load_path(x, up, w_packed, packed_k=packed_k, plain_geometry=plain)
+        if stats is None:
+            return None
+        empty = alloc((batch, 0, g.c_out), torch.float32, x.device)
+        return norm_scale_shift(empty, empty.clone(), alloc((batch, 0), torch.float32, x.device), stats.groups,
+                                stats.weight, stats.bias, stats.eps)  # fmt: skip
+    plain = not (g.conv_off or g.crop_top or g.crop_left or g.clamp_up or g.pad_top < 0 or g.pad_left < 0)
+    path, path_reason = choose_load_path(
+        x, up, w_packed, packed_k=packed_k, plain_geometry=plain, strided=stride != 1, normalized=norm_in is not None
+    )
+    # Pointer tiles of one image each where a tile's statistics or its input's normalization are per image.
+    flags["PER_IMAGE"] = path == "pointer" and (stats is not None or norm_in is not None)
 
     def grid_of(cfg: dict) -> tuple[int, int]:
         rows, block_m = tile_of(cfg)
+        if rows or flags["PER_IMAGE"]:
+            return (batch * tiles_per_image(cfg), triton.cdiv(g.c_out, cfg["BLOCK_N"]))
         if rows:
             tiles = batch * triton.cdiv(height, rows) * triton.cdiv(width, block_m // rows)
             return (tiles, triton.cdiv(g.c_out, cfg["BLOCK_N"]))
@@ -942,6 +1077,11 @@ def _launch(x, up, w_packed, bias, y, pooled, head_w, head_b, *, geometry, ksize
     options = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
     if recording():
         tensors = [t for t in (x, up, w_packed, bias, head_w, head_b, act.slopes) if t is not None]
+        if norm_in is not None:
+            tensors += [t for t in (norm_in.scale, norm_in.shift, norm_in.slopes) if t is not None]
+        written = [t for t in (y, pooled) if t is not None]
+        if stats is not None:
+            written += list(moments_of(cfg))
         record_launch(
             LaunchRecord(
                 name=name,
@@ -949,7 +1089,7 @@ def _launch(x, up, w_packed, bias, y, pooled, head_w, head_b, *, geometry, ksize
                 grid=grid,
                 flops=flops,
                 bytes_read=sum(t.numel() * t.element_size() for t in tensors),
-                bytes_written=sum(t.numel() * t.element_size() for t in (y, pooled) if t is not None),
+                bytes_written=sum(t.numel() * t.element_size() for t in written),
                 args=args,
                 constexprs=constexprs,
                 launch_options=options,
@@ -961,6 +1101,10 @@ def _launch(x, up, w_packed, bias, y, pooled, head_w, head_b, *, geometry, ksize
     if not is_dry_run():
         with launch_guard(x):
             _conv_nhwc_kernel[grid](*args, **constexprs, **options)
+    if stats is None:
+        return None
+    mean, m2, count = moments_of(cfg)
+    return norm_scale_shift(mean, m2, count, stats.groups, stats.weight, stats.bias, stats.eps)
 
 
 def conv2d_nhwc(
@@ -983,8 +1127,11 @@ def conv2d_nhwc(
     head_weight: torch.Tensor | None = None,
     head_bias: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``ksize x ksize`` convolution (stride 1) of an NHWC view, with its fused neighbours.
+    stride: int = 1,
+    norm_in: NormIn | None = None,
+    norm: NormSpec | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | NormIn | None]:
+    """``ksize x ksize`` convolution (stride 1 or 2) of an NHWC view, with its fused neighbours.
 
     Args:
         x: (N, H, W, C_main) view, any strides (an NCHW tensor permuted to NHWC is read in place).
@@ -998,7 +1145,8 @@ def conv2d_nhwc(
             upsampled map, then the conv reads it directly).
         align_corners: bilinear ``up_mode`` only, as in ``F.interpolate``.
         join: how the upsampled map and the skip ``x`` meet: ``"pad"``: the upsampled map zero-padded, centered, to
-            (H, W); ``"replicate"``: padded at the bottom/right to (H, W) by repeating its last row and column;
+            (H, W) (one row or column more than the skip: the first one dropped, as a negative centered pad does);
+            ``"replicate"``: padded at the bottom/right to (H, W) by repeating its last row and column;
             ``"crop"``: ``x`` center-cropped to the upsampled map's size (the conv's input is then that size).
         activation: ``"relu"``, ``"leaky_relu"`` (negative ``slope``), ``"prelu"`` (``slopes``: (C_out,)),
             ``"silu"``, ``"clamp"`` (to ``[lo, hi]``) or ``"none"``, applied after the bias (before the pool and
@@ -1007,9 +1155,18 @@ def conv2d_nhwc(
         head_weight, head_bias: (C_out, n_cls) and (n_cls,): fuse a 1x1 conv; the return value is then the
             logits, and the C_out feature map is not stored.
         out: optional destination (N, H_out, W_out, C_out or n_cls) view, e.g. an NCHW tensor permuted to NHWC.
+        stride: 1, or 2 (a down-sampling conv: output ``(H + 2 padding - ksize) // 2 + 1`` as in torch; one source).
+        norm_in: x is a stored pre-norm map: the loader reads ``act(x * scale + shift)`` (see
+            :class:`~fastunet.kernels.stats.NormIn`), zero padding after it.
+        norm: a norm with data statistics follows the conv (InstanceNorm, GroupNorm): the conv stores the pre-norm
+            map (bias added, no activation) and its per-tile moments, one more launch turns them into per-(image,
+            channel) scale and shift; ``activation`` is then the one after the norm, applied by whatever reads the
+            map. Not with ``pool`` or a head (their inputs would need the normalized map).
 
     Returns:
-        (y, pooled): y in NHWC (or ``out``), pooled None unless ``pool``.
+        (y, pooled): y in NHWC (or ``out``), pooled None unless ``pool``; with ``norm``: (z, how to read it), the
+        pre-norm map and the :class:`~fastunet.kernels.stats.NormIn` (scale, shift and the activation) a consumer
+        passes as ``norm_in``.
     """
     _check_nhwc(x, "conv2d_nhwc input")
     if ksize % 2 != 1 or ksize < 1:
@@ -1025,6 +1182,17 @@ def conv2d_nhwc(
         raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
     if activation == "clamp" and not lo <= hi:
         raise ValueError(f"a clamp needs lo <= hi, got [{lo}, {hi}]")
+    if stride not in (1, 2):
+        raise ValueError(f"stride must be 1 or 2, got {stride}")
+    if stride != 1 and up is not None:
+        raise ValueError("a strided conv reads one source (no upsampled input)")
+    if norm is not None and (pool or head_weight is not None):
+        raise ValueError(
+            "a conv followed by a norm with data statistics stores the pre-norm map: no fused pool or head (their "
+            "inputs are the normalized map)"
+        )
+    if norm_in is not None:
+        norm_in.check(x, "conv2d_nhwc input")
     batch, height, width, c_main = x.shape
     in_h, in_w = height, width
     c_up = up_h = up_w = pad_top = pad_left = crop_top = crop_left = 0
@@ -1039,7 +1207,10 @@ def conv2d_nhwc(
             )
         low_h, low_w, c_up = up.shape[1], up.shape[2], up.shape[3]
         up_h, up_w = (low_h, low_w) if up_mode == "direct" else (2 * low_h, 2 * low_w)
-        if up_h > height or up_w > width:
+        # The pad join takes an upsampled map one row or column larger than the skip (strided down-sampling of an
+        # odd size rounds up): a negative centered pad, the first row or column dropped, as center_pad does.
+        slack = 1 if join == "pad" else 0
+        if up_h > height + slack or up_w > width + slack:
             raise ValueError(f"upsampled map ({up_h}x{up_w}) is larger than the skip map ({height}x{width})")
         if align_corners and up_mode != "bilinear":
             raise ValueError(f"align_corners applies to bilinear upsampling only, got up_mode={up_mode!r}")
@@ -1053,8 +1224,8 @@ def conv2d_nhwc(
     elif up_mode is not None:
         raise ValueError("up_mode given without an upsampled input")
     shrink = 2 * (ksize // 2 - padding)
-    out_h, out_w = in_h - shrink, in_w - shrink
-    if out_h < 1 or out_w < 1:
+    out_h, out_w = (in_h - shrink - 1) // stride + 1, (in_w - shrink - 1) // stride + 1
+    if in_h - shrink < 1 or in_w - shrink < 1:
         raise ValueError(
             f"a {ksize}x{ksize} conv with padding {padding} needs an input of at least {shrink + 1}x{shrink + 1}, "
             f"got {in_h}x{in_w}"
@@ -1066,6 +1237,14 @@ def conv2d_nhwc(
             f"{ksize}x{ksize} kernel, got {tuple(w_packed.shape)}"
         )
     c_out = w_packed.shape[1]
+    if norm is not None:
+        if not isinstance(norm.groups, int) or norm.groups < 1 or c_out % norm.groups:
+            raise ValueError(
+                f"norm groups must be a positive divisor of the {c_out} output channels, got {norm.groups}"
+            )
+        for t, what in ((norm.weight, "norm weight"), (norm.bias, "norm bias")):
+            if t is not None and (t.shape != (c_out,) or t.device != x.device):
+                raise ValueError(f"{what}: expected shape ({c_out},) on {x.device}, got {tuple(t.shape)} on {t.device}")
     tensors = ((w_packed, "weight"), (bias, "bias"), (head_weight, "head weight"), (head_bias, "head bias"),
                (slopes, "PReLU slopes"))  # fmt: skip
     for t, what in tensors:
@@ -1114,10 +1293,10 @@ def conv2d_nhwc(
     pooled = alloc((batch, out_h // 2, out_w // 2, c_out), x.dtype, x.device) if pool else None
     if up is not None and up_mode != "direct":
         up = upsample2x_nhwc(up, up_mode, align_corners)
-    packed_k = up is None and ksize > 1 and c_main < 16
+    packed_k = up is None and ksize > 1 and c_main < 16 and norm_in is None
     pixels = batch * out_h * out_w
     flops = 2 * pixels * c_out * ksize * ksize * c_in + 2 * pixels * c_out * n_cls
-    _launch(
+    scale_shift = _launch(
         x,
         up,
         w_packed,
@@ -1145,24 +1324,35 @@ def conv2d_nhwc(
         ),  # fmt: skip
         ksize=ksize,
         packed_k=packed_k,
-        act=_Activation(activation, slope, lo, hi, slopes),
+        act=_Activation(activation, slope, lo, hi, slopes) if norm is None else _Activation("none"),
         d2s=False,
         name=f"conv{ksize}x{ksize}"
+        + ("/2" if stride == 2 else "")
+        + ("+norm_in" if norm_in is not None else "")
         + ("+up" if up is not None else "")
         + ("+pool" if pool else "")
-        + ("+head" if head_weight is not None else ""),
+        + ("+head" if head_weight is not None else "")
+        + ("+stats" if norm is not None else ""),
         flops=flops,
+        stride=stride,
+        norm_in=norm_in,
+        stats=norm,
     )
+    if norm is not None:
+        return out, NormIn(*scale_shift, activation, float(slope), float(lo), float(hi), slopes)
     return out, pooled
 
 
-def conv_transpose2x2_nhwc(x: torch.Tensor, w_packed: torch.Tensor, bias4: torch.Tensor | None = None) -> torch.Tensor:
+def conv_transpose2x2_nhwc(
+    x: torch.Tensor, w_packed: torch.Tensor, bias4: torch.Tensor | None = None, *, norm_in: NormIn | None = None
+) -> torch.Tensor:
     """ConvTranspose2d(kernel 2, stride 2) of an NHWC view as one GEMM with a depth-to-space store.
 
     Args:
         x: (N, h, w, C_in) view.
         w_packed: (C_in, 4 * C_out) from :func:`pack_conv_transpose_weight`.
         bias4: the (C_out,) bias repeated 4 times, or None.
+        norm_in: x is a stored pre-norm map, read as ``act(x * scale + shift)`` (see :func:`conv2d_nhwc`).
 
     Returns:
         (N, 2h, 2w, C_out) NHWC tensor.
@@ -1174,6 +1364,8 @@ def conv_transpose2x2_nhwc(x: torch.Tensor, w_packed: torch.Tensor, bias4: torch
     if w_packed.dtype != x.dtype or w_packed.device != x.device:
         raise ValueError(f"weight: expected {x.dtype} on {x.device}, got {w_packed.dtype} on {w_packed.device}")
     c_out4 = w_packed.shape[1]
+    if norm_in is not None:
+        norm_in.check(x, "conv_transpose2x2_nhwc input")
     if bias4 is not None:
         if bias4.shape != (c_out4,) or bias4.dtype != x.dtype or bias4.device != x.device:
             raise ValueError(
@@ -1196,8 +1388,9 @@ def conv_transpose2x2_nhwc(x: torch.Tensor, w_packed: torch.Tensor, bias4: torch
         packed_k=False,
         act=_Activation("none"),
         d2s=True,
-        name="conv_transpose2x2",
+        name="conv_transpose2x2" + ("+norm_in" if norm_in is not None else ""),
         flops=2 * batch * h * w * c_in * c_out4,
+        norm_in=norm_in,
     )
     return y
 

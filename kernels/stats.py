@@ -13,7 +13,9 @@ three parts, each deterministic (fixed reduction order, no atomics):
    n``) and turns them into a per-(image, channel) ``scale = gamma / sqrt(var + eps)`` and ``shift = beta - mean
    scale`` (biased variance, as the norms use). Sums of values and of squares would cancel catastrophically when
    the mean is large against the spread; merged moments do not.
-3. **Apply.** Whatever reads the map next applies ``act(z * scale + shift)`` on the fly.
+3. **Apply.** Whatever reads the map next applies ``act(z * scale + shift)`` on the fly (:class:`NormIn` says
+   how): the next conv's loader, the transposed conv's, the upsample kernel, the head; a max-pool after the norm
+   runs as :func:`normalize_nhwc` (normalize, activate and pool in one memory-bound pass).
 
 The statistics are those of the stored map (rounded to its dtype), as PyTorch computes them from the tensor it
 is given. A NaN or inf anywhere in an (image, group) makes that group's statistics NaN, as in PyTorch.
@@ -21,20 +23,89 @@ is given. A NaN or inf anywhere in an (image, group) makes that group's statisti
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import triton
 import triton.language as tl
 
 from fastunet.kernels._common import (
+    ACTIVATIONS,
+    INTERPRET,
     LaunchRecord,
+    activate,
     alloc,
     check_runnable,
     is_dry_run,
     launch_guard,
     next_pow2,
+    pixel_offset,
     record_launch,
     recording,
+    to_storage,
 )
+
+
+@dataclasses.dataclass(frozen=True)
+class NormSpec:
+    """A norm whose statistics come from the data: ``groups`` channel groups per image share them (InstanceNorm:
+    one channel a group; GroupNorm: ``num_groups``), ``weight``/``bias`` its affine parameters (both or neither,
+    (C,) tensors, kept in fp32), ``eps`` as in the module."""
+
+    groups: int
+    weight: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    eps: float = 1e-5
+
+
+@dataclasses.dataclass(frozen=True)
+class NormIn:
+    """How a consumer reads a stored pre-norm map ``z``: ``act(z * scale + shift)`` with fp32 ``scale``/``shift`` of
+    shape (N, C), then the activation that followed the norm (``activation``: a key of ``ACTIVATIONS``, with its
+    ``slope``, clamp ``lo``/``hi`` or PReLU ``slopes`` (C,)). Zero padding is applied after it, as in the math."""
+
+    scale: torch.Tensor
+    shift: torch.Tensor
+    activation: str = "none"
+    slope: float = 0.0
+    lo: float = 0.0
+    hi: float = 0.0
+    slopes: torch.Tensor | None = None
+
+    def check(self, z: torch.Tensor, what: str) -> None:
+        """Refuse a NormIn that does not fit the (N, H, W, C) map ``z``."""
+        batch, channels = z.shape[0], z.shape[-1]
+        for t, name in ((self.scale, "scale"), (self.shift, "shift")):
+            if t.shape != (batch, channels) or t.dtype != torch.float32 or t.device != z.device:
+                raise ValueError(
+                    f"{what} normalization {name}: expected float32 ({batch}, {channels}) on {z.device}, got "
+                    f"{t.dtype} {tuple(t.shape)} on {t.device}"
+                )
+            if not t.is_contiguous():
+                raise ValueError(f"{what} normalization {name} must be contiguous")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"{what} activation must be one of {list(ACTIVATIONS)}, got {self.activation!r}")
+        if (self.activation == "prelu") != (self.slopes is not None):
+            raise ValueError(f"{what}: PReLU slopes are given with the 'prelu' activation, and only with it")
+        if self.slopes is not None and (self.slopes.shape != (channels,) or self.slopes.device != z.device):
+            raise ValueError(
+                f"{what} PReLU slopes: expected shape ({channels},) on {z.device}, got {tuple(self.slopes.shape)} on "
+                f"{self.slopes.device}"
+            )
+        if self.activation == "clamp" and not self.lo <= self.hi:
+            raise ValueError(f"{what}: a clamp needs lo <= hi, got [{self.lo}, {self.hi}]")
+
+    def args(self, dummy: torch.Tensor) -> tuple:
+        """(scale, shift, slopes, slope, lo, hi) kernel arguments (``dummy`` for absent slopes)."""
+        slopes = self.slopes.contiguous() if self.slopes is not None else dummy
+        return self.scale, self.shift, slopes, float(self.slope), float(self.lo), float(self.hi)
+
+
+@triton.jit
+def normalize(z, scale, shift, slopes_ptr, offs_c, c_mask, slope, lo, hi, ACT: tl.constexpr):
+    """``act(z * scale + shift)`` in fp32 on a tile whose columns are channels ``offs_c``: ``scale`` and ``shift``
+    broadcast against it (``[None, :]`` for one image's channels, or a row per pixel)."""
+    return activate(z.to(tl.float32) * scale + shift, slopes_ptr, offs_c, c_mask, slope, lo, hi, ACT)
 
 
 @triton.jit
@@ -159,6 +230,120 @@ def _norm_scale_shift_kernel(
     tl.store(shift_ptr + out, shift, mask=g_mask)
 
 
+@triton.jit
+def _normalize_nhwc_kernel(
+    z_ptr,  # (batch, height, width, channels): the stored pre-norm map
+    y_ptr,  # (batch, height, width, channels), or (batch, height // 2, width // 2, channels) with POOL
+    scale_ptr,  # (batch, channels) fp32
+    shift_ptr,
+    slopes_ptr,  # (channels,): PReLU's
+    slope,
+    lo,
+    hi,
+    batch,
+    out_h,
+    out_w,
+    channels,
+    stride_zn,
+    stride_zh,
+    stride_zw,
+    stride_zc,
+    stride_yn,
+    stride_yh,
+    stride_yw,
+    stride_yc,
+    ACT: tl.constexpr,
+    POOL: tl.constexpr,
+    INTERPRETER: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """y = act(z * scale + shift) over a (BLOCK_P output pixels) x (BLOCK_C channels) tile; with POOL, the 2x2
+    max-pool (floor) of it, NaN-propagating like ``nn.MaxPool2d``.
+
+    Grid: (cdiv(batch * out_h * out_w, BLOCK_P), cdiv(channels, BLOCK_C)). Memory-bound: one read of z (of the
+    pooled windows), one write; scale and shift are gathered per pixel's image from a table of N x C floats.
+    """
+    pid_p = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    ox = offs_p % out_w
+    oy = (offs_p // out_w) % out_h
+    img = offs_p // (out_w * out_h)
+    p_mask = img < batch
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = offs_c < channels
+    mask = p_mask[:, None] & c_mask[None, :]
+    table = img.to(tl.int64)[:, None] * channels + offs_c[None, :]
+    scale = tl.load(scale_ptr + table, mask=mask, other=0.0)
+    shift = tl.load(shift_ptr + table, mask=mask, other=0.0)
+    col = offs_c.to(tl.int64)[None, :] * stride_zc
+    if POOL:
+        result = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+        has_nan = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.int1)
+        for corner in tl.static_range(4):
+            src = pixel_offset(img, 2 * oy + corner // 2, 2 * ox + corner % 2, stride_zn, stride_zh, stride_zw)
+            z = tl.load(z_ptr + src[:, None] + col, mask=mask, other=0.0)
+            v = normalize(z, scale, shift, slopes_ptr, offs_c, c_mask, slope, lo, hi, ACT)
+            # The max of the values as the map would store them (rounded once), as pooling a stored map does.
+            v = to_storage(v, y_ptr.dtype.element_ty, INTERPRETER).to(tl.float32)
+            if corner == 0:
+                result = v
+            else:
+                result = tl.where(v > result, v, result)
+            has_nan = has_nan | (v != v)
+        result = tl.where(has_nan, float("nan"), result)
+    else:
+        z = tl.load(z_ptr + pixel_offset(img, oy, ox, stride_zn, stride_zh, stride_zw)[:, None] + col, mask=mask)
+        result = normalize(z, scale, shift, slopes_ptr, offs_c, c_mask, slope, lo, hi, ACT)
+    out = to_storage(result, y_ptr.dtype.element_ty, INTERPRETER)
+    dst = pixel_offset(img, oy, ox, stride_yn, stride_yh, stride_yw)
+    tl.store(y_ptr + dst[:, None] + offs_c.to(tl.int64)[None, :] * stride_yc, out, mask=mask)
+
+
+def normalize_nhwc(z: torch.Tensor, norm_in: NormIn, pool: bool = False, *, name: str = "normalize") -> torch.Tensor:
+    """``act(z * scale + shift)`` of an (N, H, W, C) view as a contiguous NHWC map in z's dtype; with ``pool``, its
+    2x2 max-pool (floor mode, like ``nn.MaxPool2d(2)``): a norm and activation followed by a max-pool, in one
+    memory-bound pass over ``z``."""
+    if z.dim() != 4:
+        raise ValueError(f"normalize_nhwc input: expected a 4-D (N, H, W, C) view, got shape {tuple(z.shape)}")
+    check_runnable(z, "normalize_nhwc input")
+    norm_in.check(z, "normalize_nhwc")
+    batch, height, width, channels = z.shape
+    out_h, out_w = (height // 2, width // 2) if pool else (height, width)
+    pixels = batch * out_h * out_w
+    if pixels + 1024 >= 2**31:
+        raise ValueError(f"at most 2**31 - 1025 output pixels per launch, got {pixels}")
+    y = alloc((batch, out_h, out_w, channels), z.dtype, z.device)
+    if pixels == 0 or channels == 0:
+        return y
+    block_c = min(64, max(16, next_pow2(channels)))
+    block_p = max(16, (2048 if pool else 8192) // block_c)
+    grid = (triton.cdiv(pixels, block_p), triton.cdiv(channels, block_c))
+    args = (z, y, *norm_in.args(norm_in.scale), batch, out_h, out_w, channels, *z.stride(), *y.stride())
+    constexprs = {"ACT": ACTIVATIONS[norm_in.activation].value, "POOL": pool, "INTERPRETER": INTERPRET,
+                  "BLOCK_P": block_p, "BLOCK_C": block_c}  # fmt: skip
+    if recording():
+        read = (batch * 2 * out_h * 2 * out_w if pool else pixels) * channels * z.element_size()
+        record_launch(
+            LaunchRecord(
+                name=name + ("+pool" if pool else ""),
+                kernel=_normalize_nhwc_kernel,
+                grid=grid,
+                flops=0,
+                bytes_read=read + 2 * norm_in.scale.numel() * 4,
+                bytes_written=y.numel() * y.element_size(),
+                args=args,
+                constexprs=constexprs,
+                launch_options={"num_warps": 4, "num_stages": 1},
+            )
+        )
+    if not is_dry_run():
+        with launch_guard(z):
+            _normalize_nhwc_kernel[grid](*args, **constexprs, num_warps=4, num_stages=1)
+    return y
+
+
 def partial_moments(z: torch.Tensor, block_m: int = 128, *, name: str = "partial_moments"):
     """Per-tile (mean, M2, count) of an (N, H, W, C) map: tiles of ``block_m`` consecutive pixels (row-major) of one
     image. Returns ``mean`` and ``M2`` as fp32 (N, tiles, C) and ``count`` as fp32 (N, tiles)."""
@@ -267,4 +452,4 @@ def norm_scale_shift(
     return scale, shift
 
 
-__all__ = ["norm_scale_shift", "partial_moments", "tile_moments"]
+__all__ = ["NormIn", "NormSpec", "norm_scale_shift", "normalize", "normalize_nhwc", "partial_moments", "tile_moments"]

@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from fastunet.kernels._common import (
+    ACTIVATIONS,
     INTERPRET,
     LaunchRecord,
     alloc,
@@ -39,6 +40,7 @@ from fastunet.kernels._common import (
     recording,
     to_storage,
 )
+from fastunet.kernels.stats import NormIn, normalize
 
 # Kernel modes: constexpr globals, so the kernel compares names, not numbers.
 NEAREST = tl.constexpr(0)
@@ -93,7 +95,15 @@ def _upsample2x_nhwc_kernel(
     stride_yh,
     stride_yw,
     stride_yc,
+    scale_ptr,  # NORM_IN: (batch, channels) fp32; x is a pre-norm map read as act(x * scale + shift)
+    shift_ptr,
+    slopes_ptr,  # NORM_IN: (channels,) PReLU slopes of the activation after the norm
+    in_slope,
+    in_lo,
+    in_hi,
     MODE: tl.constexpr,
+    NORM_IN: tl.constexpr,
+    IN_ACT: tl.constexpr,
     INTERPRETER: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -101,7 +111,9 @@ def _upsample2x_nhwc_kernel(
     """y[n, oy, ox, c] = upsample(x)[n, oy, ox, c] over a (BLOCK_P output pixels) x (BLOCK_C channels) tile.
 
     Grid: (cdiv(batch * 2 low_h * 2 low_w, BLOCK_P), cdiv(channels, BLOCK_C)). Channels are the contiguous axis of
-    both maps, so each corner is one vector load per pixel.
+    both maps, so each corner is one vector load per pixel. ``NORM_IN`` (nearest and bilinear): each value read is
+    normalized and activated in fp32 first (scale and shift gathered per pixel's image), so the map upsampled is the
+    normalized one.
     """
     pid_p = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -115,9 +127,17 @@ def _upsample2x_nhwc_kernel(
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = p_mask[:, None] & (offs_c < channels)[None, :]
     col_x = offs_c.to(tl.int64)[None, :] * stride_xc
+    c_mask = offs_c < channels
+    if NORM_IN:
+        table = img.to(tl.int64)[:, None] * channels + offs_c[None, :]
+        scale = tl.load(scale_ptr + table, mask=mask, other=0.0)
+        shift = tl.load(shift_ptr + table, mask=mask, other=0.0)
     if MODE == NEAREST:
         src = pixel_offset(img, oy // 2, ox // 2, stride_xn, stride_xh, stride_xw)
         out = tl.load(x_ptr + src[:, None] + col_x, mask=mask, other=0.0)
+        if NORM_IN:
+            out = normalize(out, scale, shift, slopes_ptr, offs_c, c_mask, in_slope, in_lo, in_hi, IN_ACT)
+            out = to_storage(out, y_ptr.dtype.element_ty, INTERPRETER)
     elif MODE == PIXEL_SHUFFLE:
         sub = (oy % 2) * 2 + ox % 2
         src = pixel_offset(img, oy // 2, ox // 2, stride_xn, stride_xh, stride_xw)
@@ -141,6 +161,11 @@ def _upsample2x_nhwc_kernel(
         v01 = tl.load(x_ptr + pixel_offset(img, y0, x1, stride_xn, stride_xh, stride_xw)[:, None] + col_x, mask=mask)
         v10 = tl.load(x_ptr + pixel_offset(img, y1, x0, stride_xn, stride_xh, stride_xw)[:, None] + col_x, mask=mask)
         v11 = tl.load(x_ptr + pixel_offset(img, y1, x1, stride_xn, stride_xh, stride_xw)[:, None] + col_x, mask=mask)
+        if NORM_IN:
+            v00 = normalize(v00, scale, shift, slopes_ptr, offs_c, c_mask, in_slope, in_lo, in_hi, IN_ACT)
+            v01 = normalize(v01, scale, shift, slopes_ptr, offs_c, c_mask, in_slope, in_lo, in_hi, IN_ACT)
+            v10 = normalize(v10, scale, shift, slopes_ptr, offs_c, c_mask, in_slope, in_lo, in_hi, IN_ACT)
+            v11 = normalize(v11, scale, shift, slopes_ptr, offs_c, c_mask, in_slope, in_lo, in_hi, IN_ACT)
         lx = lx[:, None]
         ly = ly[:, None]
         top = (1.0 - lx) * v00.to(tl.float32) + lx * v01.to(tl.float32)
@@ -151,7 +176,12 @@ def _upsample2x_nhwc_kernel(
 
 
 def upsample2x_nhwc(
-    x: torch.Tensor, mode: str, align_corners: bool = False, *, name: str = "upsample2x"
+    x: torch.Tensor,
+    mode: str,
+    align_corners: bool = False,
+    *,
+    name: str = "upsample2x",
+    norm_in: NormIn | None = None,
 ) -> torch.Tensor:
     """2x upsampling of an (N, h, w, C) view, like ``F.interpolate(scale_factor=2, mode=mode)`` on NCHW; or the
     pixel shuffle of an (N, h, w, 4 C) view whose channel ``(i * 2 + j) * C + c`` goes to output pixel
@@ -161,6 +191,8 @@ def upsample2x_nhwc(
         x: (N, h, w, C) view (4 C channels for the pixel shuffles), any strides.
         mode: ``"nearest"``, ``"bilinear"``, ``"pixelshuffle"`` or ``"pixelshuffle_blur"``.
         align_corners: bilinear only, as in ``F.interpolate``.
+        norm_in: nearest and bilinear: x is a stored pre-norm map; the map upsampled is ``act(x * scale + shift)``
+            (see :class:`~fastunet.kernels.stats.NormIn`).
 
     Returns:
         (N, 2h, 2w, C) contiguous NHWC tensor in ``x``'s dtype.
@@ -172,6 +204,10 @@ def upsample2x_nhwc(
         raise ValueError(f"mode must be one of {list(MODES + SHUFFLE_MODES)}, got {mode!r}")
     if align_corners and mode != "bilinear":
         raise ValueError("align_corners only applies to bilinear upsampling")
+    if norm_in is not None:
+        if mode in SHUFFLE_MODES:
+            raise ValueError(f"normalize-on-load applies to nearest and bilinear upsampling, got mode {mode!r}")
+        norm_in.check(x, "upsample2x_nhwc input")
     batch, low_h, low_w, channels = x.shape
     if mode in SHUFFLE_MODES:
         if channels % 4:
@@ -198,16 +234,24 @@ def upsample2x_nhwc(
     grid = (triton.cdiv(pixels, block_p), triton.cdiv(channels, block_c))
     if pixels == 0 or channels == 0:  # nothing to write: no launch, like the conv launcher
         return y
-    args = (x, y, batch, low_h, low_w, channels, scale_h, scale_w, *x.stride(), *y.stride())
-    constexprs = {"MODE": kernel_mode, "INTERPRETER": INTERPRET, "BLOCK_P": block_p, "BLOCK_C": block_c}
+    in_args = norm_in.args(x) if norm_in is not None else (x, x, x, 0.0, 0.0, 0.0)
+    args = (x, y, batch, low_h, low_w, channels, scale_h, scale_w, *x.stride(), *y.stride(), *in_args)
+    constexprs = {
+        "MODE": kernel_mode,
+        "NORM_IN": norm_in is not None,
+        "IN_ACT": ACTIVATIONS[norm_in.activation].value if norm_in is not None else 0,
+        "INTERPRETER": INTERPRET,
+        "BLOCK_P": block_p,
+        "BLOCK_C": block_c,
+    }
     if recording():
         record_launch(
             LaunchRecord(
-                name=name,
+                name=name + ("+norm_in" if norm_in is not None else ""),
                 kernel=_upsample2x_nhwc_kernel,
                 grid=grid,
                 flops=0,  # data movement: the network's FLOPs count the convolutions, like the eager estimate
-                bytes_read=x.numel() * x.element_size(),
+                bytes_read=x.numel() * x.element_size() + (2 * norm_in.scale.numel() * 4 if norm_in else 0),
                 bytes_written=y.numel() * y.element_size(),
                 args=args,
                 constexprs=constexprs,

@@ -73,8 +73,12 @@ DEFAULT_UPSAMPLES = ("bilinear",)
 DEFAULT_ARCHS = (90,)
 TILE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
 # Layout features beyond the reference U-Net (see fastunet.ops.Layout) whose variants the report also builds: the
-# reference network (transposed-conv upsampling) with every conv's activation, its join, or its padding changed.
-FEATURES = ("leaky_relu", "prelu", "silu", "replicate", "valid")
+# reference network (transposed-conv upsampling) with every conv's activation, its join, or its padding changed;
+# "instance" and "group": InstanceNorm2d (affine) or GroupNorm + LeakyReLU after every conv (the statistics
+# epilogue, the finalize launch, normalize-on-load in the convs, the transposed conv and the head, the
+# normalize+pool launch); "instance_bilinear": the same with bilinear upsampling (the upsample kernel normalizing on
+# load); "stride": instance norms with strided-conv down-sampling (nnU-Net: stride-2 convs reading normalized maps).
+FEATURES = ("leaky_relu", "prelu", "silu", "replicate", "valid", "instance", "group", "instance_bilinear", "stride")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -424,14 +428,25 @@ def trace_for_target(
 def feature_layout(feature: str, **model_kwargs: int) -> Layout:
     """The reference U-Net's layout (on ``meta``) with one of :data:`FEATURES`."""
     kwargs = {**REFERENCE_MODEL, **model_kwargs}
+    upsample = "bilinear" if feature == "instance_bilinear" else "transpose"
     model = UNet(kwargs["in_channels"], kwargs["num_classes"], kwargs["base_channels"], kwargs["depth"],
-                 upsample="transpose", device="meta")  # fmt: skip
+                 upsample=upsample, device="meta")  # fmt: skip
     layout = FastUNet.from_reference(model).fused_layout()
     if feature == "replicate":
         return dataclasses.replace(layout, join="replicate")
+    strided = {id(pair[0].conv) for pair in layout.encoders[1:]} if feature == "stride" else set()
 
     def changed(spec: ConvSpec) -> ConvSpec:
         conv = spec.conv
+        if feature in ("instance", "group", "instance_bilinear", "stride"):
+            channels = conv.out_channels
+            if feature == "group":
+                norm = torch.nn.GroupNorm(32 if channels % 32 == 0 else 1, channels, device="meta")
+            else:
+                norm = torch.nn.InstanceNorm2d(channels, affine=True, device="meta")
+            if id(conv) in strided:
+                conv = torch.nn.Conv2d(conv.in_channels, channels, 3, stride=2, padding=1, device="meta")
+            return dataclasses.replace(spec, conv=conv, norm=norm, act=Act("leaky_relu", slope=0.01))
         if feature == "valid":
             conv = torch.nn.Conv2d(conv.in_channels, conv.out_channels, 3, padding=0, device="meta")
             return dataclasses.replace(spec, conv=conv)
@@ -443,7 +458,10 @@ def feature_layout(feature: str, **model_kwargs: int) -> Layout:
         return tuple((changed(first), changed(second)) for first, second in levels)
 
     join = "crop" if feature == "valid" else layout.join
-    return dataclasses.replace(layout, encoders=pairs(layout.encoders), decoders=pairs(layout.decoders), join=join)
+    down = "stride" if feature == "stride" else layout.down
+    return dataclasses.replace(
+        layout, encoders=pairs(layout.encoders), decoders=pairs(layout.decoders), join=join, down=down
+    )
 
 
 def trace_feature(
