@@ -155,7 +155,7 @@ def test_nnunet_plain_conv_unet(device, norm):
     assert strides == [(1, 1)] * 2 + [(2, 2), (1, 1)] * 2 + [(1, 1)] * 4
     assert layout.head is model.decoder.seg_layers[-1]
     assert layout.encoders[1][0].norm is model.encoder.stages[1].convs[0].norm
-    assert assert_converts_or_names_the_gap(model, device, size=(16, 24)) in ("fused", "refused")
+    assert assert_converts_or_names_the_gap(model, device, size=(16, 24)) == "fused"
 
 
 def test_unused_deep_supervision_heads_are_left_out_and_kept():
@@ -290,7 +290,7 @@ def test_basic_unet_like(device, norm, functional):
     assert {ops.norm_kind(spec.norm) for _, spec in layout.conv_specs()} == {KINDS[norm]}
     assert layout.encoders[0][0].norm is model.conv_0.conv_0[1]
     assert {(spec.activation.kind, spec.activation.slope) for _, spec in layout.conv_specs()} == {("leaky_relu", 0.1)}
-    assert assert_converts_or_names_the_gap(model, device, size=(13, 22)) in ("fused", "refused")
+    assert assert_converts_or_names_the_gap(model, device, size=(13, 22)) == "fused"
 
 
 @pytest.mark.parametrize(
@@ -435,7 +435,7 @@ def test_dynunet_like(device, norm):
     layout = assert_recognized(model, (16, 20))
     assert layout.down == "stride" and all(layout.up_first) and layout.join == "pad"
     assert layout.encoders[2][0].conv is model.bottleneck.conv1 and layout.encoders[2][0].conv.stride == (2, 2)
-    assert assert_converts_or_names_the_gap(model, device, size=(16, 20)) in ("fused", "refused")
+    assert assert_converts_or_names_the_gap(model, device, size=(16, 20)) == "fused"
 
 
 def test_dynunet_like_with_a_centred_fit_at_odd_sizes(device):
@@ -445,7 +445,7 @@ def test_dynunet_like_with_a_centred_fit_at_odd_sizes(device):
     for size in ((13, 22), (11, 9), (16, 20)):
         layout = assert_recognized(model, size)
     assert layout.down == "stride" and layout.join == "pad"
-    assert assert_converts_or_names_the_gap(model, device, size=(13, 22)) in ("fused", "refused")
+    assert assert_converts_or_names_the_gap(model, device, size=(13, 22)) == "fused"
 
 
 def test_a_kernel_3_transposed_conv_with_output_padding_is_recognised(device):
@@ -453,7 +453,8 @@ def test_a_kernel_3_transposed_conv_with_output_padding_is_recognised(device):
     model = dyn_like(up_kernel=3)
     layout = assert_recognized(model, (16, 20))
     assert all(tuple(up.conv.kernel_size) == (3, 3) and up.mode == "transpose" for up in layout.ups)
-    assert assert_converts_or_names_the_gap(model, device, size=(16, 20)) in ("fused", "refused")
+    # The kernels run 2x2 stride-2 transposed convs only: recognised, refused naming that.
+    assert assert_converts_or_names_the_gap(model, device, size=(16, 20)) == "refused"
 
 
 # -- down-sampling: one way at every level, strided convs only where a level starts ---------------------------------
