@@ -146,7 +146,7 @@ for stage in "${stages[@]}"; do
       run_stage bench "$limit" "$PY" bench/run_gpu.py "${bench_args[@]}" "${extra_bench[@]}"
       ;;
     tests)
-      run_stage tests "$(cut_limit 200)" "$PY" -m pytest "${pytest_opts[@]}" "${xdist[@]}" --durations=30 \
+      run_stage tests "$(cut_limit 240)" "$PY" -m pytest "${pytest_opts[@]}" "${xdist[@]}" --durations=30 \
         -m "not slow and not tooling" --junitxml="$OUT/tests-junit.xml" "${test_args[@]}"
       ;;
     sanitizer)
