@@ -12,6 +12,13 @@ A decoder conv that reads two sources (the skip map and the upsampled map, never
 
 ``dW`` comes in the forward's packed layout, ``(k * k * c_in, c_out)`` with row ``tap * c_in + channel`` (see
 :func:`fastunet.kernels.conv.pack_conv_weight`), in fp32.
+
+Input gradients run on the forward conv kernel (:func:`fastunet.kernels.conv.conv2d_nhwc`, no activation, no bias),
+no kernel of their own: the input gradient of a stride-1 "same" conv is the same conv of ``dZ`` with the taps
+flipped and the input and output channels swapped (:func:`flip_conv_weight`, :func:`conv2d_input_grad_nhwc`).
+The 2x2 stride-2 transposed conv's input gradient is a 3x3 stride-2 conv whose weight holds the 2x2 kernel in four of
+its nine taps (:func:`conv_transpose2x2_input_grad_nhwc`); its weight gradient is four 1x1 weight gradients, one
+per output phase (:func:`conv_transpose2x2_weight_grad_nhwc`).
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from fastunet.kernels._common import (
     recording,
     sm_count,
 )
+from fastunet.kernels.conv import conv2d_nhwc
 
 
 @triton.jit
@@ -286,4 +294,193 @@ def conv2d_weight_grad_nhwc(
     return out[row_offset : row_offset + rows], db
 
 
-__all__ = ["conv2d_weight_grad_nhwc"]
+def _check_packed(w: torch.Tensor, rows: int, what: str, why: str) -> None:
+    if not isinstance(w, torch.Tensor) or w.dim() != 2 or w.shape[0] != rows:
+        shape = tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__
+        raise ValueError(f"{what}: expected a packed weight of shape ({rows}, C_out) ({why}), got {shape}")
+
+
+def flip_conv_weight(w_packed: torch.Tensor, c_in: int, ksize: int) -> torch.Tensor:
+    """The packed weight of a conv's input-gradient conv: taps flipped, input and output channels swapped.
+
+    For a stride-1 conv ``z[p] = sum_{tap, ci} x[p + tap - pad, ci] W[co, ci, ky, kx]`` with padding ``pad = k // 2``,
+    ``dx[q, ci] = sum_{tap, co} dz[q - tap + pad, co] W[co, ci, ky, kx]``: substituting ``tap' = (k - 1 - ky,
+    k - 1 - kx)`` makes it the same conv of ``dz`` (same padding) with ``W'[ci, co, ky, kx] = W[co, ci, k-1-ky,
+    k-1-kx]``.
+
+    Args:
+        w_packed: the forward's ``(k * k * c_in, c_out)`` packed weight (row ``tap * c_in + channel``, ``tap = ky * k
+            + kx``; see :func:`fastunet.kernels.conv.pack_conv_weight`). Not modified.
+        c_in: the forward conv's input channels.
+        ksize: the forward conv's kernel size ``k``.
+
+    Returns:
+        A new contiguous ``(k * k * c_out, c_in)`` packed weight of ``W'`` in ``w_packed``'s dtype and device.
+    """
+    if not isinstance(ksize, int) or ksize < 1:
+        raise ValueError(f"ksize: expected a positive int, got {ksize!r}")
+    if not isinstance(c_in, int) or c_in < 0:
+        raise ValueError(f"c_in: expected a non-negative int, got {c_in!r}")
+    _check_packed(w_packed, ksize * ksize * c_in, "flip_conv_weight w_packed", f"k*k*c_in rows, k={ksize}, c_in={c_in}")
+    c_out = w_packed.shape[1]
+    taps = w_packed.reshape(ksize, ksize, c_in, c_out)
+    return taps.flip(0, 1).transpose(2, 3).reshape(ksize * ksize * c_out, c_in).contiguous()
+
+
+def conv2d_input_grad_nhwc(
+    dz: torch.Tensor, w_packed: torch.Tensor, c_in: int, ksize: int = 3, padding: int = 1, *, stride: int = 1
+) -> torch.Tensor:
+    """Gradient w.r.t. its input of a stride-1 ``ksize x ksize`` conv with padding ``ksize // 2`` (same size).
+
+    ``dx = conv(dz, W')`` with the flipped, channel-swapped weight of :func:`flip_conv_weight` and the same padding,
+    one launch of :func:`fastunet.kernels.conv.conv2d_nhwc` (no bias, no activation): fp32 accumulation, stored in
+    ``dz``'s dtype. ``dz`` is the gradient of the conv's output before its activation (the caller applies the
+    activation's derivative first).
+
+    A decoder conv that read two sources (the skip map's channels first, then the upsampled map's) has one packed
+    weight over ``[skip | up]``: the returned gradient's channels are in that order, ``dx[..., :c_skip]`` for the
+    skip and ``dx[..., c_skip:]`` for the upsampled map, which the caller slices (and, for a map padded into the
+    skip's frame, crops back to its own size).
+
+    Args:
+        dz: (N, H, W, C_out) view, any strides (an NCHW gradient permuted to NHWC is read in place).
+        w_packed: the forward's ``(k * k * c_in, C_out)`` packed weight, ``dz``'s dtype and device.
+        c_in: the forward conv's input channels (both sources together for a decoder conv).
+        ksize: 1 or 3. padding: ``ksize // 2``. stride: 1.
+
+    Returns:
+        A new contiguous (N, H, W, c_in) tensor in ``dz``'s dtype.
+
+    Raises:
+        NotImplementedError: a valid conv (padding 0 with ksize 3) or a strided conv.
+    """
+    if stride != 1:
+        raise NotImplementedError(f"input gradient of a strided conv (stride {stride}): only stride 1 is supported")
+    if ksize not in (1, 3):
+        raise ValueError(f"ksize: expected 1 or 3, got {ksize!r}")
+    if padding != ksize // 2:
+        if padding == 0:
+            raise NotImplementedError(
+                f"input gradient of a valid conv (ksize {ksize}, padding 0): only padding ksize // 2 = {ksize // 2} "
+                "(same size) is supported"
+            )
+        raise ValueError(f"padding: expected {ksize // 2} (ksize // 2) for ksize {ksize}, got {padding!r}")
+    if not isinstance(dz, torch.Tensor) or dz.dim() != 4:
+        shape = tuple(dz.shape) if isinstance(dz, torch.Tensor) else type(dz).__name__
+        raise ValueError(f"conv2d_input_grad_nhwc dz: expected a 4-D (N, H, W, C_out) view, got {shape}")
+    w_flipped = flip_conv_weight(w_packed, c_in, ksize)
+    if w_packed.shape[1] != dz.shape[3]:
+        raise ValueError(
+            f"dz: expected {w_packed.shape[1]} channels (the packed weight's C_out), got {dz.shape[3]} "
+            f"(dz shape {tuple(dz.shape)})"
+        )
+    dx, _ = conv2d_nhwc(dz, w_flipped, None, ksize=ksize, padding=padding, activation="none")
+    return dx
+
+
+def conv_transpose2x2_input_grad_nhwc(dy: torch.Tensor, w_packed_t: torch.Tensor) -> torch.Tensor:
+    """Gradient w.r.t. its input of ConvTranspose2d(kernel 2, stride 2), the forward being
+    :func:`fastunet.kernels.conv.conv_transpose2x2_nhwc` with ``pack_conv_transpose_weight(W)``, W (C_in, C_out, 2, 2).
+
+    ``dx[i, j, ci] = sum_{a, b, co} dy[2i + a, 2j + b, co] W[ci, co, a, b]``: a stride-2 conv of ``dy``. It runs on
+    :func:`fastunet.kernels.conv.conv2d_nhwc` as a 3x3 conv with stride 2 and padding 1: there output (i, j)'s tap
+    (ky, kx) reads ``dy[2i + ky - 1, 2j + kx - 1]``, so the 2x2 kernel sits at taps (1 + a, 1 + b), i.e. (1,1),
+    (1,2), (2,1), (2,2), with zeros in the other five. That spends 9/4 of the necessary multiply-adds (a dedicated
+    space-to-depth loader reading each 2x2 block as 4 * C_out channels would not); it is the price of no new kernel.
+    The zero taps read the row above and the column left of each block: a NaN or infinity there (0 * inf = NaN)
+    also reaches the neighbouring input pixel, where the exact gradient would keep it to one pixel.
+
+    Args:
+        dy: (N, 2h, 2w, C_out) view, any strides, the gradient of the transposed conv's output.
+        w_packed_t: the forward's ``(C_in, 4 * C_out)`` packed weight (column ``(a * 2 + b) * C_out + channel``),
+            ``dy``'s dtype and device.
+
+    Returns:
+        A new contiguous (N, h, w, C_in) tensor in ``dy``'s dtype.
+    """
+    if not isinstance(dy, torch.Tensor) or dy.dim() != 4:
+        shape = tuple(dy.shape) if isinstance(dy, torch.Tensor) else type(dy).__name__
+        raise ValueError(f"conv_transpose2x2_input_grad_nhwc dy: expected a 4-D (N, 2h, 2w, C_out) view, got {shape}")
+    if dy.shape[1] % 2 or dy.shape[2] % 2:
+        raise ValueError(
+            f"dy: expected an even height and width (the 2x output of a stride-2 transposed conv), got "
+            f"{tuple(dy.shape)}"
+        )
+    c_out = dy.shape[3]
+    if not isinstance(w_packed_t, torch.Tensor) or w_packed_t.dim() != 2 or w_packed_t.shape[1] != 4 * c_out:
+        shape = tuple(w_packed_t.shape) if isinstance(w_packed_t, torch.Tensor) else type(w_packed_t).__name__
+        raise ValueError(
+            f"w_packed_t: expected a packed transposed-conv weight (C_in, 4 * {c_out}) for dy's {c_out} channels, "
+            f"got {shape}"
+        )
+    if w_packed_t.dtype != dy.dtype or w_packed_t.device != dy.device:
+        raise ValueError(
+            f"w_packed_t: expected {dy.dtype} on {dy.device} (dy's), got {w_packed_t.dtype} on {w_packed_t.device}"
+        )
+    if dy.shape[1] == 0 or dy.shape[2] == 0:
+        # An empty map: nothing to read; the conv launcher refuses inputs smaller than 1x1.
+        return alloc((dy.shape[0], dy.shape[1] // 2, dy.shape[2] // 2, w_packed_t.shape[0]), dy.dtype, dy.device)
+    c_in = w_packed_t.shape[0]
+    # w3[ky, kx, co, ci] = W[ci, co, ky - 1, kx - 1] for ky, kx in {1, 2}; packed row (ky * 3 + kx) * C_out + co.
+    w3 = w_packed_t.new_zeros(3, 3, c_out, c_in)
+    w3[1:, 1:] = w_packed_t.reshape(c_in, 2, 2, c_out).permute(1, 2, 3, 0)
+    dx, _ = conv2d_nhwc(dy, w3.reshape(9 * c_out, c_in), None, ksize=3, padding=1, stride=2, activation="none")
+    return dx
+
+
+def conv_transpose2x2_weight_grad_nhwc(
+    x: torch.Tensor, dy: torch.Tensor, bias: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Weight and bias gradients of ConvTranspose2d(kernel 2, stride 2) (forward: ``conv_transpose2x2_nhwc(x,
+    pack_conv_transpose_weight(W), bias.repeat(4))``).
+
+    ``dW[ci, co, a, b] = sum_{n, i, j} x[n, i, j, ci] dy[n, 2i + a, 2j + b, co]``: for each output phase (a, b) a 1x1
+    weight gradient of ``x`` against the strided view ``dy[:, a::2, b::2, :]``, four launches of
+    :func:`conv2d_weight_grad_nhwc` (deterministic split-K) into the rows of one (4, C_in, C_out) buffer, then one
+    permute into :func:`fastunet.kernels.conv.pack_conv_transpose_weight`'s column order ``(a * 2 + b) * C_out + co``.
+    ``db[co] = sum dy[..., co]``, the four phases' sums added in the order (0,0), (0,1), (1,0), (1,1).
+
+    Args:
+        x: (N, h, w, C_in) view, the transposed conv's input (any strides).
+        dy: (N, 2h, 2w, C_out) view, the gradient of its output (any strides), ``x``'s dtype and device.
+        bias: also return the bias gradient.
+
+    Returns:
+        (dW packed as ``(C_in, 4 * C_out)`` fp32, db fp32 (C_out,) or None).
+    """
+    for t, what in ((x, "x"), (dy, "dy")):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(
+                f"conv_transpose2x2_weight_grad_nhwc {what}: expected a 4-D (N, H, W, C) view, got {shape}"
+            )
+    batch, h, w, c_in = x.shape
+    if tuple(dy.shape[:3]) != (batch, 2 * h, 2 * w):
+        raise ValueError(
+            f"dy: expected shape ({batch}, {2 * h}, {2 * w}, C_out) for a stride-2 transposed conv of a "
+            f"{tuple(x.shape)} input, got {tuple(dy.shape)}"
+        )
+    c_out = dy.shape[3]
+    phases = alloc((4 * c_in, c_out), torch.float32, x.device)
+    bias_parts = []
+    for phase in range(4):
+        a, b = divmod(phase, 2)
+        _, db = conv2d_weight_grad_nhwc(
+            x, dy[:, a::2, b::2, :], 1, 0, bias=bias, out=phases, row_offset=phase * c_in,
+            name=f"conv_transpose2x2_weight_grad.{a}{b}",
+        )  # fmt: skip
+        bias_parts.append(db)
+    dw = phases.reshape(4, c_in, c_out).permute(1, 0, 2).reshape(c_in, 4 * c_out)
+    db = None
+    if bias:
+        db = bias_parts[0] + bias_parts[1] + bias_parts[2] + bias_parts[3]
+    return dw, db
+
+
+__all__ = [
+    "conv2d_input_grad_nhwc",
+    "conv2d_weight_grad_nhwc",
+    "conv_transpose2x2_input_grad_nhwc",
+    "conv_transpose2x2_weight_grad_nhwc",
+    "flip_conv_weight",
+]

@@ -1,16 +1,27 @@
-"""Weight and bias gradients of a conv (kernels/conv_grad.py) against float64 ``torch.nn.grad.conv2d_weight``.
+"""Conv gradients (kernels/conv_grad.py) against float64 ``torch.nn.grad`` and autograd.
+
+Weight and bias gradients of a conv; input gradients of a conv (the forward kernel on flipped weights); input, weight
+and bias gradients of the 2x2 stride-2 transposed conv.
 
 Error bound per element: the products summed are bounded by ``(|X|^T |dZ|)[k, n]`` (the same im2col GEMM on absolute
-values), so an fp32-accumulated sum of half-precision products is within ``c * eps * that`` (an atol scaled by K
-alone is useless at K ~ 10^6)."""
+values; for an input gradient the same gradient of ``|W|`` and ``|dZ|``), so an fp32-accumulated sum of half-precision
+products is within ``c * eps * that`` (an atol scaled by K alone is useless at K ~ 10^6). An input gradient is stored
+in the input's dtype: one more rounding, relative to the value itself."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from fastunet.kernels.conv import pack_conv_weight
-from fastunet.kernels.conv_grad import conv2d_weight_grad_nhwc
+from fastunet.kernels.conv import pack_conv_transpose_weight, pack_conv_weight
+from fastunet.kernels.conv_grad import (
+    conv2d_input_grad_nhwc,
+    conv2d_weight_grad_nhwc,
+    conv_transpose2x2_input_grad_nhwc,
+    conv_transpose2x2_weight_grad_nhwc,
+    flip_conv_weight,
+)
 from fastunet.parity import math_mode
 
 
@@ -102,3 +113,172 @@ def test_bad_arguments_are_refused(device):
         conv2d_weight_grad_nhwc(x, dz, splits=0)
     with pytest.raises(ValueError, match="4-D"):
         conv2d_weight_grad_nhwc(x[0], dz)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Input gradients
+# ---------------------------------------------------------------------------------------------------------------
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")]
+# Unit roundoff of the stored gradient.
+STORAGE_EPS = {torch.float32: 2**-24, torch.bfloat16: 2**-8}
+
+
+def _check_stored(got, expected, bound, dtype):
+    """A gradient stored in ``dtype``: the fp32-accumulation bound of :func:`_check` plus the final rounding."""
+    eps = 2**-10 if math_mode(dtype, got.device.type) == "tf32" else 2**-23
+    tol = 64 * eps * bound + STORAGE_EPS[dtype] * expected.abs() + 1e-30
+    err = (got.double().cpu() - expected).abs()
+    assert not got.isnan().any(), "NaN in the result (an element never written?)"
+    assert (err <= tol).all(), f"max error {err.max():.3e}, max allowed {tol.min():.3e}..{tol.max():.3e}"
+
+
+def _unpack(w_packed, c_in, ksize):
+    """(k*k*c_in, c_out) packed -> the (c_out, c_in, k, k) weight."""
+    return w_packed.reshape(ksize, ksize, c_in, -1).permute(3, 2, 0, 1)
+
+
+@pytest.mark.parametrize("ksize", [3, 1])
+@pytest.mark.parametrize(("c_in", "c_out"), [(3, 17), (70, 1)])
+def test_flipped_weight_computes_the_input_gradient_in_float64(ksize, c_in, c_out):
+    """F.conv2d with the flipped weight equals torch.nn.grad.conv2d_input (float64: exact up to summation order)."""
+    weight = torch.randn(c_out, c_in, ksize, ksize, dtype=torch.float64)
+    dz = torch.randn(2, c_out, 5, 7, dtype=torch.float64)
+    packed = pack_conv_weight(weight)
+    before = packed.clone()
+    flipped = flip_conv_weight(packed, c_in, ksize)
+    assert torch.equal(packed, before), "flip_conv_weight modified its argument"
+    assert flipped.shape == (ksize * ksize * c_out, c_in) and flipped.is_contiguous()
+    got = F.conv2d(dz, _unpack(flipped, c_out, ksize), padding=ksize // 2)
+    expected = torch.nn.grad.conv2d_input((2, c_in, 5, 7), weight, dz, padding=ksize // 2)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+# (batch, c_in, c_out, height, width)
+INPUT_GRAD_SHAPES = [
+    pytest.param(2, 3, 17, 5, 7, id="odd-5x7"),
+    pytest.param(1, 17, 70, 1, 1, id="1x1"),
+    pytest.param(1, 70, 3, 3, 2, id="3x2-cin70"),
+    pytest.param(2, 1, 3, 3, 2, id="cin1"),
+    pytest.param(1, 17, 1, 5, 7, id="cout1"),
+    pytest.param(0, 3, 17, 5, 7, id="batch0"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("ksize", [3, 1])
+@pytest.mark.parametrize(("batch", "c_in", "c_out", "height", "width"), INPUT_GRAD_SHAPES)
+def test_input_grad_matches_float64(device, dtype, ksize, batch, c_in, c_out, height, width):
+    weight = torch.randn(c_out, c_in, ksize, ksize).to(dtype)
+    dz = torch.randn(batch, c_out, height, width).to(dtype).to(device)  # NCHW logits' gradient, read permuted
+    packed = pack_conv_weight(weight).to(device)
+    dz_before, packed_before = dz.clone(), packed.clone()
+    dx = conv2d_input_grad_nhwc(dz.permute(0, 2, 3, 1), packed, c_in, ksize, ksize // 2)
+    assert torch.equal(dz, dz_before) and torch.equal(packed, packed_before), "an input was modified"
+    assert dx.shape == (batch, height, width, c_in) and dx.dtype == dtype and dx.is_contiguous()
+    w64, dz64 = weight.double(), dz.double().cpu()
+    shape = (batch, c_in, height, width)
+    expected = torch.nn.grad.conv2d_input(shape, w64, dz64, padding=ksize // 2)
+    bound = torch.nn.grad.conv2d_input(shape, w64.abs(), dz64.abs(), padding=ksize // 2)
+    _check_stored(dx.permute(0, 3, 1, 2), expected, bound, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_two_source_input_grad_splits_into_skip_and_up(device, dtype):
+    """A decoder conv on cat([skip, up]): the input gradient's channels [skip | up], sliced by the caller."""
+    c_skip, c_up, c_out = 3, 5, 4
+    skip = torch.randn(2, c_skip, 5, 7, dtype=torch.float64, requires_grad=True)
+    up = torch.randn(2, c_up, 5, 7, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(c_out, c_skip + c_up, 3, 3).to(dtype)
+    dz = torch.randn(2, c_out, 5, 7).to(dtype)
+    F.conv2d(torch.cat([skip, up], dim=1), weight.double(), padding=1).backward(dz.double())
+    skip_abs, up_abs = skip.detach().abs().requires_grad_(), up.detach().abs().requires_grad_()
+    F.conv2d(torch.cat([skip_abs, up_abs], dim=1), weight.double().abs(), padding=1).backward(dz.double().abs())
+    dx = conv2d_input_grad_nhwc(dz.to(device).permute(0, 2, 3, 1), pack_conv_weight(weight).to(device), c_skip + c_up)
+    d_skip, d_up = dx[..., :c_skip], dx[..., c_skip:]
+    _check_stored(d_skip.permute(0, 3, 1, 2), skip.grad, skip_abs.grad, dtype)
+    _check_stored(d_up.permute(0, 3, 1, 2), up.grad, up_abs.grad, dtype)
+
+
+def _transpose_grads(x, weight, bias, dy):
+    """float64 autograd of F.conv_transpose2d(kernel 2, stride 2): (dx, dW, db)."""
+    x, weight, bias = (t.double().cpu().requires_grad_() for t in (x, weight, bias))
+    F.conv_transpose2d(x, weight, bias, stride=2).backward(dy.double().cpu())
+    return x.grad, weight.grad, bias.grad
+
+
+# (batch, c_in, c_out, low_h, low_w)
+TRANSPOSE_SHAPES = [
+    pytest.param(1, 3, 16, 1, 1, id="1x1-3to16"),
+    pytest.param(2, 16, 20, 3, 5, id="3x5-16to20"),
+    pytest.param(1, 20, 3, 3, 5, id="3x5-20to3"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("batch", "c_in", "c_out", "low_h", "low_w"), TRANSPOSE_SHAPES)
+def test_transposed_conv_grads_match_float64(device, dtype, batch, c_in, c_out, low_h, low_w):
+    x = torch.randn(batch, c_in, low_h, low_w).to(dtype).to(device)
+    weight = torch.randn(c_in, c_out, 2, 2).to(dtype)
+    bias = torch.randn(c_out).to(dtype)
+    dy = torch.randn(batch, c_out, 2 * low_h, 2 * low_w).to(dtype).to(device)  # read as a permuted NCHW tensor
+    packed = pack_conv_transpose_weight(weight).to(device)
+    before = [t.clone() for t in (x, dy, packed)]
+    dx = conv_transpose2x2_input_grad_nhwc(dy.permute(0, 2, 3, 1), packed)
+    dw, db = conv_transpose2x2_weight_grad_nhwc(x.permute(0, 2, 3, 1), dy.permute(0, 2, 3, 1))
+    assert all(torch.equal(t, b) for t, b in zip((x, dy, packed), before, strict=True)), "an input was modified"
+    expected = _transpose_grads(x, weight, bias, dy)
+    bound = _transpose_grads(x.abs(), weight.abs(), bias.abs(), dy.abs())
+    assert dx.shape == (batch, low_h, low_w, c_in) and dx.dtype == dtype and dx.is_contiguous()
+    _check_stored(dx.permute(0, 3, 1, 2), expected[0], bound[0], dtype)
+    assert dw.shape == (c_in, 4 * c_out) and dw.dtype == torch.float32 and dw.is_contiguous()
+    _check(dw, pack_conv_transpose_weight(expected[1]), pack_conv_transpose_weight(bound[1]), dtype)
+    assert db.shape == (c_out,) and db.dtype == torch.float32
+    _check(db, expected[2], bound[2], dtype)
+
+
+def test_transposed_weight_grad_without_bias(device):
+    x, dy = torch.randn(1, 2, 3, 4, device=device), torch.randn(1, 4, 6, 5, device=device)
+    dw, db = conv_transpose2x2_weight_grad_nhwc(x, dy, bias=False)
+    assert db is None
+    with_bias, _ = conv_transpose2x2_weight_grad_nhwc(x, dy)
+    assert torch.equal(dw, with_bias)
+
+
+def test_input_grads_are_bitwise_reproducible(device):
+    dz = torch.randn(2, 5, 7, 17, device=device).to(torch.bfloat16)
+    packed = pack_conv_weight(torch.randn(17, 6, 3, 3)).to(device, torch.bfloat16)
+    assert torch.equal(conv2d_input_grad_nhwc(dz, packed, 6), conv2d_input_grad_nhwc(dz, packed, 6))
+    x = torch.randn(2, 3, 5, 16, device=device)
+    dy = torch.randn(2, 6, 10, 20, device=device)
+    packed_t = pack_conv_transpose_weight(torch.randn(16, 20, 2, 2)).to(device)
+    assert torch.equal(conv_transpose2x2_input_grad_nhwc(dy, packed_t), conv_transpose2x2_input_grad_nhwc(dy, packed_t))
+    (dw1, db1), (dw2, db2) = (conv_transpose2x2_weight_grad_nhwc(x, dy) for _ in range(2))
+    assert torch.equal(dw1, dw2) and torch.equal(db1, db2)
+
+
+def test_input_grad_bad_arguments_are_refused(device):
+    dz = torch.randn(1, 4, 4, 3, device=device)
+    packed = torch.randn(9 * 2, 3, device=device)
+    with pytest.raises(NotImplementedError, match="valid conv"):
+        conv2d_input_grad_nhwc(dz, packed, 2, 3, 0)
+    with pytest.raises(NotImplementedError, match="strided conv"):
+        conv2d_input_grad_nhwc(dz, packed, 2, stride=2)
+    with pytest.raises(ValueError, match="ksize: expected 1 or 3, got 5"):
+        conv2d_input_grad_nhwc(dz, packed, 2, 5, 2)
+    with pytest.raises(ValueError, match=r"expected a packed weight of shape \(27, C_out\)"):
+        conv2d_input_grad_nhwc(dz, packed, 3)
+    with pytest.raises(ValueError, match="dz: expected 3 channels"):
+        conv2d_input_grad_nhwc(dz[..., :2], packed, 2)
+    with pytest.raises(ValueError, match="4-D"):
+        conv2d_input_grad_nhwc(dz[0], packed, 2)
+    with pytest.raises(ValueError, match=r"shape \(2, C_out\).*got \(18, 3\)"):
+        flip_conv_weight(packed, 2, 1)
+    dy, packed_t = torch.randn(1, 4, 6, 3, device=device), torch.randn(5, 12, device=device)
+    with pytest.raises(ValueError, match="even height and width"):
+        conv_transpose2x2_input_grad_nhwc(dy[:, :3], packed_t)
+    with pytest.raises(ValueError, match=r"\(C_in, 4 \* 3\)"):
+        conv_transpose2x2_input_grad_nhwc(dy, packed_t[:, :8])
+    with pytest.raises(ValueError, match="expected torch.float32"):
+        conv_transpose2x2_input_grad_nhwc(dy, packed_t.double())
+    with pytest.raises(ValueError, match=r"dy: expected shape \(1, 4, 6, C_out\)"):
+        conv_transpose2x2_weight_grad_nhwc(torch.randn(1, 2, 3, 5, device=device), dy[:, :2])
