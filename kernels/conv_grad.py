@@ -387,8 +387,9 @@ def conv_transpose2x2_input_grad_nhwc(dy: torch.Tensor, w_packed_t: torch.Tensor
     (ky, kx) reads ``dy[2i + ky - 1, 2j + kx - 1]``, so the 2x2 kernel sits at taps (1 + a, 1 + b), i.e. (1,1),
     (1,2), (2,1), (2,2), with zeros in the other five. That spends 9/4 of the necessary multiply-adds (a dedicated
     space-to-depth loader reading each 2x2 block as 4 * C_out channels would not); it is the price of no new kernel.
-    The zero taps read the row above and the column left of each block: a NaN or infinity there (0 * inf = NaN)
-    also reaches the neighbouring input pixel, where the exact gradient would keep it to one pixel.
+    The zero taps read the row above and the column left of each 2x2 block: a NaN or infinity in a block's last row
+    or column (0 * inf = NaN) also reaches the input pixels below, right of and diagonally below-right of its own,
+    where the exact gradient keeps it to one pixel.
 
     Args:
         dy: (N, 2h, 2w, C_out) view, any strides, the gradient of the transposed conv's output.
