@@ -405,3 +405,51 @@ def test_sm90_build_norm_variants(norm_report):
 def test_sm90_norm_in_loader_keeps_wgmma_pipelined(norm_report):
     rows = [row for row in norm_report["variants"] if row["config"].get("NORM_IN")]
     assert rows and not ptxas_problems({**norm_report, "variants": rows})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The backward's elementwise and gather kernels (kernels/backward.py): sm_90 builds of a typical launch
+# ---------------------------------------------------------------------------------------------------------------
+# Traced in a dry run on ``meta`` tensors (bf16, batch 16, level 0 of the reference config: dec0's first conv reads
+# cat([skip0, up0]), 64 channels each, so the gradients at skip0 and at the upsampled map are channel slices of one
+# 128-channel gradient), compiled like the report's variants; prints the variants as JSON.
+BACKWARD_BUILD = """
+import json, sys
+import torch
+from fastunet.kernels._common import dry_run, launch_log
+from fastunet.kernels.backward import activation_pool_backward_nhwc, center_pad_offsets, upsample2x_adjoint_nhwc
+from fastunet.tooling.compile_report import collect_variants, compile_variant
+
+def meta(*shape):
+    return torch.empty(*shape, device="meta", dtype=torch.bfloat16)
+
+with dry_run(), launch_log() as records:
+    grad_in = meta(16, 512, 512, 128)
+    activation_pool_backward_nhwc(meta(16, 512, 512, 64), grad_in[..., :64], meta(16, 256, 256, 64))
+    top, left = center_pad_offsets(512, 512, 512, 512)
+    for mode, corners in (("bilinear", False), ("bilinear", True), ("nearest", False)):
+        upsample2x_adjoint_nhwc(grad_in[..., 64:], (256, 256), mode, corners, pad_top=top, pad_left=left,
+                                gate=meta(16, 256, 256, 64))
+variants = collect_variants([("backward/bf16/b16", records)])
+json.dump([compile_variant(variant).to_json() for variant in variants], sys.stdout)
+"""
+
+
+def test_sm90_build_backward_kernels():
+    """The activation/max-pool backward and the three upsample adjoints (nearest, bilinear, bilinear with
+    align_corners; gated) build for sm_90: no spills, at most 255 registers, resident CTAs, no ptxas warnings."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", BACKWARD_BUILD], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"backward build failed:\n{proc.stderr[-4000:]}"
+    rows = json.loads(proc.stdout)
+    built = sorted((row["kernel"], row["config"].get("MODE")) for row in rows)
+    assert built == [("activation_pool_backward+pool", None)] + [("upsample2x_adjoint+gate", m) for m in (0, 1, 2)]
+    assert all(row["arch"] == "sm_90" and row["config"]["dtype"] == "bf16" for row in rows)
+    found = []
+    for row in rows:
+        label = f"{row['kernel']} MODE={row['config'].get('MODE')} BLOCK_P={row['config']['BLOCK_P']}"
+        if row["spill_bytes"] or row["local_ops"] or not 0 < row["registers"] <= 255 or not row["ctas_per_sm"]:
+            found.append(f"{label}: {row['registers']} regs, {row['spill_bytes']} B/thread spilled, "
+                         f"{row['local_ops']} LDL/STL, {row['ctas_per_sm']} CTAs/SM")  # fmt: skip
+        found += [f"{label}: {warning}" for warning in row["ptxas_warnings"]]
+    assert not found, "\n".join(found)

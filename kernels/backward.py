@@ -1,0 +1,520 @@
+"""Elementwise and gather steps of the U-Net's backward pass over NHWC maps: deterministic, no atomics.
+
+Two memory-bound kernels turn the gradient arriving at a stored map into the gradient one step further back:
+
+* :func:`activation_pool_backward_nhwc`: the gradient of a conv's pre-activation map ``z`` from the gradient of its
+  stored output ``y = act(z)``. An encoder's second conv also feeds its 2x2 max-pool, so the pooled map's gradient
+  is routed back to each window's maximum and added: ``dz = act'(y) * (grad_y + unpool(grad_pooled))``.
+* :func:`upsample2x_adjoint_nhwc`: the adjoint of the decoder's ``center_pad(F.interpolate(low, scale_factor=2),
+  H, W)`` (nearest or bilinear, the upsampled map placed into the skip's frame at (pad_top, pad_left), cropped where
+  the offsets are negative), optionally times the ReLU derivative of the layer that produced ``low``.
+
+Both sum in fp32 in a fixed order and round once to the storage dtype, so two runs give the same bits. Eager
+PyTorch's upsample backward scatters with atomics instead; here each low-resolution pixel gathers its
+contributions.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastunet.kernels._common import (
+    ACT_NONE,
+    ACT_RELU,
+    INTERPRET,
+    LaunchRecord,
+    alloc,
+    check_runnable,
+    is_dry_run,
+    launch_guard,
+    next_pow2,
+    pixel_offset,
+    record_launch,
+    recording,
+    to_storage,
+)
+from fastunet.kernels.upsample import BILINEAR, BILINEAR_ALIGN_CORNERS, MODES, NEAREST, _upsample_source
+
+# The activations whose derivative the pool backward applies (the ReLU reads its stored output, as torch's
+# ``threshold_backward`` does).
+BACKWARD_ACTIVATIONS = {"relu": ACT_RELU, "none": ACT_NONE}
+# Output rows (columns) of a bilinear 2x upsampling that read one low-resolution row j (column) with a nonzero
+# weight: among 2j - 1 ... 2j + 2 (see :func:`_bilinear_weight`).
+BILINEAR_TAPS = tl.constexpr(4)
+MAX_PIXELS = 2**31 - 1025
+
+
+def _check_map(t: torch.Tensor, what: str) -> None:
+    if not isinstance(t, torch.Tensor) or t.dim() != 4:
+        given = f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{what}: expected a 4-D (N, H, W, C) view, got {given}")
+    check_runnable(t, what)
+
+
+def _check_like(t: torch.Tensor, what: str, shape: tuple[int, ...], ref: torch.Tensor, ref_name: str) -> None:
+    _check_map(t, what)
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{what}: expected shape {shape}, got {tuple(t.shape)}")
+    if t.dtype != ref.dtype or t.device != ref.device:
+        raise ValueError(
+            f"{what}: expected {ref_name}'s dtype and device ({ref.dtype} on {ref.device}), got {t.dtype} on {t.device}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Activation (and max-pool) backward
+# ---------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _corner_mask(valid, row, col, height, width, c_mask):
+    """Which (window, channel) elements of one corner lie inside the map (a half window's missing corners do not)."""
+    return (valid & (row < height) & (col < width))[:, None] & c_mask[None, :]
+
+
+@triton.jit
+def _load_corner(ptr, img, row, col, cols, mask, stride_n, stride_h, stride_w, ENABLED: tl.constexpr):
+    """One corner of each window as fp32 (0 where masked, or everywhere when not ``ENABLED``)."""
+    if ENABLED:
+        src = pixel_offset(img, row, col, stride_n, stride_h, stride_w)
+        return tl.load(ptr + src[:, None] + cols, mask=mask, other=0.0).to(tl.float32)
+    return tl.zeros(mask.shape, dtype=tl.float32)
+
+
+@triton.jit
+def _store_corner_grad(dz_ptr, img, row, col, col_d, mask, value, grad, routed, pooled, stride_dn, stride_dh,
+                       stride_dw, ACT: tl.constexpr, INTERPRETER: tl.constexpr):  # fmt: skip
+    """dz at one corner: ``act'(y) * (grad_y + pooled gradient if this corner is the window's maximum)``, rounded
+    once to the storage dtype."""
+    total = tl.where(routed, grad + pooled, grad)
+    if ACT == ACT_RELU:
+        total = tl.where(value <= 0.0, 0.0, total)  # threshold_backward(g, y, 0): a NaN y passes g through
+    dst = pixel_offset(img, row, col, stride_dn, stride_dh, stride_dw)
+    tl.store(dz_ptr + dst[:, None] + col_d, to_storage(total, dz_ptr.dtype.element_ty, INTERPRETER), mask=mask)
+
+
+@triton.jit
+def _activation_pool_backward_kernel(
+    y_ptr,  # (batch, height, width, channels) view: the stored post-activation map (the pool's input)
+    gy_ptr,  # (batch, height, width, channels) view: gradient arriving at y directly (HAS_GRAD_Y)
+    gp_ptr,  # (batch, height // 2, width // 2, channels) view: gradient of the pooled map (HAS_POOLED)
+    dz_ptr,  # (batch, height, width, channels): the gradient of the pre-activation map
+    batch,
+    height,
+    width,
+    channels,
+    win_h,  # cdiv(height, 2): window rows, the odd last row's half windows included
+    win_w,
+    stride_yn,
+    stride_yh,
+    stride_yw,
+    stride_yc,
+    stride_gn,
+    stride_gh,
+    stride_gw,
+    stride_gc,
+    stride_pn,
+    stride_ph,
+    stride_pw,
+    stride_pc,
+    stride_dn,
+    stride_dh,
+    stride_dw,
+    stride_dc,
+    HAS_GRAD_Y: tl.constexpr,
+    HAS_POOLED: tl.constexpr,
+    ACT: tl.constexpr,
+    INTERPRETER: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """dz over a (BLOCK_P 2x2 windows) x (BLOCK_C channels) tile: each program owns every pixel of its windows.
+
+    Grid: (cdiv(batch * win_h * win_w, BLOCK_P), cdiv(channels, BLOCK_C)). The windows tile the map (the odd last
+    row and column form half or quarter windows, which receive no pooled gradient, as in floor-mode pooling), so
+    every dz element is written exactly once, without atomics. The routing repeats ``max_pool2d``'s scan: corners
+    in row-major order, a corner takes over when it is greater than the running maximum or is NaN, so the first of
+    equal maxima keeps the gradient and the last NaN takes it. Memory-bound: y, grad_y and grad_pooled read once,
+    dz written once.
+    """
+    pid_p = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    wx = offs_p % win_w
+    wy = (offs_p // win_w) % win_h
+    img = offs_p // (win_w * win_h)
+    valid = img < batch
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = offs_c < channels
+    col_y = offs_c.to(tl.int64)[None, :] * stride_yc
+    col_g = offs_c.to(tl.int64)[None, :] * stride_gc
+    col_d = offs_c.to(tl.int64)[None, :] * stride_dc
+    top, left = 2 * wy, 2 * wx
+    m00 = _corner_mask(valid, top, left, height, width, c_mask)
+    m01 = _corner_mask(valid, top, left + 1, height, width, c_mask)
+    m10 = _corner_mask(valid, top + 1, left, height, width, c_mask)
+    m11 = _corner_mask(valid, top + 1, left + 1, height, width, c_mask)
+    y00 = _load_corner(y_ptr, img, top, left, col_y, m00, stride_yn, stride_yh, stride_yw, True)
+    y01 = _load_corner(y_ptr, img, top, left + 1, col_y, m01, stride_yn, stride_yh, stride_yw, True)
+    y10 = _load_corner(y_ptr, img, top + 1, left, col_y, m10, stride_yn, stride_yh, stride_yw, True)
+    y11 = _load_corner(y_ptr, img, top + 1, left + 1, col_y, m11, stride_yn, stride_yh, stride_yw, True)
+    g00 = _load_corner(gy_ptr, img, top, left, col_g, m00, stride_gn, stride_gh, stride_gw, HAS_GRAD_Y)
+    g01 = _load_corner(gy_ptr, img, top, left + 1, col_g, m01, stride_gn, stride_gh, stride_gw, HAS_GRAD_Y)
+    g10 = _load_corner(gy_ptr, img, top + 1, left, col_g, m10, stride_gn, stride_gh, stride_gw, HAS_GRAD_Y)
+    g11 = _load_corner(gy_ptr, img, top + 1, left + 1, col_g, m11, stride_gn, stride_gh, stride_gw, HAS_GRAD_Y)
+    pooled = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    winner = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.int32) - 1  # no corner: a half window, or no pooled gradient
+    if HAS_POOLED:
+        full = valid & (top + 1 < height) & (left + 1 < width)
+        pool_mask = full[:, None] & c_mask[None, :]
+        src = pixel_offset(img, wy, wx, stride_pn, stride_ph, stride_pw)
+        pooled = tl.load(gp_ptr + src[:, None] + offs_c.to(tl.int64)[None, :] * stride_pc, mask=pool_mask,
+                         other=0.0).to(tl.float32)  # fmt: skip
+        best = y00
+        winner = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.int32)
+        take = (y01 > best) | (y01 != y01)
+        best = tl.where(take, y01, best)
+        winner = tl.where(take, 1, winner)
+        take = (y10 > best) | (y10 != y10)
+        best = tl.where(take, y10, best)
+        winner = tl.where(take, 2, winner)
+        take = (y11 > best) | (y11 != y11)
+        winner = tl.where(take, 3, winner)
+        winner = tl.where(pool_mask, winner, -1)
+    _store_corner_grad(dz_ptr, img, top, left, col_d, m00, y00, g00, winner == 0, pooled, stride_dn, stride_dh,
+                       stride_dw, ACT, INTERPRETER)  # fmt: skip
+    _store_corner_grad(dz_ptr, img, top, left + 1, col_d, m01, y01, g01, winner == 1, pooled, stride_dn, stride_dh,
+                       stride_dw, ACT, INTERPRETER)  # fmt: skip
+    _store_corner_grad(dz_ptr, img, top + 1, left, col_d, m10, y10, g10, winner == 2, pooled, stride_dn, stride_dh,
+                       stride_dw, ACT, INTERPRETER)  # fmt: skip
+    _store_corner_grad(dz_ptr, img, top + 1, left + 1, col_d, m11, y11, g11, winner == 3, pooled, stride_dn,
+                       stride_dh, stride_dw, ACT, INTERPRETER)  # fmt: skip
+
+
+def activation_pool_backward_nhwc(
+    y: torch.Tensor,
+    grad_y: torch.Tensor | None = None,
+    grad_pooled: torch.Tensor | None = None,
+    *,
+    activation: str = "relu",
+    name: str = "activation_pool_backward",
+) -> torch.Tensor:
+    """Gradient of a conv's pre-activation map from the gradients of its stored output ``y = act(z)`` and of
+    ``F.max_pool2d(y, 2)`` (floor mode): ``dz = act'(y) * (grad_y + unpool(grad_pooled))``.
+
+    ``unpool`` routes each window's gradient to the element ``max_pool2d``'s backward routes it to: the first
+    maximum in row-major order, or the window's last NaN; the odd last row and column get none. ``act'`` is the
+    ReLU's ``where(y <= 0, 0, g)`` (torch's ``threshold_backward``: a NaN y passes g) or 1 (``"none"``). The sum is
+    taken in fp32 and rounded once.
+
+    Args:
+        y: (N, H, W, C) view, any strides: the stored post-activation map.
+        grad_y: None or an (N, H, W, C) view (a channel slice of a wider map, say): the gradient arriving at y.
+        grad_pooled: None or an (N, H // 2, W // 2, C) view: the gradient of the pooled map.
+        activation: ``"relu"`` or ``"none"``.
+
+    Returns:
+        (N, H, W, C) contiguous NHWC tensor in y's dtype.
+    """
+    _check_map(y, "activation_pool_backward_nhwc y")
+    if grad_y is None and grad_pooled is None:
+        raise ValueError("activation_pool_backward_nhwc: expected grad_y, grad_pooled or both, got neither")
+    if activation not in BACKWARD_ACTIVATIONS:
+        raise ValueError(f"activation must be one of {list(BACKWARD_ACTIVATIONS)}, got {activation!r}")
+    batch, height, width, channels = y.shape
+    if grad_y is not None:
+        _check_like(grad_y, "activation_pool_backward_nhwc grad_y", tuple(y.shape), y, "y")
+    if grad_pooled is not None:
+        pooled_shape = (batch, height // 2, width // 2, channels)
+        _check_like(grad_pooled, "activation_pool_backward_nhwc grad_pooled", pooled_shape, y, "y")
+    win_h, win_w = triton.cdiv(height, 2), triton.cdiv(width, 2)
+    windows = batch * win_h * win_w
+    if windows > MAX_PIXELS:
+        raise ValueError(f"at most {MAX_PIXELS} 2x2 windows per launch, got {windows}")
+    dz = alloc((batch, height, width, channels), y.dtype, y.device)
+    if windows == 0 or channels == 0:
+        return dz
+    # A pooled gradient with no window (H or W == 1) routes nothing: left out like an absent one.
+    has_pooled = grad_pooled is not None and grad_pooled.numel() > 0
+    block_c = min(64, max(16, next_pow2(channels)))
+    # About 4K elements (1K windows x channels) a program: four corners of y, grad_y and dz live at once.
+    block_p = max(16, 1024 // block_c)
+    grid = (triton.cdiv(windows, block_p), triton.cdiv(channels, block_c))
+    gy = grad_y if grad_y is not None else y
+    gp = grad_pooled if has_pooled else y
+    gp_strides = grad_pooled.stride() if has_pooled else (0, 0, 0, 0)
+    args = (y, gy, gp, dz, batch, height, width, channels, win_h, win_w, *y.stride(), *gy.stride(), *gp_strides,
+            *dz.stride())  # fmt: skip
+    constexprs = {
+        "HAS_GRAD_Y": grad_y is not None,
+        "HAS_POOLED": has_pooled,
+        "ACT": BACKWARD_ACTIVATIONS[activation].value,
+        "INTERPRETER": INTERPRET,
+        "BLOCK_P": block_p,
+        "BLOCK_C": block_c,
+    }
+    options = {"num_warps": 4, "num_stages": 1}
+    if recording():
+        size = y.element_size()
+        read = y.numel() * size * (2 if grad_y is not None else 1) + (grad_pooled.numel() * size if has_pooled else 0)
+        record_launch(
+            LaunchRecord(
+                name=name + ("+pool" if has_pooled else ""),
+                kernel=_activation_pool_backward_kernel,
+                grid=grid,
+                flops=0,
+                bytes_read=read,
+                bytes_written=dz.numel() * size,
+                args=args,
+                constexprs=constexprs,
+                launch_options=options,
+            )
+        )
+    if not is_dry_run():
+        with launch_guard(y):
+            _activation_pool_backward_kernel[grid](*args, **constexprs, **options)
+    return dz
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Adjoint of the 2x upsampling placed into the skip's frame
+# ---------------------------------------------------------------------------------------------------------------
+def center_pad_offsets(height: int, width: int, up_h: int, up_w: int) -> tuple[int, int]:
+    """(pad_top, pad_left) at which ``fastunet.reference.center_pad`` places an (up_h, up_w) map into an (height,
+    width) frame: half the difference, rounded down (the odd extra row or column goes to the bottom or right; a
+    negative offset drops the map's first rows or columns), as the conv's two-source loader reads it."""
+    return (height - up_h) // 2, (width - up_w) // 2
+
+
+def _source_scales(mode: str, align_corners: bool, low_h: int, low_w: int) -> tuple[int, float, float]:
+    """(kernel mode, scale_h, scale_w) of ``F.interpolate(scale_factor=2)``: the forward's source-coordinate scale."""
+    if mode == "nearest":
+        return NEAREST.value, 0.5, 0.5
+    if align_corners:
+        scale_h = (low_h - 1) / (2 * low_h - 1) if low_h > 1 else 0.0
+        scale_w = (low_w - 1) / (2 * low_w - 1) if low_w > 1 else 0.0
+        return BILINEAR_ALIGN_CORNERS.value, scale_h, scale_w
+    return BILINEAR.value, 0.5, 0.5
+
+
+@triton.jit
+def _bilinear_weight(dst, low, scale, size, out_size, MODE: tl.constexpr):
+    """Weight of low-resolution coordinate ``low`` in output coordinate ``dst``, and whether ``dst`` is an output
+    coordinate at all (every one among the candidates ``2 low - 1 ... 2 low + 2`` reads ``low``, see below).
+
+    The forward blends corners ``lo = min(int(src), size - 1)`` and ``hi = min(lo + 1, size - 1)`` of ``src(dst)``
+    with fp32 weights ``1 - frac`` and ``frac`` (:func:`fastunet.kernels.upsample._upsample_source`); the weight of
+    ``low`` is their sum over the corners equal to it (both at the clamped last row). ``dst`` reads ``low`` when
+    ``lo`` is ``low - 1`` or ``low``: ``dst`` in ``2 low - 1 ... 2 low + 2`` (``lo(dst) >= k`` exactly when
+    ``dst >= 2k + 1`` for ``k >= 1``: the source step is 1/2, or ``(size - 1) / (2 size - 1)`` with
+    ``align_corners``, and fp32 rounding keeps ``src(2k)`` below ``k`` and ``src(2k + 1)`` at or above it: checked
+    for every size up to 16384 and at random sizes up to 2^22), and ``dst = 0`` for ``low = 1``, whose weight is 0
+    (output 0 sits exactly on row 0). That one is left out, with one difference from eager PyTorch, whose backward
+    multiplies it by the zero weight: a NaN or inf gradient at output row (column) 0 does not reach low row (column)
+    1 here. It still reaches row 0, so the gradient is non-finite either way.
+    """
+    lo, hi, frac = _upsample_source(dst, scale, size, MODE)
+    weight = tl.where(lo == low, 1.0 - frac, 0.0) + tl.where(hi == low, frac, 0.0)
+    return weight, (dst >= 0) & (dst < out_size)
+
+
+@triton.jit
+def _upsample2x_adjoint_kernel(
+    g_ptr,  # (batch, height, width, channels) view: gradient of the frame holding the upsampled map
+    gate_ptr,  # (batch, low_h, low_w, channels) view: the low map's stored post-ReLU values (GATE)
+    out_ptr,  # (batch, low_h, low_w, channels): gradient of the low map
+    batch,
+    low_h,
+    low_w,
+    channels,
+    height,
+    width,
+    pad_top,  # where the upsampled map's (0, 0) sits in the frame; negative: its first rows/columns dropped
+    pad_left,
+    scale_h,
+    scale_w,
+    stride_gn,
+    stride_gh,
+    stride_gw,
+    stride_gc,
+    stride_an,
+    stride_ah,
+    stride_aw,
+    stride_ac,
+    stride_on,
+    stride_oh,
+    stride_ow,
+    stride_oc,
+    MODE: tl.constexpr,
+    GATE: tl.constexpr,
+    INTERPRETER: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """grad_low[n, j, i, c] = sum over output pixels (oy, ox) reading low pixel (j, i) of
+    ``w_y(oy) w_x(ox) grad[n, oy + pad_top, ox + pad_left, c]`` (0 where that is outside the frame), over a
+    (BLOCK_P low pixels) x (BLOCK_C channels) tile.
+
+    Grid: (cdiv(batch * low_h * low_w, BLOCK_P), cdiv(channels, BLOCK_C)). A gather: each program writes its own low
+    pixels, so no atomics and a fixed summation order (rows outer, columns inner: each row's column sum, weighted
+    by ``w_x``, is weighted by ``w_y`` and added). Nearest: the 2x2 block (2j + a, 2i + b), weights 1. Bilinear: the
+    4 x 4 candidates (2j - 1 + a, 2i - 1 + b), masked to those inside the upsampled map (all of which read the
+    pixel, :func:`_bilinear_weight`), with the forward's fp32 weights. Memory-bound:
+    the frame is read once from memory, its neighbours' re-reads hit in cache.
+    """
+    pid_p = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    lx = offs_p % low_w
+    ly = (offs_p // low_w) % low_h
+    img = offs_p // (low_w * low_h)
+    valid = img < batch
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = offs_c < channels
+    col_g = offs_c.to(tl.int64)[None, :] * stride_gc
+    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    if MODE == NEAREST:
+        for a in tl.static_range(2):
+            fy = 2 * ly + a + pad_top
+            row_ok = valid & (fy >= 0) & (fy < height)
+            for b in tl.static_range(2):
+                fx = 2 * lx + b + pad_left
+                ok = row_ok & (fx >= 0) & (fx < width)
+                src = pixel_offset(img, fy, fx, stride_gn, stride_gh, stride_gw)
+                acc += tl.load(g_ptr + src[:, None] + col_g, mask=ok[:, None] & c_mask[None, :], other=0.0).to(
+                    tl.float32
+                )
+    else:
+        first_y = 2 * ly - 1
+        first_x = 2 * lx - 1
+        for a in tl.static_range(BILINEAR_TAPS):
+            oy = first_y + a
+            w_y, reads_y = _bilinear_weight(oy, ly, scale_h, low_h, 2 * low_h, MODE)
+            fy = oy + pad_top
+            row_ok = valid & reads_y & (fy >= 0) & (fy < height)
+            row = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+            for b in tl.static_range(BILINEAR_TAPS):
+                ox = first_x + b
+                w_x, reads_x = _bilinear_weight(ox, lx, scale_w, low_w, 2 * low_w, MODE)
+                fx = ox + pad_left
+                ok = row_ok & reads_x & (fx >= 0) & (fx < width)
+                src = pixel_offset(img, fy, fx, stride_gn, stride_gh, stride_gw)
+                g = tl.load(g_ptr + src[:, None] + col_g, mask=ok[:, None] & c_mask[None, :], other=0.0)
+                # A candidate that does not read the pixel loads 0 (masked), so its finite weight adds exactly 0.
+                row += w_x[:, None] * g.to(tl.float32)
+            acc += w_y[:, None] * row
+    mask = valid[:, None] & c_mask[None, :]
+    if GATE:
+        gate_src = pixel_offset(img, ly, lx, stride_an, stride_ah, stride_aw)
+        gate = tl.load(gate_ptr + gate_src[:, None] + offs_c.to(tl.int64)[None, :] * stride_ac, mask=mask,
+                       other=0.0).to(tl.float32)  # fmt: skip
+        acc = tl.where(gate <= 0.0, 0.0, acc)  # threshold_backward(g, gate, 0): a NaN gate passes g through
+    dst = pixel_offset(img, ly, lx, stride_on, stride_oh, stride_ow)
+    tl.store(out_ptr + dst[:, None] + offs_c.to(tl.int64)[None, :] * stride_oc,
+             to_storage(acc, out_ptr.dtype.element_ty, INTERPRETER), mask=mask)  # fmt: skip
+
+
+def upsample2x_adjoint_nhwc(
+    grad: torch.Tensor,
+    low_hw: tuple[int, int],
+    mode: str,
+    align_corners: bool = False,
+    *,
+    pad_top: int = 0,
+    pad_left: int = 0,
+    gate: torch.Tensor | None = None,
+    name: str = "upsample2x_adjoint",
+) -> torch.Tensor:
+    """Gradient of the low-resolution map ``low`` of ``frame = place(F.interpolate(low, scale_factor=2, mode=mode,
+    align_corners=...))`` from the frame's gradient: the adjoint of the 2x upsampling and of the placement.
+
+    ``place`` puts the (2h, 2w) upsampled map at (pad_top, pad_left) of the (H, W) frame: rows and columns of the
+    upsampled map outside the frame (negative offsets, or a map larger than the frame) get no gradient, frame pixels
+    outside it are ignored. With the offsets of :func:`center_pad_offsets` this is the adjoint of
+    ``fastunet.reference.center_pad(F.interpolate(low, ...), H, W)``. Each low pixel sums its contributions in fp32,
+    in a fixed order, with the forward's fp32 weights, and is rounded once. A NaN gradient reaches the low pixels
+    that read its pixel with a nonzero weight; eager PyTorch's scatter also multiplies by the zero weights of bilinear
+    output row and column 0 (spreading a NaN or inf there to low row and column 1) and, at a clamped edge, adds the
+    two corners' terms separately (``0 * inf`` is NaN there, inf here).
+
+    Args:
+        grad: (N, H, W, C) view, any strides (a channel slice ``g[..., c0:]`` of a wider map, say).
+        low_hw: (h, w), the low-resolution map's size.
+        mode: ``"nearest"`` or ``"bilinear"``.
+        align_corners: bilinear only, as in ``F.interpolate``.
+        pad_top, pad_left: where the upsampled map's first pixel sits in the frame (may be negative).
+        gate: None or the low map's stored post-ReLU values, (N, h, w, C): the result is then
+            ``where(gate <= 0, 0, grad_low)`` (the ReLU that produced ``low``; a NaN gate passes the gradient).
+
+    Returns:
+        (N, h, w, C) contiguous NHWC tensor in grad's dtype.
+    """
+    _check_map(grad, "upsample2x_adjoint_nhwc grad")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
+    if align_corners and mode != "bilinear":
+        raise ValueError(f"align_corners applies to bilinear upsampling only, got mode={mode!r}")
+    if (
+        not isinstance(low_hw, (tuple, list))
+        or len(low_hw) != 2
+        or not all(isinstance(size, int) and not isinstance(size, bool) and size >= 0 for size in low_hw)
+    ):
+        raise ValueError(f"low_hw: expected (h, w), two non-negative ints, got {low_hw!r}")
+    for offset, what in ((pad_top, "pad_top"), (pad_left, "pad_left")):
+        if not isinstance(offset, int) or isinstance(offset, bool):
+            raise ValueError(f"{what}: expected an int, got {offset!r}")
+    batch, height, width, channels = grad.shape
+    low_h, low_w = low_hw
+    if gate is not None:
+        _check_like(gate, "upsample2x_adjoint_nhwc gate", (batch, low_h, low_w, channels), grad, "grad")
+    pixels = batch * low_h * low_w
+    if pixels > MAX_PIXELS:
+        raise ValueError(f"at most {MAX_PIXELS} low-resolution pixels per launch, got {pixels}")
+    if max(abs(pad_top), abs(pad_left), height, width, 2 * low_h, 2 * low_w) + 8 >= 2**31:
+        raise ValueError(f"frame coordinates must fit in int32, got frame {height}x{width}, offsets "
+                         f"({pad_top}, {pad_left}), low map {low_h}x{low_w}")  # fmt: skip
+    out = alloc((batch, low_h, low_w, channels), grad.dtype, grad.device)
+    if pixels == 0 or channels == 0:
+        return out
+    kernel_mode, scale_h, scale_w = _source_scales(mode, align_corners, low_h, low_w)
+    block_c = min(64, max(16, next_pow2(channels)))
+    # About 2K elements a program: the accumulator, a row's sum and the candidate tile live at once.
+    block_p = max(16, 2048 // block_c)
+    grid = (triton.cdiv(pixels, block_p), triton.cdiv(channels, block_c))
+    gate_arg = gate if gate is not None else grad
+    args = (grad, gate_arg, out, batch, low_h, low_w, channels, height, width, pad_top, pad_left, scale_h, scale_w,
+            *grad.stride(), *gate_arg.stride(), *out.stride())  # fmt: skip
+    constexprs = {
+        "MODE": kernel_mode,
+        "GATE": gate is not None,
+        "INTERPRETER": INTERPRET,
+        "BLOCK_P": block_p,
+        "BLOCK_C": block_c,
+    }
+    options = {"num_warps": 4, "num_stages": 1}
+    if recording():
+        size = grad.element_size()
+        # The frame pixels the upsampled map covers are read once (their re-reads by neighbouring low pixels are
+        # cache hits).
+        covered = max(0, min(height, pad_top + 2 * low_h) - max(0, pad_top))
+        covered *= max(0, min(width, pad_left + 2 * low_w) - max(0, pad_left))
+        record_launch(
+            LaunchRecord(
+                name=name + ("+gate" if gate is not None else ""),
+                kernel=_upsample2x_adjoint_kernel,
+                grid=grid,
+                flops=0,
+                bytes_read=batch * covered * channels * size + (gate.numel() * size if gate is not None else 0),
+                bytes_written=out.numel() * size,
+                args=args,
+                constexprs=constexprs,
+                launch_options=options,
+            )
+        )
+    if not is_dry_run():
+        with launch_guard(grad):
+            _upsample2x_adjoint_kernel[grid](*args, **constexprs, **options)
+    return out
+
+
+__all__ = ["activation_pool_backward_nhwc", "center_pad_offsets", "upsample2x_adjoint_nhwc"]

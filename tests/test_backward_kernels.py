@@ -1,0 +1,460 @@
+"""The backward's elementwise and gather kernels (kernels/backward.py) against float64 autograd of the torch ops they
+differentiate: ``F.max_pool2d(F.relu(z), 2)`` plus a direct gradient, and ``center_pad(F.interpolate(low, 2x))``.
+
+Every input the kernels read sits inside a larger NaN-filled buffer (a row and column of NaN around the map, NaN
+channels before and after it): a read outside the view pulls NaN into the result. Outputs start as NaN
+(``poison_outputs``): an element never written cannot pass. The moat cases at the end also place the outputs in
+fill (and, under the interpreter, audit every address the kernels touch), with ``tests/test_moat.py``'s tools.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_moat import AddressAudit, HostGuard, MoatedLaunch, hooked_memory_ops
+
+from fastunet.kernels import INTERPRET, launch_log
+from fastunet.kernels import backward as backward_module
+from fastunet.kernels.backward import activation_pool_backward_nhwc, center_pad_offsets, upsample2x_adjoint_nhwc
+from fastunet.reference import center_pad
+
+NAN = float("nan")
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")]
+# Unit roundoff of one rounding to the storage dtype.
+UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8}
+
+
+def nchw(t: torch.Tensor) -> torch.Tensor:
+    return t.permute(0, 3, 1, 2)
+
+
+def nhwc(t: torch.Tensor) -> torch.Tensor:
+    return t.permute(0, 2, 3, 1)
+
+
+def in_moat(t: torch.Tensor, channels_before: int = 3) -> torch.Tensor:
+    """``t`` (N, H, W, C) copied into the interior of an (N, H + 2, W + 2, C + channels_before + 2) NaN buffer:
+    a strided view, a channel slice ``wide[..., c0:c0 + C]`` of a wider map, with NaN in every neighbour."""
+    batch, height, width, channels = t.shape
+    wide = torch.full((batch, height + 2, width + 2, channels + channels_before + 2), NAN, dtype=t.dtype)
+    wide = wide.to(t.device)
+    view = wide[:, 1 : height + 1, 1 : width + 1, channels_before : channels_before + channels]
+    view.copy_(t)
+    return view
+
+
+def pre_activation(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """NHWC map with many ties (half the elements on the grid {-1, -0.5, 0, 0.5, 1}) and a few NaNs."""
+    normal = torch.randn(shape)
+    grid = torch.randint(-2, 3, shape).double() * 0.5
+    z = torch.where(torch.rand(shape) < 0.5, grid, normal)
+    z[torch.rand(shape) < 0.04] = NAN
+    return z.to(device, dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Activation and max-pool backward
+# ---------------------------------------------------------------------------------------------------------------
+def pool_reference(z, grad_y, grad_pooled, activation: str) -> torch.Tensor:
+    """dz by float64 autograd: y = relu(z) (or z), gradient grad_y at y and grad_pooled at max_pool2d(y, 2)."""
+    z64 = nchw(z).double().cpu().requires_grad_()
+    y64 = F.relu(z64) if activation == "relu" else z64
+    outputs, grads = [], []
+    if grad_y is not None:
+        outputs.append(y64)
+        grads.append(nchw(grad_y).double().cpu())
+    if grad_pooled is not None and grad_pooled.numel():  # max_pool2d refuses maps without a window
+        outputs.append(F.max_pool2d(y64, 2))
+        grads.append(nchw(grad_pooled).double().cpu())
+    if not outputs or z64.numel() == 0:
+        return nhwc(torch.zeros_like(z64))
+    (dz,) = torch.autograd.grad(outputs, z64, grads)
+    return nhwc(dz)
+
+
+def check_pool_backward(z, grad_y, grad_pooled, activation, dtype):
+    """The kernel against float64 autograd, bit for bit: the float64 sum of the (at most two) storage-dtype terms is
+    exact, and the kernel's fp32 sum rounded to the storage dtype is the same as that exact sum rounded through fp32
+    (what ``.to(dtype)`` does)."""
+    y = F.relu(z) if activation == "relu" else z
+    dz = activation_pool_backward_nhwc(
+        in_moat(y),
+        None if grad_y is None else in_moat(grad_y),
+        None if grad_pooled is None else in_moat(grad_pooled),
+        activation=activation,
+    )
+    assert dz.shape == z.shape and dz.dtype == dtype and dz.is_contiguous()
+    expected = pool_reference(z, grad_y, grad_pooled, activation).to(dtype)
+    torch.testing.assert_close(dz.cpu(), expected, rtol=0, atol=0, equal_nan=True)
+
+
+# (batch, height, width, channels): odd sizes (half windows in the last row and column), one window, no window
+# (H or W == 1), batch 0, channel counts below, at and past the 64-wide block.
+POOL_SHAPES = [
+    pytest.param(2, 5, 7, 17, id="5x7-c17"),
+    pytest.param(1, 3, 3, 1, id="3x3-c1"),
+    pytest.param(1, 2, 2, 70, id="2x2-c70"),
+    pytest.param(2, 6, 4, 3, id="6x4-c3"),
+    pytest.param(1, 1, 1, 5, id="1x1"),
+    pytest.param(2, 1, 6, 4, id="1x6"),
+    pytest.param(1, 5, 1, 2, id="5x1"),
+    pytest.param(0, 4, 4, 3, id="batch0"),
+]
+GRADS = [
+    pytest.param(True, True, id="both"),
+    pytest.param(False, True, id="pooled-only"),
+    pytest.param(True, False, id="direct-only"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_direct, with_pooled", GRADS)
+@pytest.mark.parametrize("batch, height, width, channels", POOL_SHAPES)
+def test_activation_pool_backward_matches_float64(device, dtype, with_direct, with_pooled, batch, height, width,
+                                                  channels):  # fmt: skip
+    z = pre_activation((batch, height, width, channels), dtype, device)
+    grad_y = torch.randn(batch, height, width, channels).to(device, dtype) if with_direct else None
+    pooled_shape = (batch, height // 2, width // 2, channels)
+    grad_pooled = torch.randn(pooled_shape).to(device, dtype) if with_pooled else None
+    check_pool_backward(z, grad_y, grad_pooled, "relu", dtype)
+
+
+# Windows written out (row-major: top-left, top-right, bottom-left, bottom-right), each next to one of 1.5s.
+SPECIAL_WINDOWS = [
+    pytest.param([3.0, 3.0, 3.0, 3.0], id="all-equal"),
+    pytest.param([1.0, 3.0, 3.0, 0.0], id="tie-second-third"),
+    pytest.param([2.0, 1.0, 0.5, 2.0], id="tie-first-last"),
+    pytest.param([NAN, 1.0, NAN, 2.0], id="two-nans"),
+    pytest.param([1.0, NAN, 5.0, 0.0], id="nan-then-larger"),
+    pytest.param([NAN, NAN, NAN, NAN], id="all-nan"),
+    pytest.param([-float("inf")] * 4, id="all-minus-inf"),
+    pytest.param([-1.0, -2.0, -1.0, -3.0], id="negative-tie"),
+    pytest.param([float("inf"), float("inf"), 0.0, 1.0], id="inf-tie"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ["relu", "none"])
+@pytest.mark.parametrize("window", SPECIAL_WINDOWS)
+def test_pool_routes_ties_and_nans_like_torch(device, dtype, activation, window):
+    """The pooled gradient goes where ``max_pool2d``'s backward sends it: the first of equal maxima, the window's
+    last NaN, the first element of an all -inf window."""
+    z = torch.full((1, 2, 4, 3), 1.5, dtype=torch.float64)
+    z[0, :, :2, 1] = torch.tensor(window, dtype=torch.float64).view(2, 2)
+    z = z.to(device, dtype)
+    grad_pooled = torch.tensor([1.0, 2.0, 4.0, 8.0, 16.0, 32.0]).view(1, 1, 2, 3).to(device, dtype)
+    check_pool_backward(z, None, grad_pooled, activation, dtype)
+    grad_y = torch.randn(1, 2, 4, 3).to(device, dtype)
+    check_pool_backward(z, grad_y, grad_pooled, activation, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_activation_none_and_any_strides(device, dtype):
+    """No activation: dz is grad_y plus the routed pooled gradient. y, grad_y and grad_pooled are NCHW tensors read
+    through their NHWC views (channel strides H W and H W / 4), grad_y a channel slice of a wider gradient."""
+    z = nhwc(nchw(pre_activation((2, 5, 6, 20), dtype, device)).contiguous())
+    grad_y = nhwc(torch.randn(2, 36, 5, 6).to(device, dtype))[..., 16:]
+    grad_pooled = nhwc(torch.randn(2, 20, 2, 3).to(device, dtype))
+    assert z.stride(3) == 30 and grad_y.stride(3) == 30 and grad_pooled.stride(3) == 6
+    dz = activation_pool_backward_nhwc(z, grad_y, grad_pooled, activation="none")
+    expected = pool_reference(z, grad_y, grad_pooled, "none").to(dtype)
+    torch.testing.assert_close(dz.cpu(), expected, rtol=0, atol=0, equal_nan=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Adjoint of the 2x upsampling placed into the skip's frame
+# ---------------------------------------------------------------------------------------------------------------
+MODES = [
+    pytest.param("nearest", False, id="nearest"),
+    pytest.param("bilinear", False, id="bilinear"),
+    pytest.param("bilinear", True, id="bilinear-ac"),
+]
+# (batch, channels, low_h, low_w, frame H, frame W): the frame equal to the upsampled map, one larger (odd skip
+# sizes: the extra row and column at the bottom and right), one smaller (a negative offset: the first row or column
+# cropped), three larger and two smaller (offsets +1 and -1), mixed, h or w == 1, a channel count past the 64-wide
+# block, batch 0.
+GEOMETRIES = [
+    pytest.param(2, 3, 3, 4, 6, 8, id="same"),
+    pytest.param(1, 17, 3, 4, 7, 9, id="frame-larger"),
+    pytest.param(2, 5, 3, 4, 5, 7, id="frame-smaller"),
+    pytest.param(1, 3, 2, 3, 7, 9, id="frame-larger-by-3"),
+    pytest.param(1, 3, 3, 3, 4, 5, id="frame-smaller-by-2"),
+    pytest.param(1, 4, 4, 3, 9, 5, id="mixed"),
+    pytest.param(1, 3, 1, 3, 3, 6, id="h1"),
+    pytest.param(1, 2, 5, 1, 10, 1, id="w1-cropped"),
+    pytest.param(1, 70, 2, 2, 5, 4, id="c70"),
+    pytest.param(0, 3, 2, 2, 4, 4, id="batch0"),
+]
+
+
+def interpolate(low: torch.Tensor, mode: str, align_corners: bool) -> torch.Tensor:
+    kwargs = {"align_corners": align_corners} if mode == "bilinear" else {}
+    return F.interpolate(low, scale_factor=2, mode=mode, **kwargs)
+
+
+def adjoint_reference(grad, low_hw, mode, align_corners, gate=None):
+    """Float64 autograd of ``center_pad(F.interpolate(low, 2x), H, W)`` (of ``relu(gate)`` upsampled when gated).
+
+    Returns the low map's gradient; the same with |grad| (the sum of the terms' magnitudes); and, per low pixel,
+    the sum of |grad| over the upsampled pixels (2j-2 .. 2j+3) x (2i-2 .. 2i+3) that may read it with any weight.
+    """
+    batch, height, width, channels = grad.shape
+    low_h, low_w = low_hw
+    frame_grad = nchw(grad).double().cpu()
+    results = []
+    for direction in (frame_grad, frame_grad.abs()):
+        if gate is None:
+            low = torch.zeros(batch, channels, low_h, low_w, dtype=torch.float64, requires_grad=True)
+            source = low
+        else:
+            low = nchw(gate).double().cpu().requires_grad_()
+            source = F.relu(low)
+        frame = center_pad(interpolate(source, mode, align_corners), height, width)
+        if frame.numel() == 0:
+            results.append(torch.zeros(batch, low_h, low_w, channels, dtype=torch.float64))
+            continue
+        (grad_low,) = torch.autograd.grad(frame, low, direction)
+        results.append(nhwc(grad_low))
+    up = torch.zeros(batch, channels, 2 * low_h, 2 * low_w, dtype=torch.float64, requires_grad=True)
+    if up.numel():
+        (up_abs,) = torch.autograd.grad(center_pad(up, height, width), up, frame_grad.abs())
+        nearby = 36 * F.avg_pool2d(up_abs, 6, stride=2, padding=2, count_include_pad=True)
+        results.append(nhwc(nearby))
+    else:
+        results.append(torch.zeros(batch, low_h, low_w, channels, dtype=torch.float64))
+    return results
+
+
+def check_adjoint(got, reference, dtype, align_corners, low_hw):
+    """|got - expected| <= 16 u_fp32 sum|terms| (+ the weights' error) + one rounding to the storage dtype.
+
+    The fp32 sum of at most 25 products, each row's sum weighted once more, is within 16 u_fp32 of the exact sum
+    relative to the terms' magnitudes. Nearest and half-pixel bilinear weights (1, 0.75, 0.25, 0) are exact in fp32;
+    with ``align_corners`` the fp32 source coordinate ``dst * scale`` is off by up to 2 size u_fp32, which each
+    weight carries over to the |grad| of the pixels that may read the low pixel.
+    """
+    expected, magnitude, nearby = reference
+    u32 = 2.0**-24
+    tol = 16 * u32 * magnitude
+    if align_corners:
+        tol = tol + 2 * max(low_hw) * u32 * 2 * nearby  # two weights (row and column) per term
+    if dtype != torch.float32:
+        tol = tol + UNIT_ROUNDOFF[dtype] * expected.abs()
+    err = (got.double().cpu() - expected).abs()
+    assert not got.isnan().any(), "NaN in the result (an unwritten element, or a read outside the views)"
+    assert (err <= tol).all(), f"max error {err.max():.3e} (allowed there {tol.flatten()[err.argmax()]:.3e})"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode, align_corners", MODES)
+@pytest.mark.parametrize("batch, channels, low_h, low_w, height, width", GEOMETRIES)
+def test_upsample_adjoint_matches_float64(device, dtype, mode, align_corners, batch, channels, low_h, low_w, height,
+                                          width):  # fmt: skip
+    grad = torch.randn(batch, height, width, channels).to(device, dtype)
+    pad_top, pad_left = center_pad_offsets(height, width, 2 * low_h, 2 * low_w)
+    got = upsample2x_adjoint_nhwc(in_moat(grad), (low_h, low_w), mode, align_corners, pad_top=pad_top,
+                                  pad_left=pad_left)  # fmt: skip
+    assert got.shape == (batch, low_h, low_w, channels) and got.dtype == dtype and got.is_contiguous()
+    check_adjoint(got, adjoint_reference(grad, (low_h, low_w), mode, align_corners), dtype, align_corners,
+                  (low_h, low_w))  # fmt: skip
+
+
+@pytest.mark.parametrize("gate_layout", ["moat", "nchw"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode, align_corners", MODES)
+def test_upsample_adjoint_gate(device, dtype, mode, align_corners, gate_layout):
+    """The fused ReLU derivative: zero where the gate is <= 0 (zeros and negatives), passed where it is NaN, like
+    autograd through ``relu``; the gradient a channel slice of a wider NCHW map, the gate inside a NaN moat or an
+    NCHW tensor read through its NHWC view."""
+    low_hw, channels = (3, 4), 5
+    gate = torch.randn(2, *low_hw, channels)
+    gate[torch.rand(gate.shape) < 0.2] = 0.0
+    gate[torch.rand(gate.shape) < 0.1] = NAN
+    gate = gate.to(device, dtype)
+    grad = nhwc(torch.randn(2, channels + 11, 7, 9).to(device, dtype))[..., 11:]  # channel stride 63
+    pad_top, pad_left = center_pad_offsets(7, 9, 6, 8)
+    gate_view = in_moat(gate) if gate_layout == "moat" else nhwc(nchw(gate).contiguous())
+    got = upsample2x_adjoint_nhwc(grad, low_hw, mode, align_corners, pad_top=pad_top, pad_left=pad_left,
+                                  gate=gate_view)  # fmt: skip
+    assert (got[gate <= 0] == 0).all()
+    check_adjoint(got, adjoint_reference(grad, low_hw, mode, align_corners, gate=gate), dtype, align_corners, low_hw)
+
+
+@pytest.mark.parametrize("mode, align_corners", MODES)
+@pytest.mark.parametrize("pad_top, pad_left", [(2, -3), (-2, 1)])
+def test_upsample_adjoint_any_offsets(device, mode, align_corners, pad_top, pad_left):
+    """Offsets other than centered ones: the adjoint of ``F.pad`` with those pads (negative: cropped)."""
+    low_hw, frame = (3, 4), (7, 6)
+    grad = torch.randn(2, *frame, 3)
+    got = upsample2x_adjoint_nhwc(in_moat(grad.to(device)), low_hw, mode, align_corners, pad_top=pad_top,
+                                  pad_left=pad_left)  # fmt: skip
+    low = torch.zeros(2, 3, *low_hw, dtype=torch.float64, requires_grad=True)
+    up = interpolate(low, mode, align_corners)
+    pads = [pad_left, frame[1] - up.shape[3] - pad_left, pad_top, frame[0] - up.shape[2] - pad_top]
+    (expected,) = torch.autograd.grad(F.pad(up, pads), low, nchw(grad).double())
+    torch.testing.assert_close(got.cpu().double(), nhwc(expected), rtol=1e-5, atol=1e-5)
+
+
+def test_center_pad_offsets_place_like_center_pad():
+    """Each upsampled pixel lands where ``center_pad`` puts it, for frames larger, equal and smaller (cropping)."""
+    for height, width, up_h, up_w in [(7, 9, 6, 8), (6, 8, 6, 8), (5, 7, 6, 8), (9, 4, 6, 8), (1, 2, 2, 2)]:
+        up = torch.arange(1, up_h * up_w + 1, dtype=torch.float64).view(1, 1, up_h, up_w)
+        frame = center_pad(up, height, width)[0, 0]
+        pad_top, pad_left = center_pad_offsets(height, width, up_h, up_w)
+        for fy in range(height):
+            for fx in range(width):
+                uy, ux = fy - pad_top, fx - pad_left
+                inside = 0 <= uy < up_h and 0 <= ux < up_w
+                assert frame[fy, fx] == (up[0, 0, uy, ux] if inside else 0), (height, width, fy, fx)
+
+
+def test_bilinear_adjoint_long_align_corners_map(device):
+    """A long low map: the fp32 source coordinate of ``align_corners`` drifts by up to 2 size u_fp32, the bound
+    holds."""
+    low_hw = (1, 600)
+    grad = torch.randn(1, 2, 1200, 2, device=device)
+    got = upsample2x_adjoint_nhwc(grad, low_hw, "bilinear", True)
+    check_adjoint(got, adjoint_reference(grad, low_hw, "bilinear", True), torch.float32, True, low_hw)
+
+
+@pytest.mark.parametrize("mode, align_corners", MODES)
+def test_upsample_adjoint_nan_reaches_the_pixels_that_read_it(device, mode, align_corners):
+    """A NaN gradient reaches exactly the low pixels that read its pixel with a nonzero weight (the float64 adjoint
+    of the NaN indicator is positive there); the others match the adjoint of the finite part. Eager PyTorch also
+    spreads a NaN at bilinear output row 0 through a zero weight to low row 1: not here (see the docstring)."""
+    low_hw = (4, 5)
+    grad = torch.randn(1, 9, 10, 2)
+    grad[0, 0, 0, 0] = NAN  # output (0, 0): the extra frame row is at the bottom
+    grad[0, 6, 7, 1] = NAN
+    grad[0, 8, 3, 1] = NAN  # the frame's padded last row: read by nothing
+    pad_top, pad_left = center_pad_offsets(9, 10, 8, 10)
+    got = upsample2x_adjoint_nhwc(grad.to(device), low_hw, mode, align_corners, pad_top=pad_top, pad_left=pad_left)
+    reached = adjoint_reference(grad.isnan().double(), low_hw, mode, align_corners)[0] > 0
+    assert reached.sum() >= 2 and torch.equal(got.isnan().cpu(), reached)
+    expected = adjoint_reference(grad.nan_to_num(0.0), low_hw, mode, align_corners)[0]
+    torch.testing.assert_close(got.cpu()[~reached].double(), expected[~reached], rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Both kernels: determinism, launches, bad input
+# ---------------------------------------------------------------------------------------------------------------
+def test_runs_are_bitwise_identical_and_launch_once(device):
+    z = pre_activation((2, 7, 5, 19), torch.bfloat16, device)
+    y = F.relu(z)
+    grad_y = torch.randn(2, 7, 5, 19).to(device, torch.bfloat16)
+    grad_pooled = torch.randn(2, 3, 2, 19).to(device, torch.bfloat16)
+    grad = torch.randn(2, 9, 11, 19).to(device, torch.bfloat16)
+    with launch_log() as records:
+        first = activation_pool_backward_nhwc(y, grad_y, grad_pooled)
+        second = activation_pool_backward_nhwc(y, grad_y, grad_pooled)
+        adjoint = upsample2x_adjoint_nhwc(grad, (4, 5), "bilinear", pad_top=1, pad_left=0, gate=y[:, :4])
+        again = upsample2x_adjoint_nhwc(grad, (4, 5), "bilinear", pad_top=1, pad_left=0, gate=y[:, :4])
+    assert torch.equal(first, second) and torch.equal(adjoint, again)
+    names = [record.name for record in records]
+    assert names == ["activation_pool_backward+pool"] * 2 + ["upsample2x_adjoint+gate"] * 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Moats: inputs and outputs inside fill (gaps between rows, pixels and channels); under the interpreter, an audit
+# of every address read and written
+# ---------------------------------------------------------------------------------------------------------------
+def pool_moat_case(m: MoatedLaunch, layout: str):
+    z = nchw(pre_activation((2, 5, 7, 17), torch.bfloat16, torch.device("cpu")))
+    grad_y, grad_pooled = torch.randn(2, 17, 5, 7).bfloat16(), torch.randn(2, 17, 2, 3).bfloat16()
+    dz = activation_pool_backward_nhwc(nhwc(m.input("y", F.relu(z), layout)), nhwc(m.input("grad_y", grad_y, layout)),
+                                       nhwc(m.input("grad_pooled", grad_pooled, layout)))  # fmt: skip
+    return dz, pool_reference(nhwc(z), nhwc(grad_y), nhwc(grad_pooled), "relu").to(torch.bfloat16)
+
+
+def adjoint_moat_case(m: MoatedLaunch, layout: str, mode: str, align_corners: bool, frame: tuple[int, int]):
+    low_hw = (3, 4)
+    grad = torch.randn(2, 6, *frame)
+    gate = torch.randn(2, 6, *low_hw)
+    gate[:, :, 0] = 0.0
+    gate[:, 2, 1, 1] = NAN
+    pad_top, pad_left = center_pad_offsets(*frame, 6, 8)
+    got = upsample2x_adjoint_nhwc(nhwc(m.input("grad", grad, layout)), low_hw, mode, align_corners, pad_top=pad_top,
+                                  pad_left=pad_left, gate=nhwc(m.input("gate", gate, layout)))  # fmt: skip
+    expected = adjoint_reference(nhwc(grad), low_hw, mode, align_corners, gate=nhwc(gate))
+    return got, expected
+
+
+MOAT_CASES = [
+    pytest.param(pool_moat_case, {}, id="pool"),
+    pytest.param(adjoint_moat_case, {"mode": "nearest", "align_corners": False, "frame": (7, 9)}, id="nearest-pad"),
+    pytest.param(adjoint_moat_case, {"mode": "bilinear", "align_corners": False, "frame": (5, 7)}, id="bilinear-crop"),
+    pytest.param(adjoint_moat_case, {"mode": "bilinear", "align_corners": True, "frame": (7, 7)}, id="bilinear-ac"),
+]
+
+
+def run_moat_case(device, monkeypatch, case, kwargs, layout, audit):
+    m = MoatedLaunch(device, audit=audit if isinstance(audit, AddressAudit) else None,
+                     guard=audit if isinstance(audit, HostGuard) else None)  # fmt: skip
+    monkeypatch.setattr(backward_module, "alloc", m.alloc)
+    with hooked_memory_ops(audit) if audit is not None else contextlib.nullcontext():
+        got, expected = case(m, layout, **kwargs)
+    return m, got, expected
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("case, kwargs", MOAT_CASES)
+def test_value_moat(device, monkeypatch, case, kwargs, layout):
+    """Results match float64 (no fill read in, nothing unwritten), inputs untouched, the fill around outputs intact."""
+    guard = HostGuard() if INTERPRET else None
+    m, got, expected = run_moat_case(device, monkeypatch, case, kwargs, layout, guard)
+    m.check()
+    if guard is not None:
+        guard.verify()
+    assert any(got.data_ptr() == moat.view.data_ptr() for moat in m.moats), "the output is not in a moat"
+    if case is pool_moat_case:
+        torch.testing.assert_close(got.cpu(), expected, rtol=0, atol=0, equal_nan=True)
+    else:
+        check_adjoint(got, expected, torch.float32, kwargs["align_corners"], (3, 4))
+
+
+@pytest.mark.skipif(not INTERPRET, reason="the address audit wraps Triton's interpreter; on a GPU the value moat "
+                    "covers stray accesses")  # fmt: skip
+@pytest.mark.parametrize("case, kwargs", MOAT_CASES)
+def test_address_audit(device, monkeypatch, case, kwargs):
+    """Reads only from the launch's inputs, writes only to its output, each output element exactly once."""
+    audit = AddressAudit()
+    run_moat_case(device, monkeypatch, case, kwargs, "channels_last", audit)
+    audit.verify()
+
+
+def test_bad_input_is_refused(device):
+    y = torch.randn(1, 4, 4, 3, device=device)
+    pooled = torch.randn(1, 2, 2, 3, device=device)
+    with pytest.raises(ValueError, match="expected grad_y, grad_pooled or both, got neither"):
+        activation_pool_backward_nhwc(y)
+    with pytest.raises(ValueError, match=r"y: expected a 4-D \(N, H, W, C\) view, got shape \(4, 4, 3\)"):
+        activation_pool_backward_nhwc(y[0], grad_pooled=pooled)
+    with pytest.raises(ValueError, match=r"grad_y: expected shape \(1, 4, 4, 3\), got \(1, 4, 4, 2\)"):
+        activation_pool_backward_nhwc(y, y[..., :2])
+    with pytest.raises(ValueError, match=r"grad_pooled: expected shape \(1, 2, 2, 3\), got \(1, 3, 3, 3\)"):
+        activation_pool_backward_nhwc(y, grad_pooled=torch.randn(1, 3, 3, 3, device=device))
+    with pytest.raises(ValueError, match=r"grad_pooled: expected y's dtype and device \(torch.float32"):
+        activation_pool_backward_nhwc(y, grad_pooled=pooled.bfloat16())
+    with pytest.raises(ValueError, match="activation must be one of \\['relu', 'none'\\], got 'gelu'"):
+        activation_pool_backward_nhwc(y, y, activation="gelu")
+    with pytest.raises(TypeError, match="expected a float32, float16 or bfloat16 tensor, got torch.int32"):
+        activation_pool_backward_nhwc(y.int(), y)
+
+    grad = torch.randn(1, 7, 9, 3, device=device)
+    with pytest.raises(ValueError, match=r"mode must be one of \['nearest', 'bilinear'\], got 'bicubic'"):
+        upsample2x_adjoint_nhwc(grad, (3, 4), "bicubic")
+    with pytest.raises(ValueError, match="align_corners applies to bilinear upsampling only"):
+        upsample2x_adjoint_nhwc(grad, (3, 4), "nearest", True)
+    with pytest.raises(ValueError, match=r"low_hw: expected \(h, w\), two non-negative ints, got \(3, -1\)"):
+        upsample2x_adjoint_nhwc(grad, (3, -1), "nearest")
+    with pytest.raises(ValueError, match="pad_top: expected an int, got 0.5"):
+        upsample2x_adjoint_nhwc(grad, (3, 4), "nearest", pad_top=0.5)
+    with pytest.raises(ValueError, match=r"gate: expected shape \(1, 3, 4, 3\), got \(1, 4, 3, 3\)"):
+        upsample2x_adjoint_nhwc(grad, (3, 4), "nearest", gate=torch.randn(1, 4, 3, 3, device=device))
+    with pytest.raises(ValueError, match=r"gate: expected grad's dtype and device \(torch.float32"):
+        upsample2x_adjoint_nhwc(grad, (3, 4), "nearest", gate=torch.randn(1, 3, 4, 3, device=device).bfloat16())
+    with pytest.raises(ValueError, match=r"grad: expected a 4-D \(N, H, W, C\) view, got shape \(7, 9, 3\)"):
+        upsample2x_adjoint_nhwc(grad[0], (3, 4), "nearest")
