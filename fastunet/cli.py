@@ -284,7 +284,7 @@ def _run_check(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 # -- trace and roofline -------------------------------------------------------------------------------------------
 def _run_trace(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from fastunet.tooling.trace import stage_labels, summarize, trace_config
+    from fastunet.tooling.trace import saved_for_backward, stage_labels, summarize, trace_config
 
     _check_weights(args)
 
@@ -311,6 +311,15 @@ def _run_trace(args: argparse.Namespace, argv: Sequence[str]) -> int:
         f"launches: {totals['launches']}  GFLOP: {totals['flops'] / 1e9:.2f}  MB read: {totals['bytes_read'] / 1e6:.2f}"
         f"  MB written: {totals['bytes_written'] / 1e6:.2f}"
     )
+    try:
+        saved = saved_for_backward(_model_kwargs(args), _input_shape(args), DTYPES[args.dtype])
+    except ValueError as error:
+        print(f"saved for backward: the reference backward ({error})")
+    else:
+        print(
+            f"saved for backward (backward kernels, training mode): {saved['maps'] / 1e6:.2f} MB of maps, "
+            f"{saved['weights'] / 1e6:.2f} MB of packed weights"
+        )
     return 0
 
 

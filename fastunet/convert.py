@@ -96,7 +96,9 @@ class ConvertedUNet(FusedForward, nn.Module):
 
     Holds copies of the source model's submodules that share its parameter and buffer tensors, under the same
     names, so ``state_dict`` keys are the source's and checkpoints load into either. Train/eval modes are its
-    own. In training mode (or where the kernels cannot run) it runs the source class's own ``forward``.
+    own. In training mode (or where the kernels cannot run) it runs the source class's own ``forward``; in eval
+    mode with autograd on, the backward runs on the kernels where :func:`fastunet.training.kernel_training_blocker`
+    allows.
     """
 
     def __init__(self, source: nn.Module, recipe: Recipe) -> None:
@@ -144,6 +146,14 @@ class ConvertedUNet(FusedForward, nn.Module):
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._source_class.forward(self, x)
+
+    def backward_blocker(self, training: bool) -> str | None:
+        """In training mode the source class's own ``forward`` runs: only its eval-mode math was checked against
+        the layout (a dropout, a deep-supervision output or any other training-mode branch of its own is not in
+        the layout). In eval mode: the layout's (see :func:`fastunet.training.kernel_training_blocker`)."""
+        if training:
+            return "a converted model runs its source class's own forward in training mode"
+        return super().backward_blocker(training)
 
     def extra_repr(self) -> str:
         cls = self._source_class

@@ -30,6 +30,7 @@ def dispatch_reason(
     traced_with_grad: bool,
     device: torch.device,
     interpret: bool,
+    backward_blocker: str | None = None,
 ) -> Dispatch:
     """Decide the backend of one forward.
 
@@ -41,6 +42,8 @@ def dispatch_reason(
         traced_with_grad: traced by ``torch.compile`` (or a tracing mode) while autograd needs the forward.
         device: the input's device.
         interpret: whether the kernels were imported for Triton's interpreter (``TRITON_INTERPRET=1``).
+        backward_blocker: why the backward kernels cannot differentiate this forward (None: they can; see
+            :func:`fastunet.training.kernel_training_blocker`). Asked for only where autograd needs the forward.
     """
     device_type = torch.device(device).type
     if training is not None:
@@ -52,15 +55,18 @@ def dispatch_reason(
                 "is its own, not the source model's)",
                 warn=True,
             )
-        return Dispatch(BACKEND_REFERENCE, f"training mode ({training}; no Triton backward kernels yet)")
+        if backward_blocker is not None:
+            return Dispatch(BACKEND_REFERENCE, f"training mode ({training}): {backward_blocker}")
+    mode = "eval mode" if training is None else "training mode"
     if hooked is not None or global_hooks:
         where = f"on {hooked}" if hooked is not None else "registered globally"
         return Dispatch(BACKEND_REFERENCE, f"forward hooks {where}: the fused kernels cannot run them", warn=True)
-    if traced_with_grad:
-        # The eager path's backward recomputes the layout's math with torch.autograd.grad, which TorchDynamo cannot
-        # trace; compiled with autograd on, the whole forward is the reference math (inference: no_grad).
+    if traced_with_grad and backward_blocker is not None:
+        # Without backward kernels the eager path's backward recomputes the layout's math with torch.autograd.grad,
+        # which TorchDynamo cannot trace; compiled with autograd on, the whole forward is then the reference math.
         return Dispatch(
-            BACKEND_REFERENCE, "torch.compile with autograd on (run inference under torch.no_grad() for the kernels)"
+            BACKEND_REFERENCE,
+            f"torch.compile with autograd on: {backward_blocker} (run inference under torch.no_grad() for the kernels)",
         )
     if interpret:
         if device_type != "cpu":
@@ -69,9 +75,9 @@ def dispatch_reason(
                 f"TRITON_INTERPRET=1 runs kernels on CPU tensors only, input is on {device}",
                 warn=True,
             )
-        return Dispatch(BACKEND_INTERPRETER, "eval mode")
+        return Dispatch(BACKEND_INTERPRETER, mode)
     if device_type != "cuda":
         return Dispatch(
             BACKEND_REFERENCE, f"compiled Triton kernels need CUDA tensors, input is on {device}", warn=True
         )
-    return Dispatch(BACKEND_TRITON, "eval mode")
+    return Dispatch(BACKEND_TRITON, mode)

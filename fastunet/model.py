@@ -28,6 +28,7 @@ from fastunet.ops import INTERPRET, ConvSpec, Layout, Plan
 from fastunet.plan_cache import PlanCache, Stamp
 from fastunet.reference import UNet, check_input
 from fastunet.sharing import SourceLink
+from fastunet.training import kernel_training_blocker
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -97,6 +98,11 @@ class FusedForward:
 
     def fused_layout(self) -> Layout:
         raise NotImplementedError
+
+    def backward_blocker(self, training: bool) -> str | None:
+        """Why the backward kernels cannot differentiate a forward of this module (None: they can), in training
+        mode or not (see :func:`fastunet.training.kernel_training_blocker`)."""
+        return kernel_training_blocker(self.fused_layout(), training)
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -209,6 +215,7 @@ class FusedForward:
             )
         grad_enabled = torch.is_grad_enabled()
         needs_grad = grad_enabled and (x.requires_grad or any(p.requires_grad for p in params))
+        blocker = self.backward_blocker(bool(training)) if needs_grad or (training and grad_enabled) else None
         decision = dispatch_reason(
             training=training[0] if training else None,
             grad_enabled=grad_enabled,
@@ -217,12 +224,17 @@ class FusedForward:
             traced_with_grad=traced and needs_grad,
             device=x.device,
             interpret=INTERPRET,
+            backward_blocker=blocker,
         )
         if decision.backend == BACKEND_REFERENCE:
             return self._fallback(x, decision)
         compute_dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
         if compute_dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"expected float32, float16 or bfloat16 input, got {compute_dtype}")
+        if needs_grad and blocker is None:  # the backward on the kernels (fastunet.training)
+            logits = ops.unet_forward_kernel_grad(self.fused_layout(), x.to(compute_dtype), compute_dtype)
+            self.last_backend, self.last_backend_reason = decision.backend, f"{decision.reason}; backward kernels"
+            return logits
         if traced:
             plan = ops.build_plan(self.fused_layout(), compute_dtype, x.device)
         else:
@@ -249,14 +261,16 @@ class FastUNet(FusedForward, UNet):
       (``"triton-interpreter"``);
     * eval mode, CPU input otherwise: the reference PyTorch math (``"reference"``), with one
       :class:`FastUNetFallbackWarning`;
-    * training mode: the reference PyTorch math (BatchNorm batch statistics and their running-stat updates,
-      gradients). Backward kernels do not exist yet.
+    * training mode without BatchNorm (``norm=None``, or every BatchNorm frozen in eval mode): forward and backward
+      on the kernels (:mod:`fastunet.training`), the same backends as eval mode;
+    * training mode with BatchNorm batch statistics: the reference PyTorch math (its running-stat updates,
+      gradients);
+    * training mode with gradients disabled: the reference math, with one :class:`FastUNetFallbackWarning` (most
+      often ``.eval()`` was called on another model than this one).
 
-    * training mode with gradients disabled: the same, with one :class:`FastUNetFallbackWarning` (most often
-      ``.eval()`` was called on another model than this one).
-
-    When gradients are needed in eval mode, the Triton forward's output is returned and its backward differentiates
-    the layout's eval-mode math recomputed on the same input and tensors: gradients are the reference's.
+    When gradients are needed in eval mode, the backward runs on the kernels too (folded BatchNorm included); for
+    the layouts the backward kernels do not cover, the Triton forward's output is returned and its backward
+    differentiates the layout's eval-mode math recomputed on the same input and tensors.
 
     ``last_backend`` and ``last_backend_reason`` say what the latest forward ran. The folded and packed
     parameters are rebuilt whenever a parameter or buffer changes (``load_state_dict``, optimizer steps,

@@ -10,6 +10,8 @@ out of the compiler keeps the compiled model's kernels exactly the ones the pari
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 from typing import TYPE_CHECKING
 
@@ -59,7 +61,9 @@ __all__ = [
     "plan_tensors",
     "refresh_in_place",
     "run_plan",
+    "differentiable",
     "unet_forward",
+    "unet_forward_kernel_grad",
     "unfused_reason",
 ]
 
@@ -872,6 +876,22 @@ def _normalize_fake(
     return z.new_empty((batch, height // 2, width // 2, channels) if pool else (batch, height, width, channels))
 
 
+# Set while a forward whose backward runs on the kernels launches: every launch then goes through its custom op, whose
+# registered autograd (fastunet.training) saves what the backward reads.
+_DIFFERENTIABLE: contextvars.ContextVar[bool] = contextvars.ContextVar("fastunet_differentiable", default=False)
+
+
+@contextlib.contextmanager
+def differentiable():
+    """Launch through the custom ops (and so through their registered autograd) inside the block, in eager mode too,
+    where a plain inference launch skips the dispatcher."""
+    token = _DIFFERENTIABLE.set(True)
+    try:
+        yield
+    finally:
+        _DIFFERENTIABLE.reset(token)
+
+
 def is_traced() -> bool:
     """Whether TorchDynamo is tracing or a dispatch mode (FakeTensorMode, make_fx's proxy mode) is active: then
     the launches must go through the custom ops, and nothing built from the tensors may be cached."""
@@ -879,8 +899,9 @@ def is_traced() -> bool:
 
 
 def _direct() -> bool:
-    """Whether a launch may skip the dispatcher: a dry run, or eager mode (see :func:`is_traced`)."""
-    return is_dry_run() or not is_traced()
+    """Whether a launch may skip the dispatcher: a dry run, or eager mode (see :func:`is_traced`) without autograd
+    (see :func:`differentiable`)."""
+    return is_dry_run() or not (is_traced() or _DIFFERENTIABLE.get())
 
 
 # A map as the forward passes it on: the tensor, and how to read it (None: as stored; a NormIn: the stored pre-norm
@@ -898,6 +919,7 @@ def _conv(
     pool: bool = False,
     head: ConvStage | None = None,
     nchw_out: bool = False,
+    align_corners: bool = False,
 ) -> tuple[_Map, torch.Tensor]:
     """One conv launch (with a norm with data statistics after it: and the finalize launch): through the custom op
     while a compiler or a tracing mode is watching, else (eager calls, dry runs) straight to the op's own
@@ -916,7 +938,7 @@ def _conv(
         stage.ksize,
         stage.padding,
         up_mode,
-        False,
+        align_corners,
         join,
         act.kind,
         float(act.slope),
@@ -963,7 +985,7 @@ def _nhwc(t: torch.Tensor) -> torch.Tensor:
     return t.permute(0, 2, 3, 1)
 
 
-def run_plan(plan: Plan, x: torch.Tensor) -> torch.Tensor:
+def run_plan(plan: Plan, x: torch.Tensor, upsample_in_conv: bool = False) -> torch.Tensor:
     """Eval-mode U-Net forward on the Triton kernels.
 
     Launches: 2 per encoder level (the second also writes the pooled map; with strided down-sampling the next
@@ -980,16 +1002,23 @@ def run_plan(plan: Plan, x: torch.Tensor) -> torch.Tensor:
     caller's layout (NCHW, or
     channels_last for a channels_last input). Each launch's record carries its stage name (``enc0.conv1`` ...
     ``dec0.conv2``, ``decN.up``, ``head``) when the launch runs eagerly or in a dry run.
+
+    ``upsample_in_conv``: a nearest/bilinear upsampling is part of the decoder conv's launch (its custom op takes the
+    low-resolution map, and the conv launcher writes the upsampled map first: the same two kernel launches, under
+    the stage name ``decN.conv1``), so that autograd saves the low-resolution map only and the backward recomputes
+    the upsampled one (see :mod:`fastunet.training`).
     """
-    direct = _direct()
+    named = is_dry_run() or not is_traced()
     try:
-        return _run_stages(plan, x, set_launch_stage if direct else lambda _: None)
+        return _run_stages(plan, x, set_launch_stage if named else lambda _: None, upsample_in_conv)
     finally:
-        if direct:
+        if named:
             set_launch_stage(None)
 
 
-def _run_stages(plan: Plan, x: torch.Tensor, stage: Callable[[str], None]) -> torch.Tensor:
+def _run_stages(
+    plan: Plan, x: torch.Tensor, stage: Callable[[str], None], upsample_in_conv: bool = False
+) -> torch.Tensor:
     depth = len(plan.decoders)
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     logits_nchw = not channels_last
@@ -1022,16 +1051,23 @@ def _run_stages(plan: Plan, x: torch.Tensor, stage: Callable[[str], None]) -> to
         if up_stage.pre_conv is not None:
             stage(f"dec{level}.pre_conv")
             features, _ = _conv(features, up_stage.pre_conv)
-        stage(f"dec{level}.up")
-        if up_stage.mode == "direct":
-            up = _conv_transpose(features, up_stage.conv)
-        elif up_stage.conv is not None:  # pixel shuffle: the conv at low resolution, then the shuffle (+ blur)
-            (shuffled, _), _ = _conv(features, up_stage.conv)
-            up = _upsample((shuffled, None), up_stage.mode, False)
+        if upsample_in_conv and up_stage.mode in ("nearest", "bilinear") and features[1] is None:
+            stage(f"dec{level}.conv1")
+            features, _ = _conv(
+                skips[level], conv1, up=features[0], up_mode=up_stage.mode, join=plan.join,
+                align_corners=up_stage.align_corners,
+            )  # fmt: skip
         else:
-            up = _upsample(features, up_stage.mode, up_stage.align_corners)
-        stage(f"dec{level}.conv1")
-        features, _ = _conv(skips[level], conv1, up=up, up_mode="direct", join=plan.join)
+            stage(f"dec{level}.up")
+            if up_stage.mode == "direct":
+                up = _conv_transpose(features, up_stage.conv)
+            elif up_stage.conv is not None:  # pixel shuffle: the conv at low resolution, then the shuffle (+ blur)
+                (shuffled, _), _ = _conv(features, up_stage.conv)
+                up = _upsample((shuffled, None), up_stage.mode, False)
+            else:
+                up = _upsample(features, up_stage.mode, up_stage.align_corners)
+            stage(f"dec{level}.conv1")
+            features, _ = _conv(skips[level], conv1, up=up, up_mode="direct", join=plan.join)
         stage(f"dec{level}.conv2")
         if level == 0 and plan.fuse_head:
             (logits, _), _ = _conv(features, conv2, head=plan.head, nchw_out=logits_nchw)
@@ -1075,8 +1111,8 @@ class _TritonForwardReferenceBackward(torch.autograd.Function):
 
 
 def unet_forward(plan: Plan, x: torch.Tensor, needs_grad: bool) -> torch.Tensor:
-    """Run the plan; with ``needs_grad``, attach the gradients of the plan's layout math (see
-    :class:`_TritonForwardReferenceBackward`)."""
+    """Run the plan; with ``needs_grad``, attach the gradients of the plan's layout math recomputed in PyTorch (see
+    :class:`_TritonForwardReferenceBackward`). For a backward on the kernels see :func:`unet_forward_kernel_grad`."""
     if not needs_grad:
         return run_plan(plan, x)
     # Each tensor is handed to autograd once, however many modules read it (tied weights get one summed gradient).
@@ -1092,3 +1128,15 @@ def unet_forward(plan: Plan, x: torch.Tensor, needs_grad: bool) -> torch.Tensor:
         else:
             constants[key] = value
     return _TritonForwardReferenceBackward.apply(plan, tuple(slots), constants, x, *tensors)
+
+
+def unet_forward_kernel_grad(layout: Layout, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The forward of ``layout`` whose backward runs on the kernels (:mod:`fastunet.training`): the plan built from
+    the parameters by differentiable ops, every launch through its custom op and that op's registered autograd."""
+    from fastunet.training import build_training_plan
+
+    plan = build_training_plan(layout, dtype, x.device)
+    if is_traced():  # the launches go through the custom ops already
+        return run_plan(plan, x, upsample_in_conv=True)
+    with differentiable():
+        return run_plan(plan, x, upsample_in_conv=True)

@@ -127,6 +127,11 @@ def set_launch_stage(stage: str | None) -> None:
     _thread.stage = stage
 
 
+def current_launch_stage() -> str | None:
+    """The stage name this thread's launches are stamped with (see :func:`set_launch_stage`)."""
+    return _thread.stage
+
+
 def recording() -> bool:
     """Whether a launch log of this thread is open: launchers build their :class:`LaunchRecord` only then (the
     record costs microseconds of host time a launch)."""

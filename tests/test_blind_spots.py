@@ -37,7 +37,7 @@ from fastunet.ops import fold_batchnorm
 from fastunet.parity import randomize_norm_stats
 from fastunet.reference import center_pad
 from interpreter_patch import patched_builder
-from tolerances import assert_kernel_close, assert_network_close, precision_key
+from tolerances import assert_kernel_close, precision_key
 
 
 def nhwc(t: torch.Tensor) -> torch.Tensor:
@@ -68,29 +68,36 @@ def _autocast_pair(which: str, device: torch.device) -> tuple[nn.Module, nn.Modu
 
 @pytest.mark.parametrize("which", ["fastunet", "converted"])
 def test_backward_after_an_autocast_forward(device, which):
-    """The forward runs in bfloat16 under autocast; its backward recomputes the reference under the same autocast
-    (with it off, the recompute meets a bfloat16 input and float32 weights and fails), so the gradients are the
-    reference model's under autocast."""
+    """The forward runs in float16 under autocast; the backward runs under the same precision (the kernels' backward
+    on float16 maps; a recompute of the reference would meet a float16 input and float32 weights and fail with
+    autocast off). Every gradient is as close to the float64 model's as eager autocast's own (at most twice its
+    error, plus a floor). float16, not bfloat16: with bfloat16's 8-bit mantissa the ReLU masks of this tiny
+    network's 3x2 bottleneck flip by chance, and single gradients land 1-70% off float64 for eager autocast too,
+    depending on the seed (tests/test_training.py checks bfloat16 autocast where both sides round alike)."""
     fast, reference = _autocast_pair(which, device)
+    exact_model = copy.deepcopy(reference).cpu().double()
     x = torch.randn(2, 3, 12, 10, device=device)
-    grad = torch.randn(2, 2, 12, 10, device=device)
+    grad = torch.randn(2, 2, 12, 10, device=device).to(torch.float16)
     found = []
     for model in (fast, reference):
         x_in = x.clone().requires_grad_()
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.float16):
             out = model(x_in)
-        assert out.dtype == torch.bfloat16
-        out.backward(grad.to(out.dtype))
+        assert out.dtype == torch.float16
+        out.backward(grad)
         found.append({"input": x_in.grad, **{name: p.grad for name, p in model.named_parameters()}})
+    x_in = x.cpu().double().requires_grad_()
+    exact_model(x_in).backward(grad.cpu().double())
+    found.append({"input": x_in.grad, **{name: p.grad for name, p in exact_model.named_parameters()}})
     assert fast.last_backend in ("triton", "triton-interpreter"), fast.last_backend_reason
-    ours, theirs = found
-    assert ours.keys() == theirs.keys()
-    for name, expected in theirs.items():
-        assert ours[name] is not None and ours[name].dtype == expected.dtype, name
-        try:
-            assert_network_close(ours[name], expected, "bf16")
-        except AssertionError as error:
-            raise AssertionError(f"gradient of {name}: {error}") from None
+    ours, eager, exact = found
+    assert ours.keys() == eager.keys() == exact.keys()
+    for name, expected in exact.items():
+        assert ours[name] is not None and ours[name].dtype == eager[name].dtype, name
+        error, eager_error = (
+            float((t.double().cpu() - expected).norm() / expected.norm()) for t in (ours[name], eager[name])
+        )
+        assert error <= 2 * eager_error + 1e-3, (name, error, eager_error)
 
 
 # ---------------------------------------------------------------------------------------------------------------

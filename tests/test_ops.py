@@ -7,7 +7,9 @@ import threading
 import pytest
 import torch
 from test_convert import milesial
+from test_convert_structure import handmade
 from test_unet_parity import build_pair
+from torch import nn
 
 import fastunet
 from fastunet import ops
@@ -114,17 +116,20 @@ def test_compile_fullgraph_runs_the_kernels(device, which):
         assert torch.equal(compiled(x), model(x))
 
 
-def test_compile_with_autograd_runs_the_reference_and_says_so(device):
-    model, _ = build_pair(device, torch.float32, **SMALL, upsample="transpose", norm=None)
+def test_compile_with_autograd_runs_the_reference_where_no_backward_kernel_covers_it(device):
+    """A LeakyReLU layout has no backward kernels: compiled with autograd on, its forward is the reference math."""
+    model = fastunet.convert(handmade(act=nn.LeakyReLU(0.2), norm=False).eval()).to(device)
     x = torch.randn(1, 3, 8, 8, device=device, requires_grad=True)
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     out = compiled(x)
-    assert model.last_backend == "reference" and "torch.compile with autograd" in model.last_backend_reason
+    assert model.last_backend == "reference" and "torch.compile with autograd on: enc0.conv1: the leaky_relu" in (
+        model.last_backend_reason
+    )
     out.sum().backward()
     grad = x.grad.clone()
     x.grad = None
-    fastunet.UNet.forward(model, x).sum().backward()
+    model.reference_forward(x).sum().backward()
     torch.testing.assert_close(grad, x.grad)
 
 

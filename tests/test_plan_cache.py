@@ -42,13 +42,31 @@ ROWS = {
     },
     ("eval", "CPU tensor otherwise"): {**EVAL, "device": CPU},
     ("eval", "CUDA tensor, `TRITON_INTERPRET=1` set"): {**EVAL, "interpret": True},
-    ("train", "any"): {**EVAL, "training": "encoders.0.norm1"},
+    ("train, a layout the backward kernels cover (see Gradients)", "CUDA tensor"): {**EVAL, "training": "the model"},
+    (
+        "train, a layout the backward kernels cover",
+        "CPU tensor, `TRITON_INTERPRET=1` set before `triton` is imported",
+    ): {
+        **EVAL,
+        "training": "the model",
+        "device": CPU,
+        "interpret": True,
+    },
+    ("train, any other layout (BatchNorm with batch statistics, say)", "any"): {
+        **EVAL,
+        "training": "encoders.0.norm1",
+        "backward_blocker": "enc0.conv1: BatchNorm2d in training mode (batch statistics) has no backward kernels yet",
+    },
     ("train, gradients disabled (`torch.no_grad()`, inference mode)", "any"): {
         **EVAL,
         "training": "the model",
         "grad_enabled": False,
     },
-    ("eval, inside `torch.compile` with autograd on", "any"): {**EVAL, "traced_with_grad": True},
+    ("eval, inside `torch.compile` with autograd on, a layout the backward kernels do not cover", "any"): {
+        **EVAL,
+        "traced_with_grad": True,
+        "backward_blocker": "enc0.conv1: the leaky_relu activation has no backward kernels yet (ReLU has)",
+    },
     ("eval, forward hooks on a submodule", "any"): {**EVAL, "hooked": "encoders.1"},
 }
 
@@ -76,18 +94,32 @@ def test_dispatch_mirrors_the_readme_table():
     [
         pytest.param({}, BACKEND_TRITON, "eval mode", id="kernels"),
         pytest.param({"device": CPU, "interpret": True}, BACKEND_INTERPRETER, "eval mode", id="interpreter"),
-        # Training comes first: hooks, compilation and the device do not matter then.
+        # Training on a layout without backward kernels comes first: hooks, compilation and the device do not matter.
         pytest.param(
-            {"training": "head", "hooked": "head", "traced_with_grad": True, "device": CPU},
+            {"training": "head", "hooked": "head", "traced_with_grad": True, "device": CPU, "backward_blocker": "X"},
             BACKEND_REFERENCE,
-            "training mode (head;",
+            "training mode (head): X",
             id="training-first",
+        ),
+        # With backward kernels, training goes on to the other rows.
+        pytest.param({"training": "head", "hooked": "head"}, BACKEND_REFERENCE, "forward hooks", id="training-hooks"),
+        pytest.param(
+            {"training": "head", "traced_with_grad": True}, BACKEND_TRITON, "training mode", id="train-compiled"
+        ),
+        pytest.param(
+            {"training": "head", "device": CPU, "interpret": True}, BACKEND_INTERPRETER, "training mode", id="train-cpu"
         ),
         pytest.param(
             {"hooked": "head", "traced_with_grad": True}, BACKEND_REFERENCE, "forward hooks on head", id="hooks-next"
         ),
         pytest.param({"global_hooks": True}, BACKEND_REFERENCE, "forward hooks registered globally", id="global"),
-        pytest.param({"traced_with_grad": True, "device": CPU}, BACKEND_REFERENCE, "torch.compile", id="compile"),
+        pytest.param(
+            {"traced_with_grad": True, "device": CPU, "backward_blocker": "X"},
+            BACKEND_REFERENCE,
+            "torch.compile with autograd on: X",
+            id="compile",
+        ),
+        pytest.param({"traced_with_grad": True}, BACKEND_TRITON, "eval mode", id="compile-kernel-grad"),
     ],
 )
 def test_dispatch_order(changes, backend, reason):

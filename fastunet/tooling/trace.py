@@ -2,7 +2,9 @@
 
 :func:`trace` lists the launches of a model's forward; :func:`trace_config` traces one configuration, built from
 the reference U-Net's constructor arguments, the way every tool here (roofline, compile report, benchmarks) does;
-:func:`stage_labels` gives each launch the stage name the fused forward stamped on its record.
+:func:`stage_labels` gives each launch the stage name the fused forward stamped on its record;
+:func:`saved_for_backward` counts what autograd keeps from a forward whose backward runs on the kernels, and
+:func:`trace_training` lists the launches of such a forward and its backward.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import torch
 
 from fastunet.kernels._common import LaunchRecord, dry_run, launch_log, modeled_target
 from fastunet.model import FastUNet, FusedForward
-from fastunet.ops import build_plan, run_plan
+from fastunet.ops import build_plan, run_plan, unet_forward_kernel_grad
 from fastunet.reference import UNet, check_input
 
 
@@ -80,3 +82,64 @@ def summarize(records: list[LaunchRecord]) -> dict:
         "bytes_read": sum(r.bytes_read for r in records),
         "bytes_written": sum(r.bytes_written for r in records),
     }
+
+
+def _training_model(model_kwargs: dict) -> FastUNet:
+    from fastunet.training import kernel_training_blocker
+
+    model = FastUNet(**model_kwargs, device="meta")
+    reason = kernel_training_blocker(model.fused_layout(), training=True)
+    if reason is not None:
+        raise ValueError(f"the backward kernels cannot run this configuration: {reason}")
+    return model
+
+
+def trace_training(
+    model_kwargs: dict,
+    input_shape: Sequence[int],
+    dtype: torch.dtype = torch.float16,
+    *,
+    sm_count: int | None = None,
+    arch: int = 90,
+) -> list[LaunchRecord]:
+    """The launches of one training step's forward and backward of ``UNet(**model_kwargs)`` on the backward kernels
+    (the input needs no gradient; the optimizer step is not included), nothing run: the forward as the training
+    path launches it (head unfused, the upsampling inside the decoder conv's launch), then the backward, whose
+    records carry the forward stage's name with ``.backward``. Raises ``ValueError`` for a layout the backward
+    kernels do not cover."""
+    from fastunet.training import build_training_plan
+
+    model = _training_model(model_kwargs)
+    x = torch.empty(tuple(input_shape), device="meta", dtype=dtype)
+    with modeled_target(sm_count, arch) if sm_count is not None else contextlib.nullcontext():
+        with torch.no_grad(), dry_run(), launch_log() as forward:
+            run_plan(build_training_plan(model.fused_layout(), dtype, x.device), x, upsample_in_conv=True)
+        with torch.enable_grad():
+            logits = unet_forward_kernel_grad(model.fused_layout(), x, dtype)  # meta: the graph, nothing launched
+            with dry_run(), launch_log() as backward:
+                logits.backward(torch.empty_like(logits))
+    return [*forward, *backward]
+
+
+def saved_for_backward(model_kwargs: dict, input_shape: Sequence[int], dtype: torch.dtype = torch.float16) -> dict:
+    """Bytes autograd keeps between the forward and the backward of ``UNet(**model_kwargs)`` on the backward kernels
+    (see :mod:`fastunet.training`), measured on the ``meta`` device (nothing computed): every tensor the ops save,
+    each storage counted once (a map saved by its producer and by its consumer is one map).
+
+    Returns ``{"maps": bytes of 4-D tensors (the activations), "weights": bytes of the rest (packed weights and
+    biases), "tensors": how many distinct storages}``. Raises ``ValueError`` for a layout the backward kernels do
+    not cover.
+    """
+    model = _training_model(model_kwargs)
+    seen: dict[int, tuple[int, int]] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        seen[storage._cdata] = (storage.nbytes(), t.dim())
+        return t
+
+    x = torch.empty(tuple(input_shape), device="meta", dtype=dtype)
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        unet_forward_kernel_grad(model.fused_layout(), x, dtype)
+    maps = sum(size for size, dim in seen.values() if dim == 4)
+    return {"maps": maps, "weights": sum(size for size, dim in seen.values() if dim != 4), "tensors": len(seen)}

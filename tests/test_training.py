@@ -1,0 +1,322 @@
+"""Training on the kernels (fastunet/training.py): whole-network gradients against float64 autograd of the
+reference, which forwards take that path and which stay on the reference (and say why), no aten compute op in a
+training step, determinism, second derivatives, autocast, torch.compile, an optimizer run, the ops' autograd
+registration."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from test_convert import milesial
+from test_convert_structure import handmade
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fastunet
+from fastunet import FastUNet, UNet
+from fastunet.parity import randomize_norm_stats
+from fastunet.tooling.trace import saved_for_backward
+from fastunet.training import kernel_training_blocker
+
+SMALL = {"in_channels": 3, "num_classes": 2, "base_channels": 4, "depth": 2}
+KERNELS = ("triton", "triton-interpreter")
+
+
+def _pair(device, upsample="bilinear", norm=None, **config) -> tuple[FastUNet, UNet]:
+    if upsample == "bilinear-align":
+        upsample, config = "bilinear", {**config, "align_corners": True}
+    """A fused model in float32 on ``device`` and its float64 CPU twin (same parameters, independent tensors)."""
+    reference = UNet(**{**SMALL, **config}, upsample=upsample, norm=norm)
+    if norm is not None:
+        randomize_norm_stats(reference)
+    fast = FastUNet(**{**SMALL, **config}, upsample=upsample, norm=norm)
+    fast.load_state_dict(reference.state_dict())
+    return fast.to(device), copy.deepcopy(reference).double()
+
+
+def _relative(got: torch.Tensor, expected: torch.Tensor) -> float:
+    expected = expected.double().cpu()
+    return float((got.double().cpu() - expected).norm() / expected.norm().clamp_min(1e-300))
+
+
+def _grads(model: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> dict[str, torch.Tensor]:
+    x = x.clone().requires_grad_()
+    model.zero_grad(set_to_none=True)
+    model(x).backward(grad)
+    return {"input": x.grad, **{name: p.grad for name, p in model.named_parameters()}}
+
+
+# fp32 kernels against float64: the forward's error budget (1e-5 normwise) holds for every gradient too.
+BUDGET = 1e-5
+
+
+@pytest.mark.parametrize(
+    ("upsample", "size"),
+    [
+        ("bilinear", (16, 16)),
+        ("bilinear", (17, 13)),
+        ("bilinear-align", (13, 10)),
+        ("transpose", (16, 12)),
+        ("transpose", (9, 11)),
+        ("nearest", (15, 16)),
+    ],  # fmt: skip
+)
+def test_training_step_gradients_match_float64(device, upsample, size):
+    fast, reference = _pair(device, upsample)
+    fast.train()
+    x = torch.randn(2, 3, *size)
+    grad = torch.randn(2, 2, *size)
+    found = _grads(fast, x.to(device), grad.to(device))
+    assert fast.last_backend in KERNELS, fast.last_backend_reason
+    assert fast.last_backend_reason == "training mode; backward kernels"
+    expected = _grads(reference, x.double(), grad.double())
+    assert found.keys() == expected.keys()
+    for name, value in found.items():
+        assert value.dtype == torch.float32 and value.shape == expected[name].shape, name
+        assert _relative(value, expected[name]) <= BUDGET, (name, _relative(value, expected[name]))
+
+
+def test_eval_mode_gradients_with_folded_batchnorm_run_on_the_kernels(device):
+    """Eval mode: BatchNorm folds into the conv; the fold is differentiable, so its weight and bias get gradients."""
+    fast, reference = _pair(device, "transpose", norm="batch")
+    fast.eval(), reference.eval()
+    x, grad = torch.randn(2, 3, 12, 10), torch.randn(2, 2, 12, 10)
+    found = _grads(fast, x.to(device), grad.to(device))
+    assert fast.last_backend in KERNELS and fast.last_backend_reason.endswith("backward kernels")
+    expected = _grads(reference, x.double(), grad.double())
+    for name, value in found.items():
+        assert _relative(value, expected[name]) <= BUDGET, (name, _relative(value, expected[name]))
+
+
+def test_batchnorm_in_training_mode_stays_on_the_reference_and_says_why(device):
+    fast, _ = _pair(device, "bilinear", norm="batch")
+    fast.train()
+    fast(torch.randn(2, 3, 8, 8, device=device)).sum().backward()
+    assert fast.last_backend == "reference"
+    assert "BatchNorm2d in training mode" in fast.last_backend_reason
+    # A frozen BatchNorm (eval mode inside a training model) folds: the kernels take the step.
+    for module in fast.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.eval()
+    fast(torch.randn(2, 3, 8, 8, device=device)).sum().backward()
+    assert fast.last_backend in KERNELS, fast.last_backend_reason
+
+
+def test_blockers_name_the_module_and_the_feature():
+    model = FastUNet(**SMALL, upsample="bilinear", norm="batch").train()
+    reason = kernel_training_blocker(model.fused_layout(), training=True)
+    assert reason.startswith("enc0.conv1: BatchNorm2d in training mode"), reason
+    assert kernel_training_blocker(model.fused_layout(), training=False) is None
+    assert kernel_training_blocker(FastUNet(**SMALL).fused_layout(), training=True) is None
+    model.encoders[1].conv2.padding = (0, 0)
+    reason = kernel_training_blocker(model.fused_layout(), training=False)
+    assert reason.startswith("enc1.conv2: only 3x3 stride-1 'same' convs"), reason
+
+
+def test_a_converted_model_trains_on_its_source_forward(device):
+    source = milesial(bilinear=True).to(device)
+    converted = fastunet.convert(source).train()
+    converted(torch.randn(2, 3, 16, 16, device=device)).sum().backward()
+    assert converted.last_backend == "reference"
+    assert "its source class's own forward in training mode" in converted.last_backend_reason
+    converted.eval()
+    converted(torch.randn(1, 3, 16, 16, device=device)).sum().backward()
+    assert converted.last_backend in KERNELS and converted.last_backend_reason.endswith("backward kernels")
+
+
+@pytest.mark.parametrize("up", ["transpose", "bilinear"])
+def test_eval_gradients_of_a_converted_model_with_the_upsampled_map_first(device, up):
+    """cat([up, skip]): the plan moves the skip's weight rows first; the gradient reaches the source's own order."""
+    source = handmade(up=up, up_first=True)
+    converted = fastunet.convert(copy.deepcopy(source).to(device)).eval()
+    exact = copy.deepcopy(source).double().eval()
+    x, grad = torch.randn(2, 3, 13, 12), torch.randn(2, 2, 13, 12)
+    found = _grads(converted, x.to(device), grad.to(device))
+    assert converted.last_backend in KERNELS and converted.last_backend_reason.endswith("backward kernels")
+    expected = _grads(exact, x.double(), grad.double())
+    assert found.keys() == expected.keys()
+    for name, value in found.items():
+        assert _relative(value, expected[name]) <= BUDGET, (name, _relative(value, expected[name]))
+
+
+# Aten ops that would mean a layer's math ran in PyTorch rather than on the kernels.
+FORBIDDEN = (
+    "convolution", "max_pool", "upsample", "cat", "relu", "threshold_backward", "where", "_softmax", "addmm", "mm",
+    "bmm", "index_put", "scatter", "col2im", "im2col",
+)  # fmt: skip
+
+
+class _AtenOps(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        namespace, name = func._schema.name.split("::")
+        if namespace == "aten":
+            self.names.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("upsample", ["bilinear", "transpose"])
+def test_a_training_step_runs_no_aten_layer_op(device, upsample):
+    fast, _ = _pair(device, upsample)
+    fast.train()
+    x = torch.randn(2, 3, 8, 8, device=device, requires_grad=True)
+    with _AtenOps() as ops:
+        fast(x).square().mean().backward()
+    assert fast.last_backend in KERNELS
+    forbidden = sorted({name for name in ops.names if name in FORBIDDEN or name.startswith(FORBIDDEN[:3])})
+    assert not forbidden, forbidden
+
+
+def test_two_backward_runs_are_bitwise_identical(device):
+    fast, _ = _pair(device, "bilinear")
+    fast.train()
+    x, grad = torch.randn(2, 3, 11, 9, device=device), torch.randn(2, 2, 11, 9, device=device)
+    first = _grads(fast, x, grad)
+    second = _grads(fast, x, grad)
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+
+
+def test_double_backward_in_training_mode_matches_float64(device):
+    """A gradient penalty: under create_graph each op's backward differentiates its own PyTorch math."""
+    fast, reference = _pair(device, "bilinear")
+    fast.train()
+    x = torch.randn(1, 3, 8, 8)
+    found = {}
+    for model, x_in in ((fast, x.to(device)), (reference, x.double())):
+        x_in = x_in.clone().requires_grad_()
+        model.zero_grad(set_to_none=True)
+        out = model(x_in)
+        (grad_x,) = torch.autograd.grad(out.square().sum(), x_in, create_graph=True)
+        (out.sum() + grad_x.square().sum()).backward()
+        found[model is fast] = {name: p.grad for name, p in model.named_parameters()}
+    assert fast.last_backend in KERNELS
+    for name, value in found[True].items():
+        assert _relative(value, found[False][name]) <= BUDGET, name
+
+
+def test_autocast_gradients_come_back_in_the_parameters_dtype(device):
+    """Under bf16 autocast every map and gradient is stored in bf16: the error against float64 is held to twice
+    what eager PyTorch's own autocast backward gets, plus a floor."""
+    fast, reference = _pair(device, "bilinear")
+    eager = copy.deepcopy(reference).float().to(device)
+    fast.train()
+    x, grad = torch.randn(2, 3, 16, 16), torch.randn(2, 2, 16, 16)
+    found = {}
+    for model in (fast, eager):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            out = model(x.to(device))
+        assert out.dtype == torch.bfloat16
+        out.backward(grad.to(device, torch.bfloat16))
+        found[model is fast] = {name: p.grad for name, p in model.named_parameters()}
+    assert fast.last_backend in KERNELS
+    expected = _grads(reference, x.double(), grad.to(torch.bfloat16).double())
+    for name, value in found[True].items():
+        assert value.dtype == torch.float32, name
+        ours, theirs = _relative(value, expected[name]), _relative(found[False][name], expected[name])
+        assert ours <= 2 * theirs + 1e-2, (name, ours, theirs)
+
+
+def test_adamw_steps_track_the_reference(device):
+    """Ten AdamW steps from the same start: the loss curves and final parameters of the fused model (fp32
+    kernels) and of the float64 reference stay together."""
+    fast, reference = _pair(device, "bilinear")
+    fast.train(), reference.train()
+    x, target = torch.randn(2, 3, 12, 12), torch.randn(2, 2, 12, 12)
+    losses = {}
+    for model, cast in ((fast, lambda t: t.to(device)), (reference, torch.Tensor.double)):
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        curve = []
+        for _ in range(10):
+            optimizer.zero_grad()
+            loss = (model(cast(x)) - cast(target)).square().mean()
+            loss.backward()
+            optimizer.step()
+            curve.append(float(loss))
+        losses[model is fast] = torch.tensor(curve, dtype=torch.float64)
+    assert fast.last_backend in KERNELS
+    assert losses[True][-1] < losses[True][0]
+    torch.testing.assert_close(losses[True], losses[False], rtol=1e-4, atol=0)
+    for (name, p), (_, q) in zip(fast.named_parameters(), reference.named_parameters(), strict=True):
+        assert _relative(p.detach(), q.detach()) <= 1e-4, name
+
+
+def test_compiled_training_step_runs_the_kernels(device):
+    fast, _ = _pair(device, "transpose")
+    fast.train()
+    x, grad = torch.randn(2, 3, 8, 8, device=device), torch.randn(2, 2, 8, 8, device=device)
+    eager = _grads(fast, x, grad)
+    torch._dynamo.reset()
+    compiled = torch.compile(fast, fullgraph=True, backend="aot_eager")  # fullgraph: a graph break raises
+    found = _grads(compiled, x, grad)
+    assert fast.last_backend in KERNELS, fast.last_backend_reason
+    for name in eager:
+        found_name = name if name in found else f"_orig_mod.{name}"
+        assert torch.equal(found[found_name], eager[name]), name
+
+
+def test_saved_bytes_on_meta_match_a_real_run_and_stay_under_the_target(device):
+    """What autograd keeps from a training forward, counted per storage: the meta-device count equals a real run's
+    count, and the reference config (bilinear, bf16, 512x512) keeps under 300 MB of maps per image."""
+    config = {**SMALL, "upsample": "bilinear"}
+    fast = FastUNet(**config).to(device).train()
+    sizes: dict[int, tuple[int, int]] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        sizes[storage.data_ptr()] = (storage.nbytes(), t.dim())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fast(torch.randn(2, 3, 16, 16, device=device))
+    assert fast.last_backend in KERNELS
+    measured = saved_for_backward(config, (2, 3, 16, 16), torch.float32)
+    assert measured["maps"] == sum(size for size, dim in sizes.values() if dim == 4)
+    assert measured["tensors"] == len(sizes)
+    reference = {"in_channels": 3, "num_classes": 2, "base_channels": 64, "depth": 4, "upsample": "bilinear"}
+    assert saved_for_backward(reference, (1, 3, 512, 512), torch.bfloat16)["maps"] < 300e6
+    with pytest.raises(ValueError, match="BatchNorm2d in training mode"):
+        saved_for_backward({**reference, "norm": "batch"}, (1, 3, 512, 512), torch.bfloat16)
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str, x: torch.Tensor, target: torch.Tensor) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = FastUNet(**SMALL, upsample="bilinear").train()
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        part = slice(rank * x.shape[0] // world, (rank + 1) * x.shape[0] // world)
+        loss = (ddp(x[part]) - target[part]).square().mean()
+        loss.backward()
+        grads = {name: p.grad for name, p in model.named_parameters()}
+        torch.save({"grads": grads, "backend": model.last_backend}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_data_parallel_gradients_equal_one_process_on_the_whole_batch(tmp_path):
+    """Two gloo processes on the CPU, each half the batch: DDP's averaged gradients are the gradients of one
+    process on the whole batch (the loss a mean over the batch)."""
+    import torch.multiprocessing as mp
+
+    x, target = torch.randn(4, 3, 8, 8), torch.randn(4, 2, 8, 8)
+    mp.start_processes(
+        _ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path), x, target), nprocs=2, start_method="fork"
+    )
+    torch.manual_seed(0)
+    model = FastUNet(**SMALL, upsample="bilinear").train()
+    (model(x) - target).square().mean().backward()
+    assert model.last_backend in KERNELS
+    for rank in range(2):
+        found = torch.load(tmp_path / f"rank{rank}.pt")
+        assert found["backend"] in KERNELS
+        for name, p in model.named_parameters():
+            assert _relative(found["grads"][name], p.grad) <= 1e-5, (rank, name)
