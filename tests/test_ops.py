@@ -95,6 +95,53 @@ def test_fake_output_matches_the_real_one(device, valid_crop):
         assert r.shape == f.shape and r.stride() == f.stride() and r.dtype == f.dtype
 
 
+# -- autograd registration and the backward ops -------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "case",
+    [
+        pytest.param({}, id="plain"),
+        pytest.param({"pool": True}, id="pool"),
+        pytest.param({"up_mode": "direct"}, id="two-sources"),
+        pytest.param({"up_mode": "bilinear", "align_corners": True}, id="bilinear-in-launch"),
+    ],
+)
+def test_conv_op_autograd_passes_opcheck(device, case):
+    """With inputs that require grad, opcheck also runs the registered autograd (fastunet.training) and its
+    backward through AOT dispatch."""
+    case = dict(case)
+    if case.get("up_mode") == "direct":
+        case["up"] = _nhwc(2, 7, 6, 4, device)
+    elif case.get("up_mode"):
+        case["up"] = _nhwc(2, 3, 3, 4, device)
+    args = list(_conv_args(device, **case))
+    for index in (0, 1, 2, 3):
+        if args[index] is not None:
+            args[index] = args[index].detach().requires_grad_()
+    torch.library.opcheck(torch.ops.fastunet.conv2d_nhwc.default, tuple(args))
+
+
+def test_upsample_and_transposed_ops_autograd_pass_opcheck(device):
+    x = _nhwc(2, 3, 4, 5, device).requires_grad_()
+    torch.library.opcheck(torch.ops.fastunet.upsample2x_nhwc.default, (x, "bilinear", False))
+    weight = pack_conv_transpose_weight(torch.randn(5, 4, 2, 2, device=device)).requires_grad_()
+    bias4 = torch.randn(4, device=device).repeat(4).detach().requires_grad_()
+    torch.library.opcheck(torch.ops.fastunet.conv_transpose2x2_nhwc.default, (x, weight, bias4))
+
+
+def test_backward_ops_pass_opcheck(device):
+    x, y = _nhwc(2, 6, 5, 3, device), torch.relu(_nhwc(2, 6, 5, 4, device))
+    weight = pack_conv_weight(torch.randn(4, 3, 3, 3, device=device))
+    grad_y, grad_pooled = _nhwc(2, 6, 5, 4, device), _nhwc(2, 3, 2, 4, device)
+    args = (x, weight, None, y, grad_y, grad_pooled, 3, 1, "relu", True, True, True, "direct", False)
+    torch.library.opcheck(torch.ops.fastunet.conv2d_nhwc_backward.default, args)
+    grad = _nhwc(2, 7, 9, 3, device)
+    torch.library.opcheck(torch.ops.fastunet.upsample2x_nhwc_backward.default, (grad, 4, 4, "nearest", False, 0, 0))
+    low = _nhwc(2, 3, 4, 5, device)
+    weight_t = pack_conv_transpose_weight(torch.randn(5, 4, 2, 2, device=device))
+    args = (low, weight_t, _nhwc(2, 6, 8, 4, device), True, True)
+    torch.library.opcheck(torch.ops.fastunet.conv_transpose2x2_nhwc_backward.default, args)
+
+
 # -- torch.compile ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("which", ["fastunet", "milesial"])
 def test_compile_fullgraph_runs_the_kernels(device, which):
