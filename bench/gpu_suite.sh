@@ -8,8 +8,10 @@
 #   env        versions, driver and device into env.json and a first record.json (a cold CUDA import can be slow)
 #   install    pip install --no-deps --no-build-isolation --no-index -e .   (offline)
 #   bench      the headline first: the reference config in bf16 at batch 16, then batch 1: parity, fastunet and
-#              eager PyTorch (whole network, then each stage), then torch.compile (default), then max-autotune only
-#              when enough of the stage remains; one torch.profiler trace per provider
+#              eager PyTorch (whole network); then a training step of the reference config in bf16 at batch 16
+#              (fastunet, eager; gradients checked against eager first), each stage alone, then torch.compile
+#              (default: the forward, the training step, the stages), then max-autotune only when enough of the stage
+#              remains; one torch.profiler trace per provider
 #   tests      the test suite on CUDA with one xdist worker per spare core (gpu-marked TF32/bf16 tests included;
 #              the CPU tooling tests that CI runs, marked `tooling`, are left out)
 #   sanitizer  compute-sanitizer memcheck over the small-shape kernel tests (after the tests: a warm kernel cache)
@@ -141,7 +143,7 @@ for stage in "${stages[@]}"; do
       limit=$(cut_limit 240)
       budget_s=$((limit - 30 > 10 ? limit - 30 : 10))  # imports, the final tables and the JSON fit in the rest
       bench_args=(--configs ref-bilinear-b16 ref-bilinear-b1 --dtypes bfloat16 --quick --time-budget-s "$budget_s"
-                  --json "$OUT/bench.json" --profile "$OUT/profile")
+                  --train ref-bilinear-b16 --json "$OUT/bench.json" --profile "$OUT/profile")
       [ "$DRY_RUN" = 1 ] && bench_args+=(--dry-run)
       run_stage bench "$limit" "$PY" bench/run_gpu.py "${bench_args[@]}" "${extra_bench[@]}"
       ;;

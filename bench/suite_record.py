@@ -10,11 +10,11 @@ Two stages of the suite call it::
 ``record.json`` from it, so a run whose later stages fail still says what it ran on. ``record`` reads what the
 stages left (``env.json``, ``stages.tsv``, ``tests-junit.xml``, ``sanitizer-junit.xml``, ``bench.json``) and writes
 ``record.json``: device, versions, commit, the headline table, times and ratios per provider and per stage, the
-measured ceilings, the status of every stage (its own included), the test counts and failures, and the plots
-(speedup per stage, roofline with each stage on it) with the backend that drew them. ``--pack`` then leaves at
-most ``--max-files`` files in OUTDIR (default 8, each at most ``--max-file-mib`` MiB): record.json, bench.json,
-tests-junit.xml, the PNGs that fit, and ``rest.tar.gz`` with everything else (logs, stages.tsv, env.json,
-profiler traces, ...).
+training step's table when the bench timed one, the measured ceilings, the status of every stage (its own included),
+the test counts and failures, and the plots (speedup per stage, roofline with each stage on it) with the backend that
+drew them. ``--pack`` then leaves at most ``--max-files`` files in OUTDIR (default 8, each at most ``--max-file-mib``
+MiB): record.json, bench.json, tests-junit.xml, the PNGs that fit, and ``rest.tar.gz`` with everything else (logs,
+stages.tsv, env.json, profiler traces, ...).
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ MAX_FILES = 8
 MAX_FILE_MIB = 16
 SOURCE_DIRS = ("fastunet", "kernels", "bench", "tests", ".ci")
 HEADLINE_PROVIDERS = ("fastunet", "fastunet-graphs", "torch-eager", "torch-compile", "torch-compile-max-autotune")
+TRAIN_PROVIDERS = ("fastunet", "torch-eager", "torch-compile")
 
 
 # -- environment ---------------------------------------------------------------------------------------------------
@@ -218,6 +219,7 @@ def summarize_run(run: dict) -> dict:
         "ratios": run.get("ratios"),
         **({"skipped": run["skipped"]} if "skipped" in run else {}),
         **({"error": run["error"]} if "error" in run else {}),
+        **({"train": summarize_training(run["train"])} if "train" in run else {}),
         "stages": [
             {
                 "index": stage["index"],
@@ -229,6 +231,46 @@ def summarize_run(run: dict) -> dict:
             for stage in run.get("stages", [])
         ],
     }
+
+
+def summarize_training(train: dict) -> dict:
+    """The training step of one configuration: what a step is, the gradient check, and per provider the median ms
+    per step, images/s, peak memory and first step (or why it was not timed)."""
+    keep = ("median_ms", "images_per_s", "peak_allocated_bytes", "first_call_s", "compile_mode")
+    providers = {
+        name: {key: entry[key] for key in keep if key in entry} if "median_ms" in entry else entry
+        for name, entry in train.get("providers", {}).items()
+    }
+    described = ("model", "input_shape", "precision", "loss", "optimizer", "gradient_budget", "gradients")
+    return {key: train.get(key) for key in described} | {
+        "fastunet_backend_reason": train.get("fastunet_backend_reason"),
+        "providers": providers,
+        "ratios": train.get("ratios"),
+    }
+
+
+def train_headline(runs: Sequence[dict]) -> list[dict]:
+    """One row per configuration with a training step: the gradient check, each provider's median ms per step,
+    fastunet's speedups."""
+    rows = []
+    for run in runs:
+        train = run.get("train")
+        if train is None:
+            continue
+        row: dict = {
+            "config": run.get("config"),
+            "dtype": run.get("dtype"),
+            "batch": (train.get("input_shape") or [None])[0],
+            "gradients_ok": (train.get("gradients") or {}).get("ok"),
+        }
+        for name in TRAIN_PROVIDERS:
+            entry = train.get("providers", {}).get(name, {})
+            row[f"{name}_ms"] = entry.get("median_ms")
+            if "median_ms" not in entry and entry:
+                row[f"{name}_status"] = entry.get("skipped") or entry.get("error")
+        row |= (train.get("ratios") or {}).get("fastunet", {})
+        rows.append(row)
+    return rows
 
 
 def headline(runs: Sequence[dict]) -> list[dict]:
@@ -252,10 +294,11 @@ def headline(runs: Sequence[dict]) -> list[dict]:
     return rows
 
 
-def format_headline(rows: Sequence[dict]) -> str:
-    """The headline rows as a small table (ms; x: fastunet's speedup over that provider)."""
-    names = HEADLINE_PROVIDERS
-    header = f"{'config':<22} {'dtype':<9} {'parity':<6} " + " ".join(f"{name:>26}" for name in names)
+def format_headline(rows: Sequence[dict], names: Sequence[str] = HEADLINE_PROVIDERS, check: str = "parity") -> str:
+    """The headline rows as a small table (ms; x: fastunet's speedup over that provider); ``check``: the row's
+    ``<check>_ok`` column (the training rows: ``gradients``)."""
+    width = max(6, len(check))
+    header = f"{'config':<22} {'dtype':<9} {check:<{width}} " + " ".join(f"{name:>26}" for name in names)
     lines = [header]
     for row in rows:
         cells = []
@@ -267,8 +310,8 @@ def format_headline(rows: Sequence[dict]) -> str:
             else:
                 text = f"{ms:.3f} ms" + (f" (x{speedup:.2f})" if speedup else "")
             cells.append(f"{text:>26}")
-        parity = {True: "ok", False: "FAIL", None: "-"}[row.get("parity_ok")]
-        lines.append(f"{str(row['config']):<22} {str(row['dtype']):<9} {parity:<6} " + " ".join(cells))
+        parity = {True: "ok", False: "FAIL", None: "-"}[row.get(f"{check}_ok")]
+        lines.append(f"{str(row['config']):<22} {str(row['dtype']):<9} {parity:<{width}} " + " ".join(cells))
     return "\n".join(lines)
 
 
@@ -309,6 +352,7 @@ def build_record(out_dir: str, own_stage: dict | None = None) -> dict:
         "environment": env,
         "bench_environment": bench_env,
         "headline": headline(runs),
+        "train_headline": train_headline(runs),
         "ceilings": bench.get("ceilings"),
         "ceilings_measured": bench.get("ceilings_measured"),
         "stages": stages,
@@ -462,6 +506,9 @@ def _record_main(args: argparse.Namespace, started: float) -> int:
             print(f"  FAILED {name}")
     if result["headline"]:
         print(format_headline(result["headline"]))
+    if result["train_headline"]:
+        print("training step (ms per step: forward, loss, backward, AdamW step; x: fastunet's speedup)")
+        print(format_headline(result["train_headline"], TRAIN_PROVIDERS, check="gradients"))
     print(f"plots {result['plots']['backend']}: {', '.join(result['plots']['files']) or 'none'}")
     if "packing" in result:
         print(f"{len(result['packing']['files'])} files in {args.out_dir}: {', '.join(result['packing']['files'])}")

@@ -487,11 +487,16 @@ def _bench_on_gpu(args: argparse.Namespace) -> int:
         align_corners=kwargs["align_corners"],
         note="fastunet bench",
     )
-    status, _ = timing.run(args, [config], [args.dtype])
+    status, _ = timing.run(args, [config], [args.dtype], train=[config.name] if args.train is not None else [])
     return status
 
 
 def _run_bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    if args.train:
+        raise ValueError(
+            "--train takes no configuration names here (fastunet bench times the one configuration its options "
+            f"describe), got {' '.join(args.train)}"
+        )
     finish_timing_args(args)
     _check_weights(args)
     if torch.cuda.is_available():

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from fastunet import model as fastunet_model
 from fastunet.tooling import providers
 from fastunet.tooling import timing as run_gpu
 from fastunet.tooling.compile_report import occupancy
@@ -474,3 +475,182 @@ def test_profile_writes_a_chrome_trace(tmp_path):
     path = run_gpu.write_profile(lambda: torch.ones(8) @ torch.ones(8), str(tmp_path / "p.trace.json"), "x", False)
     events = json.loads(open(path).read())["traceEvents"]
     assert any(event.get("name") == "x" for event in events)
+
+
+# -- the training step (--train): end to end in the dry-run mode, the kernel check, the gradient check, bad options ---
+def _train_job(run_gpu, tmp_path, dtype_name: str, *extra: str):
+    """A training job of the shrunken batch-1 reference config with its options, outside run()."""
+    args = run_gpu.parse_args(
+        ["--configs", "ref-bilinear-b1", "--dtypes", dtype_name, "--no-ceilings", "--quick", "--no-stages",
+         "--train", "--json", str(tmp_path / "bench.json"), *extra]
+    )  # fmt: skip
+    config = run_gpu.dry_run_config(run_gpu.CONFIGS["ref-bilinear-b1"])
+    job = run_gpu.new_job(config, dtype_name, H100, train=True)
+    return args, job
+
+
+def test_training_step_runs_end_to_end_on_the_kernels(tmp_path, monkeypatch, device, capsys):
+    """run() with --train on a shrunken config in bf16: the training phase of fastunet and eager comes right after
+    the whole-network forward, torch.compile's right after the compiled forward; fastunet's step ran on the backward
+    kernels, its gradients were compared with eager's (within the budget), and every provider has ms per step,
+    images/s, a first step and ratios in the JSON and the table. Bookkeeping, not speed."""
+    backend = _gpu_run_mode(run_gpu, monkeypatch, device)
+    monkeypatch.setattr(providers, "COMPILE_BACKEND", "eager")  # dynamo traces forward and backward, no inductor
+    made = []
+    real_network, real_training = run_gpu.network_callable, run_gpu.training_step
+    monkeypatch.setattr(
+        run_gpu, "network_callable", lambda model, x, provider, *rest: (
+            made.append(("network", provider)), real_network(model, x, provider, *rest))[1]
+    )  # fmt: skip
+    monkeypatch.setattr(
+        run_gpu, "training_step", lambda model, provider, *rest: (
+            made.append(("train", provider)), real_training(model, provider, *rest))[1]
+    )  # fmt: skip
+    args = run_gpu.parse_args(
+        ["--configs", "ref-bilinear-b1", "--dtypes", "bfloat16", "--no-ceilings", "--quick", "--no-stages",
+         "--no-fp64", "--providers", "fastunet", "torch-eager", "torch-compile", "--compile-start-s", "0",
+         "--train", "ref-bilinear-b1", "--json", str(tmp_path / "bench.json")]
+    )  # fmt: skip
+    configs = [run_gpu.dry_run_config(run_gpu.CONFIGS[name]) for name in args.configs]
+    train = run_gpu.train_configs(args, configs)
+    assert train == ["ref-bilinear-b1-dry"]
+    status, payload = run_gpu.run(args, configs, args.dtypes, train=train)
+
+    # The eager reference step is built first (inside fastunet's turn), then fastunet's; compile after its forward.
+    assert made == [("network", "fastunet"), ("network", "torch-eager"), ("train", "torch-eager"),
+                    ("train", "fastunet"), ("network", "torch-compile"), ("train", "torch-compile")]  # fmt: skip
+    assert status == 0
+    (run,) = payload["runs"]
+    train_entry = run["train"]
+    assert train_entry["fastunet_backend"] == backend
+    assert train_entry["fastunet_backend_reason"].endswith("; backward kernels")
+    assert train_entry["model"]["norm"] is None and train_entry["input_shape"] == [1, 3, 8, 8]
+    assert "autocast(bfloat16)" in train_entry["precision"] and train_entry["optimizer"]["fused"] is True
+    gradients = train_entry["gradients"]
+    assert gradients["ok"] is True and train_entry["gradient_budget"] == {"rel_l2": 6e-2, "max_norm": 1e-1}
+    for key in ("fastunet_vs_eager", "torch_compile_vs_eager"):
+        assert gradients[key]["rel_l2"] <= 6e-2 and gradients[key]["max_norm"] <= 1e-1, gradients
+        assert gradients[key]["loss_rel_diff"] < 1e-2
+    timed = train_entry["providers"]
+    assert list(timed) == ["fastunet", "torch-eager", "torch-compile"]
+    for provider, entry in timed.items():
+        assert entry["timed_calls"] >= 1 and entry["first_call_s"] > 0 and entry["finite_after_timing"], provider
+        assert entry["images_per_s"] == pytest.approx(1 / (entry["median_ms"] / 1e3)), provider
+        assert abs(entry["first_step_loss"] - train_entry["eager_first_step_loss"]) < 1e-2 * entry["first_step_loss"]
+        if device.type == "cuda":
+            assert entry["peak_allocated_bytes"] >= entry["step_peak_bytes"] > 0
+    assert train_entry["ratios"]["fastunet"] == pytest.approx(
+        {
+            "speedup_vs_torch_eager": timed["torch-eager"]["median_ms"] / timed["fastunet"]["median_ms"],
+            "speedup_vs_torch_compile": timed["torch-compile"]["median_ms"] / timed["fastunet"]["median_ms"],
+        }
+    )
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved["runs"][0]["train"]["providers"]["fastunet"]["median_ms"] == timed["fastunet"]["median_ms"]
+    out = capsys.readouterr().out
+    assert "training step (ref-bilinear-b1-dry" in out and "gradient check ok" in out
+    assert re.search(r"^torch-compile\s+\d+\.\d{3}\s+\d", out, re.M), out
+
+
+def test_a_training_step_off_the_backward_kernels_is_not_timed(tmp_path, monkeypatch, device):
+    """When the fused model's training forward falls back to the PyTorch math (a backward blocker), the step is
+    recorded as an error naming the backend and why, nothing is timed, and the run fails."""
+    _gpu_run_mode(run_gpu, monkeypatch, device)
+    monkeypatch.setattr(fastunet_model.FusedForward, "backward_blocker", lambda self, training: "a blocker")
+    args, job = _train_job(run_gpu, tmp_path, "float32")
+    run_gpu.time_training(job, ["fastunet"], args, float("inf"), run_gpu.Progress(1), lambda: None)
+    train = job.run["train"]
+    entry = train["providers"]["fastunet"]
+    assert "median_ms" not in entry and "did not run on the" in entry["error"], entry
+    assert train["fastunet_backend"] == "reference" and "a blocker" in train["fastunet_backend_reason"]
+    assert train["gradients"]["ok"] is False
+    assert run_gpu.failed(job.run)
+
+
+def test_training_gradients_that_differ_from_eager_fail_the_check(tmp_path, monkeypatch, device):
+    """fastunet's gradients scaled by 1.01 (one parameter's by 1.05) through hooks: still on the kernels, but the
+    check against eager finds the difference, names the parameter worst off, and fails the run; the time (a fake
+    one here) is kept."""
+    _gpu_run_mode(run_gpu, monkeypatch, device)
+    real_training = run_gpu.training_step
+
+    def skewed(model, provider, *rest):
+        step = real_training(model, provider, *rest)
+        if provider == "fastunet":
+            for name, param in step.module.named_parameters():
+                factor = 1.05 if name == "decoders.0.conv.conv1.weight" else 1.01
+                param.register_hook(lambda grad, factor=factor: grad * factor)
+        return step
+
+    monkeypatch.setattr(run_gpu, "training_step", skewed)
+    monkeypatch.setattr(run_gpu, "bench_ms", lambda fn, warmup_ms, rep_ms, return_mode="median": [1.0])
+    args, job = _train_job(run_gpu, tmp_path, "float32")
+    names = [name for name, _ in run_gpu.training_model(job.config, "cpu").named_parameters()]
+    assert "decoders.0.conv.conv1.weight" in names
+    run_gpu.time_training(job, ["fastunet"], args, float("inf"), run_gpu.Progress(1), lambda: None)
+    train = job.run["train"]
+    check = train["gradients"]["fastunet_vs_eager"]
+    assert train["fastunet_backend_reason"].endswith("; backward kernels")
+    assert train["gradients"]["ok"] is False and 1e-2 < check["rel_l2"] < 5e-2
+    assert check["worst_parameter"] == "decoders.0.conv.conv1.weight"
+    assert check["worst_parameter_rel_l2"] == pytest.approx(0.05, rel=1e-3)
+    assert "median_ms" in train["providers"]["fastunet"] and run_gpu.failed(job.run)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        pytest.param(["--train", "nope"], "argument --train: unknown configuration 'nope' (expected one of: smoke,",
+                     id="unknown-name"),
+        pytest.param(["--configs", "ref-bilinear-b1", "--train", "ref-bilinear-b16"],
+                     "argument --train: ref-bilinear-b16 is not among the configurations run (--configs "
+                     "ref-bilinear-b1)", id="not-run"),
+        pytest.param(["--providers", "fastunet-graphs", "torch-compile-max-autotune", "--train"],
+                     "--train times fastunet, torch-eager, torch-compile; --providers names none of them: "
+                     "fastunet-graphs torch-compile-max-autotune", id="no-training-provider"),
+    ],
+)  # fmt: skip
+def test_bad_training_options_are_refused(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        run_gpu.parse_args(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_training_configurations_follow_the_names_given():
+    """--train with names: those among --configs (a dry run's renamed copies followed one for one); without names:
+    every configuration; without --train: none."""
+    names = ["smoke", "ref-bilinear-b1", "ref-bilinear-b16"]
+    configs = [run_gpu.dry_run_config(run_gpu.CONFIGS[name]) for name in names]
+    for extra, expected in (
+        (["--train", "ref-bilinear-b16", "smoke"], ["smoke-dry", "ref-bilinear-b16-dry"]),
+        (["--train"], [config.name for config in configs]),
+        ([], []),
+    ):
+        args = run_gpu.parse_args(["--configs", *names, *extra])
+        assert run_gpu.train_configs(args, configs) == expected, extra
+    assert run_gpu.plan_phases(args, train=True)[1] == ("train", ["fastunet", "torch-eager"])
+    assert ("train", ["torch-compile"]) not in run_gpu.plan_phases(args)
+
+
+def test_bad_training_calls_are_refused(capsys):
+    from fastunet import cli
+
+    assert cli.main(["bench", "--train", "ref-bilinear-b16"]) == 2
+    err = capsys.readouterr().err
+    assert "--train takes no configuration names here" in err and "got ref-bilinear-b16" in err
+    config = run_gpu.dry_run_config(run_gpu.CONFIGS["ref-bilinear-b1"])
+    args = run_gpu.parse_args(["--configs", "ref-bilinear-b1", "--no-ceilings"])
+    with pytest.raises(ValueError, match="train names configurations not run: smoke"):
+        run_gpu.run(args, [config], ["float32"], train=["smoke"])
+    model = run_gpu.training_model(config, "cpu")
+    x, target = torch.zeros(1, 3, 8, 8), torch.zeros(1, 2, 8, 8)
+    with pytest.raises(ValueError, match=r"unknown training provider 'fastunet-graphs'; expected one of \("):
+        providers.training_step(model, "fastunet-graphs", x, target, torch.float32)
+    with pytest.raises(TypeError, match="a training step runs float32, float16 or bfloat16, got torch.float64"):
+        providers.training_step(model, "torch-eager", x, target, torch.float64)
+    with pytest.raises(TypeError, match="keeps float32 parameters"):
+        providers.training_step(model.half(), "torch-eager", x, target, torch.float16)
+    step = providers.training_step(run_gpu.training_model(config, "cpu"), "torch-eager", x, target, torch.float32)
+    with pytest.raises(RuntimeError, match="no training step has run yet"):
+        step.gradients()

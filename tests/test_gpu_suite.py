@@ -104,9 +104,10 @@ def test_source_digest_follows_the_sources(suite_record, tmp_path):
 @pytest.mark.tooling
 def test_dry_run_goes_through_every_stage_and_packs(tmp_path):
     """``DRY_RUN=1 bash bench/gpu_suite.sh OUT`` on the CPU: every stage runs as far as a CPU allows (the bench's
-    dry run on shrunken configs with two providers, a small test selection, a stand-in compute-sanitizer that checks
-    its options and runs the command), the record names the commit given in the environment, and the folder holds
-    at most 8 plain files: record.json, bench.json, tests-junit.xml, 4 PNGs and rest.tar.gz."""
+    dry run on shrunken configs with two providers and the training step of the batch-16 one, a small test
+    selection, a stand-in compute-sanitizer that checks its options and runs the command), the record names the
+    commit given in the environment, and the folder holds at most 8 plain files: record.json, bench.json,
+    tests-junit.xml, 4 PNGs and rest.tar.gz."""
     out, argv_file = tmp_path / "out", tmp_path / "sanitizer-argv"
     sanitizer = tmp_path / "compute-sanitizer"
     sanitizer.write_text(
@@ -147,6 +148,12 @@ def test_dry_run_goes_through_every_stage_and_packs(tmp_path):
     assert record["sanitizer_tests"]["passed"] == record["tests"]["passed"]
     assert [row["config"] for row in record["headline"]] == ["ref-bilinear-b16-dry", "ref-bilinear-b1-dry"]
     assert all(row["parity_ok"] and row["fastunet_ms"] and row["torch-eager_ms"] for row in record["headline"])
+    (train,) = record["train_headline"]  # --train ref-bilinear-b16: the batch-16 config only
+    assert (train["config"], train["batch"], train["gradients_ok"]) == ("ref-bilinear-b16-dry", 2, True)
+    assert train["fastunet_ms"] and train["torch-eager_ms"] and train["torch-compile_ms"] is None
+    (summary,) = [run for run in record["bench"] if "train" in run]
+    assert summary["train"]["fastunet_backend_reason"].endswith("; backward kernels")
+    assert "training step" in proc.stdout and "gradients" in proc.stdout
     assert record["plots"]["backend"] in ("matplotlib", "builtin") and sorted(record["plots"]["files"]) == pngs
     assert argv_file.read_text().split()[:6] == ["--tool", "memcheck", "--report-api-errors", "no",
                                                  "--error-exitcode", "9"]  # fmt: skip
@@ -157,6 +164,7 @@ def test_dry_run_goes_through_every_stage_and_packs(tmp_path):
                  "sanitizer-junit.xml"):  # fmt: skip
         assert name in members, (name, members)
     assert any(name.startswith("profile/") and name.endswith(".trace.json") for name in members)
+    assert "profile/ref-bilinear-b16-dry-bfloat16-train-fastunet.trace.json" in members
     assert "8 files" in proc.stdout or f"{len(files)} files" in proc.stdout
 
 

@@ -11,6 +11,10 @@ Providers:
   CUDA graphs; ``--max-autotune-mode max-autotune-no-cudagraphs`` leaves the graphs out, as fastunet has none).
 
 Every provider of a stage sees the same random values, so their outputs can be compared before timing.
+
+A training step (:func:`training_step`, providers ``fastunet``, ``torch-eager`` and ``torch-compile``): forward, mean
+squared error against a fixed random target, backward and a ``torch.optim.AdamW`` step, each provider on its own copy
+of the same starting parameters.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from fastunet.kernels.conv import (
     conv2d_nhwc,
@@ -33,7 +38,7 @@ from fastunet.model import FastUNet
 from fastunet.parity import randomize_norm_stats
 from fastunet.reference import UNet, center_pad
 from fastunet.tooling.shapes import BenchConfig, Stage
-from fastunet.tooling.timing_args import PROVIDERS
+from fastunet.tooling.timing_args import PROVIDERS, TRAIN_PROVIDERS
 
 # torch.compile mode of each compiled provider. max-autotune captures CUDA graphs, which the fused forward does not
 # use (it pays its 18-22 launches): "max-autotune-no-cudagraphs" compares like with like on launch overhead.
@@ -254,3 +259,106 @@ def network_callable(
 
     forward.module = module  # lets callers check e.g. FastUNet.last_backend
     return forward
+
+
+# The optimizer of the training step: AdamW with PyTorch's default betas and weight decay, a learning rate small
+# enough that the few hundred timed steps stay finite on random data (the value does not change the work done).
+TRAIN_LR = 1e-4
+# GradScaler's starting scale for float16 steps (PyTorch's default); the same for every provider, so that their
+# first step's gradients, scaled alike, compare normwise.
+TRAIN_INIT_SCALE = 2.0**16
+
+
+def training_model(config: BenchConfig, device: torch.device | str, seed: int = 0) -> UNet:
+    """The reference U-Net of ``config`` with ``norm=None`` (the layout the backward kernels cover: BatchNorm with
+    batch statistics trains on the reference math), seeded random float32 weights, in training mode."""
+    return make_model(dataclasses.replace(config, norm=None), torch.float32, device, seed=seed).train()
+
+
+def adamw(params, device: torch.device | str) -> tuple[torch.optim.AdamW, bool]:
+    """``AdamW(params, lr=TRAIN_LR, fused=True)`` where PyTorch has the fused kernel for ``device`` (and these
+    parameters), else the default implementation; returns (optimizer, fused)."""
+    params = list(params)
+    try:
+        return torch.optim.AdamW(params, lr=TRAIN_LR, fused=True), True
+    except RuntimeError:  # "`fused=True` requires all the params to be floating point Tensors of supported devices"
+        return torch.optim.AdamW(params, lr=TRAIN_LR), False
+
+
+def autocast_dtype(dtype: torch.dtype) -> torch.dtype | None:
+    """The ``torch.autocast`` dtype of a training step in ``dtype`` (None: float32 throughout)."""
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"a training step runs float32, float16 or bfloat16, got {dtype}")
+    return None if dtype == torch.float32 else dtype
+
+
+@dataclasses.dataclass
+class TrainingStep:
+    """One provider's training step, callable: ``optimizer.zero_grad(set_to_none=True)``; under
+    ``torch.autocast(dtype)`` (bf16/fp16; float32: none) the forward and ``F.mse_loss(logits, target)``; the backward;
+    the optimizer step (through a ``GradScaler`` in float16, as mixed-precision training does). Returns the loss,
+    detached (no host sync). ``module`` holds the parameters (``runs``: what is called, the compiled wrapper for
+    ``torch-compile``)."""
+
+    provider: str
+    module: nn.Module
+    runs: Callable[[torch.Tensor], torch.Tensor]
+    optimizer: torch.optim.Optimizer
+    fused: bool
+    scaler: torch.amp.GradScaler
+    x: torch.Tensor
+    target: torch.Tensor
+    dtype: torch.dtype
+    steps: int = 0
+
+    def __call__(self) -> torch.Tensor:
+        self.optimizer.zero_grad(set_to_none=True)
+        amp = autocast_dtype(self.dtype)
+        with torch.autocast(self.x.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            loss = F.mse_loss(self.runs(self.x), self.target)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.steps += 1
+        return loss.detach()
+
+    def gradients(self) -> dict[str, torch.Tensor]:
+        """The parameters' gradients left by the latest step, by parameter name. In float16 with the fused optimizer
+        they stay multiplied by the loss scale (the fused kernel unscales on the fly); on the first step that scale
+        is ``TRAIN_INIT_SCALE`` for every provider, which a relative comparison does not see."""
+        if self.steps == 0:
+            raise RuntimeError("no training step has run yet: call the step once before reading its gradients")
+        missing = [name for name, p in self.module.named_parameters() if p.grad is None]
+        if missing:
+            raise RuntimeError(f"{self.provider}: no gradient reached {', '.join(missing[:5])}")
+        return {name: p.grad for name, p in self.module.named_parameters()}
+
+
+def training_step(
+    model: UNet, provider: str, x: torch.Tensor, target: torch.Tensor, dtype: torch.dtype
+) -> TrainingStep:
+    """``provider``'s training step on its own copy of ``model`` (float32 parameters, training mode), for input
+    ``x`` (NCHW, float32) and ``target`` (the logits' shape):
+
+    * ``fastunet``: :class:`FastUNet` on the copy's tensors, fed ``x`` as given (forward and backward on the
+      kernels where the layout allows: the caller checks ``module.last_backend_reason``);
+    * ``torch-eager``: the reference U-Net, channels_last, on a channels_last copy of ``x``;
+    * ``torch-compile``: the same module through ``torch.compile`` (default mode): forward and backward compiled,
+      the loss and the optimizer step eager.
+    """
+    if provider not in TRAIN_PROVIDERS:
+        raise ValueError(f"unknown training provider {provider!r}; expected one of {TRAIN_PROVIDERS}")
+    autocast_dtype(dtype)  # refuses other dtypes before anything is copied
+    if any(p.dtype != torch.float32 for p in model.parameters()):
+        raise TypeError("a training step keeps float32 parameters (mixed precision comes from torch.autocast)")
+    module: nn.Module = copy.deepcopy(model).train()
+    if provider == "fastunet":
+        module = FastUNet.from_reference(module).train()
+        runs, inp = module, x
+    else:
+        module = module.to(memory_format=torch.channels_last)
+        inp = x.contiguous(memory_format=torch.channels_last)
+        runs = compiled(module, compile_mode(provider)) if provider in COMPILE_MODES else module
+    optimizer, fused = adamw(module.parameters(), x.device)
+    scaler = torch.amp.GradScaler(x.device.type, init_scale=TRAIN_INIT_SCALE, enabled=dtype == torch.float16)
+    return TrainingStep(provider, module, runs, optimizer, fused, scaler, inp, target, dtype)

@@ -14,6 +14,19 @@ configuration (whole network, then each stage), then ``torch.compile`` (default 
 that compiles starts only when the time budget still holds what such a compile takes (``--compile-start-s``,
 ``--max-autotune-start-s``); SIGINT (``timeout -s INT``) ends the run with its results written and printed.
 
+With ``--train``, a training step is timed too (:func:`time_training`): fastunet and eager right after the
+whole-network forward phase, ``torch.compile`` right after the compiled forward. One step is the forward in training
+mode of the configuration with ``norm=None`` (the layout the backward kernels cover), the mean squared error against
+a fixed random target, the backward and a ``torch.optim.AdamW`` step (fused where PyTorch has the fused kernel for the
+device, the same for every provider). Parameters stay float32 and bf16/fp16 runs go through ``torch.autocast``, the
+way mixed-precision training is done (fp16 with a ``GradScaler``), rather than parameters in the bench dtype: that is
+what a user of the backward kernels times, and what the kernels' autocast path (the packed weights cast from the
+float32 parameters inside the graph, gradients returned in float32) must carry. Before a fastunet step is timed, its
+first step must have run on the backward kernels (``last_backend_reason`` ending in "backward kernels"; otherwise it
+is recorded as an error and not timed) and its gradients are compared with eager's first step from the same
+parameters (normwise over all parameters, held to twice the forward's budget for the math mode, as the forward's
+fastunet-vs-eager check is; a miss is recorded and fails the run, and the time is still recorded, as for the forward).
+
 Results go to ``<out>/<date>-<device>-<commit>.json`` (or ``--json FILE``), rewritten after every step. This module
 ships in the package: an installed wheel times a GPU as well as a checkout does (no network needed)::
 
@@ -61,6 +74,9 @@ from fastunet.parity import NETWORK_BUDGETS, math_mode, network_error
 from fastunet.tooling import providers as providers_module
 from fastunet.tooling.dtypes import DTYPES, dtype_name
 from fastunet.tooling.providers import (
+    TRAIN_INIT_SCALE,
+    TRAIN_LR,
+    TrainingStep,
     compile_mode,
     eager_stage,
     make_input,
@@ -68,6 +84,8 @@ from fastunet.tooling.providers import (
     network_callable,
     stage_callable,
     stage_tensors,
+    training_model,
+    training_step,
 )
 from fastunet.tooling.roofline import H100, Ceilings, ceilings_json, config_roofline, measured_ceilings
 from fastunet.tooling.shapes import CONFIGS, QUICK_CONFIGS, BenchConfig, Stage, bench_stages
@@ -79,11 +97,17 @@ DRY_RUN_NOTE = "dry run on the CPU (Triton interpreter, one wall-clock call per 
 MATMUL_SIZE = 8192  # bf16 (8192 x 8192) @ (8192 x 8192): 1.1 TFLOP, ~1.4 ms on an H100
 COPY_BYTES = 2**30  # a 1 GiB device-to-device copy (2 GiB of traffic)
 STAGE_SHARE = 0.25
-# Phases, most important first: each is (kind, providers); providers not asked for are left out.
+# A training step is timed over at least this many steps (do_bench's timed window is widened to hold them).
+TRAIN_MIN_STEPS = 10
+TRAIN_LOSS = "mean squared error against a fixed random target (seeded standard normal, the logits' shape)"
+# Phases, most important first: each is (kind, providers); providers not asked for are left out, and so are the
+# "train" phases without --train.
 PHASES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("network", ("fastunet", "fastunet-graphs", "torch-eager")),
+    ("train", ("fastunet", "torch-eager")),
     ("stages", ("fastunet", "torch-eager")),
     ("network", ("torch-compile",)),
+    ("train", ("torch-compile",)),
     ("stages", ("torch-compile",)),
     ("network", ("torch-compile-max-autotune",)),
     ("stages", ("torch-compile-max-autotune",)),
@@ -260,13 +284,9 @@ class Progress:
             sys.stderr.flush()
 
 
-def time_call(fn: Callable, warmup_ms: float, rep_ms: float) -> dict:
-    """First call (compile/autotune) timed on its own, then ``do_bench``: median and spread of the timed calls."""
-    start = time.perf_counter()
-    fn()
-    _sync()
-    first_call_s = time.perf_counter() - start
-    times = sorted(bench_ms(fn, warmup_ms, rep_ms, return_mode="all"))
+def _spread(times: Sequence[float]) -> dict:
+    """Median, 20th and 80th percentiles and minimum of the timed calls (ms)."""
+    times = sorted(times)
 
     def quantile(q: float) -> float:
         return times[min(len(times) - 1, int(q * len(times)))]
@@ -277,14 +297,22 @@ def time_call(fn: Callable, warmup_ms: float, rep_ms: float) -> dict:
         "p80_ms": quantile(0.8),
         "min_ms": times[0],
         "timed_calls": len(times),
-        "first_call_s": first_call_s,
     }
 
 
-def peak_memory(fn: Callable) -> dict:
-    """Peak allocated memory over one call of ``fn``, in total and above what was allocated before it (torch's
-    caching allocator; CUDA-graph pools of max-autotune were allocated when the graph was captured). Empty off a
-    GPU."""
+def time_call(fn: Callable, warmup_ms: float, rep_ms: float) -> dict:
+    """First call (compile/autotune) timed on its own, then ``do_bench``: median and spread of the timed calls."""
+    start = time.perf_counter()
+    fn()
+    _sync()
+    first_call_s = time.perf_counter() - start
+    return _spread(bench_ms(fn, warmup_ms, rep_ms, return_mode="all")) | {"first_call_s": first_call_s}
+
+
+def peak_memory(fn: Callable, label: str = "forward") -> dict:
+    """Peak allocated memory over one call of ``fn``, in total and (``<label>_peak_bytes``) above what was allocated
+    before it (torch's caching allocator; CUDA-graph pools of max-autotune were allocated when the graph was
+    captured). Empty off a GPU."""
     if DEVICE != "cuda":
         return {}
     torch.cuda.synchronize()
@@ -294,7 +322,7 @@ def peak_memory(fn: Callable) -> dict:
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated()
     del out
-    return {"peak_allocated_bytes": peak, "forward_peak_bytes": peak - before}
+    return {"peak_allocated_bytes": peak, f"{label}_peak_bytes": peak - before}
 
 
 def write_profile(fn: Callable, path: str, label: str, cuda: bool = True) -> str:
@@ -342,11 +370,14 @@ def _ratios(entries: dict) -> dict:
 
 def start_needs_s(provider: str, kind: str, args: argparse.Namespace) -> float:
     """Seconds of time budget a step must still have to be started: 0 for the uncompiled providers, the expected
-    compile time for the compiled ones (a stage compiles in a fraction of the whole network's time)."""
+    compile time for the compiled ones (a stage compiles in a fraction of the whole network's time). A training step
+    (``kind == "train"``) compiles the forward and the backward graph: the whole network's figure covers both (the
+    default-mode forward of the reference config compiled in 14 s at batch 16 on the H200, the default figure is
+    60 s)."""
     if compile_mode(provider, args.max_autotune_mode) is None:
         return 0.0
     need = args.max_autotune_start_s if provider == "torch-compile-max-autotune" else args.compile_start_s
-    return need if kind == "network" else need * STAGE_SHARE
+    return need * STAGE_SHARE if kind == "stage" else need
 
 
 def _time_skip(provider: str, kind: str, args: argparse.Namespace, deadline: float) -> str | None:
@@ -373,18 +404,43 @@ class Job:
     callables: dict = dataclasses.field(default_factory=dict)
     first_call_s: dict = dataclasses.field(default_factory=dict)
     stages: list[Stage] | None = None
+    train: bool = False  # --train asked for this configuration
+    training: TrainingState | None = None
 
     @property
     def dtype(self) -> torch.dtype:
         return DTYPES[self.dtype_name]
 
     def release(self) -> None:
-        self.model = self.x = None
+        self.model = self.x = self.training = None
         self.callables.clear()
 
 
-def new_job(config: BenchConfig, dtype_name: str, ceilings: Ceilings) -> Job:
-    """The job's JSON entry with what is known before anything runs (sizes, roofline floor, budget)."""
+@dataclasses.dataclass
+class TrainingState:
+    """What the training phases of one job share: the starting float32 model, the input and target, eager's first
+    step from those parameters (the reference of the gradient check: its gradients and loss) and that eager step
+    itself, kept to be timed when torch-eager is asked for."""
+
+    model: torch.nn.Module
+    x: torch.Tensor
+    target: torch.Tensor
+    reference: dict[str, torch.Tensor]
+    reference_loss: float
+    eager: TrainingStep | None
+    eager_first_call_s: float
+
+
+def _precision(dtype_name: str, math: str) -> str:
+    if dtype_name == "float32":
+        return f"float32 parameters and maps ({math})"
+    scaler = f", torch.amp.GradScaler (initial scale {TRAIN_INIT_SCALE:g})" if dtype_name == "float16" else ""
+    return f"float32 parameters, forward and backward under torch.autocast({dtype_name}){scaler}"
+
+
+def new_job(config: BenchConfig, dtype_name: str, ceilings: Ceilings, train: bool = False) -> Job:
+    """The job's JSON entry with what is known before anything runs (sizes, roofline floor, budget; with ``train``,
+    the training step's description)."""
     dtype = DTYPES[dtype_name]
     mode = math_mode(dtype, "cuda")
     budget = NETWORK_BUDGETS[mode]
@@ -403,7 +459,18 @@ def new_job(config: BenchConfig, dtype_name: str, ceilings: Ceilings) -> Job:
         "budget": {"rel_l2": budget.rel_l2, "max_norm": budget.max_norm},
         "providers": {},
     }
-    return Job(config, dtype_name, run)
+    if train:
+        run["train"] = {
+            "model": dataclasses.replace(config, norm=None).model_kwargs(),
+            "mode": "train",
+            "input_shape": list(config.input_shape()),
+            "precision": _precision(dtype_name, mode),
+            "loss": TRAIN_LOSS,
+            "optimizer": {"name": "AdamW", "lr": TRAIN_LR, "fused": None},
+            "gradient_budget": {"rel_l2": 2 * budget.rel_l2, "max_norm": 2 * budget.max_norm},
+            "providers": {},
+        }
+    return Job(config, dtype_name, run, train=train)
 
 
 def start_job(job: Job, args: argparse.Namespace, progress: Progress) -> None:
@@ -512,6 +579,140 @@ def time_network(
         torch._dynamo.reset()
         _free()
     run["ratios"] = _ratios(run["providers"])
+
+
+def _gradient_errors(found: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> dict:
+    """Normwise error of one step's gradients against the reference's: over all parameters at once (relative L2,
+    max|err| / max|ref|), and the parameter with the largest relative L2 error on its own."""
+    if list(found) != list(reference):
+        raise RuntimeError(f"parameter names differ from the reference's: {list(found)[:3]} vs {list(reference)[:3]}")
+    error = network_error(
+        torch.cat([g.detach().reshape(-1).double() for g in found.values()]),
+        torch.cat([g.detach().reshape(-1).double() for g in reference.values()]),
+    )
+    each = {name: network_error(found[name], reference[name]).rel_l2 for name in reference}
+    worst = max(each, key=each.get)
+    return {"rel_l2": error.rel_l2, "max_norm": error.max_norm, "worst_parameter": worst,
+            "worst_parameter_rel_l2": each[worst]}  # fmt: skip
+
+
+def _first_step(step: TrainingStep) -> tuple[float, float]:
+    """Run ``step`` once (compilation, autotuning); returns (seconds, loss)."""
+    start = time.perf_counter()
+    loss = step()
+    _sync()
+    return time.perf_counter() - start, float(loss)
+
+
+def _training_state(job: Job, args: argparse.Namespace) -> TrainingState:
+    """The job's training state, built on first use: the float32 model (``norm=None``, seeded), a float32 input and
+    target, and eager's first step from those parameters."""
+    if job.training is None:
+        config, entry = job.config, job.run["train"]
+        model = training_model(config, DEVICE, seed=args.seed)
+        x = make_input(config, torch.float32, DEVICE, seed=args.seed + 1)
+        generator = torch.Generator().manual_seed(args.seed + 2)
+        target = torch.randn((config.batch, config.num_classes, config.height, config.width), generator=generator)
+        target = target.to(DEVICE)
+        eager = training_step(model, "torch-eager", x, target, job.dtype)
+        first_s, loss = _first_step(eager)
+        reference = {name: grad.detach().clone() for name, grad in eager.gradients().items()}
+        entry["optimizer"]["fused"] = eager.fused
+        entry["eager_first_step_loss"] = loss
+        kept = eager if "torch-eager" in args.providers else None
+        job.training = TrainingState(model, x, target, reference, loss, kept, first_s)
+    return job.training
+
+
+def _check_training_step(job: Job, step: TrainingStep, loss: float) -> None:
+    """Compare the first step's gradients and loss with eager's; for fastunet, also record the backend its forward
+    ran and raise when it was not the backward kernels (a fallback is never timed)."""
+    entry, state = job.run["train"], job.training
+    errors = _gradient_errors(step.gradients(), state.reference)
+    errors["loss_rel_diff"] = abs(loss - state.reference_loss) / max(abs(state.reference_loss), 1e-30)
+    gradients = entry.setdefault("gradients", {})
+    gradients[f"{_key(step.provider)}_vs_eager"] = errors
+    if step.provider != "fastunet":
+        return
+    module = step.module
+    entry["fastunet_backend"], entry["fastunet_backend_reason"] = module.last_backend, module.last_backend_reason
+    kernels = "triton-interpreter" if DRY_RUN else "triton"
+    on_kernels = module.last_backend == kernels and (module.last_backend_reason or "").endswith("backward kernels")
+    budget = entry["gradient_budget"]
+    within = errors["rel_l2"] <= budget["rel_l2"] and errors["max_norm"] <= budget["max_norm"]
+    gradients["ok"] = on_kernels and within
+    if not on_kernels:
+        raise RuntimeError(
+            f"the training step did not run on the {kernels} backward kernels (last_backend {module.last_backend!r}: "
+            f"{module.last_backend_reason}): not timed"
+        )
+
+
+def _time_training_step(step: TrainingStep, args: argparse.Namespace) -> dict:
+    """``do_bench`` of the step after its first call, over at least ``TRAIN_MIN_STEPS`` steps (the timed window is
+    widened to hold them, from one step timed by the wall clock); one placeholder call in a dry run."""
+    rep_ms = args.rep_ms
+    if not DRY_RUN:
+        start = time.perf_counter()
+        step()
+        _sync()
+        rep_ms = max(rep_ms, TRAIN_MIN_STEPS * (time.perf_counter() - start) * 1e3)
+    return _spread(bench_ms(step, args.warmup_ms, rep_ms, return_mode="all"))
+
+
+def time_training(
+    job: Job,
+    providers: Sequence[str],
+    args: argparse.Namespace,
+    deadline: float,
+    progress: Progress,
+    checkpoint: Callable[[], None],
+) -> None:
+    """Time the training step (see the module docstring) for each of ``providers`` into ``job.run["train"]``: the
+    first step of each is checked against eager's first step from the same parameters (fastunet: on the backward
+    kernels, or not timed), then timed; ms per step, images/s, peak memory of one step, ratios."""
+    entry, config = job.run["train"], job.config
+    for provider in providers:
+        progress.step(f"{config.name} {job.dtype_name}: training step, {provider}")
+        mode_name = _mode_label(compile_mode(provider, args.max_autotune_mode))
+        skip = _time_skip(provider, "train", args, deadline)
+        if skip is not None:
+            entry["providers"][provider] = {"skipped": skip, "compile_mode": mode_name}
+            continue
+        step = None
+        try:
+            state = _training_state(job, args)
+            if provider == "torch-eager" and state.eager is not None:
+                step, first_s, loss = state.eager, state.eager_first_call_s, state.reference_loss
+                state.eager = None
+            else:
+                step = training_step(state.model, provider, state.x, state.target, job.dtype)
+                first_s, loss = _first_step(step)
+                _check_training_step(job, step, loss)
+            timing = _time_training_step(step, args)
+            timing.update(peak_memory(step, "step"))
+            if args.profile:
+                path = os.path.join(args.profile, f"{config.name}-{job.dtype_name}-train-{provider}.trace.json")
+                timing["profile"] = write_profile(step, path, f"{provider} training step", cuda=DEVICE == "cuda")
+            timing["finite_after_timing"] = all(bool(p.isfinite().all()) for p in step.module.parameters())
+        except Exception as error:  # torch.compile, an OOM, a step off the kernels: record and go on
+            traceback.print_exc()
+            entry["providers"][provider] = {"error": _error_text(error), "compile_mode": mode_name}
+            step = None
+            torch._dynamo.reset()
+            _free()
+            continue
+        timing["images_per_s"] = config.batch / (timing["median_ms"] / 1e3)
+        timing |= {"first_call_s": first_s, "first_step_loss": loss, "compile_mode": mode_name}
+        if DRY_RUN:
+            timing["timer"] = DRY_RUN_NOTE
+        entry["providers"][provider] = timing
+        entry["ratios"] = _ratios(entry["providers"])
+        checkpoint()
+        step = None
+        torch._dynamo.reset()
+        _free()
+    entry["ratios"] = _ratios(entry["providers"])
 
 
 def _mode_label(mode_name: str | None) -> str | None:
@@ -647,6 +848,8 @@ def format_run(run: dict, ceilings_name: str) -> str:
             f"{_cell(ratios, 'speedup_vs_torch_compile_max_autotune', '>8.2f')} "
             f"{_cell(entry, 'peak_allocated_bytes', '>8.0f', 1e-6)}"
         )
+    if "train" in run:
+        lines.append(format_training(run["train"], run["config"]))
     stages = run.get("stages", [])
     if stages:
         names = list(dict.fromkeys(name for stage in stages for name in stage["providers"]))
@@ -665,6 +868,43 @@ def format_run(run: dict, ceilings_name: str) -> str:
             f"{stage['index']:>3} {stage['stage']:<{label_width}} {stage['kind']:<15} {stage['floor_ms']:>7.4f} "
             f"{cells} {_cell(ratios, 'speedup_vs_torch_eager', '>7.2f')} "
             f"{_cell(ratios, 'speedup_vs_torch_compile', '>9.2f')}"
+        )
+    return "\n".join(lines)
+
+
+def format_training(train: dict, config_name: str) -> str:
+    """The training step's table: a row per provider (ms per step, images/s, speedups, peak memory, first step),
+    under a line with the gradient check."""
+    gradients = train.get("gradients", {})
+    check = gradients.get("fastunet_vs_eager")
+    status = {True: "ok", False: "FAIL"}.get(gradients.get("ok"), "not checked")
+    lines = [
+        f"\ntraining step ({config_name}, norm=None, {train['precision']}; {train['loss']}; AdamW "
+        f"fused={train['optimizer']['fused']}): gradient check {status}"
+        + (
+            f" (fastunet vs eager: rel-L2 {check['rel_l2']:.1e}, max-norm {check['max_norm']:.1e}; budget "
+            f"{train['gradient_budget']['rel_l2']:.0e} / {train['gradient_budget']['max_norm']:.0e}; backend "
+            f"{train.get('fastunet_backend_reason')})"
+            if check
+            else ""
+        )
+    ]
+    if DRY_RUN:
+        lines.append(f"{DRY_RUN_NOTE}: the times below are placeholders")
+    width = max([len("provider"), *map(len, train["providers"])])
+    header = f"{'provider':<{width}} {'ms/step':>9} {'images/s':>9} {'x eager':>7} {'x compile':>9} {'peak MB':>8}"
+    header += f" {'first s':>7}"
+    lines += [header, "-" * len(header)]
+    for provider, entry in train["providers"].items():
+        if "median_ms" not in entry:
+            status = entry.get("skipped") or entry.get("error", "-")
+            lines.append(f"{provider:<{width}} {'skipped: ' if 'skipped' in entry else 'error: '}{status[:90]}")
+            continue
+        ratios = train.get("ratios", {}).get(_key(provider), {})
+        lines.append(
+            f"{provider:<{width}} {entry['median_ms']:>9.3f} {entry['images_per_s']:>9.1f} "
+            f"{_cell(ratios, 'speedup_vs_torch_eager', '>7.2f')} {_cell(ratios, 'speedup_vs_torch_compile', '>9.2f')} "
+            f"{_cell(entry, 'peak_allocated_bytes', '>8.0f', 1e-6)} {entry['first_call_s']:>7.1f}"
         )
     return "\n".join(lines)
 
@@ -702,26 +942,55 @@ def parse_args(
         args.configs = list(QUICK_CONFIGS) if args.quick else list(CONFIGS)
     if args.out is None:
         args.out = default_out
-    return finish_timing_args(args)
+    for name in args.train or ():
+        if name not in CONFIGS:
+            parser.error(f"argument --train: unknown configuration {name!r} (expected one of: {', '.join(CONFIGS)})")
+        if name not in args.configs:
+            parser.error(
+                f"argument --train: {name} is not among the configurations run (--configs {' '.join(args.configs)})"
+            )
+    try:
+        return finish_timing_args(args)
+    except ValueError as error:
+        parser.error(str(error))
 
 
-def plan_phases(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
-    """The phases of this run in order, each with the providers asked for (empty phases left out)."""
+def train_configs(args: argparse.Namespace, configs: Sequence[BenchConfig]) -> list[str]:
+    """The names, in ``configs``, of the configurations whose training step is timed: none without ``--train``,
+    those ``--train`` names among ``args.configs`` (which ``configs`` follow one for one, renamed in a dry run), or
+    every one when it names none."""
+    if args.train is None:
+        return []
+    chosen = zip(args.configs, configs, strict=True)
+    return [config.name for name, config in chosen if not args.train or name in args.train]
+
+
+def plan_phases(args: argparse.Namespace, train: bool = False) -> list[tuple[str, list[str]]]:
+    """The phases of this run in order, each with the providers asked for (empty phases left out; the training
+    phases only with ``train``)."""
     plan = []
     for kind, group in PHASES:
-        if kind == "stages" and args.no_stages:
+        if (kind == "stages" and args.no_stages) or (kind == "train" and not train):
             continue
-        asked = args.providers if kind == "network" else args.stage_providers
+        asked = args.stage_providers if kind == "stages" else args.providers
         chosen = [provider for provider in group if provider in asked]
         if chosen:
             plan.append((kind, chosen))
     return plan
 
 
-def run(args: argparse.Namespace, configs: Sequence[BenchConfig], dtype_names: Sequence[str]) -> tuple[int, dict]:
+def run(
+    args: argparse.Namespace,
+    configs: Sequence[BenchConfig],
+    dtype_names: Sequence[str],
+    train: Sequence[str] = (),
+) -> tuple[int, dict]:
     """Measure the ceilings, then check and time every configuration in every dtype, phase by phase (see the module
-    docstring); returns (status, payload) and writes the payload to ``args.json`` or a new file under ``args.out``
-    after every step."""
+    docstring), with the training step of the configurations named in ``train``; returns (status, payload) and
+    writes the payload to ``args.json`` or a new file under ``args.out`` after every step."""
+    unknown = sorted(set(train) - {config.name for config in configs})
+    if unknown:
+        raise ValueError(f"train names configurations not run: {', '.join(unknown)}")
     if DEVICE == "cuda":
         torch.backends.cudnn.benchmark = True  # eager and compiled baselines with cuDNN autotuning
     env = environment()
@@ -736,11 +1005,12 @@ def run(args: argparse.Namespace, configs: Sequence[BenchConfig], dtype_names: S
     print(f"results -> {path}")
     started = time.perf_counter()
     deadline = started + args.time_budget_s
-    plan = plan_phases(args)
+    plan = plan_phases(args, train=bool(train))
     stage_count = sum(len(bench_stages(config)) for config in configs) if not args.no_stages else 0
     steps = 0
     for kind, chosen in plan:
-        steps += (len(chosen) * len(configs) if kind == "network" else stage_count) * len(dtype_names)
+        count = {"network": len(chosen) * len(configs), "train": len(chosen) * len(train), "stages": stage_count}
+        steps += count[kind] * len(dtype_names)
     progress = Progress(steps + len(configs) * len(dtype_names) + (0 if args.no_ceilings else 1))
     ceilings = H100
     if not args.no_ceilings:
@@ -748,7 +1018,11 @@ def run(args: argparse.Namespace, configs: Sequence[BenchConfig], dtype_names: S
         record, ceilings = measure_ceilings(env["sm_count"])
         payload["ceilings_measured"] = record
     payload["ceilings"] = ceilings_json(ceilings)
-    jobs = [new_job(config, dtype_name, ceilings) for config in configs for dtype_name in dtype_names]
+    jobs = [
+        new_job(config, dtype_name, ceilings, train=config.name in train)
+        for config in configs
+        for dtype_name in dtype_names
+    ]
     payload["runs"] = [job.run for job in jobs]  # filled in place, phase by phase
 
     def checkpoint() -> None:
@@ -763,7 +1037,7 @@ def run(args: argparse.Namespace, configs: Sequence[BenchConfig], dtype_names: S
         with tuning:
             for kind, chosen in plan:
                 for job in jobs:
-                    if "skipped" in job.run or "error" in job.run:
+                    if "skipped" in job.run or "error" in job.run or (kind == "train" and not job.train):
                         continue
                     if not job.started:
                         if time.perf_counter() >= deadline:
@@ -779,6 +1053,8 @@ def run(args: argparse.Namespace, configs: Sequence[BenchConfig], dtype_names: S
                         checkpoint()
                     if kind == "network":
                         time_network(job, chosen, args, deadline, ceilings, progress, checkpoint)
+                    elif kind == "train":
+                        time_training(job, chosen, args, deadline, progress, checkpoint)
                     else:
                         time_stages(job, chosen, args, deadline, ceilings, progress, checkpoint)
                     checkpoint()
@@ -791,18 +1067,27 @@ def run(args: argparse.Namespace, configs: Sequence[BenchConfig], dtype_names: S
             job.release()
         _free()
     progress.close()
-    for job in jobs:
-        entry = job.run
-        if "error" in entry or ("parity" in entry and not entry["parity"]["ok"]):
-            status = 1
-        elif "parity" in entry and "median_ms" not in entry["providers"].get("fastunet", {"median_ms": None}):
-            status = 1
+    if any(failed(job.run) for job in jobs):
+        status = 1
     checkpoint()
     payload["path"] = path
     for entry in payload["runs"]:
         print(format_run(entry, ceilings.name))
     print(f"\nwrote {path} ({payload.get('elapsed_s', 0.0):.0f} s)")
     return status, payload
+
+
+def failed(entry: dict) -> bool:
+    """Whether one configuration's JSON entry fails the run: an error, a parity or gradient check missed, or
+    fastunet's forward or training step not timed (an error, a fallback to PyTorch or the time budget)."""
+    if "error" in entry or ("parity" in entry and not entry["parity"]["ok"]):
+        return True
+    if "parity" in entry and "median_ms" not in entry["providers"].get("fastunet", {"median_ms": None}):
+        return True
+    trained = entry.get("train", {})
+    if trained.get("gradients", {}).get("ok") is False:
+        return True
+    return "median_ms" not in trained.get("providers", {}).get("fastunet", {"median_ms": None})
 
 
 def configure_dry_run() -> None:
@@ -847,7 +1132,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None, default_out
     elif INTERPRET:
         print("TRITON_INTERPRET=1 is set: unset it to time the compiled kernels", file=sys.stderr)
         return 2
-    status, _ = run(args, configs, args.dtypes)
+    status, _ = run(args, configs, args.dtypes, train=train_configs(args, configs))
     return status
 
 

@@ -18,6 +18,8 @@ PROVIDERS: tuple[str, ...] = (
     "torch-compile",
     "torch-compile-max-autotune",
 )
+# The providers of the training step (--train): the forward, loss, backward and optimizer step of each.
+TRAIN_PROVIDERS: tuple[str, ...] = ("fastunet", "torch-eager", "torch-compile")
 # What fastunet is compared with.
 BASELINES: tuple[str, ...] = ("torch-eager", "torch-compile", "torch-compile-max-autotune")
 # Seconds of time budget a compiling step needs before it is started (a whole-network compile; a single stage
@@ -52,6 +54,16 @@ def add_timing_args(parser: argparse.ArgumentParser) -> None:
         help="providers of the per-stage timings (default %(default)s)",
     )
     group.add_argument("--no-stages", action="store_true", help="leave out the per-stage timings")
+    group.add_argument(
+        "--train",
+        nargs="*",
+        metavar="CONFIG",
+        help="also time a training step (norm=None, train mode; forward, MSE loss against a random target, backward, "
+        "fused AdamW step; float32 parameters under torch.autocast for bf16/fp16) of fastunet, torch-eager and "
+        "torch-compile (those of --providers), after the whole-network forward timings, fastunet's gradients checked "
+        "against eager first: on the configurations named (run_gpu.py: among --configs), or on every one when none "
+        "are named",
+    )
     group.add_argument(
         "--max-autotune-mode",
         default="max-autotune",
@@ -102,7 +114,8 @@ def add_timing_args(parser: argparse.ArgumentParser) -> None:
 
 
 def finish_timing_args(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill the defaults that depend on ``--quick`` or on where the run starts."""
+    """Fill the defaults that depend on ``--quick`` or on where the run starts; ``ValueError`` for options that
+    contradict each other."""
     if args.warmup_ms is None:
         args.warmup_ms = 25.0 if args.quick else 100.0
     if args.rep_ms is None:
@@ -111,4 +124,8 @@ def finish_timing_args(args: argparse.Namespace) -> argparse.Namespace:
         args.stage_rep_ms = 50.0 if args.quick else 100.0
     if args.out is None:
         args.out = default_out()
+    if args.train is not None and not any(provider in args.providers for provider in TRAIN_PROVIDERS):
+        raise ValueError(
+            f"--train times {', '.join(TRAIN_PROVIDERS)}; --providers names none of them: {' '.join(args.providers)}"
+        )
     return args
