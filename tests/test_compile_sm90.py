@@ -13,6 +13,7 @@ Default: fp16 and bf16, every upsampling mode, batch 16 and 1 (24 variants per d
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -39,10 +40,9 @@ H200_PEAK = {"fp16": 790e12, "bf16": 790e12, "fp32": 395e12}
 H200_SMS, H200_CLOCK, H200_BANDWIDTH = 132, 1.75e9, 4.3e12
 
 
-def expected_launches(upsample: str) -> int:
+def expected_launches(upsample: str, depth: int = REFERENCE_MODEL["depth"]) -> int:
     """Launches of one forward: 2 convs per encoder level and bottleneck, per decoder level the upsampled map (a
     transposed conv or an upsample launch, whatever ``upsample``) and 2 convs (the head is fused into the last)."""
-    depth = REFERENCE_MODEL["depth"]
     return 2 * (depth + 1) + 3 * depth
 
 
@@ -452,4 +452,150 @@ def test_sm90_build_backward_kernels():
             found.append(f"{label}: {row['registers']} regs, {row['spill_bytes']} B/thread spilled, "
                          f"{row['local_ops']} LDL/STL, {row['ctas_per_sm']} CTAs/SM")  # fmt: skip
         found += [f"{label}: {warning}" for warning in row["ptxas_warnings"]]
+    assert not found, "\n".join(found)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The training step (--training): every backward variant of a small U-Net builds, and the model has the step
+# ---------------------------------------------------------------------------------------------------------------
+# Base 64 (the reference's channel counts, so the weight gradient takes its 64-row tiles), depth 1, 64x64, batch 2:
+# about 30 variants, 30 s on 2 cores.
+TRAIN_MODEL = {"in_channels": 3, "num_classes": 2, "base_channels": 64, "depth": 1}
+TRAIN_SHAPE = (2, 3, 64, 64)
+TRAIN_UPSAMPLES = ("bilinear", "transpose")
+# The backward's kernels in a bilinear and a transposed-conv U-Net; the forward conv kernel also runs the input
+# gradients (conv3x3, conv1x1 for the head, conv3x3/2 for the transposed conv).
+BACKWARD_KERNELS = {
+    "activation_pool_backward",
+    "activation_pool_backward+pool",
+    "conv_weight_grad",
+    "conv_weight_grad.sum",
+    "upsample2x_adjoint",
+    "conv3x3/2",
+}
+
+
+@pytest.fixture(scope="module")
+def training_report(tmp_path_factory) -> dict:
+    out_dir = tmp_path_factory.mktemp("training")
+    return run_report(
+        out_dir, "--dtype", "bf16", "--upsample", *TRAIN_UPSAMPLES, "--batch", str(TRAIN_SHAPE[0]),
+        "--size", str(TRAIN_SHAPE[2]), "--depth", str(TRAIN_MODEL["depth"]), "--training",
+    )  # fmt: skip
+
+
+def _training_trace(upsample: str) -> list:
+    from fastunet.tooling.trace import trace_training
+
+    return trace_training({**TRAIN_MODEL, "upsample": upsample}, TRAIN_SHAPE, torch.bfloat16, sm_count=132, arch=90)
+
+
+def test_sm90_build_training_step(training_report):
+    """``--training``: each training step's launches are all compiled (forward as the training path runs it, then the
+    backward), with no spills, no ptxas warning (wgmma serialization), HGMMA in every conv and in every weight
+    gradient whose tile has 64 rows (HMMA under that: wgmma's smallest M), and the weight gradient's main loop found
+    with the issue ratio of its own tile (BLOCK_C x BLOCK_N x BLOCK_P)."""
+    report = training_report
+    assert report["configuration"]["training"] is True
+    rows = report["variants"]
+    labels = {label for row in rows for label in row["used_by"]}
+    assert labels == {f"{p}{u}/bf16/b2" for p in ("", "train-") for u in TRAIN_UPSAMPLES}
+    traced = {u: _training_trace(u) for u in TRAIN_UPSAMPLES}
+    for upsample, records in traced.items():
+        label = f"train-{upsample}/bf16/b2"
+        built = {row["kernel"] for row in rows if label in row["used_by"]}
+        assert {r.name for r in records} == built, upsample
+    trained = [row for row in rows if any(label.startswith("train-") for label in row["used_by"])]
+    assert BACKWARD_KERNELS <= {row["kernel"] for row in trained}
+    assert sum(row["launches"] for row in rows) == sum(map(len, traced.values())) + sum(
+        expected_launches(u, TRAIN_MODEL["depth"]) for u in TRAIN_UPSAMPLES
+    )
+    found = spill_problems({"variants": trained}) + ptxas_problems({"variants": trained})
+    found += [f"{_label(row)}: {row['problems']}" for row in trained if row["problems"]]
+    for row in trained:
+        if row["kernel"] != "conv_weight_grad":
+            continue
+        c, tile = row["config"], row["gemm_tile"]
+        label = f"conv_weight_grad {c['BLOCK_C']}x{c['BLOCK_N']}x{c['BLOCK_P']} KSIZE={c['KSIZE']}"
+        if tile != [c["BLOCK_C"], c["BLOCK_N"], c["BLOCK_P"]]:
+            found.append(f"{label}: GEMM tile {tile}")
+            continue
+        mma = "HGMMA" if c["BLOCK_C"] >= 64 else "HMMA"
+        if not row["mma_opcodes"] or not all(op.startswith(mma) for op in row["mma_opcodes"]):
+            found.append(f"{label}: expected {mma}, got {row['mma_opcodes']}")
+        if not row["loops"] or any(loop["mma"] == 0 or loop["k_steps"] != 1 for loop in row["loops"]):
+            found.append(f"{label}: main loop {row['loops']}")
+            continue
+        clocks = 2 * math.prod(tile) / (H200_PEAK["bf16"] / H200_SMS / H200_CLOCK)
+        ratio = c["num_warps"] * row["mainloop_instructions"] / 4 / clocks
+        if row["issue_ratio"] != pytest.approx(ratio, rel=1e-3) or row["tensor_clocks"] != pytest.approx(
+            clocks, rel=1e-5
+        ):
+            found.append(f"{label}: issue ratio {row['issue_ratio']}, its counts give {ratio:.3f}")
+    assert not found, "\n".join(found)
+
+
+def test_training_step_model(training_report):
+    """The ``model`` list holds each forward and, next to it, each training step: launch by launch the traced
+    training step (stages, kernels, FLOPs, the variant each runs), its ``ms`` the sum of its launches and of its
+    forward and backward parts, no launch under its memory or tensor-core floor; each weight gradient runs the
+    K-steps of its pixel slice, ceil(pixels_per_split / BLOCK_P)."""
+    models = {(m["step"], m["upsample"]): m for m in training_report["model"]}
+    assert set(models) == {(step, u) for step in ("forward", "training") for u in TRAIN_UPSAMPLES}
+    found = []
+    for upsample in TRAIN_UPSAMPLES:
+        model, forward = models["training", upsample], models["forward", upsample]
+        assert model["label"] == f"train-{upsample}/bf16/b2" and forward["label"] == f"{upsample}/bf16/b2"
+        assert forward["backward_ms"] is None and forward["forward_ms"] == forward["ms"]
+        records = _training_trace(upsample)
+        layers = model["layers"]
+        if [(la["stage"], la["kernel"], la["flops"]) for la in layers] != [(r.stage, r.name, r.flops) for r in records]:
+            found.append(f"{upsample}: launches {[(la['stage'], la['kernel']) for la in layers]}")
+            continue
+        backward = [la for la in layers if la["stage"].endswith(".backward")]
+        assert backward and len(backward) < len(layers)
+        forward_us = sum(la["time_us"] for la in layers if not la["stage"].endswith(".backward"))
+        backward_us = sum(la["time_us"] for la in backward)
+        checks = {
+            "ms": (model["ms"], (forward_us + backward_us) / 1e3),
+            "forward_ms": (model["forward_ms"], forward_us / 1e3),
+            "backward_ms": (model["backward_ms"], backward_us / 1e3),
+        }
+        found += [
+            f"{upsample} {k}: {got} != {want}"
+            for k, (got, want) in checks.items()
+            if got != pytest.approx(want, rel=1e-3)
+        ]
+        for layer, record in zip(layers, records, strict=True):
+            if record.name == "conv_weight_grad":
+                per_split, block_p = record.args[12], record.constexprs["BLOCK_P"]
+                if layer["k_steps"] != [-(-per_split // block_p)] or not layer["issue_ratio"]:
+                    found.append(f"{upsample} {layer['stage']}: K-steps {layer['k_steps']}, {per_split} px per slice")
+            variant = training_report["variants"][layer["variant"]]
+            if variant["kernel"] != layer["kernel"] or model["label"] not in variant["used_by"]:
+                found.append(f"{upsample} {layer['stage']} {layer['kernel']}: variant {variant['kernel']}")
+            floor_us = max(layer["bytes"] / H200_BANDWIDTH, layer["flops"] / H200_PEAK["bf16"]) * 1e6
+            if layer["time_us"] is None or layer["time_us"] < floor_us * (1 - 1e-5):
+                found.append(f"{upsample} {layer['stage']} {layer['kernel']}: {layer['time_us']} us < {floor_us}")
+    assert not found, "\n".join(found)
+
+
+def test_sm80_build_training_step(tmp_path):
+    """Ampere: the same training steps build for sm_80 with the warp MMA (HMMA) in every GEMM, no spills, no ptxas
+    warnings, and a modeled training step on the A100 assumptions."""
+    report = run_report(
+        tmp_path, "--dtype", "bf16", "--upsample", *TRAIN_UPSAMPLES, "--batch", str(TRAIN_SHAPE[0]),
+        "--size", str(TRAIN_SHAPE[2]), "--depth", str(TRAIN_MODEL["depth"]), "--training", arch=80,
+    )  # fmt: skip
+    trained = [row for row in report["variants"] if any(u.startswith("train-") for u in row["used_by"])]
+    assert BACKWARD_KERNELS <= {row["kernel"] for row in trained}
+    found = spill_problems({"variants": trained}) + ptxas_problems({"variants": trained})
+    found += [f"{_label(row)}: {row['problems']}" for row in trained if row["problems"]]
+    found += [
+        f"{_label(row)}: opcodes {row['mma_opcodes']}, loops {len(row['loops'])}"
+        for row in trained
+        if row["gemm_tile"] and (row["hgmma"] or set(row["mma_opcodes"]) != {HMMA_OPCODE["bf16"]} or not row["loops"])
+    ]
+    steps = {(m["step"], m["upsample"], m["gpu"]) for m in report["model"]}
+    assert steps == {(s, u, "A100 SXM") for s in ("forward", "training") for u in TRAIN_UPSAMPLES}
     assert not found, "\n".join(found)

@@ -334,3 +334,82 @@ def test_out_of_line_wait_is_no_loop():
     assert issue_model.find_loops(instructions) == [(0x10, 0x50), (0xA0, 0xB0)]
     (loop,) = issue_model.tensor_loops(instructions, (64, 64, 16), 4, 100.0, 4)
     assert (loop.first, loop.last, loop.instructions, loop.mma, loop.tma_loads) == (0x10, 0x50, 5, 1, 1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The weight gradient's GEMM (M: BLOCK_C rows of taps x channels, N: BLOCK_N, K: BLOCK_P pixels) and a training step
+# ---------------------------------------------------------------------------------------------------------------
+WEIGHT_GRAD_TILE = {"BLOCK_C": 64, "BLOCK_N": 128, "BLOCK_P": 64}
+
+
+def test_weight_gradient_tile():
+    """The weight-gradient kernel's view: its K-step is BLOCK_P pixels of a BLOCK_C x BLOCK_N tile, so one loop
+    iteration with 4 HGMMA.64x128x16 (one warpgroup) is one K-step of a 64x128x64 tile."""
+    from fastunet.kernels.conv_grad import _weight_grad_partial_kernel
+
+    view = issue_model.gemm_view(_weight_grad_partial_kernel)
+    assert view.keys == ("BLOCK_C", "BLOCK_N", "BLOCK_P") and view.k_extent == "pixels_per_split"
+    assert issue_model.gemm_view(types.SimpleNamespace()) == issue_model.CONV_VIEW
+    ops = ["LDGSTS.E.BYPASS.128 [R2], desc[UR4][R4.64]"] * 3 + ["HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24"] * 4
+    ops += ["IMAD R6, R0, 0x2, R1"] * 92 + ["@P0 BRA 0x0"]
+    sass = "\n".join(f"        /*{16 * i:04x}*/                   {op} ;" for i, op in enumerate(ops))
+    (loop,) = issue_model.analyze(sass, WEIGHT_GRAD_TILE, "bf16", 4, issue_model.H200, view).loops
+    clocks = h200_tensor_clocks({"m": 64, "n": 128, "k": 64})
+    assert (loop.instructions, loop.mma, loop.k_steps, loop.cp_async) == (100, 4, 1, 3)
+    assert loop.tensor_clocks == pytest.approx(clocks) and loop.issue_ratio == pytest.approx(4 * 100 / 4 / clocks)
+    # Read as a conv tile (BLOCK_M x BLOCK_N x BLOCK_K), the same kernel has no tile and no clocks.
+    assert issue_model.analyze(sass, WEIGHT_GRAD_TILE, "bf16", 4, issue_model.H200).tensor_clocks is None
+
+
+def weight_grad_record(grid, per_split: int, flops: int):
+    params = tuple(types.SimpleNamespace(name=n, is_constexpr=False) for n in ("x_ptr", "rows", "pixels_per_split"))
+    kernel = types.SimpleNamespace(__name__="_weight_grad_partial_kernel", params=params)
+    return types.SimpleNamespace(
+        name="conv_weight_grad",
+        kernel=kernel,
+        grid=grid,
+        flops=flops,
+        bytes_read=1 << 20,
+        bytes_written=1 << 20,
+        args=(None, 576, per_split),
+        constexprs={"KSIZE": 3, "HAS_BIAS": True, **WEIGHT_GRAD_TILE},
+    )
+
+
+def test_weight_gradient_k_steps_and_layer():
+    """A weight-gradient launch: each CTA reduces its slice of ``pixels_per_split`` pixels, ceil(slice / BLOCK_P)
+    K-steps (not the launch's FLOPs over its CTAs: the last slice and partial channel blocks do less)."""
+    grid = (9, 1, 30)  # 9 (tap, channel block) rows, 1 output-channel block, 30 pixel slices
+    record = weight_grad_record(grid, per_split=8000, flops=2 * 200_000 * 576 * 128)
+    assert issue_model.k_steps_per_source(record) == [125]  # 8000 / 64
+    layer = issue_model.model_layer("enc0.conv2.backward", record, fake_variant((700,), warps=4), issue_model.H200)
+    assert layer.tile == "64x128x64" and layer.k_steps == (125,) and layer.note == ""
+    clocks = h200_tensor_clocks(TILE)  # fake_variant's loops: TILE's clocks, 700 instructions on 4 warps
+    assert layer.ctas_per_busiest_sm == 3
+    assert layer.issue_s == pytest.approx(3 * 125 * 4 * 700 / 4 / 1.75e9)
+    assert layer.time_s == pytest.approx(max(3 * 125 * max(clocks, 700 / 0.7) / 1.75e9, 2 * (1 << 20) / 4.3e12))
+    assert layer.bound == "issue"
+
+
+def test_training_step_totals():
+    """A training step's model: its time split between the forward's launches and the backward's (stages ending in
+    ``.backward``), both in the JSON and the printed line."""
+    records = [fake_record((264, 1)), fake_record((132, 1)), fake_record((132, 2), nbytes=10**9)]
+    variants = [fake_variant((300,)), fake_variant((100,)), fake_variant((100,))]
+    stages = ["enc0.conv1", "enc0.conv1.backward", "head.backward"]
+    model = issue_model.model_forward(
+        "bilinear", "bf16", 512, 16, stages, records, variants, issue_model.H200, step="training", label="train-x"
+    )
+    forward, *backward = (layer.time_s for layer in model.layers)
+    assert model.forward_s == pytest.approx(forward) and model.backward_s == pytest.approx(sum(backward))
+    row = model.to_json()
+    assert (row["step"], row["label"]) == ("training", "train-x")
+    assert row["forward_ms"] == pytest.approx(forward * 1e3, rel=1e-5)
+    assert row["backward_ms"] == pytest.approx(sum(backward) * 1e3, rel=1e-5)
+    text = issue_model.format_model([model], layers=True)
+    assert "MODEL training step (forward + backward) bilinear bf16 batch 16" in text and "head.backward" in text
+    plain = issue_model.model_forward("bilinear", "bf16", 512, 16, stages[:1], records[:1], variants[:1],
+                                      issue_model.H200).to_json()  # fmt: skip
+    assert plain["step"] == "forward" and plain["forward_ms"] == plain["ms"] and plain["backward_ms"] is None
+    with pytest.raises(ValueError, match="expected 'forward' or 'training'"):
+        issue_model.model_forward("bilinear", "bf16", 512, 16, [], [], [], issue_model.H200, step="backward")

@@ -12,6 +12,12 @@ The SASS also feeds the issue model (:mod:`fastunet.tooling.issue_model`): per v
 K-step of the loops that hold the tensor-core instructions against the tensor-core clocks of that K-step
 (``issue_ratio``), and per traced configuration a modeled forward time (a model, not a measurement).
 
+``--training`` adds, per upsampling mode, one training step (:func:`fastunet.tooling.trace.trace_training`): the
+forward as the training path launches it, then the backward's launches (the ReLU/pool gradient, the weight gradient
+and the sum of its partials, the input gradients on the forward conv kernel, the upsampling adjoint, the transposed
+conv's gradients). Its variants join the table, and its modeled time (forward + backward) joins the forward's in
+``model``.
+
 Arguments are specialized the way Triton's JIT does at launch (an integer equal to 1 becomes a constant; integers
 and pointers divisible by 16 get a divisibility hint), so each cubin is the one a launch on the GPU would build.
 
@@ -22,7 +28,8 @@ the other compile-time constants), ``registers``, ``spill_bytes``, ``shared_byte
 (``issue_ratio``, ``mainloop_instructions`` per warp per K-step, ``tma_loads`` and ``cp_async`` per iteration) and
 ``arch``, then the details (:meth:`VariantReport.to_json`); top level, ``model``: the modeled forward of each
 configuration on the first target (``dtype``, ``batch``, ``ms``, ``tflops``, ``fraction_of_peak`` and its
-``layers``) under ``model_assumptions``.
+``layers``; ``step``: ``"forward"``, or ``"training"`` for a training step, whose ``forward_ms`` and ``backward_ms``
+split its ``ms``) under ``model_assumptions``.
 
 Needs ``TRITON_INTERPRET`` unset: under the interpreter the kernels are not compilable objects and the launchers
 choose interpreter-only constexprs. Usage::
@@ -30,6 +37,7 @@ choose interpreter-only constexprs. Usage::
     fastunet report                                          # the reference config, fp16 and bf16, sm_90
     fastunet report --arch sm_90 sm_80 --json report.json    # also Ampere (HMMA); the model is of the first
     python -m bench.compile_report --arch 90 --dtype bfloat16 --upsample transpose bilinear --batch 1
+    python -m bench.compile_report --arch 90 --dtype bf16 --training         # also the training step
 """
 
 from __future__ import annotations
@@ -59,7 +67,7 @@ from fastunet.ops import Act, ConvSpec, Layout, build_plan, run_plan
 from fastunet.reference import UNet
 from fastunet.tooling import issue_model
 from fastunet.tooling.dtypes import short_dtype_name, torch_dtype
-from fastunet.tooling.trace import stage_labels, trace_config
+from fastunet.tooling.trace import stage_labels, trace_config, trace_training
 
 UPSAMPLES = ("transpose", "bilinear", "nearest")
 # The reference configuration of the performance work: base 64, depth 4, RGB in, 2 classes, 512x512.
@@ -215,6 +223,7 @@ class VariantReport:
     launches: int
     configs: tuple[str, ...]
     mainloop: issue_model.MainLoop  # the tensor-core loops of the SASS: instructions per K-step, issue ratio
+    gemm_tile: tuple[int, int, int] | None = None  # (M, N, K) of the CTA's GEMM tile; None: no GEMM (data movement)
 
     @property
     def issue_ratio(self) -> float | None:
@@ -224,9 +233,11 @@ class VariantReport:
 
     def to_json(self) -> dict:
         """The variant in the report's schema: :data:`SCHEMA_KEYS` first, then the details (``tensor_clocks`` and
-        ``tensor_loops`` of the issue model, each tensor-core loop in ``loops``, HGMMA and HMMA counts and opcodes,
-        SASS size, LDL/STL count, the shared-memory limit, resident CTAs, ptxas warnings, what :func:`problems`
-        finds, launches, the configurations that use it, compile seconds)."""
+        ``tensor_loops`` of the issue model, each tensor-core loop in ``loops``, the GEMM tile (M, N, K) the issue
+        model read (``gemm_tile``: ``BLOCK_M x BLOCK_N x BLOCK_K`` for the convs, ``BLOCK_C x BLOCK_N x BLOCK_P`` for
+        the weight gradient), HGMMA and HMMA counts and opcodes, SASS size, LDL/STL count, the shared-memory limit,
+        resident CTAs, ptxas warnings, what :func:`problems` finds, launches, the configurations that use it,
+        compile seconds)."""
         config = {key: self.constexprs[key] for key in TILE_KEYS if key in self.constexprs}
         config.update({"num_warps": self.num_warps, "num_stages": self.num_stages, "dtype": self.dtype})
         config.update(
@@ -253,6 +264,7 @@ class VariantReport:
             "tensor_clocks": issue["tensor_clocks"],
             "tensor_loops": issue["tensor_loops"],
             "loops": [loop.to_json() for loop in self.mainloop.loops],
+            "gemm_tile": None if self.gemm_tile is None else list(self.gemm_tile),
             "hgmma": self.hgmma,
             "hmma": self.hmma,
             "mma_opcodes": list(self.mma_opcodes),
@@ -425,6 +437,19 @@ def trace_for_target(
     return trace_config(kwargs, shape, dtype, sm_count=target.sm_count if target else None, arch=arch)
 
 
+def trace_training_for_target(
+    upsample: str, dtype: torch.dtype, batch: int, size: int = REFERENCE_SIZE, arch: int = 90, **model_kwargs: int
+) -> list[LaunchRecord]:
+    """Launches of one training step of the reference U-Net (``model_kwargs`` override it) on a ``size``-square input
+    (:func:`fastunet.tooling.trace.trace_training`: the forward as the training path launches it, then the backward),
+    with the tiles the launchers choose for ``sm_<arch>`` as in :func:`trace_for_target`. Raises ``ValueError`` for
+    a layout the backward kernels do not cover."""
+    kwargs = {**REFERENCE_MODEL, **model_kwargs, "upsample": upsample}
+    target = issue_model.ASSUMPTIONS.get(arch)
+    shape = (batch, kwargs["in_channels"], size, size)
+    return trace_training(kwargs, shape, dtype, sm_count=target.sm_count if target else None, arch=arch)
+
+
 def feature_layout(feature: str, **model_kwargs: int) -> Layout:
     """The reference U-Net's layout (on ``meta``) with one of :data:`FEATURES`."""
     kwargs = {**REFERENCE_MODEL, **model_kwargs}
@@ -482,13 +507,15 @@ def trace_feature(
 class TracedConfig:
     """One traced configuration of the report: its launches, the stage each belongs to, and their variants."""
 
-    label: str  # upsample/dtype/b<batch>, or upsample/dtype/<size>/b<batch> when several sizes are reported
+    label: str  # upsample/dtype/b<batch>, or upsample/dtype/<size>/b<batch> when several sizes are reported;
+    # train-<upsample>/... for a training step
     upsample: str
     dtype: str
     size: int
     batch: int
     records: tuple[LaunchRecord, ...]
     stages: tuple[str, ...]
+    step: str = "forward"  # or "training": the forward as the training path launches it, then the backward
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -575,6 +602,7 @@ def compile_variant(variant: Variant, arch: int = 90, sass_path: str | None = No
     spills = getattr(compiled, "n_spills", None)
     spills = spills if isinstance(spills, int) else usage.get("STACK", 0) + usage.get("LOCAL", 0)
     limits = SM_LIMITS.get(arch)
+    view = issue_model.gemm_view(variant.kernel)
     return VariantReport(
         name=variant.name,
         dtype=variant.dtype,
@@ -598,8 +626,9 @@ def compile_variant(variant: Variant, arch: int = 90, sass_path: str | None = No
         launches=variant.launches,
         configs=variant.configs,
         mainloop=issue_model.analyze(
-            sass, variant.constexprs, variant.dtype, metadata.num_warps, issue_model.ASSUMPTIONS.get(arch)
+            sass, variant.constexprs, variant.dtype, metadata.num_warps, issue_model.ASSUMPTIONS.get(arch), view
         ),
+        gemm_tile=view.tile(variant.constexprs),
     )
 
 
@@ -628,7 +657,7 @@ class CompileResult:
     variant_of: dict[str, tuple[int, ...]]  # config label -> index in ``rows`` of each launch's variant
 
     def models(self, eta: float | None = None) -> list[issue_model.ForwardModel]:
-        """The modeled forward of each configuration (empty for a target without assumptions in
+        """The modeled forward (or training step) of each configuration (empty for a target without assumptions in
         :data:`~fastunet.tooling.issue_model.ASSUMPTIONS`); ``eta``: see
         :func:`~fastunet.tooling.issue_model.assumptions_for`."""
         assumptions = issue_model.assumptions_for(self.arch, eta)
@@ -644,6 +673,8 @@ class CompileResult:
                 c.records,
                 [self.rows[i] for i in self.variant_of[c.label]],
                 assumptions,
+                step=c.step,
+                label=c.label,
             )
             for c in self.configs
         ]
@@ -659,11 +690,14 @@ def compile_configs(
     candidates: bool = False,
     sass_dir: str | None = None,
     features: Sequence[str] = (),
+    training: bool = False,
     **model_kwargs: int,
 ) -> CompileResult:
     """Compile every distinct variant that the given configurations launch (``candidates``: every variant the
     autotuner may launch); one row per variant. Configurations are labelled ``upsample/dtype/b<batch>``, with
-    ``/<size>`` before the batch when several sizes are given. ``sass_dir``: write each variant's SASS there."""
+    ``/<size>`` before the batch when several sizes are given. ``training``: also one training step (forward and
+    backward, :func:`trace_training_for_target`) per upsampling mode, dtype, size and batch, labelled
+    ``train-<upsample>/dtype/b<batch>``. ``sass_dir``: write each variant's SASS there."""
     if INTERPRET:
         raise RuntimeError("the compile report needs real Triton compilation: run it with TRITON_INTERPRET unset")
     expand = with_candidates if candidates else list
@@ -692,6 +726,22 @@ def compile_configs(
                             tuple(stage_labels(records)),
                         )
                     )
+                    if training and upsample not in FEATURES:
+                        records = trace_training_for_target(
+                            upsample, torch_dtype(dtype), batch, size_, arch, **model_kwargs
+                        )
+                        configs.append(
+                            TracedConfig(
+                                "train-" + label(upsample, dtype, size_, batch),
+                                upsample,
+                                dtype,
+                                size_,
+                                batch,
+                                tuple(records),
+                                tuple(stage_labels(records)),
+                                step="training",
+                            )
+                        )
     variants, keys = _collect((c.label, expand(c.records)) for c in configs)
     index = {key: i for i, key in enumerate(keys)}
     variant_of = {c.label: tuple(index[variant_key(record)] for record in c.records) for c in configs}
@@ -707,9 +757,16 @@ def compile_configs(
     return CompileResult(arch, rows, configs, variant_of)
 
 
+# The smallest M of a warpgroup MMA (wgmma): Triton lowers a dot whose tile has fewer rows to the sm_80 MMA.
+WGMMA_MIN_M = 64
+
+
 def uses_tensor_cores(row: VariantReport) -> bool:
-    """HGMMA on sm_90, HMMA on sm_80 to sm_89; other targets are not judged."""
+    """HGMMA on sm_90 (HMMA where the GEMM tile's M is under :data:`WGMMA_MIN_M`: the first conv's weight gradient,
+    3 input channels in a 16-row tile), HMMA on sm_80 to sm_89; other targets are not judged."""
     if row.arch == 90:
+        if row.gemm_tile is not None and row.gemm_tile[0] < WGMMA_MIN_M:
+            return row.hgmma + row.hmma > 0
         return row.hgmma > 0
     if 80 <= row.arch < 90:
         return row.hmma > 0
@@ -718,23 +775,24 @@ def uses_tensor_cores(row: VariantReport) -> bool:
 
 def problems(row: VariantReport) -> list[str]:
     """What is wrong with a variant: spills, shared memory over the launch limit, no tensor-core instructions in a
-    GEMM kernel (one with a K block; the upsample kernel is data movement), ptxas performance warnings."""
+    GEMM kernel (one with a GEMM tile: the convs and the weight gradient; the upsample, pool-gradient and sum kernels
+    are data movement), ptxas performance warnings."""
     found = []
     if row.spill_bytes or row.local_ops:
         found.append(f"spills ({row.spill_bytes} B/thread, {row.local_ops} LDL/STL)")
     if row.shared_limit_bytes is not None and row.shared_bytes > row.shared_limit_bytes:
         found.append(f"shared memory {row.shared_bytes} B > {row.shared_limit_bytes} B: the launch would fail")
-    if "BLOCK_K" in row.constexprs and not uses_tensor_cores(row):
+    if row.gemm_tile is not None and not uses_tensor_cores(row):
         found.append("no tensor-core instructions")
     found += [f"ptxas: {warning}" for warning in row.ptxas_warnings]
     return found
 
 
 def describe(row: VariantReport) -> str:
-    """Short name of a variant: kernel, target, dtype, two sources or not, tile, warps, stages, and batch when
-    compiled in as 1."""
+    """Short name of a variant: kernel, target, dtype, two sources or not, GEMM tile (M x N x K), warps, stages, and
+    batch when compiled in as 1."""
     c = row.constexprs
-    tile = "x".join(str(c.get(k, "-")) for k in TILE_KEYS)
+    tile = "x".join(map(str, row.gemm_tile)) if row.gemm_tile else "-x-x-"
     batch = " batch=1" if c.get("batch") == 1 else ""
     return (
         f"{row.name} sm_{row.arch} {row.dtype} up={int(c.get('TWO_SOURCES', 0))} {tile} w{row.num_warps} "
@@ -752,23 +810,26 @@ def _used_by(configs: Sequence[str]) -> str:
 
 
 def format_table(rows: Sequence[VariantReport]) -> str:
-    """Fixed-width table, one line per variant. ``up``: 1 for the decoder's two-source conv; ``CTA/SM``,
-    ``warps/SM``: resident per SM, and ``limit``: what limits them (regs, smem, warps); ``warn``: ptxas performance
-    warnings; ``ins/K``: SASS instructions per warp per K-step in the costliest tensor-core loop, ``issue``: its
-    issue ratio (model), ``TMA`` and ``cpA``: UTMALDG and LDGSTS per iteration there, ``lp``: tensor-core loops;
-    ``s``: compile seconds; ``n``: launches."""
+    """Fixed-width table, one line per variant. ``up``: 1 for the decoder's two-source conv; ``BM``, ``BN``, ``BK``:
+    the GEMM tile (the weight gradient's BLOCK_C, BLOCK_N, BLOCK_P); ``CTA/SM``, ``warps/SM``: resident per SM, and
+    ``limit``: what limits them (regs, smem, warps); ``warn``: ptxas performance warnings; ``ins/K``: SASS
+    instructions per warp per K-step in the costliest tensor-core loop, ``issue``: its issue ratio (model), ``TMA``
+    and ``cpA``: UTMALDG and LDGSTS per iteration there, ``lp``: tensor-core loops; ``s``: compile seconds; ``n``:
+    launches."""
+    width = max(18, *(len(row.name) for row in rows)) if rows else 18
     header = (
-        f"{'variant':<18} {'arch':<5} {'dtype':<5} {'up':>2} {'BM':>4} {'BN':>4} {'BK':>3} {'warps':>5} {'stg':>3} "
-        f"{'regs':>4} {'spill':>5} {'smem KiB':>8} {'CTA/SM':>6} {'warps/SM':>8} {'limit':<5} {'HGMMA':>5} "
+        f"{'variant':<{width}} {'arch':<5} {'dtype':<5} {'up':>2} {'BM':>4} {'BN':>4} {'BK':>3} {'warps':>5} "
+        f"{'stg':>3} {'regs':>4} {'spill':>5} {'smem KiB':>8} {'CTA/SM':>6} {'warps/SM':>8} {'limit':<5} {'HGMMA':>5} "
         f"{'HMMA':>4} {'warn':>4} {'ins/K':>5} {'issue':>5} {'TMA':>3} {'cpA':>3} {'lp':>2} {'s':>5} {'n':>3}  used by"
     )
     lines = [header, "-" * len(header)]
     short = {"registers": "regs", "shared memory": "smem", "launch fails": "FAIL"}
     for row in rows:
         c, occ = row.constexprs, row.occupancy
+        bm, bn, bk = row.gemm_tile or ("-", "-", "-")
         lines.append(
-            f"{row.name:<18} {'sm_' + str(row.arch):<5} {row.dtype:<5} {int(c.get('TWO_SOURCES', 0)):>2} "
-            f"{c.get('BLOCK_M', '-'):>4} {c.get('BLOCK_N', '-'):>4} {c.get('BLOCK_K', '-'):>3} {row.num_warps:>5} "
+            f"{row.name:<{width}} {'sm_' + str(row.arch):<5} {row.dtype:<5} {int(c.get('TWO_SOURCES', 0)):>2} "
+            f"{bm:>4} {bn:>4} {bk:>3} {row.num_warps:>5} "
             f"{row.num_stages:>3} {row.registers:>4} {row.spill_bytes:>5} {row.shared_bytes / 1024:>8.1f} "
             f"{'-' if occ is None else occ.blocks_per_sm:>6} {'-' if occ is None else occ.warps_per_sm:>8} "
             f"{'-' if occ is None else short.get(occ.limited_by, occ.limited_by):<5} {row.hgmma:>5} {row.hmma:>4} "
@@ -850,6 +911,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument(
         "--features", nargs="*", choices=FEATURES, default=[], help="also layouts with these features (see FEATURES)"
     )
+    parser.add_argument(
+        "--training",
+        action="store_true",
+        help="also a training step per upsampling mode (forward and backward kernels, labelled train-<upsample>/...): "
+        "its variants and its modeled time next to the forward's",
+    )
     parser.add_argument("--batch", nargs="+", type=positive_int, default=list(REFERENCE_BATCHES))
     parser.add_argument("--size", nargs="+", type=positive_int, default=[REFERENCE_SIZE], help="H = W")
     parser.add_argument("--in-channels", type=positive_int, default=REFERENCE_MODEL["in_channels"])
@@ -893,6 +960,7 @@ def run(args: argparse.Namespace) -> tuple[dict, list[VariantReport], list[issue
             candidates=args.candidates,
             sass_dir=args.sass,
             features=args.features,
+            training=args.training,
             **model_kwargs,
         )
         for arch in archs
@@ -909,6 +977,7 @@ def run(args: argparse.Namespace) -> tuple[dict, list[VariantReport], list[issue
             "model": model_kwargs,
             "upsample": list(args.upsample),
             "features": list(args.features),
+            "training": bool(args.training),
             "dtypes": list(args.dtype),
             "batches": list(args.batch),
             "sizes": list(args.size),
@@ -917,10 +986,19 @@ def run(args: argparse.Namespace) -> tuple[dict, list[VariantReport], list[issue
         "limits": dataclasses.asdict(SM_LIMITS[archs[0]]) if archs[0] in SM_LIMITS else None,
         "wall_s": round(time.perf_counter() - start, 3),
         "variants": [row.to_json() for row in rows],
-        "model": [model.to_json() for model in models],
+        "model": [_model_json(model, results[0].variant_of[model.label]) for model in models],
         "model_assumptions": models[0].assumptions.to_json() if models else None,
     }
     return payload, rows, models
+
+
+def _model_json(model: issue_model.ForwardModel, variants: Sequence[int]) -> dict:
+    """A modeled forward or training step in the JSON, each layer with ``variant``: the index in ``variants`` (of the
+    first target, listed first) of the cubin its launch runs."""
+    row = model.to_json()
+    for layer, index in zip(row["layers"], variants, strict=True):
+        layer["variant"] = index
+    return row
 
 
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:

@@ -1,9 +1,10 @@
 """SASS issue model: a speed estimate of compiled kernels that any machine can compute (a model, not a measurement).
 
 An SM issues about 4 warp-instructions per clock. A kernel's main loop feeds the tensor cores one K-step of its
-``BLOCK_M x BLOCK_N x BLOCK_K`` tile per iteration; if the warps of a CTA need more issue slots per K-step than the
-tensor cores need clocks for it, the loop cannot keep them busy whatever the memory system does. Per compiled
-variant, from its SASS:
+``BLOCK_M x BLOCK_N x BLOCK_K`` tile per iteration (a kernel that names its GEMM otherwise, such as the weight
+gradient's ``BLOCK_C x BLOCK_N x BLOCK_P``, is read through :data:`GEMM_VIEWS`); if the warps of a CTA need more
+issue slots per K-step than the tensor cores need clocks for it, the loop cannot keep them busy whatever the memory
+system does. Per compiled variant, from its SASS:
 
 * the innermost loops that hold the tensor-core instructions (``HGMMA`` on sm_90, ``HMMA`` on sm_80): found from
   the control flow, a backward ``BRA`` closes a loop that starts at its target;
@@ -14,9 +15,9 @@ variant, from its SASS:
 
 Per launch of a traced forward (:func:`model_layer`), the modeled time is
 ``max(tensor time, issue time / eta, bytes / bandwidth)``, with CTAs dealt to SMs in waves; summed over the launches
-it is a modeled forward. L2, latency, prologues and epilogues are ignored: the model is optimistic, and ``eta``
-(the share of issue slots a loop gets in practice) is the knob GPU runs calibrate (:func:`fit_eta`,
-:data:`ETA_FITS`).
+it is a modeled forward (over a training step's launches, a modeled training step). L2, latency, prologues and
+epilogues are ignored: the model is optimistic, and ``eta`` (the share of issue slots a loop gets in practice) is the
+knob GPU runs calibrate (:func:`fit_eta`, :data:`ETA_FITS`).
 """
 
 from __future__ import annotations
@@ -131,6 +132,42 @@ def operand_type(dtype: str, constexprs: Mapping[str, object]) -> str | None:
     if dtype == "fp32" and constexprs.get("DOT_PRECISION", "tf32") != "ieee":
         return "tf32"
     return None
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmView:
+    """How a kernel names its GEMM: the constexprs holding the CTA's tile (``m`` x ``n`` outputs, ``k`` per K-step),
+    and, for a kernel whose K extent is not a convolution's taps x channels, the runtime argument holding the K
+    extent one CTA reduces (``k_extent``)."""
+
+    m: str = "BLOCK_M"
+    n: str = "BLOCK_N"
+    k: str = "BLOCK_K"
+    k_extent: str | None = None
+
+    @property
+    def keys(self) -> tuple[str, str, str]:
+        return self.m, self.n, self.k
+
+    def tile(self, constexprs: Mapping[str, object]) -> tuple[int, int, int] | None:
+        """The (M, N, K) tile of a variant with these constexprs; None when the kernel has no such tile (data
+        movement)."""
+        dims = tuple(constexprs.get(key) for key in self.keys)
+        return dims if all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in dims) else None
+
+
+# The convolution family's names (M output pixels, N output channels, K input channels x taps).
+CONV_VIEW = GemmView()
+# Kernels that name their GEMM otherwise, by their function's name. The conv weight gradient (kernels/conv_grad.py):
+# dW = A^T dZ, each CTA one BLOCK_C x BLOCK_N tile of (tap, input channel) rows by output channels, reducing over
+# the pixels of its slice (``pixels_per_split``) BLOCK_P at a time.
+GEMM_VIEWS = {"_weight_grad_partial_kernel": GemmView("BLOCK_C", "BLOCK_N", "BLOCK_P", "pixels_per_split")}
+
+
+def gemm_view(kernel: object) -> GemmView:
+    """The GEMM view of a ``@triton.jit`` kernel (:data:`GEMM_VIEWS`, else :data:`CONV_VIEW`)."""
+    name = getattr(kernel, "__name__", None) or getattr(getattr(kernel, "fn", None), "__name__", None)
+    return GEMM_VIEWS.get(name, CONV_VIEW)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -340,11 +377,16 @@ class MainLoop:
 
 
 def analyze(
-    sass: str, constexprs: Mapping[str, object], dtype: str, num_warps: int, assumptions: Assumptions | None
+    sass: str,
+    constexprs: Mapping[str, object],
+    dtype: str,
+    num_warps: int,
+    assumptions: Assumptions | None,
+    view: GemmView = CONV_VIEW,
 ) -> MainLoop:
-    """The issue figures of one variant from its SASS, tile (``BLOCK_M``, ``BLOCK_N``, ``BLOCK_K``) and dtype."""
-    dims = tuple(constexprs.get(key) for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
-    tile = dims if all(isinstance(v, int) and v > 0 for v in dims) else None
+    """The issue figures of one variant from its SASS, tile (``view``'s constexprs: ``BLOCK_M``, ``BLOCK_N``,
+    ``BLOCK_K`` for the convolutions) and dtype."""
+    tile = view.tile(constexprs)
     operand = operand_type(dtype, constexprs)
     clocks = None
     if assumptions is not None and operand is not None and tile:
@@ -361,12 +403,21 @@ def k_steps_per_source(record) -> list[int] | None:
     """K-steps one CTA runs per source loop of a convolution launch: ``KSIZE**2 * cdiv(c, BLOCK_K)`` for the main
     input (``c_main``) and, with ``TWO_SOURCES``, for the upsampled one (``c_up``); one flattened loop of
     ``cdiv(KSIZE**2 * c_main, BLOCK_K)`` with ``PACKED_K`` (the small-K path; its value is the channel
-    count). None for a kernel without these arguments."""
+    count). For a kernel whose :class:`GemmView` names its K extent (the weight gradient's pixel slice): one loop of
+    ``cdiv(extent, K block)`` (the fullest CTA). None for a kernel without these arguments."""
     params = getattr(record.kernel, "params", None)
     c = record.constexprs
-    if params is None or "KSIZE" not in c or "BLOCK_K" not in c:
+    if params is None:
         return None
     values = dict(zip((p.name for p in params if not p.is_constexpr), record.args, strict=False))
+    view = gemm_view(record.kernel)
+    if view.k_extent is not None:
+        extent, block = values.get(view.k_extent), c.get(view.k)
+        if not isinstance(extent, int) or not isinstance(block, int) or block <= 0:
+            return None
+        return [-(-extent // block)]
+    if "KSIZE" not in c or "BLOCK_K" not in c:
+        return None
     if not isinstance(values.get("c_main"), int):
         return None
     taps, block_k = c["KSIZE"] ** 2, c["BLOCK_K"]
@@ -424,7 +475,7 @@ def model_layer(stage: str, record, variant, assumptions: Assumptions) -> LayerM
     its K-steps there; the launch takes ``ceil(CTAs / SMs)`` CTA times, or the bytes over the bandwidth if longer.
     """
     c = record.constexprs
-    tile = "x".join(str(c.get(key, "-")) for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+    tile = "x".join(str(c.get(key, "-")) for key in gemm_view(record.kernel).keys)
     ctas = math.prod(record.grid)
     sms = assumptions.sm_count
     busiest = -(-ctas // sms)
@@ -490,9 +541,21 @@ def model_layer(stage: str, record, variant, assumptions: Assumptions) -> LayerM
     )
 
 
+# Stage names of a training step's backward launches end in this (``dec0.conv1.backward``, see
+# fastunet.tooling.trace.trace_training).
+BACKWARD_SUFFIX = ".backward"
+
+
+def _total_s(layers: Sequence[LayerModel]) -> float | None:
+    times = [layer.time_s for layer in layers]
+    return None if None in times else sum(times)
+
+
 @dataclasses.dataclass(frozen=True)
 class ForwardModel:
-    """A modeled forward of one configuration: its launches one after another."""
+    """A modeled forward of one configuration: its launches one after another. ``step="training"``: a training
+    step's launches, the forward as the training path runs it, then the backward (stages ending in
+    :data:`BACKWARD_SUFFIX`)."""
 
     upsample: str
     dtype: str
@@ -500,6 +563,8 @@ class ForwardModel:
     batch: int
     layers: tuple[LayerModel, ...]
     assumptions: Assumptions
+    step: str = "forward"  # "forward" or "training"
+    label: str = ""  # the configuration's label in the compile report (``used_by``)
 
     @property
     def flops(self) -> int:
@@ -507,8 +572,17 @@ class ForwardModel:
 
     @property
     def time_s(self) -> float | None:
-        times = [layer.time_s for layer in self.layers]
-        return None if None in times else sum(times)
+        return _total_s(self.layers)
+
+    @property
+    def forward_s(self) -> float | None:
+        """Modeled time of the launches outside the backward (the whole model for a forward)."""
+        return _total_s([layer for layer in self.layers if not layer.stage.endswith(BACKWARD_SUFFIX)])
+
+    @property
+    def backward_s(self) -> float | None:
+        """Modeled time of the backward's launches (0 for a forward)."""
+        return _total_s([layer for layer in self.layers if layer.stage.endswith(BACKWARD_SUFFIX)])
 
     @property
     def tflops(self) -> float | None:
@@ -537,6 +611,10 @@ class ForwardModel:
             "tensor_ms": ms(sum(layer.tensor_s for layer in self.layers)),
             "issue_ms_at_eta": ms(sum(layer.issue_s for layer in self.layers) / self.assumptions.eta),
             "memory_ms": ms(sum(layer.memory_s for layer in self.layers)),
+            "step": self.step,
+            "label": self.label,
+            "forward_ms": ms(self.forward_s),
+            "backward_ms": ms(self.backward_s) if self.step == "training" else None,
             "layers": [layer.to_json() for layer in self.layers],
         }
 
@@ -550,13 +628,18 @@ def model_forward(
     records: Sequence,
     variants: Sequence,
     assumptions: Assumptions,
+    step: str = "forward",
+    label: str = "",
 ) -> ForwardModel:
-    """Model each launch of a traced forward (``records[i]`` compiled as ``variants[i]``, named ``stages[i]``)."""
+    """Model each launch of a traced forward, or of a training step with ``step="training"`` (``records[i]``
+    compiled as ``variants[i]``, named ``stages[i]``)."""
+    if step not in ("forward", "training"):
+        raise ValueError(f"step: expected 'forward' or 'training', got {step!r}")
     layers = tuple(
         model_layer(stage, record, variant, assumptions)
         for stage, record, variant in zip(stages, records, variants, strict=True)
     )
-    return ForwardModel(upsample, dtype, size, batch, layers, assumptions)
+    return ForwardModel(upsample, dtype, size, batch, layers, assumptions, step, label)
 
 
 def fit_eta(issue_s: Sequence[float], measured_s: Sequence[float], floor_s: Sequence[float]) -> float | None:
@@ -575,28 +658,44 @@ def format_model(models: Sequence[ForwardModel], layers: bool = True) -> str:
     if not models:
         return ""
     assumptions = models[0].assumptions
-    lines = [f"Issue-slot MODEL of the forward (not a measurement; {assumptions.gpu}):"]
+    what = "the forward and the training step" if any(m.step == "training" for m in models) else "the forward"
+    lines = [f"Issue-slot MODEL of {what} (not a measurement; {assumptions.gpu}):"]
     lines += [f"  assumption: {text}" for text in assumptions.lines()]
     for model in models:
         if layers:
             lines.append("")
-            lines.append(f"{model.upsample} {model.dtype} batch {model.batch} {model.size}x{model.size} (model):")
+            lines.append(
+                f"{_step_name(model)} {model.upsample} {model.dtype} batch {model.batch} {model.size}x{model.size} "
+                "(model):"
+            )
             lines.append(format_layers(model))
     lines.append("")
+
+    def ms(value: float | None) -> str:
+        return "n/a" if value is None else f"{value * 1e3:.3f} ms"
+
     for model in models:
-        ms = "n/a" if model.time_s is None else f"{model.time_s * 1e3:.3f} ms"
         rate = "" if model.tflops is None else f", {model.tflops:.0f} TFLOP/s, {model.fraction_of_peak:.0%} of peak"
+        parts = ""
+        if model.step == "training":
+            parts = f" (forward {ms(model.forward_s)} + backward {ms(model.backward_s)})"
         lines.append(
-            f"MODEL forward {model.upsample} {model.dtype} batch {model.batch} {model.size}x{model.size}: "
-            f"{ms}{rate} ({model.flops / 1e9:.0f} GFLOP)"
+            f"MODEL {_step_name(model)} {model.upsample} {model.dtype} batch {model.batch} {model.size}x{model.size}: "
+            f"{ms(model.time_s)}{parts}{rate} ({model.flops / 1e9:.0f} GFLOP)"
         )
     return "\n".join(lines)
 
 
+def _step_name(model: ForwardModel) -> str:
+    return "training step (forward + backward)" if model.step == "training" else "forward"
+
+
 def format_layers(model: ForwardModel) -> str:
     """One line per launch: tile, CTAs, resident CTAs, K-steps, issue ratio, the three times and the bound."""
+    sw = max(16, *(len(layer.stage) for layer in model.layers)) if model.layers else 16
+    kw = max(12, *(min(30, len(layer.kernel)) for layer in model.layers)) if model.step == "training" else 12
     header = (
-        f"{'stage':<16} {'kernel':<12} {'tile':<11} {'w':>2} {'CTAs':>6} {'/SM':>3} {'K-steps':>9} {'issue':>5} "
+        f"{'stage':<{sw}} {'kernel':<{kw}} {'tile':<11} {'w':>2} {'CTAs':>6} {'/SM':>3} {'K-steps':>9} {'issue':>5} "
         f"{'tensor us':>9} {'issue/eta':>9} {'memory us':>9} {'model us':>9} {'TFLOP/s':>7} {'bound':<7}"
     )
     header = header.rstrip()
@@ -607,7 +706,7 @@ def format_layers(model: ForwardModel) -> str:
         time = "-" if layer.time_s is None else f"{layer.time_s * 1e6:.1f}"
         rate = "-" if layer.tflops is None else f"{layer.tflops:.0f}"
         lines.append(
-            f"{layer.stage:<16} {layer.kernel[:12]:<12} {layer.tile:<11} {layer.num_warps:>2} {layer.ctas:>6} "
+            f"{layer.stage:<{sw}} {layer.kernel[:kw]:<{kw}} {layer.tile:<11} {layer.num_warps:>2} {layer.ctas:>6} "
             f"{'-' if layer.ctas_per_sm is None else layer.ctas_per_sm:>3} {'+'.join(map(str, layer.k_steps)):>9} "
             f"{ratio:>5} {layer.tensor_s * 1e6:>9.1f} {layer.issue_s / eta * 1e6:>9.1f} "
             f"{layer.memory_s * 1e6:>9.1f} {time:>9} {rate:>7} {layer.bound:<7}"
@@ -617,7 +716,7 @@ def format_layers(model: ForwardModel) -> str:
     total = model.time_s
     lines.append("-" * len(header))
     lines.append(
-        f"{'total':<16} {len(model.layers):>3} launches{'':<27} "
+        f"{'total':<{sw}} {len(model.layers):>3} launches{'':<{27 + kw - 12}} "
         f"{sum(la.tensor_s for la in model.layers) * 1e6:>15.1f} "
         f"{sum(la.issue_s for la in model.layers) / eta * 1e6:>9.1f} "
         f"{sum(la.memory_s for la in model.layers) * 1e6:>9.1f} {'-' if total is None else f'{total * 1e6:.1f}':>9} "
