@@ -232,7 +232,9 @@ class FusedForward:
         if compute_dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"expected float32, float16 or bfloat16 input, got {compute_dtype}")
         if needs_grad and blocker is None:  # the backward on the kernels (fastunet.training)
-            logits = ops.unet_forward_kernel_grad(self.fused_layout(), x.to(compute_dtype), compute_dtype)
+            logits = ops.unet_forward_kernel_grad(
+                self.fused_layout(), x.to(compute_dtype), compute_dtype, training=bool(training)
+            )
             self.last_backend, self.last_backend_reason = decision.backend, f"{decision.reason}; backward kernels"
             return logits
         if traced:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 from typing import TYPE_CHECKING
 
 import torch
@@ -313,9 +314,10 @@ class NormStage:
     eps: float
     weight: torch.Tensor | None = None
     bias: torch.Tensor | None = None
+    over_batch: bool = False  # BatchNorm in training mode: statistics per channel over the batch (groups = C)
 
     def spec(self) -> NormSpec:
-        return NormSpec(self.groups, self.weight, self.bias, self.eps)
+        return NormSpec(self.groups, self.weight, self.bias, self.eps, self.over_batch)
 
 
 @dataclasses.dataclass
@@ -341,7 +343,9 @@ class ConvStage:
     def launch_constants(self) -> tuple:
         """What the launches read of this stage besides its tensors."""
         act = self.activation
-        norm = (self.norm.groups, self.norm.eps, self.norm.weight is not None) if self.norm is not None else None
+        norm = None
+        if self.norm is not None:
+            norm = (self.norm.groups, self.norm.eps, self.norm.weight is not None, self.norm.over_batch)
         return self.ksize, self.padding, act.kind, act.slope, act.lo, act.hi, self.stride, norm
 
 
@@ -674,7 +678,8 @@ _CONV_SCHEMA = (
     "(Tensor x, Tensor weight, Tensor? bias, Tensor? up, Tensor? head_weight, Tensor? head_bias, Tensor? slopes, "
     "int ksize, int padding, str up_mode, bool align_corners, str join, str activation, float slope, float lo, "
     f"float hi, bool pool, bool nchw_out, int stride=1, {_NORM_IN_ARGS}, int norm_groups=0, "
-    "Tensor? norm_weight=None, Tensor? norm_bias=None, float norm_eps=0.0) -> (Tensor, Tensor, Tensor, Tensor)"
+    "Tensor? norm_weight=None, Tensor? norm_bias=None, float norm_eps=0.0, bool norm_over_batch=False) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 
 
@@ -718,16 +723,18 @@ def _conv2d_launch(
     x, weight, bias, up, head_weight, head_bias, slopes, ksize, padding, up_mode, align_corners, join, activation,
     slope, lo, hi, pool, nchw_out, stride=1, in_scale=None, in_shift=None, in_activation="none", in_slope=0.0,
     in_lo=0.0, in_hi=0.0, in_slopes=None, norm_groups=0, norm_weight=None, norm_bias=None, norm_eps=0.0,
+    norm_over_batch=False,
 ):  # fmt: skip
-    """:func:`fastunet.kernels.conv2d_nhwc` as a custom op. Returns (y, pooled, scale, shift): y is (N, H, W, C_out
-    or n_cls), a view of an NCHW tensor when ``nchw_out``; pooled is empty unless ``pool``; with ``norm_groups``
-    (a norm with data statistics after the conv) y is the pre-norm map and scale, shift its fp32 (N, C_out)
-    normalization, else both empty. ``up_mode`` "" means no second source; ``in_scale`` given: x is read through
-    its norm."""
+    """:func:`fastunet.kernels.conv2d_nhwc` as a custom op. Returns (y, pooled, scale, shift, mean, var): y is (N,
+    H, W, C_out or n_cls), a view of an NCHW tensor when ``nchw_out``; pooled is empty unless ``pool``; with
+    ``norm_groups`` (a norm with data statistics after the conv; ``norm_over_batch``: BatchNorm's batch statistics)
+    y is the pre-norm map, scale and shift its fp32 (N, C_out) normalization and mean, var (N, C_out) the statistics
+    of each channel's group, else all four empty. ``up_mode`` "" means no second source; ``in_scale`` given: x is
+    read through its norm."""
     channels = head_weight.shape[1] if head_weight is not None else weight.shape[1]
     height, width = _conv_size(x, up, up_mode, join, ksize, padding, stride)
     out = _conv_output(x, max(height, 0), max(width, 0), channels, nchw_out)
-    norm = NormSpec(norm_groups, norm_weight, norm_bias, norm_eps) if norm_groups else None
+    norm = NormSpec(norm_groups, norm_weight, norm_bias, norm_eps, norm_over_batch) if norm_groups else None
     y, second = conv2d_nhwc(
         x,
         weight,
@@ -752,9 +759,9 @@ def _conv2d_launch(
         norm=norm,
     )
     if norm is not None:
-        return y, x.new_empty(0), second.scale, second.shift
+        return y, x.new_empty(0), second.scale, second.shift, second.mean, second.var
     empty = x.new_empty(0, dtype=torch.float32)
-    return y, second if second is not None else x.new_empty(0), empty, empty.clone()
+    return y, second if second is not None else x.new_empty(0), empty, empty.clone(), empty.clone(), empty.clone()
 
 
 _conv2d_op = torch.library.custom_op("fastunet::conv2d_nhwc", mutates_args=(), schema=_CONV_SCHEMA)(_conv2d_launch)
@@ -765,6 +772,7 @@ def _conv2d_fake(
     x, weight, bias, up, head_weight, head_bias, slopes, ksize, padding, up_mode, align_corners, join, activation,
     slope, lo, hi, pool, nchw_out, stride=1, in_scale=None, in_shift=None, in_activation="none", in_slope=0.0,
     in_lo=0.0, in_hi=0.0, in_slopes=None, norm_groups=0, norm_weight=None, norm_bias=None, norm_eps=0.0,
+    norm_over_batch=False,
 ):  # fmt: skip
     channels = head_weight.shape[1] if head_weight is not None else weight.shape[1]
     batch = x.shape[0]
@@ -775,7 +783,7 @@ def _conv2d_fake(
         y = x.new_empty((batch, height, width, channels))
     pooled = x.new_empty((batch, height // 2, width // 2, weight.shape[1])) if pool else x.new_empty(0)
     stats = (batch, weight.shape[1]) if norm_groups else (0,)
-    return y, pooled, x.new_empty(stats, dtype=torch.float32), x.new_empty(stats, dtype=torch.float32)
+    return (y, pooled, *(x.new_empty(stats, dtype=torch.float32) for _ in range(4)))
 
 
 @torch.library.custom_op(
@@ -909,7 +917,7 @@ def _direct() -> bool:
 _Map = tuple[torch.Tensor, NormIn | None]
 
 
-def _conv(
+def _conv_launch(
     x: _Map,
     stage: ConvStage,
     *,
@@ -920,14 +928,16 @@ def _conv(
     head: ConvStage | None = None,
     nchw_out: bool = False,
     align_corners: bool = False,
+    sink: list | None = None,
 ) -> tuple[_Map, torch.Tensor]:
     """One conv launch (with a norm with data statistics after it: and the finalize launch): through the custom op
     while a compiler or a tracing mode is watching, else (eager calls, dry runs) straight to the op's own
-    implementation, saving the dispatcher's ~10-20 us a launch. Returns (the output map, the pooled map)."""
+    implementation, saving the dispatcher's ~10-20 us a launch. Returns (the output map, the pooled map). ``sink``:
+    a list that gets ``(stage, NormIn)`` for a conv followed by a norm with data statistics."""
     op: Callable = _conv2d_launch if _direct() else torch.ops.fastunet.conv2d_nhwc
     act = stage.activation
     norm = stage.norm
-    y, pooled, scale, shift = op(
+    y, pooled, scale, shift, mean, var = op(
         x[0],
         stage.weight,
         stage.bias,
@@ -952,10 +962,14 @@ def _conv(
         norm.weight if norm is not None else None,
         norm.bias if norm is not None else None,
         float(norm.eps) if norm is not None else 0.0,
+        norm.over_batch if norm is not None else False,
     )
     if norm is None:
         return (y, None), pooled
-    return (y, NormIn(scale, shift, act.kind, float(act.slope), float(act.lo), float(act.hi), stage.slopes)), pooled
+    read = NormIn(scale, shift, act.kind, float(act.slope), float(act.lo), float(act.hi), stage.slopes, mean, var)
+    if sink is not None:
+        sink.append((stage, y, read))
+    return (y, read), pooled
 
 
 def _conv_transpose(x: _Map, stage: ConvStage) -> torch.Tensor:
@@ -985,7 +999,9 @@ def _nhwc(t: torch.Tensor) -> torch.Tensor:
     return t.permute(0, 2, 3, 1)
 
 
-def run_plan(plan: Plan, x: torch.Tensor, upsample_in_conv: bool = False) -> torch.Tensor:
+def run_plan(
+    plan: Plan, x: torch.Tensor, upsample_in_conv: bool = False, norm_sink: list | None = None
+) -> torch.Tensor:
     """Eval-mode U-Net forward on the Triton kernels.
 
     Launches: 2 per encoder level (the second also writes the pooled map; with strided down-sampling the next
@@ -1006,19 +1022,26 @@ def run_plan(plan: Plan, x: torch.Tensor, upsample_in_conv: bool = False) -> tor
     ``upsample_in_conv``: a nearest/bilinear upsampling is part of the decoder conv's launch (its custom op takes the
     low-resolution map, and the conv launcher writes the upsampled map first: the same two kernel launches, under
     the stage name ``decN.conv1``), so that autograd saves the low-resolution map only and the backward recomputes
-    the upsampled one (see :mod:`fastunet.training`).
+    the upsampled one (see :mod:`fastunet.training`). ``norm_sink``: a list that gets ``(stage, NormIn)`` for each
+    conv followed by a norm with data statistics (its statistics included: BatchNorm's running statistics follow
+    them in training mode).
     """
     named = is_dry_run() or not is_traced()
     try:
-        return _run_stages(plan, x, set_launch_stage if named else lambda _: None, upsample_in_conv)
+        return _run_stages(plan, x, set_launch_stage if named else lambda _: None, upsample_in_conv, norm_sink)
     finally:
         if named:
             set_launch_stage(None)
 
 
 def _run_stages(
-    plan: Plan, x: torch.Tensor, stage: Callable[[str], None], upsample_in_conv: bool = False
+    plan: Plan,
+    x: torch.Tensor,
+    stage: Callable[[str], None],
+    upsample_in_conv: bool = False,
+    norm_sink: list | None = None,
 ) -> torch.Tensor:
+    _conv = functools.partial(_conv_launch, sink=norm_sink)
     depth = len(plan.decoders)
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     logits_nchw = not channels_last
@@ -1130,13 +1153,21 @@ def unet_forward(plan: Plan, x: torch.Tensor, needs_grad: bool) -> torch.Tensor:
     return _TritonForwardReferenceBackward.apply(plan, tuple(slots), constants, x, *tensors)
 
 
-def unet_forward_kernel_grad(layout: Layout, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def unet_forward_kernel_grad(
+    layout: Layout, x: torch.Tensor, dtype: torch.dtype, training: bool = False
+) -> torch.Tensor:
     """The forward of ``layout`` whose backward runs on the kernels (:mod:`fastunet.training`): the plan built from
-    the parameters by differentiable ops, every launch through its custom op and that op's registered autograd."""
-    from fastunet.training import build_training_plan
+    the parameters by differentiable ops, every launch through its custom op and that op's registered autograd.
+    ``training``: BatchNorms in training mode normalize with the batch's statistics and update their running ones."""
+    from fastunet.training import build_training_plan, update_running_stats
 
-    plan = build_training_plan(layout, dtype, x.device)
+    plan, batch_norms = build_training_plan(layout, dtype, x.device, training)
+    sink: list = []
     if is_traced():  # the launches go through the custom ops already
-        return run_plan(plan, x, upsample_in_conv=True)
-    with differentiable():
-        return run_plan(plan, x, upsample_in_conv=True)
+        logits = run_plan(plan, x, upsample_in_conv=True, norm_sink=sink)
+    else:
+        with differentiable():
+            logits = run_plan(plan, x, upsample_in_conv=True, norm_sink=sink)
+    if batch_norms:
+        update_running_stats(batch_norms, sink)
+    return logits

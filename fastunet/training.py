@@ -39,14 +39,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastunet.kernels._common import alloc, current_launch_stage, is_dry_run, set_launch_stage
+from fastunet.kernels.stats import NormIn
 from fastunet.ops import (
-    RELU,
     Act,
     ConvSpec,
     ConvStage,
     Layout,
+    NormStage,
     Plan,
     UpStage,
+    apply_act,
     conv_padding,
     norm_kind,
     unfused_reason,
@@ -58,6 +60,25 @@ __all__ = ["build_training_plan", "kernel_training_blocker"]
 # ---------------------------------------------------------------------------------------------------------------
 # Which layouts train on the kernels
 # ---------------------------------------------------------------------------------------------------------------
+def effective_norm(norm: nn.Module | None, training: bool) -> str | None:
+    """How a norm acts in a forward in ``training`` mode (or not): ``"folds"`` (running statistics), ``"batch"``
+    (BatchNorm in training mode: per-channel statistics of the batch, running statistics updated), ``"instance"``,
+    ``"group"``, ``"instance-tracking"`` (an InstanceNorm2d that tracks running statistics, in training mode), None.
+    """
+    if isinstance(norm, nn.BatchNorm2d) and ((training and norm.training) or not norm.track_running_stats):
+        return "batch"
+    kind = norm_kind(norm)
+    if kind == "folds" and isinstance(norm, nn.InstanceNorm2d) and training and norm.training:
+        return "instance-tracking"
+    return kind
+
+
+# What the backward kernels take after a conv: every activation with a norm with data statistics before it (the
+# consumer side applies it, kernels/norm_grad.py), ReLU or none in the conv's epilogue otherwise.
+_NORM_ACTIVATIONS = ("relu", "leaky_relu", "clamp", "none")
+_EPILOGUE_ACTIVATIONS = ("relu", "none")
+
+
 def kernel_training_blocker(layout: Layout, training: bool) -> str | None:
     """Why the kernels' backward cannot run a forward of ``layout`` (the first reason), or None when it can.
 
@@ -67,16 +88,17 @@ def kernel_training_blocker(layout: Layout, training: bool) -> str | None:
         return reason
     if layout.down != "pool":
         return "strided-conv down-sampling has no backward kernels yet (2x2 max-pool down-sampling has)"
-    if layout.join != "pad":
-        return f"the {layout.join!r} join has no backward kernels yet (the centered zero-pad join has)"
+    if layout.join == "crop":
+        return "the 'crop' join (valid convs) has no backward kernels yet (the zero-pad and replicate joins have)"
     for name, spec in layout.conv_specs():
-        kind = norm_kind(spec.norm)
-        if kind not in (None, "folds"):
-            return f"{name}: {type(spec.norm).__name__} has no backward kernels yet"
-        if kind == "folds" and training and spec.norm.training:
-            return f"{name}: BatchNorm2d in training mode (batch statistics) has no backward kernels yet"
-        if spec.activation.kind != "relu":
-            return f"{name}: the {spec.activation.kind} activation has no backward kernels yet (ReLU has)"
+        kind = effective_norm(spec.norm, training)
+        act = spec.activation.kind
+        if kind == "instance-tracking":
+            return f"{name}: an InstanceNorm2d tracking running statistics has no training-mode backward kernels yet"
+        allowed = _EPILOGUE_ACTIVATIONS if kind in (None, "folds") else _NORM_ACTIVATIONS
+        if act not in allowed:
+            where = "after a norm with data statistics" if kind not in (None, "folds") else "in a conv's epilogue"
+            return f"{name}: the {act} activation {where} has no backward kernels yet ({', '.join(allowed)} have)"
         if conv_padding(spec.conv) != 1 or tuple(spec.conv.stride) != (1, 1):
             return f"{name}: only 3x3 stride-1 'same' convs have backward kernels yet"
     for level, up in enumerate(layout.ups):
@@ -112,24 +134,50 @@ def _pack(weight: torch.Tensor) -> torch.Tensor:
     return weight.permute(2, 3, 1, 0).reshape(kh * kw * c_in, c_out)
 
 
-def build_training_plan(layout: Layout, dtype: torch.dtype, device: torch.device) -> Plan:
+def build_training_plan(
+    layout: Layout, dtype: torch.dtype, device: torch.device, training: bool = False
+) -> tuple[Plan, dict[int, nn.BatchNorm2d]]:
     """The plan of ``layout`` (see :func:`fastunet.ops.build_plan`) whose tensors are differentiable functions of
-    the modules' parameters, in ``dtype``: folded (an eval-mode BatchNorm), packed and cast by torch ops, so the
-    gradients of the packed tensors flow back to the parameters. The head is never fused: its input, the last
-    conv's activated map, is what the head's weight gradient reads. Raises ``ValueError`` where
-    :func:`kernel_training_blocker` (in eval mode) has a reason."""
-    reason = kernel_training_blocker(layout, training=False)
+    the modules' parameters, in ``dtype``: folded (a BatchNorm with running statistics), packed and cast by torch
+    ops, so the gradients of the packed tensors flow back to the parameters; the affine parameters of a norm with
+    data statistics stay fp32 (``.float()``, the parameters themselves when they are fp32). The head is never fused:
+    its input, the last conv's activated map, is what the head's weight gradient reads. ``training``: BatchNorms in
+    training mode normalize with batch statistics.
+
+    Returns the plan and, for each stage with a batch-statistics BatchNorm, ``{id(stage): module}`` (whose running
+    statistics follow the batch's). Raises ``ValueError`` where :func:`kernel_training_blocker` has a reason."""
+    reason = kernel_training_blocker(layout, training)
     if reason is not None:
         raise ValueError(f"the backward kernels cannot run this layout: {reason}")
+    batch_norms: dict[int, nn.BatchNorm2d] = {}
 
     def cast(t: torch.Tensor) -> torch.Tensor:
         return t.to(device=device, dtype=dtype).contiguous()
 
+    def fp32(t: torch.Tensor | None) -> torch.Tensor | None:
+        return t.to(device=device, dtype=torch.float32) if t is not None else None
+
     def stage(spec: ConvSpec, skip_after: int = 0) -> ConvStage:
-        weight, bias = _fold(spec.conv, spec.norm)
+        kind = effective_norm(spec.norm, training)
+        weight, bias = _fold(spec.conv, spec.norm if kind == "folds" else None)
         if skip_after:  # cat([up, skip]): the kernel reads the skip's channels first
             weight = torch.cat([weight[:, skip_after:], weight[:, :skip_after]], dim=1)
-        return ConvStage(cast(_pack(weight)), cast(bias), 3, 1, RELU)
+        norm = None
+        if kind in ("batch", "instance", "group"):
+            module = spec.norm
+            groups = module.num_groups if isinstance(module, nn.GroupNorm) else weight.shape[0]
+            affine = module.weight is not None and module.bias is not None
+            norm = NormStage(
+                int(groups),
+                float(module.eps),
+                fp32(module.weight) if affine else None,
+                fp32(module.bias) if affine else None,
+                over_batch=kind == "batch",
+            )
+        conv_stage = ConvStage(cast(_pack(weight)), cast(bias), 3, 1, spec.activation, None, 1, norm)
+        if kind == "batch":
+            batch_norms[id(conv_stage)] = spec.norm
+        return conv_stage
 
     def double(pair: tuple[ConvSpec, ConvSpec], skip_after: int = 0) -> tuple[ConvStage, ConvStage]:
         return stage(pair[0], skip_after), stage(pair[1])
@@ -151,7 +199,7 @@ def build_training_plan(layout: Layout, dtype: torch.dtype, device: torch.device
             ups.append(UpStage(up.mode, up.align_corners))
     head_weight, head_bias = _fold(layout.head, None)
     head = ConvStage(cast(_pack(head_weight)), cast(head_bias), 1, 0, Act("none"))
-    return Plan(
+    plan = Plan(
         encoders=[double(pair) for pair in layout.encoders],
         ups=ups,
         decoders=decoders,
@@ -161,66 +209,119 @@ def build_training_plan(layout: Layout, dtype: torch.dtype, device: torch.device
         join=layout.join,
         down=layout.down,
     )
+    return plan, batch_norms
+
+
+def update_running_stats(batch_norms: dict[int, nn.BatchNorm2d], sink: list) -> None:
+    """BatchNorm's running statistics after a training-mode forward, as torch updates them: the batch's mean and
+    unbiased variance blended in with ``momentum`` (or the cumulative average where it is None),
+    ``num_batches_tracked`` counted. ``sink``: the forward's ``(stage, map, NormIn)`` list."""
+    with torch.no_grad():
+        for stage, z, read in sink:
+            module = batch_norms.get(id(stage))
+            if module is None or not module.track_running_stats or module.running_mean is None:
+                continue
+            count = z.shape[0] * z.shape[1] * z.shape[2]
+            module.num_batches_tracked.add_(1)
+            factor = module.momentum
+            if factor is None:
+                factor = 1.0 / float(module.num_batches_tracked)
+            mean, var = read.mean[0].to(module.running_mean.dtype), read.var[0].double()
+            unbiased = (var * count / max(count - 1, 1)).to(module.running_var.dtype)
+            module.running_mean.mul_(1 - factor).add_(mean, alpha=factor)
+            module.running_var.mul_(1 - factor).add_(unbiased, alpha=factor)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Backward ops: the kernels, as custom ops so that torch.compile traces the backward too
 # ---------------------------------------------------------------------------------------------------------------
-@torch.library.custom_op(
-    "fastunet::conv2d_nhwc_backward",
-    mutates_args=(),
-    schema=(
-        "(Tensor x, Tensor weight, Tensor? up, Tensor? y, Tensor? grad_y, Tensor? grad_pooled, int ksize, "
-        "int padding, str activation, bool pool, bool has_bias, bool need_input, str up_mode, bool align_corners) "
-        "-> (Tensor, Tensor, Tensor)"
-    ),
+# A map read through its norm, as the backward ops take it: scale, shift, the activation after the norm.
+_READ_ARGS = (
+    'Tensor? in_scale=None, Tensor? in_shift=None, str in_activation="none", float in_slope=0.0, float in_lo=0.0, '
+    "float in_hi=0.0"
 )
-def _conv_backward_op(
-    x, weight, up, y, grad_y, grad_pooled, ksize, padding, activation, pool, has_bias, need_input, up_mode,
-    align_corners,
-):  # fmt: skip
-    return _conv_backward(
-        x, weight, up, y, grad_y, grad_pooled, ksize, padding, activation, pool, has_bias, need_input, up_mode,
-        align_corners,
-    )  # fmt: skip
 
 
-def _frame_pads(height: int, width: int, up_h: int, up_w: int) -> tuple[int, int]:
-    """Where the upsampled map sits in the skip's frame (centered; negative: its first row/column dropped)."""
-    return (height - up_h) // 2, (width - up_w) // 2
+def _read_of(in_scale, in_shift, in_activation, in_slope, in_lo, in_hi) -> NormIn | None:
+    if in_scale is None:
+        return None
+    return NormIn(in_scale, in_shift, in_activation, float(in_slope), float(in_lo), float(in_hi))
+
+
+def _read_backward(grad_a: torch.Tensor, z: torch.Tensor, read: NormIn):
+    """(dz, grad_scale, grad_shift) of a map read as ``act(z * scale + shift)`` from the read values' gradient."""
+    from fastunet.kernels.norm_grad import norm_input_backward_nhwc
+
+    return norm_input_backward_nhwc(grad_a, z, read.scale, read.shift, read.activation, read.slope, read.lo, read.hi)
+
+
+def _materialized(x: torch.Tensor, read: NormIn | None) -> torch.Tensor:
+    """The values a launch read from ``x``: ``x`` itself, or ``act(x * scale + shift)`` written once (a weight
+    gradient's operand; the forward applied it on load)."""
+    from fastunet.kernels.stats import normalize_nhwc
+
+    return x if read is None else normalize_nhwc(x, read, False)
+
+
+_CONV_BACKWARD_SCHEMA = (
+    "(Tensor x, Tensor weight, Tensor? up, Tensor? y, Tensor? grad_y, Tensor? grad_pooled, int ksize, int padding, "
+    "str activation, bool pool, bool has_bias, bool need_input, str up_mode, bool align_corners, str join, "
+    f"{_READ_ARGS}, Tensor? grad_scale=None, Tensor? grad_shift=None, Tensor? stat_mean=None, "
+    "Tensor? stat_var=None, Tensor? norm_weight=None, int norm_groups=0, float norm_eps=0.0, "
+    "bool norm_over_batch=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
 
 
 def _conv_backward(
     x, weight, up, y, grad_y, grad_pooled, ksize, padding, activation, pool, has_bias, need_input, up_mode,
-    align_corners,
+    align_corners, join, in_scale=None, in_shift=None, in_activation="none", in_slope=0.0, in_lo=0.0, in_hi=0.0,
+    grad_scale=None, grad_shift=None, stat_mean=None, stat_var=None, norm_weight=None, norm_groups=0, norm_eps=0.0,
+    norm_over_batch=False,
 ):  # fmt: skip
-    """(d_in, dW, db) of one conv launch: the input gradient over the conv's input frame with the channels of both
-    sources (``[x | up]``; empty unless ``need_input``), dW packed and db in fp32 (db empty unless ``has_bias``).
-    With ``up_mode`` nearest or bilinear, ``up`` is the low-resolution map: the upsampled map the forward read is
-    written again (one memory-bound launch) for the weight gradient."""
+    """The gradients of one conv launch: ``(d_in, dx_read, dW, db, d_in_scale, d_in_shift, d_norm_weight,
+    d_norm_bias)``.
+
+    ``d_in``: the input gradient over the conv's input frame with the channels of both sources (``[x | up]``;
+    empty unless ``need_input``); where x was read through its norm (``in_scale``), ``dx_read`` is x's own gradient
+    and the norm's scale and shift get theirs. dW packed and db in fp32. With a norm with data statistics after the
+    conv (``norm_groups``), ``y`` is the stored pre-norm map and the gradients of its scale and shift reach it
+    through the statistics (and the norm's affine parameters get theirs). With ``up_mode`` nearest or bilinear,
+    ``up`` is the low-resolution map: the upsampled map the forward read is written again for the weight
+    gradient."""
     from fastunet.kernels.backward import activation_pool_backward_nhwc
     from fastunet.kernels.conv_grad import conv2d_input_grad_nhwc, conv2d_weight_grad_nhwc
+    from fastunet.kernels.norm_grad import norm_coefficients, norm_stats_backward_nhwc
     from fastunet.kernels.upsample import upsample2x_nhwc
 
-    if up is not None and up_mode != "direct":
-        up = upsample2x_nhwc(up, up_mode, align_corners)
-
+    empty = x.new_empty(0)
     batch, height, width, c_main = x.shape
-    c_up = up.shape[3] if up is not None else 0
     c_out = weight.shape[1]
-    if activation == "none" and not pool:
+    d_norm_weight, d_norm_bias = x.new_empty(0, dtype=torch.float32), x.new_empty(0, dtype=torch.float32)
+    if norm_groups:  # the gradient of the pre-norm map: directly, and through the norm's statistics
+        count = y.shape[1] * y.shape[2] * (batch if norm_over_batch else c_out // norm_groups)
+        coef_a, coef_b, d_weight, d_bias = norm_coefficients(
+            grad_scale, grad_shift, stat_mean, stat_var, norm_weight, norm_groups, norm_eps, count, norm_over_batch
+        )
+        dz = norm_stats_backward_nhwc(y, grad_y, coef_a, coef_b, stat_mean)
+        if d_weight is not None:
+            d_norm_weight, d_norm_bias = d_weight, d_bias
+    elif activation == "none" and not pool:
         dz = grad_y if grad_y is not None else x.new_zeros((batch, height, width, c_out))
     else:
         dz = activation_pool_backward_nhwc(y, grad_y, grad_pooled if pool else None, activation=activation)
-    empty = x.new_empty(0)
+    if up is not None and up_mode != "direct":
+        up = upsample2x_nhwc(up, up_mode, align_corners)
+    c_up = up.shape[3] if up is not None else 0
+    read = _read_of(in_scale, in_shift, in_activation, in_slope, in_lo, in_hi)
+    source = _materialized(x, read)
     if up is None:
-        dw, db = conv2d_weight_grad_nhwc(x, dz, ksize, padding, bias=has_bias)
+        dw, db = conv2d_weight_grad_nhwc(source, dz, ksize, padding, bias=has_bias)
     else:
         taps = ksize * ksize
         parts = alloc((taps * c_main, c_out), torch.float32, x.device)
         up_parts = alloc((taps * c_up, c_out), torch.float32, x.device)
-        _, db = conv2d_weight_grad_nhwc(x, dz, ksize, padding, bias=has_bias, out=parts)
-        framed = up if up.shape[1:3] == x.shape[1:3] else _frame(up, height, width)
+        _, db = conv2d_weight_grad_nhwc(source, dz, ksize, padding, bias=has_bias, out=parts)
+        framed = up if up.shape[1:3] == x.shape[1:3] else _frame(up, height, width, join)
         conv2d_weight_grad_nhwc(framed, dz, ksize, padding, bias=False, out=up_parts)
         # The two sources' rows regrouped into the joined weight's tap-major order (row tap * c_in + channel).
         dw = alloc((taps, c_main + c_up, c_out), torch.float32, x.device)
@@ -228,89 +329,192 @@ def _conv_backward(
         dw[:, c_main:] = up_parts.view(taps, c_up, c_out)
         dw = dw.view(taps * (c_main + c_up), c_out)
     d_in = conv2d_input_grad_nhwc(dz, weight, c_main + c_up, ksize, padding) if need_input else empty
-    return d_in, dw, db if db is not None else empty.clone()
+    dx_read, d_scale, d_shift = (x.new_empty(0, dtype=torch.float32) for _ in range(3))
+    if need_input and read is not None:
+        dx_read, d_scale, d_shift = _read_backward(d_in[..., :c_main], x, read)
+    db = db if db is not None else x.new_empty(0, dtype=torch.float32)
+    return d_in, dx_read, dw, db, d_scale, d_shift, d_norm_weight, d_norm_bias
 
 
-def _frame(up: torch.Tensor, height: int, width: int) -> torch.Tensor:
+_conv_backward_op = torch.library.custom_op(
+    "fastunet::conv2d_nhwc_backward", mutates_args=(), schema=_CONV_BACKWARD_SCHEMA
+)(_conv_backward)
+
+
+def _frame_pads(height: int, width: int, up_h: int, up_w: int) -> tuple[int, int]:
+    """Where the upsampled map sits in the skip's frame (centered; negative: its first row/column dropped)."""
+    return (height - up_h) // 2, (width - up_w) // 2
+
+
+def _frame(up: torch.Tensor, height: int, width: int, join: str = "pad") -> torch.Tensor:
     """The upsampled map placed into the skip's (height, width) frame, as the forward's loader reads it (odd
-    sizes only: a copy)."""
+    sizes only: a copy): zero-padded and centered, or (``"replicate"``) padded at the bottom/right by repeating its
+    last row and column."""
     up_h, up_w = up.shape[1], up.shape[2]
     dy, dx = height - up_h, width - up_w
+    if join == "replicate":
+        return F.pad(up.permute(0, 3, 1, 2), (0, dx, 0, dy), mode="replicate").permute(0, 2, 3, 1)
     return F.pad(up, (0, 0, dx // 2, dx - dx // 2, dy // 2, dy - dy // 2))
 
 
-def _unframe(grad: torch.Tensor, up_h: int, up_w: int) -> torch.Tensor:
-    """The adjoint of :func:`_frame`: the frame's gradient cut (or zero-extended) back to the upsampled map."""
+def _unframe(grad: torch.Tensor, up_h: int, up_w: int, join: str = "pad") -> torch.Tensor:
+    """The adjoint of :func:`_frame`: the frame's gradient cut (or zero-extended) back to the upsampled map; with
+    ``"replicate"``, the rows and columns past the map added onto its last row and column."""
     height, width = grad.shape[1], grad.shape[2]
     dy, dx = height - up_h, width - up_w
+    if join == "replicate":
+        out = grad[:, :up_h, :up_w].clone()
+        if dy:
+            out[:, up_h - 1] += grad[:, up_h:, :up_w].sum(1)
+        if dx:
+            out[:, :, up_w - 1] += grad[:, :up_h, up_w:].sum(2)
+        if dy and dx:
+            out[:, up_h - 1, up_w - 1] += grad[:, up_h:, up_w:].sum((1, 2))
+        return out
     return F.pad(grad, (0, 0, -(dx // 2), -(dx - dx // 2), -(dy // 2), -(dy - dy // 2)))
 
 
 @_conv_backward_op.register_fake
 def _conv_backward_fake(
     x, weight, up, y, grad_y, grad_pooled, ksize, padding, activation, pool, has_bias, need_input, up_mode,
-    align_corners,
+    align_corners, join, in_scale=None, in_shift=None, in_activation="none", in_slope=0.0, in_lo=0.0, in_hi=0.0,
+    grad_scale=None, grad_shift=None, stat_mean=None, stat_var=None, norm_weight=None, norm_groups=0, norm_eps=0.0,
+    norm_over_batch=False,
 ):  # fmt: skip
     batch, height, width, c_main = x.shape
     c_in = c_main + (up.shape[3] if up is not None else 0)
     c_out = weight.shape[1]
-    d_in = x.new_empty((batch, height, width, c_in)) if need_input else x.new_empty(0)
-    db = x.new_empty((c_out,), dtype=torch.float32) if has_bias else x.new_empty(0)
-    return d_in, x.new_empty((weight.shape[0], c_out), dtype=torch.float32), db
+    empty, empty32 = x.new_empty(0), x.new_empty(0, dtype=torch.float32)
+    d_in = x.new_empty((batch, height, width, c_in)) if need_input else empty
+    read = need_input and in_scale is not None
+    dx_read = x.new_empty(x.shape) if read else empty32
+    d_scale = x.new_empty((batch, c_main), dtype=torch.float32) if read else empty32
+    d_shift = x.new_empty((batch, c_main), dtype=torch.float32) if read else empty32
+    affine = norm_groups and norm_weight is not None
+    d_nw = x.new_empty((c_out,), dtype=torch.float32) if affine else empty32
+    d_nb = x.new_empty((c_out,), dtype=torch.float32) if affine else empty32
+    db = x.new_empty((c_out,), dtype=torch.float32) if has_bias else empty32
+    dw = x.new_empty((weight.shape[0], c_out), dtype=torch.float32)
+    return d_in, dx_read, dw, db, d_scale, d_shift, d_nw, d_nb
 
 
-def _upsample_backward(grad, height, width, mode, align_corners, pad_top=0, pad_left=0):
-    """The gradient of the (height, width) map whose 2x upsampling sat at (pad_top, pad_left) in ``grad``'s frame."""
+def _upsample_backward(
+    grad, height, width, mode, align_corners, pad_top=0, pad_left=0, x=None, in_scale=None, in_shift=None,
+    in_activation="none", in_slope=0.0, in_lo=0.0, in_hi=0.0,
+):  # fmt: skip
+    """(dx, d_in_scale, d_in_shift): the gradient of the (height, width) map ``x`` whose 2x upsampling sat at
+    (pad_top, pad_left) in ``grad``'s frame; read through its norm (``in_scale``), also the norm's scale and
+    shift's (else those two empty)."""
     from fastunet.kernels.backward import upsample2x_adjoint_nhwc
 
-    return upsample2x_adjoint_nhwc(grad, (height, width), mode, align_corners, pad_top=pad_top, pad_left=pad_left)
+    d_low = upsample2x_adjoint_nhwc(grad, (height, width), mode, align_corners, pad_top=pad_top, pad_left=pad_left)
+    read = _read_of(in_scale, in_shift, in_activation, in_slope, in_lo, in_hi)
+    if read is None:
+        empty = grad.new_empty(0, dtype=torch.float32)
+        return d_low, empty, empty.clone()
+    return _read_backward(d_low, x, read)
 
 
 _upsample_backward_op = torch.library.custom_op(
     "fastunet::upsample2x_nhwc_backward",
     mutates_args=(),
     schema=(
-        "(Tensor grad, int height, int width, str mode, bool align_corners, int pad_top=0, int pad_left=0) -> Tensor"
+        "(Tensor grad, int height, int width, str mode, bool align_corners, int pad_top=0, int pad_left=0, "
+        f"Tensor? x=None, {_READ_ARGS}) -> (Tensor, Tensor, Tensor)"
     ),
 )(_upsample_backward)
 
 
 @_upsample_backward_op.register_fake
-def _upsample_backward_fake(grad, height, width, mode, align_corners, pad_top=0, pad_left=0):
-    return grad.new_empty((grad.shape[0], height, width, grad.shape[3]))
+def _upsample_backward_fake(
+    grad, height, width, mode, align_corners, pad_top=0, pad_left=0, x=None, in_scale=None, in_shift=None,
+    in_activation="none", in_slope=0.0, in_lo=0.0, in_hi=0.0,
+):  # fmt: skip
+    d_low = grad.new_empty((grad.shape[0], height, width, grad.shape[3]))
+    stats = (grad.shape[0], grad.shape[3]) if in_scale is not None else (0,)
+    return d_low, grad.new_empty(stats, dtype=torch.float32), grad.new_empty(stats, dtype=torch.float32)
 
 
-def _conv_transpose_backward(x, weight, grad, has_bias, need_x):
-    """(dx, dW packed, db4) of a 2x2 stride-2 transposed conv; dW and db4 (one bias block per sub-pixel) in fp32."""
+def _conv_transpose_backward(
+    x, weight, grad, has_bias, need_x, in_scale=None, in_shift=None, in_activation="none", in_slope=0.0, in_lo=0.0,
+    in_hi=0.0,
+):  # fmt: skip
+    """(dx, dW packed, db4, d_in_scale, d_in_shift) of a 2x2 stride-2 transposed conv; dW and db4 (one bias block
+    per sub-pixel) in fp32; x read through its norm (``in_scale``): x's own gradient and its norm's scale and
+    shift's (else those two empty)."""
     from fastunet.kernels.conv_grad import conv2d_weight_grad_nhwc, conv_transpose2x2_input_grad_nhwc
 
     c_in, c_out = x.shape[3], weight.shape[1] // 4
+    read = _read_of(in_scale, in_shift, in_activation, in_slope, in_lo, in_hi)
+    source = _materialized(x, read)
     dx = conv_transpose2x2_input_grad_nhwc(grad, weight) if need_x else x.new_empty(0)
+    d_scale, d_shift = x.new_empty(0, dtype=torch.float32), x.new_empty(0, dtype=torch.float32)
+    if need_x and read is not None:
+        dx, d_scale, d_shift = _read_backward(dx, x, read)
     # Sub-pixel (a, b) of every low-resolution pixel: a 1x1 conv of x to that strided view of the gradient. The
     # packed weight's columns are (a * 2 + b) * c_out + channel; so are the repeated bias's.
     dw = alloc((4, c_in, c_out), torch.float32, x.device)
     db = alloc((4, c_out), torch.float32, x.device) if has_bias else None
     for sub in range(4):
         a, b = divmod(sub, 2)
-        _, db_sub = conv2d_weight_grad_nhwc(x, grad[:, a::2, b::2, :], 1, 0, bias=has_bias, out=dw[sub])
+        _, db_sub = conv2d_weight_grad_nhwc(source, grad[:, a::2, b::2, :], 1, 0, bias=has_bias, out=dw[sub])
         if has_bias:
             db[sub] = db_sub
     dw = dw.permute(1, 0, 2).reshape(c_in, 4 * c_out)
-    return dx, dw, db.reshape(-1) if has_bias else x.new_empty(0)
+    return dx, dw, db.reshape(-1) if has_bias else x.new_empty(0, dtype=torch.float32), d_scale, d_shift
 
 
 _conv_transpose_backward_op = torch.library.custom_op(
     "fastunet::conv_transpose2x2_nhwc_backward",
     mutates_args=(),
-    schema="(Tensor x, Tensor weight, Tensor grad, bool has_bias, bool need_x) -> (Tensor, Tensor, Tensor)",
+    schema=(
+        f"(Tensor x, Tensor weight, Tensor grad, bool has_bias, bool need_x, {_READ_ARGS}) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+    ),
 )(_conv_transpose_backward)
 
 
 @_conv_transpose_backward_op.register_fake
-def _conv_transpose_backward_fake(x, weight, grad, has_bias, need_x):
+def _conv_transpose_backward_fake(
+    x, weight, grad, has_bias, need_x, in_scale=None, in_shift=None, in_activation="none", in_slope=0.0, in_lo=0.0,
+    in_hi=0.0,
+):  # fmt: skip
+    empty = x.new_empty(0, dtype=torch.float32)
     dx = x.new_empty(x.shape) if need_x else x.new_empty(0)
-    db = x.new_empty((weight.shape[1],), dtype=torch.float32) if has_bias else x.new_empty(0)
-    return dx, x.new_empty(weight.shape, dtype=torch.float32), db
+    db = x.new_empty((weight.shape[1],), dtype=torch.float32) if has_bias else empty
+    stats = (x.shape[0], x.shape[3]) if need_x and in_scale is not None else (0,)
+    d_read = [x.new_empty(stats, dtype=torch.float32) for _ in range(2)]
+    return dx, x.new_empty(weight.shape, dtype=torch.float32), db, *d_read
+
+
+def _normalize_backward(
+    grad, z, pool, in_scale, in_shift, in_activation="none", in_slope=0.0, in_lo=0.0, in_hi=0.0
+):  # fmt: skip
+    """(dz, d_scale, d_shift) of the normalize (+ 2x2 max-pool) launch: the pooled gradient routed to each window's
+    maximum of the normalized map (written again), then through the norm's read."""
+    from fastunet.kernels.backward import activation_pool_backward_nhwc
+
+    read = NormIn(in_scale, in_shift, in_activation, float(in_slope), float(in_lo), float(in_hi))
+    if pool:
+        grad = activation_pool_backward_nhwc(_materialized(z, read), None, grad, activation="none")
+    return _read_backward(grad, z, read)
+
+
+_normalize_backward_op = torch.library.custom_op(
+    "fastunet::normalize_nhwc_backward",
+    mutates_args=(),
+    schema=(
+        '(Tensor grad, Tensor z, bool pool, Tensor in_scale, Tensor in_shift, str in_activation="none", '
+        "float in_slope=0.0, float in_lo=0.0, float in_hi=0.0) -> (Tensor, Tensor, Tensor)"
+    ),
+)(_normalize_backward)
+
+
+@_normalize_backward_op.register_fake
+def _normalize_backward_fake(
+    grad, z, pool, in_scale, in_shift, in_activation="none", in_slope=0.0, in_lo=0.0, in_hi=0.0
+):  # fmt: skip
+    return z.new_empty(z.shape), in_scale.new_empty(in_scale.shape), in_shift.new_empty(in_shift.shape)
 
 
 def _backward_op(name: str):
@@ -322,26 +526,73 @@ def _backward_op(name: str):
     return getattr(torch.ops.fastunet, name)
 
 
+_IMPLEMENTATIONS = {
+    "conv2d_nhwc_backward": _conv_backward,
+    "upsample2x_nhwc_backward": _upsample_backward,
+    "conv_transpose2x2_nhwc_backward": _conv_transpose_backward,
+    "normalize_nhwc_backward": _normalize_backward,
+}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The ops' own math in PyTorch, for second derivatives
 # ---------------------------------------------------------------------------------------------------------------
-def _conv_math(x, weight, bias, up, ksize, padding, activation, pool, up_mode="direct", align_corners=False):
-    """The conv launch in PyTorch (NHWC in and out): (y, pooled or None)."""
-    inputs = x.permute(0, 3, 1, 2)
+def _read_math(x: torch.Tensor, scale, shift, activation, slope, lo, hi) -> torch.Tensor:
+    """``act(x * scale + shift)`` on an NHWC map, per (image, channel) scale and shift."""
+    if scale is None:
+        return x
+    u = x * scale[:, None, None, :] + shift[:, None, None, :]
+    return apply_act(Act(activation, slope, lo, hi), u)
+
+
+def _norm_math(z: torch.Tensor, weight, bias, groups, eps, over_batch):
+    """(scale, shift) of a norm with data statistics of the NHWC map ``z``, (N, C) each, differentiable."""
+    batch, height, width, channels = z.shape
+    z32 = z.float()
+    if over_batch:
+        mean = z32.mean((0, 1, 2))[None].expand(batch, channels)
+        var = z32.var((0, 1, 2), unbiased=False)[None].expand(batch, channels)
+    else:
+        size = channels // groups
+        grouped = z32.reshape(batch, height * width, groups, size)
+        mean = grouped.mean((1, 3)).repeat_interleave(size, 1)
+        var = grouped.var((1, 3), unbiased=False).repeat_interleave(size, 1)
+    scale = (var + eps).rsqrt()
+    if weight is not None:
+        scale = scale * weight[None, :]
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias[None, :]
+    return scale, shift
+
+
+def _conv_math(inputs: list, up_mode: str, align_corners: bool):
+    """The conv launch in PyTorch (NHWC in and out): (y, pooled or None, scale or None, shift or None)."""
+    x, weight, bias, up = inputs[_X], inputs[_W], inputs[_B], inputs[_UP]
+    ksize, padding, activation, pool = inputs[_KSIZE], inputs[_PADDING], inputs[_ACT], inputs[_POOL]
+    read = [inputs[i] for i in range(_IN_SCALE, _IN_SCALE + 6)]
+    x = _read_math(x, read[0], read[1], read[2], read[3], read[4], read[5])
+    features = x.permute(0, 3, 1, 2)
     if up is not None and up_mode != "direct":
         align = align_corners if up_mode == "bilinear" else None
         up = F.interpolate(up.permute(0, 3, 1, 2), scale_factor=2, mode=up_mode, align_corners=align)
         up = up.permute(0, 2, 3, 1)
     if up is not None:
-        framed = _frame(up, x.shape[1], x.shape[2]) if up.shape[1:3] != x.shape[1:3] else up
-        inputs = torch.cat([inputs, framed.permute(0, 3, 1, 2)], dim=1)
-    c_in = inputs.shape[1]
+        framed = _frame(up, x.shape[1], x.shape[2], inputs[_JOIN]) if up.shape[1:3] != x.shape[1:3] else up
+        features = torch.cat([features, framed.permute(0, 3, 1, 2)], dim=1)
+    c_in = features.shape[1]
     w = weight.view(ksize, ksize, c_in, weight.shape[1]).permute(3, 2, 0, 1)
-    y = F.conv2d(inputs, w, bias, padding=padding)
+    y = F.conv2d(features, w, bias, padding=padding)
+    if inputs[_NORM_GROUPS]:
+        z = y.permute(0, 2, 3, 1)
+        scale, shift = _norm_math(
+            z, inputs[_NORM_W], inputs[_NORM_B], inputs[_NORM_GROUPS], inputs[_NORM_EPS], inputs[_NORM_BATCH]
+        )
+        return z, None, scale, shift
     if activation == "relu":
         y = torch.relu(y)
     pooled = F.max_pool2d(y, 2).permute(0, 2, 3, 1) if pool else None
-    return y.permute(0, 2, 3, 1), pooled
+    return y.permute(0, 2, 3, 1), pooled, None, None
 
 
 def _grads_of(outputs, grads, inputs):
@@ -360,24 +611,27 @@ def _grads_of(outputs, grads, inputs):
 # Autograd registrations of the forward ops
 # ---------------------------------------------------------------------------------------------------------------
 # fastunet::conv2d_nhwc's schema, by position (see fastunet.ops._CONV_SCHEMA).
-_CONV_ARGS = 30
+_CONV_ARGS = 31
 _X, _W, _B, _UP, _HEAD_W, _HEAD_B, _SLOPES, _KSIZE, _PADDING, _UP_MODE, _ALIGN, _JOIN, _ACT = range(13)
-_POOL, _NCHW, _STRIDE, _IN_SCALE = 16, 17, 18, 19
-_NORM_GROUPS = 26
+_POOL, _NCHW, _STRIDE, _IN_SCALE, _IN_SHIFT, _IN_ACT, _IN_SLOPE, _IN_LO, _IN_HI, _IN_SLOPES = range(16, 26)
+_NORM_GROUPS, _NORM_W, _NORM_B, _NORM_EPS, _NORM_BATCH = range(26, 31)
+_DIFFERENTIABLE_ARGS = (_X, _W, _B, _UP, _IN_SCALE, _IN_SHIFT, _NORM_W, _NORM_B)
 
 
 def _unsupported_conv(inputs) -> str | None:
     if inputs[_HEAD_W] is not None:
         return "a fused head"
-    if inputs[_ACT] not in ("relu", "none"):
-        return f"the {inputs[_ACT]} activation"
     if inputs[_STRIDE] != 1 or inputs[_PADDING] != inputs[_KSIZE] // 2 or inputs[_KSIZE] not in (1, 3):
         return "a valid or strided conv"
-    if inputs[_IN_SCALE] is not None or inputs[_NORM_GROUPS]:
-        return "a norm with data statistics"
+    if inputs[_NORM_GROUPS] and inputs[_POOL]:
+        return "a pool after a norm with data statistics in the same launch"
+    if not inputs[_NORM_GROUPS] and inputs[_ACT] not in _EPILOGUE_ACTIVATIONS:
+        return f"the {inputs[_ACT]} activation in the epilogue"
+    if inputs[_IN_SCALE] is not None and (inputs[_IN_ACT] not in _NORM_ACTIVATIONS or inputs[_IN_SLOPES] is not None):
+        return f"the {inputs[_IN_ACT]} activation after a norm"
     up_modes = ("direct", "nearest", "bilinear")
-    if inputs[_UP] is not None and (inputs[_UP_MODE] not in up_modes or inputs[_JOIN] != "pad"):
-        return "a second source joined otherwise than by zero padding"
+    if inputs[_UP] is not None and (inputs[_UP_MODE] not in up_modes or inputs[_JOIN] == "crop"):
+        return "a second source joined by a crop"
     if inputs[_SLOPES] is not None:
         return "PReLU slopes"
     return None
@@ -386,98 +640,146 @@ def _unsupported_conv(inputs) -> str | None:
 def _conv_setup(ctx, inputs, output):
     ctx.unsupported = _unsupported_conv(inputs)
     ctx.stage = current_launch_stage()
-    ctx.constants = (inputs[_KSIZE], inputs[_PADDING], inputs[_ACT], inputs[_POOL], inputs[_B] is not None)
-    ctx.up = (inputs[_UP_MODE], inputs[_ALIGN])
-    y = output[0] if inputs[_ACT] != "none" or inputs[_POOL] else None
-    ctx.save_for_backward(inputs[_X], inputs[_W], inputs[_B], inputs[_UP], y)
+    ctx.constants = {i: inputs[i] for i in range(_CONV_ARGS) if i not in _DIFFERENTIABLE_ARGS}
+    keep_y = inputs[_ACT] != "none" or inputs[_POOL] or inputs[_NORM_GROUPS]
+    y = output[0] if keep_y else None
+    stats = (output[4], output[5]) if inputs[_NORM_GROUPS] else (None, None)
+    ctx.save_for_backward(*(inputs[i] for i in _DIFFERENTIABLE_ARGS), y, *stats)
 
 
-def _conv_autograd(ctx, grad_y, grad_pooled, _grad_scale, _grad_shift):
+def _conv_autograd(ctx, grad_y, grad_pooled, grad_scale, grad_shift, _grad_mean, _grad_var):
     if ctx.unsupported is not None:
         raise NotImplementedError(f"fastunet::conv2d_nhwc has no backward for {ctx.unsupported}")
-    x, weight, bias, up, y = ctx.saved_tensors
-    ksize, padding, activation, pool, has_bias = ctx.constants
-    up_mode, align_corners = ctx.up
+    saved = ctx.saved_tensors
+    inputs: list = [None] * _CONV_ARGS
+    for i, index in enumerate(_DIFFERENTIABLE_ARGS):
+        inputs[index] = saved[i]
+    for index, value in ctx.constants.items():
+        inputs[index] = value
+    y, stat_mean, stat_var = saved[len(_DIFFERENTIABLE_ARGS) :]
+    x, weight, bias, up = inputs[_X], inputs[_W], inputs[_B], inputs[_UP]
+    up_mode, align_corners = inputs[_UP_MODE] or "direct", inputs[_ALIGN]
     need = ctx.needs_input_grad
+    grads: list = [None] * _CONV_ARGS
     if torch.is_grad_enabled():  # create_graph=True: differentiate the op's own math, graph kept
-        outputs = _conv_math(x, weight, bias, up, ksize, padding, activation, pool, up_mode, align_corners)
-        dx, dw, db, dup = _grads_of(outputs, (grad_y, grad_pooled), (x, weight, bias, up))
-    else:
-        stage = current_launch_stage()
-        set_launch_stage(f"{ctx.stage}.backward" if ctx.stage else None)
-        try:
-            need_up = up is not None and need[_UP]
-            d_in, dw, db = _backward_op("conv2d_nhwc_backward")(
-                x, weight, up, y, grad_y, grad_pooled if pool else None, ksize, padding, activation, pool,
-                has_bias and need[_B], need[_X] or need_up, up_mode or "direct", align_corners,
-            )  # fmt: skip
-            c_main = x.shape[3]
-            dx = d_in[..., :c_main] if need[_X] else None
-            dup = None
-            if need_up and up_mode != "direct":  # the adjoint of the upsampling, read from the skip's frame
-                height, width = x.shape[1], x.shape[2]
+        outputs = _conv_math(inputs, up_mode, align_corners)
+        wrt = [inputs[i] for i in _DIFFERENTIABLE_ARGS]
+        found = _grads_of(outputs, (grad_y, grad_pooled, grad_scale, grad_shift), wrt)
+        for index, value in zip(_DIFFERENTIABLE_ARGS, found, strict=True):
+            grads[index] = value
+        return tuple(grads)
+    stage = current_launch_stage()
+    set_launch_stage(f"{ctx.stage}.backward" if ctx.stage else None)
+    try:
+        need_up = up is not None and need[_UP]
+        read = inputs[_IN_SCALE] is not None
+        d_in, dx_read, dw, db, d_scale, d_shift, d_nw, d_nb = _backward_op("conv2d_nhwc_backward")(
+            x, weight, up, y, grad_y, grad_pooled if inputs[_POOL] else None, inputs[_KSIZE], inputs[_PADDING],
+            inputs[_ACT], inputs[_POOL], bias is not None and need[_B], need[_X] or need_up, up_mode, align_corners,
+            inputs[_JOIN], *(inputs[i] for i in range(_IN_SCALE, _IN_SCALE + 6)), grad_scale, grad_shift, stat_mean,
+            stat_var, inputs[_NORM_W], inputs[_NORM_GROUPS], inputs[_NORM_EPS], inputs[_NORM_BATCH],
+        )  # fmt: skip
+        c_main = x.shape[3]
+        if need[_X]:
+            grads[_X] = dx_read if read else d_in[..., :c_main]
+        join = inputs[_JOIN]
+        if need_up and up_mode != "direct":  # the adjoint of the upsampling, read from the skip's frame
+            height, width = x.shape[1], x.shape[2]
+            d_up, pad_top, pad_left = d_in[..., c_main:], 0, 0
+            if join == "replicate" and (height, width) != (2 * up.shape[1], 2 * up.shape[2]):
+                d_up = _unframe(d_up, 2 * up.shape[1], 2 * up.shape[2], join)
+            elif join == "pad":
                 pad_top, pad_left = _frame_pads(height, width, 2 * up.shape[1], 2 * up.shape[2])
-                dup = _backward_op("upsample2x_nhwc_backward")(
-                    d_in[..., c_main:], up.shape[1], up.shape[2], up_mode, align_corners, pad_top, pad_left
-                )
-            elif need_up:  # the map itself, cut back from the skip's frame where the sizes differ
-                dup = d_in[..., c_main:]
-                if dup.shape[1:3] != up.shape[1:3]:
-                    dup = _unframe(dup, up.shape[1], up.shape[2])
-        finally:
-            set_launch_stage(stage)
-        dw = dw.to(weight.dtype) if need[_W] else None
-        db = db.to(bias.dtype) if has_bias and need[_B] else None
-    grads = [None] * _CONV_ARGS
-    grads[_X], grads[_W], grads[_B], grads[_UP] = dx, dw, db, dup
+            grads[_UP], _, _ = _backward_op("upsample2x_nhwc_backward")(
+                d_up, up.shape[1], up.shape[2], up_mode, align_corners, pad_top, pad_left
+            )
+        elif need_up:  # the map itself, cut back from the skip's frame where the sizes differ
+            dup = d_in[..., c_main:]
+            same = dup.shape[1:3] == up.shape[1:3]
+            grads[_UP] = dup if same else _unframe(dup, up.shape[1], up.shape[2], join)
+    finally:
+        set_launch_stage(stage)
+    grads[_W] = dw.to(weight.dtype) if need[_W] else None
+    grads[_B] = db.to(bias.dtype) if bias is not None and need[_B] else None
+    if read and need[_X]:
+        grads[_IN_SCALE] = d_scale if need[_IN_SCALE] else None
+        grads[_IN_SHIFT] = d_shift if need[_IN_SHIFT] else None
+    if inputs[_NORM_W] is not None:
+        grads[_NORM_W] = d_nw.to(inputs[_NORM_W].dtype) if need[_NORM_W] else None
+        grads[_NORM_B] = d_nb.to(inputs[_NORM_B].dtype) if need[_NORM_B] else None
     return tuple(grads)
+
+
+# fastunet::upsample2x_nhwc, conv_transpose2x2_nhwc and normalize_nhwc: a map read through its norm, by position.
+_READ_POSITIONS = {"upsample": 3, "transpose": 3, "normalize": 2}
+
+
+def _read_inputs(inputs, start: int) -> tuple:
+    """(scale, shift, activation, slope, lo, hi) of a forward op's flattened NormIn arguments at ``start``."""
+    return tuple(inputs[start : start + 6])
+
+
+def _read_unsupported(inputs, start: int) -> str | None:
+    scale, activation, slopes = inputs[start], inputs[start + 2], inputs[start + 6]
+    if scale is not None and (activation not in _NORM_ACTIVATIONS or slopes is not None):
+        return f"the {activation} activation after a norm"
+    return None
 
 
 def _upsample_setup(ctx, inputs, output):
     x, mode, align_corners = inputs[0], inputs[1], inputs[2]
-    ctx.unsupported = "a norm applied on load" if inputs[3] is not None else None
-    ctx.constants = (x.shape[1], x.shape[2], mode, align_corners)
+    ctx.unsupported = _read_unsupported(inputs, 3)
+    ctx.constants = (x.shape[1], x.shape[2], mode, align_corners, inputs[5], inputs[6], inputs[7], inputs[8])
     ctx.stage = current_launch_stage()
-    ctx.save_for_backward(x)  # the producer's output, saved by it too: no extra memory
+    ctx.save_for_backward(x, inputs[3], inputs[4])  # the producer's output, saved by it too: no extra memory
 
 
 def _upsample_autograd(ctx, grad):
     if ctx.unsupported is not None:
         raise NotImplementedError(f"fastunet::upsample2x_nhwc has no backward for {ctx.unsupported}")
-    height, width, mode, align_corners = ctx.constants
+    height, width, mode, align_corners, activation, slope, lo, hi = ctx.constants
+    x, scale, shift = ctx.saved_tensors
+    need = ctx.needs_input_grad
     if torch.is_grad_enabled():
-        (x,) = ctx.saved_tensors
         align = align_corners if mode == "bilinear" else None
-        out = F.interpolate(x.permute(0, 3, 1, 2), scale_factor=2, mode=mode, align_corners=align)
-        (dx,) = _grads_of([out.permute(0, 2, 3, 1)], [grad], [x])
+        values = _read_math(x, scale, shift, activation, slope, lo, hi)
+        out = F.interpolate(values.permute(0, 3, 1, 2), scale_factor=2, mode=mode, align_corners=align)
+        dx, d_scale, d_shift = _grads_of([out.permute(0, 2, 3, 1)], [grad], [x, scale, shift])
     else:
         stage = current_launch_stage()
         set_launch_stage(f"{ctx.stage}.backward" if ctx.stage else None)
         try:
-            dx = _backward_op("upsample2x_nhwc_backward")(grad, height, width, mode, align_corners)
+            dx, d_scale, d_shift = _backward_op("upsample2x_nhwc_backward")(
+                grad, height, width, mode, align_corners, 0, 0, x, scale, shift, activation, slope, lo, hi
+            )
         finally:
             set_launch_stage(stage)
-    return (dx,) + (None,) * 9
+        if scale is None:
+            d_scale = d_shift = None
+    return (dx if need[0] else None, None, None, d_scale, d_shift) + (None,) * 5
 
 
 def _conv_transpose_setup(ctx, inputs, output):
-    ctx.unsupported = "a norm applied on load" if inputs[3] is not None else None
+    ctx.unsupported = _read_unsupported(inputs, 3)
     ctx.stage = current_launch_stage()
     ctx.has_bias = inputs[2] is not None
-    ctx.save_for_backward(inputs[0], inputs[1], inputs[2])
+    ctx.read = (inputs[5], inputs[6], inputs[7], inputs[8])
+    ctx.save_for_backward(inputs[0], inputs[1], inputs[2], inputs[3], inputs[4])
 
 
 def _conv_transpose_autograd(ctx, grad):
     if ctx.unsupported is not None:
         raise NotImplementedError(f"fastunet::conv_transpose2x2_nhwc has no backward for {ctx.unsupported}")
-    x, weight, bias4 = ctx.saved_tensors
+    x, weight, bias4, scale, shift = ctx.saved_tensors
+    activation, slope, lo, hi = ctx.read
     need = ctx.needs_input_grad
     if torch.is_grad_enabled():
         c_in, c_out = weight.shape[0], weight.shape[1] // 4
         w = weight.view(c_in, 2, 2, c_out).permute(0, 3, 1, 2)
         bias = bias4[:c_out] if bias4 is not None else None
-        out = F.conv_transpose2d(x.permute(0, 3, 1, 2), w, bias, stride=2).permute(0, 2, 3, 1)
-        dx, dw = _grads_of([out], [grad], [x, weight])
+        values = _read_math(x, scale, shift, activation, slope, lo, hi)
+        out = F.conv_transpose2d(values.permute(0, 3, 1, 2), w, bias, stride=2).permute(0, 2, 3, 1)
+        dx, dw, d_scale, d_shift = _grads_of([out], [grad], [x, weight, scale, shift])
         db = None
         if bias4 is not None and bias4.requires_grad:  # each sub-pixel's bias block gets its own pixels' sum
             db = grad.reshape(grad.shape[0], grad.shape[1] // 2, 2, grad.shape[2] // 2, 2, c_out).sum((0, 1, 3))
@@ -486,15 +788,49 @@ def _conv_transpose_autograd(ctx, grad):
         stage = current_launch_stage()
         set_launch_stage(f"{ctx.stage}.backward" if ctx.stage else None)
         try:
-            dx, dw, db = _backward_op("conv_transpose2x2_nhwc_backward")(
-                x, weight, grad, ctx.has_bias and need[2], need[0]
-            )
+            dx, dw, db, d_scale, d_shift = _backward_op("conv_transpose2x2_nhwc_backward")(
+                x, weight, grad, ctx.has_bias and need[2], need[0] or (scale is not None and need[3]),
+                scale, shift, activation, slope, lo, hi,
+            )  # fmt: skip
         finally:
             set_launch_stage(stage)
         dx = dx if need[0] else None
         dw = dw.to(weight.dtype) if need[1] else None
         db = db.to(bias4.dtype) if ctx.has_bias and need[2] else None
-    return (dx, dw, db) + (None,) * 7
+        if scale is None:
+            d_scale = d_shift = None
+    return (dx, dw, db, d_scale, d_shift) + (None,) * 5
+
+
+def _normalize_setup(ctx, inputs, output):
+    z, pool = inputs[0], inputs[1]
+    ctx.unsupported = _read_unsupported(inputs, 2)
+    ctx.pool = pool
+    ctx.read = (inputs[4], inputs[5], inputs[6], inputs[7])
+    ctx.stage = current_launch_stage()
+    ctx.save_for_backward(z, inputs[2], inputs[3])
+
+
+def _normalize_autograd(ctx, grad):
+    if ctx.unsupported is not None:
+        raise NotImplementedError(f"fastunet::normalize_nhwc has no backward for {ctx.unsupported}")
+    z, scale, shift = ctx.saved_tensors
+    activation, slope, lo, hi = ctx.read
+    if torch.is_grad_enabled():
+        values = _read_math(z, scale, shift, activation, slope, lo, hi)
+        if ctx.pool:
+            values = F.max_pool2d(values.permute(0, 3, 1, 2), 2).permute(0, 2, 3, 1)
+        dz, d_scale, d_shift = _grads_of([values], [grad], [z, scale, shift])
+    else:
+        stage = current_launch_stage()
+        set_launch_stage(f"{ctx.stage}.backward" if ctx.stage else None)
+        try:
+            dz, d_scale, d_shift = _backward_op("normalize_nhwc_backward")(
+                grad, z, ctx.pool, scale, shift, activation, slope, lo, hi
+            )
+        finally:
+            set_launch_stage(stage)
+    return (dz, None, d_scale, d_shift) + (None,) * 5
 
 
 torch.library.register_autograd("fastunet::conv2d_nhwc", _conv_autograd, setup_context=_conv_setup)
@@ -502,9 +838,4 @@ torch.library.register_autograd("fastunet::upsample2x_nhwc", _upsample_autograd,
 torch.library.register_autograd(
     "fastunet::conv_transpose2x2_nhwc", _conv_transpose_autograd, setup_context=_conv_transpose_setup
 )
-
-_IMPLEMENTATIONS = {
-    "conv2d_nhwc_backward": _conv_backward,
-    "upsample2x_nhwc_backward": _upsample_backward,
-    "conv_transpose2x2_nhwc_backward": _conv_transpose_backward,
-}
+torch.library.register_autograd("fastunet::normalize_nhwc", _normalize_autograd, setup_context=_normalize_setup)

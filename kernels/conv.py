@@ -1039,8 +1039,11 @@ def _launch(
         if stats is None:
             return None
         empty = alloc((batch, 0, g.c_out), torch.float32, x.device)
-        return norm_scale_shift(empty, empty.clone(), alloc((batch, 0), torch.float32, x.device), stats.groups,
-                                stats.weight, stats.bias, stats.eps)  # fmt: skip
+        count = alloc((batch, 0), torch.float32, x.device)
+        return norm_scale_shift(
+            empty, empty.clone(), count, stats.groups, stats.weight, stats.bias, stats.eps,
+            over_batch=stats.over_batch, stats=True,
+        )  # fmt: skip
     plain = not (g.conv_off or g.crop_top or g.crop_left or g.clamp_up or g.pad_top < 0 or g.pad_left < 0)
     path, path_reason = choose_load_path(
         x, up, w_packed, packed_k=packed_k, plain_geometry=plain, strided=stride != 1, normalized=norm_in is not None
@@ -1104,7 +1107,9 @@ def _launch(
     if stats is None:
         return None
     mean, m2, count = moments_of(cfg)
-    return norm_scale_shift(mean, m2, count, stats.groups, stats.weight, stats.bias, stats.eps)
+    return norm_scale_shift(
+        mean, m2, count, stats.groups, stats.weight, stats.bias, stats.eps, over_batch=stats.over_batch, stats=True
+    )
 
 
 def conv2d_nhwc(
@@ -1339,7 +1344,8 @@ def conv2d_nhwc(
         stats=norm,
     )
     if norm is not None:
-        return out, NormIn(*scale_shift, activation, float(slope), float(lo), float(hi), slopes)
+        scale, shift, mean, var = scale_shift
+        return out, NormIn(scale, shift, activation, float(slope), float(lo), float(hi), slopes, mean, var)
     return out, pooled
 
 

@@ -49,13 +49,15 @@ from fastunet.kernels._common import (
 @dataclasses.dataclass(frozen=True)
 class NormSpec:
     """A norm whose statistics come from the data: ``groups`` channel groups per image share them (InstanceNorm:
-    one channel a group; GroupNorm: ``num_groups``), ``weight``/``bias`` its affine parameters (both or neither,
+    one channel a group; GroupNorm: ``num_groups``), or with ``over_batch`` per channel over the whole batch
+    (BatchNorm in training mode: ``groups`` = channels); ``weight``/``bias`` its affine parameters (both or neither,
     (C,) tensors, kept in fp32), ``eps`` as in the module."""
 
     groups: int
     weight: torch.Tensor | None = None
     bias: torch.Tensor | None = None
     eps: float = 1e-5
+    over_batch: bool = False  # BatchNorm with batch statistics: a group's statistics span every image
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +73,10 @@ class NormIn:
     lo: float = 0.0
     hi: float = 0.0
     slopes: torch.Tensor | None = None
+    # The statistics behind scale and shift, (N, C) fp32 each: mean and biased variance of each channel's group (what
+    # a backward and BatchNorm's running statistics need; consumers never read them). None where not kept.
+    mean: torch.Tensor | None = None
+    var: torch.Tensor | None = None
 
     def check(self, z: torch.Tensor, what: str) -> None:
         """Refuse a NormIn that does not fit the (N, H, W, C) map ``z``."""
@@ -180,16 +186,21 @@ def _norm_scale_shift_kernel(
     bias_ptr,
     scale_ptr,  # (batch, channels) fp32
     shift_ptr,
+    stat_mean_ptr,  # (batch, channels) fp32 (WRITE_STATS): the group's mean and biased variance
+    stat_var_ptr,
     tiles,
     channels,
     group_size,
     eps,
     HAS_AFFINE: tl.constexpr,
+    OVER_BATCH: tl.constexpr,
+    WRITE_STATS: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_G: tl.constexpr,
 ):
     """Grid: (batch, groups). Merges the ``tiles x group_size`` partials of one (image, group) block by block, in a
-    fixed order, then writes its channels' scale and shift."""
+    fixed order, then writes its channels' scale and shift. ``OVER_BATCH``: the partials of every image (rows
+    0 .. batch * tiles, the same order for every program), each image's row written with the same values."""
     img = tl.program_id(0)
     group = tl.program_id(1)
     offs_t = tl.arange(0, BLOCK_T)
@@ -199,10 +210,15 @@ def _norm_scale_shift_kernel(
     n = tl.zeros((), dtype=tl.float32)
     mean = tl.zeros((), dtype=tl.float32)
     m2 = tl.zeros((), dtype=tl.float32)
-    for t0 in range(0, tiles, BLOCK_T):
+    first_row = img.to(tl.int64) * tiles
+    rows_total = tiles
+    if OVER_BATCH:
+        first_row = first_row * 0
+        rows_total = tiles * tl.num_programs(0)
+    for t0 in range(0, rows_total, BLOCK_T):
         t = t0 + offs_t
-        t_mask = t < tiles
-        rows = img.to(tl.int64) * tiles + t
+        t_mask = t < rows_total
+        rows = first_row + t
         mask = t_mask[:, None] & g_mask[None, :]
         at = rows[:, None] * channels + chans[None, :]
         block_mean = tl.load(mean_ptr + at, mask=mask, other=0.0)
@@ -216,7 +232,8 @@ def _norm_scale_shift_kernel(
         )
         b_n, b_mean, b_m2 = tl.reduce(flat, 0, _chan_merge)
         n, mean, m2 = _chan_merge(n, mean, m2, b_n, b_mean, b_m2)
-    rstd = 1.0 / tl.sqrt(m2 / tl.maximum(n, 1.0) + eps)
+    var = m2 / tl.maximum(n, 1.0)
+    rstd = 1.0 / tl.sqrt(var + eps)
     scale = tl.zeros((BLOCK_G,), dtype=tl.float32) + rstd
     shift = tl.zeros((BLOCK_G,), dtype=tl.float32)
     if HAS_AFFINE:
@@ -228,6 +245,9 @@ def _norm_scale_shift_kernel(
     out = img.to(tl.int64) * channels + chans
     tl.store(scale_ptr + out, scale, mask=g_mask)
     tl.store(shift_ptr + out, shift, mask=g_mask)
+    if WRITE_STATS:
+        tl.store(stat_mean_ptr + out, tl.zeros((BLOCK_G,), dtype=tl.float32) + mean, mask=g_mask)
+        tl.store(stat_var_ptr + out, tl.zeros((BLOCK_G,), dtype=tl.float32) + var, mask=g_mask)
 
 
 @triton.jit
@@ -393,11 +413,15 @@ def norm_scale_shift(
     bias: torch.Tensor | None,
     eps: float,
     *,
+    over_batch: bool = False,
+    stats: bool = False,
     name: str = "norm_scale_shift",
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, ...]:
     """Per-(image, channel) ``scale`` and ``shift`` (fp32, (N, C)) from tile partials (see :func:`partial_moments`):
     ``groups`` channel groups share statistics (``groups == C``: InstanceNorm; ``weight``/``bias``: the norm's
-    affine parameters, both or neither), so that ``z * scale + shift`` is the normalized map."""
+    affine parameters, both or neither), so that ``z * scale + shift`` is the normalized map. ``over_batch``: a
+    group's statistics span every image (BatchNorm with batch statistics). ``stats``: also return the (N, C) mean
+    and biased variance of each channel's group: ``(scale, shift, mean, var)``."""
     if mean.dim() != 3 or m2.shape != mean.shape or count.shape != mean.shape[:2]:
         raise ValueError(
             "norm_scale_shift: expected mean and M2 of shape (N, tiles, C) and count of shape (N, tiles), got "
@@ -422,16 +446,25 @@ def norm_scale_shift(
     group_size = channels // groups
     scale = alloc((batch, channels), torch.float32, mean.device)
     shift = alloc((batch, channels), torch.float32, mean.device)
+    stat_mean = alloc((batch, channels), torch.float32, mean.device) if stats else scale
+    stat_var = alloc((batch, channels), torch.float32, mean.device) if stats else shift
+    outputs = (scale, shift, stat_mean, stat_var) if stats else (scale, shift)
     if batch * channels == 0:
-        return scale, shift
+        return outputs
     block_g = next_pow2(group_size)
     block_t = max(1, min(next_pow2(tiles), 4096 // block_g))
     affine = weight is not None
     weight = weight.contiguous() if affine else mean
     bias = bias.contiguous() if affine else mean
     grid = (batch, groups)
-    args = (mean, m2, count, weight, bias, scale, shift, tiles, channels, group_size, float(eps))
-    constexprs = {"HAS_AFFINE": affine, "BLOCK_T": block_t, "BLOCK_G": block_g}
+    args = (mean, m2, count, weight, bias, scale, shift, stat_mean, stat_var, tiles, channels, group_size, float(eps))
+    constexprs = {
+        "HAS_AFFINE": affine,
+        "OVER_BATCH": bool(over_batch),
+        "WRITE_STATS": bool(stats),
+        "BLOCK_T": block_t,
+        "BLOCK_G": block_g,
+    }
     if recording():
         record_launch(
             LaunchRecord(
@@ -439,8 +472,8 @@ def norm_scale_shift(
                 kernel=_norm_scale_shift_kernel,
                 grid=grid,
                 flops=0,
-                bytes_read=(2 * mean.numel() + count.numel()) * 4,
-                bytes_written=2 * scale.numel() * 4,
+                bytes_read=(2 * mean.numel() + count.numel()) * 4 * (batch if over_batch else 1),
+                bytes_written=len(outputs) * scale.numel() * 4,
                 args=args,
                 constexprs=constexprs,
                 launch_options={"num_warps": 4, "num_stages": 1},
@@ -449,7 +482,7 @@ def norm_scale_shift(
     if not is_dry_run():
         with launch_guard(mean):
             _norm_scale_shift_kernel[grid](*args, **constexprs, num_warps=4, num_stages=1)
-    return scale, shift
+    return outputs
 
 
 __all__ = ["NormIn", "NormSpec", "norm_scale_shift", "normalize", "normalize_nhwc", "partial_moments", "tile_moments"]

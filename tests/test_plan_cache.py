@@ -52,10 +52,10 @@ ROWS = {
         "device": CPU,
         "interpret": True,
     },
-    ("train, any other layout (BatchNorm with batch statistics, say)", "any"): {
+    ("train, any other layout (a converted model, say)", "any"): {
         **EVAL,
-        "training": "encoders.0.norm1",
-        "backward_blocker": "enc0.conv1: BatchNorm2d in training mode (batch statistics) has no backward kernels yet",
+        "training": "the model",
+        "backward_blocker": "a converted model runs its source class's own forward in training mode",
     },
     ("train, gradients disabled (`torch.no_grad()`, inference mode)", "any"): {
         **EVAL,

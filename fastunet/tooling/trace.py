@@ -113,9 +113,11 @@ def trace_training(
     x = torch.empty(tuple(input_shape), device="meta", dtype=dtype)
     with modeled_target(sm_count, arch) if sm_count is not None else contextlib.nullcontext():
         with torch.no_grad(), dry_run(), launch_log() as forward:
-            run_plan(build_training_plan(model.fused_layout(), dtype, x.device), x, upsample_in_conv=True)
+            plan, _ = build_training_plan(model.fused_layout(), dtype, x.device, training=True)
+            run_plan(plan, x, upsample_in_conv=True)
         with torch.enable_grad():
-            logits = unet_forward_kernel_grad(model.fused_layout(), x, dtype)  # meta: the graph, nothing launched
+            # meta: the graph, nothing launched
+            logits = unet_forward_kernel_grad(model.fused_layout(), x, dtype, training=True)
             with dry_run(), launch_log() as backward:
                 logits.backward(torch.empty_like(logits))
     return [*forward, *backward]
@@ -140,6 +142,6 @@ def saved_for_backward(model_kwargs: dict, input_shape: Sequence[int], dtype: to
 
     x = torch.empty(tuple(input_shape), device="meta", dtype=dtype)
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        unet_forward_kernel_grad(model.fused_layout(), x, dtype)
+        unet_forward_kernel_grad(model.fused_layout(), x, dtype, training=True)
     maps = sum(size for size, dim in seen.values() if dim == 4)
     return {"maps": maps, "weights": sum(size for size, dim in seen.values() if dim != 4), "tensors": len(seen)}
