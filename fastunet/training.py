@@ -384,16 +384,16 @@ def _conv_backward_fake(
     batch, height, width, c_main = x.shape
     c_in = c_main + (up.shape[3] if up is not None else 0)
     c_out = weight.shape[1]
-    empty, empty32 = x.new_empty(0), x.new_empty(0, dtype=torch.float32)
-    d_in = x.new_empty((batch, height, width, c_in)) if need_input else empty
+    def fp32(shape: tuple, present: bool) -> torch.Tensor:
+        return x.new_empty(shape if present else (0,), dtype=torch.float32)
+
+    d_in = x.new_empty((batch, height, width, c_in) if need_input else (0,))
     read = need_input and in_scale is not None
-    dx_read = x.new_empty(x.shape) if read else empty32
-    d_scale = x.new_empty((batch, c_main), dtype=torch.float32) if read else empty32
-    d_shift = x.new_empty((batch, c_main), dtype=torch.float32) if read else empty32
-    affine = norm_groups and norm_weight is not None
-    d_nw = x.new_empty((c_out,), dtype=torch.float32) if affine else empty32
-    d_nb = x.new_empty((c_out,), dtype=torch.float32) if affine else empty32
-    db = x.new_empty((c_out,), dtype=torch.float32) if has_bias else empty32
+    dx_read = x.new_empty(x.shape) if read else fp32((0,), False)
+    d_scale, d_shift = fp32((batch, c_main), read), fp32((batch, c_main), read)
+    affine = bool(norm_groups) and norm_weight is not None
+    d_nw, d_nb = fp32((c_out,), affine), fp32((c_out,), affine)
+    db = fp32((c_out,), has_bias)
     dw = x.new_empty((weight.shape[0], c_out), dtype=torch.float32)
     return d_in, dx_read, dw, db, d_scale, d_shift, d_nw, d_nb
 

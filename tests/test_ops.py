@@ -132,7 +132,15 @@ def test_backward_ops_pass_opcheck(device):
     x, y = _nhwc(2, 6, 5, 3, device), torch.relu(_nhwc(2, 6, 5, 4, device))
     weight = pack_conv_weight(torch.randn(4, 3, 3, 3, device=device))
     grad_y, grad_pooled = _nhwc(2, 6, 5, 4, device), _nhwc(2, 3, 2, 4, device)
-    args = (x, weight, None, y, grad_y, grad_pooled, 3, 1, "relu", True, True, True, "direct", False)
+    args = (x, weight, None, y, grad_y, grad_pooled, 3, 1, "relu", True, True, True, "direct", False, "pad")
+    torch.library.opcheck(torch.ops.fastunet.conv2d_nhwc_backward.default, args)
+    # A conv reading its input through a norm and followed by one (batch statistics): every gradient output.
+    scale, shift = torch.rand(2, 3, device=device) + 0.5, torch.randn(2, 3, device=device)
+    stats = (torch.randn(2, 4, device=device), torch.randn(2, 4, device=device))
+    mean, var = torch.randn(4, device=device).expand(2, 4).contiguous(), torch.rand(4, device=device).expand(2, 4)
+    args = (x, weight, None, y, grad_y, None, 3, 1, "none", False, False, True, "direct", False, "pad",
+            scale, shift, "leaky_relu", 0.1, 0.0, 0.0, *stats, mean, var.contiguous(), torch.rand(4, device=device),
+            4, 1e-5, True)  # fmt: skip
     torch.library.opcheck(torch.ops.fastunet.conv2d_nhwc_backward.default, args)
     grad = _nhwc(2, 7, 9, 3, device)
     torch.library.opcheck(torch.ops.fastunet.upsample2x_nhwc_backward.default, (grad, 4, 4, "nearest", False, 0, 0))
