@@ -231,7 +231,9 @@ class FusedForward:
         compute_dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
         if compute_dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"expected float32, float16 or bfloat16 input, got {compute_dtype}")
-        if needs_grad and blocker is None:  # the backward on the kernels (fastunet.training)
+        # The backward on the kernels (fastunet.training); in training mode this path also when nothing needs a
+        # gradient: it is the one that normalizes with batch statistics and updates the running ones.
+        if (needs_grad or training) and blocker is None:
             logits = ops.unet_forward_kernel_grad(
                 self.fused_layout(), x.to(compute_dtype), compute_dtype, training=bool(training)
             )

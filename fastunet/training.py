@@ -384,6 +384,7 @@ def _conv_backward_fake(
     batch, height, width, c_main = x.shape
     c_in = c_main + (up.shape[3] if up is not None else 0)
     c_out = weight.shape[1]
+
     def fp32(shape: tuple, present: bool) -> torch.Tensor:
         return x.new_empty(shape if present else (0,), dtype=torch.float32)
 

@@ -381,3 +381,17 @@ def test_monai_basic_unet_gradients_on_the_kernels(device, norm, act):
         if name.endswith(".bias") and name[: -len("bias")] + "weight" in expected:  # the same layer's scale
             scale = max(scale, float(expected[name[: -len("bias")] + "weight"].norm()))
         assert err <= 2 * eager_err + BUDGET * scale, (name, err, eager_err, scale)
+
+
+def test_training_mode_with_frozen_parameters_still_uses_batch_statistics(device):
+    """Nothing requires a gradient (every parameter frozen, the input plain), gradients enabled: a training-mode
+    BatchNorm still normalizes with the batch's statistics and updates its running ones, as in torch."""
+    fast, reference = _pair(device, "bilinear", norm="batch")
+    fast.train(), reference.train()
+    for model in (fast, reference):
+        model.requires_grad_(False)
+    x = torch.randn(2, 3, 8, 8)
+    out, expected = fast(x.to(device)), reference(x.double())
+    assert fast.last_backend in KERNELS
+    assert _relative(out.detach(), expected) <= BUDGET
+    assert _relative(fast.encoders[0].norm1.running_var, reference.encoders[0].norm1.running_var) <= BUDGET
