@@ -99,7 +99,9 @@ def _weight_grad_partial_kernel(
     c_blocks = tl.cdiv(c_in, BLOCK_C)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < c_out
-    col_z = offs_n.to(offset_type) * stride_zc
+    # A step's pixels are x0 + lanes of one row: its offsets are a scalar (the row and x0) plus these, fixed.
+    lanes = tl.arange(0, BLOCK_P)
+    g_lanes = (lanes.to(offset_type) * stride_zw)[:, None] + (offs_n.to(offset_type) * stride_zc)[None, :]
     row0 = split * rows_per_split
     steps = tl.minimum(rows_per_split, image_rows - row0) * blocks_per_row  # <= 0 past the last row
     img = row0 // tl.maximum(out_h, 1)  # (no rows: an empty loop)
@@ -108,14 +110,12 @@ def _weight_grad_partial_kernel(
     if HAS_BIAS and pid_kc == KSIZE * KSIZE * c_blocks:
         bias_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for _ in range(0, steps):
-            ox = x0 + tl.arange(0, BLOCK_P)
-            p_ok = ox < out_w
-            z_row = img.to(offset_type) * stride_zn + oy.to(offset_type) * stride_zh
-            g_ptrs = dz_ptr + z_row + (ox.to(offset_type) * stride_zw)[:, None] + col_z[None, :]
+            z_at = img.to(offset_type) * stride_zn + oy.to(offset_type) * stride_zh + x0 * stride_zw
+            g_ok = lanes < out_w - x0
             if EVEN_N:
-                g = tl.load(g_ptrs, mask=p_ok[:, None], other=0.0)
+                g = tl.load((dz_ptr + z_at) + g_lanes, mask=g_ok[:, None], other=0.0)
             else:
-                g = tl.load(g_ptrs, mask=p_ok[:, None] & n_mask[None, :], other=0.0)
+                g = tl.load((dz_ptr + z_at) + g_lanes, mask=g_ok[:, None] & n_mask[None, :], other=0.0)
             bias_acc += tl.sum(g.to(tl.float32), axis=0)
             x0 += BLOCK_P
             next_row = x0 >= out_w
@@ -131,32 +131,30 @@ def _weight_grad_partial_kernel(
         dx = tap % KSIZE - PAD
         offs_c = (pid_kc % c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
         c_mask = offs_c < c_in
-        col_x = offs_c.to(offset_type) * stride_xc
+        a_lanes = (lanes.to(offset_type) * stride_xw)[:, None] + (offs_c.to(offset_type) * stride_xc)[None, :]
         acc = tl.zeros((BLOCK_C, BLOCK_N), dtype=tl.float32)
         for _ in range(0, steps):
-            ox = x0 + tl.arange(0, BLOCK_P)
-            p_ok = ox < out_w
             iy = oy + dy
-            z_row = img.to(offset_type) * stride_zn + oy.to(offset_type) * stride_zh
-            x_row = img.to(offset_type) * stride_xn + iy.to(offset_type) * stride_xh
+            ix0 = x0 + dx
+            z_at = img.to(offset_type) * stride_zn + oy.to(offset_type) * stride_zh + x0 * stride_zw
+            x_at = img.to(offset_type) * stride_xn + iy.to(offset_type) * stride_xh + ix0 * stride_xw
+            # Lanes up to the row's end, and for x those reading inside the input: scalar bounds, one or two
+            # compares per lane.
+            g_end = out_w - x0
+            g_ok = lanes < g_end
             if PAD == 0:
-                # A valid conv: every tap of an output pixel lies inside the input.
-                a_ok = p_ok
+                a_ok = g_ok  # a valid conv: every tap of an output pixel lies inside the input
             else:
-                # Columns inside the input (one unsigned compare), on a row inside it (a scalar: the row's width
-                # or 0), of an output pixel.
-                width = tl.where((iy >= 0) & (iy < in_h), in_w, 0)
-                a_ok = ((ox + dx).to(tl.uint32) < width.to(tl.uint32)) & p_ok
-            a_ptrs = x_ptr + x_row + ((ox + dx).to(offset_type) * stride_xw)[:, None] + col_x[None, :]
-            g_ptrs = dz_ptr + z_row + (ox.to(offset_type) * stride_zw)[:, None] + col_z[None, :]
+                a_end = tl.minimum(tl.where((iy >= 0) & (iy < in_h), in_w - ix0, -ix0), g_end)
+                a_ok = (lanes >= -ix0) & (lanes < a_end)
             if EVEN_C:
-                a = tl.load(a_ptrs, mask=a_ok[:, None], other=0.0)
+                a = tl.load((x_ptr + x_at) + a_lanes, mask=a_ok[:, None], other=0.0)
             else:
-                a = tl.load(a_ptrs, mask=a_ok[:, None] & c_mask[None, :], other=0.0)
+                a = tl.load((x_ptr + x_at) + a_lanes, mask=a_ok[:, None] & c_mask[None, :], other=0.0)
             if EVEN_N:
-                g = tl.load(g_ptrs, mask=p_ok[:, None], other=0.0)
+                g = tl.load((dz_ptr + z_at) + g_lanes, mask=g_ok[:, None], other=0.0)
             else:
-                g = tl.load(g_ptrs, mask=p_ok[:, None] & n_mask[None, :], other=0.0)
+                g = tl.load((dz_ptr + z_at) + g_lanes, mask=g_ok[:, None] & n_mask[None, :], other=0.0)
             acc = mma(tl.trans(a), g, acc, INTERPRETER, DOT_PRECISION)
             x0 += BLOCK_P
             next_row = x0 >= out_w
