@@ -45,6 +45,23 @@ from fastunet.kernels.conv import conv2d_nhwc
 
 
 @triton.jit
+def _load_dz(ptrs, lanes, g_end, n_mask, EVEN_W: tl.constexpr, EVEN_N: tl.constexpr):
+    """A step's (BLOCK_P, BLOCK_N) block of dz, lanes from ``g_end`` on and channels past c_out zero. ``EVEN_W``
+    (the width a multiple of BLOCK_P: no lane past a row's end) and ``EVEN_N`` drop those masks."""
+    if EVEN_W:
+        if EVEN_N:
+            g = tl.load(ptrs)
+        else:
+            g = tl.load(ptrs, mask=n_mask[None, :], other=0.0)
+    else:
+        if EVEN_N:
+            g = tl.load(ptrs, mask=(lanes < g_end)[:, None], other=0.0)
+        else:
+            g = tl.load(ptrs, mask=(lanes < g_end)[:, None] & n_mask[None, :], other=0.0)
+    return g
+
+
+@triton.jit
 def _weight_grad_partial_kernel(
     x_ptr,  # (batch, in_h, in_w, c_in) view: the conv's input
     dz_ptr,  # (batch, out_h, out_w, c_out) view: gradient of the conv's output
@@ -74,6 +91,7 @@ def _weight_grad_partial_kernel(
     WIDE: tl.constexpr,
     EVEN_C: tl.constexpr,
     EVEN_N: tl.constexpr,
+    EVEN_W: tl.constexpr,
     INTERPRETER: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_P: tl.constexpr,
@@ -111,11 +129,7 @@ def _weight_grad_partial_kernel(
         bias_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for _ in range(0, steps):
             z_at = img.to(offset_type) * stride_zn + oy.to(offset_type) * stride_zh + x0 * stride_zw
-            g_ok = lanes < out_w - x0
-            if EVEN_N:
-                g = tl.load((dz_ptr + z_at) + g_lanes, mask=g_ok[:, None], other=0.0)
-            else:
-                g = tl.load((dz_ptr + z_at) + g_lanes, mask=g_ok[:, None] & n_mask[None, :], other=0.0)
+            g = _load_dz((dz_ptr + z_at) + g_lanes, lanes, out_w - x0, n_mask, EVEN_W, EVEN_N)
             bias_acc += tl.sum(g.to(tl.float32), axis=0)
             x0 += BLOCK_P
             next_row = x0 >= out_w
@@ -141,9 +155,8 @@ def _weight_grad_partial_kernel(
             # Lanes up to the row's end, and for x those reading inside the input: scalar bounds, one or two
             # compares per lane.
             g_end = out_w - x0
-            g_ok = lanes < g_end
             if PAD == 0:
-                a_ok = g_ok  # a valid conv: every tap of an output pixel lies inside the input
+                a_ok = lanes < g_end  # a valid conv: every tap of an output pixel lies inside the input
             else:
                 a_end = tl.minimum(tl.where((iy >= 0) & (iy < in_h), in_w - ix0, -ix0), g_end)
                 a_ok = (lanes >= -ix0) & (lanes < a_end)
@@ -151,10 +164,7 @@ def _weight_grad_partial_kernel(
                 a = tl.load((x_ptr + x_at) + a_lanes, mask=a_ok[:, None], other=0.0)
             else:
                 a = tl.load((x_ptr + x_at) + a_lanes, mask=a_ok[:, None] & c_mask[None, :], other=0.0)
-            if EVEN_N:
-                g = tl.load((dz_ptr + z_at) + g_lanes, mask=g_ok[:, None], other=0.0)
-            else:
-                g = tl.load((dz_ptr + z_at) + g_lanes, mask=g_ok[:, None] & n_mask[None, :], other=0.0)
+            g = _load_dz((dz_ptr + z_at) + g_lanes, lanes, g_end, n_mask, EVEN_W, EVEN_N)
             acc = mma(tl.trans(a), g, acc, INTERPRETER, DOT_PRECISION)
             x0 += BLOCK_P
             next_row = x0 >= out_w
@@ -295,6 +305,7 @@ def conv2d_weight_grad_nhwc(
         "WIDE": max(reach_x, reach_z) >= 2**31,
         "EVEN_C": c_in % block_c == 0,
         "EVEN_N": c_out % block_n == 0,
+        "EVEN_W": out_w % block_p == 0,
         "INTERPRETER": interpreter,
         "DOT_PRECISION": precision,
         "BLOCK_P": block_p,

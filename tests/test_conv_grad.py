@@ -75,12 +75,16 @@ ROW_CASES = [
     pytest.param((2, 5, 6, 3, 4, 3), id="width-below-block"),  # 16-pixel blocks, 13 lanes masked off
     pytest.param((1, 4, 5, 37, 6, 2), id="odd-width-partial-block"),  # 64-pixel blocks, the last 27 lanes off
     pytest.param((1, 3, 3, 70, 5, 1), id="two-blocks-per-row"),  # a 64 + 6 pixel row
+    pytest.param((2, 3, 2, 48, 4, 3), id="width-48"),  # 64-pixel blocks, the last 16 lanes off
     pytest.param((2, 3, 4, 16, 5, 3), id="width-equal-block"),  # rows of exactly one 16-pixel block
     pytest.param((1, 2, 5, 32, 3, 2), id="width-equal-block-32"),
     pytest.param((3, 6, 7, 9, 5, 1), id="many-rows-one-split"),  # 21 rows across 3 images in one split
     pytest.param((2, 6, 5, 11, 4, 4), id="rows-not-divisible"),  # 10 rows in splits of 3, the last of 1
     pytest.param((1, 4, 3, 5, 3, 7), id="more-splits-than-rows"),  # 3 rows, 7 splits: 4 empty partials
     pytest.param((3, 2, 1, 1, 3, 2), id="one-pixel-images"),
+    # Channels filling their blocks (no channel masks), with and without a width filling its pixel blocks.
+    pytest.param((2, 16, 4, 16, 32, 3), id="even-channels-even-width"),
+    pytest.param((1, 32, 3, 20, 16, 2), id="even-channels-odd-width"),
 ]
 
 
