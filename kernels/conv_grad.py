@@ -2,9 +2,10 @@
 
 ``A`` is the forward loader's implicit im2col of the conv's input (rows: output pixels; columns: (tap, input
 channel)), ``dZ`` the gradient of the conv's output before its activation. The reduction runs over every output
-pixel of the batch (10^6 and more at 512x512), so it is split: each program reduces one slice of the pixels for
-one (tap, channel block) x (output-channel block) tile of ``dW`` into an fp32 partial, and a second launch sums the
-partials of each element in a fixed order. No atomics: two runs give the same bits.
+pixel of the batch (10^6 and more at 512x512), so it is split: each program reduces one slice of the output rows
+for one (tap, channel block) x (output-channel block) tile of ``dW`` into an fp32 partial, and a second launch sums
+the partials of each element in a fixed order. No atomics: two runs give the same bits. The bias gradient's
+partials come from programs of their own in the same launch, which read only ``dZ``.
 
 A decoder conv that reads two sources (the skip map and the upsampled map, never concatenated) has
 ``dW = [A_skip | A_up]^T dZ``: its gradient is two launches of this kernel, one per source, each writing its rows
@@ -226,7 +227,8 @@ def conv2d_weight_grad_nhwc(
         bias: also return the bias gradient ``dz.sum((0, 1, 2))`` (fp32), computed in the same pass.
         out: fp32 (rows, C_out) tensor to write into at rows ``[row_offset, row_offset + k*k*C_in)`` (a decoder conv's
             two sources), else a new (k*k*C_in, C_out) tensor.
-        splits: pixel slices of the reduction (default: enough for two waves of programs).
+        splits: slices of the reduction, each a range of output rows (``image * H_out + y``) of the batch; more
+            slices than rows leave the extra partials zero (default: enough for two waves of programs).
 
     Returns:
         (dW packed as ``(k*k*C_in, C_out)`` fp32, row ``tap * C_in + channel``; db fp32 (C_out,) or None).

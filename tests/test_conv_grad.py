@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fastunet.kernels import _common
 from fastunet.kernels.conv import pack_conv_transpose_weight, pack_conv_weight
 from fastunet.kernels.conv_grad import (
     conv2d_input_grad_nhwc,
@@ -122,6 +123,41 @@ def test_empty_maps_give_zero_gradients(device, shape):
     dz = torch.randn(*shape[:3], 6, device=device)
     dw, db = conv2d_weight_grad_nhwc(x, dz)
     assert torch.equal(dw, torch.zeros(27, 6, device=device)) and torch.equal(db, torch.zeros(6, device=device))
+
+
+def test_int64_offsets(device):
+    """An image stride whose products with the image index pass 2**31: the loop switches to 64-bit offsets (``WIDE``)
+    and gives the bits of the same maps stored compactly. Storage is allocated lazily: only touched pages are real."""
+    big = 2**30 + 64
+    x = torch.empty(3 * big, dtype=torch.float16, device=device).as_strided((3, 4, 5, 16), (big, 80, 16, 1))
+    dz = torch.empty(3 * big, dtype=torch.float16, device=device).as_strided((3, 4, 5, 8), (big, 40, 8, 1))
+    torch.manual_seed(6)
+    x_small, dz_small = (
+        torch.randn(3, 4, 5, 16).to(device, torch.float16),
+        torch.randn(3, 4, 5, 8).to(device, torch.float16),
+    )
+    x.copy_(x_small)
+    dz.copy_(dz_small)
+    with _common.launch_log() as records:
+        dw, db = conv2d_weight_grad_nhwc(x, dz, splits=2)
+        dw_small, db_small = conv2d_weight_grad_nhwc(x_small, dz_small, splits=2)
+    assert [r.constexprs["WIDE"] for r in records if r.name == "conv_weight_grad"] == [True, False]
+    assert torch.equal(dw, dw_small) and torch.equal(db, db_small)
+
+
+def test_wide_offsets_compute_the_same(device, monkeypatch):
+    """The 64-bit offset variant (chosen for maps reaching 2**31 elements) forced on small maps gives the same bits
+    as the 32-bit one, so both variants run on every machine."""
+    import fastunet.kernels.conv_grad as conv_grad_module
+
+    torch.manual_seed(7)
+    x, dz = torch.randn(2, 5, 9, 6, device=device), torch.randn(2, 5, 9, 7, device=device)
+    narrow = conv2d_weight_grad_nhwc(x, dz, splits=3)
+    monkeypatch.setattr(conv_grad_module, "element_span", lambda t: 2**31)
+    with _common.launch_log() as records:
+        wide = conv2d_weight_grad_nhwc(x, dz, splits=3)
+    assert records[0].constexprs["WIDE"]
+    assert torch.equal(wide[0], narrow[0]) and torch.equal(wide[1], narrow[1])
 
 
 def test_two_sources_fill_their_rows(device):
