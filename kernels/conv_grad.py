@@ -274,8 +274,9 @@ def conv2d_weight_grad_nhwc(
         return out[row_offset : row_offset + rows], db
     block_c = min(64, max(16, next_pow2(c_in)))
     block_n = min(128, max(16, next_pow2(c_out)))
-    # Pixel blocks walk one output row: no wider than the row (a 16-pixel floor for the MMA's K).
-    block_p = min(64, max(16, next_pow2(out_w)))
+    # Pixel blocks walk one output row: no wider than the row (a 16-pixel floor for the MMA's K); 128 pixels for an
+    # output-channel block of at most 64, whose steps would otherwise be mostly fixed per-step work.
+    block_p = min(128 if block_n <= 64 else 64, max(16, next_pow2(out_w)))
     image_rows = batch * out_h
     blocks_per_row = triton.cdiv(out_w, block_p)
     kc_programs = ksize * ksize * triton.cdiv(c_in, block_c)

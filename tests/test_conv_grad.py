@@ -71,11 +71,14 @@ def test_splits_do_not_change_the_result_beyond_rounding_and_runs_are_bitwise_eq
 
 
 # Row iteration: a split covers whole output rows, each walked BLOCK_P pixels at a time (BLOCK_P from the width:
-# 16 for widths up to 16, 32, then 64). (batch, c_in, height, width, c_out, splits):
+# 16 for widths up to 16, then the next power of two up to 64, or 128 for at most 64 output channels).
+# (batch, c_in, height, width, c_out, splits):
 ROW_CASES = [
     pytest.param((2, 5, 6, 3, 4, 3), id="width-below-block"),  # 16-pixel blocks, 13 lanes masked off
     pytest.param((1, 4, 5, 37, 6, 2), id="odd-width-partial-block"),  # 64-pixel blocks, the last 27 lanes off
-    pytest.param((1, 3, 3, 70, 5, 1), id="two-blocks-per-row"),  # a 64 + 6 pixel row
+    pytest.param((1, 3, 3, 70, 72, 1), id="two-blocks-per-row"),  # a 64 + 6 pixel row (BLOCK_N 128)
+    pytest.param((1, 3, 2, 150, 5, 2), id="two-128-blocks-per-row"),  # a 128 + 22 pixel row
+    pytest.param((1, 2, 2, 128, 4, 1), id="width-equal-block-128"),
     pytest.param((2, 3, 2, 48, 4, 3), id="width-48"),  # 64-pixel blocks, the last 16 lanes off
     pytest.param((2, 3, 4, 16, 5, 3), id="width-equal-block"),  # rows of exactly one 16-pixel block
     pytest.param((1, 2, 5, 32, 3, 2), id="width-equal-block-32"),
