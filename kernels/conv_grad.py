@@ -2,9 +2,10 @@
 
 ``A`` is the forward loader's implicit im2col of the conv's input (rows: output pixels; columns: (tap, input
 channel)), ``dZ`` the gradient of the conv's output before its activation. The reduction runs over every output
-pixel of the batch (10^6 and more at 512x512), so it is split: each program reduces one slice of the pixels for
-one (tap, channel block) x (output-channel block) tile of ``dW`` into an fp32 partial, and a second launch sums the
-partials of each element in a fixed order. No atomics: two runs give the same bits.
+pixel of the batch (10^6 and more at 512x512), so it is split: each program reduces one slice of the output rows
+for one (tap, channel block) x (output-channel block) tile of ``dW`` into an fp32 partial, and a second launch sums
+the partials of each element in a fixed order. No atomics: two runs give the same bits. The bias gradient's
+partials come from programs of their own in the same launch, which read only ``dZ``.
 
 A decoder conv that reads two sources (the skip map and the upsampled map, never concatenated) has
 ``dW = [A_skip | A_up]^T dZ``: its gradient is two launches of this kernel, one per source, each writing its rows
@@ -32,11 +33,11 @@ from fastunet.kernels._common import (
     alloc,
     check_runnable,
     dot_flags,
+    element_span,
     is_dry_run,
     launch_guard,
     mma,
     next_pow2,
-    pixel_offset,
     record_launch,
     recording,
     sm_count,
@@ -45,12 +46,28 @@ from fastunet.kernels.conv import conv2d_nhwc
 
 
 @triton.jit
+def _load_dz(ptrs, lanes, g_end, n_mask, EVEN_W: tl.constexpr, EVEN_N: tl.constexpr):
+    """A step's (BLOCK_P, BLOCK_N) block of dz, lanes from ``g_end`` on and channels past c_out zero. ``EVEN_W``
+    (the width a multiple of BLOCK_P: no lane past a row's end) and ``EVEN_N`` drop those masks."""
+    if EVEN_W:
+        if EVEN_N:
+            g = tl.load(ptrs)
+        else:
+            g = tl.load(ptrs, mask=n_mask[None, :], other=0.0)
+    else:
+        if EVEN_N:
+            g = tl.load(ptrs, mask=(lanes < g_end)[:, None], other=0.0)
+        else:
+            g = tl.load(ptrs, mask=(lanes < g_end)[:, None] & n_mask[None, :], other=0.0)
+    return g
+
+
+@triton.jit
 def _weight_grad_partial_kernel(
     x_ptr,  # (batch, in_h, in_w, c_in) view: the conv's input
     dz_ptr,  # (batch, out_h, out_w, c_out) view: gradient of the conv's output
     part_ptr,  # (splits, rows, c_out) fp32
     bias_part_ptr,  # (splits, c_out) fp32
-    batch,
     in_h,
     in_w,
     out_h,
@@ -58,7 +75,9 @@ def _weight_grad_partial_kernel(
     c_in,
     c_out,
     rows,  # rows of the partial: k * k * c_in
-    pixels_per_split,
+    image_rows,  # output rows of the batch: batch * out_h
+    rows_per_split,
+    blocks_per_row,  # cdiv(out_w, BLOCK_P)
     stride_xn,
     stride_xh,
     stride_xw,
@@ -70,6 +89,10 @@ def _weight_grad_partial_kernel(
     KSIZE: tl.constexpr,
     PAD: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    WIDE: tl.constexpr,
+    EVEN_C: tl.constexpr,
+    EVEN_N: tl.constexpr,
+    EVEN_W: tl.constexpr,
     INTERPRETER: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_P: tl.constexpr,
@@ -78,56 +101,86 @@ def _weight_grad_partial_kernel(
 ):
     """partial[s, tap * c_in + c, n] = sum over split s's output pixels p of x[p shifted by tap, c] dz[p, n].
 
-    Grid: (k * k * cdiv(c_in, BLOCK_C), cdiv(c_out, BLOCK_N), splits).
+    Grid: (k * k * cdiv(c_in, BLOCK_C) (+ 1 with ``HAS_BIAS``), cdiv(c_out, BLOCK_N), splits). Split ``s`` reduces
+    the output rows ``[s * rows_per_split, (s + 1) * rows_per_split)`` of the batch (row ``image * out_h + oy``),
+    each row ``BLOCK_P`` pixels at a time, as one flat loop (what the software pipeliner overlaps): the column
+    ``x0``, the row ``oy`` and the image are loop-carried counters, so the loop divides nothing; a row's image
+    offsets and its vertical padding test are scalars, and per step only the pixel columns ``x0 + arange`` and
+    their masks are vectors. Offsets are int32 unless ``WIDE`` (a map reaches 2**31 elements).
+
+    With ``HAS_BIAS`` the last program of axis 0 sums ``dz`` over the same rows into ``bias_part[s]`` instead of
+    a ``dW`` tile (a loop without the GEMM); the other programs carry no bias work.
     """
+    offset_type: tl.constexpr = tl.int64 if WIDE else tl.int32
     pid_kc = tl.program_id(0)
     pid_n = tl.program_id(1)
     split = tl.program_id(2)
     c_blocks = tl.cdiv(c_in, BLOCK_C)
-    tap = pid_kc // c_blocks
-    dy = tap // KSIZE - PAD
-    dx = tap % KSIZE - PAD
-    offs_c = (pid_kc % c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = offs_c < c_in
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < c_out
-    col_x = offs_c.to(tl.int64) * stride_xc
-    col_z = offs_n.to(tl.int64) * stride_zc
-    total = batch * out_h * out_w
-    start = split * pixels_per_split
-    end = tl.minimum(start + pixels_per_split, total)
-    acc = tl.zeros((BLOCK_C, BLOCK_N), dtype=tl.float32)
-    bias_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for p0 in range(start, end, BLOCK_P):
-        offs_p = p0 + tl.arange(0, BLOCK_P)
-        p_valid = offs_p < end
-        ox = offs_p % out_w
-        oy = (offs_p // out_w) % out_h
-        img = offs_p // (out_w * out_h)
-        iy = oy + dy
-        ix = ox + dx
-        a_ok = p_valid & (iy >= 0) & (iy < in_h) & (ix >= 0) & (ix < in_w)
-        a = tl.load(
-            x_ptr + pixel_offset(img, iy, ix, stride_xn, stride_xh, stride_xw)[:, None] + col_x[None, :],
-            mask=a_ok[:, None] & c_mask[None, :],
-            other=0.0,
-        )
-        g = tl.load(
-            dz_ptr + pixel_offset(img, oy, ox, stride_zn, stride_zh, stride_zw)[:, None] + col_z[None, :],
-            mask=p_valid[:, None] & n_mask[None, :],
-            other=0.0,
-        )
-        acc = mma(tl.trans(a), g, acc, INTERPRETER, DOT_PRECISION)
-        if HAS_BIAS:
+    # A step's pixels are x0 + lanes of one row: its offsets are a scalar (the row and x0) plus these, fixed.
+    lanes = tl.arange(0, BLOCK_P)
+    g_lanes = (lanes.to(offset_type) * stride_zw)[:, None] + (offs_n.to(offset_type) * stride_zc)[None, :]
+    row0 = split * rows_per_split
+    steps = tl.minimum(rows_per_split, image_rows - row0) * blocks_per_row  # <= 0 past the last row
+    img = row0 // tl.maximum(out_h, 1)  # (no rows: an empty loop)
+    oy = row0 - img * out_h
+    x0 = 0
+    if HAS_BIAS and pid_kc == KSIZE * KSIZE * c_blocks:
+        bias_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for _ in range(0, steps):
+            z_at = img.to(offset_type) * stride_zn + oy.to(offset_type) * stride_zh + x0 * stride_zw
+            g = _load_dz((dz_ptr + z_at) + g_lanes, lanes, out_w - x0, n_mask, EVEN_W, EVEN_N)
             bias_acc += tl.sum(g.to(tl.float32), axis=0)
-    out_rows = tap * c_in + offs_c
-    part = part_ptr + split.to(tl.int64) * rows * c_out
-    tl.store(
-        part + out_rows.to(tl.int64)[:, None] * c_out + offs_n[None, :], acc, mask=c_mask[:, None] & n_mask[None, :]
-    )
-    if HAS_BIAS:
-        if pid_kc == 0:
-            tl.store(bias_part_ptr + split.to(tl.int64) * c_out + offs_n, bias_acc, mask=n_mask)
+            x0 += BLOCK_P
+            next_row = x0 >= out_w
+            x0 = tl.where(next_row, 0, x0)
+            oy += next_row.to(tl.int32)
+            next_img = oy >= out_h
+            oy = tl.where(next_img, 0, oy)
+            img += next_img.to(tl.int32)
+        tl.store(bias_part_ptr + split.to(tl.int64) * c_out + offs_n, bias_acc, mask=n_mask)
+    else:
+        tap = pid_kc // c_blocks
+        dy = tap // KSIZE - PAD
+        dx = tap % KSIZE - PAD
+        offs_c = (pid_kc % c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_mask = offs_c < c_in
+        a_lanes = (lanes.to(offset_type) * stride_xw)[:, None] + (offs_c.to(offset_type) * stride_xc)[None, :]
+        acc = tl.zeros((BLOCK_C, BLOCK_N), dtype=tl.float32)
+        for _ in range(0, steps):
+            iy = oy + dy
+            ix0 = x0 + dx
+            z_at = img.to(offset_type) * stride_zn + oy.to(offset_type) * stride_zh + x0 * stride_zw
+            x_at = img.to(offset_type) * stride_xn + iy.to(offset_type) * stride_xh + ix0 * stride_xw
+            # Lanes up to the row's end, and for x those reading inside the input: scalar bounds, one or two
+            # compares per lane.
+            g_end = out_w - x0
+            if PAD == 0:
+                a_ok = lanes < g_end  # a valid conv: every tap of an output pixel lies inside the input
+            else:
+                a_end = tl.minimum(tl.where((iy >= 0) & (iy < in_h), in_w - ix0, -ix0), g_end)
+                a_ok = (lanes >= -ix0) & (lanes < a_end)
+            if EVEN_C:
+                a = tl.load((x_ptr + x_at) + a_lanes, mask=a_ok[:, None], other=0.0)
+            else:
+                a = tl.load((x_ptr + x_at) + a_lanes, mask=a_ok[:, None] & c_mask[None, :], other=0.0)
+            g = _load_dz((dz_ptr + z_at) + g_lanes, lanes, g_end, n_mask, EVEN_W, EVEN_N)
+            acc = mma(tl.trans(a), g, acc, INTERPRETER, DOT_PRECISION)
+            x0 += BLOCK_P
+            next_row = x0 >= out_w
+            x0 = tl.where(next_row, 0, x0)
+            oy += next_row.to(tl.int32)
+            next_img = oy >= out_h
+            oy = tl.where(next_img, 0, oy)
+            img += next_img.to(tl.int32)
+        out_rows = tap * c_in + offs_c
+        part = part_ptr + split.to(tl.int64) * rows * c_out
+        tl.store(
+            part + out_rows.to(tl.int64)[:, None] * c_out + offs_n[None, :],
+            acc,
+            mask=c_mask[:, None] & n_mask[None, :],
+        )
 
 
 @triton.jit
@@ -145,13 +198,13 @@ def _sum_splits_kernel(part_ptr, out_ptr, splits, elements, out_row_offset, row_
 MAX_PARTIAL_ELEMENTS = 2**26
 
 
-def _splits(pixels: int, tiles: int, sms: int, block_p: int, elements: int) -> int:
-    """Pixel slices: enough programs for two waves over the SMs, each slice at least 8 pixel blocks long, the
-    partials within :data:`MAX_PARTIAL_ELEMENTS`."""
+def _splits(image_rows: int, blocks_per_row: int, tiles: int, sms: int, elements: int) -> int:
+    """Row slices: enough programs for two waves over the SMs, each slice at least 8 pixel blocks long (or one
+    row), the partials within :data:`MAX_PARTIAL_ELEMENTS`."""
     by_occupancy = max(1, triton.cdiv(2 * sms, max(1, tiles)))
-    by_length = max(1, pixels // (8 * block_p))
+    by_length = max(1, image_rows * blocks_per_row // 8)
     by_memory = max(1, MAX_PARTIAL_ELEMENTS // max(1, elements))
-    return int(min(by_occupancy, by_length, by_memory))
+    return int(min(by_occupancy, by_length, by_memory, max(1, image_rows)))
 
 
 def conv2d_weight_grad_nhwc(
@@ -174,7 +227,8 @@ def conv2d_weight_grad_nhwc(
         bias: also return the bias gradient ``dz.sum((0, 1, 2))`` (fp32), computed in the same pass.
         out: fp32 (rows, C_out) tensor to write into at rows ``[row_offset, row_offset + k*k*C_in)`` (a decoder conv's
             two sources), else a new (k*k*C_in, C_out) tensor.
-        splits: pixel slices of the reduction (default: enough for two waves of programs).
+        splits: slices of the reduction, each a range of output rows (``image * H_out + y``) of the batch; more
+            slices than rows leave the extra partials zero (default: enough for two waves of programs).
 
     Returns:
         (dW packed as ``(k*k*C_in, C_out)`` fp32, row ``tap * C_in + channel``; db fp32 (C_out,) or None).
@@ -220,29 +274,41 @@ def conv2d_weight_grad_nhwc(
         return out[row_offset : row_offset + rows], db
     block_c = min(64, max(16, next_pow2(c_in)))
     block_n = min(128, max(16, next_pow2(c_out)))
-    block_p = 64
-    tiles = ksize * ksize * triton.cdiv(c_in, block_c) * triton.cdiv(c_out, block_n)
+    # Pixel blocks walk one output row: no wider than the row (a 16-pixel floor for the MMA's K); 128 pixels for an
+    # output-channel block of at most 64, whose steps would otherwise be mostly fixed per-step work.
+    block_p = min(128 if block_n <= 64 else 64, max(16, next_pow2(out_w)))
+    image_rows = batch * out_h
+    blocks_per_row = triton.cdiv(out_w, block_p)
+    kc_programs = ksize * ksize * triton.cdiv(c_in, block_c)
+    tiles = kc_programs * triton.cdiv(c_out, block_n)
     if splits is None:
-        splits = _splits(pixels, tiles, sm_count(x), block_p, rows * c_out)
+        splits = _splits(image_rows, blocks_per_row, tiles, sm_count(x), rows * c_out)
     if not isinstance(splits, int) or not 1 <= splits <= max(1, MAX_PARTIAL_ELEMENTS // (rows * c_out)):
         raise ValueError(
             f"splits must be an int in [1, {max(1, MAX_PARTIAL_ELEMENTS // (rows * c_out))}] (the partials' size "
             f"limit for a {rows} x {c_out} gradient), got {splits!r}"
         )
-    per_split = triton.cdiv(max(pixels, 1), splits)
-    per_split = triton.cdiv(per_split, block_p) * block_p
+    rows_per_split = triton.cdiv(max(image_rows, 1), splits)
     part = alloc((splits, rows, c_out), torch.float32, x.device)
     bias_part = alloc((splits, c_out), torch.float32, x.device) if bias else part
     interpreter, precision = dot_flags(x.dtype, torch.backends.cudnn.allow_tf32)
-    grid = (ksize * ksize * triton.cdiv(c_in, block_c), triton.cdiv(c_out, block_n), splits)
+    # With a bias, one more program per (output-channel block, split) along axis 0 sums dz for it.
+    grid = (kc_programs + int(bias), triton.cdiv(c_out, block_n), splits)
     args = (
-        x, dz, part, bias_part, batch, in_h, in_w, out_h, out_w, c_in, c_out, rows, per_split,
-        *x.stride(), *dz.stride(),
+        x, dz, part, bias_part, in_h, in_w, out_h, out_w, c_in, c_out, rows, image_rows, rows_per_split,
+        blocks_per_row, *x.stride(), *dz.stride(),
     )  # fmt: skip
+    # Offsets reached: the maps' spans, plus the padding row and column and a pixel block's overhang past the row.
+    reach_x = element_span(x) + abs(x.stride(1)) + (block_p + 1) * abs(x.stride(2))
+    reach_z = element_span(dz) + block_p * abs(dz.stride(2))
     constexprs = {
         "KSIZE": ksize,
         "PAD": padding,
         "HAS_BIAS": bias,
+        "WIDE": max(reach_x, reach_z) >= 2**31,
+        "EVEN_C": c_in % block_c == 0,
+        "EVEN_N": c_out % block_n == 0,
+        "EVEN_W": out_w % block_p == 0,
         "INTERPRETER": interpreter,
         "DOT_PRECISION": precision,
         "BLOCK_P": block_p,
@@ -257,7 +323,8 @@ def conv2d_weight_grad_nhwc(
                 kernel=_weight_grad_partial_kernel,
                 grid=grid,
                 flops=2 * pixels * rows * c_out,
-                bytes_read=(x.numel() + dz.numel()) * x.element_size(),
+                # The bias programs read dz once more.
+                bytes_read=(x.numel() + dz.numel() * (1 + int(bias))) * x.element_size(),
                 bytes_written=part.numel() * 4 + (bias_part.numel() * 4 if bias else 0),
                 args=args,
                 constexprs=constexprs,

@@ -539,7 +539,7 @@ def test_training_step_model(training_report):
     """The ``model`` list holds each forward and, next to it, each training step: launch by launch the traced
     training step (stages, kernels, FLOPs, the variant each runs), its ``ms`` the sum of its launches and of its
     forward and backward parts, no launch under its memory or tensor-core floor; each weight gradient runs the
-    K-steps of its pixel slice, ceil(pixels_per_split / BLOCK_P)."""
+    K-steps of its row slice, rows_per_split x blocks_per_row (BLOCK_P-pixel blocks of a row)."""
     models = {(m["step"], m["upsample"]): m for m in training_report["model"]}
     assert set(models) == {(step, u) for step in ("forward", "training") for u in TRAIN_UPSAMPLES}
     found = []
@@ -568,9 +568,9 @@ def test_training_step_model(training_report):
         ]
         for layer, record in zip(layers, records, strict=True):
             if record.name == "conv_weight_grad":
-                per_split, block_p = record.args[12], record.constexprs["BLOCK_P"]
-                if layer["k_steps"] != [-(-per_split // block_p)] or not layer["issue_ratio"]:
-                    found.append(f"{upsample} {layer['stage']}: K-steps {layer['k_steps']}, {per_split} px per slice")
+                per_split, per_row = record.args[12], record.args[13]  # rows_per_split, blocks_per_row
+                if layer["k_steps"] != [per_split * per_row] or not layer["issue_ratio"]:
+                    found.append(f"{upsample} {layer['stage']}: K-steps {layer['k_steps']}, {per_split} rows per slice")
             variant = training_report["variants"][layer["variant"]]
             if variant["kernel"] != layer["kernel"] or model["label"] not in variant["used_by"]:
                 found.append(f"{upsample} {layer['stage']} {layer['kernel']}: variant {variant['kernel']}")

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fastunet.kernels import _common
 from fastunet.kernels.conv import pack_conv_transpose_weight, pack_conv_weight
 from fastunet.kernels.conv_grad import (
     conv2d_input_grad_nhwc,
@@ -67,6 +68,99 @@ def test_splits_do_not_change_the_result_beyond_rounding_and_runs_are_bitwise_eq
     again, _ = conv2d_weight_grad_nhwc(x, dz, splits=4)
     assert torch.equal(four, again)
     torch.testing.assert_close(one, four, rtol=1e-5, atol=1e-5)
+
+
+# Row iteration: a split covers whole output rows, each walked BLOCK_P pixels at a time (BLOCK_P from the width:
+# 16 for widths up to 16, then the next power of two up to 64, or 128 for at most 64 output channels).
+# (batch, c_in, height, width, c_out, splits):
+ROW_CASES = [
+    pytest.param((2, 5, 6, 3, 4, 3), id="width-below-block"),  # 16-pixel blocks, 13 lanes masked off
+    pytest.param((1, 4, 5, 37, 6, 2), id="odd-width-partial-block"),  # 64-pixel blocks, the last 27 lanes off
+    pytest.param((1, 3, 3, 70, 72, 1), id="two-blocks-per-row"),  # a 64 + 6 pixel row (BLOCK_N 128)
+    pytest.param((1, 3, 2, 150, 5, 2), id="two-128-blocks-per-row"),  # a 128 + 22 pixel row
+    pytest.param((1, 2, 2, 128, 4, 1), id="width-equal-block-128"),
+    pytest.param((2, 3, 2, 48, 4, 3), id="width-48"),  # 64-pixel blocks, the last 16 lanes off
+    pytest.param((2, 3, 4, 16, 5, 3), id="width-equal-block"),  # rows of exactly one 16-pixel block
+    pytest.param((1, 2, 5, 32, 3, 2), id="width-equal-block-32"),
+    pytest.param((3, 6, 7, 9, 5, 1), id="many-rows-one-split"),  # 21 rows across 3 images in one split
+    pytest.param((2, 6, 5, 11, 4, 4), id="rows-not-divisible"),  # 10 rows in splits of 3, the last of 1
+    pytest.param((1, 4, 3, 5, 3, 7), id="more-splits-than-rows"),  # 3 rows, 7 splits: 4 empty partials
+    pytest.param((3, 2, 1, 1, 3, 2), id="one-pixel-images"),
+    # Channels filling their blocks (no channel masks), with and without a width filling its pixel blocks.
+    pytest.param((2, 16, 4, 16, 32, 3), id="even-channels-even-width"),
+    pytest.param((1, 32, 3, 20, 16, 2), id="even-channels-odd-width"),
+]
+
+
+@pytest.mark.parametrize(("ksize", "padding"), [(3, 1), (3, 0), (1, 0)])
+@pytest.mark.parametrize("case", ROW_CASES)
+def test_row_iteration_matches_float64(device, case, ksize, padding):
+    batch, c_in, height, width, c_out, splits = case
+    if ksize == 3 and padding == 0 and min(height, width) < 3:
+        height, width = height + 2, width + 2  # a valid 3x3 conv needs a 3x3 input
+    torch.manual_seed(sum(case) + ksize + padding)
+    x = torch.randn(batch, c_in, height, width).to(torch.bfloat16).to(device)
+    out_h, out_w = height + 2 * padding - ksize + 1, width + 2 * padding - ksize + 1
+    dz = torch.randn(batch, c_out, out_h, out_w).to(torch.bfloat16).to(device)
+    dw, db = conv2d_weight_grad_nhwc(x.permute(0, 2, 3, 1), dz.permute(0, 2, 3, 1), ksize, padding, splits=splits)
+    expected, bound, db_expected, db_bound = _reference(x, dz, ksize, padding)
+    _check(dw, expected, bound, torch.bfloat16)
+    _check(db, db_expected, db_bound, torch.bfloat16)
+
+
+def test_row_iteration_on_strided_views(device):
+    """dz as every other row and column of a larger map (the transposed conv's phases), x a channel slice."""
+    torch.manual_seed(5)
+    big_x = torch.randn(2, 7, 19, 9, device=device)  # NHWC
+    big_dz = torch.randn(2, 14, 38, 4, device=device)
+    x, dz = big_x[..., 2:8], big_dz[:, 1::2, ::2, :]
+    dw, db = conv2d_weight_grad_nhwc(x, dz, splits=5)
+    expected, bound, db_expected, db_bound = _reference(x.permute(0, 3, 1, 2), dz.permute(0, 3, 1, 2), 3, 1)
+    _check(dw, expected, bound, torch.float32)
+    _check(db, db_expected, db_bound, torch.float32)
+
+
+@pytest.mark.parametrize("shape", [(0, 4, 5, 3), (2, 0, 5, 3), (2, 4, 0, 3)], ids=["batch-0", "height-0", "width-0"])
+def test_empty_maps_give_zero_gradients(device, shape):
+    x = torch.randn(*shape, device=device)
+    dz = torch.randn(*shape[:3], 6, device=device)
+    dw, db = conv2d_weight_grad_nhwc(x, dz)
+    assert torch.equal(dw, torch.zeros(27, 6, device=device)) and torch.equal(db, torch.zeros(6, device=device))
+
+
+def test_int64_offsets(device):
+    """An image stride whose products with the image index pass 2**31: the loop switches to 64-bit offsets (``WIDE``)
+    and gives the bits of the same maps stored compactly. Storage is allocated lazily: only touched pages are real."""
+    big = 2**30 + 64
+    x = torch.empty(3 * big, dtype=torch.float16, device=device).as_strided((3, 4, 5, 16), (big, 80, 16, 1))
+    dz = torch.empty(3 * big, dtype=torch.float16, device=device).as_strided((3, 4, 5, 8), (big, 40, 8, 1))
+    torch.manual_seed(6)
+    x_small, dz_small = (
+        torch.randn(3, 4, 5, 16).to(device, torch.float16),
+        torch.randn(3, 4, 5, 8).to(device, torch.float16),
+    )
+    x.copy_(x_small)
+    dz.copy_(dz_small)
+    with _common.launch_log() as records:
+        dw, db = conv2d_weight_grad_nhwc(x, dz, splits=2)
+        dw_small, db_small = conv2d_weight_grad_nhwc(x_small, dz_small, splits=2)
+    assert [r.constexprs["WIDE"] for r in records if r.name == "conv_weight_grad"] == [True, False]
+    assert torch.equal(dw, dw_small) and torch.equal(db, db_small)
+
+
+def test_wide_offsets_compute_the_same(device, monkeypatch):
+    """The 64-bit offset variant (chosen for maps reaching 2**31 elements) forced on small maps gives the same bits
+    as the 32-bit one, so both variants run on every machine."""
+    import fastunet.kernels.conv_grad as conv_grad_module
+
+    torch.manual_seed(7)
+    x, dz = torch.randn(2, 5, 9, 6, device=device), torch.randn(2, 5, 9, 7, device=device)
+    narrow = conv2d_weight_grad_nhwc(x, dz, splits=3)
+    monkeypatch.setattr(conv_grad_module, "element_span", lambda t: 2**31)
+    with _common.launch_log() as records:
+        wide = conv2d_weight_grad_nhwc(x, dz, splits=3)
+    assert records[0].constexprs["WIDE"]
+    assert torch.equal(wide[0], narrow[0]) and torch.equal(wide[1], narrow[1])
 
 
 def test_two_sources_fill_their_rows(device):

@@ -348,7 +348,7 @@ def test_weight_gradient_tile():
     from fastunet.kernels.conv_grad import _weight_grad_partial_kernel
 
     view = issue_model.gemm_view(_weight_grad_partial_kernel)
-    assert view.keys == ("BLOCK_C", "BLOCK_N", "BLOCK_P") and view.k_extent == "pixels_per_split"
+    assert view.keys == ("BLOCK_C", "BLOCK_N", "BLOCK_P") and view.k_steps == ("rows_per_split", "blocks_per_row")
     assert issue_model.gemm_view(types.SimpleNamespace()) == issue_model.CONV_VIEW
     ops = ["LDGSTS.E.BYPASS.128 [R2], desc[UR4][R4.64]"] * 3 + ["HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24"] * 4
     ops += ["IMAD R6, R0, 0x2, R1"] * 92 + ["@P0 BRA 0x0"]
@@ -361,8 +361,9 @@ def test_weight_gradient_tile():
     assert issue_model.analyze(sass, WEIGHT_GRAD_TILE, "bf16", 4, issue_model.H200).tensor_clocks is None
 
 
-def weight_grad_record(grid, per_split: int, flops: int):
-    params = tuple(types.SimpleNamespace(name=n, is_constexpr=False) for n in ("x_ptr", "rows", "pixels_per_split"))
+def weight_grad_record(grid, rows_per_split: int, blocks_per_row: int, flops: int):
+    names = ("x_ptr", "rows", "rows_per_split", "blocks_per_row")
+    params = tuple(types.SimpleNamespace(name=n, is_constexpr=False) for n in names)
     kernel = types.SimpleNamespace(__name__="_weight_grad_partial_kernel", params=params)
     return types.SimpleNamespace(
         name="conv_weight_grad",
@@ -371,17 +372,18 @@ def weight_grad_record(grid, per_split: int, flops: int):
         flops=flops,
         bytes_read=1 << 20,
         bytes_written=1 << 20,
-        args=(None, 576, per_split),
+        args=(None, 576, rows_per_split, blocks_per_row),
         constexprs={"KSIZE": 3, "HAS_BIAS": True, **WEIGHT_GRAD_TILE},
     )
 
 
 def test_weight_gradient_k_steps_and_layer():
-    """A weight-gradient launch: each CTA reduces its slice of ``pixels_per_split`` pixels, ceil(slice / BLOCK_P)
-    K-steps (not the launch's FLOPs over its CTAs: the last slice and partial channel blocks do less)."""
-    grid = (9, 1, 30)  # 9 (tap, channel block) rows, 1 output-channel block, 30 pixel slices
-    record = weight_grad_record(grid, per_split=8000, flops=2 * 200_000 * 576 * 128)
-    assert issue_model.k_steps_per_source(record) == [125]  # 8000 / 64
+    """A weight-gradient launch: each CTA reduces its slice of ``rows_per_split`` output rows, ``blocks_per_row``
+    K-steps each (BLOCK_P pixels of a row per step), rows x blocks K-steps (not the launch's FLOPs over its CTAs:
+    the last slice, a row's last block and partial channel blocks do less)."""
+    grid = (9, 1, 30)  # 9 (tap, channel block) rows, 1 output-channel block, 30 row slices
+    record = weight_grad_record(grid, rows_per_split=25, blocks_per_row=5, flops=2 * 200_000 * 576 * 128)
+    assert issue_model.k_steps_per_source(record) == [125]  # 25 rows of 5 blocks
     layer = issue_model.model_layer("enc0.conv2.backward", record, fake_variant((700,), warps=4), issue_model.H200)
     assert layer.tile == "64x128x64" and layer.k_steps == (125,) and layer.note == ""
     clocks = h200_tensor_clocks(TILE)  # fake_variant's loops: TILE's clocks, 700 instructions on 4 warps

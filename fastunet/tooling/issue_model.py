@@ -137,13 +137,13 @@ def operand_type(dtype: str, constexprs: Mapping[str, object]) -> str | None:
 @dataclasses.dataclass(frozen=True)
 class GemmView:
     """How a kernel names its GEMM: the constexprs holding the CTA's tile (``m`` x ``n`` outputs, ``k`` per K-step),
-    and, for a kernel whose K extent is not a convolution's taps x channels, the runtime argument holding the K
-    extent one CTA reduces (``k_extent``)."""
+    and, for a kernel whose K extent is not a convolution's taps x channels, the runtime arguments whose product is
+    the K-steps the fullest CTA runs (``k_steps``)."""
 
     m: str = "BLOCK_M"
     n: str = "BLOCK_N"
     k: str = "BLOCK_K"
-    k_extent: str | None = None
+    k_steps: tuple[str, ...] = ()
 
     @property
     def keys(self) -> tuple[str, str, str]:
@@ -160,8 +160,10 @@ class GemmView:
 CONV_VIEW = GemmView()
 # Kernels that name their GEMM otherwise, by their function's name. The conv weight gradient (kernels/conv_grad.py):
 # dW = A^T dZ, each CTA one BLOCK_C x BLOCK_N tile of (tap, input channel) rows by output channels, reducing over
-# the pixels of its slice (``pixels_per_split``) BLOCK_P at a time.
-GEMM_VIEWS = {"_weight_grad_partial_kernel": GemmView("BLOCK_C", "BLOCK_N", "BLOCK_P", "pixels_per_split")}
+# the output rows of its slice (``rows_per_split``), each row ``blocks_per_row`` steps of BLOCK_P pixels.
+GEMM_VIEWS = {
+    "_weight_grad_partial_kernel": GemmView("BLOCK_C", "BLOCK_N", "BLOCK_P", ("rows_per_split", "blocks_per_row"))
+}
 
 
 def gemm_view(kernel: object) -> GemmView:
@@ -403,19 +405,19 @@ def k_steps_per_source(record) -> list[int] | None:
     """K-steps one CTA runs per source loop of a convolution launch: ``KSIZE**2 * cdiv(c, BLOCK_K)`` for the main
     input (``c_main``) and, with ``TWO_SOURCES``, for the upsampled one (``c_up``); one flattened loop of
     ``cdiv(KSIZE**2 * c_main, BLOCK_K)`` with ``PACKED_K`` (the small-K path; its value is the channel
-    count). For a kernel whose :class:`GemmView` names its K extent (the weight gradient's pixel slice): one loop of
-    ``cdiv(extent, K block)`` (the fullest CTA). None for a kernel without these arguments."""
+    count). For a kernel whose :class:`GemmView` names its K-steps (the weight gradient's rows per slice times
+    pixel blocks per row): one loop of their product (the fullest CTA). None for a kernel without these arguments."""
     params = getattr(record.kernel, "params", None)
     c = record.constexprs
     if params is None:
         return None
     values = dict(zip((p.name for p in params if not p.is_constexpr), record.args, strict=False))
     view = gemm_view(record.kernel)
-    if view.k_extent is not None:
-        extent, block = values.get(view.k_extent), c.get(view.k)
-        if not isinstance(extent, int) or not isinstance(block, int) or block <= 0:
+    if view.k_steps:
+        factors = [values.get(name) for name in view.k_steps]
+        if not all(isinstance(f, int) for f in factors):
             return None
-        return [-(-extent // block)]
+        return [math.prod(factors)]
     if "KSIZE" not in c or "BLOCK_K" not in c:
         return None
     if not isinstance(values.get("c_main"), int):
