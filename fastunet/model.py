@@ -265,16 +265,13 @@ class FastUNet(FusedForward, UNet):
       (``"triton-interpreter"``);
     * eval mode, CPU input otherwise: the reference PyTorch math (``"reference"``), with one
       :class:`FastUNetFallbackWarning`;
-    * training mode without BatchNorm (``norm=None``, or every BatchNorm frozen in eval mode): forward and backward
-      on the kernels (:mod:`fastunet.training`), the same backends as eval mode;
-    * training mode with BatchNorm batch statistics: the reference PyTorch math (its running-stat updates,
-      gradients);
+    * training mode: forward and backward on the kernels (:mod:`fastunet.training`), the same backends as eval
+      mode; a BatchNorm in training mode normalizes with the batch's statistics and updates its running ones as
+      torch does, one frozen in eval mode folds;
     * training mode with gradients disabled: the reference math, with one :class:`FastUNetFallbackWarning` (most
       often ``.eval()`` was called on another model than this one).
 
-    When gradients are needed in eval mode, the backward runs on the kernels too (folded BatchNorm included); for
-    the layouts the backward kernels do not cover, the Triton forward's output is returned and its backward
-    differentiates the layout's eval-mode math recomputed on the same input and tensors.
+    When gradients are needed in eval mode, the backward runs on the kernels too (folded BatchNorm included).
 
     ``last_backend`` and ``last_backend_reason`` say what the latest forward ran. The folded and packed
     parameters are rebuilt whenever a parameter or buffer changes (``load_state_dict``, optimizer steps,
