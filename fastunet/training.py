@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastunet.kernels._common import alloc, current_launch_stage, is_dry_run, set_launch_stage
+from fastunet.kernels.backward import center_pad_offsets
 from fastunet.kernels.stats import NormIn
 from fastunet.ops import (
     Act,
@@ -339,11 +340,6 @@ def _conv_backward(
 _conv_backward_op = torch.library.custom_op(
     "fastunet::conv2d_nhwc_backward", mutates_args=(), schema=_CONV_BACKWARD_SCHEMA
 )(_conv_backward)
-
-
-def _frame_pads(height: int, width: int, up_h: int, up_w: int) -> tuple[int, int]:
-    """Where the upsampled map sits in the skip's frame (centered; negative: its first row/column dropped)."""
-    return (height - up_h) // 2, (width - up_w) // 2
 
 
 def _frame(up: torch.Tensor, height: int, width: int, join: str = "pad") -> torch.Tensor:
@@ -690,7 +686,7 @@ def _conv_autograd(ctx, grad_y, grad_pooled, grad_scale, grad_shift, _grad_mean,
             if join == "replicate" and (height, width) != (2 * up.shape[1], 2 * up.shape[2]):
                 d_up = _unframe(d_up, 2 * up.shape[1], 2 * up.shape[2], join)
             elif join == "pad":
-                pad_top, pad_left = _frame_pads(height, width, 2 * up.shape[1], 2 * up.shape[2])
+                pad_top, pad_left = center_pad_offsets(height, width, 2 * up.shape[1], 2 * up.shape[2])
             grads[_UP], _, _ = _backward_op("upsample2x_nhwc_backward")(
                 d_up, up.shape[1], up.shape[2], up_mode, align_corners, pad_top, pad_left
             )
@@ -709,15 +705,6 @@ def _conv_autograd(ctx, grad_y, grad_pooled, grad_scale, grad_shift, _grad_mean,
         grads[_NORM_W] = d_nw.to(inputs[_NORM_W].dtype) if need[_NORM_W] else None
         grads[_NORM_B] = d_nb.to(inputs[_NORM_B].dtype) if need[_NORM_B] else None
     return tuple(grads)
-
-
-# fastunet::upsample2x_nhwc, conv_transpose2x2_nhwc and normalize_nhwc: a map read through its norm, by position.
-_READ_POSITIONS = {"upsample": 3, "transpose": 3, "normalize": 2}
-
-
-def _read_inputs(inputs, start: int) -> tuple:
-    """(scale, shift, activation, slope, lo, hi) of a forward op's flattened NormIn arguments at ``start``."""
-    return tuple(inputs[start : start + 6])
 
 
 def _read_unsupported(inputs, start: int) -> str | None:

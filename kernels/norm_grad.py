@@ -37,6 +37,7 @@ from fastunet.kernels._common import (
     sm_count,
     to_storage,
 )
+from fastunet.kernels.conv_grad import _sum_splits_kernel
 
 # Activations after a norm whose derivative the consumer side applies, from the pre-activation value u as torch's
 # backward of each does (ReLU: threshold_backward on the result, so a NaN passes the gradient; LeakyReLU: u > 0;
@@ -62,7 +63,7 @@ def _norm_input_backward_kernel(
     scale_ptr,  # (batch, channels) fp32
     shift_ptr,
     dz_ptr,  # (batch, height, width, channels) contiguous
-    part_ptr,  # (splits, 2, batch, channels) fp32: sums of g * z and of g over the split's pixels
+    part_ptr,  # (2, splits, batch, channels) fp32: sums of g * z, then of g, over each split's pixels
     batch,
     width,
     channels,
@@ -115,20 +116,9 @@ def _norm_input_backward_kernel(
         tl.store(dz_ptr + out, to_storage(dz, dz_ptr.dtype.element_ty, INTERPRETER), mask=mask)
         sum_gz += tl.sum(g * z, axis=0)
         sum_g += tl.sum(g, axis=0)
-    row = (split.to(tl.int64) * 2 * batch + img) * channels + offs_c
+    row = (split.to(tl.int64) * batch + img) * channels + offs_c
     tl.store(part_ptr + row, sum_gz, mask=c_mask)
-    tl.store(part_ptr + row + batch * channels, sum_g, mask=c_mask)
-
-
-@triton.jit
-def _sum_splits_kernel(part_ptr, out_ptr, splits, elements, stride_s, BLOCK: tl.constexpr):
-    """out[e] = sum_s part[s * stride_s + e], s = 0, 1, ... in order."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < elements
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in range(0, splits):
-        acc += tl.load(part_ptr + s * stride_s + offs, mask=mask, other=0.0)
-    tl.store(out_ptr + offs, acc, mask=mask)
+    tl.store(part_ptr + row + splits * batch * channels, sum_g, mask=c_mask)
 
 
 def _check_map(t: torch.Tensor, what: str) -> None:
@@ -199,7 +189,7 @@ def norm_input_backward_nhwc(
     splits = max(1, min(triton.cdiv(2 * sm_count(z), batch * c_blocks), triton.cdiv(pixels, 8 * block_p)))
     per_split = triton.cdiv(triton.cdiv(pixels, splits), block_p) * block_p
     splits = triton.cdiv(pixels, per_split)
-    part = alloc((splits, 2, batch, channels), torch.float32, z.device)
+    part = alloc((2, splits, batch, channels), torch.float32, z.device)
     grid = (batch * splits, c_blocks)
     args = (grad_a, z, scale, shift, dz, part, batch, width, channels, pixels, per_split, float(slope), float(lo),
             float(hi), *grad_a.stride(), *z.stride())  # fmt: skip
@@ -211,7 +201,8 @@ def norm_input_backward_nhwc(
     }
     elements = batch * channels
     block = 1024
-    sum_args = [(part[:, i], sums[i], splits, elements, 2 * elements) for i in range(2)]
+    # Each sum's partials are contiguous (splits, batch * channels): conv_grad's fixed-order sum of split partials.
+    sum_args = [(part[i], sums[i], splits, elements, 0, channels) for i in range(2)]
     if recording():
         size = z.element_size()
         record_launch(
