@@ -78,6 +78,10 @@ class LaunchRecord:
     stage: str | None = None  # the network stage the caller named (``enc0.conv1``, ``dec2.up``...), if any
     path: str = "pointer"  # how the main loop loads its operands: "tma" (tensor descriptors) or "pointer"
     path_reason: str = ""  # why the launcher chose that path
+    # ``retile(candidate) -> (args, constexprs)``: what the launcher would pass with another candidate config, where
+    # the arguments depend on the tile (a TMA launch's descriptors are built for its boxes). None: only the tile
+    # constexprs change.
+    retile: object = dataclasses.field(default=None, compare=False, repr=False)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -627,13 +627,28 @@ class ConvProblem:
     head: bool = False
     d2s: bool = False
     sm_count: int = 132
+    tma: bool = False  # operands land in shared memory by TMA: no per-thread addresses for the A tile
+    pool: bool = False  # the pooled epilogue (a TMA tile then covers two whole rows)
+
+
+def _tile_rows(problem: ConvProblem, block_m: int) -> int:
+    """The pixels a config's tile covers: BLOCK_M, except on the TMA path, whose row boxes are at least
+    :data:`TMA_MIN_ROW` pixels wide, two of them where the pooled epilogue needs whole 2x2 windows (see
+    :func:`_tma_tile`)."""
+    if not problem.tma:
+        return block_m
+    if problem.pool:
+        return 2 * max(TMA_MIN_ROW, block_m // 2)
+    return max(TMA_MIN_ROW, block_m)
 
 
 def _fits(problem: ConvProblem, config: dict) -> bool:
     """sm_90 build limits, from the compile report of the reference network (no spills, 255 registers at most).
 
     * fp32 accumulator <= 64 registers a thread: at 128 (a 128 x 128 tile on one warpgroup, 128 x 256 on two) the
-      kernel sits at 233-255 registers.
+      pointer-path kernel sits at 232-255 registers. On the TMA path, where no thread holds A-tile addresses, two
+      warpgroups may hold 128 each: a 128 x 256 tile builds at 156-172 registers, no spills (three 144 KiB stages,
+      one CTA per SM).
     * A-tile elements a thread stages per K step (BLOCK_M * BLOCK_K / threads) <= 64 (the loads go to shared
       memory asynchronously; their addresses and predicates stay in registers); 128 spills. The small-K loader of
       the first conv computes a full address per element: <= 16 there (255 registers at 32 with the old loader).
@@ -642,12 +657,13 @@ def _fits(problem: ConvProblem, config: dict) -> bool:
       so does the fused head when two warpgroups share a 64-row tile: BLOCK_M >= 64 rows a warpgroup there.
     """
     threads = 32 * config["num_warps"]
-    block_m, block_n, block_k = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
+    block_m, block_n, block_k = _tile_rows(problem, config["BLOCK_M"]), config["BLOCK_N"], config["BLOCK_K"]
     smem = config["num_stages"] * (block_m + block_n) * block_k * problem.element_size
     staged = block_m * block_k / threads
+    accumulator = 128 if problem.tma and config["num_warps"] == 8 else 64
     return (
         staged <= (16 if problem.packed_k else 64)
-        and block_m * block_n <= 64 * threads
+        and block_m * block_n <= accumulator * threads
         and smem <= 200 * 1024
         and (not problem.d2s or block_n <= 64)
         and (not problem.head or block_m >= 16 * config["num_warps"])
@@ -710,7 +726,8 @@ def candidate_configs(problem: ConvProblem) -> tuple[dict, ...]:
     (like :func:`pick_config`): the launch path only looks the tiles up. Callers must not mutate the configs.
     """
     base = pick_config(problem)
-    configs = [base]
+    # Each config carries the tile it launches (a TMA tile may cover more pixels than BLOCK_M asked for).
+    configs = [{**base, "BLOCK_M": _tile_rows(problem, base["BLOCK_M"])}]
     depths = tuple(dict.fromkeys((base["BLOCK_K"], _block_k(problem, row_bytes=256))))
     widest = max(16, next_pow2(problem.c_out))
     widths = (base["BLOCK_N"],) if problem.head else tuple(n for n in (64, 128, 256) if n <= widest)
@@ -719,7 +736,7 @@ def candidate_configs(problem: ConvProblem) -> tuple[dict, ...]:
         (64, 128), widths, depths, (4, 8), (3, 4)
     ):
         config = {
-            "BLOCK_M": min(block_m, base["BLOCK_M"]),
+            "BLOCK_M": _tile_rows(problem, min(block_m, base["BLOCK_M"])),
             "BLOCK_N": block_n,
             "BLOCK_K": block_k,
             "num_warps": num_warps,
@@ -959,6 +976,10 @@ def _launch(
         # Pixel indices are int32 inside the kernel (addresses are int64): refuse rather than wrap.
         raise ValueError(f"at most 2**31 - 129 output pixels per launch (padded to even H and W), got {m}")
     check_weight_addressable(*w_packed.shape)
+    plain = not (g.conv_off or g.crop_top or g.crop_left or g.clamp_up or g.pad_top < 0 or g.pad_left < 0)
+    path, path_reason = choose_load_path(
+        x, up, w_packed, packed_k=packed_k, plain_geometry=plain, strided=stride != 1, normalized=norm_in is not None
+    )
     problem = ConvProblem(
         m=m,
         c_out=g.c_out,
@@ -969,6 +990,8 @@ def _launch(
         head=head_w is not None,
         d2s=d2s,
         sm_count=sm_count(x),
+        tma=path == "tma",
+        pool=pooled is not None,
     )
     candidates = candidate_configs(problem)
     interpreter, precision = dot_flags(x.dtype, torch.backends.cudnn.allow_tf32)
@@ -1044,10 +1067,6 @@ def _launch(
             empty, empty.clone(), count, stats.groups, stats.weight, stats.bias, stats.eps,
             over_batch=stats.over_batch, stats=True,
         )  # fmt: skip
-    plain = not (g.conv_off or g.crop_top or g.crop_left or g.clamp_up or g.pad_top < 0 or g.pad_left < 0)
-    path, path_reason = choose_load_path(
-        x, up, w_packed, packed_k=packed_k, plain_geometry=plain, strided=stride != 1, normalized=norm_in is not None
-    )
     # Pointer tiles of one image each where a tile's statistics or its input's normalization are per image.
     flags["PER_IMAGE"] = path == "pointer" and (stats is not None or norm_in is not None)
 
@@ -1099,6 +1118,7 @@ def _launch(
                 candidates=tuple(candidates),
                 path=path,
                 path_reason=path_reason,
+                retile=lambda cfg: (args_of(cfg), constexprs_of(cfg)),
             )
         )
     if not is_dry_run():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,17 +18,28 @@ def fresh_tuning_cache(monkeypatch):
     monkeypatch.setattr(_common, "_tuned", {})
 
 
-# (c_skip, c_up, c_out, up_mode, pool, head)
+# (c_skip, c_up, c_out, up_mode, pool, head, load path: None for the process default)
 CASES = [
-    pytest.param(24, 0, 40, None, True, False, id="conv-pool"),
-    pytest.param(16, 32, 24, "bilinear", False, False, id="bilinear-loader"),
-    pytest.param(16, 0, 32, None, False, True, id="head"),
+    pytest.param(24, 0, 40, None, True, False, None, id="conv-pool"),
+    pytest.param(16, 32, 24, "bilinear", False, False, None, id="bilinear-loader"),
+    pytest.param(16, 0, 32, None, False, True, None, id="head"),
+    # TMA row boxes admit 128 x 256 tiles on two warpgroups (the pointer path stays at 64 accumulators a thread)
+    pytest.param(16, 0, 256, None, False, False, "tma", id="tma-wide"),
+    pytest.param(16, 0, 256, None, True, False, "tma", id="tma-wide-pool"),
 ]
 
 
-@pytest.mark.parametrize("c_skip, c_up, c_out, up_mode, pool, head", CASES)
-def test_every_candidate_config_is_correct(device, fresh_tuning_cache, c_skip, c_up, c_out, up_mode, pool, head):
+@pytest.mark.parametrize("c_skip, c_up, c_out, up_mode, pool, head, path", CASES)
+def test_every_candidate_config_is_correct(device, fresh_tuning_cache, c_skip, c_up, c_out, up_mode, pool, head, path):
     batch, height, width = 2, 11, 10
+    target = contextlib.nullcontext()
+    if path == "tma":
+        # 128-pixel tiles are candidates only where they leave no SM idle: a GPU gets a map of that many tiles, the
+        # interpreter a modeled GPU of one SM.
+        if device.type == "cuda":
+            height, width = 64, 68
+        else:
+            target = _common.modeled_target(1)
     skip = torch.randn(batch, c_skip, height, width, device=device)
     low = torch.randn(batch, c_up, height // 2, width // 2, device=device) if c_up else None
     weight = torch.randn(c_out, c_skip + c_up, 3, 3, device=device) / (3 * (c_skip + c_up) ** 0.5)
@@ -59,11 +72,19 @@ def test_every_candidate_config_is_correct(device, fresh_tuning_cache, c_skip, c
     kwargs = {"up": low.permute(0, 2, 3, 1), "up_mode": up_mode} if low is not None else {}
     if head:
         kwargs |= {"head_weight": pack_conv_weight(head_w), "head_bias": head_b}
-    with pytest.MonkeyPatch.context() as patch, _common.autotuning(), launch_log() as records:
+    context = _common.load_path(path) if path else contextlib.nullcontext()
+    skip_nhwc = skip.permute(0, 2, 3, 1)
+    if path == "tma":  # a descriptor needs a unit channel stride and 16-byte aligned row strides
+        skip_nhwc = skip_nhwc.contiguous()
+    with pytest.MonkeyPatch.context() as patch, context, target, _common.autotuning(), launch_log() as records:
         patch.setattr("fastunet.kernels.conv.choose_config", choose_with_timer)
-        conv2d_nhwc(skip.permute(0, 2, 3, 1), pack_conv_weight(weight), bias, pool=pool, out=out, **kwargs)
+        conv2d_nhwc(skip_nhwc, pack_conv_weight(weight), bias, pool=pool, out=out, **kwargs)
     assert len(seen) >= 2, "expected more than one candidate config"
     (record,) = [r for r in records if r.name.startswith("conv")]  # the bilinear case also launches an upsample
+    if path == "tma":
+        assert record.path == "tma", record.path_reason
+        tiles = {(c["BLOCK_M"], c["BLOCK_N"], c["num_warps"]) for c in record.candidates}
+        assert (128, 256, 8) in tiles, sorted(tiles)
     (winner,) = _common.tuned_configs().values()
     assert record.launch_options == {"num_warps": winner["num_warps"], "num_stages": winner["num_stages"]}
     assert record.constexprs["BLOCK_M"] == winner["BLOCK_M"]

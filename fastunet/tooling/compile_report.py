@@ -418,8 +418,12 @@ def with_candidates(records: Sequence[LaunchRecord]) -> list[LaunchRecord]:
             if candidate is None:
                 expanded.append(record)
                 continue
-            constexprs = {**record.constexprs, **{key: candidate[key] for key in TILE_KEYS}}
             options = {key: candidate[key] for key in ("num_warps", "num_stages")}
+            if record.retile is not None:  # arguments built for the tile (TMA descriptors), by the launcher itself
+                args, constexprs = record.retile(candidate)
+                expanded.append(dataclasses.replace(record, args=args, constexprs=constexprs, launch_options=options))
+                continue
+            constexprs = {**record.constexprs, **{key: candidate[key] for key in TILE_KEYS}}
             expanded.append(dataclasses.replace(record, constexprs=constexprs, launch_options=options))
     return expanded
 
