@@ -568,7 +568,9 @@ def test_training_step_model(training_report):
         ]
         for layer, record in zip(layers, records, strict=True):
             if record.name == "conv_weight_grad":
-                per_split, per_row = record.args[12], record.args[13]  # rows_per_split, blocks_per_row
+                names = [p.name for p in record.kernel.params if not p.is_constexpr]
+                values = dict(zip(names, record.args, strict=True))
+                per_split, per_row = values["rows_per_split"], values["blocks_per_row"]
                 if layer["k_steps"] != [per_split * per_row] or not layer["issue_ratio"]:
                     found.append(f"{upsample} {layer['stage']}: K-steps {layer['k_steps']}, {per_split} rows per slice")
             variant = training_report["variants"][layer["variant"]]
