@@ -27,10 +27,13 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from fastunet.kernels._common import (
+    INTERPRET,
     LaunchRecord,
     alloc,
+    capability,
     check_runnable,
     dot_flags,
     element_span,
@@ -40,9 +43,10 @@ from fastunet.kernels._common import (
     next_pow2,
     record_launch,
     recording,
+    requested_load_path,
     sm_count,
 )
-from fastunet.kernels.conv import conv2d_nhwc
+from fastunet.kernels.conv import _tma_problem, conv2d_nhwc
 
 
 @triton.jit
@@ -66,6 +70,8 @@ def _load_dz(ptrs, lanes, g_end, n_mask, EVEN_W: tl.constexpr, EVEN_N: tl.conste
 def _weight_grad_partial_kernel(
     x_ptr,  # (batch, in_h, in_w, c_in) view: the conv's input
     dz_ptr,  # (batch, out_h, out_w, c_out) view: gradient of the conv's output
+    x_desc,  # TMA only: descriptor over x, box (1, 1, BLOCK_P, BLOCK_C)
+    dz_desc,  # TMA only: descriptor over dz, box (1, 1, BLOCK_P, BLOCK_N)
     part_ptr,  # (splits, rows, c_out) fp32
     bias_part_ptr,  # (splits, c_out) fp32
     in_h,
@@ -93,6 +99,7 @@ def _weight_grad_partial_kernel(
     EVEN_C: tl.constexpr,
     EVEN_N: tl.constexpr,
     EVEN_W: tl.constexpr,
+    TMA: tl.constexpr,
     INTERPRETER: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_P: tl.constexpr,
@@ -110,6 +117,11 @@ def _weight_grad_partial_kernel(
 
     With ``HAS_BIAS`` the last program of axis 0 sums ``dz`` over the same rows into ``bias_part[s]`` instead of
     a ``dW`` tile (a loop without the GEMM); the other programs carry no bias work.
+
+    With ``TMA`` (sm_90; every row a whole number of pixel blocks) a step's two operands are row boxes: ``x`` at
+    (image, oy + dy, x0 + dx, c0), whose out-of-map coordinates the hardware zero-fills (the conv's padding; channels
+    past ``c_in`` too), and ``dz`` at (image, oy, x0, n0). No lane offsets or masks are computed, and both operands
+    stay in shared memory for the wgmma.
     """
     offset_type: tl.constexpr = tl.int64 if WIDE else tl.int32
     pid_kc = tl.program_id(0)
@@ -148,32 +160,47 @@ def _weight_grad_partial_kernel(
         c_mask = offs_c < c_in
         a_lanes = (lanes.to(offset_type) * stride_xw)[:, None] + (offs_c.to(offset_type) * stride_xc)[None, :]
         acc = tl.zeros((BLOCK_C, BLOCK_N), dtype=tl.float32)
-        for _ in range(0, steps):
-            iy = oy + dy
-            ix0 = x0 + dx
-            z_at = img.to(offset_type) * stride_zn + oy.to(offset_type) * stride_zh + x0 * stride_zw
-            x_at = img.to(offset_type) * stride_xn + iy.to(offset_type) * stride_xh + ix0 * stride_xw
-            # Lanes up to the row's end, and for x those reading inside the input: scalar bounds, one or two
-            # compares per lane.
-            g_end = out_w - x0
-            if PAD == 0:
-                a_ok = lanes < g_end  # a valid conv: every tap of an output pixel lies inside the input
-            else:
-                a_end = tl.minimum(tl.where((iy >= 0) & (iy < in_h), in_w - ix0, -ix0), g_end)
-                a_ok = (lanes >= -ix0) & (lanes < a_end)
-            if EVEN_C:
-                a = tl.load((x_ptr + x_at) + a_lanes, mask=a_ok[:, None], other=0.0)
-            else:
-                a = tl.load((x_ptr + x_at) + a_lanes, mask=a_ok[:, None] & c_mask[None, :], other=0.0)
-            g = _load_dz((dz_ptr + z_at) + g_lanes, lanes, g_end, n_mask, EVEN_W, EVEN_N)
-            acc = mma(tl.trans(a), g, acc, INTERPRETER, DOT_PRECISION)
-            x0 += BLOCK_P
-            next_row = x0 >= out_w
-            x0 = tl.where(next_row, 0, x0)
-            oy += next_row.to(tl.int32)
-            next_img = oy >= out_h
-            oy = tl.where(next_img, 0, oy)
-            img += next_img.to(tl.int32)
+        c0 = (pid_kc % c_blocks) * BLOCK_C
+        n0 = pid_n * BLOCK_N
+        if TMA:
+            for _ in range(0, steps):
+                a = x_desc.load([img, oy + dy, x0 + dx, c0]).reshape(BLOCK_P, BLOCK_C)
+                g = dz_desc.load([img, oy, x0, n0]).reshape(BLOCK_P, BLOCK_N)
+                acc = mma(tl.trans(a), g, acc, INTERPRETER, DOT_PRECISION)
+                x0 += BLOCK_P
+                next_row = x0 >= out_w
+                x0 = tl.where(next_row, 0, x0)
+                oy += next_row.to(tl.int32)
+                next_img = oy >= out_h
+                oy = tl.where(next_img, 0, oy)
+                img += next_img.to(tl.int32)
+        else:
+            for _ in range(0, steps):
+                iy = oy + dy
+                ix0 = x0 + dx
+                z_at = img.to(offset_type) * stride_zn + oy.to(offset_type) * stride_zh + x0 * stride_zw
+                x_at = img.to(offset_type) * stride_xn + iy.to(offset_type) * stride_xh + ix0 * stride_xw
+                # Lanes up to the row's end, and for x those reading inside the input: scalar bounds, one or two
+                # compares per lane.
+                g_end = out_w - x0
+                if PAD == 0:
+                    a_ok = lanes < g_end  # a valid conv: every tap of an output pixel lies inside the input
+                else:
+                    a_end = tl.minimum(tl.where((iy >= 0) & (iy < in_h), in_w - ix0, -ix0), g_end)
+                    a_ok = (lanes >= -ix0) & (lanes < a_end)
+                if EVEN_C:
+                    a = tl.load((x_ptr + x_at) + a_lanes, mask=a_ok[:, None], other=0.0)
+                else:
+                    a = tl.load((x_ptr + x_at) + a_lanes, mask=a_ok[:, None] & c_mask[None, :], other=0.0)
+                g = _load_dz((dz_ptr + z_at) + g_lanes, lanes, g_end, n_mask, EVEN_W, EVEN_N)
+                acc = mma(tl.trans(a), g, acc, INTERPRETER, DOT_PRECISION)
+                x0 += BLOCK_P
+                next_row = x0 >= out_w
+                x0 = tl.where(next_row, 0, x0)
+                oy += next_row.to(tl.int32)
+                next_img = oy >= out_h
+                oy = tl.where(next_img, 0, oy)
+                img += next_img.to(tl.int32)
         out_rows = tap * c_in + offs_c
         part = part_ptr + split.to(tl.int64) * rows * c_out
         tl.store(
@@ -205,6 +232,30 @@ def _splits(image_rows: int, blocks_per_row: int, tiles: int, sms: int, elements
     by_length = max(1, image_rows * blocks_per_row // 8)
     by_memory = max(1, MAX_PARTIAL_ELEMENTS // max(1, elements))
     return int(min(by_occupancy, by_length, by_memory, max(1, image_rows)))
+
+
+def weight_grad_load_path(x: torch.Tensor, dz: torch.Tensor, out_w: int, block_p: int) -> tuple[str, str]:
+    """("tma" or "pointer", why) for a weight-gradient launch over ``x`` and ``dz``, as the forward conv chooses
+    (:func:`fastunet.kernels.conv.choose_load_path`: sm_90 or newer, descriptors that can address both maps, pointer
+    loads under the interpreter unless TMA is asked for), plus: every output row a whole number of ``block_p``-pixel
+    blocks. A row box past a row's end would pair dz's zero fill with real pixels of x, and ``0 * inf`` is NaN."""
+    requested = requested_load_path()
+    if requested == "pointer":
+        return "pointer", "pointer loads asked for (load_path or FASTUNET_LOAD_PATH)"
+    if INTERPRET:
+        if requested == "auto":
+            return "pointer", "the interpreter runs pointer loads unless TMA is asked for (load_path('tma'))"
+    elif capability(x) < 90:
+        return "pointer", f"sm_{capability(x)}: TMA needs sm_90 or newer"
+    if out_w % block_p:
+        return "pointer", f"output rows of {out_w} px are not whole {block_p}-px blocks"
+    for t, what in ((x, "input"), (dz, "output gradient")):
+        problem = _tma_problem(t, what)
+        if problem:
+            return "pointer", problem
+    if requested == "tma":
+        return "tma", "TMA asked for; strides and addresses 16-byte aligned, whole pixel blocks per row"
+    return "tma", f"sm_{capability(x)}: NHWC strides and addresses 16-byte aligned, whole pixel blocks per row"
 
 
 def conv2d_weight_grad_nhwc(
@@ -272,11 +323,14 @@ def conv2d_weight_grad_nhwc(
         raise ValueError(f"at most 2**31 - 1025 output pixels per launch, got {pixels}")
     if rows * c_out == 0:
         return out[row_offset : row_offset + rows], db
-    block_c = min(64, max(16, next_pow2(c_in)))
     block_n = min(128, max(16, next_pow2(c_out)))
     # Pixel blocks walk one output row: no wider than the row (a 16-pixel floor for the MMA's K); 128 pixels for an
     # output-channel block of at most 64, whose steps would otherwise be mostly fixed per-step work.
     block_p = min(128 if block_n <= 64 else 64, max(16, next_pow2(out_w)))
+    path, path_reason = weight_grad_load_path(x, dz, out_w, block_p)
+    # A TMA step's instructions hardly depend on the tile: where rows are short (steps under 64 pixels), 128 input
+    # channels double each step's MMA work (issue ratio 0.31 against 0.62 at 32-px rows in the model).
+    block_c = min(128 if path == "tma" and block_p < 64 else 64, max(16, next_pow2(c_in)))
     image_rows = batch * out_h
     blocks_per_row = triton.cdiv(out_w, block_p)
     kc_programs = ksize * ksize * triton.cdiv(c_in, block_c)
@@ -294,8 +348,14 @@ def conv2d_weight_grad_nhwc(
     interpreter, precision = dot_flags(x.dtype, torch.backends.cudnn.allow_tf32)
     # With a bias, one more program per (output-channel block, split) along axis 0 sums dz for it.
     grid = (kc_programs + int(bias), triton.cdiv(c_out, block_n), splits)
+    descriptors = (None, None)
+    if path == "tma":
+        descriptors = tuple(
+            TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block_p, block])
+            for t, block in ((x, block_c), (dz, block_n))
+        )
     args = (
-        x, dz, part, bias_part, in_h, in_w, out_h, out_w, c_in, c_out, rows, image_rows, rows_per_split,
+        x, dz, *descriptors, part, bias_part, in_h, in_w, out_h, out_w, c_in, c_out, rows, image_rows, rows_per_split,
         blocks_per_row, *x.stride(), *dz.stride(),
     )  # fmt: skip
     # Offsets reached: the maps' spans, plus the padding row and column and a pixel block's overhang past the row.
@@ -309,6 +369,7 @@ def conv2d_weight_grad_nhwc(
         "EVEN_C": c_in % block_c == 0,
         "EVEN_N": c_out % block_n == 0,
         "EVEN_W": out_w % block_p == 0,
+        "TMA": path == "tma",
         "INTERPRETER": interpreter,
         "DOT_PRECISION": precision,
         "BLOCK_P": block_p,
@@ -329,6 +390,8 @@ def conv2d_weight_grad_nhwc(
                 args=args,
                 constexprs=constexprs,
                 launch_options=options,
+                path=path,
+                path_reason=path_reason,
             )
         )
     reductions = [(part, out, rows * c_out, row_offset)]

@@ -12,6 +12,7 @@ Default: fp16 and bf16, every upsampling mode, batch 16 and 1 (24 variants per d
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -523,6 +524,11 @@ def test_sm90_build_training_step(training_report):
         mma = "HGMMA" if c["BLOCK_C"] >= 64 else "HMMA"
         if not row["mma_opcodes"] or not all(op.startswith(mma) for op in row["mma_opcodes"]):
             found.append(f"{label}: expected {mma}, got {row['mma_opcodes']}")
+        # Both operands by TMA in every weight gradient of this net but the first conv's (3 channels) and the head's
+        # (2 classes: 4-byte dz rows), whose strides are not 16-byte multiples.
+        tma = c["BLOCK_C"] >= 64 and c["BLOCK_N"] > 16
+        if c["TMA"] != tma or bool(row["tma_loads"]) != tma or (tma and row["cp_async"]):
+            found.append(f"{label}: TMA {c['TMA']}, {row['tma_loads']} TMA loads, {row['cp_async']} cp.async")
         if not row["loops"] or any(loop["mma"] == 0 or loop["k_steps"] != 1 for loop in row["loops"]):
             found.append(f"{label}: main loop {row['loops']}")
             continue
@@ -568,7 +574,10 @@ def test_training_step_model(training_report):
         ]
         for layer, record in zip(layers, records, strict=True):
             if record.name == "conv_weight_grad":
-                per_split, per_row = record.args[12], record.args[13]  # rows_per_split, blocks_per_row
+                # The launch passes its runtime arguments positionally, first in the signature; constexprs by name.
+                names = list(inspect.signature(record.kernel.fn).parameters)[: len(record.args)]
+                values = dict(zip(names, record.args, strict=True))
+                per_split, per_row = values["rows_per_split"], values["blocks_per_row"]
                 if layer["k_steps"] != [per_split * per_row] or not layer["issue_ratio"]:
                     found.append(f"{upsample} {layer['stage']}: K-steps {layer['k_steps']}, {per_split} rows per slice")
             variant = training_report["variants"][layer["variant"]]

@@ -376,3 +376,79 @@ def test_input_grad_bad_arguments_are_refused(device):
         conv_transpose2x2_input_grad_nhwc(dy, packed_t.double())
     with pytest.raises(ValueError, match=r"dy: expected shape \(1, 4, 6, C_out\)"):
         conv_transpose2x2_weight_grad_nhwc(torch.randn(1, 2, 3, 5, device=device), dy[:, :2])
+
+
+# TMA row boxes (sm_90; under the interpreter when asked for): NHWC maps with 16-byte aligned strides whose output
+# rows are whole pixel blocks. (batch, c_in, height, width, c_out, splits):
+TMA_CASES = [
+    pytest.param((2, 16, 5, 16, 32, 3), id="16px-rows"),
+    pytest.param((1, 8, 3, 64, 8, 2), id="64px-rows-narrow-channels"),  # BLOCK_C 16 over 8 channels: zero fill
+    pytest.param((1, 24, 2, 128, 72, 1), id="128px-rows-partial-blocks"),  # 24 of 32 channels, 72 of 128 outputs
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("ksize", "padding"), [(3, 1), (1, 0)])
+@pytest.mark.parametrize("case", TMA_CASES)
+def test_tma_path_matches_float64(device, dtype, case, ksize, padding):
+    """Both operands by TMA: the zero fill of boxes past the map's edges is the padding, and of channels past the
+    map's own the masked columns; the result is checked against float64 like the pointer path's."""
+    batch, c_in, height, width, c_out, splits = case
+    torch.manual_seed(sum(case) + ksize)
+    x = torch.randn(batch, height, width, c_in).to(dtype).to(device)  # contiguous NHWC
+    dz = torch.randn(batch, height, width, c_out).to(dtype).to(device)
+    with _common.load_path("tma"), _common.launch_log() as records:
+        dw, db = conv2d_weight_grad_nhwc(x, dz, ksize, padding, splits=splits)
+    (record,) = [r for r in records if r.name == "conv_weight_grad"]
+    assert record.path == "tma" and record.constexprs["TMA"], record.path_reason
+    expected, bound, db_expected, db_bound = _reference(x.permute(0, 3, 1, 2), dz.permute(0, 3, 1, 2), ksize, padding)
+    _check(dw, expected, bound, dtype)
+    _check(db, db_expected, db_bound, dtype)
+
+
+def test_tma_path_propagates_nan_and_inf(device):
+    x = torch.randn(1, 4, 16, 8, device=device)
+    dz = torch.randn(1, 4, 16, 8, device=device)
+    dz[0, 1, 1, 0] = float("nan")
+    x[0, 2, 15, 1] = float("inf")  # the last column: a box one pixel to the right reads the zero fill beside it
+    with _common.load_path("tma"), _common.launch_log() as records:
+        dw, _ = conv2d_weight_grad_nhwc(x, dz)
+    assert [r.path for r in records if r.name == "conv_weight_grad"] == ["tma"]
+    x64, dz64 = x.permute(0, 3, 1, 2).double().cpu(), dz.permute(0, 3, 1, 2).double().cpu()
+    expected = pack_conv_weight(torch.nn.grad.conv2d_weight(x64, (8, 8, 3, 3), dz64, padding=1))
+    assert torch.equal(dw.cpu().isnan(), expected.isnan())
+    assert torch.equal(dw.cpu().isinf(), expected.isinf())
+
+
+@pytest.mark.parametrize(
+    ("width", "channels", "contiguous", "reason"),
+    [
+        pytest.param(20, 16, True, "not whole 32-px blocks", id="partial-block"),
+        pytest.param(16, 6, True, "multiples of 16 bytes", id="unaligned-channels"),
+        pytest.param(16, 16, False, "not contiguous in its last dimension", id="nchw-view"),
+    ],
+)
+def test_tma_path_falls_back_to_pointer_loads_with_a_reason(device, width, channels, contiguous, reason):
+    """What a row box cannot take runs on pointer loads, and gives the same gradient."""
+    torch.manual_seed(width + channels)
+    x = torch.randn(2, 3, width, channels).to(torch.bfloat16).to(device)
+    if not contiguous:
+        x = x.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)
+    dz = torch.randn(2, 3, width, 8).to(torch.bfloat16).to(device)
+    with _common.load_path("tma"), _common.launch_log() as records:
+        dw, db = conv2d_weight_grad_nhwc(x, dz)
+    (record,) = [r for r in records if r.name == "conv_weight_grad"]
+    assert record.path == "pointer" and reason in record.path_reason, record.path_reason
+    expected, bound, db_expected, db_bound = _reference(x.permute(0, 3, 1, 2), dz.permute(0, 3, 1, 2), 3, 1)
+    _check(dw, expected, bound, torch.bfloat16)
+    _check(db, db_expected, db_bound, torch.bfloat16)
+
+
+def test_interpreter_takes_pointer_loads_unless_tma_is_asked_for():
+    if not _common.INTERPRET:
+        pytest.skip("the interpreter's default path")
+    x, dz = torch.randn(1, 2, 16, 16), torch.randn(1, 2, 16, 16)
+    with _common.load_path("auto"), _common.launch_log() as records:
+        conv2d_weight_grad_nhwc(x, dz)
+    (record,) = [r for r in records if r.name == "conv_weight_grad"]
+    assert record.path == "pointer" and "interpreter" in record.path_reason

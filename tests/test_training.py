@@ -16,6 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastunet
 from fastunet import FastUNet, UNet
+from fastunet.kernels import _common
 from fastunet.parity import randomize_norm_stats
 from fastunet.tooling.trace import saved_for_backward
 from fastunet.training import kernel_training_blocker
@@ -75,6 +76,24 @@ def test_training_step_gradients_match_float64(device, upsample, size):
     assert found.keys() == expected.keys()
     for name, value in found.items():
         assert value.dtype == torch.float32 and value.shape == expected[name].shape, name
+        assert _relative(value, expected[name]) <= BUDGET, (name, _relative(value, expected[name]))
+
+
+@pytest.mark.parametrize("upsample", ["bilinear", "transpose"])
+def test_training_step_gradients_on_tma_loads_match_float64(device, upsample):
+    """The same step with TMA asked for: the forward convs and the weight gradients whose maps a row box can take
+    (the 16-px level: 16-byte fp32 pixels, rows of one 16-px block) load by TMA, the 8-px level by pointers."""
+    fast, reference = _pair(device, upsample)
+    fast.train()
+    x = torch.randn(2, 3, 16, 16)
+    grad = torch.randn(2, 2, 16, 16)
+    with _common.load_path("tma"), _common.launch_log() as records:
+        found = _grads(fast, x.to(device), grad.to(device))
+    assert fast.last_backend_reason == "training mode; backward kernels"
+    paths = {(r.name, r.path) for r in records}
+    assert ("conv_weight_grad", "tma") in paths and ("conv_weight_grad", "pointer") in paths, sorted(paths)
+    expected = _grads(reference, x.double(), grad.double())
+    for name, value in found.items():
         assert _relative(value, expected[name]) <= BUDGET, (name, _relative(value, expected[name]))
 
 
