@@ -79,6 +79,40 @@ def _verify(name: str, found: Recognition) -> None:
 
 _SKIP = "convert(model, verify=False) converts without this check"
 
+_UNCHECKED_TRAINING = (
+    "its training-mode forward was not checked against the layout (convert(model, verify=False), or a model on the "
+    "meta device)"
+)
+
+
+def _check_training(found: Recognition) -> str | None:
+    """Why the source's training-mode forward is not the recognised layout's training-mode math (None: it is), in
+    float64 on copies of the probe model: the outputs to the verification's tolerance and every buffer after the
+    step (running statistics, ``num_batches_tracked``) equal. A dropout with ``p > 0``, a deep-supervision output or
+    any other training-only branch fails it."""
+    source = copy.deepcopy(found.probe).train()
+    mirror = copy.deepcopy(found.probe).train()
+    layout = found.recipe.resolve(mirror)
+    with torch.no_grad():
+        try:
+            expected = source(found.x)
+            got = layout_forward(layout, found.x, training=True)
+        except Exception as failure:
+            return f"its training-mode forward could not be checked ({type(failure).__name__}: {failure})"
+    if not isinstance(expected, torch.Tensor) or expected.shape != got.shape:
+        what = tuple(expected.shape) if isinstance(expected, torch.Tensor) else type(expected).__name__
+        return f"its training-mode forward returns {what}, the layout computes {tuple(got.shape)}"
+    error = ((expected - got).norm() / got.norm().clamp_min(1e-300)).item()
+    if not error <= _CHECK:
+        return (
+            f"its training-mode forward computes something the layout does not (relative L2 difference {error:.1e} "
+            "in float64: a dropout or another training-only branch)"
+        )
+    for (name, a), b in zip(source.named_buffers(), mirror.buffers(), strict=True):
+        if a.shape != b.shape or not torch.allclose(a.double(), b.double(), rtol=1e-9, atol=0.0):
+            return f"its training-mode forward leaves buffer '{name}' different from the layout's norms"
+    return None
+
 
 def _unfused(name: str, recipe: Recipe, reason: str) -> ConversionError:
     """The refusal of a recognised layout the kernels cannot run yet, with the source's module paths."""
@@ -96,9 +130,10 @@ class ConvertedUNet(FusedForward, nn.Module):
 
     Holds copies of the source model's submodules that share its parameter and buffer tensors, under the same
     names, so ``state_dict`` keys are the source's and checkpoints load into either. Train/eval modes are its
-    own. In training mode (or where the kernels cannot run) it runs the source class's own ``forward``; in eval
-    mode with autograd on, the backward runs on the kernels where :func:`fastunet.training.kernel_training_blocker`
-    allows.
+    own. With autograd on, the backward runs on the kernels where :func:`fastunet.training.kernel_training_blocker`
+    allows; in training mode only where :func:`convert` also found the source's training-mode forward to be the
+    layout's (:meth:`backward_blocker`). Elsewhere in training mode, and where the kernels cannot run, it runs the
+    source class's own ``forward``.
     """
 
     def __init__(self, source: nn.Module, recipe: Recipe) -> None:
@@ -116,6 +151,8 @@ class ConvertedUNet(FusedForward, nn.Module):
         self.training = source.training
         self._source_class = type(source)
         self._recipe = recipe
+        # Set by convert() once the source's training-mode forward was checked against the layout's.
+        self._training_blocker: str | None = _UNCHECKED_TRAINING
         layout = recipe.resolve(self)
         self._input = (layout.in_channels, layout.depth)
         self._init_fused(source)
@@ -148,11 +185,12 @@ class ConvertedUNet(FusedForward, nn.Module):
         return self._source_class.forward(self, x)
 
     def backward_blocker(self, training: bool) -> str | None:
-        """In training mode the source class's own ``forward`` runs: only its eval-mode math was checked against
-        the layout (a dropout, a deep-supervision output or any other training-mode branch of its own is not in
-        the layout). In eval mode: the layout's (see :func:`fastunet.training.kernel_training_blocker`)."""
-        if training:
-            return "a converted model runs its source class's own forward in training mode"
+        """In training mode, the source class's own ``forward`` runs unless :func:`convert` found its training-mode
+        forward to be the layout's training-mode math (a dropout, a deep-supervision output or any other
+        training-only branch is not in the layout); then, as in eval mode, the layout's blocker (see
+        :func:`fastunet.training.kernel_training_blocker`)."""
+        if training and self._training_blocker is not None:
+            return f"a converted model runs its source class's own forward in training mode: {self._training_blocker}"
         return super().backward_blocker(training)
 
     def extra_repr(self) -> str:
@@ -191,7 +229,9 @@ def convert(module: nn.Module, *, verify: bool = True) -> nn.Module:
       :class:`ConvertedUNet`, with the source's ``state_dict`` keys, where the kernels can run that layout.
 
     ``verify``: record the forward in float64 on a CPU copy and check that the recognised layout's math gives the
-    source's own output there (catches what a trace cannot show: a module whose ``forward`` was replaced); the probe
+    source's own output there (catches what a trace cannot show: a module whose ``forward`` was replaced), and
+    whether its training-mode forward is the layout's training-mode math too (outputs and buffers after one step, on
+    copies: where it is not, say for a dropout, training mode runs the source's own forward); the probe
     is batch 2 of ``2**(depth+1) + 1`` by ``2**(depth+1) + 3``, or, if the source's forward rejects that, the first
     of :func:`probe_sizes` it accepts. ``verify=False`` records the forward on the meta device (nothing computed,
     nothing compared); so does a model whose tensors are on the meta device.
@@ -229,4 +269,6 @@ def convert(module: nn.Module, *, verify: bool = True) -> nn.Module:
     reason = unfused_reason(converted.fused_layout())
     if reason is not None:
         raise _unfused(name, found.recipe, reason)
+    if verify and found.numeric:
+        converted._training_blocker = _check_training(found)
     return converted

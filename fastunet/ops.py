@@ -578,9 +578,17 @@ def layout_values(layout: Layout) -> dict[tuple[int, str], object]:
     return values
 
 
-def layout_forward(layout: Layout, x: torch.Tensor, values: dict[tuple[int, str], object] | None = None):
+def layout_forward(
+    layout: Layout, x: torch.Tensor, values: dict[tuple[int, str], object] | None = None, *, training: bool = False
+):
     """The eval-mode math of ``layout`` in plain PyTorch (what the fused kernels compute), on the modules' current
-    tensors or on a :func:`layout_values` snapshot. Functional: no module is called and no mode is changed."""
+    tensors or on a :func:`layout_values` snapshot. Functional: no module is called and no mode is changed.
+
+    ``training``: the training-mode math instead, where the only difference is a norm with running statistics in
+    training mode: it is called, so it normalizes by the batch's statistics and updates its running ones as the
+    module does (this mutates the modules' buffers: run it on copies)."""
+    if training and values is not None:
+        raise ValueError("layout_forward: training=True runs on the modules' own tensors, not on a snapshot")
 
     def get(module: nn.Module, attr: str):
         return getattr(module, attr) if values is None else values[(id(module), attr)]
@@ -597,6 +605,8 @@ def layout_forward(layout: Layout, x: torch.Tensor, values: dict[tuple[int, str]
                 t = F.instance_norm(t, weight=get(norm, "weight"), bias=get(norm, "bias"), eps=get(norm, "eps"))
             elif kind == "group":
                 t = F.group_norm(t, norm.num_groups, get(norm, "weight"), get(norm, "bias"), get(norm, "eps"))
+            elif kind == "folds" and training and norm.training:
+                t = norm(t)
             elif kind == "folds":
                 t = F.batch_norm(
                     t,

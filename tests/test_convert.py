@@ -139,10 +139,10 @@ def test_train_eval_and_no_grad(device):
     x = torch.randn(2, 3, 16, 16, device=device)
     fast.train()
     assert not model.training, "modes are the converted module's own"
-    out = fast(x)
-    assert fast.last_backend == "reference" and "training mode" in fast.last_backend_reason
     expected = copy.deepcopy(model).train()(x)  # the source's own forward, batch statistics
-    torch.testing.assert_close(out, expected)
+    out = fast(x)
+    assert fast.last_backend != "reference" and fast.last_backend_reason == "training mode; backward kernels"
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
     out.sum().backward()
     assert model.inc.double_conv[0].weight.grad is not None
     fast.eval()
@@ -413,10 +413,11 @@ class _SuperUNet(MilesialUNet):
 def test_source_helpers_work_in_training_mode(device):
     torch.manual_seed(0)
     model = _HelperUNet(3, 2, True, width=4, depth=2).eval()
-    fast = fastunet.convert(model).to(device).train()
+    # Unverified, training mode runs the source class's own forward, which calls the source's helpers.
+    fast = fastunet.convert(model, verify=False).to(device).train()
     x = torch.randn(2, 3, 8, 8, device=device)
     torch.testing.assert_close(fast(x), copy.deepcopy(model).train()(x))
-    assert fast.last_backend == "reference"
+    assert fast.last_backend == "reference" and "not checked" in fast.last_backend_reason
 
 
 def test_a_forward_that_cannot_run_on_the_converted_module_is_refused():

@@ -52,10 +52,11 @@ ROWS = {
         "device": CPU,
         "interpret": True,
     },
-    ("train, any other layout (a converted model, say)", "any"): {
+    ("train, any other layout (or a converted model whose training-mode forward is not its layout's)", "any"): {
         **EVAL,
         "training": "the model",
-        "backward_blocker": "a converted model runs its source class's own forward in training mode",
+        "backward_blocker": "a converted model runs its source class's own forward in training mode: its "
+        "training-mode forward computes something the layout does not",
     },
     ("train, gradients disabled (`torch.no_grad()`, inference mode)", "any"): {
         **EVAL,

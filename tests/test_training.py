@@ -164,15 +164,69 @@ def test_blockers_name_the_module_and_the_feature():
     assert reason.startswith("enc0.conv1: the silu activation in a conv's epilogue has no backward kernels"), reason
 
 
-def test_a_converted_model_trains_on_its_source_forward(device):
-    source = milesial(bilinear=True).to(device)
+@pytest.mark.parametrize(("bilinear", "steps"), [(True, 2), (False, 1)], ids=["bilinear", "transpose"])
+def test_a_converted_model_trains_on_the_kernels(device, bilinear, steps):
+    """milesial's layout (BatchNorm after every conv) in training mode: convert found its training-mode forward to be
+    the layout's, so the steps run on the backward kernels; gradients and running statistics (shared with the
+    source model) match float64 training-mode autograd of the source, step after step."""
+    source = milesial(bilinear=bilinear, depth=2).to(device)
+    exact = copy.deepcopy(source).cpu().double().train()
     converted = fastunet.convert(source).train()
+    assert converted._training_blocker is None
+    for step in range(steps):
+        x, grad = torch.randn(2, 3, 16, 12), torch.randn(2, 2, 16, 12)
+        found = _grads(converted, x.to(device), grad.to(device))
+        assert converted.last_backend in KERNELS, converted.last_backend_reason
+        assert converted.last_backend_reason == "training mode; backward kernels"
+        expected = _grads(exact, x.double(), grad.double())
+        for (name, value), (exact_name, want) in zip(found.items(), expected.items(), strict=True):
+            assert name == exact_name and _relative(value, want) <= BUDGET, (step, name, _relative(value, want))
+        for (name, value), want in zip(source.named_buffers(), exact.buffers(), strict=True):
+            if value.dtype.is_floating_point:
+                assert _relative(value, want) <= BUDGET, (step, name)
+            else:
+                assert torch.equal(value.cpu(), want), (step, name)
+
+
+class _DropoutUNet(nn.Module):
+    """A hand-written U-Net with a dropout in its bottleneck: identity in eval mode, random in training mode."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.down = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU())
+        self.bottom = nn.Sequential(
+            nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.Dropout(p), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()
+        )
+        self.up = nn.ConvTranspose2d(8, 4, 2, stride=2)
+        self.dec = nn.Sequential(nn.Conv2d(8, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU())
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        skip = self.down(x)
+        low = self.bottom(nn.functional.max_pool2d(skip, 2))
+        return self.head(self.dec(torch.cat([skip, self.up(low)], 1)))
+
+
+def test_a_training_only_branch_keeps_the_source_forward_in_training_mode(device):
+    """A dropout with p > 0 is not in the layout: training mode runs the source class's own forward, and says why;
+    eval mode (where the dropout is the identity) runs the kernels. With p = 0 training runs on the kernels."""
+    converted = fastunet.convert(_DropoutUNet(0.5).to(device)).train()
+    converted(torch.randn(2, 3, 8, 8, device=device)).sum().backward()
+    assert converted.last_backend == "reference"
+    assert "training-only branch" in converted.last_backend_reason, converted.last_backend_reason
+    converted.eval()
+    converted(torch.randn(1, 3, 8, 8, device=device)).sum().backward()
+    assert converted.last_backend in KERNELS and converted.last_backend_reason.endswith("backward kernels")
+    plain = fastunet.convert(_DropoutUNet(0.0).to(device)).train()
+    plain(torch.randn(2, 3, 8, 8, device=device)).sum().backward()
+    assert plain.last_backend in KERNELS, plain.last_backend_reason
+
+
+def test_an_unverified_conversion_trains_on_its_source_forward(device):
+    converted = fastunet.convert(milesial(bilinear=True).to(device), verify=False).train()
     converted(torch.randn(2, 3, 16, 16, device=device)).sum().backward()
     assert converted.last_backend == "reference"
-    assert "its source class's own forward in training mode" in converted.last_backend_reason
-    converted.eval()
-    converted(torch.randn(1, 3, 16, 16, device=device)).sum().backward()
-    assert converted.last_backend in KERNELS and converted.last_backend_reason.endswith("backward kernels")
+    assert "not checked against the layout" in converted.last_backend_reason, converted.last_backend_reason
 
 
 @pytest.mark.parametrize("up", ["transpose", "bilinear"])
@@ -372,27 +426,33 @@ def test_distributed_data_parallel_gradients_equal_one_process_on_the_whole_batc
 
 
 @pytest.mark.parametrize(
-    ("norm", "act"), [("instance", "leakyrelu"), (("group", {"num_groups": 2}), "relu"), ("batch", "relu")]
+    ("norm", "act", "training"),
+    [
+        ("instance", "leakyrelu", False),
+        (("group", {"num_groups": 2}), "relu", False),
+        ("batch", "relu", False),
+        ("batch", "relu", True),  # batch statistics: convert found the training-mode forward to be the layout's
+    ],
 )
-def test_monai_basic_unet_gradients_on_the_kernels(device, norm, act):
+def test_monai_basic_unet_gradients_on_the_kernels(device, norm, act, training):
     """MONAI's BasicUNet in eval mode (InstanceNorm or GroupNorm statistics from the data, a folded BatchNorm; the
-    replicate join): gradients on the kernels match float64 autograd of the source model, within twice eager float32
-    PyTorch's own error plus the budget (an InstanceNorm over the 2x1 bottleneck is ill-conditioned: float32 itself
-    is off by 1e-4 there). A conv bias right before an InstanceNorm has a zero gradient in exact math: its error is
-    held to the layer's weight gradient's scale."""
+    replicate join), and in training mode with BatchNorm's batch statistics: gradients on the kernels match float64
+    autograd of the source model, within twice eager float32 PyTorch's own error plus the budget (an InstanceNorm
+    over the 2x1 bottleneck is ill-conditioned: float32 itself is off by 1e-4 there). A conv bias right before an
+    InstanceNorm has a zero gradient in exact math: its error is held to the layer's weight gradient's scale."""
     nets = pytest.importorskip("monai.networks.nets")
     torch.manual_seed(0)
     features = (4, 4, 8, 8, 16, 4)
     source = nets.BasicUNet(
         spatial_dims=2, in_channels=3, out_channels=2, features=features, norm=norm, act=act, upsample="deconv"
-    ).eval()
-    converted = fastunet.convert(copy.deepcopy(source).to(device)).eval()
-    exact = copy.deepcopy(source).double().eval()
+    ).train(training)
+    converted = fastunet.convert(copy.deepcopy(source).to(device)).train(training)
+    exact = copy.deepcopy(source).double().train(training)
     x, grad = torch.randn(2, 3, 32, 31), torch.randn(2, 2, 32, 31)
     found = _grads(converted, x.to(device), grad.to(device))
     assert converted.last_backend in KERNELS and converted.last_backend_reason.endswith("backward kernels")
     expected = _grads(exact, x.double(), grad.double())
-    eager = _grads(copy.deepcopy(source).eval(), x, grad)  # PyTorch's own float32, for the conditioning
+    eager = _grads(copy.deepcopy(source).train(training), x, grad)  # PyTorch's own float32, for the conditioning
     for name, value in found.items():
         err = float((value.double().cpu() - expected[name]).norm())
         eager_err = float((eager[name].double() - expected[name]).norm())
