@@ -684,11 +684,14 @@ _NORM_IN_ARGS = (
     'Tensor? in_scale=None, Tensor? in_shift=None, str in_activation="none", float in_slope=0.0, float in_lo=0.0, '
     "float in_hi=0.0, Tensor? in_slopes=None"
 )
+# The same for the low-resolution map a decoder conv's launch upsamples itself (``up_`` prefix).
+_UP_NORM_IN_ARGS = _NORM_IN_ARGS.replace("in_", "up_")
 _CONV_SCHEMA = (
     "(Tensor x, Tensor weight, Tensor? bias, Tensor? up, Tensor? head_weight, Tensor? head_bias, Tensor? slopes, "
     "int ksize, int padding, str up_mode, bool align_corners, str join, str activation, float slope, float lo, "
     f"float hi, bool pool, bool nchw_out, int stride=1, {_NORM_IN_ARGS}, int norm_groups=0, "
-    "Tensor? norm_weight=None, Tensor? norm_bias=None, float norm_eps=0.0, bool norm_over_batch=False) "
+    "Tensor? norm_weight=None, Tensor? norm_bias=None, float norm_eps=0.0, bool norm_over_batch=False, "
+    f"Tensor? up_weight=None, Tensor? up_bias=None, {_UP_NORM_IN_ARGS}) "
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 
@@ -733,17 +736,40 @@ def _conv2d_launch(
     x, weight, bias, up, head_weight, head_bias, slopes, ksize, padding, up_mode, align_corners, join, activation,
     slope, lo, hi, pool, nchw_out, stride=1, in_scale=None, in_shift=None, in_activation="none", in_slope=0.0,
     in_lo=0.0, in_hi=0.0, in_slopes=None, norm_groups=0, norm_weight=None, norm_bias=None, norm_eps=0.0,
-    norm_over_batch=False,
+    norm_over_batch=False, up_weight=None, up_bias=None, up_scale=None, up_shift=None, up_activation="none",
+    up_slope=0.0, up_lo=0.0, up_hi=0.0, up_slopes=None,
 ):  # fmt: skip
     """:func:`fastunet.kernels.conv2d_nhwc` as a custom op. Returns (y, pooled, scale, shift, mean, var): y is (N,
     H, W, C_out or n_cls), a view of an NCHW tensor when ``nchw_out``; pooled is empty unless ``pool``; with
     ``norm_groups`` (a norm with data statistics after the conv; ``norm_over_batch``: BatchNorm's batch statistics)
     y is the pre-norm map, scale and shift its fp32 (N, C_out) normalization and mean, var (N, C_out) the statistics
     of each channel's group, else all four empty. ``up_mode`` "" means no second source; ``in_scale`` given: x is
-    read through its norm."""
+    read through its norm.
+
+    The launch may make the upsampled map itself from the low-resolution map ``up`` (a training forward does, so
+    that autograd keeps the low-resolution map only): ``up_mode`` ``"nearest"``/``"bilinear"`` interpolates it,
+    ``"transpose"`` runs the 2x2 stride-2 transposed conv ``up_weight`` (packed, (C_low, 4 C_up)) with ``up_bias``
+    ((4 C_up,), one block per sub-pixel) on it; ``up_scale`` given: ``up`` is a pre-norm map read through its norm
+    by that launch. Its own launch (the same as the forward's separate one) writes the upsampled map, then the conv
+    reads it directly."""
     channels = head_weight.shape[1] if head_weight is not None else weight.shape[1]
     height, width = _conv_size(x, up, up_mode, join, ksize, padding, stride)
     out = _conv_output(x, max(height, 0), max(width, 0), channels, nchw_out)
+    up_read = _norm_in(up_scale, up_shift, up_activation, up_slope, up_lo, up_hi, up_slopes)
+    if up_mode == "transpose":
+        if up is None or up_weight is None:
+            raise ValueError("up_mode 'transpose' takes the low-resolution map (up) and the packed up_weight")
+        up, up_mode = conv_transpose2x2_nhwc(up, up_weight, up_bias, norm_in=up_read), "direct"
+    elif up_weight is not None or up_bias is not None:
+        raise ValueError(f"up_weight and up_bias go with up_mode 'transpose', got up_mode={up_mode!r}")
+    elif up_read is not None:
+        if up is None or up_mode not in ("nearest", "bilinear"):
+            raise ValueError(
+                f"a low-resolution map read through its norm needs up_mode 'nearest', 'bilinear' or 'transpose', "
+                f"got {up_mode!r}"
+            )
+        up, up_mode = upsample2x_nhwc(up, up_mode, align_corners, norm_in=up_read), "direct"
+        align_corners = False
     norm = NormSpec(norm_groups, norm_weight, norm_bias, norm_eps, norm_over_batch) if norm_groups else None
     y, second = conv2d_nhwc(
         x,
@@ -782,7 +808,8 @@ def _conv2d_fake(
     x, weight, bias, up, head_weight, head_bias, slopes, ksize, padding, up_mode, align_corners, join, activation,
     slope, lo, hi, pool, nchw_out, stride=1, in_scale=None, in_shift=None, in_activation="none", in_slope=0.0,
     in_lo=0.0, in_hi=0.0, in_slopes=None, norm_groups=0, norm_weight=None, norm_bias=None, norm_eps=0.0,
-    norm_over_batch=False,
+    norm_over_batch=False, up_weight=None, up_bias=None, up_scale=None, up_shift=None, up_activation="none",
+    up_slope=0.0, up_lo=0.0, up_hi=0.0, up_slopes=None,
 ):  # fmt: skip
     channels = head_weight.shape[1] if head_weight is not None else weight.shape[1]
     batch = x.shape[0]
@@ -938,12 +965,16 @@ def _conv_launch(
     head: ConvStage | None = None,
     nchw_out: bool = False,
     align_corners: bool = False,
+    up_read: NormIn | None = None,
+    up_conv: ConvStage | None = None,
     sink: list | None = None,
 ) -> tuple[_Map, torch.Tensor]:
     """One conv launch (with a norm with data statistics after it: and the finalize launch): through the custom op
     while a compiler or a tracing mode is watching, else (eager calls, dry runs) straight to the op's own
     implementation, saving the dispatcher's ~10-20 us a launch. Returns (the output map, the pooled map). ``sink``:
-    a list that gets ``(stage, NormIn)`` for a conv followed by a norm with data statistics."""
+    a list that gets ``(stage, NormIn)`` for a conv followed by a norm with data statistics. ``up_read``: how the
+    launch reads the low-resolution map ``up`` it upsamples itself; ``up_conv``: the transposed conv that does it
+    (``up_mode`` ``"transpose"``)."""
     op: Callable = _conv2d_launch if _direct() else torch.ops.fastunet.conv2d_nhwc
     act = stage.activation
     norm = stage.norm
@@ -973,6 +1004,9 @@ def _conv_launch(
         norm.bias if norm is not None else None,
         float(norm.eps) if norm is not None else 0.0,
         norm.over_batch if norm is not None else False,
+        up_conv.weight if up_conv is not None else None,
+        up_conv.bias if up_conv is not None else None,
+        *_norm_in_args(up_read),
     )
     if norm is None:
         return (y, None), pooled
@@ -1029,12 +1063,12 @@ def run_plan(
     channels_last for a channels_last input). Each launch's record carries its stage name (``enc0.conv1`` ...
     ``dec0.conv2``, ``decN.up``, ``head``) when the launch runs eagerly or in a dry run.
 
-    ``upsample_in_conv``: a nearest/bilinear upsampling is part of the decoder conv's launch (its custom op takes the
-    low-resolution map, and the conv launcher writes the upsampled map first: the same two kernel launches, under
-    the stage name ``decN.conv1``), so that autograd saves the low-resolution map only and the backward recomputes
-    the upsampled one (see :mod:`fastunet.training`). ``norm_sink``: a list that gets ``(stage, NormIn)`` for each
-    conv followed by a norm with data statistics (its statistics included: BatchNorm's running statistics follow
-    them in training mode).
+    ``upsample_in_conv``: a nearest/bilinear upsampling or a transposed conv is part of the decoder conv's launch
+    (its custom op takes the low-resolution map, read through its norm where it has one, and writes the upsampled
+    map first: the same two kernel launches, under the stage name ``decN.conv1``), so that autograd saves the
+    low-resolution map only and the backward recomputes the upsampled one (see :mod:`fastunet.training`).
+    ``norm_sink``: a list that gets ``(stage, NormIn)`` for each conv followed by a norm with data statistics (its
+    statistics included: BatchNorm's running statistics follow them in training mode).
     """
     named = is_dry_run() or not is_traced()
     try:
@@ -1084,11 +1118,12 @@ def _run_stages(
         if up_stage.pre_conv is not None:
             stage(f"dec{level}.pre_conv")
             features, _ = _conv(features, up_stage.pre_conv)
-        if upsample_in_conv and up_stage.mode in ("nearest", "bilinear") and features[1] is None:
+        interpolated = up_stage.mode in ("nearest", "bilinear") and up_stage.conv is None
+        if upsample_in_conv and (interpolated or up_stage.mode == "direct"):
             stage(f"dec{level}.conv1")
             features, _ = _conv(
-                skips[level], conv1, up=features[0], up_mode=up_stage.mode, join=plan.join,
-                align_corners=up_stage.align_corners,
+                skips[level], conv1, up=features[0], up_mode=up_stage.mode if interpolated else "transpose",
+                join=plan.join, align_corners=up_stage.align_corners, up_read=features[1], up_conv=up_stage.conv,
             )  # fmt: skip
         else:
             stage(f"dec{level}.up")

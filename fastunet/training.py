@@ -12,15 +12,21 @@ of Triton launches and registers it with :func:`torch.library.register_autograd`
   bias gradient (deterministic split-K, :func:`fastunet.kernels.conv_grad.conv2d_weight_grad_nhwc`; one launch per
   source for the decoder conv) and ``dX``, the forward conv kernel itself run on ``dZ`` with the taps flipped and
   the channels swapped (:func:`fastunet.kernels.conv_grad.conv2d_input_grad_nhwc`). The decoder conv's input
-  gradient comes out as one map of ``[skip | up]`` channels; each part goes back to its producer as a view.
+  gradient comes out as one map of ``[skip | up]`` channels; the skip's part goes back to its producer as a view.
+  In a training forward the decoder conv's launch takes the low-resolution map (read through its norm where it has
+  one) and makes the upsampled map itself (an interpolation, or the transposed conv, whose weight and bias are then
+  the op's inputs too); its backward writes that map again for the weight gradient and takes the up part of the
+  input gradient through the two launches below to the low-resolution map, its norm and the transposed conv's
+  parameters.
 * ``fastunet::upsample2x_nhwc`` (nearest, bilinear): the adjoint as a gather, one program per low-resolution tile
   in a fixed order (:func:`fastunet.kernels.backward.upsample2x_adjoint_nhwc`): deterministic, unlike eager
   PyTorch's atomics.
 * ``fastunet::conv_transpose2x2_nhwc``: its input gradient on the conv kernel (a stride-2 conv of ``dY``), its
   weight and bias gradients as four weight-gradient launches, one per sub-pixel.
 
-What the backward reads is what autograd saves for these ops: each op's input and its activated output (the next
-op's input: one tensor, saved once), the pooled maps and the upsampled maps. No argmax indices are kept.
+What the backward reads is what autograd saves for these ops: each op's input and its activated (or pre-norm)
+output (the next op's input: one tensor, saved once), the pooled maps, the norms' scale, shift and statistics. No
+upsampled map, concatenation or argmax index is kept.
 
 Which forwards take this path: :func:`kernel_training_blocker` says, for a layout, what would keep it on the
 reference math (BatchNorm with batch statistics, InstanceNorm/GroupNorm, activations other than ReLU, valid or
@@ -242,6 +248,8 @@ _READ_ARGS = (
     "float in_hi=0.0"
 )
 
+_UP_READ_ARGS = _READ_ARGS.replace("in_", "up_")
+
 
 def _read_of(in_scale, in_shift, in_activation, in_slope, in_lo, in_hi) -> NormIn | None:
     if in_scale is None:
@@ -269,7 +277,8 @@ _CONV_BACKWARD_SCHEMA = (
     "str activation, bool pool, bool has_bias, bool need_input, str up_mode, bool align_corners, str join, "
     f"{_READ_ARGS}, Tensor? grad_scale=None, Tensor? grad_shift=None, Tensor? stat_mean=None, "
     "Tensor? stat_var=None, Tensor? norm_weight=None, int norm_groups=0, float norm_eps=0.0, "
-    "bool norm_over_batch=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+    f"bool norm_over_batch=False, Tensor? up_weight=None, Tensor? up_bias=None, {_UP_READ_ARGS}) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 
 
@@ -277,7 +286,8 @@ def _conv_backward(
     x, weight, up, y, grad_y, grad_pooled, ksize, padding, activation, pool, has_bias, need_input, up_mode,
     align_corners, join, in_scale=None, in_shift=None, in_activation="none", in_slope=0.0, in_lo=0.0, in_hi=0.0,
     grad_scale=None, grad_shift=None, stat_mean=None, stat_var=None, norm_weight=None, norm_groups=0, norm_eps=0.0,
-    norm_over_batch=False,
+    norm_over_batch=False, up_weight=None, up_bias=None, up_scale=None, up_shift=None, up_activation="none",
+    up_slope=0.0, up_lo=0.0, up_hi=0.0,
 ):  # fmt: skip
     """The gradients of one conv launch: ``(d_in, dx_read, dW, db, d_in_scale, d_in_shift, d_norm_weight,
     d_norm_bias)``.
@@ -286,10 +296,13 @@ def _conv_backward(
     empty unless ``need_input``); where x was read through its norm (``in_scale``), ``dx_read`` is x's own gradient
     and the norm's scale and shift get theirs. dW packed and db in fp32. With a norm with data statistics after the
     conv (``norm_groups``), ``y`` is the stored pre-norm map and the gradients of its scale and shift reach it
-    through the statistics (and the norm's affine parameters get theirs). With ``up_mode`` nearest or bilinear,
-    ``up`` is the low-resolution map: the upsampled map the forward read is written again for the weight
-    gradient."""
+    through the statistics (and the norm's affine parameters get theirs). With ``up_mode`` nearest, bilinear or
+    transpose, ``up`` is the low-resolution map (read through its norm where ``up_scale`` is given; the transposed
+    conv's packed ``up_weight`` and ``up_bias``): the upsampled map the forward read is written again for the weight
+    gradient, never kept between forward and backward. ``d_in``'s ``up`` channels are the gradient of that
+    upsampled map; the caller takes it on to the low-resolution map."""
     from fastunet.kernels.backward import activation_pool_backward_nhwc
+    from fastunet.kernels.conv import conv_transpose2x2_nhwc
     from fastunet.kernels.conv_grad import conv2d_input_grad_nhwc, conv2d_weight_grad_nhwc
     from fastunet.kernels.norm_grad import norm_coefficients, norm_stats_backward_nhwc
     from fastunet.kernels.upsample import upsample2x_nhwc
@@ -310,8 +323,11 @@ def _conv_backward(
         dz = grad_y if grad_y is not None else x.new_zeros((batch, height, width, c_out))
     else:
         dz = activation_pool_backward_nhwc(y, grad_y, grad_pooled if pool else None, activation=activation)
-    if up is not None and up_mode != "direct":
-        up = upsample2x_nhwc(up, up_mode, align_corners)
+    up_read = _read_of(up_scale, up_shift, up_activation, up_slope, up_lo, up_hi)
+    if up is not None and up_mode == "transpose":
+        up = conv_transpose2x2_nhwc(up, up_weight, up_bias, norm_in=up_read)
+    elif up is not None and up_mode != "direct":
+        up = upsample2x_nhwc(up, up_mode, align_corners, norm_in=up_read)
     c_up = up.shape[3] if up is not None else 0
     read = _read_of(in_scale, in_shift, in_activation, in_slope, in_lo, in_hi)
     source = _materialized(x, read)
@@ -375,10 +391,12 @@ def _conv_backward_fake(
     x, weight, up, y, grad_y, grad_pooled, ksize, padding, activation, pool, has_bias, need_input, up_mode,
     align_corners, join, in_scale=None, in_shift=None, in_activation="none", in_slope=0.0, in_lo=0.0, in_hi=0.0,
     grad_scale=None, grad_shift=None, stat_mean=None, stat_var=None, norm_weight=None, norm_groups=0, norm_eps=0.0,
-    norm_over_batch=False,
+    norm_over_batch=False, up_weight=None, up_bias=None, up_scale=None, up_shift=None, up_activation="none",
+    up_slope=0.0, up_lo=0.0, up_hi=0.0,
 ):  # fmt: skip
     batch, height, width, c_main = x.shape
-    c_in = c_main + (up.shape[3] if up is not None else 0)
+    c_up = 0 if up is None else up_weight.shape[1] // 4 if up_mode == "transpose" else up.shape[3]
+    c_in = c_main + c_up
     c_out = weight.shape[1]
 
     def fp32(shape: tuple, present: bool) -> torch.Tensor:
@@ -570,7 +588,18 @@ def _conv_math(inputs: list, up_mode: str, align_corners: bool):
     read = [inputs[i] for i in range(_IN_SCALE, _IN_SCALE + 6)]
     x = _read_math(x, read[0], read[1], read[2], read[3], read[4], read[5])
     features = x.permute(0, 3, 1, 2)
-    if up is not None and up_mode != "direct":
+    if up is not None:
+        up = _read_math(up, *(inputs[i] for i in range(_UP_SCALE, _UP_SCALE + 6)))
+    if up is not None and up_mode == "transpose":
+        up_weight, up_bias = inputs[_UP_W], inputs[_UP_B]
+        c_low, c_up = up_weight.shape[0], up_weight.shape[1] // 4
+        w = up_weight.view(c_low, 2, 2, c_up).permute(0, 3, 1, 2)
+        up = F.conv_transpose2d(up.permute(0, 3, 1, 2), w, stride=2).permute(0, 2, 3, 1)
+        if up_bias is not None:  # each sub-pixel (a, b) adds its own bias block (a * 2 + b)
+            batch, height, width = up.shape[0], up.shape[1] // 2, up.shape[2] // 2
+            tiled = up.reshape(batch, height, 2, width, 2, c_up) + up_bias.view(2, 1, 2, c_up)
+            up = tiled.reshape(batch, 2 * height, 2 * width, c_up)
+    elif up is not None and up_mode != "direct":
         align = align_corners if up_mode == "bilinear" else None
         up = F.interpolate(up.permute(0, 3, 1, 2), scale_factor=2, mode=up_mode, align_corners=align)
         up = up.permute(0, 2, 3, 1)
@@ -608,11 +637,14 @@ def _grads_of(outputs, grads, inputs):
 # Autograd registrations of the forward ops
 # ---------------------------------------------------------------------------------------------------------------
 # fastunet::conv2d_nhwc's schema, by position (see fastunet.ops._CONV_SCHEMA).
-_CONV_ARGS = 31
+_CONV_ARGS = 40
 _X, _W, _B, _UP, _HEAD_W, _HEAD_B, _SLOPES, _KSIZE, _PADDING, _UP_MODE, _ALIGN, _JOIN, _ACT = range(13)
 _POOL, _NCHW, _STRIDE, _IN_SCALE, _IN_SHIFT, _IN_ACT, _IN_SLOPE, _IN_LO, _IN_HI, _IN_SLOPES = range(16, 26)
 _NORM_GROUPS, _NORM_W, _NORM_B, _NORM_EPS, _NORM_BATCH = range(26, 31)
-_DIFFERENTIABLE_ARGS = (_X, _W, _B, _UP, _IN_SCALE, _IN_SHIFT, _NORM_W, _NORM_B)
+_UP_W, _UP_B, _UP_SCALE, _UP_SHIFT, _UP_ACT, _UP_SLOPE, _UP_LO, _UP_HI, _UP_SLOPES = range(31, 40)
+_DIFFERENTIABLE_ARGS = (_X, _W, _B, _UP, _IN_SCALE, _IN_SHIFT, _NORM_W, _NORM_B, _UP_W, _UP_B, _UP_SCALE, _UP_SHIFT)
+# What the low-resolution map a decoder conv upsamples itself feeds: the gradients that need its upsampled map's.
+_UP_SIDE = (_UP, _UP_W, _UP_B, _UP_SCALE, _UP_SHIFT)
 
 
 def _unsupported_conv(inputs) -> str | None:
@@ -626,7 +658,9 @@ def _unsupported_conv(inputs) -> str | None:
         return f"the {inputs[_ACT]} activation in the epilogue"
     if inputs[_IN_SCALE] is not None and (inputs[_IN_ACT] not in _NORM_ACTIVATIONS or inputs[_IN_SLOPES] is not None):
         return f"the {inputs[_IN_ACT]} activation after a norm"
-    up_modes = ("direct", "nearest", "bilinear")
+    if inputs[_UP_SCALE] is not None and (inputs[_UP_ACT] not in _NORM_ACTIVATIONS or inputs[_UP_SLOPES] is not None):
+        return f"the {inputs[_UP_ACT]} activation after the low-resolution map's norm"
+    up_modes = ("direct", "nearest", "bilinear", "transpose")
     if inputs[_UP] is not None and (inputs[_UP_MODE] not in up_modes or inputs[_JOIN] == "crop"):
         return "a second source joined by a crop"
     if inputs[_SLOPES] is not None:
@@ -667,33 +701,22 @@ def _conv_autograd(ctx, grad_y, grad_pooled, grad_scale, grad_shift, _grad_mean,
         return tuple(grads)
     stage = current_launch_stage()
     set_launch_stage(f"{ctx.stage}.backward" if ctx.stage else None)
+    up_read = tuple(inputs[i] for i in range(_UP_SCALE, _UP_SCALE + 6))
     try:
-        need_up = up is not None and need[_UP]
+        need_up = up is not None and any(need[i] for i in _UP_SIDE)
         read = inputs[_IN_SCALE] is not None
         d_in, dx_read, dw, db, d_scale, d_shift, d_nw, d_nb = _backward_op("conv2d_nhwc_backward")(
             x, weight, up, y, grad_y, grad_pooled if inputs[_POOL] else None, inputs[_KSIZE], inputs[_PADDING],
             inputs[_ACT], inputs[_POOL], bias is not None and need[_B], need[_X] or need_up, up_mode, align_corners,
             inputs[_JOIN], *(inputs[i] for i in range(_IN_SCALE, _IN_SCALE + 6)), grad_scale, grad_shift, stat_mean,
             stat_var, inputs[_NORM_W], inputs[_NORM_GROUPS], inputs[_NORM_EPS], inputs[_NORM_BATCH],
+            inputs[_UP_W], inputs[_UP_B], *up_read,
         )  # fmt: skip
         c_main = x.shape[3]
         if need[_X]:
             grads[_X] = dx_read if read else d_in[..., :c_main]
-        join = inputs[_JOIN]
-        if need_up and up_mode != "direct":  # the adjoint of the upsampling, read from the skip's frame
-            height, width = x.shape[1], x.shape[2]
-            d_up, pad_top, pad_left = d_in[..., c_main:], 0, 0
-            if join == "replicate" and (height, width) != (2 * up.shape[1], 2 * up.shape[2]):
-                d_up = _unframe(d_up, 2 * up.shape[1], 2 * up.shape[2], join)
-            elif join == "pad":
-                pad_top, pad_left = center_pad_offsets(height, width, 2 * up.shape[1], 2 * up.shape[2])
-            grads[_UP], _, _ = _backward_op("upsample2x_nhwc_backward")(
-                d_up, up.shape[1], up.shape[2], up_mode, align_corners, pad_top, pad_left
-            )
-        elif need_up:  # the map itself, cut back from the skip's frame where the sizes differ
-            dup = d_in[..., c_main:]
-            same = dup.shape[1:3] == up.shape[1:3]
-            grads[_UP] = dup if same else _unframe(dup, up.shape[1], up.shape[2], join)
+        if need_up:
+            _up_side_grads(grads, d_in[..., c_main:], inputs, need, up_read)
     finally:
         set_launch_stage(stage)
     grads[_W] = dw.to(weight.dtype) if need[_W] else None
@@ -705,6 +728,41 @@ def _conv_autograd(ctx, grad_y, grad_pooled, grad_scale, grad_shift, _grad_mean,
         grads[_NORM_W] = d_nw.to(inputs[_NORM_W].dtype) if need[_NORM_W] else None
         grads[_NORM_B] = d_nb.to(inputs[_NORM_B].dtype) if need[_NORM_B] else None
     return tuple(grads)
+
+
+def _up_side_grads(grads: list, d_up: torch.Tensor, inputs: list, need: tuple, up_read: tuple) -> None:
+    """The gradients of what a decoder conv's launch made its upsampled map from, given that map's gradient over
+    the skip's frame ``d_up``: the low-resolution map (and its norm's scale and shift), the transposed conv's weight
+    and bias. Fills ``grads`` in place."""
+    up, up_mode, align_corners, join = inputs[_UP], inputs[_UP_MODE] or "direct", inputs[_ALIGN], inputs[_JOIN]
+    height, width = d_up.shape[1], d_up.shape[2]
+    if up_mode in ("nearest", "bilinear"):  # the adjoint of the upsampling, read from the skip's frame
+        pad_top = pad_left = 0
+        if join == "replicate" and (height, width) != (2 * up.shape[1], 2 * up.shape[2]):
+            d_up = _unframe(d_up, 2 * up.shape[1], 2 * up.shape[2], join)
+        elif join == "pad":
+            pad_top, pad_left = center_pad_offsets(height, width, 2 * up.shape[1], 2 * up.shape[2])
+        d_low, d_scale, d_shift = _backward_op("upsample2x_nhwc_backward")(
+            d_up, up.shape[1], up.shape[2], up_mode, align_corners, pad_top, pad_left, up, *up_read
+        )
+    else:  # the map itself (or the transposed conv's output), cut back from the skip's frame where the sizes differ
+        scale = 2 if up_mode == "transpose" else 1
+        up_h, up_w = scale * up.shape[1], scale * up.shape[2]
+        d_up = d_up if (height, width) == (up_h, up_w) else _unframe(d_up, up_h, up_w, join)
+        if up_mode == "direct":
+            grads[_UP] = d_up
+            return
+        up_weight, up_bias = inputs[_UP_W], inputs[_UP_B]
+        need_low = need[_UP] or (up_read[0] is not None and (need[_UP_SCALE] or need[_UP_SHIFT]))
+        d_low, dw, db, d_scale, d_shift = _backward_op("conv_transpose2x2_nhwc_backward")(
+            up, up_weight, d_up, up_bias is not None and need[_UP_B], need_low, *up_read
+        )
+        grads[_UP_W] = dw.to(up_weight.dtype) if need[_UP_W] else None
+        grads[_UP_B] = db.to(up_bias.dtype) if up_bias is not None and need[_UP_B] else None
+    grads[_UP] = d_low if need[_UP] else None
+    if up_read[0] is not None:
+        grads[_UP_SCALE] = d_scale if need[_UP_SCALE] else None
+        grads[_UP_SHIFT] = d_shift if need[_UP_SHIFT] else None
 
 
 def _read_unsupported(inputs, start: int) -> str | None:

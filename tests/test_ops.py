@@ -25,10 +25,11 @@ def _nhwc(batch, height, width, channels, device, dtype=torch.float32):
 
 def _conv_args(
     device, c_in=5, c_out=6, *, up=None, up_mode="", align_corners=False, pool=False, head=0, nchw=False, padding=1,
-    join="pad", activation="relu", slope=0.0, lo=0.0, hi=0.0, prelu=False,
+    join="pad", activation="relu", slope=0.0, lo=0.0, hi=0.0, prelu=False, c_up=None,
 ):  # fmt: skip
     x = _nhwc(2, 7, 6, c_in, device)
-    c_up = up.shape[-1] if up is not None else 0
+    if c_up is None:  # the channels the conv reads from up (a transposed conv in the launch makes others)
+        c_up = up.shape[-1] if up is not None else 0
     weight = pack_conv_weight(torch.randn(c_out, c_in + c_up, 3, 3, device=device))
     bias = torch.randn(c_out, device=device)
     head_w = torch.randn(c_out, head, device=device) if head else None
@@ -118,6 +119,41 @@ def test_conv_op_autograd_passes_opcheck(device, case):
         if args[index] is not None:
             args[index] = args[index].detach().requires_grad_()
     torch.library.opcheck(torch.ops.fastunet.conv2d_nhwc.default, tuple(args))
+
+
+@pytest.mark.parametrize(
+    ("up_mode", "through_norm"),
+    [("transpose", False), ("transpose", True), ("bilinear", True), ("nearest", True)],
+)
+def test_conv_op_upsampling_the_low_map_itself_passes_opcheck(device, up_mode, through_norm):
+    """A training forward's decoder conv takes the low-resolution map (read through its norm, or not) and makes the
+    upsampled map in its own launch (a transposed conv, or an interpolation): schema, fake implementation and the
+    registered autograd, every differentiable input included."""
+    low = _nhwc(2, 3, 3, 4, device)
+    c_up = 3 if up_mode == "transpose" else 4
+    args = list(_conv_args(device, c_in=5, up=low, up_mode=up_mode, c_up=c_up))
+    kwargs = {}
+    if up_mode == "transpose":
+        kwargs["up_weight"] = pack_conv_transpose_weight(torch.randn(4, c_up, 2, 2, device=device))
+        kwargs["up_bias"] = torch.randn(c_up, device=device).repeat(4)
+    if through_norm:
+        kwargs.update(up_scale=torch.rand(2, 4, device=device) + 0.5, up_shift=torch.randn(2, 4, device=device))
+        kwargs["up_activation"] = "relu"
+    for index in (0, 1, 2, 3):
+        args[index] = args[index].detach().requires_grad_()
+    kwargs = {k: v.detach().requires_grad_() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    torch.library.opcheck(torch.ops.fastunet.conv2d_nhwc.default, tuple(args), kwargs)
+
+
+def test_conv_op_refuses_up_weights_without_the_transposed_mode(device):
+    args = list(_conv_args(device, up=_nhwc(2, 3, 3, 4, device), up_mode="nearest"))
+    weight_t = pack_conv_transpose_weight(torch.randn(4, 4, 2, 2, device=device))
+    with pytest.raises(ValueError, match="up_weight and up_bias go with up_mode 'transpose', got up_mode='nearest'"):
+        torch.ops.fastunet.conv2d_nhwc(*args, up_weight=weight_t)
+    args = list(_conv_args(device, up=_nhwc(2, 7, 6, 4, device), up_mode="direct"))
+    scale, shift = torch.ones(2, 4, device=device), torch.zeros(2, 4, device=device)
+    with pytest.raises(ValueError, match="needs up_mode 'nearest', 'bilinear' or 'transpose', got 'direct'"):
+        torch.ops.fastunet.conv2d_nhwc(*args, up_scale=scale, up_shift=shift)
 
 
 def test_upsample_and_transposed_ops_autograd_pass_opcheck(device):

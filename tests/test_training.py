@@ -285,10 +285,27 @@ def test_two_backward_runs_are_bitwise_identical(device):
         assert torch.equal(first[name], second[name]), name
 
 
-def test_double_backward_in_training_mode_matches_float64(device):
-    """A gradient penalty: under create_graph each op's backward differentiates its own PyTorch math."""
-    fast, reference = _pair(device, "bilinear")
-    fast.train()
+@pytest.mark.parametrize(
+    ("upsample", "norm"),
+    [
+        ("bilinear", None),
+        ("transpose", None),
+        pytest.param(
+            "transpose",
+            "batch",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="known bug: second derivatives through BatchNorm's batch statistics are off (relative error "
+                "~7 on enc0.conv1.weight), whatever the upsampling; first derivatives match",
+            ),
+        ),
+    ],
+)
+def test_double_backward_in_training_mode_matches_float64(device, upsample, norm):
+    """A gradient penalty: under create_graph each op's backward differentiates its own PyTorch math (the decoder
+    conv's launch making the upsampled map itself: an interpolation, or the transposed conv)."""
+    fast, reference = _pair(device, upsample, norm=norm)
+    fast.train(), reference.train()
     x = torch.randn(1, 3, 8, 8)
     found = {}
     for model, x_in in ((fast, x.to(device)), (reference, x.double())):
@@ -364,10 +381,11 @@ def test_compiled_training_step_runs_the_kernels(device):
         assert torch.equal(found[found_name], eager[name]), name
 
 
-def test_saved_bytes_on_meta_match_a_real_run_and_stay_under_the_target(device):
-    """What autograd keeps from a training forward, counted per storage: the meta-device count equals a real run's
-    count, and the reference config (bilinear, bf16, 512x512) keeps under 300 MB of maps per image."""
-    config = {**SMALL, "upsample": "bilinear"}
+@pytest.mark.parametrize(("upsample", "norm"), [("bilinear", None), ("transpose", "batch")])
+def test_saved_bytes_on_meta_match_a_real_run(device, upsample, norm):
+    """What autograd keeps from a training forward, counted per storage: the meta-device count equals a real
+    run's count."""
+    config = {**SMALL, "upsample": upsample, "norm": norm}
     fast = FastUNet(**config).to(device).train()
     sizes: dict[int, tuple[int, int]] = {}
 
@@ -382,10 +400,27 @@ def test_saved_bytes_on_meta_match_a_real_run_and_stay_under_the_target(device):
     measured = saved_for_backward(config, (2, 3, 16, 16), torch.float32)
     assert measured["maps"] == sum(size for size, dim in sizes.values() if dim == 4)
     assert measured["tensors"] == len(sizes)
-    reference = {"in_channels": 3, "num_classes": 2, "base_channels": 64, "depth": 4, "upsample": "bilinear"}
-    assert saved_for_backward(reference, (1, 3, 512, 512), torch.bfloat16)["maps"] < 300e6
-    # With BatchNorm the normalized low-resolution map is upsampled by its own launch, whose output is kept.
-    assert saved_for_backward({**reference, "norm": "batch"}, (1, 3, 512, 512), torch.bfloat16)["maps"] < 400e6
+
+
+REFERENCE = {"in_channels": 3, "num_classes": 2, "base_channels": 64, "depth": 4}
+
+
+@pytest.mark.parametrize(
+    ("upsample", "norm"),
+    [("nearest", None), ("transpose", None), ("bilinear", "batch"), ("nearest", "batch"), ("transpose", "batch")],
+)
+def test_saved_maps_stay_under_the_target_in_every_covered_config(upsample, norm):
+    """The reference config (base 64, depth 4, 512x512, bf16) keeps under 300 MB of maps per image in training
+    mode whatever the upsampling and with BatchNorm's batch statistics: the upsampled map (interpolated or the
+    transposed conv's output, read through the norm or not) is made inside the decoder conv's launch and made again
+    in the backward, so no config keeps more than plain bilinear upsampling does (the same maps: each conv's input
+    and output, the pooled maps)."""
+    shape, dtype = (1, 3, 512, 512), torch.bfloat16
+    bilinear = saved_for_backward({**REFERENCE, "upsample": "bilinear"}, shape, dtype)["maps"]
+    maps = saved_for_backward({**REFERENCE, "upsample": upsample, "norm": norm}, shape, dtype)["maps"]
+    assert bilinear < 300e6
+    assert maps < 300e6, maps
+    assert maps <= bilinear, (maps, bilinear)
 
 
 def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str, x: torch.Tensor, target: torch.Tensor) -> None:
