@@ -732,26 +732,15 @@ def _conv_size(
     return (height - shrink - 1) // stride + 1, (width - shrink - 1) // stride + 1
 
 
-def _conv2d_launch(
+def _conv2d_run(
     x, weight, bias, up, head_weight, head_bias, slopes, ksize, padding, up_mode, align_corners, join, activation,
     slope, lo, hi, pool, nchw_out, stride=1, in_scale=None, in_shift=None, in_activation="none", in_slope=0.0,
     in_lo=0.0, in_hi=0.0, in_slopes=None, norm_groups=0, norm_weight=None, norm_bias=None, norm_eps=0.0,
     norm_over_batch=False, up_weight=None, up_bias=None, up_scale=None, up_shift=None, up_activation="none",
     up_slope=0.0, up_lo=0.0, up_hi=0.0, up_slopes=None,
 ):  # fmt: skip
-    """:func:`fastunet.kernels.conv2d_nhwc` as a custom op. Returns (y, pooled, scale, shift, mean, var): y is (N,
-    H, W, C_out or n_cls), a view of an NCHW tensor when ``nchw_out``; pooled is empty unless ``pool``; with
-    ``norm_groups`` (a norm with data statistics after the conv; ``norm_over_batch``: BatchNorm's batch statistics)
-    y is the pre-norm map, scale and shift its fp32 (N, C_out) normalization and mean, var (N, C_out) the statistics
-    of each channel's group, else all four empty. ``up_mode`` "" means no second source; ``in_scale`` given: x is
-    read through its norm.
-
-    The launch may make the upsampled map itself from the low-resolution map ``up`` (a training forward does, so
-    that autograd keeps the low-resolution map only): ``up_mode`` ``"nearest"``/``"bilinear"`` interpolates it,
-    ``"transpose"`` runs the 2x2 stride-2 transposed conv ``up_weight`` (packed, (C_low, 4 C_up)) with ``up_bias``
-    ((4 C_up,), one block per sub-pixel) on it; ``up_scale`` given: ``up`` is a pre-norm map read through its norm
-    by that launch. Its own launch (the same as the forward's separate one) writes the upsampled map, then the conv
-    reads it directly."""
+    """:func:`fastunet.kernels.conv2d_nhwc` with the custom op's arguments (see :func:`_conv2d_launch`). Returns (y,
+    pooled or None, the :class:`NormIn` of a conv followed by a norm with data statistics or None)."""
     channels = head_weight.shape[1] if head_weight is not None else weight.shape[1]
     height, width = _conv_size(x, up, up_mode, join, ksize, padding, stride)
     out = _conv_output(x, max(height, 0), max(width, 0), channels, nchw_out)
@@ -795,9 +784,40 @@ def _conv2d_launch(
         norm=norm,
     )
     if norm is not None:
-        return y, x.new_empty(0), second.scale, second.shift, second.mean, second.var
+        return y, None, second
+    return y, second, None
+
+
+def _conv2d_launch(
+    x, weight, bias, up, head_weight, head_bias, slopes, ksize, padding, up_mode, align_corners, join, activation,
+    slope, lo, hi, pool, nchw_out, stride=1, in_scale=None, in_shift=None, in_activation="none", in_slope=0.0,
+    in_lo=0.0, in_hi=0.0, in_slopes=None, norm_groups=0, norm_weight=None, norm_bias=None, norm_eps=0.0,
+    norm_over_batch=False, up_weight=None, up_bias=None, up_scale=None, up_shift=None, up_activation="none",
+    up_slope=0.0, up_lo=0.0, up_hi=0.0, up_slopes=None,
+):  # fmt: skip
+    """:func:`fastunet.kernels.conv2d_nhwc` as a custom op. Returns (y, pooled, scale, shift, mean, var): y is (N,
+    H, W, C_out or n_cls), a view of an NCHW tensor when ``nchw_out``; pooled is empty unless ``pool``; with
+    ``norm_groups`` (a norm with data statistics after the conv; ``norm_over_batch``: BatchNorm's batch statistics)
+    y is the pre-norm map, scale and shift its fp32 (N, C_out) normalization and mean, var (N, C_out) the statistics
+    of each channel's group, else all four empty. ``up_mode`` "" means no second source; ``in_scale`` given: x is
+    read through its norm.
+
+    The launch may make the upsampled map itself from the low-resolution map ``up`` (a training forward does, so
+    that autograd keeps the low-resolution map only): ``up_mode`` ``"nearest"``/``"bilinear"`` interpolates it,
+    ``"transpose"`` runs the 2x2 stride-2 transposed conv ``up_weight`` (packed, (C_low, 4 C_up)) with ``up_bias``
+    ((4 C_up,), one block per sub-pixel) on it; ``up_scale`` given: ``up`` is a pre-norm map read through its norm
+    by that launch. Its own launch (the same as the forward's separate one) writes the upsampled map, then the conv
+    reads it directly."""
+    y, pooled, read = _conv2d_run(
+        x, weight, bias, up, head_weight, head_bias, slopes, ksize, padding, up_mode, align_corners, join, activation,
+        slope, lo, hi, pool, nchw_out, stride, in_scale, in_shift, in_activation, in_slope, in_lo, in_hi, in_slopes,
+        norm_groups, norm_weight, norm_bias, norm_eps, norm_over_batch, up_weight, up_bias, up_scale, up_shift,
+        up_activation, up_slope, up_lo, up_hi, up_slopes,
+    )  # fmt: skip
+    if read is not None:
+        return y, x.new_empty(0), read.scale, read.shift, read.mean, read.var
     empty = x.new_empty(0, dtype=torch.float32)
-    return y, second if second is not None else x.new_empty(0), empty, empty.clone(), empty.clone(), empty.clone()
+    return y, pooled if pooled is not None else x.new_empty(0), empty, empty.clone(), empty.clone(), empty.clone()
 
 
 _conv2d_op = torch.library.custom_op("fastunet::conv2d_nhwc", mutates_args=(), schema=_CONV_SCHEMA)(_conv2d_launch)
@@ -968,17 +988,16 @@ def _conv_launch(
     up_read: NormIn | None = None,
     up_conv: ConvStage | None = None,
     sink: list | None = None,
-) -> tuple[_Map, torch.Tensor]:
+) -> tuple[_Map, torch.Tensor | None]:
     """One conv launch (with a norm with data statistics after it: and the finalize launch): through the custom op
     while a compiler or a tracing mode is watching, else (eager calls, dry runs) straight to the op's own
-    implementation, saving the dispatcher's ~10-20 us a launch. Returns (the output map, the pooled map). ``sink``:
-    a list that gets ``(stage, NormIn)`` for a conv followed by a norm with data statistics. ``up_read``: how the
-    launch reads the low-resolution map ``up`` it upsamples itself; ``up_conv``: the transposed conv that does it
-    (``up_mode`` ``"transpose"``)."""
-    op: Callable = _conv2d_launch if _direct() else torch.ops.fastunet.conv2d_nhwc
+    implementation, saving the dispatcher's ~10-20 us a launch. Returns (the output map, the pooled map: without
+    ``pool``, None or an empty tensor). ``sink``: a list that gets ``(stage, NormIn)`` for a conv followed by a norm
+    with data statistics. ``up_read``: how the launch reads the low-resolution map ``up`` it upsamples itself;
+    ``up_conv``: the transposed conv that does it (``up_mode`` ``"transpose"``)."""
     act = stage.activation
     norm = stage.norm
-    y, pooled, scale, shift, mean, var = op(
+    args = (
         x[0],
         stage.weight,
         stage.bias,
@@ -1008,6 +1027,12 @@ def _conv_launch(
         up_conv.bias if up_conv is not None else None,
         *_norm_in_args(up_read),
     )
+    if _direct():  # the op's implementation itself, without the empty placeholder outputs the op must return
+        y, pooled, second = _conv2d_run(*args)
+        if norm is not None:
+            scale, shift, mean, var = second.scale, second.shift, second.mean, second.var
+    else:
+        y, pooled, scale, shift, mean, var = torch.ops.fastunet.conv2d_nhwc(*args)
     if norm is None:
         return (y, None), pooled
     read = NormIn(scale, shift, act.kind, float(act.slope), float(act.lo), float(act.hi), stage.slopes, mean, var)

@@ -6,13 +6,14 @@ Nothing here queries a GPU at import time.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import functools
 import os
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 
 import torch
 import triton
@@ -108,6 +109,7 @@ class _ThreadState(threading.local):
         self.stage: str | None = None  # stamped on the records of this thread's next launches
         self.target: ModeledTarget = MODELED_TARGET
         self.load_path: str | None = None  # None: the process default (FASTUNET_LOAD_PATH)
+        self.launch_caching = True  # launchers reuse what they derived for a signature seen before
 
 
 _thread = _ThreadState()
@@ -362,6 +364,109 @@ def tuned_configs() -> dict[tuple, dict]:
 
 def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Launch signatures: what a launcher derives from shapes, strides, dtypes, devices and alignment is derived once
+# ---------------------------------------------------------------------------------------------------------------
+class LaunchCache:
+    """A bounded map (least recently used entry evicted) from a launch signature to what a launcher derived from it:
+    validated sizes, the chosen tiles, the load path and its reason, grids, constexprs, integer arguments.
+
+    Keys hold plain values only (sizes, strides, dtypes, devices, alignment facts, switches), never a tensor or an
+    address, so an entry pins no memory. A key must hold everything the derivation reads, the calling thread's
+    switches included (see :func:`launch_environment`); errors are never cached, so bad input fails the same way
+    every time. One lock per cache: several threads may launch at once."""
+
+    def __init__(self, maxsize: int = 1024) -> None:
+        self.maxsize = maxsize
+        self._entries: collections.OrderedDict[Hashable, object] = collections.OrderedDict()
+        self._lock = threading.Lock()
+        _launch_caches.append(self)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: Hashable) -> object | None:
+        """The entry for ``key`` (None when absent, when ``key`` holds an unhashable argument, or while this thread
+        has caching off)."""
+        if not _thread.launch_caching:
+            return None
+        with self._lock:
+            try:
+                value = self._entries.get(key)
+            except TypeError:  # an unhashable argument: the launcher validates it (and refuses it) every time
+                return None
+            if value is not None:
+                self._entries.move_to_end(key)
+            return value
+
+    def put(self, key: Hashable, value: object) -> None:
+        if not _thread.launch_caching:
+            return
+        with self._lock:
+            try:
+                self._entries[key] = value
+            except TypeError:
+                return
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.maxsize:
+                self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
+_launch_caches: list[LaunchCache] = []
+
+
+def clear_launch_caches() -> None:
+    """Forget every launcher's derived launches (they are rebuilt on the next call)."""
+    for cache in _launch_caches:
+        cache.clear()
+
+
+@contextlib.contextmanager
+def uncached_launches() -> Iterator[None]:
+    """This thread's launchers derive every launch from scratch inside the block, neither reading nor filling the
+    caches: what a cached launch must be indistinguishable from."""
+    previous = _thread.launch_caching
+    _thread.launch_caching = False
+    try:
+        yield
+    finally:
+        _thread.launch_caching = previous
+
+
+def tensor_meta(t: torch.Tensor | None) -> tuple | None:
+    """Sizes, strides, dtype and device of ``t`` (None for None): what launch validation reads of most tensors."""
+    if t is None:
+        return None
+    return t.shape, t.stride(), t.dtype, t.device
+
+
+def tensor_facts(t: torch.Tensor | None) -> tuple | None:
+    """:func:`tensor_meta` and where ``t``'s first element sits against a 16-byte boundary (its storage offset too
+    when off one: a path reason names it), what a TMA descriptor needs; never the address itself (on ``meta``, the
+    storage offset stands for it: storage itself counts as aligned)."""
+    if t is None:
+        return None
+    offset = t.storage_offset()
+    misaligned = (offset * t.element_size() if t.is_meta else t.data_ptr()) % 16
+    return t.shape, t.stride(), t.dtype, t.device, misaligned, offset if misaligned else 0
+
+
+def launch_environment() -> tuple:
+    """This thread's switches and the process settings that launch choices read (the kernel mode, the load path
+    asked for, the modeled target, TF32): part of every launch signature."""
+    return (
+        INTERPRET,
+        _thread.load_path,
+        _LOAD_PATH_DEFAULT,
+        _thread.target,
+        torch.backends.cudnn.allow_tf32,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ from fastunet.kernels._common import (
     ACT_NONE,
     ACTIVATIONS,
     INTERPRET,
+    LaunchCache,
     LaunchRecord,
     activate,
     alloc,
@@ -48,6 +49,7 @@ from fastunet.kernels._common import (
     dot_flags,
     element_span,
     is_dry_run,
+    launch_environment,
     launch_guard,
     mma,
     next_pow2,
@@ -56,6 +58,8 @@ from fastunet.kernels._common import (
     recording,
     requested_load_path,
     sm_count,
+    tensor_facts,
+    tensor_meta,
     to_storage,
 )
 from fastunet.kernels.stats import NormIn, NormSpec, norm_scale_shift, normalize, tile_moments
@@ -898,22 +902,6 @@ def _tma_tile(config: dict, width: int, pool: bool) -> tuple[int, int]:
     return rows, rows * block_w
 
 
-def _tma_descriptors(x, up, w_packed, c_main, rows, block_m, block_n, block_k) -> tuple:
-    """Host-side descriptors: one per source over its NHWC map (row boxes), one per source over its rows of the
-    packed weight viewed as (taps, c_in, c_out), so channels past a source's own read as zero."""
-    block_w = block_m // rows
-    w_rows = w_packed.view(-1, x.shape[-1] + (up.shape[-1] if up is not None else 0), w_packed.shape[-1])
-
-    def describe(t: torch.Tensor, block: list[int]) -> TensorDescriptor:
-        return TensorDescriptor(t, list(t.shape), list(t.stride()), block)
-
-    x_desc = describe(x, [1, 1, block_w, block_k])
-    w_desc = describe(w_rows[:, :c_main], [1, block_k, block_n])
-    if up is None:
-        return x_desc, None, w_desc, None
-    return x_desc, describe(up, [1, 1, block_w, block_k]), w_desc, describe(w_rows[:, c_main:], [1, block_k, block_n])
-
-
 @dataclasses.dataclass(frozen=True)
 class _Geometry:
     """Sizes of one conv launch beyond its input's shape (see the kernel's arguments of the same names)."""
@@ -936,38 +924,92 @@ class _Geometry:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Activation:
-    """The epilogue's activation: kind (a key of :data:`ACTIVATIONS`), its scalars and PReLU's (c_out,) slopes."""
+class _ConvTile:
+    """What one config comes to in one launch: row boxes and pixel tile, tiles per image, grid, constexprs, launch
+    options, and on the TMA path the descriptors' boxes. Shared by every launch of the signature: never mutated."""
 
-    kind: str = "relu"
-    slope: float = 0.0
-    lo: float = 0.0
-    hi: float = 0.0
-    slopes: torch.Tensor | None = None
+    rows: int  # TMA row boxes a tile; 0 on the pointer path
+    block_m: int
+    tiles: int  # tiles per image
+    grid: tuple[int, int]
+    constexprs: dict
+    options: dict
+    map_box: tuple[int, ...] = ()  # TMA: box of a source map (1, 1, pixels, BLOCK_K), of a weight slice
+    weight_box: tuple[int, ...] = ()
 
 
-def _launch(
-    x,
-    up,
-    w_packed,
-    bias,
-    y,
-    pooled,
-    head_w,
-    head_b,
+@dataclasses.dataclass(eq=False)
+class _ConvStatic:
+    """Everything a conv launch comes to before tensors are bound to it, derived once per signature (shapes,
+    strides, dtypes, device, alignment, the thread's switches): the tile candidates and the autotuning key, the
+    load path and its reason, the kernel's integer size arguments and constexpr flags, and per config a
+    :class:`_ConvTile`."""
+
+    empty: bool  # nothing to compute (no pixel or no output channel): no launch
+    m: int  # GEMM rows (pixels padded to whole 2x2 windows)
+    candidates: tuple[dict, ...]
+    tune_key: tuple | None
+    path: str
+    path_reason: str
+    sizes: tuple[int, ...]  # batch, height, width, c_main, c_up, c_out, n_cls, in_h, in_w, conv_off, ..., pad_left
+    flags: dict
+    # TMA: each source's rows of the packed weight as (taps, channels, c_out): (shape, strides, storage offset past
+    # the packed weight's own)
+    weight_views: tuple = ()
+    first: _ConvTile | None = None  # the tile of candidates[0], the config launched unless autotuning picks another
+    others: dict = dataclasses.field(default_factory=dict)
+
+    def tile(self, cfg: dict) -> _ConvTile:
+        if cfg is self.candidates[0] and self.first is not None:
+            return self.first
+        key = tuple(cfg.items())
+        tile = self.others.get(key)
+        if tile is None:
+            tile = self.others[key] = self._derive_tile(cfg)
+        return tile
+
+    def _derive_tile(self, cfg: dict) -> _ConvTile:
+        batch, height, width, c_main, c_up, c_out = self.sizes[:6]
+        if self.path == "tma":
+            rows, block_m = _tma_tile(cfg, width, self.flags["POOL"])
+            tiles = triton.cdiv(height, rows) * triton.cdiv(width, block_m // rows)
+        else:
+            rows, block_m = 0, cfg["BLOCK_M"]
+            tiles = triton.cdiv(((height + 1) // 2) * ((width + 1) // 2) * 4, block_m)
+        if rows or self.flags["PER_IMAGE"]:
+            grid = (batch * tiles, triton.cdiv(c_out, cfg["BLOCK_N"]))
+        else:
+            grid = (triton.cdiv(self.m, cfg["BLOCK_M"]), triton.cdiv(c_out, cfg["BLOCK_N"]))
+        # Channel counts that fill whole K blocks (every layer of the usual U-Nets) drop the K masks.
+        even_k = c_main % cfg["BLOCK_K"] == 0 and c_up % cfg["BLOCK_K"] == 0
+        tile = {"BLOCK_M": block_m, "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"]}
+        constexprs = {**self.flags, "EVEN_K": even_k, "TMA_ROWS": rows, **tile}
+        options = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+        if not rows:
+            return _ConvTile(rows, block_m, tiles, grid, constexprs, options)
+        map_box = (1, 1, block_m // rows, cfg["BLOCK_K"])
+        return _ConvTile(rows, block_m, tiles, grid, constexprs, options, map_box, (1, cfg["BLOCK_K"], cfg["BLOCK_N"]))
+
+
+def _conv_static(
+    x: torch.Tensor,
+    up: torch.Tensor | None,
+    w_packed: torch.Tensor,
     *,
-    geometry,
-    ksize,
-    packed_k,
-    act,
-    d2s,
-    name,
-    flops,
-    stride=1,
+    geometry: _Geometry,
+    ksize: int,
+    packed_k: bool,
+    act: str,
+    has_bias: bool,
+    pool: bool,
+    head: bool,
+    d2s: bool,
+    stride: int = 1,
     norm_in: NormIn | None = None,
-    stats: NormSpec | None = None,
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Launch the conv kernel (and, with ``stats``, the finalize step: returns the (N, C) fp32 scale and shift)."""
+    stats: bool = False,
+) -> _ConvStatic:
+    """Derive a conv launch (see :class:`_ConvStatic`) from what its tensors look like; refuses sizes the kernel
+    cannot address."""
     batch, _, _, c_main = x.shape
     g = geometry
     height, width = g.out_h, g.out_w
@@ -987,149 +1029,209 @@ def _launch(
         c_up=g.c_up,
         element_size=x.element_size(),
         packed_k=packed_k,
-        head=head_w is not None,
+        head=head,
         d2s=d2s,
         sm_count=sm_count(x),
         tma=path == "tma",
-        pool=pooled is not None,
+        pool=pool,
     )
     candidates = candidate_configs(problem)
     interpreter, precision = dot_flags(x.dtype, torch.backends.cudnn.allow_tf32)
     up_t = up if up is not None else x
-    pool_t = pooled if pooled is not None else y
-    hw = head_w if head_w is not None else w_packed
-    hb = head_b if head_b is not None else w_packed
-    b = bias if bias is not None else w_packed
-    slopes = act.slopes if act.slopes is not None else w_packed
-    in_args = norm_in.args(w_packed) if norm_in is not None else (w_packed, w_packed, w_packed, 0.0, 0.0, 0.0)
-    moments: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-
-    def tile_of(cfg: dict) -> tuple[int, int]:
-        """(TMA_ROWS, BLOCK_M): 0 row boxes on the pointer path."""
-        return _tma_tile(cfg, width, pooled is not None) if path == "tma" else (0, cfg["BLOCK_M"])
-
-    def tiles_per_image(cfg: dict) -> int:
-        rows, block_m = tile_of(cfg)
-        if rows:
-            return triton.cdiv(height, rows) * triton.cdiv(width, block_m // rows)
-        return triton.cdiv(((height + 1) // 2) * ((width + 1) // 2) * 4, block_m)
-
-    def moments_of(cfg: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(mean, M2, count) buffers of a STATS launch: a row per (image, tile)."""
-        tiles = tiles_per_image(cfg)
-        if tiles not in moments:
-            moments[tiles] = (
-                alloc((batch, tiles, g.c_out), torch.float32, x.device),
-                alloc((batch, tiles, g.c_out), torch.float32, x.device),
-                alloc((batch, tiles), torch.float32, x.device),
-            )
-        return moments[tiles]
-
-    def args_of(cfg: dict) -> tuple:
-        rows, block_m = tile_of(cfg)
-        descriptors = (None,) * 4
-        if rows:
-            descriptors = _tma_descriptors(x, up, w_packed, c_main, rows, block_m, cfg["BLOCK_N"], cfg["BLOCK_K"])
-        stat_args = moments_of(cfg) if stats is not None else (w_packed, w_packed, w_packed)
-        return (
-            x, up_t, w_packed, b, y, pool_t, hw, hb, *descriptors, slopes, *in_args[:3], *stat_args,
-            batch, height, width, c_main, g.c_up, g.c_out, g.n_cls, g.in_h, g.in_w, g.conv_off, g.crop_top,
-            g.crop_left, g.up_h, g.up_w, g.pad_top, g.pad_left, float(act.slope), float(act.lo), float(act.hi),
-            *in_args[3:], tiles_per_image(cfg), *x.stride(), *up_t.stride(), *y.stride(), *pool_t.stride(),
-        )  # fmt: skip
-
     flags = {
         "KSIZE": ksize,
         "TWO_SOURCES": up is not None,
         "CLAMP_UP": g.clamp_up,
         "PACKED_K": c_main if packed_k else 0,  # the channel count, a constant on the small-K path
-        "HAS_BIAS": bias is not None,
-        "ACT": ACTIVATIONS[act.kind].value,
-        "POOL": pooled is not None,
-        "HEAD": head_w is not None,
+        "HAS_BIAS": has_bias,
+        "ACT": ACTIVATIONS[act].value,
+        "POOL": pool,
+        "HEAD": head,
         "D2S": d2s,
         "STRIDE": stride,
         "NORM_IN": norm_in is not None,
         "IN_ACT": ACTIVATIONS[norm_in.activation].value if norm_in is not None else ACT_NONE.value,
-        "STATS": stats is not None,
+        "STATS": stats,
         # int32 offsets in the main loop unless a source or the weight spans 2**31 elements (see _accumulate_source)
         "WIDE": max(element_span(t) for t in (x, up_t, w_packed)) >= 2**31,
         "INTERPRETER": interpreter,
         "DOT_PRECISION": precision,
         "BLOCK_CLS": max(16, next_pow2(g.n_cls)),
     }
+    sizes = (batch, height, width, c_main, g.c_up, g.c_out, g.n_cls, g.in_h, g.in_w, g.conv_off, g.crop_top,
+             g.crop_left, g.up_h, g.up_w, g.pad_top, g.pad_left)  # fmt: skip
     if m == 0 or g.c_out == 0:
+        return _ConvStatic(True, m, candidates, None, "", "", sizes, flags)
+    # Pointer tiles of one image each where a tile's statistics or its input's normalization are per image.
+    flags["PER_IMAGE"] = path == "pointer" and (stats or norm_in is not None)
+    # Shapes share a tuning result when they differ only in the pixel count's power-of-two bucket.
+    tune_key = ("conv", x.dtype, tuple(flags.items()), path, next_pow2(m), c_main, g.c_up, g.c_out, g.n_cls)
+    weight_views = ()
+    if path == "tma":
+        # The descriptors read each source's rows of the packed weight viewed as (taps, c_in, c_out), so channels
+        # past a source's own read as zero.
+        w_rows = w_packed.view(-1, c_main + g.c_up, w_packed.shape[-1])
+        views = [w_rows[:, :c_main]] + ([w_rows[:, c_main:]] if up is not None else [])
+        base = w_packed.storage_offset()
+        weight_views = tuple((tuple(v.shape), v.stride(), v.storage_offset() - base) for v in views)
+    static = _ConvStatic(False, m, candidates, tune_key, path, path_reason, sizes, flags, weight_views)
+    static.first = static._derive_tile(candidates[0])
+    return static
+
+
+def _tma_descriptors(static: _ConvStatic, tile: _ConvTile, x, up, w_packed) -> tuple:
+    """Host-side descriptors over this launch's tensors: one per source over its NHWC map (row boxes), one per source
+    over its rows of the packed weight (see :attr:`_ConvStatic.weight_views`)."""
+    if not tile.rows:
+        return None, None, None, None
+
+    def describe(t: torch.Tensor, box: tuple[int, ...]) -> TensorDescriptor:
+        return TensorDescriptor(t, list(t.shape), list(t.stride()), list(box))
+
+    offset = w_packed.storage_offset()
+    weights = [w_packed.as_strided(shape, strides, offset + delta) for shape, strides, delta in static.weight_views]
+    x_desc = describe(x, tile.map_box)
+    w_desc = describe(weights[0], tile.weight_box)
+    if up is None:
+        return x_desc, None, w_desc, None
+    return x_desc, describe(up, tile.map_box), w_desc, describe(weights[1], tile.weight_box)
+
+
+def _launch(
+    static: _ConvStatic,
+    x,
+    up,
+    w_packed,
+    bias,
+    y,
+    pooled,
+    head_w,
+    head_b,
+    *,
+    slope: float,
+    lo: float,
+    hi: float,
+    slopes: torch.Tensor | None,
+    name: str,
+    flops: int,
+    norm_in: NormIn | None = None,
+    stats: NormSpec | None = None,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Launch the conv kernel as ``static`` says over these tensors (and, with ``stats``, the finalize step: returns
+    the (N, C) fp32 scale and shift). ``slope``, ``lo``, ``hi``, ``slopes``: the epilogue activation's."""
+    batch, c_out = static.sizes[0], static.sizes[5]
+    in_args = norm_in.args(w_packed) if norm_in is not None else (w_packed, w_packed, w_packed, 0.0, 0.0, 0.0)
+    if static.empty:
         if stats is None:
             return None
-        empty = alloc((batch, 0, g.c_out), torch.float32, x.device)
+        empty = alloc((batch, 0, c_out), torch.float32, x.device)
         count = alloc((batch, 0), torch.float32, x.device)
         return norm_scale_shift(
             empty, empty.clone(), count, stats.groups, stats.weight, stats.bias, stats.eps,
             over_batch=stats.over_batch, stats=True,
         )  # fmt: skip
-    # Pointer tiles of one image each where a tile's statistics or its input's normalization are per image.
-    flags["PER_IMAGE"] = path == "pointer" and (stats is not None or norm_in is not None)
+    up_t = up if up is not None else x
+    pool_t = pooled if pooled is not None else y
+    hw = head_w if head_w is not None else w_packed
+    hb = head_b if head_b is not None else w_packed
+    b = bias if bias is not None else w_packed
+    slopes_t = slopes if slopes is not None else w_packed
+    scalars = (float(slope), float(lo), float(hi), *in_args[3:])
+    strides = (*x.stride(), *up_t.stride(), *y.stride(), *pool_t.stride())
+    moments: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
-    def grid_of(cfg: dict) -> tuple[int, int]:
-        rows, block_m = tile_of(cfg)
-        if rows or flags["PER_IMAGE"]:
-            return (batch * tiles_per_image(cfg), triton.cdiv(g.c_out, cfg["BLOCK_N"]))
-        if rows:
-            tiles = batch * triton.cdiv(height, rows) * triton.cdiv(width, block_m // rows)
-            return (tiles, triton.cdiv(g.c_out, cfg["BLOCK_N"]))
-        return (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(g.c_out, cfg["BLOCK_N"]))
+    def moments_of(tile: _ConvTile) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(mean, M2, count) buffers of a STATS launch: a row per (image, tile)."""
+        if tile.tiles not in moments:
+            moments[tile.tiles] = (
+                alloc((batch, tile.tiles, c_out), torch.float32, x.device),
+                alloc((batch, tile.tiles, c_out), torch.float32, x.device),
+                alloc((batch, tile.tiles), torch.float32, x.device),
+            )
+        return moments[tile.tiles]
 
-    def constexprs_of(cfg: dict) -> dict:
-        # Channel counts that fill whole K blocks (every layer of the usual U-Nets) drop the K masks.
-        even_k = c_main % cfg["BLOCK_K"] == 0 and g.c_up % cfg["BLOCK_K"] == 0
-        rows, block_m = tile_of(cfg)
-        tile = {"BLOCK_M": block_m, "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"]}
-        return {**flags, "EVEN_K": even_k, "TMA_ROWS": rows, **tile}
+    def args_of(tile: _ConvTile) -> tuple:
+        stat_args = moments_of(tile) if stats is not None else (w_packed, w_packed, w_packed)
+        return (
+            x, up_t, w_packed, b, y, pool_t, hw, hb, *_tma_descriptors(static, tile, x, up, w_packed), slopes_t,
+            *in_args[:3], *stat_args, *static.sizes, *scalars, tile.tiles, *strides,
+        )  # fmt: skip
 
     def run(cfg: dict) -> None:
+        tile = static.tile(cfg)
         with launch_guard(x):
-            _conv_nhwc_kernel[grid_of(cfg)](
-                *args_of(cfg), **constexprs_of(cfg), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]
-            )
+            _conv_nhwc_kernel[tile.grid](*args_of(tile), **tile.constexprs, **tile.options)
 
-    # Shapes share a tuning result when they differ only in the pixel count's power-of-two bucket.
-    key = ("conv", x.dtype, tuple(flags.items()), path, next_pow2(m), c_main, g.c_up, g.c_out, g.n_cls)
-    cfg = choose_config(key, candidates, run)
-    grid, args, constexprs = grid_of(cfg), args_of(cfg), constexprs_of(cfg)
-    options = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    cfg = choose_config(static.tune_key, static.candidates, run)
+    tile = static.tile(cfg)
+    args = args_of(tile)
     if recording():
-        tensors = [t for t in (x, up, w_packed, bias, head_w, head_b, act.slopes) if t is not None]
+        tensors = [t for t in (x, up, w_packed, bias, head_w, head_b, slopes) if t is not None]
         if norm_in is not None:
             tensors += [t for t in (norm_in.scale, norm_in.shift, norm_in.slopes) if t is not None]
         written = [t for t in (y, pooled) if t is not None]
         if stats is not None:
-            written += list(moments_of(cfg))
+            written += list(moments_of(tile))
         record_launch(
             LaunchRecord(
                 name=name,
                 kernel=_conv_nhwc_kernel,
-                grid=grid,
+                grid=tile.grid,
                 flops=flops,
                 bytes_read=sum(t.numel() * t.element_size() for t in tensors),
                 bytes_written=sum(t.numel() * t.element_size() for t in written),
                 args=args,
-                constexprs=constexprs,
-                launch_options=options,
-                candidates=tuple(candidates),
-                path=path,
-                path_reason=path_reason,
-                retile=lambda cfg: (args_of(cfg), constexprs_of(cfg)),
+                constexprs=dict(tile.constexprs),
+                launch_options=dict(tile.options),
+                candidates=static.candidates,
+                path=static.path,
+                path_reason=static.path_reason,
+                retile=lambda cfg: (args_of(static.tile(cfg)), dict(static.tile(cfg).constexprs)),
             )
         )
     if not is_dry_run():
         with launch_guard(x):
-            _conv_nhwc_kernel[grid](*args, **constexprs, **options)
+            _conv_nhwc_kernel[tile.grid](*args, **tile.constexprs, **tile.options)
     if stats is None:
         return None
-    mean, m2, count = moments_of(cfg)
+    mean, m2, count = moments_of(tile)
     return norm_scale_shift(
         mean, m2, count, stats.groups, stats.weight, stats.bias, stats.eps, over_batch=stats.over_batch, stats=True
     )
+
+
+@dataclasses.dataclass(eq=False)
+class _PreparedConv:
+    """A validated :func:`conv2d_nhwc` signature: its output sizes, fused work and record name, and its derived
+    launches per second source as the conv reads it (an upsampled map is a fresh buffer of the upsample launcher's:
+    its layout is read per call)."""
+
+    geometry: _Geometry
+    out_shape: tuple[int, int, int, int]
+    pooled_shape: tuple[int, int, int, int] | None
+    packed_k: bool
+    act: str  # the epilogue's activation ("none" before a norm with data statistics)
+    name: str
+    flops: int
+    launches: dict = dataclasses.field(default_factory=dict)
+
+
+# Derived launches keyed by launch signature (see LaunchCache): a forward makes a few dozen distinct ones.
+_CONV_LAUNCHES = LaunchCache(maxsize=1024)
+# Second-source layouts kept per signature: one in practice (the upsample launcher's contiguous map).
+_MAX_SOURCE_LAYOUTS = 8
+_PLAIN_NUMBERS = (int, float)
+
+
+def _signature(norm_in: NormIn | None) -> tuple | None:
+    return norm_in.signature() if norm_in is not None else None
+
+
+def _environment() -> tuple:
+    """What this module's launch choices read beyond :func:`~fastunet.kernels._common.launch_environment`: the kernel
+    mode the module was imported for and the span rule that picks 64-bit offsets (module globals, looked up per
+    call so that a substitute takes effect)."""
+    return INTERPRET, element_span, launch_environment()
 
 
 def conv2d_nhwc(
@@ -1192,7 +1294,82 @@ def conv2d_nhwc(
         (y, pooled): y in NHWC (or ``out``), pooled None unless ``pool``; with ``norm``: (z, how to read it), the
         pre-norm map and the :class:`~fastunet.kernels.stats.NormIn` (scale, shift and the activation) a consumer
         passes as ``norm_in``.
+
+    What the launch comes to for a signature (sizes, strides, dtypes, devices, alignment, the arguments and this
+    thread's switches) is derived once and reused (:class:`~fastunet.kernels._common.LaunchCache`); each call still
+    checks that its tensors can run in the current mode and that ``out`` shares no memory with an input.
     """
+    key = None
+    numbers = type(slope) in _PLAIN_NUMBERS and type(lo) in _PLAIN_NUMBERS and type(hi) in _PLAIN_NUMBERS
+    if numbers and type(ksize) is int and type(stride) is int and (padding is None or type(padding) is int):
+        try:
+            key = (
+                tensor_facts(x), tensor_facts(w_packed), tensor_meta(bias), tensor_facts(up), tensor_meta(head_weight),
+                tensor_meta(head_bias), tensor_meta(slopes), tensor_meta(out), ksize, padding, up_mode,
+                align_corners, join, activation, slope, lo, hi, pool, stride, _signature(norm_in),
+                None if norm is None else (norm.groups, type(norm.groups), tensor_meta(norm.weight),
+                                           tensor_meta(norm.bias)),
+                _environment(),
+            )  # fmt: skip
+        except (AttributeError, RuntimeError):  # not a tensor, or one without storage: validated and derived anew
+            key = None
+    prepared = _CONV_LAUNCHES.get(key) if key is not None else None
+    checked = prepared is None
+    if checked:
+        prepared = _prepare_conv2d(
+            x, w_packed, bias, ksize=ksize, padding=padding, up=up, up_mode=up_mode, align_corners=align_corners,
+            join=join, activation=activation, lo=lo, hi=hi, slopes=slopes, pool=pool, head_weight=head_weight,
+            head_bias=head_bias, out=out, stride=stride, norm_in=norm_in, norm=norm,
+        )  # fmt: skip
+        if key is not None:
+            _CONV_LAUNCHES.put(key, prepared)
+    if slopes is not None:
+        slopes = slopes.contiguous()
+    if head_weight is not None:
+        head_weight, head_bias = head_weight.contiguous(), head_bias.contiguous()
+    if not checked:
+        # What a signature cannot vouch for: whether these tensors run in this thread's mode (a dry run, the
+        # interpreter, a GPU) and whether the output shares memory with an input.
+        check_runnable(x, "conv2d_nhwc input")
+        if up is not None:
+            check_runnable(up, "conv2d_nhwc upsampled input")
+        if out is not None:
+            _check_no_overlap(out, [x, up, w_packed, bias, head_weight, head_bias, slopes])
+    if out is None:
+        out = alloc(prepared.out_shape, x.dtype, x.device)
+    pooled = alloc(prepared.pooled_shape, x.dtype, x.device) if prepared.pooled_shape is not None else None
+    source = None
+    if up is not None and up_mode != "direct":
+        up = upsample2x_nhwc(up, up_mode, align_corners)
+        source = tensor_facts(up)
+    static = prepared.launches.get(source)
+    if static is None:
+        static = _conv_static(
+            x, up, w_packed, geometry=prepared.geometry, ksize=ksize, packed_k=prepared.packed_k, act=prepared.act,
+            has_bias=bias is not None, pool=pooled is not None, head=head_weight is not None, d2s=False,
+            stride=stride, norm_in=norm_in, stats=norm is not None,
+        )  # fmt: skip
+        if len(prepared.launches) >= _MAX_SOURCE_LAYOUTS:
+            prepared.launches.clear()
+        prepared.launches[source] = static
+    epilogue = (slope, lo, hi, slopes) if norm is None else (0.0, 0.0, 0.0, None)
+    scale_shift = _launch(
+        static, x, up, w_packed, bias.contiguous() if bias is not None else None, out, pooled, head_weight, head_bias,
+        slope=epilogue[0], lo=epilogue[1], hi=epilogue[2], slopes=epilogue[3], name=prepared.name,
+        flops=prepared.flops, norm_in=norm_in, stats=norm,
+    )  # fmt: skip
+    if norm is not None:
+        scale, shift, mean, var = scale_shift
+        return out, NormIn(scale, shift, activation, float(slope), float(lo), float(hi), slopes, mean, var)
+    return out, pooled
+
+
+def _prepare_conv2d(
+    x, w_packed, bias, *, ksize, padding, up, up_mode, align_corners, join, activation, lo, hi, slopes, pool,
+    head_weight, head_bias, out, stride, norm_in, norm,
+) -> _PreparedConv:  # fmt: skip
+    """Validate a :func:`conv2d_nhwc` call (every check, in order, with the error a bad input gets) and derive its
+    sizes (see :class:`_PreparedConv`)."""
     _check_nhwc(x, "conv2d_nhwc input")
     if ksize % 2 != 1 or ksize < 1:
         raise ValueError(f"ksize must be odd, got {ksize}")
@@ -1300,14 +1477,12 @@ def conv2d_nhwc(
             raise ValueError(f"head bias: expected shape ({n_cls},), got {tuple(head_bias.shape)}")
         head_weight, head_bias = head_weight.contiguous(), head_bias.contiguous()
     y_channels = n_cls if head_weight is not None else c_out
-    if out is None:
-        out = alloc((batch, out_h, out_w, y_channels), x.dtype, x.device)
-    elif out.shape != (batch, out_h, out_w, y_channels) or out.dtype != x.dtype or out.device != x.device:
-        raise ValueError(
-            f"out: expected shape {(batch, out_h, out_w, y_channels)} {x.dtype} on {x.device}, "
-            f"got {tuple(out.shape)} {out.dtype} on {out.device}"
-        )
-    else:
+    if out is not None:
+        if out.shape != (batch, out_h, out_w, y_channels) or out.dtype != x.dtype or out.device != x.device:
+            raise ValueError(
+                f"out: expected shape {(batch, out_h, out_w, y_channels)} {x.dtype} on {x.device}, "
+                f"got {tuple(out.shape)} {out.dtype} on {out.device}"
+            )
         if out.numel() and _has_internal_overlap(out):
             raise RuntimeError(
                 "out: unsupported operation: more than one element of the written-to tensor refers to a single "
@@ -1315,58 +1490,46 @@ def conv2d_nhwc(
                 "do not overlap (clone() an expanded one)"
             )
         _check_no_overlap(out, [x, up, w_packed, bias, head_weight, head_bias, slopes])
-    pooled = alloc((batch, out_h // 2, out_w // 2, c_out), x.dtype, x.device) if pool else None
-    if up is not None and up_mode != "direct":
-        up = upsample2x_nhwc(up, up_mode, align_corners)
     packed_k = up is None and ksize > 1 and c_main < 16 and norm_in is None
     pixels = batch * out_h * out_w
-    flops = 2 * pixels * c_out * ksize * ksize * c_in + 2 * pixels * c_out * n_cls
-    scale_shift = _launch(
-        x,
-        up,
-        w_packed,
-        bias.contiguous() if bias is not None else None,
-        out,
-        pooled,
-        head_weight,
-        head_bias,
-        geometry=_Geometry(
-            c_out,
-            out_h,
-            out_w,
-            in_h,
-            in_w,
-            ksize // 2 - padding,
-            crop_top,
-            crop_left,
-            c_up,
-            n_cls,
-            up_h,
-            up_w,
-            pad_top,
-            pad_left,
-            up is not None and join == "replicate",
-        ),  # fmt: skip
-        ksize=ksize,
-        packed_k=packed_k,
-        act=_Activation(activation, slope, lo, hi, slopes) if norm is None else _Activation("none"),
-        d2s=False,
-        name=f"conv{ksize}x{ksize}"
+    name = (
+        f"conv{ksize}x{ksize}"
         + ("/2" if stride == 2 else "")
         + ("+norm_in" if norm_in is not None else "")
         + ("+up" if up is not None else "")
         + ("+pool" if pool else "")
         + ("+head" if head_weight is not None else "")
-        + ("+stats" if norm is not None else ""),
-        flops=flops,
-        stride=stride,
-        norm_in=norm_in,
-        stats=norm,
+        + ("+stats" if norm is not None else "")
     )
-    if norm is not None:
-        scale, shift, mean, var = scale_shift
-        return out, NormIn(scale, shift, activation, float(slope), float(lo), float(hi), slopes, mean, var)
-    return out, pooled
+    geometry = _Geometry(
+        c_out,
+        out_h,
+        out_w,
+        in_h,
+        in_w,
+        ksize // 2 - padding,
+        crop_top,
+        crop_left,
+        c_up,
+        n_cls,
+        up_h,
+        up_w,
+        pad_top,
+        pad_left,
+        up is not None and join == "replicate",
+    )  # fmt: skip
+    return _PreparedConv(
+        geometry,
+        (batch, out_h, out_w, y_channels),
+        (batch, out_h // 2, out_w // 2, c_out) if pool else None,
+        packed_k,
+        activation if norm is None else "none",
+        name,
+        2 * pixels * c_out * ksize * ksize * c_in + 2 * pixels * c_out * n_cls,
+    )
+
+
+_CONV_TRANSPOSE_LAUNCHES = LaunchCache(maxsize=256)
 
 
 def conv_transpose2x2_nhwc(
@@ -1383,6 +1546,43 @@ def conv_transpose2x2_nhwc(
     Returns:
         (N, 2h, 2w, C_out) NHWC tensor.
     """
+    try:
+        key = (tensor_facts(x), tensor_facts(w_packed), tensor_meta(bias4), _signature(norm_in), _environment())
+    except (AttributeError, RuntimeError):  # not a tensor, or one without storage: validated and derived anew
+        key = None
+    static = _CONV_TRANSPOSE_LAUNCHES.get(key) if key is not None else None
+    if static is None:
+        static = _prepare_conv_transpose(x, w_packed, bias4, norm_in)
+        if key is not None:
+            _CONV_TRANSPOSE_LAUNCHES.put(key, static)
+    else:
+        check_runnable(x, "conv_transpose2x2_nhwc input")
+    batch, h, w, c_in = x.shape
+    c_out4 = w_packed.shape[1]
+    y = alloc((batch, 2 * h, 2 * w, c_out4 // 4), x.dtype, x.device)
+    _launch(
+        static,
+        x,
+        None,
+        w_packed,
+        bias4.contiguous() if bias4 is not None else None,
+        y,
+        None,
+        None,
+        None,
+        slope=0.0,
+        lo=0.0,
+        hi=0.0,
+        slopes=None,
+        name="conv_transpose2x2" + ("+norm_in" if norm_in is not None else ""),
+        flops=2 * batch * h * w * c_in * c_out4,
+        norm_in=norm_in,
+    )
+    return y
+
+
+def _prepare_conv_transpose(x, w_packed, bias4, norm_in) -> _ConvStatic:
+    """Validate a :func:`conv_transpose2x2_nhwc` call (every check, in order) and derive its launch."""
     _check_nhwc(x, "conv_transpose2x2_nhwc input")
     batch, h, w, c_in = x.shape
     if w_packed.dim() != 2 or w_packed.shape[0] != c_in or w_packed.shape[1] % 4:
@@ -1398,27 +1598,10 @@ def conv_transpose2x2_nhwc(
                 f"bias4: expected the bias repeated 4 times, shape ({c_out4},) {x.dtype} on {x.device}, "
                 f"got {tuple(bias4.shape)} {bias4.dtype} on {bias4.device}"
             )
-        bias4 = bias4.contiguous()
-    y = alloc((batch, 2 * h, 2 * w, c_out4 // 4), x.dtype, x.device)
-    _launch(
-        x,
-        None,
-        w_packed,
-        bias4,
-        y,
-        None,
-        None,
-        None,
-        geometry=_Geometry(c_out4, h, w, h, w),
-        ksize=1,
-        packed_k=False,
-        act=_Activation("none"),
-        d2s=True,
-        name="conv_transpose2x2" + ("+norm_in" if norm_in is not None else ""),
-        flops=2 * batch * h * w * c_in * c_out4,
-        norm_in=norm_in,
-    )
-    return y
+    return _conv_static(
+        x, None, w_packed, geometry=_Geometry(c_out4, h, w, h, w), ksize=1, packed_k=False, act="none",
+        has_bias=bias4 is not None, pool=False, head=False, d2s=True, norm_in=norm_in,
+    )  # fmt: skip
 
 
 __all__ = [

@@ -42,6 +42,7 @@ from fastunet.kernels._common import (
     pixel_offset,
     record_launch,
     recording,
+    tensor_meta,
     to_storage,
 )
 
@@ -100,6 +101,17 @@ class NormIn:
             )
         if self.activation == "clamp" and not self.lo <= self.hi:
             raise ValueError(f"{what}: a clamp needs lo <= hi, got [{self.lo}, {self.hi}]")
+
+    def signature(self) -> tuple:
+        """What :meth:`check` reads (a launch signature's part; ``slope`` and the statistics are read per call)."""
+        return (
+            tensor_meta(self.scale),
+            tensor_meta(self.shift),
+            self.activation,
+            self.lo,
+            self.hi,
+            tensor_meta(self.slopes),
+        )
 
     def args(self, dummy: torch.Tensor) -> tuple:
         """(scale, shift, slopes, slope, lo, hi) kernel arguments (``dummy`` for absent slopes)."""

@@ -22,6 +22,8 @@ times the transposed conv's K) should not pay.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import triton
 import triton.language as tl
@@ -29,6 +31,7 @@ import triton.language as tl
 from fastunet.kernels._common import (
     ACTIVATIONS,
     INTERPRET,
+    LaunchCache,
     LaunchRecord,
     alloc,
     check_runnable,
@@ -38,6 +41,7 @@ from fastunet.kernels._common import (
     pixel_offset,
     record_launch,
     recording,
+    tensor_meta,
     to_storage,
 )
 from fastunet.kernels.stats import NormIn, normalize
@@ -196,7 +200,67 @@ def upsample2x_nhwc(
 
     Returns:
         (N, 2h, 2w, C) contiguous NHWC tensor in ``x``'s dtype.
+
+    What a launch comes to for a signature (sizes, strides, dtype, device, the arguments) is derived once and reused
+    (:class:`~fastunet.kernels._common.LaunchCache`); each call checks that ``x`` can run in the current mode.
     """
+    try:
+        key = (tensor_meta(x), mode, align_corners, name, norm_in.signature() if norm_in is not None else None,
+               INTERPRET)  # fmt: skip
+    except (AttributeError, RuntimeError):  # not a tensor, or one without storage: validated and derived anew
+        key = None
+    launch = _UPSAMPLE_LAUNCHES.get(key) if key is not None else None
+    if launch is None:
+        launch = _prepare_upsample(x, mode, align_corners, name, norm_in)
+        if key is not None:
+            _UPSAMPLE_LAUNCHES.put(key, launch)
+    else:
+        check_runnable(x, "upsample2x_nhwc input")
+    y = alloc(launch.out_shape, x.dtype, x.device)
+    if launch.empty:  # nothing to write: no launch, like the conv launcher
+        return y
+    in_args = norm_in.args(x) if norm_in is not None else (x, x, x, 0.0, 0.0, 0.0)
+    args = (x, y, *launch.sizes, *x.stride(), *y.stride(), *in_args)
+    if recording():
+        record_launch(
+            LaunchRecord(
+                name=launch.name,
+                kernel=_upsample2x_nhwc_kernel,
+                grid=launch.grid,
+                flops=0,  # data movement: the network's FLOPs count the convolutions, like the eager estimate
+                bytes_read=x.numel() * x.element_size() + (2 * norm_in.scale.numel() * 4 if norm_in else 0),
+                bytes_written=y.numel() * y.element_size(),
+                args=args,
+                constexprs=dict(launch.constexprs),
+                launch_options={"num_warps": 4, "num_stages": 1},
+            )
+        )
+    if not is_dry_run():
+        with launch_guard(x):
+            _upsample2x_nhwc_kernel[launch.grid](*args, **launch.constexprs, num_warps=4, num_stages=1)
+    return y
+
+
+@dataclasses.dataclass(frozen=True)
+class _UpsampleLaunch:
+    """What an upsample launch comes to for one signature: the output's shape, the kernel's size and scale arguments,
+    grid and constexprs (shared by every launch of the signature: never mutated), the record's name."""
+
+    out_shape: tuple[int, int, int, int]
+    empty: bool  # nothing to write: no launch
+    sizes: tuple  # batch, low_h, low_w, channels, scale_h, scale_w
+    grid: tuple[int, int]
+    constexprs: dict
+    name: str
+
+
+_UPSAMPLE_LAUNCHES = LaunchCache(maxsize=256)
+
+
+def _prepare_upsample(
+    x: torch.Tensor, mode: str, align_corners: bool, name: str, norm_in: NormIn | None
+) -> _UpsampleLaunch:
+    """Validate an :func:`upsample2x_nhwc` call (every check, in order) and derive its launch."""
     if x.dim() != 4:
         raise ValueError(f"upsample2x_nhwc input: expected a 4-D (N, H, W, C) view, got shape {tuple(x.shape)}")
     check_runnable(x, "upsample2x_nhwc input")
@@ -216,7 +280,6 @@ def upsample2x_nhwc(
     pixels = batch * 4 * low_h * low_w
     if pixels + 1024 >= 2**31:
         raise ValueError(f"at most 2**31 - 1025 output pixels per launch, got {pixels}")
-    y = alloc((batch, 2 * low_h, 2 * low_w, channels), x.dtype, x.device)
     if mode == "nearest":
         kernel_mode, scale_h, scale_w = NEAREST.value, 0.5, 0.5
     elif mode in SHUFFLE_MODES:
@@ -232,10 +295,6 @@ def upsample2x_nhwc(
     # About 8K elements a program: enough bytes in flight per SM for a memory-bound copy, few masked lanes.
     block_p = max(16, 8192 // block_c)
     grid = (triton.cdiv(pixels, block_p), triton.cdiv(channels, block_c))
-    if pixels == 0 or channels == 0:  # nothing to write: no launch, like the conv launcher
-        return y
-    in_args = norm_in.args(x) if norm_in is not None else (x, x, x, 0.0, 0.0, 0.0)
-    args = (x, y, batch, low_h, low_w, channels, scale_h, scale_w, *x.stride(), *y.stride(), *in_args)
     constexprs = {
         "MODE": kernel_mode,
         "NORM_IN": norm_in is not None,
@@ -244,24 +303,14 @@ def upsample2x_nhwc(
         "BLOCK_P": block_p,
         "BLOCK_C": block_c,
     }
-    if recording():
-        record_launch(
-            LaunchRecord(
-                name=name + ("+norm_in" if norm_in is not None else ""),
-                kernel=_upsample2x_nhwc_kernel,
-                grid=grid,
-                flops=0,  # data movement: the network's FLOPs count the convolutions, like the eager estimate
-                bytes_read=x.numel() * x.element_size() + (2 * norm_in.scale.numel() * 4 if norm_in else 0),
-                bytes_written=y.numel() * y.element_size(),
-                args=args,
-                constexprs=constexprs,
-                launch_options={"num_warps": 4, "num_stages": 1},
-            )
-        )
-    if not is_dry_run():
-        with launch_guard(x):
-            _upsample2x_nhwc_kernel[grid](*args, **constexprs, num_warps=4, num_stages=1)
-    return y
+    return _UpsampleLaunch(
+        (batch, 2 * low_h, 2 * low_w, channels),
+        pixels == 0 or channels == 0,
+        (batch, low_h, low_w, channels, scale_h, scale_w),
+        grid,
+        constexprs,
+        name + ("+norm_in" if norm_in is not None else ""),
+    )
 
 
 __all__ = ["MODES", "SHUFFLE_MODES", "upsample2x_nhwc"]
