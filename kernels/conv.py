@@ -321,6 +321,7 @@ def _conv_nhwc_kernel(
     HEAD: tl.constexpr,
     D2S: tl.constexpr,
     TMA_ROWS: tl.constexpr,
+    ROW_W: tl.constexpr,
     STRIDE: tl.constexpr,
     PER_IMAGE: tl.constexpr,
     NORM_IN: tl.constexpr,
@@ -339,7 +340,10 @@ def _conv_nhwc_kernel(
     (``TMA_ROWS`` row boxes of BLOCK_M / TMA_ROWS pixels per tile): (batch * cdiv(height, TMA_ROWS) *
     cdiv(width, BLOCK_M / TMA_ROWS), cdiv(c_out, BLOCK_N)); with ``PER_IMAGE`` (pointer loads): (batch * tiles_img,
     cdiv(c_out, BLOCK_N)), each tile the window-major pixels of one image, so that a tile's statistics (``STATS``)
-    and its input's normalization (``NORM_IN``) belong to one image.
+    and its input's normalization (``NORM_IN``) belong to one image. With ``ROW_W`` (pointer loads without the pool
+    or the depth-to-space store): tiles of BLOCK_M / ROW_W rows of ROW_W pixels, laid out like the TMA tiles (grid
+    (batch * cdiv(height, BLOCK_M / ROW_W) * cdiv(width, ROW_W), ...)): a lane's pixel is a shift and a mask of
+    its index, not the three runtime divisions of the window-major order, and a tile lies in one image.
 
     ``STATS``: the epilogue stores the pre-norm map (bias added, no activation) and the count, mean and M2 of the
     stored values of its tile per channel (tile ``pid_m`` = image * tiles per image + tile, on both load paths);
@@ -373,23 +377,27 @@ def _conv_nhwc_kernel(
     win_x = window % half_w
     oy = 2 * win_y + quad // 2
     ox = 2 * win_x + quad % 2
-    if TMA_ROWS:
-        # A tile is TMA_ROWS output rows of block_w pixels starting at (img_t, y0, x0); two rows are ordered
+    if TMA_ROWS or ROW_W:
+        # A tile is `rows` output rows of block_w pixels starting at (img_t, y0, x0); two TMA rows are ordered
         # window-major (see _window_major), so the epilogue below serves both paths.
-        block_w: tl.constexpr = BLOCK_M // TMA_ROWS
+        block_w: tl.constexpr = BLOCK_M // TMA_ROWS if TMA_ROWS else ROW_W
+        rows: tl.constexpr = TMA_ROWS if TMA_ROWS else BLOCK_M // ROW_W
         tiles_x = tl.cdiv(width, block_w)
-        row_groups = tl.cdiv(height, TMA_ROWS)
+        row_groups = tl.cdiv(height, rows)
         x0 = (pid_m % tiles_x) * block_w
-        y0 = (pid_m // tiles_x % row_groups) * TMA_ROWS
+        y0 = (pid_m // tiles_x % row_groups) * rows
         img_t = pid_m // (tiles_x * row_groups)
         local = tl.arange(0, BLOCK_M)
         img = tl.zeros_like(local) + img_t
         if TMA_ROWS == 2:
             oy = y0 + local % 4 // 2
             ox = x0 + 2 * (local // 4) + local % 2
-        else:
+        elif rows == 1:
             oy = tl.zeros_like(local) + y0
             ox = x0 + local
+        else:
+            oy = y0 + local // block_w
+            ox = x0 + local % block_w
     m_valid = (img < batch) & (oy < height) & (ox < width)
     # The centre tap in the input's frame.
     jy = STRIDE * oy + conv_off
@@ -467,7 +475,7 @@ def _conv_nhwc_kernel(
             in_slope,
             in_lo,
             in_hi,
-            img_t if PER_IMAGE else 0,
+            img_t if PER_IMAGE or ROW_W else 0,
             KSIZE,
             EVEN_K,
             WIDE,
@@ -956,6 +964,9 @@ class _ConvStatic:
     # TMA: each source's rows of the packed weight as (taps, channels, c_out): (shape, strides, storage offset past
     # the packed weight's own)
     weight_views: tuple = ()
+    # Pointer tiles of whole row segments (the kernel's ROW_W), except where the epilogue needs the window-major
+    # order (the pool) or stores 2x2 pixels a lane (depth-to-space).
+    row_tiles: bool = False
     first: _ConvTile | None = None  # the tile of candidates[0], the config launched unless autotuning picks another
     others: dict = dataclasses.field(default_factory=dict)
 
@@ -970,20 +981,25 @@ class _ConvStatic:
 
     def _derive_tile(self, cfg: dict) -> _ConvTile:
         batch, height, width, c_main, c_up, c_out = self.sizes[:6]
+        row_w = 0
         if self.path == "tma":
             rows, block_m = _tma_tile(cfg, width, self.flags["POOL"])
             tiles = triton.cdiv(height, rows) * triton.cdiv(width, block_m // rows)
+        elif self.row_tiles:
+            rows, block_m = 0, cfg["BLOCK_M"]
+            row_w = min(block_m, next_pow2(width))
+            tiles = triton.cdiv(height, block_m // row_w) * triton.cdiv(width, row_w)
         else:
             rows, block_m = 0, cfg["BLOCK_M"]
             tiles = triton.cdiv(((height + 1) // 2) * ((width + 1) // 2) * 4, block_m)
-        if rows or self.flags["PER_IMAGE"]:
+        if rows or row_w or self.flags["PER_IMAGE"]:
             grid = (batch * tiles, triton.cdiv(c_out, cfg["BLOCK_N"]))
         else:
             grid = (triton.cdiv(self.m, cfg["BLOCK_M"]), triton.cdiv(c_out, cfg["BLOCK_N"]))
         # Channel counts that fill whole K blocks (every layer of the usual U-Nets) drop the K masks.
         even_k = c_main % cfg["BLOCK_K"] == 0 and c_up % cfg["BLOCK_K"] == 0
         tile = {"BLOCK_M": block_m, "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"]}
-        constexprs = {**self.flags, "EVEN_K": even_k, "TMA_ROWS": rows, **tile}
+        constexprs = {**self.flags, "EVEN_K": even_k, "TMA_ROWS": rows, "ROW_W": row_w, **tile}
         options = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
         if not rows:
             return _ConvTile(rows, block_m, tiles, grid, constexprs, options)
@@ -1062,8 +1078,10 @@ def _conv_static(
              g.crop_left, g.up_h, g.up_w, g.pad_top, g.pad_left)  # fmt: skip
     if m == 0 or g.c_out == 0:
         return _ConvStatic(True, m, candidates, None, "", "", sizes, flags)
-    # Pointer tiles of one image each where a tile's statistics or its input's normalization are per image.
-    flags["PER_IMAGE"] = path == "pointer" and (stats or norm_in is not None)
+    row_tiles = path == "pointer" and not pool and not d2s
+    # Window-major pointer tiles of one image each where a tile's statistics or its input's normalization are per
+    # image (a row tile lies in one image anyway).
+    flags["PER_IMAGE"] = path == "pointer" and not row_tiles and (stats or norm_in is not None)
     # Shapes share a tuning result when they differ only in the pixel count's power-of-two bucket.
     tune_key = ("conv", x.dtype, tuple(flags.items()), path, next_pow2(m), c_main, g.c_up, g.c_out, g.n_cls)
     weight_views = ()
@@ -1074,7 +1092,7 @@ def _conv_static(
         views = [w_rows[:, :c_main]] + ([w_rows[:, c_main:]] if up is not None else [])
         base = w_packed.storage_offset()
         weight_views = tuple((tuple(v.shape), v.stride(), v.storage_offset() - base) for v in views)
-    static = _ConvStatic(False, m, candidates, tune_key, path, path_reason, sizes, flags, weight_views)
+    static = _ConvStatic(False, m, candidates, tune_key, path, path_reason, sizes, flags, weight_views, row_tiles)
     static.first = static._derive_tile(candidates[0])
     return static
 
