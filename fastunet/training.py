@@ -34,8 +34,9 @@ strided convs, other joins; see the README's gradients section). The packed weig
 by differentiable torch ops on every such forward (a cast and a permute per tensor), so the gradients reach the
 parameters (and, under autocast, come back in their dtype) through autograd.
 
-Second derivatives (``create_graph=True``): each op's backward then recomputes its own PyTorch math and
-differentiates it with the graph kept, so higher-order gradients are the reference's.
+Second derivatives (``create_graph=True``): each op's backward then recomputes its own PyTorch math from views of
+its saved inputs (:func:`_own_nodes`) and differentiates it with the graph kept, so higher-order gradients are the
+reference's, through the norms' statistics too.
 """
 
 from __future__ import annotations
@@ -621,6 +622,18 @@ def _conv_math(inputs: list, up_mode: str, align_corners: bool):
     return y.permute(0, 2, 3, 1), pooled, None, None
 
 
+def _own_nodes(tensors: list) -> list:
+    """Each tensor that needs a gradient as a view of itself: a graph node of its own, for an op's create-graph
+    backward to recompute its math from and differentiate it with respect to.
+
+    ``torch.autograd.grad`` with respect to the saved inputs themselves would give the total derivative: where one
+    input is an ancestor of another (a decoder conv's low-resolution map comes from the skip's producer, through the
+    pool and the deeper levels; the map after a norm's read and its scale and shift are outputs of one launch), the
+    paths from one back to the other would be run and their gradient added to this op's own, counted again when
+    autograd goes on past the op. A view's node is downstream of the input, so only this op's math leads to it."""
+    return [t.view_as(t) if t is not None and t.requires_grad else t for t in tensors]
+
+
 def _grads_of(outputs, grads, inputs):
     """torch.autograd.grad with the graph kept, None for inputs that do not need one."""
     pairs = [(o, g) for o, g in zip(outputs, grads, strict=True) if o is not None and g is not None]
@@ -693,8 +706,10 @@ def _conv_autograd(ctx, grad_y, grad_pooled, grad_scale, grad_shift, _grad_mean,
     need = ctx.needs_input_grad
     grads: list = [None] * _CONV_ARGS
     if torch.is_grad_enabled():  # create_graph=True: differentiate the op's own math, graph kept
+        wrt = _own_nodes([inputs[i] for i in _DIFFERENTIABLE_ARGS])
+        for index, value in zip(_DIFFERENTIABLE_ARGS, wrt, strict=True):
+            inputs[index] = value
         outputs = _conv_math(inputs, up_mode, align_corners)
-        wrt = [inputs[i] for i in _DIFFERENTIABLE_ARGS]
         found = _grads_of(outputs, (grad_y, grad_pooled, grad_scale, grad_shift), wrt)
         for index, value in zip(_DIFFERENTIABLE_ARGS, found, strict=True):
             grads[index] = value
@@ -788,6 +803,7 @@ def _upsample_autograd(ctx, grad):
     need = ctx.needs_input_grad
     if torch.is_grad_enabled():
         align = align_corners if mode == "bilinear" else None
+        x, scale, shift = _own_nodes([x, scale, shift])
         values = _read_math(x, scale, shift, activation, slope, lo, hi)
         out = F.interpolate(values.permute(0, 3, 1, 2), scale_factor=2, mode=mode, align_corners=align)
         dx, d_scale, d_shift = _grads_of([out.permute(0, 2, 3, 1)], [grad], [x, scale, shift])
@@ -820,6 +836,7 @@ def _conv_transpose_autograd(ctx, grad):
     activation, slope, lo, hi = ctx.read
     need = ctx.needs_input_grad
     if torch.is_grad_enabled():
+        x, weight, scale, shift = _own_nodes([x, weight, scale, shift])
         c_in, c_out = weight.shape[0], weight.shape[1] // 4
         w = weight.view(c_in, 2, 2, c_out).permute(0, 3, 1, 2)
         bias = bias4[:c_out] if bias4 is not None else None
@@ -863,6 +880,7 @@ def _normalize_autograd(ctx, grad):
     z, scale, shift = ctx.saved_tensors
     activation, slope, lo, hi = ctx.read
     if torch.is_grad_enabled():
+        z, scale, shift = _own_nodes([z, scale, shift])
         values = _read_math(z, scale, shift, activation, slope, lo, hi)
         if ctx.pool:
             values = F.max_pool2d(values.permute(0, 3, 1, 2), 2).permute(0, 2, 3, 1)
