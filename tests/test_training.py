@@ -301,22 +301,27 @@ def test_double_backward_in_training_mode_matches_float64(device, upsample, norm
     batch statistics the maps after a norm and their scale and shift come out of one launch that also feeds the
     pool and the deeper levels, and the decoder conv reads both the skip and the low-resolution map made from it:
     each op's create-graph backward must give only its own partial derivatives (the penalty's input gradient is
-    checked too, the first derivative taken with the graph kept)."""
+    checked too, the first derivative taken with the graph kept). Within the budget, or (second derivatives through
+    batch statistics are ill-conditioned: eager float32 itself is off by about 1e-5 there) twice eager float32
+    PyTorch's own error plus the budget."""
     fast, reference = _pair(device, upsample, norm=norm)
     fast.train(), reference.train()
+    eager = copy.deepcopy(reference).float()  # the same float32 values, run by PyTorch
     x = torch.randn(2, 3, 8, 8)
     found = {}
-    for model, x_in in ((fast, x.to(device)), (reference, x.double())):
+    for key, model, x_in in (("ours", fast, x.to(device)), ("exact", reference, x.double()), ("eager", eager, x)):
         x_in = x_in.clone().requires_grad_()
         model.zero_grad(set_to_none=True)
         out = model(x_in)
         (grad_x,) = torch.autograd.grad(out.square().sum(), x_in, create_graph=True)
         (out.sum() + grad_x.square().sum()).backward()
-        found[model is fast] = {"grad_x": grad_x.detach(), **{name: p.grad for name, p in model.named_parameters()}}
+        found[key] = {"grad_x": grad_x.detach(), **{name: p.grad for name, p in model.named_parameters()}}
     assert fast.last_backend in KERNELS
     assert fast.last_backend_reason == "training mode; backward kernels"
-    for name, value in found[True].items():
-        assert _relative(value, found[False][name]) <= BUDGET, (name, _relative(value, found[False][name]))
+    for name, value in found["ours"].items():
+        exact = found["exact"][name]
+        allowed = BUDGET + 2 * _relative(found["eager"][name], exact)
+        assert _relative(value, exact) <= allowed, (name, _relative(value, exact), allowed)
 
 
 @pytest.mark.parametrize("norm", ["instance", "group"])
@@ -463,6 +468,10 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str, x: torch.Te
         loss.backward()
         grads = {name: p.grad for name, p in model.named_parameters()}
         torch.save({"grads": grads, "backend": model.last_backend}, f"{out_dir}/rank{rank}.pt")
+        # Tear down in order: the DDP reducer holds the process group, and releasing it after the group is
+        # destroyed can leave gloo's threads waiting on a peer that has exited.
+        del ddp, loss
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
