@@ -67,6 +67,19 @@ def _load_dz(ptrs, lanes, g_end, n_mask, EVEN_W: tl.constexpr, EVEN_N: tl.conste
 
 
 @triton.jit
+def _next_block(x0, oy, img, out_w, out_h, BLOCK_P: tl.constexpr):
+    """The next step's pixel block: BLOCK_P pixels on along the row, then the next row, then the next image."""
+    x0 += BLOCK_P
+    next_row = x0 >= out_w
+    x0 = tl.where(next_row, 0, x0)
+    oy += next_row.to(tl.int32)
+    next_img = oy >= out_h
+    oy = tl.where(next_img, 0, oy)
+    img += next_img.to(tl.int32)
+    return x0, oy, img
+
+
+@triton.jit
 def _weight_grad_partial_kernel(
     x_ptr,  # (batch, in_h, in_w, c_in) view: the conv's input
     dz_ptr,  # (batch, out_h, out_w, c_out) view: gradient of the conv's output
@@ -144,13 +157,7 @@ def _weight_grad_partial_kernel(
             z_at = img.to(offset_type) * stride_zn + oy.to(offset_type) * stride_zh + x0 * stride_zw
             g = _load_dz((dz_ptr + z_at) + g_lanes, lanes, out_w - x0, n_mask, EVEN_W, EVEN_N)
             bias_acc += tl.sum(g.to(tl.float32), axis=0)
-            x0 += BLOCK_P
-            next_row = x0 >= out_w
-            x0 = tl.where(next_row, 0, x0)
-            oy += next_row.to(tl.int32)
-            next_img = oy >= out_h
-            oy = tl.where(next_img, 0, oy)
-            img += next_img.to(tl.int32)
+            x0, oy, img = _next_block(x0, oy, img, out_w, out_h, BLOCK_P)
         tl.store(bias_part_ptr + split.to(tl.int64) * c_out + offs_n, bias_acc, mask=n_mask)
     else:
         tap = pid_kc // c_blocks
@@ -167,13 +174,7 @@ def _weight_grad_partial_kernel(
                 a = x_desc.load([img, oy + dy, x0 + dx, c0]).reshape(BLOCK_P, BLOCK_C)
                 g = dz_desc.load([img, oy, x0, n0]).reshape(BLOCK_P, BLOCK_N)
                 acc = mma(tl.trans(a), g, acc, INTERPRETER, DOT_PRECISION)
-                x0 += BLOCK_P
-                next_row = x0 >= out_w
-                x0 = tl.where(next_row, 0, x0)
-                oy += next_row.to(tl.int32)
-                next_img = oy >= out_h
-                oy = tl.where(next_img, 0, oy)
-                img += next_img.to(tl.int32)
+                x0, oy, img = _next_block(x0, oy, img, out_w, out_h, BLOCK_P)
         else:
             for _ in range(0, steps):
                 iy = oy + dy
@@ -194,13 +195,7 @@ def _weight_grad_partial_kernel(
                     a = tl.load((x_ptr + x_at) + a_lanes, mask=a_ok[:, None] & c_mask[None, :], other=0.0)
                 g = _load_dz((dz_ptr + z_at) + g_lanes, lanes, g_end, n_mask, EVEN_W, EVEN_N)
                 acc = mma(tl.trans(a), g, acc, INTERPRETER, DOT_PRECISION)
-                x0 += BLOCK_P
-                next_row = x0 >= out_w
-                x0 = tl.where(next_row, 0, x0)
-                oy += next_row.to(tl.int32)
-                next_img = oy >= out_h
-                oy = tl.where(next_img, 0, oy)
-                img += next_img.to(tl.int32)
+                x0, oy, img = _next_block(x0, oy, img, out_w, out_h, BLOCK_P)
         out_rows = tap * c_in + offs_c
         part = part_ptr + split.to(tl.int64) * rows * c_out
         tl.store(
