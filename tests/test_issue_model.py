@@ -4,7 +4,11 @@ launches, each against arithmetic done here."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import pathlib
+import subprocess
+import sys
 import threading
 import types
 
@@ -266,6 +270,7 @@ def test_fit_eta():
 
 
 def test_eta_choice(monkeypatch):
+    monkeypatch.setattr(issue_model, "ETA_FITS", ())
     assert issue_model.assumptions_for(90).eta == issue_model.DEFAULT_ETA
     assert issue_model.assumptions_for(90, 0.5).eta == 0.5
     with pytest.raises(ValueError, match="eta must be in"):
@@ -415,3 +420,95 @@ def test_training_step_totals():
     assert plain["step"] == "forward" and plain["forward_ms"] == plain["ms"] and plain["backward_ms"] is None
     with pytest.raises(ValueError, match="expected 'forward' or 'training'"):
         issue_model.model_forward("bilinear", "bf16", 512, 16, [], [], [], issue_model.H200, step="backward")
+
+
+# -- calibration: every recorded eta is refitted from the data it names -------------------------------------------
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("fit", issue_model.ETA_FITS, ids=lambda f: f.source)
+def test_recorded_eta_refits_from_its_data(fit):
+    """An ``ETA_FITS`` entry is the fit of the measured and modeled launch times in the file it names."""
+    data = json.loads((REPO / fit.source).read_text())
+    rows = data["rows"]
+    assert rows and data["gpu"] == fit.gpu and data["model_arch"] == f"sm_{fit.arch}"
+    for row in rows:  # each row's modeled time is the model's max() of its parts at the eta the report used
+        eta_used = data["model_assumptions"]["eta"]
+        parts = (row["tensor_us"], row["issue_us"] / eta_used, row["memory_us"])
+        assert row["model_us"] == pytest.approx(max(parts), abs=2e-3)  # the report rounds to 1 ns
+    refit = issue_model.fit_eta(
+        [r["issue_us"] for r in rows],
+        [r["measured_us"] for r in rows],
+        [max(r["tensor_us"], r["memory_us"]) for r in rows],
+    )
+    assert refit == pytest.approx(data["eta"], rel=1e-9)
+    assert fit.eta == pytest.approx(refit, abs=5e-4)
+    assert issue_model.assumptions_for(fit.arch).eta == issue_model.ETA_FITS[-1].eta
+
+
+def test_calibrate_pairs_launches_in_order(tmp_path):
+    """``bench.calibrate`` pairs a modeled forward with a trace's kernels in start order, fits eta over the
+    issue-bound launches, and refuses a trace of another configuration."""
+    layer = {
+        "stage": "a",
+        "kernel": "conv3x3",
+        "bound": "issue",
+        "tensor_us": 1.0,
+        "issue_us": 6.0,
+        "memory_us": 2.0,
+        "time_us": 10.0,
+    }
+    up = {
+        "stage": "b",
+        "kernel": "upsample2x",
+        "bound": "memory",
+        "tensor_us": 0.0,
+        "issue_us": 0.0,
+        "memory_us": 5.0,
+        "time_us": 5.0,
+    }
+    report = {
+        "triton": "x",
+        "arch": "sm_90",
+        "model_assumptions": {"eta": 0.6},
+        "model": [{"batch": 2, "layers": [layer, up]}],
+    }
+    (tmp_path / "m.json").write_text(json.dumps(report))
+
+    def trace(names_durations):
+        events = [{"cat": "kernel", "name": n, "ts": 100 - i, "dur": d} for i, (n, d) in enumerate(names_durations)]
+        events.append({"cat": "cpu_op", "name": "aten::empty", "ts": 0, "dur": 3})
+        return json.dumps({"traceEvents": events})
+
+    # ts decreasing in list order: the calibration must sort by start time, so the upsample comes first in the list
+    (tmp_path / "t.json").write_text(trace([("_upsample2x_nhwc_kernel", 7.0), ("_conv_nhwc_kernel", 12.0)]))
+    out = tmp_path / "out.json"
+    command = [
+        sys.executable,
+        "-m",
+        "bench.calibrate",
+        "--model",
+        str(tmp_path / "m.json"),
+        "--trace",
+        f"2={tmp_path / 't.json'}",
+        "--gpu",
+        "G",
+        "--commit",
+        "c",
+        "--run",
+        "r",
+        "--json",
+        str(out),
+    ]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    assert [r["measured_us"] for r in result["rows"]] == [12.0, 7.0]
+    assert result["eta"] == pytest.approx(6.0 / 12.0) and result["eta_launches"] == ["batch 2 a"]
+
+    (tmp_path / "t.json").write_text(trace([("_conv_nhwc_kernel", 12.0)]))
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "the model has 2 launches, the trace 1 kernels" in done.stderr
+    (tmp_path / "t.json").write_text(trace([("_conv_nhwc_kernel", 7.0), ("_conv_nhwc_kernel", 12.0)]))
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "launch b: the model has 'upsample2x'" in done.stderr
