@@ -1171,6 +1171,18 @@ def _run_stages(
     return logits.permute(0, 3, 1, 2)
 
 
+def _own_nodes(tensors: list) -> list:
+    """Each tensor that needs a gradient as a view of itself: a graph node of its own, for an op's create-graph
+    backward to recompute its math from and differentiate it with respect to.
+
+    ``torch.autograd.grad`` with respect to the saved inputs themselves would give the total derivative: where one
+    input is an ancestor of another (a decoder conv's low-resolution map comes from the skip's producer, through the
+    pool and the deeper levels; the map after a norm's read and its scale and shift are outputs of one launch), the
+    paths from one back to the other would be run and their gradient added to this op's own, counted again when
+    autograd goes on past the op. A view's node is downstream of the input, so only this op's math leads to it."""
+    return [t.view_as(t) if t is not None and t.requires_grad else t for t in tensors]
+
+
 class _TritonForwardReferenceBackward(torch.autograd.Function):
     """Output of the Triton forward; backward differentiates the layout's eval-mode math (:func:`layout_forward`),
     recomputed on the input and on the very tensors the forward read (autograd's version check refuses any of them
@@ -1193,11 +1205,14 @@ class _TritonForwardReferenceBackward(torch.autograd.Function):
         create_graph = torch.is_grad_enabled()
         device_type, autocast_on, autocast_dtype = ctx.autocast
         with torch.enable_grad(), torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_on):
-            source = x if x.requires_grad else x.detach()
+            # Views of the input and the tensors: nodes of their own, so that only this forward's math is
+            # differentiated. With respect to the saved tensors themselves, an input computed from one of the
+            # parameters would have its own history run again here and that gradient added twice.
+            source, *own = _own_nodes([x if x.requires_grad else x.detach(), *tensors])
             values = dict(ctx.constants)
-            values.update((key, tensors[index]) for key, index in ctx.slots)
+            values.update((key, own[index]) for key, index in ctx.slots)
             logits = layout_forward(ctx.layout, source, values)
-            wanted = [t for t in (source, *tensors) if t.requires_grad]
+            wanted = [t for t in (source, *own) if t.requires_grad]
             grads = iter(torch.autograd.grad(logits, wanted, grad_logits, create_graph=create_graph))
         grad_x = next(grads) if x.requires_grad else None
         return (None, None, None, grad_x, *(next(grads) if t.requires_grad else None for t in tensors))

@@ -56,6 +56,7 @@ from fastunet.ops import (
     NormStage,
     Plan,
     UpStage,
+    _own_nodes,
     apply_act,
     conv_padding,
     norm_kind,
@@ -620,18 +621,6 @@ def _conv_math(inputs: list, up_mode: str, align_corners: bool):
         y = torch.relu(y)
     pooled = F.max_pool2d(y, 2).permute(0, 2, 3, 1) if pool else None
     return y.permute(0, 2, 3, 1), pooled, None, None
-
-
-def _own_nodes(tensors: list) -> list:
-    """Each tensor that needs a gradient as a view of itself: a graph node of its own, for an op's create-graph
-    backward to recompute its math from and differentiate it with respect to.
-
-    ``torch.autograd.grad`` with respect to the saved inputs themselves would give the total derivative: where one
-    input is an ancestor of another (a decoder conv's low-resolution map comes from the skip's producer, through the
-    pool and the deeper levels; the map after a norm's read and its scale and shift are outputs of one launch), the
-    paths from one back to the other would be run and their gradient added to this op's own, counted again when
-    autograd goes on past the op. A view's node is downstream of the input, so only this op's math leads to it."""
-    return [t.view_as(t) if t is not None and t.requires_grad else t for t in tensors]
 
 
 def _grads_of(outputs, grads, inputs):

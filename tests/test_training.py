@@ -545,3 +545,30 @@ def test_training_mode_with_frozen_parameters_still_uses_batch_statistics(device
     assert fast.last_backend in KERNELS
     assert _relative(out.detach(), expected) <= BUDGET
     assert _relative(fast.encoders[0].norm1.running_var, reference.encoders[0].norm1.running_var) <= BUDGET
+
+
+@pytest.mark.parametrize("create_graph", [False, True], ids=["first-order", "create-graph"])
+def test_reference_backward_counts_an_input_made_from_a_parameter_once(device, create_graph):
+    """A layout without backward kernels (a SiLU epilogue) recomputes its math in the backward. When the input is
+    itself computed from one of the model's parameters, that parameter's gradient through the input is counted once,
+    as autograd of the source model counts it (differentiating the recompute with respect to the input and the
+    parameters together would run the input's own history again and add it twice)."""
+    source = handmade(act=nn.SiLU(), norm=False).eval()
+    exact = copy.deepcopy(source).double()
+    converted = fastunet.convert(source).to(device)
+    img = torch.randn(2, 3, 8, 8)
+    name = next(iter(dict(source.named_parameters())))
+
+    def grads(model, dtype, where):
+        params = dict(model.named_parameters())
+        x = img.to(where, dtype) * params[name].sum()  # the input depends on the model's first weight
+        out = model(x)
+        found = torch.autograd.grad((out * out).sum(), list(params.values()), create_graph=create_graph)
+        return dict(zip(params, found, strict=True))
+
+    found = grads(converted, torch.float32, device)
+    assert converted.last_backend in KERNELS and converted.last_backend_reason == "eval mode"  # no backward kernels
+    assert "silu" in kernel_training_blocker(converted.fused_layout(), training=False)
+    expected = grads(exact, torch.float64, "cpu")
+    for key, value in found.items():
+        assert _relative(value, expected[key]) <= BUDGET, (key, _relative(value, expected[key]))
