@@ -113,6 +113,7 @@ def _weight_grad_partial_kernel(
     EVEN_N: tl.constexpr,
     EVEN_W: tl.constexpr,
     TMA: tl.constexpr,
+    PACK_TAPS: tl.constexpr,
     INTERPRETER: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_P: tl.constexpr,
@@ -135,6 +136,11 @@ def _weight_grad_partial_kernel(
     (image, oy + dy, x0 + dx, c0), whose out-of-map coordinates the hardware zero-fills (the conv's padding; channels
     past ``c_in`` too), and ``dz`` at (image, oy, x0, n0). No lane offsets or masks are computed, and both operands
     stay in shared memory for the wgmma.
+
+    With ``PACK_TAPS`` (few input channels: ``k * k * c_in <= BLOCK_C``, the 3-channel first conv) one program
+    covers every (tap, channel) row of ``dW`` at once: a step gathers the ``(BLOCK_P, BLOCK_C)`` im2col block of all
+    taps, whose offsets past the row's base are fixed (``tap`` and channel of each column, computed once), and
+    ``dz`` is read once per step instead of once per tap. Axis 0 then has one program (+ 1 with ``HAS_BIAS``).
     """
     offset_type: tl.constexpr = tl.int64 if WIDE else tl.int32
     pid_kc = tl.program_id(0)
@@ -151,7 +157,8 @@ def _weight_grad_partial_kernel(
     img = row0 // tl.maximum(out_h, 1)  # (no rows: an empty loop)
     oy = row0 - img * out_h
     x0 = 0
-    if HAS_BIAS and pid_kc == KSIZE * KSIZE * c_blocks:
+    kc_programs = 1 if PACK_TAPS else KSIZE * KSIZE * c_blocks
+    if HAS_BIAS and pid_kc == kc_programs:
         bias_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for _ in range(0, steps):
             z_at = img.to(offset_type) * stride_zn + oy.to(offset_type) * stride_zh + x0 * stride_zw
@@ -159,6 +166,33 @@ def _weight_grad_partial_kernel(
             bias_acc += tl.sum(g.to(tl.float32), axis=0)
             x0, oy, img = _next_block(x0, oy, img, out_w, out_h, BLOCK_P)
         tl.store(bias_part_ptr + split.to(tl.int64) * c_out + offs_n, bias_acc, mask=n_mask)
+    elif PACK_TAPS:
+        # Column r of the im2col block is (tap, channel) = divmod(r, c_in): row r of dW. Its offset from a pixel's
+        # own is fixed; per step only the row's base, the taps' rows inside the map and the pixels' columns vary.
+        r = tl.arange(0, BLOCK_C)
+        r_tap = r // c_in
+        r_dy = r_tap // KSIZE - PAD
+        r_dx = r_tap % KSIZE - PAD
+        r_ok = r < rows
+        r_off = (
+            r_dy.to(offset_type) * stride_xh + r_dx.to(offset_type) * stride_xw + (r % c_in).to(offset_type) * stride_xc
+        )
+        a_offs = (lanes.to(offset_type) * stride_xw)[:, None] + r_off[None, :]
+        col = lanes[:, None] + r_dx[None, :]  # the input column of (pixel, tap) less the block's x0
+        acc = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)  # dW^T = dz^T A: A stays (K, N)
+        for _ in range(0, steps):
+            z_at = img.to(offset_type) * stride_zn + oy.to(offset_type) * stride_zh + x0 * stride_zw
+            x_at = img.to(offset_type) * stride_xn + oy.to(offset_type) * stride_xh + x0 * stride_xw
+            g_end = out_w - x0
+            iy = oy + r_dy
+            col_ok = (col >= -x0) & (col < in_w - x0) & (lanes < g_end)[:, None]
+            a_ok = col_ok & (r_ok & (iy >= 0) & (iy < in_h))[None, :]
+            a = tl.load((x_ptr + x_at) + a_offs, mask=a_ok, other=0.0)
+            g = _load_dz((dz_ptr + z_at) + g_lanes, lanes, g_end, n_mask, EVEN_W, EVEN_N)
+            acc = mma(tl.trans(g), a, acc, INTERPRETER, DOT_PRECISION)
+            x0, oy, img = _next_block(x0, oy, img, out_w, out_h, BLOCK_P)
+        part = part_ptr + split.to(tl.int64) * rows * c_out
+        tl.store(part + r.to(tl.int64)[None, :] * c_out + offs_n[:, None], acc, mask=r_ok[None, :] & n_mask[:, None])
     else:
         tap = pid_kc // c_blocks
         dy = tap // KSIZE - PAD
@@ -215,6 +249,9 @@ def _sum_splits_kernel(part_ptr, out_ptr, splits, elements, out_row_offset, row_
         acc += tl.load(part_ptr + s * elements + offs, mask=mask, other=0.0)
     tl.store(out_ptr + out_row_offset * row_len + offs, acc, mask=mask)
 
+
+# A k x k conv with at most this many (tap, input channel) rows takes them all in one block (``PACK_TAPS``).
+PACK_TAPS_ROWS = 64
 
 # The fp32 partials: at most 2**26 elements (256 MB), and element offsets that fit int32.
 MAX_PARTIAL_ELEMENTS = 2**26
@@ -326,9 +363,15 @@ def conv2d_weight_grad_nhwc(
     # A TMA step's instructions hardly depend on the tile: where rows are short (steps under 64 pixels), 128 input
     # channels double each step's MMA work (issue ratio 0.31 against 0.62 at 32-px rows in the model).
     block_c = min(128 if path == "tma" and block_p < 64 else 64, max(16, next_pow2(c_in)))
+    # Few input channels (the 3-channel first conv: 27 rows): all taps in one block of rows, one program along
+    # axis 0 reading dz once per step, instead of nine programs each padding 3 channels to 16 and reading dz again.
+    pack_taps = ksize > 1 and path == "pointer" and rows <= PACK_TAPS_ROWS
+    if pack_taps:
+        block_c = max(16, next_pow2(rows))
+        block_p = min(block_p, 64)  # 32 x 64 x 64 steps: 119 registers (128-px steps: 253, twice the issue)
     image_rows = batch * out_h
     blocks_per_row = triton.cdiv(out_w, block_p)
-    kc_programs = ksize * ksize * triton.cdiv(c_in, block_c)
+    kc_programs = 1 if pack_taps else ksize * ksize * triton.cdiv(c_in, block_c)
     tiles = kc_programs * triton.cdiv(c_out, block_n)
     if splits is None:
         splits = _splits(image_rows, blocks_per_row, tiles, sm_count(x), rows * c_out)
@@ -365,6 +408,7 @@ def conv2d_weight_grad_nhwc(
         "EVEN_N": c_out % block_n == 0,
         "EVEN_W": out_w % block_p == 0,
         "TMA": path == "tma",
+        "PACK_TAPS": pack_taps,
         "INTERPRETER": interpreter,
         "DOT_PRECISION": precision,
         "BLOCK_P": block_p,

@@ -148,6 +148,32 @@ def test_int64_offsets(device):
     assert torch.equal(dw, dw_small) and torch.equal(db, db_small)
 
 
+@pytest.mark.parametrize(
+    ("c_in", "ksize", "packed"),
+    [(3, 3, True), (7, 3, True), (8, 3, False), (3, 1, False)],
+    ids=["first-conv", "7-channels", "8-channels", "1x1"],
+)
+def test_few_input_channels_take_every_tap_in_one_block(device, c_in, ksize, packed):
+    """A 3x3 conv with at most 64 (tap, channel) rows reduces them all in one program along axis 0 (``PACK_TAPS``:
+    the im2col block of all taps, dz read once per step); more rows, or a 1x1 conv, keep one program per tap and
+    channel block. Both against float64, with the image borders, a partial pixel block and two images."""
+    torch.manual_seed(c_in + ksize)
+    padding = ksize // 2
+    x = torch.randn(2, c_in, 5, 19).to(torch.bfloat16).to(device)
+    dz = torch.randn(2, 6, 5, 19).to(torch.bfloat16).to(device)
+    with _common.launch_log() as records:
+        dw, db = conv2d_weight_grad_nhwc(x.permute(0, 2, 3, 1), dz.permute(0, 2, 3, 1), ksize, padding, splits=3)
+    record = next(r for r in records if r.name == "conv_weight_grad")
+    assert record.constexprs["PACK_TAPS"] is packed
+    taps = ksize * ksize
+    assert record.grid[0] == (1 if packed else taps * -(-c_in // record.constexprs["BLOCK_C"])) + 1  # + bias
+    if packed:
+        assert record.constexprs["BLOCK_C"] >= taps * c_in
+    expected, bound, db_expected, db_bound = _reference(x, dz, ksize, padding)
+    _check(dw, expected, bound, torch.bfloat16)
+    _check(db, db_expected, db_bound, torch.bfloat16)
+
+
 def test_wide_offsets_compute_the_same(device, monkeypatch):
     """The 64-bit offset variant (chosen for maps reaching 2**31 elements) forced on small maps gives the same bits
     as the 32-bit one, so both variants run on every machine."""
