@@ -521,7 +521,8 @@ def test_sm90_build_training_step(training_report):
         if tile != [c["BLOCK_C"], c["BLOCK_N"], c["BLOCK_P"]]:
             found.append(f"{label}: GEMM tile {tile}")
             continue
-        mma = "HGMMA" if c["BLOCK_C"] >= 64 else "HMMA"
+        # wgmma needs 64 rows of the accumulator: BLOCK_C, or BLOCK_N where PACK_TAPS computes dW^T = dz^T A.
+        mma = "HGMMA" if (c["BLOCK_N"] if c.get("PACK_TAPS") else c["BLOCK_C"]) >= 64 else "HMMA"
         if not row["mma_opcodes"] or not all(op.startswith(mma) for op in row["mma_opcodes"]):
             found.append(f"{label}: expected {mma}, got {row['mma_opcodes']}")
         # Both operands by TMA in every weight gradient of this net but the first conv's (3 channels) and the head's
