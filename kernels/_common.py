@@ -83,6 +83,14 @@ class LaunchRecord:
     # the arguments depend on the tile (a TMA launch's descriptors are built for its boxes). None: only the tile
     # constexprs change.
     retile: object = dataclasses.field(default=None, compare=False, repr=False)
+    # A persistent launch: the output tiles its ``grid`` of programs loops over (each program takes every
+    # programs-th tile). 0: one tile a program (the grid counts tiles).
+    persistent_tiles: int = 0
+
+    @property
+    def persistent(self) -> bool:
+        """Whether the launch's programs loop over several tiles each (see ``persistent_tiles``)."""
+        return self.persistent_tiles > 0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -77,6 +77,8 @@ TMA_MIN_ROW = 64
 UP_MODES = ("direct", *UPSAMPLE_MODES)
 # How the upsampled map and the skip are brought to one size (see conv2d_nhwc).
 JOINS = ("pad", "replicate", "crop")
+# Persistent launches number their tiles in groups of this many pixel tiles by every channel tile (_grouped_tile).
+PERSISTENT_GROUP_M = tl.constexpr(8)
 
 
 @triton.jit
@@ -250,7 +252,21 @@ def _window_major(top, bottom):
 
 
 @triton.jit
-def _conv_nhwc_kernel(
+def _grouped_tile(tile, tiles_m, tiles_n, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of persistent work item ``tile``: items run in groups of GROUP_M pixel tiles (fewer in the
+    last group), the pixel tile moving fastest inside a group, so consecutive items share a weight slice and
+    neighbouring input rows."""
+    per_group = GROUP_M * tiles_n
+    first_m = tile // per_group * GROUP_M
+    group_m = tl.minimum(tiles_m - first_m, GROUP_M)
+    inside = tile % per_group
+    return first_m + inside % group_m, inside // group_m
+
+
+@triton.jit
+def _conv_tile(
+    pid_m,  # the tile: its pixel block (see the kernel's grid) and its output-channel block
+    pid_n,
     x_ptr,  # (batch, height, width, c_main): the input, or the skip map with TWO_SOURCES
     up_ptr,  # (batch, up_h, up_w, c_up): the upsampled map (TWO_SOURCES)
     w_ptr,  # (KSIZE * KSIZE * (c_main + c_up), c_out): packed weights, row = tap * c_in + channel
@@ -334,29 +350,7 @@ def _conv_nhwc_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_CLS: tl.constexpr,
 ):
-    """y[p, n] = act(bias[n] + sum_k A[p, k] W[k, n]) over a (BLOCK_M pixels) x (BLOCK_N channels) tile.
-
-    Grid: (cdiv(M, BLOCK_M), cdiv(c_out, BLOCK_N)), M = batch * ceil(height/2) * ceil(width/2) * 4; with TMA loads
-    (``TMA_ROWS`` row boxes of BLOCK_M / TMA_ROWS pixels per tile): (batch * cdiv(height, TMA_ROWS) *
-    cdiv(width, BLOCK_M / TMA_ROWS), cdiv(c_out, BLOCK_N)); with ``PER_IMAGE`` (pointer loads): (batch * tiles_img,
-    cdiv(c_out, BLOCK_N)), each tile the window-major pixels of one image, so that a tile's statistics (``STATS``)
-    and its input's normalization (``NORM_IN``) belong to one image. With ``ROW_W`` (pointer loads without the pool
-    or the depth-to-space store): tiles of BLOCK_M / ROW_W rows of ROW_W pixels, laid out like the TMA tiles (grid
-    (batch * cdiv(height, BLOCK_M / ROW_W) * cdiv(width, ROW_W), ...)): a lane's pixel is a shift and a mask of
-    its index, not the three runtime divisions of the window-major order, and a tile lies in one image.
-
-    ``STATS``: the epilogue stores the pre-norm map (bias added, no activation) and the count, mean and M2 of the
-    stored values of its tile per channel (tile ``pid_m`` = image * tiles per image + tile, on both load paths);
-    :func:`fastunet.kernels.stats.norm_scale_shift` merges them. ``NORM_IN``: x is read as ``act(x * scale +
-    shift)`` (per image and channel), zero padding after it.
-
-    Geometry is base-offset arithmetic done once per tile: an output pixel's centre tap sits at (STRIDE oy,
-    STRIDE ox) + conv_off in the input's frame (zero padding at that frame's border), at + (crop_top, crop_left)
-    in x and at - (pad_top, pad_left) in the upsampled map. The TMA path takes the plain geometry only (conv_off,
-    crop and the replicate join zero, stride 1; see choose_load_path).
-    """
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    """One output tile of :func:`_conv_nhwc_kernel` (see there), at grid position (``pid_m``, ``pid_n``)."""
     half_h = (height + 1) // 2
     half_w = (width + 1) // 2
     c_in = c_main + c_up
@@ -623,6 +617,148 @@ def _conv_nhwc_kernel(
         tl.store(p_ptrs, pooled, mask=p_valid[:, None] & n_mask[None, :])
 
 
+@triton.jit
+def _conv_nhwc_kernel(
+    x_ptr,  # (batch, height, width, c_main): the input, or the skip map with TWO_SOURCES
+    up_ptr,  # (batch, up_h, up_w, c_up): the upsampled map (TWO_SOURCES)
+    w_ptr,  # (KSIZE * KSIZE * (c_main + c_up), c_out): packed weights, row = tap * c_in + channel
+    b_ptr,  # (c_out,)
+    y_ptr,  # (batch, height, width, c_out), (batch, 2 height, 2 width, c_out / 4) with D2S, or logits with HEAD
+    pool_ptr,  # (batch, height // 2, width // 2, c_out)
+    head_w_ptr,  # (c_out, n_cls)
+    head_b_ptr,  # (n_cls,)
+    x_desc,  # TMA descriptors of x, up and their rows of the packed weight (TMA_ROWS > 0; None on the pointer path)
+    up_desc,
+    w_desc,
+    w_up_desc,
+    slopes_ptr,  # (c_out,): PReLU slopes
+    in_scale_ptr,  # (batch, c_main) fp32 (NORM_IN): x is a pre-norm map, read as act(x * scale + shift)
+    in_shift_ptr,
+    in_slopes_ptr,  # (c_main,): PReLU slopes of the activation after x's norm (NORM_IN)
+    mean_ptr,  # (batch * tiles_img, c_out) fp32 (STATS): per-tile mean and M2 of the stored map, per channel
+    m2_ptr,
+    count_ptr,  # (batch * tiles_img,) fp32 (STATS): valid pixels of each tile
+    batch,
+    height,  # of the output
+    width,
+    c_main,
+    c_up,
+    c_out,
+    n_cls,
+    in_h,  # the input's frame: x's size, or with a crop join the upsampled map's (the skip is read cropped)
+    in_w,
+    conv_off,  # input coordinate of an output pixel's centre tap minus its own: KSIZE // 2 - padding
+    crop_top,  # where the input's frame starts inside x (crop join)
+    crop_left,
+    up_h,
+    up_w,
+    pad_top,  # where the upsampled map starts inside the input's frame (centered zero padding)
+    pad_left,
+    act_slope,  # LeakyReLU
+    act_lo,  # clamp
+    act_hi,
+    in_slope,  # NORM_IN: the activation after x's norm (LeakyReLU slope, clamp bounds)
+    in_lo,
+    in_hi,
+    tiles_img,  # PER_IMAGE: tiles per image
+    tiles_m,  # PERSISTENT: tiles along M (grid dimension 0 of a launch of one tile a program)
+    stride_xn,
+    stride_xh,
+    stride_xw,
+    stride_xc,
+    stride_un,
+    stride_uh,
+    stride_uw,
+    stride_uc,
+    stride_yn,
+    stride_yh,
+    stride_yw,
+    stride_yc,
+    stride_pn,
+    stride_ph,
+    stride_pw,
+    stride_pc,
+    KSIZE: tl.constexpr,
+    TWO_SOURCES: tl.constexpr,
+    CLAMP_UP: tl.constexpr,
+    PACKED_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    WIDE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACT: tl.constexpr,
+    POOL: tl.constexpr,
+    HEAD: tl.constexpr,
+    D2S: tl.constexpr,
+    TMA_ROWS: tl.constexpr,
+    ROW_W: tl.constexpr,
+    STRIDE: tl.constexpr,
+    PER_IMAGE: tl.constexpr,
+    NORM_IN: tl.constexpr,
+    IN_ACT: tl.constexpr,
+    STATS: tl.constexpr,
+    PERSISTENT: tl.constexpr,
+    INTERPRETER: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_CLS: tl.constexpr,
+):
+    """y[p, n] = act(bias[n] + sum_k A[p, k] W[k, n]) over a (BLOCK_M pixels) x (BLOCK_N channels) tile.
+
+    Grid: (cdiv(M, BLOCK_M), cdiv(c_out, BLOCK_N)), M = batch * ceil(height/2) * ceil(width/2) * 4; with TMA loads
+    (``TMA_ROWS`` row boxes of BLOCK_M / TMA_ROWS pixels per tile): (batch * cdiv(height, TMA_ROWS) *
+    cdiv(width, BLOCK_M / TMA_ROWS), cdiv(c_out, BLOCK_N)); with ``PER_IMAGE`` (pointer loads): (batch * tiles_img,
+    cdiv(c_out, BLOCK_N)), each tile the window-major pixels of one image, so that a tile's statistics (``STATS``)
+    and its input's normalization (``NORM_IN``) belong to one image. With ``ROW_W`` (pointer loads without the pool
+    or the depth-to-space store): tiles of BLOCK_M / ROW_W rows of ROW_W pixels, laid out like the TMA tiles (grid
+    (batch * cdiv(height, BLOCK_M / ROW_W) * cdiv(width, ROW_W), ...)): a lane's pixel is a shift and a mask of
+    its index, not the three runtime divisions of the window-major order, and a tile lies in one image.
+
+    ``STATS``: the epilogue stores the pre-norm map (bias added, no activation) and the count, mean and M2 of the
+    stored values of its tile per channel (tile ``pid_m`` = image * tiles per image + tile, on both load paths);
+    :func:`fastunet.kernels.stats.norm_scale_shift` merges them. ``NORM_IN``: x is read as ``act(x * scale +
+    shift)`` (per image and channel), zero padding after it.
+
+    Geometry is base-offset arithmetic done once per tile: an output pixel's centre tap sits at (STRIDE oy,
+    STRIDE ox) + conv_off in the input's frame (zero padding at that frame's border), at + (crop_top, crop_left)
+    in x and at - (pad_top, pad_left) in the upsampled map. The TMA path takes the plain geometry only (conv_off,
+    crop and the replicate join zero, stride 1; see choose_load_path).
+
+    ``PERSISTENT``: a grid of (programs,) with fewer programs than tiles (the launcher takes SMs x programs an SM);
+    program p runs tiles p, p + programs, ... of the ``tiles_m x cdiv(c_out, BLOCK_N)`` tiles above, numbered in
+    groups of :data:`PERSISTENT_GROUP_M` pixel tiles by every channel tile (:func:`_grouped_tile`): the programs
+    running at once share input rows and weight slices in L2. Each tile is computed exactly as in a launch of one
+    tile a program, so results are bitwise the same.
+    """
+    if PERSISTENT:
+        # Fewer programs than tiles: each program takes every num_programs-th tile in grouped order.
+        tiles_n = tl.cdiv(c_out, BLOCK_N)
+        for tile in range(tl.program_id(0), tiles_m * tiles_n, tl.num_programs(0)):
+            pid_m, pid_n = _grouped_tile(tile, tiles_m, tiles_n, PERSISTENT_GROUP_M)
+            _conv_tile(
+                pid_m, pid_n, x_ptr, up_ptr, w_ptr, b_ptr, y_ptr, pool_ptr, head_w_ptr, head_b_ptr, x_desc, up_desc,
+                w_desc, w_up_desc, slopes_ptr, in_scale_ptr, in_shift_ptr, in_slopes_ptr, mean_ptr, m2_ptr, count_ptr,
+                batch, height, width, c_main, c_up, c_out, n_cls, in_h, in_w, conv_off, crop_top, crop_left, up_h,
+                up_w, pad_top, pad_left, act_slope, act_lo, act_hi, in_slope, in_lo, in_hi, tiles_img, stride_xn,
+                stride_xh, stride_xw, stride_xc, stride_un, stride_uh, stride_uw, stride_uc, stride_yn, stride_yh,
+                stride_yw, stride_yc, stride_pn, stride_ph, stride_pw, stride_pc, KSIZE, TWO_SOURCES, CLAMP_UP,
+                PACKED_K, EVEN_K, WIDE, HAS_BIAS, ACT, POOL, HEAD, D2S, TMA_ROWS, ROW_W, STRIDE, PER_IMAGE, NORM_IN,
+                IN_ACT, STATS, INTERPRETER, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_CLS,
+            )  # fmt: skip
+    else:
+        _conv_tile(
+            tl.program_id(0), tl.program_id(1), x_ptr, up_ptr, w_ptr, b_ptr, y_ptr, pool_ptr, head_w_ptr, head_b_ptr,
+            x_desc, up_desc, w_desc, w_up_desc, slopes_ptr, in_scale_ptr, in_shift_ptr, in_slopes_ptr, mean_ptr,
+            m2_ptr, count_ptr, batch, height, width, c_main, c_up, c_out, n_cls, in_h, in_w, conv_off, crop_top,
+            crop_left, up_h, up_w, pad_top, pad_left, act_slope, act_lo, act_hi, in_slope, in_lo, in_hi, tiles_img,
+            stride_xn, stride_xh, stride_xw, stride_xc, stride_un, stride_uh, stride_uw, stride_uc, stride_yn,
+            stride_yh, stride_yw, stride_yc, stride_pn, stride_ph, stride_pw, stride_pc, KSIZE, TWO_SOURCES, CLAMP_UP,
+            PACKED_K, EVEN_K, WIDE, HAS_BIAS, ACT, POOL, HEAD, D2S, TMA_ROWS, ROW_W, STRIDE, PER_IMAGE, NORM_IN,
+            IN_ACT, STATS, INTERPRETER, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_CLS,
+        )  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Configuration
 # ---------------------------------------------------------------------------------------------------------------
@@ -756,7 +892,34 @@ def candidate_configs(problem: ConvProblem) -> tuple[dict, ...]:
         }
         if config not in configs and _fits(problem, config):
             configs.append(config)
+    configs += _persistent_configs(problem, configs[0])
     return tuple(configs)
+
+
+# Shared memory of an sm_90 SM that CTAs may share (228 KiB less 1 KiB the driver keeps per CTA).
+_SM90_SHARED = 228 * 1024
+
+
+def programs_per_sm(problem: ConvProblem, config: dict) -> int:
+    """The most programs a persistent launch of ``config`` may put on each SM: the CTAs its pipeline buffers and
+    warps leave room for, at most 2. Registers are not known before compiling (two 8-warp CTAs fit at up to 128
+    registers a thread): a program that is not resident waits for a whole program, not a tile, so the candidates
+    also take one program an SM."""
+    block_m = _tile_rows(problem, config["BLOCK_M"])
+    smem = config["num_stages"] * (block_m + config["BLOCK_N"]) * config["BLOCK_K"] * problem.element_size
+    return max(1, min(2, _SM90_SHARED // (smem + 1024), 64 // (4 * config["num_warps"])))
+
+
+def _persistent_configs(problem: ConvProblem, base: dict) -> list[dict]:
+    """Persistent candidates (TMA path): the heuristic's tile on a grid of SMs x 1 and SMs x
+    :func:`programs_per_sm` programs looping over the tiles, where there are more tiles than programs. Not the
+    heuristic's choice: the issue model ignores prologues and epilogues, which is all a persistent grid overlaps,
+    so it never models one faster."""
+    if not problem.tma:
+        return []
+    tiles = triton.cdiv(problem.m, base["BLOCK_M"]) * triton.cdiv(problem.c_out, base["BLOCK_N"])
+    counts = dict.fromkeys((1, programs_per_sm(problem, base)))
+    return [{**base, "PROGRAMS_PER_SM": n} for n in counts if tiles > problem.sm_count * n]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -939,11 +1102,13 @@ class _ConvTile:
     rows: int  # TMA row boxes a tile; 0 on the pointer path
     block_m: int
     tiles: int  # tiles per image
-    grid: tuple[int, int]
+    grid: tuple[int, ...]  # (tiles along M, tiles along N), or (programs,) for a persistent launch
     constexprs: dict
     options: dict
     map_box: tuple[int, ...] = ()  # TMA: box of a source map (1, 1, pixels, BLOCK_K), of a weight slice
     weight_box: tuple[int, ...] = ()
+    tiles_m: int = 0  # tiles along M
+    persistent_tiles: int = 0  # a persistent launch: the tiles its programs loop over; 0: one tile a program
 
 
 @dataclasses.dataclass(eq=False)
@@ -967,6 +1132,7 @@ class _ConvStatic:
     # Pointer tiles of whole row segments (the kernel's ROW_W), except where the epilogue needs the window-major
     # order (the pool) or stores 2x2 pixels a lane (depth-to-space).
     row_tiles: bool = False
+    sm_count: int = 132  # of the launch's GPU (or the modeled one): a persistent grid's programs
     first: _ConvTile | None = None  # the tile of candidates[0], the config launched unless autotuning picks another
     others: dict = dataclasses.field(default_factory=dict)
 
@@ -996,15 +1162,18 @@ class _ConvStatic:
             grid = (batch * tiles, triton.cdiv(c_out, cfg["BLOCK_N"]))
         else:
             grid = (triton.cdiv(self.m, cfg["BLOCK_M"]), triton.cdiv(c_out, cfg["BLOCK_N"]))
+        tiles_m, persistent_tiles = grid[0], 0
+        if cfg.get("PROGRAMS_PER_SM"):
+            persistent_tiles = grid[0] * grid[1]
+            grid = (min(persistent_tiles, self.sm_count * cfg["PROGRAMS_PER_SM"]),)
         # Channel counts that fill whole K blocks (every layer of the usual U-Nets) drop the K masks.
         even_k = c_main % cfg["BLOCK_K"] == 0 and c_up % cfg["BLOCK_K"] == 0
         tile = {"BLOCK_M": block_m, "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"]}
         constexprs = {**self.flags, "EVEN_K": even_k, "TMA_ROWS": rows, "ROW_W": row_w, **tile}
+        constexprs["PERSISTENT"] = bool(persistent_tiles)
         options = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
-        if not rows:
-            return _ConvTile(rows, block_m, tiles, grid, constexprs, options)
-        map_box = (1, 1, block_m // rows, cfg["BLOCK_K"])
-        return _ConvTile(rows, block_m, tiles, grid, constexprs, options, map_box, (1, cfg["BLOCK_K"], cfg["BLOCK_N"]))
+        boxes = ((1, 1, block_m // rows, cfg["BLOCK_K"]), (1, cfg["BLOCK_K"], cfg["BLOCK_N"])) if rows else ((), ())
+        return _ConvTile(rows, block_m, tiles, grid, constexprs, options, *boxes, tiles_m, persistent_tiles)
 
 
 def _conv_static(
@@ -1092,7 +1261,9 @@ def _conv_static(
         views = [w_rows[:, :c_main]] + ([w_rows[:, c_main:]] if up is not None else [])
         base = w_packed.storage_offset()
         weight_views = tuple((tuple(v.shape), v.stride(), v.storage_offset() - base) for v in views)
-    static = _ConvStatic(False, m, candidates, tune_key, path, path_reason, sizes, flags, weight_views, row_tiles)
+    static = _ConvStatic(
+        False, m, candidates, tune_key, path, path_reason, sizes, flags, weight_views, row_tiles, problem.sm_count
+    )
     static.first = static._derive_tile(candidates[0])
     return static
 
@@ -1172,7 +1343,7 @@ def _launch(
         stat_args = moments_of(tile) if stats is not None else (w_packed, w_packed, w_packed)
         return (
             x, up_t, w_packed, b, y, pool_t, hw, hb, *_tma_descriptors(static, tile, x, up, w_packed), slopes_t,
-            *in_args[:3], *stat_args, *static.sizes, *scalars, tile.tiles, *strides,
+            *in_args[:3], *stat_args, *static.sizes, *scalars, tile.tiles, tile.tiles_m, *strides,
         )  # fmt: skip
 
     def run(cfg: dict) -> None:
@@ -1205,6 +1376,7 @@ def _launch(
                 path=static.path,
                 path_reason=static.path_reason,
                 retile=lambda cfg: (args_of(static.tile(cfg)), dict(static.tile(cfg).constexprs)),
+                persistent_tiles=tile.persistent_tiles,
             )
         )
     if not is_dry_run():

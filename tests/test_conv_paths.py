@@ -238,3 +238,67 @@ def test_automatic_choice_off_the_interpreter(monkeypatch, arch, width, path, re
     with _common.modeled_target(132, arch), _common.load_path("auto"):
         assert choose_load_path(x, None, w_packed, packed_k=False)[0] == path
         assert reason in choose_load_path(x, None, w_packed, packed_k=False)[1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Persistent grid: fewer programs than tiles, each looping over every programs-th tile
+# ---------------------------------------------------------------------------------------------------------------
+def forced_config(block_n: int | None, programs_per_sm: int):
+    """A ``choose_config`` that launches 16-pixel tiles (the TMA path widens them to its 64-pixel row boxes) of
+    ``block_n`` channels (if given) on a persistent grid of ``programs_per_sm`` programs an SM (0: one tile a
+    program)."""
+
+    def choose(key, candidates, run, timer=None):
+        config = {**candidates[0], "BLOCK_M": 16, **({"BLOCK_N": block_n} if block_n else {})}
+        return {**config, "PROGRAMS_PER_SM": programs_per_sm} if programs_per_sm else config
+
+    return choose
+
+
+# (SMs of the modeled GPU, programs an SM, batch, c_out, BLOCK_N, height, width, pool, two sources). On the
+# interpreter the modeled GPU sets the programs; ids count TMA tiles (pointer tiles: 7, 36, 8, 3, 4).
+PERSISTENT_CASES = [
+    pytest.param(1, 2, 1, 16, None, 7, 9, False, False, id="7-tiles-2-programs"),
+    pytest.param(2, 2, 2, 40, 16, 11, 5, False, False, id="66-tiles-4-programs-3-groups"),
+    pytest.param(3, 1, 1, 24, 16, 9, 6, True, False, id="pool-10-tiles-3-programs"),
+    pytest.param(2, 1, 1, 16, None, 5, 7, False, True, id="two-sources-5-tiles-2-programs"),
+    pytest.param(8, 2, 1, 24, 16, 3, 5, False, False, id="6-tiles-16-slots"),
+]
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("sms, per_sm, batch, c_out, block_n, height, width, pool, two", PERSISTENT_CASES)
+def test_persistent_grid(device, monkeypatch, path, sms, per_sm, batch, c_out, block_n, height, width, pool, two):
+    """Persistent launches against float64 (odd tile counts, more tiles than programs, fewer), bitwise equal to the
+    launch of one tile a program; the record says persistent, its grid is the programs, and it counts the tiles."""
+    dtype = torch.float32
+    c_skip, c_up = 16, 16 if two else 0
+    skip = torch.randn(batch, c_skip, height, width).to(device, dtype)
+    up = torch.randn(batch, c_up, height, width).to(device, dtype) if two else None
+    weight, bias = rand_weight(c_out, c_skip + c_up, 3, dtype, device)
+    kwargs = {"up": channels_last(up), "up_mode": "direct"} if two else {}
+    runs = {}
+    for programs in (0, per_sm):
+        monkeypatch.setattr(conv_module, "choose_config", forced_config(block_n, programs))
+        with _common.modeled_target(sms):
+            runs[programs] = run_logged(
+                path, conv2d_nhwc, channels_last(skip), pack_conv_weight(weight), bias, pool=pool, **kwargs
+            )
+    (y, pooled), record = runs[per_sm]
+    (y_plain, pooled_plain), plain = runs[0]
+    check_record(record, path, device)
+    tiles = math.prod(plain.grid)
+    with _common.modeled_target(sms):
+        programs = min(tiles, _common.sm_count(y) * per_sm)
+    assert not plain.persistent and plain.persistent_tiles == 0
+    assert record.persistent and record.persistent_tiles == tiles and record.grid == (programs,)
+    assert record.constexprs["PERSISTENT"] and not plain.constexprs["PERSISTENT"]
+    if device.type == "cpu":  # the modeled GPU sets the programs: the case's name holds
+        assert programs == min(tiles, sms * per_sm)
+    assert torch.equal(y, y_plain)
+    joined = skip.double().cpu() if up is None else torch.cat([skip.double().cpu(), up.double().cpu()], dim=1)
+    reference = F.conv2d(joined, weight.double().cpu(), bias.double().cpu(), padding=1).relu()
+    assert_kernel_close(nchw(y), reference, 9 * (c_skip + c_up), precision_key(dtype, device))
+    if pool:
+        assert torch.equal(pooled, pooled_plain)
+        assert torch.equal(nchw(pooled).cpu(), F.max_pool2d(nchw(y).cpu(), 2))

@@ -18,6 +18,10 @@ and the sum of its partials, the input gradients on the forward conv kernel, the
 conv's gradients). Its variants join the table, and its modeled time (forward + backward) joins the forward's in
 ``model``.
 
+``--persistent`` adds, per forward, the same forward with every launch that has a persistent autotuning candidate
+(the conv kernel on the TMA path, where tiles outnumber the programs) launched that way, labelled
+``persistent-<upsample>/...``: its variants and its modeled time beside the launched one's.
+
 Arguments are specialized the way Triton's JIT does at launch (an integer equal to 1 becomes a constant; integers
 and pointers divisible by 16 get a divisibility hint), so each cubin is the one a launch on the GPU would build.
 
@@ -38,6 +42,7 @@ choose interpreter-only constexprs. Usage::
     fastunet report --arch sm_90 sm_80 --json report.json    # also Ampere (HMMA); the model is of the first
     python -m bench.compile_report --arch 90 --dtype bfloat16 --upsample transpose bilinear --batch 1
     python -m bench.compile_report --arch 90 --dtype bf16 --training         # also the training step
+    python -m bench.compile_report --arch 90 --dtype bf16 --persistent       # also persistent grids, modeled
 """
 
 from __future__ import annotations
@@ -394,7 +399,8 @@ def _collect(traces: Iterable[tuple[str, Sequence[LaunchRecord]]]) -> tuple[list
             entry = found.setdefault(
                 variant_key(record),
                 {
-                    "name": record.name,
+                    # A persistent launch's programs loop over tiles: a cubin of its own, named so.
+                    "name": record.name + ("+persistent" if record.constexprs.get("PERSISTENT") else ""),
                     "kernel": record.kernel,
                     "signature": signature,
                     "constexprs": constants,
@@ -426,6 +432,32 @@ def with_candidates(records: Sequence[LaunchRecord]) -> list[LaunchRecord]:
             constexprs = {**record.constexprs, **{key: candidate[key] for key in TILE_KEYS}}
             expanded.append(dataclasses.replace(record, constexprs=constexprs, launch_options=options))
     return expanded
+
+
+def persistent_launch(record: LaunchRecord, sm_count: int) -> LaunchRecord | None:
+    """``record`` as its persistent candidate of the launched tile would launch (the most programs an SM it
+    offers) on a GPU of ``sm_count`` SMs: grid (programs,), ``persistent_tiles`` the launch's tiles; None where it
+    has no such candidate or is persistent already."""
+    if record.persistent or record.retile is None:
+        return None
+    launched = {**{key: record.constexprs.get(key) for key in TILE_KEYS}, **record.launch_options}
+    matching = [
+        c
+        for c in record.candidates
+        if c.get("PROGRAMS_PER_SM") and all(c.get(key) == value for key, value in launched.items())
+    ]
+    if not matching:
+        return None
+    candidate = max(matching, key=lambda c: c["PROGRAMS_PER_SM"])
+    args, constexprs = record.retile(candidate)
+    tiles = math.prod(record.grid)
+    return dataclasses.replace(
+        record,
+        args=args,
+        constexprs=constexprs,
+        grid=(min(tiles, sm_count * candidate["PROGRAMS_PER_SM"]),),
+        persistent_tiles=tiles,
+    )
 
 
 def trace_for_target(
@@ -695,13 +727,16 @@ def compile_configs(
     sass_dir: str | None = None,
     features: Sequence[str] = (),
     training: bool = False,
+    persistent: bool = False,
     **model_kwargs: int,
 ) -> CompileResult:
     """Compile every distinct variant that the given configurations launch (``candidates``: every variant the
     autotuner may launch); one row per variant. Configurations are labelled ``upsample/dtype/b<batch>``, with
     ``/<size>`` before the batch when several sizes are given. ``training``: also one training step (forward and
     backward, :func:`trace_training_for_target`) per upsampling mode, dtype, size and batch, labelled
-    ``train-<upsample>/dtype/b<batch>``. ``sass_dir``: write each variant's SASS there."""
+    ``train-<upsample>/dtype/b<batch>``. ``persistent``: also each forward with its persistent candidates launched
+    (:func:`persistent_launch`), labelled ``persistent-<upsample>/...``. ``sass_dir``: write each variant's SASS
+    there."""
     if INTERPRET:
         raise RuntimeError("the compile report needs real Triton compilation: run it with TRITON_INTERPRET unset")
     expand = with_candidates if candidates else list
@@ -730,6 +765,14 @@ def compile_configs(
                             tuple(stage_labels(records)),
                         )
                     )
+                    target = issue_model.ASSUMPTIONS.get(arch)
+                    if persistent and target is not None:
+                        records = [persistent_launch(r, target.sm_count) or r for r in records]
+                        configs.append(
+                            dataclasses.replace(
+                                configs[-1], label="persistent-" + configs[-1].label, records=tuple(records)
+                            )
+                        )
                     if training and upsample not in FEATURES:
                         records = trace_training_for_target(
                             upsample, torch_dtype(dtype), batch, size_, arch, **model_kwargs
@@ -921,6 +964,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         help="also a training step per upsampling mode (forward and backward kernels, labelled train-<upsample>/...): "
         "its variants and its modeled time next to the forward's",
     )
+    parser.add_argument(
+        "--persistent",
+        action="store_true",
+        help="also each forward with its persistent autotuning candidates launched (labelled persistent-<upsample>/"
+        "...): their variants and the modeled time next to the launched forward's",
+    )
     parser.add_argument("--batch", nargs="+", type=positive_int, default=list(REFERENCE_BATCHES))
     parser.add_argument("--size", nargs="+", type=positive_int, default=[REFERENCE_SIZE], help="H = W")
     parser.add_argument("--in-channels", type=positive_int, default=REFERENCE_MODEL["in_channels"])
@@ -965,6 +1014,7 @@ def run(args: argparse.Namespace) -> tuple[dict, list[VariantReport], list[issue
             sass_dir=args.sass,
             features=args.features,
             training=args.training,
+            persistent=args.persistent,
             **model_kwargs,
         )
         for arch in archs
@@ -982,6 +1032,7 @@ def run(args: argparse.Namespace) -> tuple[dict, list[VariantReport], list[issue
             "upsample": list(args.upsample),
             "features": list(args.features),
             "training": bool(args.training),
+            "persistent": bool(args.persistent),
             "dtypes": list(args.dtype),
             "batches": list(args.batch),
             "sizes": list(args.size),

@@ -303,7 +303,8 @@ def tensor_loops(
     tensor_clocks: float | None,
     issue_per_clock: int,
 ) -> list[TensorLoop]:
-    """The innermost loop of each tensor-core instruction that sits in a loop, in address order. A kernel whose
+    """The innermost loop of each tensor-core instruction that sits in a loop, in address order, less loops that hold
+    another such loop (a persistent kernel's loop over tiles, whose fused head GEMM runs once a tile). A kernel whose
     tensor-core instructions all sit outside loops (a single K block, unrolled) is one straight pass: the whole
     kernel counts as its one "loop", every instruction issued once (branches not taken are counted too).
 
@@ -317,6 +318,9 @@ def tensor_loops(
             around = [(a, b) for a, b in loops if a <= ins.address <= b]
             if around:
                 chosen.add(min(around, key=lambda loop: loop[1] - loop[0]))
+    # A loop around another tensor-core loop is a loop over tiles (a persistent kernel's), not over K-steps: its own
+    # tensor-core instructions are per-tile epilogue work (a fused head's GEMM), as outside every loop.
+    chosen = {(a, b) for a, b in chosen if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in chosen)}
     if not chosen and any(is_mma(ins.opcode) for ins in instructions):
         chosen.add((instructions[0].address, instructions[-1].address))
     found = []
@@ -441,9 +445,9 @@ class LayerModel:
     num_warps: int
     flops: int
     bytes: int
-    ctas: int
+    ctas: int  # programs launched (a persistent launch's programs each loop over several tiles)
     ctas_per_sm: int | None  # resident at once (occupancy)
-    ctas_per_busiest_sm: int  # ceil(CTAs / SMs): the CTAs the busiest SM works through
+    ctas_per_busiest_sm: int  # the tiles the busiest SM works through: ceil(CTAs / SMs) at one tile a CTA
     waves: int | None  # ceil(CTAs / (SMs * CTAs per SM))
     k_steps: tuple[int, ...]  # per CTA, per tensor-core loop
     issue_ratio: float | None  # K-step-weighted over the loops
@@ -453,6 +457,8 @@ class LayerModel:
     time_s: float | None  # None: the launch cannot run (no CTA fits on an SM)
     bound: str  # "tensor", "issue", "memory", or "cannot launch"
     note: str = ""
+    tiles: int = 0  # output tiles: CTAs, or the tiles a persistent launch's programs loop over
+    persistent: bool = False
 
     @property
     def tflops(self) -> float | None:
@@ -469,18 +475,31 @@ class LayerModel:
         return row
 
 
+def busiest_sm_tiles(tiles: int, programs: int, sms: int) -> int:
+    """Tiles the busiest SM runs in a persistent launch: program p takes tiles p, p + programs, ...; programs are
+    dealt to SMs breadth-first (p to SM p mod sms), so SM 0 holds the programs with the most tiles."""
+    if tiles <= 0 or programs <= 0:
+        return 0
+    return sum(-(-(tiles - p) // programs) for p in range(0, min(programs, tiles), sms))
+
+
 def model_layer(stage: str, record, variant, assumptions: Assumptions) -> LayerModel:
     """Model one launch: ``record`` a :class:`~fastunet.kernels._common.LaunchRecord` (grid, FLOPs, bytes), and
     ``variant`` its compiled variant (anything with ``mainloop``, ``ctas_per_sm``, ``num_warps``).
 
-    Per tensor-core loop ``l`` a CTA spends ``max(k_l * tensor_clocks, k_l * issue_clocks_l / eta)`` clocks, ``k_l``
-    its K-steps there; the launch takes ``ceil(CTAs / SMs)`` CTA times, or the bytes over the bandwidth if longer.
+    Per tensor-core loop ``l`` a tile spends ``max(k_l * tensor_clocks, k_l * issue_clocks_l / eta)`` clocks, ``k_l``
+    its K-steps there; the launch takes ``ceil(CTAs / SMs)`` tile times, or the bytes over the bandwidth if longer.
+    A persistent launch (``record.persistent_tiles``): its CTAs are its programs, each looping over several tiles;
+    it takes the busiest SM's tiles (:func:`busiest_sm_tiles`) times one tile's time. What it saves, a tile's
+    prologue and epilogue overlapped with the next tile's work, is outside the model.
     """
     c = record.constexprs
     tile = "x".join(str(c.get(key, "-")) for key in gemm_view(record.kernel).keys)
     ctas = math.prod(record.grid)
     sms = assumptions.sm_count
-    busiest = -(-ctas // sms)
+    persistent = bool(getattr(record, "persistent_tiles", 0))
+    tiles = record.persistent_tiles if persistent else ctas
+    busiest = busiest_sm_tiles(tiles, ctas, sms) if persistent else -(-ctas // sms)
     nbytes = record.bytes_read + record.bytes_written
     memory_s = nbytes / assumptions.bandwidth
     loops = variant.mainloop.loops
@@ -490,7 +509,7 @@ def model_layer(stage: str, record, variant, assumptions: Assumptions) -> LayerM
     if steps is None and clocks:
         # A kernel the convolution reader does not know: its K-steps from its FLOPs over the tile's.
         tile_flops = clocks * assumptions.flops_per_clock(operand_type(variant.dtype, c) or "bf16")
-        steps = [max(1, round(record.flops / ctas / tile_flops))] if ctas else [0]
+        steps = [max(1, round(record.flops / tiles / tile_flops))] if tiles else [0]
         note = "K-steps estimated from FLOPs"
     if loops and steps and len(steps) != len(loops):
         total = sum(steps)
@@ -523,7 +542,7 @@ def model_layer(stage: str, record, variant, assumptions: Assumptions) -> LayerM
             bound = "issue" if issue_s / assumptions.eta > tensor_s else "tensor"
     return LayerModel(
         stage=stage,
-        kernel=record.name,
+        kernel=record.name + ("+persistent" if persistent else ""),
         tile=tile,
         num_warps=variant.num_warps,
         flops=record.flops,
@@ -540,6 +559,8 @@ def model_layer(stage: str, record, variant, assumptions: Assumptions) -> LayerM
         time_s=time_s,
         bound=bound,
         note=note,
+        tiles=tiles,
+        persistent=persistent,
     )
 
 
@@ -689,13 +710,15 @@ def format_model(models: Sequence[ForwardModel], layers: bool = True) -> str:
 
 
 def _step_name(model: ForwardModel) -> str:
-    return "training step (forward + backward)" if model.step == "training" else "forward"
+    name = "training step (forward + backward)" if model.step == "training" else "forward"
+    return name + (" with persistent grids" if any(layer.persistent for layer in model.layers) else "")
 
 
 def format_layers(model: ForwardModel) -> str:
     """One line per launch: tile, CTAs, resident CTAs, K-steps, issue ratio, the three times and the bound."""
     sw = max(16, *(len(layer.stage) for layer in model.layers)) if model.layers else 16
-    kw = max(12, *(min(30, len(layer.kernel)) for layer in model.layers)) if model.step == "training" else 12
+    wide = model.step == "training" or any(layer.persistent for layer in model.layers)
+    kw = max(12, *(min(30, len(layer.kernel)) for layer in model.layers)) if wide else 12
     header = (
         f"{'stage':<{sw}} {'kernel':<{kw}} {'tile':<11} {'w':>2} {'CTAs':>6} {'/SM':>3} {'K-steps':>9} {'issue':>5} "
         f"{'tensor us':>9} {'issue/eta':>9} {'memory us':>9} {'model us':>9} {'TFLOP/s':>7} {'bound':<7}"
