@@ -460,6 +460,58 @@ def test_sm90_build_persistent_candidates():
     assert not found, "\n".join(found)
 
 
+# Split K: the candidates of the reference config's batch-1 layers with fewer tiles than SMs (the bottleneck on
+# pointer loads, 32 px wide; a 64 x 64 map of 256 channels on TMA), and their sum launch
+SPLIT_K_BUILD = """
+import json, sys
+import torch
+from fastunet.kernels import conv as conv_module
+from fastunet.kernels._common import dry_run, launch_log
+from fastunet.kernels.conv import conv2d_nhwc
+from fastunet.tooling.compile_report import collect_variants, compile_variant, with_candidates
+
+def meta(*shape):
+    return torch.empty(*shape, device="meta", dtype=torch.bfloat16)
+
+def layers():
+    conv2d_nhwc(meta(1, 32, 32, 512), meta(9 * 512, 1024), meta(1024))
+    conv2d_nhwc(meta(1, 64, 64, 256), meta(9 * 256, 256), meta(256))
+
+with dry_run(), launch_log() as records:
+    layers()
+assert [record.path for record in records] == ["pointer", "tma"]
+split = [record for record in with_candidates(records) if record.constexprs["SPLIT_K"] > 1]
+# The sum launches, as the launcher records them when it runs a split candidate.
+conv_module.choose_config = lambda key, candidates, run: next(c for c in candidates if c.get("SPLIT_K"))
+with dry_run(), launch_log() as sums:
+    layers()
+variants = collect_variants([("split/bf16/b1", split + [r for r in sums if r.name.endswith("split_k_sum")])])
+json.dump([compile_variant(variant).to_json() for variant in variants], sys.stdout)
+"""
+
+
+def test_sm90_build_split_k_candidates():
+    """The split-K candidates build like the chosen tiles (no spills, HGMMA, TMA on the TMA path, no ptxas
+    warnings, one tensor-core loop), and so does the sum of their parts."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", SPLIT_K_BUILD], env=env, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert proc.returncode == 0, f"split-K build failed:\n{proc.stderr[-4000:]}"
+    rows = json.loads(proc.stdout)
+    convs = [row for row in rows if row["kernel"] == "conv3x3"]
+    assert {(row["config"]["SPLIT_K"], bool(row["config"]["TMA_ROWS"])) for row in convs} >= {(2, False), (2, True)}
+    assert any(row["kernel"] == "conv3x3.split_k_sum" for row in rows)
+    found = [
+        f"{_label(row)}: {row['tensor_loops']} tensor-core loops, {row['tma_loads']} TMA loads"
+        for row in convs
+        if row["tensor_loops"] != 1 or bool(row["tma_loads"]) != bool(row["config"]["TMA_ROWS"])
+    ]
+    report = {"variants": rows}
+    found += spill_problems(report) + tensor_core_problems({"variants": convs}, "bf16") + shared_memory_problems(report)
+    found += ptxas_problems(report)
+    assert not found, "\n".join(found)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The backward's elementwise and gather kernels (kernels/backward.py): sm_90 builds of a typical launch
 # ---------------------------------------------------------------------------------------------------------------

@@ -215,6 +215,9 @@ def test_k_steps_per_source():
     assert issue_model.k_steps_per_source(fake_record((4, 1), c_main=100)) == [9 * 2]
     packed = fake_record((4, 1), c_main=3, PACKED_K=True, BLOCK_K=32)
     assert issue_model.k_steps_per_source(packed) == [1]  # 27 (tap, channel) pairs in one 32-wide K block
+    # Split K: each part runs its share of the steps (the fullest part's count)
+    assert issue_model.k_steps_per_source(fake_record((4, 1, 2), c_main=512, SPLIT_K=2)) == [36]
+    assert issue_model.k_steps_per_source(fake_record((4, 1, 4), c_main=100, SPLIT_K=4)) == [5]
 
 
 @pytest.mark.parametrize("ctas, busiest", [(132, 1), (133, 2), (264, 2), (1000, 8)])

@@ -409,8 +409,9 @@ def k_steps_per_source(record) -> list[int] | None:
     """K-steps one CTA runs per source loop of a convolution launch: ``KSIZE**2 * cdiv(c, BLOCK_K)`` for the main
     input (``c_main``) and, with ``TWO_SOURCES``, for the upsampled one (``c_up``); one flattened loop of
     ``cdiv(KSIZE**2 * c_main, BLOCK_K)`` with ``PACKED_K`` (the small-K path; its value is the channel
-    count). For a kernel whose :class:`GemmView` names its K-steps (the weight gradient's rows per slice times
-    pixel blocks per row): one loop of their product (the fullest CTA). None for a kernel without these arguments."""
+    count); with ``SPLIT_K`` parts, the fullest part's share of them. For a kernel whose :class:`GemmView` names its
+    K-steps (the weight gradient's rows per slice times pixel blocks per row): one loop of their product (the fullest
+    CTA). None for a kernel without these arguments."""
     params = getattr(record.kernel, "params", None)
     c = record.constexprs
     if params is None:
@@ -432,6 +433,8 @@ def k_steps_per_source(record) -> list[int] | None:
     steps = [taps * -(-values["c_main"] // block_k)]
     if c.get("TWO_SOURCES") and values.get("c_up"):
         steps.append(taps * -(-values["c_up"] // block_k))
+    if c.get("SPLIT_K", 1) > 1:  # one source, its steps dealt to the parts: the fullest part's
+        steps = [-(-steps[0] // c["SPLIT_K"])]
     return steps
 
 
@@ -709,15 +712,20 @@ def format_model(models: Sequence[ForwardModel], layers: bool = True) -> str:
     return "\n".join(lines)
 
 
+# Labels of forwards traced with autotuning candidates in place of the heuristic's tiles (the compile report's
+# --persistent and --split-k), and how the model's text names them.
+CANDIDATE_LABELS = {"persistent-": " with persistent grids", "split-k-": " with split K"}
+
+
 def _step_name(model: ForwardModel) -> str:
     name = "training step (forward + backward)" if model.step == "training" else "forward"
-    return name + (" with persistent grids" if any(layer.persistent for layer in model.layers) else "")
+    return name + next((text for prefix, text in CANDIDATE_LABELS.items() if model.label.startswith(prefix)), "")
 
 
 def format_layers(model: ForwardModel) -> str:
     """One line per launch: tile, CTAs, resident CTAs, K-steps, issue ratio, the three times and the bound."""
     sw = max(16, *(len(layer.stage) for layer in model.layers)) if model.layers else 16
-    wide = model.step == "training" or any(layer.persistent for layer in model.layers)
+    wide = model.step == "training" or any(len(layer.kernel) > 12 for layer in model.layers)
     kw = max(12, *(min(30, len(layer.kernel)) for layer in model.layers)) if wide else 12
     header = (
         f"{'stage':<{sw}} {'kernel':<{kw}} {'tile':<11} {'w':>2} {'CTAs':>6} {'/SM':>3} {'K-steps':>9} {'issue':>5} "
