@@ -83,6 +83,14 @@ class LaunchRecord:
     # the arguments depend on the tile (a TMA launch's descriptors are built for its boxes). None: only the tile
     # constexprs change.
     retile: object = dataclasses.field(default=None, compare=False, repr=False)
+    # A persistent launch: the output tiles its ``grid`` of programs loops over (each program takes every
+    # programs-th tile). 0: one tile a program (the grid counts tiles).
+    persistent_tiles: int = 0
+
+    @property
+    def persistent(self) -> bool:
+        """Whether the launch's programs loop over several tiles each (see ``persistent_tiles``)."""
+        return self.persistent_tiles > 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +118,7 @@ class _ThreadState(threading.local):
         self.target: ModeledTarget = MODELED_TARGET
         self.load_path: str | None = None  # None: the process default (FASTUNET_LOAD_PATH)
         self.launch_caching = True  # launchers reuse what they derived for a signature seen before
+        self.prefer: str | None = None  # launch the first candidate setting this config key (see preferring)
 
 
 _thread = _ThreadState()
@@ -322,12 +331,30 @@ def launch_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
     return device_guard(t)
 
 
+@contextlib.contextmanager
+def preferring(key: str) -> Iterator[None]:
+    """Launches of this thread inside the block take the first autotuning candidate that sets config ``key``
+    (``"PROGRAMS_PER_SM"``: a persistent grid; ``"SPLIT_K"``: split K), where a launch has one, instead of the
+    heuristic's or the tuner's choice: what the compile report models and the tests run, with no GPU to time them."""
+    previous = _thread.prefer
+    _thread.prefer = key
+    try:
+        yield
+    finally:
+        _thread.prefer = previous
+
+
 def choose_config(key: tuple, candidates: list[dict], run, timer=None) -> dict:
-    """The config to launch with: ``candidates[0]`` unless autotuning is on, else the fastest by ``timer``.
+    """The config to launch with: ``candidates[0]`` unless autotuning is on, else the fastest by ``timer``; inside
+    :func:`preferring`, the first candidate that sets the preferred key, if any.
 
     ``run(config)`` launches once with ``config``; ``timer(fn)`` returns a time in ms (default: Triton's
     ``do_bench``, median of CUDA-event timings after warm-up). Winners are cached per ``key``.
     """
+    if _thread.prefer is not None:
+        preferred = next((c for c in candidates if c.get(_thread.prefer)), None)
+        if preferred is not None:
+            return preferred
     if not _autotune_on() or is_dry_run() or len(candidates) == 1:
         return candidates[0]
     if key in _tuned:

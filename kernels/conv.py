@@ -77,6 +77,8 @@ TMA_MIN_ROW = 64
 UP_MODES = ("direct", *UPSAMPLE_MODES)
 # How the upsampled map and the skip are brought to one size (see conv2d_nhwc).
 JOINS = ("pad", "replicate", "crop")
+# Persistent launches number their tiles in groups of this many pixel tiles by every channel tile (_grouped_tile).
+PERSISTENT_GROUP_M = tl.constexpr(8)
 
 
 @triton.jit
@@ -91,6 +93,14 @@ def _tap_bits(y, x, valid, height, width, KSIZE: tl.constexpr):
         inside = valid & (iy >= 0) & (iy < height) & (ix >= 0) & (ix < width)
         bits = bits | (inside.to(tl.int32) << tap)
     return bits
+
+
+@triton.jit
+def _split_range(steps, split, SPLIT_K: tl.constexpr):
+    """(first, count) of split ``split``'s K-steps out of ``steps``: [split * steps // SPLIT_K, (split + 1) * steps //
+    SPLIT_K), a fixed partition, so each partial sum is the same on every run."""
+    first = split * steps // SPLIT_K
+    return first, (split + 1) * steps // SPLIT_K - first
 
 
 @triton.jit
@@ -121,6 +131,7 @@ def _accumulate_source(
     norm_lo,
     norm_hi,
     norm_img,  # NORM: the tile's image (every row of a NORM tile is in one image)
+    split,  # SPLIT_K: this program's part of the (tap, channel block) steps
     KSIZE: tl.constexpr,
     EVEN_K: tl.constexpr,
     WIDE: tl.constexpr,
@@ -130,6 +141,7 @@ def _accumulate_source(
     INTERPRETER: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):
     """acc += A_src @ W_src over every (tap, channel block) of one source, as a single flat loop.
 
@@ -142,15 +154,24 @@ def _accumulate_source(
     ``NORM``: the source is a stored pre-norm map; each element becomes ``act(z * scale + shift)`` (one scale and
     shift vector per K block: the tile is one image's) and then the padding's zero, in fp32, rounded once to the
     operand dtype. The transform sits between the load and the dot, so these loads go through registers.
+
+    ``SPLIT_K`` > 1: only steps [split * S / SPLIT_K, (split + 1) * S / SPLIT_K) of the S steps (see
+    :func:`_split_range`).
     """
     pad: tl.constexpr = KSIZE // 2
     offset_type: tl.constexpr = tl.int64 if WIDE else tl.int32
     blocks = tl.cdiv(c_src, BLOCK_K)
     b_offs = offs_k[:, None] * c_out + offs_n[None, :]
     rows = row_base.to(offset_type)
-    tap = 0
-    c0 = 0
-    for _ in range(0, KSIZE * KSIZE * blocks):
+    if SPLIT_K > 1:
+        first, count = _split_range(KSIZE * KSIZE * blocks, split, SPLIT_K)
+        tap = first // blocks
+        c0 = first % blocks * BLOCK_K
+    else:
+        count = KSIZE * KSIZE * blocks
+        tap = 0
+        c0 = 0
+    for _ in range(0, count):
         if CLAMP:
             yy = tl.minimum(row_y + (tap // KSIZE - pad), last_y).to(offset_type)
             xx = tl.minimum(row_x + (tap % KSIZE - pad), last_x).to(offset_type)
@@ -198,6 +219,7 @@ def _accumulate_source_tma(
     x0,
     n0,
     c_src,
+    split,  # SPLIT_K: this program's part of the (tap, channel block) steps
     KSIZE: tl.constexpr,
     ROWS: tl.constexpr,
     INTERPRETER: tl.constexpr,
@@ -205,6 +227,7 @@ def _accumulate_source_tma(
     BLOCK_W: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):
     """acc_top (+ acc_bottom) += A_src @ W_src over every (tap, channel block) of one source, loaded by TMA.
 
@@ -213,13 +236,23 @@ def _accumulate_source_tma(
     ``c_src`` are zero in both operands (each source has its own weight descriptor), so no mask is computed. Both
     operands stay in shared memory for the wgmma. A 2-row tile takes one row box per row and one accumulator per
     row: a 2-D spatial box reshaped to one operand goes through registers and serializes the wgmma on sm_90.
+    ``SPLIT_K`` > 1: only this program's steps (see :func:`_split_range`).
     """
     pad: tl.constexpr = KSIZE // 2
-    dy = -pad
-    dx = -pad
-    tap = 0
-    c0 = 0
-    for _ in range(0, KSIZE * KSIZE * tl.cdiv(c_src, BLOCK_K)):
+    if SPLIT_K > 1:
+        blocks = tl.cdiv(c_src, BLOCK_K)
+        first, count = _split_range(KSIZE * KSIZE * blocks, split, SPLIT_K)
+        tap = first // blocks
+        c0 = first % blocks * BLOCK_K
+        dy = tap // KSIZE - pad
+        dx = tap % KSIZE - pad
+    else:
+        count = KSIZE * KSIZE * tl.cdiv(c_src, BLOCK_K)
+        dy = -pad
+        dx = -pad
+        tap = 0
+        c0 = 0
+    for _ in range(0, count):
         b = w_desc.load([tap, c0, n0]).reshape(BLOCK_K, BLOCK_N)
         a = src_desc.load([img, y0 + dy, x0 + dx, c0]).reshape(BLOCK_W, BLOCK_K)
         acc_top = mma(a, b, acc_top, INTERPRETER, DOT_PRECISION)
@@ -250,7 +283,22 @@ def _window_major(top, bottom):
 
 
 @triton.jit
-def _conv_nhwc_kernel(
+def _grouped_tile(tile, tiles_m, tiles_n, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of persistent work item ``tile``: items run in groups of GROUP_M pixel tiles (fewer in the
+    last group), the pixel tile moving fastest inside a group, so consecutive items share a weight slice and
+    neighbouring input rows."""
+    per_group = GROUP_M * tiles_n
+    first_m = tile // per_group * GROUP_M
+    group_m = tl.minimum(tiles_m - first_m, GROUP_M)
+    inside = tile % per_group
+    return first_m + inside % group_m, inside // group_m
+
+
+@triton.jit
+def _conv_tile(
+    pid_m,  # the tile: its pixel block (see the kernel's grid), its output-channel block and its part of K
+    pid_n,
+    pid_k,
     x_ptr,  # (batch, height, width, c_main): the input, or the skip map with TWO_SOURCES
     up_ptr,  # (batch, up_h, up_w, c_up): the upsampled map (TWO_SOURCES)
     w_ptr,  # (KSIZE * KSIZE * (c_main + c_up), c_out): packed weights, row = tap * c_in + channel
@@ -270,6 +318,7 @@ def _conv_nhwc_kernel(
     mean_ptr,  # (batch * tiles_img, c_out) fp32 (STATS): per-tile mean and M2 of the stored map, per channel
     m2_ptr,
     count_ptr,  # (batch * tiles_img,) fp32 (STATS): valid pixels of each tile
+    part_ptr,  # (SPLIT_K, batch, height, width, c_out) fp32, contiguous (SPLIT_K > 1): partial sums
     batch,
     height,  # of the output
     width,
@@ -327,6 +376,7 @@ def _conv_nhwc_kernel(
     NORM_IN: tl.constexpr,
     IN_ACT: tl.constexpr,
     STATS: tl.constexpr,
+    SPLIT_K: tl.constexpr,
     INTERPRETER: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -334,29 +384,7 @@ def _conv_nhwc_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_CLS: tl.constexpr,
 ):
-    """y[p, n] = act(bias[n] + sum_k A[p, k] W[k, n]) over a (BLOCK_M pixels) x (BLOCK_N channels) tile.
-
-    Grid: (cdiv(M, BLOCK_M), cdiv(c_out, BLOCK_N)), M = batch * ceil(height/2) * ceil(width/2) * 4; with TMA loads
-    (``TMA_ROWS`` row boxes of BLOCK_M / TMA_ROWS pixels per tile): (batch * cdiv(height, TMA_ROWS) *
-    cdiv(width, BLOCK_M / TMA_ROWS), cdiv(c_out, BLOCK_N)); with ``PER_IMAGE`` (pointer loads): (batch * tiles_img,
-    cdiv(c_out, BLOCK_N)), each tile the window-major pixels of one image, so that a tile's statistics (``STATS``)
-    and its input's normalization (``NORM_IN``) belong to one image. With ``ROW_W`` (pointer loads without the pool
-    or the depth-to-space store): tiles of BLOCK_M / ROW_W rows of ROW_W pixels, laid out like the TMA tiles (grid
-    (batch * cdiv(height, BLOCK_M / ROW_W) * cdiv(width, ROW_W), ...)): a lane's pixel is a shift and a mask of
-    its index, not the three runtime divisions of the window-major order, and a tile lies in one image.
-
-    ``STATS``: the epilogue stores the pre-norm map (bias added, no activation) and the count, mean and M2 of the
-    stored values of its tile per channel (tile ``pid_m`` = image * tiles per image + tile, on both load paths);
-    :func:`fastunet.kernels.stats.norm_scale_shift` merges them. ``NORM_IN``: x is read as ``act(x * scale +
-    shift)`` (per image and channel), zero padding after it.
-
-    Geometry is base-offset arithmetic done once per tile: an output pixel's centre tap sits at (STRIDE oy,
-    STRIDE ox) + conv_off in the input's frame (zero padding at that frame's border), at + (crop_top, crop_left)
-    in x and at - (pad_top, pad_left) in the upsampled map. The TMA path takes the plain geometry only (conv_off,
-    crop and the replicate join zero, stride 1; see choose_load_path).
-    """
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    """One output tile of :func:`_conv_nhwc_kernel` (see there), at grid position (``pid_m``, ``pid_n``)."""
     half_h = (height + 1) // 2
     half_w = (width + 1) // 2
     c_in = c_main + c_up
@@ -414,14 +442,14 @@ def _conv_nhwc_kernel(
         bottom = tl.zeros((block_w_, BLOCK_N), dtype=tl.float32)
         n0 = pid_n * BLOCK_N
         top, bottom = _accumulate_source_tma(
-            top, bottom, x_desc, w_desc, img_t, y0, x0, n0, c_main,
-            KSIZE, TMA_ROWS, INTERPRETER, DOT_PRECISION, block_w_, BLOCK_N, BLOCK_K,
+            top, bottom, x_desc, w_desc, img_t, y0, x0, n0, c_main, pid_k,
+            KSIZE, TMA_ROWS, INTERPRETER, DOT_PRECISION, block_w_, BLOCK_N, BLOCK_K, SPLIT_K,
         )  # fmt: skip
         if TWO_SOURCES:
             # The upsampled map's own coordinates (centered in the skip's frame): out-of-map boxes zero-fill.
             top, bottom = _accumulate_source_tma(
-                top, bottom, up_desc, w_up_desc, img_t, y0 - pad_top, x0 - pad_left, n0, c_up,
-                KSIZE, TMA_ROWS, INTERPRETER, DOT_PRECISION, block_w_, BLOCK_N, BLOCK_K,
+                top, bottom, up_desc, w_up_desc, img_t, y0 - pad_top, x0 - pad_left, n0, c_up, 0,
+                KSIZE, TMA_ROWS, INTERPRETER, DOT_PRECISION, block_w_, BLOCK_N, BLOCK_K, 1,
             )  # fmt: skip
         if TMA_ROWS == 2:
             acc = _window_major(top, bottom)
@@ -476,6 +504,7 @@ def _conv_nhwc_kernel(
             in_lo,
             in_hi,
             img_t if PER_IMAGE or ROW_W else 0,
+            pid_k,
             KSIZE,
             EVEN_K,
             WIDE,
@@ -485,6 +514,7 @@ def _conv_nhwc_kernel(
             INTERPRETER,
             DOT_PRECISION,
             BLOCK_K,
+            SPLIT_K,
         )
         if TWO_SOURCES:
             # The upsampled map's own coordinates: it sits at (pad_top, pad_left) in the input's frame.
@@ -526,6 +556,7 @@ def _conv_nhwc_kernel(
                 in_lo,
                 in_hi,
                 0,
+                0,
                 KSIZE,
                 EVEN_K,
                 WIDE,
@@ -535,92 +566,303 @@ def _conv_nhwc_kernel(
                 INTERPRETER,
                 DOT_PRECISION,
                 BLOCK_K,
+                1,
             )
 
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    # Before the pool (max over the window of the activated map: SiLU is not monotonic) and before a fused head.
-    acc = activate(acc, slopes_ptr, offs_n, n_mask, act_slope, act_lo, act_hi, ACT)
-    out = to_storage(acc, y_ptr.dtype.element_ty, INTERPRETER)
-
-    if HEAD:
-        # Fused 1x1 head: every output channel of these pixels is in this tile (grid dim 1 has size 1). Columns past
-        # c_out hold inf * 0 = NaN where an input is infinite (their weights are masked to 0, the input is not):
-        # zeroed, or the head's dot would spread the NaN to every logit of the pixel.
-        out = tl.where(n_mask[None, :], out, tl.zeros_like(out))
-        offs_c = tl.arange(0, BLOCK_CLS)
-        c_mask = offs_c < n_cls
-        head_w = tl.load(
-            head_w_ptr + offs_n[:, None] * n_cls + offs_c[None, :], mask=n_mask[:, None] & c_mask[None, :], other=0.0
-        )
-        logits = mma(out, head_w, tl.zeros((BLOCK_M, BLOCK_CLS), dtype=tl.float32), INTERPRETER, DOT_PRECISION)
-        logits += tl.load(head_b_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
-        y_ptrs = (
-            y_ptr
-            + pixel_offset(img, oy, ox, stride_yn, stride_yh, stride_yw)[:, None]
-            + offs_c.to(tl.int64)[None, :] * stride_yc
-        )
-        tl.store(
-            y_ptrs, to_storage(logits, y_ptr.dtype.element_ty, INTERPRETER), mask=m_valid[:, None] & c_mask[None, :]
-        )
-    elif D2S:
-        # Column n = (dy * 2 + dx) * c_real + channel, stored at pixel (2 oy + dy, 2 ox + dx).
-        c_real = c_out // 4
-        sub = offs_n // c_real
-        ch = offs_n % c_real
-        yy = 2 * oy[:, None] + (sub // 2)[None, :]
-        xx = 2 * ox[:, None] + (sub % 2)[None, :]
-        y_ptrs = (
-            y_ptr
-            + pixel_offset(img[:, None], yy, xx, stride_yn, stride_yh, stride_yw)
-            + ch.to(tl.int64)[None, :] * stride_yc
-        )
-        tl.store(y_ptrs, out, mask=m_valid[:, None] & n_mask[None, :])
+    if SPLIT_K > 1:
+        tl.static_assert(not (TWO_SOURCES or PACKED_K or POOL or HEAD or D2S or STATS), "split K: a plain store")
+        # A part of K: its fp32 partial sums, at (split, image, y, x, channel) of the contiguous workspace; the sum
+        # launch adds the parts in split order and runs the epilogue.
+        at = ((pid_k * batch + img.to(tl.int64)) * height + oy) * width + ox
+        part_ptrs = part_ptr + at[:, None] * c_out + offs_n[None, :]
+        tl.store(part_ptrs, acc, mask=m_valid[:, None] & n_mask[None, :])
     else:
-        y_ptrs = (
-            y_ptr
-            + pixel_offset(img, oy, ox, stride_yn, stride_yh, stride_yw)[:, None]
-            + offs_n.to(tl.int64)[None, :] * stride_yc
-        )
-        tl.store(y_ptrs, out, mask=m_valid[:, None] & n_mask[None, :])
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        # Before the pool (max over the window of the activated map: SiLU is not monotonic) and before a fused head.
+        acc = activate(acc, slopes_ptr, offs_n, n_mask, act_slope, act_lo, act_hi, ACT)
+        out = to_storage(acc, y_ptr.dtype.element_ty, INTERPRETER)
 
-    if STATS:
-        # Moments of the values as stored (rounded), as the norm computes them from the tensor it is given.
-        count, mean, m2 = tile_moments(out.to(tl.float32), m_valid)
-        at = pid_m.to(tl.int64) * c_out + offs_n
-        tl.store(mean_ptr + at, mean, mask=n_mask)
-        tl.store(m2_ptr + at, m2, mask=n_mask)
-        if pid_n == 0:
-            tl.store(count_ptr + pid_m, count)
+        if HEAD:
+            # Fused 1x1 head: every output channel of these pixels is in this tile (grid dim 1 has size 1). Columns past
+            # c_out hold inf * 0 = NaN where an input is infinite (their weights are masked to 0, the input is not):
+            # zeroed, or the head's dot would spread the NaN to every logit of the pixel.
+            out = tl.where(n_mask[None, :], out, tl.zeros_like(out))
+            offs_c = tl.arange(0, BLOCK_CLS)
+            c_mask = offs_c < n_cls
+            head_w = tl.load(
+                head_w_ptr + offs_n[:, None] * n_cls + offs_c[None, :],
+                mask=n_mask[:, None] & c_mask[None, :],
+                other=0.0,
+            )
+            logits = mma(out, head_w, tl.zeros((BLOCK_M, BLOCK_CLS), dtype=tl.float32), INTERPRETER, DOT_PRECISION)
+            logits += tl.load(head_b_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+            y_ptrs = (
+                y_ptr
+                + pixel_offset(img, oy, ox, stride_yn, stride_yh, stride_yw)[:, None]
+                + offs_c.to(tl.int64)[None, :] * stride_yc
+            )
+            tl.store(
+                y_ptrs, to_storage(logits, y_ptr.dtype.element_ty, INTERPRETER), mask=m_valid[:, None] & c_mask[None, :]
+            )
+        elif D2S:
+            # Column n = (dy * 2 + dx) * c_real + channel, stored at pixel (2 oy + dy, 2 ox + dx).
+            c_real = c_out // 4
+            sub = offs_n // c_real
+            ch = offs_n % c_real
+            yy = 2 * oy[:, None] + (sub // 2)[None, :]
+            xx = 2 * ox[:, None] + (sub % 2)[None, :]
+            y_ptrs = (
+                y_ptr
+                + pixel_offset(img[:, None], yy, xx, stride_yn, stride_yh, stride_yw)
+                + ch.to(tl.int64)[None, :] * stride_yc
+            )
+            tl.store(y_ptrs, out, mask=m_valid[:, None] & n_mask[None, :])
+        else:
+            y_ptrs = (
+                y_ptr
+                + pixel_offset(img, oy, ox, stride_yn, stride_yh, stride_yw)[:, None]
+                + offs_n.to(tl.int64)[None, :] * stride_yc
+            )
+            tl.store(y_ptrs, out, mask=m_valid[:, None] & n_mask[None, :])
 
-    if POOL:
-        # Rows 4w..4w+3 of the tile are the 2x2 window w: max over them, NaN-propagating like nn.MaxPool2d.
-        quads = tl.reshape(out, (BLOCK_M // 4, 4, BLOCK_N))
-        pooled = tl.max(quads, axis=1)
-        has_nan = tl.max((quads != quads).to(tl.int32), axis=1) > 0
-        pooled = tl.where(has_nan, tl.full(pooled.shape, float("nan"), pooled.dtype), pooled)
-        offs_w = pid_m * (BLOCK_M // 4) + tl.arange(0, BLOCK_M // 4)
-        pw_x = offs_w % half_w
-        pw_y = (offs_w // half_w) % half_h
-        p_img = offs_w // (half_w * half_h)
-        if PER_IMAGE:
-            local_w = (pid_m % tiles_img) * (BLOCK_M // 4) + tl.arange(0, BLOCK_M // 4)
-            pw_x = local_w % half_w
-            pw_y = local_w // half_w
-            p_img = tl.zeros_like(local_w) + img_t
-        if TMA_ROWS:
-            tl.static_assert(TMA_ROWS == 2, "the pooled epilogue needs 2-row tiles")
-            local_w = tl.arange(0, BLOCK_M // 4)
-            pw_x = x0 // 2 + local_w
-            pw_y = tl.zeros_like(local_w) + y0 // 2
-            p_img = tl.zeros_like(local_w) + img_t
-        p_valid = (p_img < batch) & (pw_y < height // 2) & (pw_x < width // 2)
-        p_ptrs = (
-            pool_ptr
-            + pixel_offset(p_img, pw_y, pw_x, stride_pn, stride_ph, stride_pw)[:, None]
-            + offs_n.to(tl.int64)[None, :] * stride_pc
-        )
-        tl.store(p_ptrs, pooled, mask=p_valid[:, None] & n_mask[None, :])
+        if STATS:
+            # Moments of the values as stored (rounded), as the norm computes them from the tensor it is given.
+            count, mean, m2 = tile_moments(out.to(tl.float32), m_valid)
+            at = pid_m.to(tl.int64) * c_out + offs_n
+            tl.store(mean_ptr + at, mean, mask=n_mask)
+            tl.store(m2_ptr + at, m2, mask=n_mask)
+            if pid_n == 0:
+                tl.store(count_ptr + pid_m, count)
+
+        if POOL:
+            # Rows 4w..4w+3 of the tile are the 2x2 window w: max over them, NaN-propagating like nn.MaxPool2d.
+            quads = tl.reshape(out, (BLOCK_M // 4, 4, BLOCK_N))
+            pooled = tl.max(quads, axis=1)
+            has_nan = tl.max((quads != quads).to(tl.int32), axis=1) > 0
+            pooled = tl.where(has_nan, tl.full(pooled.shape, float("nan"), pooled.dtype), pooled)
+            offs_w = pid_m * (BLOCK_M // 4) + tl.arange(0, BLOCK_M // 4)
+            pw_x = offs_w % half_w
+            pw_y = (offs_w // half_w) % half_h
+            p_img = offs_w // (half_w * half_h)
+            if PER_IMAGE:
+                local_w = (pid_m % tiles_img) * (BLOCK_M // 4) + tl.arange(0, BLOCK_M // 4)
+                pw_x = local_w % half_w
+                pw_y = local_w // half_w
+                p_img = tl.zeros_like(local_w) + img_t
+            if TMA_ROWS:
+                tl.static_assert(TMA_ROWS == 2, "the pooled epilogue needs 2-row tiles")
+                local_w = tl.arange(0, BLOCK_M // 4)
+                pw_x = x0 // 2 + local_w
+                pw_y = tl.zeros_like(local_w) + y0 // 2
+                p_img = tl.zeros_like(local_w) + img_t
+            p_valid = (p_img < batch) & (pw_y < height // 2) & (pw_x < width // 2)
+            p_ptrs = (
+                pool_ptr
+                + pixel_offset(p_img, pw_y, pw_x, stride_pn, stride_ph, stride_pw)[:, None]
+                + offs_n.to(tl.int64)[None, :] * stride_pc
+            )
+            tl.store(p_ptrs, pooled, mask=p_valid[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _conv_nhwc_kernel(
+    x_ptr,  # (batch, height, width, c_main): the input, or the skip map with TWO_SOURCES
+    up_ptr,  # (batch, up_h, up_w, c_up): the upsampled map (TWO_SOURCES)
+    w_ptr,  # (KSIZE * KSIZE * (c_main + c_up), c_out): packed weights, row = tap * c_in + channel
+    b_ptr,  # (c_out,)
+    y_ptr,  # (batch, height, width, c_out), (batch, 2 height, 2 width, c_out / 4) with D2S, or logits with HEAD
+    pool_ptr,  # (batch, height // 2, width // 2, c_out)
+    head_w_ptr,  # (c_out, n_cls)
+    head_b_ptr,  # (n_cls,)
+    x_desc,  # TMA descriptors of x, up and their rows of the packed weight (TMA_ROWS > 0; None on the pointer path)
+    up_desc,
+    w_desc,
+    w_up_desc,
+    slopes_ptr,  # (c_out,): PReLU slopes
+    in_scale_ptr,  # (batch, c_main) fp32 (NORM_IN): x is a pre-norm map, read as act(x * scale + shift)
+    in_shift_ptr,
+    in_slopes_ptr,  # (c_main,): PReLU slopes of the activation after x's norm (NORM_IN)
+    mean_ptr,  # (batch * tiles_img, c_out) fp32 (STATS): per-tile mean and M2 of the stored map, per channel
+    m2_ptr,
+    count_ptr,  # (batch * tiles_img,) fp32 (STATS): valid pixels of each tile
+    part_ptr,  # (SPLIT_K, batch, height, width, c_out) fp32, contiguous (SPLIT_K > 1): partial sums
+    batch,
+    height,  # of the output
+    width,
+    c_main,
+    c_up,
+    c_out,
+    n_cls,
+    in_h,  # the input's frame: x's size, or with a crop join the upsampled map's (the skip is read cropped)
+    in_w,
+    conv_off,  # input coordinate of an output pixel's centre tap minus its own: KSIZE // 2 - padding
+    crop_top,  # where the input's frame starts inside x (crop join)
+    crop_left,
+    up_h,
+    up_w,
+    pad_top,  # where the upsampled map starts inside the input's frame (centered zero padding)
+    pad_left,
+    act_slope,  # LeakyReLU
+    act_lo,  # clamp
+    act_hi,
+    in_slope,  # NORM_IN: the activation after x's norm (LeakyReLU slope, clamp bounds)
+    in_lo,
+    in_hi,
+    tiles_img,  # PER_IMAGE: tiles per image
+    tiles_m,  # PERSISTENT: tiles along M (grid dimension 0 of a launch of one tile a program)
+    stride_xn,
+    stride_xh,
+    stride_xw,
+    stride_xc,
+    stride_un,
+    stride_uh,
+    stride_uw,
+    stride_uc,
+    stride_yn,
+    stride_yh,
+    stride_yw,
+    stride_yc,
+    stride_pn,
+    stride_ph,
+    stride_pw,
+    stride_pc,
+    KSIZE: tl.constexpr,
+    TWO_SOURCES: tl.constexpr,
+    CLAMP_UP: tl.constexpr,
+    PACKED_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    WIDE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACT: tl.constexpr,
+    POOL: tl.constexpr,
+    HEAD: tl.constexpr,
+    D2S: tl.constexpr,
+    TMA_ROWS: tl.constexpr,
+    ROW_W: tl.constexpr,
+    STRIDE: tl.constexpr,
+    PER_IMAGE: tl.constexpr,
+    NORM_IN: tl.constexpr,
+    IN_ACT: tl.constexpr,
+    STATS: tl.constexpr,
+    PERSISTENT: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    INTERPRETER: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_CLS: tl.constexpr,
+):
+    """y[p, n] = act(bias[n] + sum_k A[p, k] W[k, n]) over a (BLOCK_M pixels) x (BLOCK_N channels) tile.
+
+    Grid: (cdiv(M, BLOCK_M), cdiv(c_out, BLOCK_N)), M = batch * ceil(height/2) * ceil(width/2) * 4; with TMA loads
+    (``TMA_ROWS`` row boxes of BLOCK_M / TMA_ROWS pixels per tile): (batch * cdiv(height, TMA_ROWS) *
+    cdiv(width, BLOCK_M / TMA_ROWS), cdiv(c_out, BLOCK_N)); with ``PER_IMAGE`` (pointer loads): (batch * tiles_img,
+    cdiv(c_out, BLOCK_N)), each tile the window-major pixels of one image, so that a tile's statistics (``STATS``)
+    and its input's normalization (``NORM_IN``) belong to one image. With ``ROW_W`` (pointer loads without the pool
+    or the depth-to-space store): tiles of BLOCK_M / ROW_W rows of ROW_W pixels, laid out like the TMA tiles (grid
+    (batch * cdiv(height, BLOCK_M / ROW_W) * cdiv(width, ROW_W), ...)): a lane's pixel is a shift and a mask of
+    its index, not the three runtime divisions of the window-major order, and a tile lies in one image.
+
+    ``STATS``: the epilogue stores the pre-norm map (bias added, no activation) and the count, mean and M2 of the
+    stored values of its tile per channel (tile ``pid_m`` = image * tiles per image + tile, on both load paths);
+    :func:`fastunet.kernels.stats.norm_scale_shift` merges them. ``NORM_IN``: x is read as ``act(x * scale +
+    shift)`` (per image and channel), zero padding after it.
+
+    Geometry is base-offset arithmetic done once per tile: an output pixel's centre tap sits at (STRIDE oy,
+    STRIDE ox) + conv_off in the input's frame (zero padding at that frame's border), at + (crop_top, crop_left)
+    in x and at - (pad_top, pad_left) in the upsampled map. The TMA path takes the plain geometry only (conv_off,
+    crop and the replicate join zero, stride 1; see choose_load_path).
+
+    ``PERSISTENT``: a grid of (programs,) with fewer programs than tiles (the launcher takes SMs x programs an SM);
+    program p runs tiles p, p + programs, ... of the ``tiles_m x cdiv(c_out, BLOCK_N)`` tiles above, numbered in
+    groups of :data:`PERSISTENT_GROUP_M` pixel tiles by every channel tile (:func:`_grouped_tile`): the programs
+    running at once share input rows and weight slices in L2. Each tile is computed exactly as in a launch of one
+    tile a program, so results are bitwise the same.
+
+    ``SPLIT_K`` > 1 (one source, a plain store): a grid of (..., ..., SPLIT_K); program (m, n, s) runs part s of the
+    tile's (tap, channel block) steps (:func:`_split_range`) and stores its fp32 partial sums to ``part_ptr``;
+    :func:`_split_k_sum_kernel` adds the parts in order and runs the epilogue.
+    """
+    if PERSISTENT:
+        # Fewer programs than tiles: each program takes every num_programs-th tile in grouped order.
+        tl.static_assert(SPLIT_K == 1, "a persistent launch runs whole tiles")
+        tiles_n = tl.cdiv(c_out, BLOCK_N)
+        for tile in range(tl.program_id(0), tiles_m * tiles_n, tl.num_programs(0)):
+            pid_m, pid_n = _grouped_tile(tile, tiles_m, tiles_n, PERSISTENT_GROUP_M)
+            _conv_tile(
+                pid_m, pid_n, 0, x_ptr, up_ptr, w_ptr, b_ptr, y_ptr, pool_ptr, head_w_ptr, head_b_ptr, x_desc,
+                up_desc, w_desc, w_up_desc, slopes_ptr, in_scale_ptr, in_shift_ptr, in_slopes_ptr, mean_ptr, m2_ptr,
+                count_ptr, part_ptr, batch, height, width, c_main, c_up, c_out, n_cls, in_h, in_w, conv_off, crop_top,
+                crop_left, up_h, up_w, pad_top, pad_left, act_slope, act_lo, act_hi, in_slope, in_lo, in_hi,
+                tiles_img, stride_xn, stride_xh, stride_xw, stride_xc, stride_un, stride_uh, stride_uw, stride_uc,
+                stride_yn, stride_yh, stride_yw, stride_yc, stride_pn, stride_ph, stride_pw, stride_pc, KSIZE,
+                TWO_SOURCES, CLAMP_UP, PACKED_K, EVEN_K, WIDE, HAS_BIAS, ACT, POOL, HEAD, D2S, TMA_ROWS, ROW_W,
+                STRIDE, PER_IMAGE, NORM_IN, IN_ACT, STATS, SPLIT_K, INTERPRETER, DOT_PRECISION, BLOCK_M, BLOCK_N,
+                BLOCK_K, BLOCK_CLS,
+            )  # fmt: skip
+    else:
+        _conv_tile(
+            tl.program_id(0), tl.program_id(1), tl.program_id(2), x_ptr, up_ptr, w_ptr, b_ptr, y_ptr, pool_ptr,
+            head_w_ptr, head_b_ptr, x_desc, up_desc, w_desc, w_up_desc, slopes_ptr, in_scale_ptr, in_shift_ptr,
+            in_slopes_ptr, mean_ptr, m2_ptr, count_ptr, part_ptr, batch, height, width, c_main, c_up, c_out, n_cls,
+            in_h, in_w, conv_off, crop_top, crop_left, up_h, up_w, pad_top, pad_left, act_slope, act_lo, act_hi,
+            in_slope, in_lo, in_hi, tiles_img, stride_xn, stride_xh, stride_xw, stride_xc, stride_un, stride_uh,
+            stride_uw, stride_uc, stride_yn, stride_yh, stride_yw, stride_yc, stride_pn, stride_ph, stride_pw,
+            stride_pc, KSIZE, TWO_SOURCES, CLAMP_UP, PACKED_K, EVEN_K, WIDE, HAS_BIAS, ACT, POOL, HEAD, D2S, TMA_ROWS,
+            ROW_W, STRIDE, PER_IMAGE, NORM_IN, IN_ACT, STATS, SPLIT_K, INTERPRETER, DOT_PRECISION, BLOCK_M, BLOCK_N,
+            BLOCK_K, BLOCK_CLS,
+        )  # fmt: skip
+
+
+@triton.jit
+def _split_k_sum_kernel(
+    part_ptr,  # (SPLIT_K, pixels, c_out) fp32, contiguous: the conv's partial sums
+    b_ptr,  # (c_out,)
+    slopes_ptr,  # (c_out,): PReLU slopes
+    y_ptr,  # (batch, height, width, c_out)
+    pixels,  # batch * height * width
+    height,
+    width,
+    c_out,
+    act_slope,
+    act_lo,
+    act_hi,
+    stride_yn,
+    stride_yh,
+    stride_yw,
+    stride_yc,
+    HAS_BIAS: tl.constexpr,
+    ACT: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    INTERPRETER: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """y = act(bias + sum over s of part[s]) of a split-K conv, the parts added in split order (s = 0, 1, ...): the
+    same bits on every run. Grid: (cdiv(pixels, BLOCK_P), cdiv(c_out, BLOCK_C))."""
+    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    p_mask = offs_p < pixels
+    c_mask = offs_c < c_out
+    mask = p_mask[:, None] & c_mask[None, :]
+    at = offs_p.to(tl.int64)[:, None] * c_out + offs_c[None, :]
+    acc = tl.load(part_ptr + at, mask=mask, other=0.0)
+    for split in tl.static_range(1, SPLIT_K):
+        acc += tl.load(part_ptr + split * pixels.to(tl.int64) * c_out + at, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+    acc = activate(acc, slopes_ptr, offs_c, c_mask, act_slope, act_lo, act_hi, ACT)
+    img = offs_p // (height * width)
+    oy = offs_p // width % height
+    ox = offs_p % width
+    y_ptrs = (
+        y_ptr
+        + pixel_offset(img, oy, ox, stride_yn, stride_yh, stride_yw)[:, None]
+        + offs_c.to(tl.int64)[None, :] * stride_yc
+    )
+    tl.store(y_ptrs, to_storage(acc, y_ptr.dtype.element_ty, INTERPRETER), mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -641,6 +883,7 @@ class ConvProblem:
     sm_count: int = 132
     tma: bool = False  # operands land in shared memory by TMA: no per-thread addresses for the A tile
     pool: bool = False  # the pooled epilogue (a TMA tile then covers two whole rows)
+    splittable: bool = False  # one source, a plain store: K may be split (see _split_k_configs)
 
 
 def _tile_rows(problem: ConvProblem, block_m: int) -> int:
@@ -756,7 +999,57 @@ def candidate_configs(problem: ConvProblem) -> tuple[dict, ...]:
         }
         if config not in configs and _fits(problem, config):
             configs.append(config)
+    configs += _persistent_configs(problem, configs[0])
+    configs += _split_k_configs(problem, configs[0])
     return tuple(configs)
+
+
+# Split-K parts: the most a candidate takes, and the fewest K-steps each part keeps; pixels a program of the sum.
+SPLIT_K_MAX = 4
+SPLIT_K_MIN_STEPS = 8
+SPLIT_K_SUM_PIXELS = 64
+SPLIT_K_SUM_OPTIONS = {"num_warps": 4, "num_stages": 1}
+
+
+def _split_k_configs(problem: ConvProblem, base: dict) -> list[dict]:
+    """Split-K candidates where the heuristic's tile leaves SMs idle (fewer output tiles than SMs: the deep layers at
+    batch 1): K (taps x input-channel blocks) split in 2 or 4 parts (one program each, fp32 partial sums), then one
+    launch that adds the parts in a fixed order and runs the epilogue (bias, activation, store). One source and a
+    plain store only (no pool, head, depth-to-space store or statistics). Not the heuristic's choice: the issue
+    model already counts such a launch at the tensor cores' peak over every SM (its FLOPs bound it), so it gains
+    nothing there and pays the partial sums' traffic and one more launch."""
+    if not problem.splittable:
+        return []
+    tiles = triton.cdiv(problem.m, base["BLOCK_M"]) * triton.cdiv(problem.c_out, base["BLOCK_N"])
+    steps = 9 * triton.cdiv(problem.c_main, base["BLOCK_K"])
+    parts = [s for s in (2, SPLIT_K_MAX) if steps >= s * SPLIT_K_MIN_STEPS and tiles * s <= 2 * problem.sm_count]
+    return [{**base, "SPLIT_K": s} for s in parts] if tiles < problem.sm_count else []
+
+
+# Shared memory of an sm_90 SM that CTAs may share (228 KiB less 1 KiB the driver keeps per CTA).
+_SM90_SHARED = 228 * 1024
+
+
+def programs_per_sm(problem: ConvProblem, config: dict) -> int:
+    """The most programs a persistent launch of ``config`` may put on each SM: the CTAs its pipeline buffers and
+    warps leave room for, at most 2. Registers are not known before compiling (two 8-warp CTAs fit at up to 128
+    registers a thread): a program that is not resident waits for a whole program, not a tile, so the candidates
+    also take one program an SM."""
+    block_m = _tile_rows(problem, config["BLOCK_M"])
+    smem = config["num_stages"] * (block_m + config["BLOCK_N"]) * config["BLOCK_K"] * problem.element_size
+    return max(1, min(2, _SM90_SHARED // (smem + 1024), 64 // (4 * config["num_warps"])))
+
+
+def _persistent_configs(problem: ConvProblem, base: dict) -> list[dict]:
+    """Persistent candidates (TMA path): the heuristic's tile on a grid of SMs x :func:`programs_per_sm` and SMs x 1
+    programs looping over the tiles, where there are more tiles than programs. Not the
+    heuristic's choice: the issue model ignores prologues and epilogues, which is all a persistent grid overlaps,
+    so it never models one faster."""
+    if not problem.tma:
+        return []
+    tiles = triton.cdiv(problem.m, base["BLOCK_M"]) * triton.cdiv(problem.c_out, base["BLOCK_N"])
+    counts = dict.fromkeys((programs_per_sm(problem, base), 1))
+    return [{**base, "PROGRAMS_PER_SM": n} for n in counts if tiles > problem.sm_count * n]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -939,11 +1232,14 @@ class _ConvTile:
     rows: int  # TMA row boxes a tile; 0 on the pointer path
     block_m: int
     tiles: int  # tiles per image
-    grid: tuple[int, int]
+    grid: tuple[int, ...]  # (tiles along M, tiles along N), or (programs,) for a persistent launch
     constexprs: dict
     options: dict
     map_box: tuple[int, ...] = ()  # TMA: box of a source map (1, 1, pixels, BLOCK_K), of a weight slice
     weight_box: tuple[int, ...] = ()
+    tiles_m: int = 0  # tiles along M
+    persistent_tiles: int = 0  # a persistent launch: the tiles its programs loop over; 0: one tile a program
+    split_k: int = 1  # parts of K, one program each, added by a second launch (_split_k_sum_kernel)
 
 
 @dataclasses.dataclass(eq=False)
@@ -967,6 +1263,7 @@ class _ConvStatic:
     # Pointer tiles of whole row segments (the kernel's ROW_W), except where the epilogue needs the window-major
     # order (the pool) or stores 2x2 pixels a lane (depth-to-space).
     row_tiles: bool = False
+    sm_count: int = 132  # of the launch's GPU (or the modeled one): a persistent grid's programs
     first: _ConvTile | None = None  # the tile of candidates[0], the config launched unless autotuning picks another
     others: dict = dataclasses.field(default_factory=dict)
 
@@ -996,15 +1293,21 @@ class _ConvStatic:
             grid = (batch * tiles, triton.cdiv(c_out, cfg["BLOCK_N"]))
         else:
             grid = (triton.cdiv(self.m, cfg["BLOCK_M"]), triton.cdiv(c_out, cfg["BLOCK_N"]))
+        tiles_m, persistent_tiles, split_k = grid[0], 0, cfg.get("SPLIT_K", 1)
+        if cfg.get("PROGRAMS_PER_SM"):
+            persistent_tiles = grid[0] * grid[1]
+            grid = (min(persistent_tiles, self.sm_count * cfg["PROGRAMS_PER_SM"]),)
+        elif split_k > 1:
+            grid = (*grid, split_k)
         # Channel counts that fill whole K blocks (every layer of the usual U-Nets) drop the K masks.
         even_k = c_main % cfg["BLOCK_K"] == 0 and c_up % cfg["BLOCK_K"] == 0
         tile = {"BLOCK_M": block_m, "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"]}
         constexprs = {**self.flags, "EVEN_K": even_k, "TMA_ROWS": rows, "ROW_W": row_w, **tile}
+        constexprs["PERSISTENT"] = bool(persistent_tiles)
+        constexprs["SPLIT_K"] = split_k
         options = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
-        if not rows:
-            return _ConvTile(rows, block_m, tiles, grid, constexprs, options)
-        map_box = (1, 1, block_m // rows, cfg["BLOCK_K"])
-        return _ConvTile(rows, block_m, tiles, grid, constexprs, options, map_box, (1, cfg["BLOCK_K"], cfg["BLOCK_N"]))
+        boxes = ((1, 1, block_m // rows, cfg["BLOCK_K"]), (1, cfg["BLOCK_K"], cfg["BLOCK_N"])) if rows else ((), ())
+        return _ConvTile(rows, block_m, tiles, grid, constexprs, options, *boxes, tiles_m, persistent_tiles, split_k)
 
 
 def _conv_static(
@@ -1050,6 +1353,8 @@ def _conv_static(
         sm_count=sm_count(x),
         tma=path == "tma",
         pool=pool,
+        splittable=ksize == 3
+        and not (packed_k or head or d2s or pool or stats or norm_in is not None or up is not None),
     )
     candidates = candidate_configs(problem)
     interpreter, precision = dot_flags(x.dtype, torch.backends.cudnn.allow_tf32)
@@ -1092,7 +1397,9 @@ def _conv_static(
         views = [w_rows[:, :c_main]] + ([w_rows[:, c_main:]] if up is not None else [])
         base = w_packed.storage_offset()
         weight_views = tuple((tuple(v.shape), v.stride(), v.storage_offset() - base) for v in views)
-    static = _ConvStatic(False, m, candidates, tune_key, path, path_reason, sizes, flags, weight_views, row_tiles)
+    static = _ConvStatic(
+        False, m, candidates, tune_key, path, path_reason, sizes, flags, weight_views, row_tiles, problem.sm_count
+    )
     static.first = static._derive_tile(candidates[0])
     return static
 
@@ -1168,17 +1475,49 @@ def _launch(
             )
         return moments[tile.tiles]
 
+    parts: dict[int, torch.Tensor] = {}
+
+    def parts_of(tile: _ConvTile) -> torch.Tensor:
+        """The fp32 partial sums of a split-K launch, (SPLIT_K, batch, height, width, c_out); else a stand-in."""
+        if tile.split_k == 1:
+            return w_packed
+        if tile.split_k not in parts:
+            parts[tile.split_k] = alloc((tile.split_k, *y.shape[:3], c_out), torch.float32, x.device)
+        return parts[tile.split_k]
+
     def args_of(tile: _ConvTile) -> tuple:
         stat_args = moments_of(tile) if stats is not None else (w_packed, w_packed, w_packed)
         return (
             x, up_t, w_packed, b, y, pool_t, hw, hb, *_tma_descriptors(static, tile, x, up, w_packed), slopes_t,
-            *in_args[:3], *stat_args, *static.sizes, *scalars, tile.tiles, *strides,
+            *in_args[:3], *stat_args, parts_of(tile), *static.sizes, *scalars, tile.tiles, tile.tiles_m, *strides,
         )  # fmt: skip
+
+    def sum_launch(tile: _ConvTile) -> tuple[tuple[int, int], tuple, dict]:
+        """Grid, arguments and constexprs of a split-K launch's sum of parts (see _split_k_sum_kernel)."""
+        pixels = y.shape[0] * y.shape[1] * y.shape[2]
+        block_c = min(128, max(16, next_pow2(c_out)))
+        grid = (triton.cdiv(pixels, SPLIT_K_SUM_PIXELS), triton.cdiv(c_out, block_c))
+        args = (parts_of(tile), b, slopes_t, y, pixels, y.shape[1], y.shape[2], c_out, *scalars[:3], *y.stride())
+        constexprs = {
+            "HAS_BIAS": static.flags["HAS_BIAS"],
+            "ACT": static.flags["ACT"],
+            "SPLIT_K": tile.split_k,
+            "INTERPRETER": static.flags["INTERPRETER"],
+            "BLOCK_P": SPLIT_K_SUM_PIXELS,
+            "BLOCK_C": block_c,
+        }
+        return grid, args, constexprs
+
+    def launch(tile: _ConvTile, args: tuple) -> None:
+        with launch_guard(x):
+            _conv_nhwc_kernel[tile.grid](*args, **tile.constexprs, **tile.options)
+            if tile.split_k > 1:
+                grid, sum_args, sum_constexprs = sum_launch(tile)
+                _split_k_sum_kernel[grid](*sum_args, **sum_constexprs, **SPLIT_K_SUM_OPTIONS)
 
     def run(cfg: dict) -> None:
         tile = static.tile(cfg)
-        with launch_guard(x):
-            _conv_nhwc_kernel[tile.grid](*args_of(tile), **tile.constexprs, **tile.options)
+        launch(tile, args_of(tile))
 
     cfg = choose_config(static.tune_key, static.candidates, run)
     tile = static.tile(cfg)
@@ -1190,6 +1529,8 @@ def _launch(
         written = [t for t in (y, pooled) if t is not None]
         if stats is not None:
             written += list(moments_of(tile))
+        if tile.split_k > 1:
+            written = [parts_of(tile)]
         record_launch(
             LaunchRecord(
                 name=name,
@@ -1205,11 +1546,28 @@ def _launch(
                 path=static.path,
                 path_reason=static.path_reason,
                 retile=lambda cfg: (args_of(static.tile(cfg)), dict(static.tile(cfg).constexprs)),
+                persistent_tiles=tile.persistent_tiles,
             )
         )
+        if tile.split_k > 1:
+            grid, sum_args, sum_constexprs = sum_launch(tile)
+            part = parts_of(tile)
+            record_launch(
+                LaunchRecord(
+                    name=f"{name}.split_k_sum",
+                    kernel=_split_k_sum_kernel,
+                    grid=grid,
+                    flops=0,
+                    bytes_read=part.numel() * 4
+                    + sum(t.numel() * t.element_size() for t in (bias, slopes) if t is not None),
+                    bytes_written=y.numel() * y.element_size(),
+                    args=sum_args,
+                    constexprs=sum_constexprs,
+                    launch_options=dict(SPLIT_K_SUM_OPTIONS),
+                )
+            )
     if not is_dry_run():
-        with launch_guard(x):
-            _conv_nhwc_kernel[tile.grid](*args, **tile.constexprs, **tile.options)
+        launch(tile, args)
     if stats is None:
         return None
     mean, m2, count = moments_of(tile)

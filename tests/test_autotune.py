@@ -121,3 +121,31 @@ def test_tuner_skips_candidates_that_cannot_launch(fresh_tuning_cache):
         assert _common.choose_config(("oor",), candidates, run, timer=lambda fn: fn() or 1.0) == {"id": 1}
         with pytest.raises(RuntimeError, match="no candidate config could be launched"):
             _common.choose_config(("oor2",), [{"id": 0}, {"id": 2}], run, timer=lambda fn: fn() or 1.0)
+
+
+def test_preferring_a_candidate(device, fresh_tuning_cache):
+    """``preferring(key)`` launches the first candidate that sets ``key`` where a launch has one (split K for a
+    layer with fewer tiles than SMs; a persistent grid on TMA loads where tiles outnumber the programs), the
+    heuristic's tile elsewhere; the results agree with float64 either way."""
+    x = torch.randn(1, 128, 3, 64, device=device)  # one 64-pixel TMA row box a row
+    weight = torch.randn(32, 128, 3, 3, device=device) / 34
+    bias = torch.randn(32, device=device)
+    expected = F.conv2d(x.double().cpu(), weight.double().cpu(), bias.double().cpu(), padding=1).relu()
+    x_nhwc = x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+    cases = [
+        ("SPLIT_K", contextlib.nullcontext(), lambda r: r.constexprs["SPLIT_K"] == 2),
+        ("PROGRAMS_PER_SM", contextlib.nullcontext(), lambda r: not r.persistent),  # pointer loads: none
+        ("PROGRAMS_PER_SM", _common.load_path("tma"), lambda r: r.persistent),
+    ]
+    for key, path, chosen in cases:
+        target = _common.modeled_target(1) if key == "PROGRAMS_PER_SM" else contextlib.nullcontext()
+        with path, target, _common.preferring(key), launch_log() as records:
+            y, _ = conv2d_nhwc(x_nhwc, pack_conv_weight(weight), bias)
+        if device.type == "cuda" and key == "PROGRAMS_PER_SM":
+            assert records[0].persistent == (records[0].path == "tma" and records[0].persistent_tiles > 0)
+        else:
+            assert chosen(records[0]), (key, records[0].constexprs, records[0].candidates)
+        assert_kernel_close(y.permute(0, 3, 1, 2), expected, 9 * 128, precision_key(torch.float32, device))
+    with launch_log() as records:
+        conv2d_nhwc(x_nhwc, pack_conv_weight(weight), bias)
+    assert records[0].constexprs["SPLIT_K"] == 1 and not records[0].persistent and len(records) == 1

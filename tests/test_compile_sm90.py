@@ -409,6 +409,110 @@ def test_sm90_norm_in_loader_keeps_wgmma_pipelined(norm_report):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Persistent grid: the autotuner's persistent candidates on the TMA path (one-row, two-row pooled and two-source
+# tiles of the reference config's batch-16 levels), traced on ``meta`` tensors for sm_90 and compiled
+# ---------------------------------------------------------------------------------------------------------------
+PERSISTENT_BUILD = """
+import json, sys
+import torch
+from fastunet.kernels._common import dry_run, launch_log
+from fastunet.kernels.conv import conv2d_nhwc
+from fastunet.tooling.compile_report import collect_variants, compile_variant, with_candidates
+
+def meta(*shape):
+    return torch.empty(*shape, device="meta", dtype=torch.bfloat16)
+
+with dry_run(), launch_log() as records:
+    conv2d_nhwc(meta(16, 64, 64, 256), meta(9 * 256, 256), meta(256))
+    conv2d_nhwc(meta(16, 64, 64, 256), meta(9 * 256, 256), meta(256), pool=True)
+    conv2d_nhwc(meta(16, 128, 128, 128), meta(9 * 256, 128), meta(128), up=meta(16, 128, 128, 128), up_mode="direct")
+    conv2d_nhwc(meta(16, 512, 512, 64), meta(9 * 64, 64), meta(64), head_weight=meta(64, 2), head_bias=meta(2))
+assert all(record.path == "tma" and not record.persistent for record in records)
+persistent = [record for record in with_candidates(records) if record.constexprs["PERSISTENT"]]
+variants = collect_variants([("persistent/bf16/b16", persistent)])
+json.dump([compile_variant(variant).to_json() for variant in variants], sys.stdout)
+"""
+
+
+def test_sm90_build_persistent_candidates():
+    """The persistent candidates build like the chosen tiles: no spills, HGMMA fed by TMA in the tensor-core loop
+    (the per-tile K loop nested in the tile loop, which the issue model reads as the main loop, the fused head's GEMM
+    in the tile loop as epilogue work), resident CTAs, no ptxas warnings (wgmma not serialized)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", PERSISTENT_BUILD], env=env, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert proc.returncode == 0, f"persistent build failed:\n{proc.stderr[-4000:]}"
+    rows = json.loads(proc.stdout)
+    built = sorted((row["kernel"], row["config"]["POOL"], row["config"]["TWO_SOURCES"]) for row in rows)
+    assert {name for name, _, _ in built} == {"conv3x3+persistent", "conv3x3+pool+persistent",
+                                              "conv3x3+up+persistent", "conv3x3+head+persistent"}, built  # fmt: skip
+    assert all(row["config"]["PERSISTENT"] and row["config"]["TMA_ROWS"] for row in rows)
+    # The issue model reads the K loops inside the loop over tiles: one per source, the head's GEMM outside them.
+    found = [
+        f"{_label(row)}: {row['tensor_loops']} tensor-core loops, issue ratio {row['issue_ratio']}"
+        for row in rows
+        if row["tensor_loops"] != 1 + row["config"]["TWO_SOURCES"] or not 0 < row["issue_ratio"] < 0.6
+    ]
+    report = {"variants": rows}
+    found += spill_problems(report) + tensor_core_problems(report, "bf16") + shared_memory_problems(report)
+    found += ptxas_problems(report)
+    found += [f"{_label(row)}: no TMA load in the tensor-core loop" for row in rows if not row["tma_loads"]]
+    assert not found, "\n".join(found)
+
+
+# Split K: the candidates of the reference config's batch-1 layers with fewer tiles than SMs (the bottleneck on
+# pointer loads, 32 px wide; a 64 x 64 map of 256 channels on TMA), and their sum launch
+SPLIT_K_BUILD = """
+import json, sys
+import torch
+from fastunet.kernels import conv as conv_module
+from fastunet.kernels._common import dry_run, launch_log
+from fastunet.kernels.conv import conv2d_nhwc
+from fastunet.tooling.compile_report import collect_variants, compile_variant, with_candidates
+
+def meta(*shape):
+    return torch.empty(*shape, device="meta", dtype=torch.bfloat16)
+
+def layers():
+    conv2d_nhwc(meta(1, 32, 32, 512), meta(9 * 512, 1024), meta(1024))
+    conv2d_nhwc(meta(1, 64, 64, 256), meta(9 * 256, 256), meta(256))
+
+with dry_run(), launch_log() as records:
+    layers()
+assert [record.path for record in records] == ["pointer", "tma"]
+split = [record for record in with_candidates(records) if record.constexprs["SPLIT_K"] > 1]
+# The sum launches, as the launcher records them when it runs a split candidate.
+conv_module.choose_config = lambda key, candidates, run: next(c for c in candidates if c.get("SPLIT_K"))
+with dry_run(), launch_log() as sums:
+    layers()
+variants = collect_variants([("split/bf16/b1", split + [r for r in sums if r.name.endswith("split_k_sum")])])
+json.dump([compile_variant(variant).to_json() for variant in variants], sys.stdout)
+"""
+
+
+def test_sm90_build_split_k_candidates():
+    """The split-K candidates build like the chosen tiles (no spills, HGMMA, TMA on the TMA path, no ptxas
+    warnings, one tensor-core loop), and so does the sum of their parts."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", SPLIT_K_BUILD], env=env, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert proc.returncode == 0, f"split-K build failed:\n{proc.stderr[-4000:]}"
+    rows = json.loads(proc.stdout)
+    convs = [row for row in rows if row["kernel"] == "conv3x3"]
+    assert {(row["config"]["SPLIT_K"], bool(row["config"]["TMA_ROWS"])) for row in convs} >= {(2, False), (2, True)}
+    assert any(row["kernel"] == "conv3x3.split_k_sum" for row in rows)
+    found = [
+        f"{_label(row)}: {row['tensor_loops']} tensor-core loops, {row['tma_loads']} TMA loads"
+        for row in convs
+        if row["tensor_loops"] != 1 or bool(row["tma_loads"]) != bool(row["config"]["TMA_ROWS"])
+    ]
+    report = {"variants": rows}
+    found += spill_problems(report) + tensor_core_problems({"variants": convs}, "bf16") + shared_memory_problems(report)
+    found += ptxas_problems(report)
+    assert not found, "\n".join(found)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # The backward's elementwise and gather kernels (kernels/backward.py): sm_90 builds of a typical launch
 # ---------------------------------------------------------------------------------------------------------------
 # Traced in a dry run on ``meta`` tensors (bf16, batch 16, level 0 of the reference config: dec0's first conv reads

@@ -7,6 +7,7 @@ on pointer loads, and the launch record says which path ran and why.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -238,3 +239,136 @@ def test_automatic_choice_off_the_interpreter(monkeypatch, arch, width, path, re
     with _common.modeled_target(132, arch), _common.load_path("auto"):
         assert choose_load_path(x, None, w_packed, packed_k=False)[0] == path
         assert reason in choose_load_path(x, None, w_packed, packed_k=False)[1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Persistent grid: fewer programs than tiles, each looping over every programs-th tile
+# ---------------------------------------------------------------------------------------------------------------
+def forced_config(block_n: int | None, programs_per_sm: int):
+    """A ``choose_config`` that launches 16-pixel tiles (the TMA path widens them to its 64-pixel row boxes) of
+    ``block_n`` channels (if given) on a persistent grid of ``programs_per_sm`` programs an SM (0: one tile a
+    program)."""
+
+    def choose(key, candidates, run, timer=None):
+        config = {**candidates[0], "BLOCK_M": 16, **({"BLOCK_N": block_n} if block_n else {})}
+        return {**config, "PROGRAMS_PER_SM": programs_per_sm} if programs_per_sm else config
+
+    return choose
+
+
+# (SMs of the modeled GPU, programs an SM, batch, c_out, BLOCK_N, height, width, pool, two sources). On the
+# interpreter the modeled GPU sets the programs; ids count TMA tiles (pointer tiles: 7, 36, 8, 3, 4).
+PERSISTENT_CASES = [
+    pytest.param(1, 2, 1, 16, None, 7, 9, False, False, id="7-tiles-2-programs"),
+    pytest.param(2, 2, 2, 40, 16, 11, 5, False, False, id="66-tiles-4-programs-3-groups"),
+    pytest.param(3, 1, 1, 24, 16, 9, 6, True, False, id="pool-10-tiles-3-programs"),
+    pytest.param(2, 1, 1, 16, None, 5, 7, False, True, id="two-sources-5-tiles-2-programs"),
+    pytest.param(8, 2, 1, 24, 16, 3, 5, False, False, id="6-tiles-16-slots"),
+]
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("sms, per_sm, batch, c_out, block_n, height, width, pool, two", PERSISTENT_CASES)
+def test_persistent_grid(device, monkeypatch, path, sms, per_sm, batch, c_out, block_n, height, width, pool, two):
+    """Persistent launches against float64 (odd tile counts, more tiles than programs, fewer), bitwise equal to the
+    launch of one tile a program; the record says persistent, its grid is the programs, and it counts the tiles."""
+    dtype = torch.float32
+    c_skip, c_up = 16, 16 if two else 0
+    skip = torch.randn(batch, c_skip, height, width).to(device, dtype)
+    up = torch.randn(batch, c_up, height, width).to(device, dtype) if two else None
+    weight, bias = rand_weight(c_out, c_skip + c_up, 3, dtype, device)
+    kwargs = {"up": channels_last(up), "up_mode": "direct"} if two else {}
+    runs = {}
+    for programs in (0, per_sm):
+        monkeypatch.setattr(conv_module, "choose_config", forced_config(block_n, programs))
+        with _common.modeled_target(sms):
+            runs[programs] = run_logged(
+                path, conv2d_nhwc, channels_last(skip), pack_conv_weight(weight), bias, pool=pool, **kwargs
+            )
+    (y, pooled), record = runs[per_sm]
+    (y_plain, pooled_plain), plain = runs[0]
+    check_record(record, path, device)
+    tiles = math.prod(plain.grid)
+    with _common.modeled_target(sms):
+        programs = min(tiles, _common.sm_count(y) * per_sm)
+    assert not plain.persistent and plain.persistent_tiles == 0
+    assert record.persistent and record.persistent_tiles == tiles and record.grid == (programs,)
+    assert record.constexprs["PERSISTENT"] and not plain.constexprs["PERSISTENT"]
+    if device.type == "cpu":  # the modeled GPU sets the programs: the case's name holds
+        assert programs == min(tiles, sms * per_sm)
+    assert torch.equal(y, y_plain)
+    joined = skip.double().cpu() if up is None else torch.cat([skip.double().cpu(), up.double().cpu()], dim=1)
+    reference = F.conv2d(joined, weight.double().cpu(), bias.double().cpu(), padding=1).relu()
+    assert_kernel_close(nchw(y), reference, 9 * (c_skip + c_up), precision_key(dtype, device))
+    if pool:
+        assert torch.equal(pooled, pooled_plain)
+        assert torch.equal(nchw(pooled).cpu(), F.max_pool2d(nchw(y).cpu(), 2))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Split K: parts of (taps x channel blocks) in programs of their own, added in a fixed order by a second launch
+# ---------------------------------------------------------------------------------------------------------------
+def split_config(parts: int, block_n: int | None, block_k: int):
+    """A ``choose_config`` that launches 16-pixel tiles (64 on the TMA path) with ``block_k`` channels a K-step in
+    ``parts`` parts of K."""
+
+    def choose(key, candidates, run, timer=None):
+        return {**candidates[0], "BLOCK_M": 16, "BLOCK_K": block_k, "SPLIT_K": parts,
+                **({"BLOCK_N": block_n} if block_n else {})}  # fmt: skip
+
+    return choose
+
+
+# (parts, batch, c_in, c_out, BLOCK_N, BLOCK_K, height, width, activation, slope): K-steps = 9 x channel blocks,
+# dealt unevenly where the parts do not divide them.
+SPLIT_CASES = [
+    pytest.param(2, 1, 48, 24, 16, 16, 5, 7, "relu", 0.0, id="27-steps-2-parts"),
+    pytest.param(4, 2, 32, 40, 16, 16, 3, 9, "leaky_relu", 0.1, id="18-steps-4-parts-leaky"),
+    pytest.param(3, 1, 16, 16, None, 16, 4, 5, "none", 0.0, id="9-steps-3-parts"),
+]
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("parts, batch, c_in, c_out, block_n, block_k, height, width, act, slope", SPLIT_CASES)
+def test_split_k(device, monkeypatch, path, parts, batch, c_in, c_out, block_n, block_k, height, width, act, slope):
+    """Split-K against float64; two runs bitwise equal (fixed parts, summed in a fixed order); the records: the conv
+    with a part a program (grid dimension 2) writing fp32 partial sums, then the sum launch that writes the map."""
+    dtype = torch.float32
+    x = torch.randn(batch, c_in, height, width).to(device, dtype)
+    weight, bias = rand_weight(c_out, c_in, 3, dtype, device)
+    monkeypatch.setattr(conv_module, "choose_config", split_config(parts, block_n, block_k))
+    runs = []
+    for _ in range(2):
+        with _common.load_path(path), _common.launch_log() as log:
+            y, _ = conv2d_nhwc(channels_last(x), pack_conv_weight(weight), bias, activation=act, slope=slope)
+        runs.append((y, log))
+    (y, log), (y_again, _) = runs
+    conv, total = log
+    check_record(conv, path, device)
+    assert conv.constexprs["SPLIT_K"] == parts and conv.grid[2] == parts
+    assert total.kernel is conv_module._split_k_sum_kernel and total.constexprs["SPLIT_K"] == parts
+    assert conv.bytes_written == parts * batch * height * width * c_out * 4
+    assert torch.equal(y, y_again)
+    reference = F.conv2d(x.double().cpu(), weight.double().cpu(), bias.double().cpu(), padding=1)
+    reference = (
+        F.leaky_relu(reference, slope) if act == "leaky_relu" else reference.relu() if act == "relu" else reference
+    )
+    assert_kernel_close(nchw(y), reference, 9 * c_in, precision_key(dtype, device))
+
+
+def test_split_k_candidates():
+    """Split-K is a candidate only where the heuristic's tiles leave SMs idle, K has steps to split, and the
+    epilogue is a plain store of one source; never the heuristic's choice."""
+    problem = conv_module.ConvProblem(m=256, c_out=1024, c_main=1024, c_up=0, element_size=2, splittable=True)
+
+    def parts(problem) -> list[int]:
+        configs = conv_module.candidate_configs(problem)
+        assert "SPLIT_K" not in configs[0]
+        return [c["SPLIT_K"] for c in configs if c.get("SPLIT_K")]
+
+    assert parts(problem) == [2, 4]  # 32 tiles of 64 x 128
+    # The reference bottleneck at batch 1 (32 x 32): 128 tiles, 4 parts would be 512 programs on 132 SMs
+    assert parts(dataclasses.replace(problem, m=1024)) == [2]
+    for changed in ({"splittable": False}, {"m": 16 * 1024}, {"c_main": 16}):
+        other = conv_module.ConvProblem(**{**dataclasses.asdict(problem), **changed})
+        assert not any(c.get("SPLIT_K") for c in conv_module.candidate_configs(other)), changed

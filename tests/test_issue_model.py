@@ -121,6 +121,17 @@ def test_innermost_tensor_core_loops_and_their_counts():
     assert summary["tensor_loops"] == 2
 
 
+def test_loop_over_tiles_is_no_k_step_loop():
+    """A persistent kernel: the loop over tiles holds the K loop and, once a tile, a fused head's GEMM. Only the K
+    loop is a tensor-core loop; without the rule the outer loop would count as a second, costlier one."""
+    lines = SASS_90.splitlines()
+    at = next(i for i, line in enumerate(lines) if "/*0240*/" in line)
+    head = "        /*0244*/                   HGMMA.64x32x16.F32.BF16 R60, R40, gdesc[UR24], RZ, gsb0 ;"
+    found = issue_model.analyze("\n".join([*lines[:at], head, *lines[at:]]), TILE, "bf16", WARPS, issue_model.H200)
+    assert [(loop.first, loop.last) for loop in found.loops] == [(0x50, 0xF0), (0x160, 0x230)]
+    assert found.loops[1].instructions == 14
+
+
 def test_labels_as_nvdisasm_prints_them():
     sass = """
         /*0000*/                   MOV R0, RZ ;
@@ -208,6 +219,9 @@ def test_k_steps_per_source():
     assert issue_model.k_steps_per_source(fake_record((4, 1), c_main=100)) == [9 * 2]
     packed = fake_record((4, 1), c_main=3, PACKED_K=True, BLOCK_K=32)
     assert issue_model.k_steps_per_source(packed) == [1]  # 27 (tap, channel) pairs in one 32-wide K block
+    # Split K: each part runs its share of the steps (the fullest part's count)
+    assert issue_model.k_steps_per_source(fake_record((4, 1, 2), c_main=512, SPLIT_K=2)) == [36]
+    assert issue_model.k_steps_per_source(fake_record((4, 1, 4), c_main=100, SPLIT_K=4)) == [5]
 
 
 @pytest.mark.parametrize("ctas, busiest", [(132, 1), (133, 2), (264, 2), (1000, 8)])
@@ -221,6 +235,31 @@ def test_wave_quantization(ctas, busiest):
     assert layer.ctas_per_busiest_sm == busiest and layer.waves == -(-ctas // 264)
     assert layer.tensor_s == pytest.approx(tensor) and layer.issue_s == pytest.approx(issue)
     assert layer.time_s == pytest.approx(max(tensor, issue / 0.7, (1 << 20) / 4.3e12))
+
+
+@pytest.mark.parametrize(
+    "tiles, programs, busiest",
+    [(1000, 264, 8), (1000, 132, 8), (133, 132, 2), (300, 264, 3), (64, 64, 1), (7, 2, 4)],
+)
+def test_persistent_launch(tiles, programs, busiest):
+    """A persistent launch: its CTAs are its programs, program p runs tiles p, p + programs, ..., programs go to SMs
+    breadth-first; the busiest SM's tiles, at one tile's time each (the same K-steps as a launch of one tile a CTA),
+    make the launch's time."""
+    expected = max(
+        sum(len(range(p, tiles, programs)) for p in range(programs) if p % 132 == sm) for sm in range(132)
+    )  # fmt: skip
+    assert expected == busiest
+    assert issue_model.busiest_sm_tiles(tiles, programs, 132) == busiest
+    flops = 2 * tiles * 128 * 128 * 9 * 256
+    record = fake_record((programs,), flops=flops, PERSISTENT=True)
+    record.persistent_tiles = tiles
+    layer = issue_model.model_layer("s", record, fake_variant((100,), ctas_per_sm=2), issue_model.H200)
+    plain = issue_model.model_layer("s", fake_record((tiles, 1), flops=flops), fake_variant((100,)), issue_model.H200)
+    assert layer.persistent and layer.kernel == "conv+persistent" and not plain.persistent
+    assert layer.ctas == programs and layer.tiles == tiles and layer.ctas_per_busiest_sm == busiest
+    assert layer.k_steps == plain.k_steps == (9 * 256 // 64,)
+    per_tile = plain.issue_s / plain.ctas_per_busiest_sm
+    assert layer.issue_s == pytest.approx(busiest * per_tile)
 
 
 def test_bounds_and_eta():

@@ -18,6 +18,12 @@ and the sum of its partials, the input gradients on the forward conv kernel, the
 conv's gradients). Its variants join the table, and its modeled time (forward + backward) joins the forward's in
 ``model``.
 
+``--persistent`` and ``--split-k`` add, per forward, the same forward with every launch that has such an autotuning
+candidate launched that way (:func:`fastunet.kernels._common.preferring`): a persistent grid (the conv kernel on the
+TMA path, where tiles outnumber the programs), split K (a conv with fewer tiles than SMs, one source and a plain
+store, plus the launch that adds its parts), labelled ``persistent-<upsample>/...`` and ``split-k-<upsample>/...``:
+their variants and modeled times beside the launched forward's.
+
 Arguments are specialized the way Triton's JIT does at launch (an integer equal to 1 becomes a constant; integers
 and pointers divisible by 16 get a divisibility hint), so each cubin is the one a launch on the GPU would build.
 
@@ -38,6 +44,7 @@ choose interpreter-only constexprs. Usage::
     fastunet report --arch sm_90 sm_80 --json report.json    # also Ampere (HMMA); the model is of the first
     python -m bench.compile_report --arch 90 --dtype bfloat16 --upsample transpose bilinear --batch 1
     python -m bench.compile_report --arch 90 --dtype bf16 --training         # also the training step
+    python -m bench.compile_report --arch 90 --dtype bf16 --persistent --split-k  # those candidates, modeled
 """
 
 from __future__ import annotations
@@ -61,7 +68,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from fastunet.kernels._common import INTERPRET, LaunchRecord, dry_run, launch_log, modeled_target
+from fastunet.kernels._common import INTERPRET, LaunchRecord, dry_run, launch_log, modeled_target, preferring
 from fastunet.model import FastUNet
 from fastunet.ops import Act, ConvSpec, Layout, build_plan, run_plan
 from fastunet.reference import UNet
@@ -394,7 +401,8 @@ def _collect(traces: Iterable[tuple[str, Sequence[LaunchRecord]]]) -> tuple[list
             entry = found.setdefault(
                 variant_key(record),
                 {
-                    "name": record.name,
+                    # A persistent launch's programs loop over tiles: a cubin of its own, named so.
+                    "name": record.name + ("+persistent" if record.constexprs.get("PERSISTENT") else ""),
                     "kernel": record.kernel,
                     "signature": signature,
                     "constexprs": constants,
@@ -695,13 +703,17 @@ def compile_configs(
     sass_dir: str | None = None,
     features: Sequence[str] = (),
     training: bool = False,
+    persistent: bool = False,
+    split_k: bool = False,
     **model_kwargs: int,
 ) -> CompileResult:
     """Compile every distinct variant that the given configurations launch (``candidates``: every variant the
     autotuner may launch); one row per variant. Configurations are labelled ``upsample/dtype/b<batch>``, with
     ``/<size>`` before the batch when several sizes are given. ``training``: also one training step (forward and
     backward, :func:`trace_training_for_target`) per upsampling mode, dtype, size and batch, labelled
-    ``train-<upsample>/dtype/b<batch>``. ``sass_dir``: write each variant's SASS there."""
+    ``train-<upsample>/dtype/b<batch>``. ``persistent``, ``split_k``: also each forward with its persistent (split-K)
+    candidates launched, labelled ``persistent-<upsample>/...`` (``split-k-<upsample>/...``). ``sass_dir``: write
+    each variant's SASS there."""
     if INTERPRET:
         raise RuntimeError("the compile report needs real Triton compilation: run it with TRITON_INTERPRET unset")
     expand = with_candidates if candidates else list
@@ -730,6 +742,23 @@ def compile_configs(
                             tuple(stage_labels(records)),
                         )
                     )
+                    for wanted, prefix, key in ((persistent, "persistent-", "PROGRAMS_PER_SM"),
+                                                (split_k, "split-k-", "SPLIT_K")):  # fmt: skip
+                        if wanted and upsample not in FEATURES:
+                            with preferring(key):
+                                records = trace_for_target(upsample, torch_dtype(dtype), batch, size_, arch,
+                                                           **model_kwargs)  # fmt: skip
+                            configs.append(
+                                TracedConfig(
+                                    prefix + label(upsample, dtype, size_, batch),
+                                    upsample,
+                                    dtype,
+                                    size_,
+                                    batch,
+                                    tuple(records),
+                                    tuple(stage_labels(records)),
+                                )
+                            )
                     if training and upsample not in FEATURES:
                         records = trace_training_for_target(
                             upsample, torch_dtype(dtype), batch, size_, arch, **model_kwargs
@@ -921,6 +950,18 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         help="also a training step per upsampling mode (forward and backward kernels, labelled train-<upsample>/...): "
         "its variants and its modeled time next to the forward's",
     )
+    parser.add_argument(
+        "--persistent",
+        action="store_true",
+        help="also each forward with its persistent autotuning candidates launched (labelled persistent-<upsample>/"
+        "...): their variants and the modeled time next to the launched forward's",
+    )
+    parser.add_argument(
+        "--split-k",
+        action="store_true",
+        help="also each forward with its split-K autotuning candidates launched (labelled split-k-<upsample>/...), "
+        "each with the launch that adds its parts",
+    )
     parser.add_argument("--batch", nargs="+", type=positive_int, default=list(REFERENCE_BATCHES))
     parser.add_argument("--size", nargs="+", type=positive_int, default=[REFERENCE_SIZE], help="H = W")
     parser.add_argument("--in-channels", type=positive_int, default=REFERENCE_MODEL["in_channels"])
@@ -965,6 +1006,8 @@ def run(args: argparse.Namespace) -> tuple[dict, list[VariantReport], list[issue
             sass_dir=args.sass,
             features=args.features,
             training=args.training,
+            persistent=args.persistent,
+            split_k=args.split_k,
             **model_kwargs,
         )
         for arch in archs
@@ -982,6 +1025,8 @@ def run(args: argparse.Namespace) -> tuple[dict, list[VariantReport], list[issue
             "upsample": list(args.upsample),
             "features": list(args.features),
             "training": bool(args.training),
+            "persistent": bool(args.persistent),
+            "split_k": bool(args.split_k),
             "dtypes": list(args.dtype),
             "batches": list(args.batch),
             "sizes": list(args.size),

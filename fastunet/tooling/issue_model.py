@@ -308,7 +308,8 @@ def tensor_loops(
     tensor_clocks: float | None,
     issue_per_clock: int,
 ) -> list[TensorLoop]:
-    """The innermost loop of each tensor-core instruction that sits in a loop, in address order. A kernel whose
+    """The innermost loop of each tensor-core instruction that sits in a loop, in address order, less loops that hold
+    another such loop (a persistent kernel's loop over tiles, whose fused head GEMM runs once a tile). A kernel whose
     tensor-core instructions all sit outside loops (a single K block, unrolled) is one straight pass: the whole
     kernel counts as its one "loop", every instruction issued once (branches not taken are counted too).
 
@@ -322,6 +323,9 @@ def tensor_loops(
             around = [(a, b) for a, b in loops if a <= ins.address <= b]
             if around:
                 chosen.add(min(around, key=lambda loop: loop[1] - loop[0]))
+    # A loop around another tensor-core loop is a loop over tiles (a persistent kernel's), not over K-steps: its own
+    # tensor-core instructions are per-tile epilogue work (a fused head's GEMM), as outside every loop.
+    chosen = {(a, b) for a, b in chosen if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in chosen)}
     if not chosen and any(is_mma(ins.opcode) for ins in instructions):
         chosen.add((instructions[0].address, instructions[-1].address))
     found = []
@@ -410,8 +414,9 @@ def k_steps_per_source(record) -> list[int] | None:
     """K-steps one CTA runs per source loop of a convolution launch: ``KSIZE**2 * cdiv(c, BLOCK_K)`` for the main
     input (``c_main``) and, with ``TWO_SOURCES``, for the upsampled one (``c_up``); one flattened loop of
     ``cdiv(KSIZE**2 * c_main, BLOCK_K)`` with ``PACKED_K`` (the small-K path; its value is the channel
-    count). For a kernel whose :class:`GemmView` names its K-steps (the weight gradient's rows per slice times
-    pixel blocks per row): one loop of their product (the fullest CTA). None for a kernel without these arguments."""
+    count); with ``SPLIT_K`` parts, the fullest part's share of them. For a kernel whose :class:`GemmView` names its
+    K-steps (the weight gradient's rows per slice times pixel blocks per row): one loop of their product (the fullest
+    CTA). None for a kernel without these arguments."""
     params = getattr(record.kernel, "params", None)
     c = record.constexprs
     if params is None:
@@ -433,6 +438,8 @@ def k_steps_per_source(record) -> list[int] | None:
     steps = [taps * -(-values["c_main"] // block_k)]
     if c.get("TWO_SOURCES") and values.get("c_up"):
         steps.append(taps * -(-values["c_up"] // block_k))
+    if c.get("SPLIT_K", 1) > 1:  # one source, its steps dealt to the parts: the fullest part's
+        steps = [-(-steps[0] // c["SPLIT_K"])]
     return steps
 
 
@@ -446,9 +453,9 @@ class LayerModel:
     num_warps: int
     flops: int
     bytes: int
-    ctas: int
+    ctas: int  # programs launched (a persistent launch's programs each loop over several tiles)
     ctas_per_sm: int | None  # resident at once (occupancy)
-    ctas_per_busiest_sm: int  # ceil(CTAs / SMs): the CTAs the busiest SM works through
+    ctas_per_busiest_sm: int  # the tiles the busiest SM works through: ceil(CTAs / SMs) at one tile a CTA
     waves: int | None  # ceil(CTAs / (SMs * CTAs per SM))
     k_steps: tuple[int, ...]  # per CTA, per tensor-core loop
     issue_ratio: float | None  # K-step-weighted over the loops
@@ -458,6 +465,8 @@ class LayerModel:
     time_s: float | None  # None: the launch cannot run (no CTA fits on an SM)
     bound: str  # "tensor", "issue", "memory", or "cannot launch"
     note: str = ""
+    tiles: int = 0  # output tiles: CTAs, or the tiles a persistent launch's programs loop over
+    persistent: bool = False
 
     @property
     def tflops(self) -> float | None:
@@ -474,18 +483,31 @@ class LayerModel:
         return row
 
 
+def busiest_sm_tiles(tiles: int, programs: int, sms: int) -> int:
+    """Tiles the busiest SM runs in a persistent launch: program p takes tiles p, p + programs, ...; programs are
+    dealt to SMs breadth-first (p to SM p mod sms), so SM 0 holds the programs with the most tiles."""
+    if tiles <= 0 or programs <= 0:
+        return 0
+    return sum(-(-(tiles - p) // programs) for p in range(0, min(programs, tiles), sms))
+
+
 def model_layer(stage: str, record, variant, assumptions: Assumptions) -> LayerModel:
     """Model one launch: ``record`` a :class:`~fastunet.kernels._common.LaunchRecord` (grid, FLOPs, bytes), and
     ``variant`` its compiled variant (anything with ``mainloop``, ``ctas_per_sm``, ``num_warps``).
 
-    Per tensor-core loop ``l`` a CTA spends ``max(k_l * tensor_clocks, k_l * issue_clocks_l / eta)`` clocks, ``k_l``
-    its K-steps there; the launch takes ``ceil(CTAs / SMs)`` CTA times, or the bytes over the bandwidth if longer.
+    Per tensor-core loop ``l`` a tile spends ``max(k_l * tensor_clocks, k_l * issue_clocks_l / eta)`` clocks, ``k_l``
+    its K-steps there; the launch takes ``ceil(CTAs / SMs)`` tile times, or the bytes over the bandwidth if longer.
+    A persistent launch (``record.persistent_tiles``): its CTAs are its programs, each looping over several tiles;
+    it takes the busiest SM's tiles (:func:`busiest_sm_tiles`) times one tile's time. What it saves, a tile's
+    prologue and epilogue overlapped with the next tile's work, is outside the model.
     """
     c = record.constexprs
     tile = "x".join(str(c.get(key, "-")) for key in gemm_view(record.kernel).keys)
     ctas = math.prod(record.grid)
     sms = assumptions.sm_count
-    busiest = -(-ctas // sms)
+    persistent = bool(getattr(record, "persistent_tiles", 0))
+    tiles = record.persistent_tiles if persistent else ctas
+    busiest = busiest_sm_tiles(tiles, ctas, sms) if persistent else -(-ctas // sms)
     nbytes = record.bytes_read + record.bytes_written
     memory_s = nbytes / assumptions.bandwidth
     loops = variant.mainloop.loops
@@ -495,7 +517,7 @@ def model_layer(stage: str, record, variant, assumptions: Assumptions) -> LayerM
     if steps is None and clocks:
         # A kernel the convolution reader does not know: its K-steps from its FLOPs over the tile's.
         tile_flops = clocks * assumptions.flops_per_clock(operand_type(variant.dtype, c) or "bf16")
-        steps = [max(1, round(record.flops / ctas / tile_flops))] if ctas else [0]
+        steps = [max(1, round(record.flops / tiles / tile_flops))] if tiles else [0]
         note = "K-steps estimated from FLOPs"
     if loops and steps and len(steps) != len(loops):
         total = sum(steps)
@@ -528,7 +550,7 @@ def model_layer(stage: str, record, variant, assumptions: Assumptions) -> LayerM
             bound = "issue" if issue_s / assumptions.eta > tensor_s else "tensor"
     return LayerModel(
         stage=stage,
-        kernel=record.name,
+        kernel=record.name + ("+persistent" if persistent else ""),
         tile=tile,
         num_warps=variant.num_warps,
         flops=record.flops,
@@ -545,6 +567,8 @@ def model_layer(stage: str, record, variant, assumptions: Assumptions) -> LayerM
         time_s=time_s,
         bound=bound,
         note=note,
+        tiles=tiles,
+        persistent=persistent,
     )
 
 
@@ -693,14 +717,21 @@ def format_model(models: Sequence[ForwardModel], layers: bool = True) -> str:
     return "\n".join(lines)
 
 
+# Labels of forwards traced with autotuning candidates in place of the heuristic's tiles (the compile report's
+# --persistent and --split-k), and how the model's text names them.
+CANDIDATE_LABELS = {"persistent-": " with persistent grids", "split-k-": " with split K"}
+
+
 def _step_name(model: ForwardModel) -> str:
-    return "training step (forward + backward)" if model.step == "training" else "forward"
+    name = "training step (forward + backward)" if model.step == "training" else "forward"
+    return name + next((text for prefix, text in CANDIDATE_LABELS.items() if model.label.startswith(prefix)), "")
 
 
 def format_layers(model: ForwardModel) -> str:
     """One line per launch: tile, CTAs, resident CTAs, K-steps, issue ratio, the three times and the bound."""
     sw = max(16, *(len(layer.stage) for layer in model.layers)) if model.layers else 16
-    kw = max(12, *(min(30, len(layer.kernel)) for layer in model.layers)) if model.step == "training" else 12
+    wide = model.step == "training" or any(len(layer.kernel) > 12 for layer in model.layers)
+    kw = max(12, *(min(30, len(layer.kernel)) for layer in model.layers)) if wide else 12
     header = (
         f"{'stage':<{sw}} {'kernel':<{kw}} {'tile':<11} {'w':>2} {'CTAs':>6} {'/SM':>3} {'K-steps':>9} {'issue':>5} "
         f"{'tensor us':>9} {'issue/eta':>9} {'memory us':>9} {'model us':>9} {'TFLOP/s':>7} {'bound':<7}"
