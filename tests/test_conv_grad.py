@@ -356,7 +356,16 @@ def test_input_grad_bad_arguments_are_refused(device):
     with pytest.raises(NotImplementedError, match="valid conv"):
         conv2d_input_grad_nhwc(dz, packed, 2, 3, 0)
     with pytest.raises(NotImplementedError, match="strided conv"):
+        conv2d_input_grad_nhwc(dz, packed, 2, stride=3)
+    with pytest.raises(NotImplementedError, match="strided conv"):
+        conv2d_input_grad_nhwc(dz, packed, 2, 3, 0, stride=2)
+    with pytest.raises(ValueError, match="in_size: expected the input"):
         conv2d_input_grad_nhwc(dz, packed, 2, stride=2)
+    with pytest.raises(ValueError, match="in_size: expected the input"):
+        conv2d_input_grad_nhwc(dz, packed, 2, in_size=(8, 8))
+    # ceil(H / 2) x ceil(W / 2) must be dz's size: 7 or 8 rows give 4, 9 gives 5.
+    with pytest.raises(ValueError, match=r"stride-2 conv over 9x8 has a 5x4 output gradient"):
+        conv2d_input_grad_nhwc(dz, packed, 2, stride=2, in_size=(9, 8))
     with pytest.raises(ValueError, match="ksize: expected 1 or 3, got 5"):
         conv2d_input_grad_nhwc(dz, packed, 2, 5, 2)
     with pytest.raises(ValueError, match=r"expected a packed weight of shape \(27, C_out\)"):
