@@ -11,7 +11,9 @@ of Triton launches and registers it with :func:`torch.library.register_autograd`
   wins); then ``dW = A^T dZ`` and the
   bias gradient (deterministic split-K, :func:`fastunet.kernels.conv_grad.conv2d_weight_grad_nhwc`; one launch per
   source for the decoder conv) and ``dX``, the forward conv kernel itself run on ``dZ`` with the taps flipped and
-  the channels swapped (:func:`fastunet.kernels.conv_grad.conv2d_input_grad_nhwc`). The decoder conv's input
+  the channels swapped (:func:`fastunet.kernels.conv_grad.conv2d_input_grad_nhwc`; for the 3x3 stride-2 down-sampling
+  conv one launch of four output phases, each summing only its own taps of ``dZ``, and a weight gradient reading
+  the input at every other pixel). The decoder conv's input
   gradient comes out as one map of ``[skip | up]`` channels; the skip's part goes back to its producer as a view.
   In a training forward the decoder conv's launch takes the low-resolution map (read through its norm where it has
   one) and makes the upsampled map itself (an interpolation, or the transposed conv, whose weight and bias are then
@@ -29,10 +31,10 @@ output (the next op's input: one tensor, saved once), the pooled maps, the norms
 upsampled map, concatenation or argmax index is kept.
 
 Which forwards take this path: :func:`kernel_training_blocker` says, for a layout, what would keep it on the
-reference math (BatchNorm with batch statistics, InstanceNorm/GroupNorm, activations other than ReLU, valid or
-strided convs, other joins; see the README's gradients section). The packed weights are built from the parameters
-by differentiable torch ops on every such forward (a cast and a permute per tensor), so the gradients reach the
-parameters (and, under autocast, come back in their dtype) through autograd.
+reference math (activations other than ReLU in a conv's epilogue, valid convs, the crop join, an InstanceNorm
+tracking running statistics in training mode, ...; see the README's gradients section). The packed weights are
+built from the parameters by differentiable torch ops on every such forward (a cast and a permute per tensor), so
+the gradients reach the parameters (and, under autocast, come back in their dtype) through autograd.
 
 Second derivatives (``create_graph=True``): each op's backward then recomputes its own PyTorch math from views of
 its saved inputs (:func:`_own_nodes`) and differentiates it with the graph kept, so higher-order gradients are the
