@@ -362,11 +362,20 @@ def test_strided_input_grad_matches_float64(device, dtype, batch, c_in, c_out, h
     _check_stored(dx.permute(0, 3, 1, 2), expected, bound, dtype)
 
 
-@pytest.mark.parametrize("path", ["pointer", "tma"])
-@pytest.mark.parametrize(("height", "width"), [(9, 13), (8, 6)], ids=["odd", "even"])
-def test_strided_input_grad_on_both_load_paths(device, path, height, width):
+@pytest.mark.parametrize(
+    ("path", "rows", "height", "width"),
+    [
+        pytest.param("pointer", 0, 9, 13, id="pointer-odd"),
+        pytest.param("pointer", 0, 8, 6, id="pointer-even"),
+        pytest.param("tma", 1, 9, 13, id="tma-odd"),
+        pytest.param("tma", 1, 8, 6, id="tma-even"),
+        # 2 x 46 x 46 lattice pixels a phase: enough tiles for 132 SMs at 128 pixels, two 64-pixel row boxes a tile.
+        pytest.param("tma", 2, 91, 92, id="tma-2rows-odd"),
+    ],
+)
+def test_strided_input_grad_on_both_load_paths(device, path, rows, height, width):
     """Pointer loads and TMA row boxes (dz at (qy + sy, qx + sx) of the phase's lattice; a box past dz's end reads
-    zeros) give the float64 gradient; channel counts whose rows are 16-byte aligned."""
+    zeros), one or two rows a tile, give the float64 gradient; channel counts whose rows are 16-byte aligned."""
     torch.manual_seed(height)
     c_in, c_out = 8, 16
     weight = torch.randn(c_out, c_in, 3, 3)
@@ -376,7 +385,7 @@ def test_strided_input_grad_on_both_load_paths(device, path, height, width):
             dz.permute(0, 2, 3, 1).contiguous(), pack_conv_weight(weight).to(device), c_in, stride=2,
             in_size=(height, width),
         )  # fmt: skip
-    assert [r.path for r in records] == [path], records[0].path_reason
+    assert [(r.path, r.constexprs["TMA_ROWS"]) for r in records] == [(path, rows)], records[0].path_reason
     expected, bound = _strided_input_reference(weight, dz, (2, c_in, height, width))
     _check_stored(dx.permute(0, 3, 1, 2), expected, bound, torch.float32)
 
