@@ -11,7 +11,9 @@ of Triton launches and registers it with :func:`torch.library.register_autograd`
   wins); then ``dW = A^T dZ`` and the
   bias gradient (deterministic split-K, :func:`fastunet.kernels.conv_grad.conv2d_weight_grad_nhwc`; one launch per
   source for the decoder conv) and ``dX``, the forward conv kernel itself run on ``dZ`` with the taps flipped and
-  the channels swapped (:func:`fastunet.kernels.conv_grad.conv2d_input_grad_nhwc`). The decoder conv's input
+  the channels swapped (:func:`fastunet.kernels.conv_grad.conv2d_input_grad_nhwc`; for the 3x3 stride-2 down-sampling
+  conv one launch of four output phases, each summing only its own taps of ``dZ``, and a weight gradient reading
+  the input at every other pixel). The decoder conv's input
   gradient comes out as one map of ``[skip | up]`` channels; the skip's part goes back to its producer as a view.
   In a training forward the decoder conv's launch takes the low-resolution map (read through its norm where it has
   one) and makes the upsampled map itself (an interpolation, or the transposed conv, whose weight and bias are then
@@ -29,10 +31,10 @@ output (the next op's input: one tensor, saved once), the pooled maps, the norms
 upsampled map, concatenation or argmax index is kept.
 
 Which forwards take this path: :func:`kernel_training_blocker` says, for a layout, what would keep it on the
-reference math (BatchNorm with batch statistics, InstanceNorm/GroupNorm, activations other than ReLU, valid or
-strided convs, other joins; see the README's gradients section). The packed weights are built from the parameters
-by differentiable torch ops on every such forward (a cast and a permute per tensor), so the gradients reach the
-parameters (and, under autocast, come back in their dtype) through autograd.
+reference math (activations other than ReLU in a conv's epilogue, valid convs, the crop join, an InstanceNorm
+tracking running statistics in training mode, ...; see the README's gradients section). The packed weights are
+built from the parameters by differentiable torch ops on every such forward (a cast and a permute per tensor), so
+the gradients reach the parameters (and, under autocast, come back in their dtype) through autograd.
 
 Second derivatives (``create_graph=True``): each op's backward then recomputes its own PyTorch math from views of
 its saved inputs (:func:`_own_nodes`) and differentiates it with the graph kept, so higher-order gradients are the
@@ -95,8 +97,6 @@ def kernel_training_blocker(layout: Layout, training: bool) -> str | None:
     reason = unfused_reason(layout)
     if reason is not None:
         return reason
-    if layout.down != "pool":
-        return "strided-conv down-sampling has no backward kernels yet (2x2 max-pool down-sampling has)"
     if layout.join == "crop":
         return "the 'crop' join (valid convs) has no backward kernels yet (the zero-pad and replicate joins have)"
     for name, spec in layout.conv_specs():
@@ -108,8 +108,9 @@ def kernel_training_blocker(layout: Layout, training: bool) -> str | None:
         if act not in allowed:
             where = "after a norm with data statistics" if kind not in (None, "folds") else "in a conv's epilogue"
             return f"{name}: the {act} activation {where} has no backward kernels yet ({', '.join(allowed)} have)"
-        if conv_padding(spec.conv) != 1 or tuple(spec.conv.stride) != (1, 1):
-            return f"{name}: only 3x3 stride-1 'same' convs have backward kernels yet"
+        # A stride 2 sits only where unfused_reason allows it: the 3x3 padding-1 first conv of a deeper level.
+        if conv_padding(spec.conv) != 1 or tuple(spec.conv.stride) not in ((1, 1), (2, 2)):
+            return f"{name}: only 3x3 'same' convs and 3x3 stride-2 padding-1 down-sampling convs have backward kernels"
     for level, up in enumerate(layout.ups):
         if up.mode not in ("transpose", "bilinear", "nearest") or up.pre_conv is not None:
             what = "a 1x1 conv before the interpolation" if up.pre_conv is not None else f"the {up.mode} upsampling"
@@ -183,7 +184,8 @@ def build_training_plan(
                 fp32(module.bias) if affine else None,
                 over_batch=kind == "batch",
             )
-        conv_stage = ConvStage(cast(_pack(weight)), cast(bias), 3, 1, spec.activation, None, 1, norm)
+        stride = int(spec.conv.stride[0])  # 1, or 2 (kernel_training_blocker checked)
+        conv_stage = ConvStage(cast(_pack(weight)), cast(bias), 3, 1, spec.activation, None, stride, norm)
         if kind == "batch":
             batch_norms[id(conv_stage)] = spec.norm
         return conv_stage
@@ -279,7 +281,7 @@ _CONV_BACKWARD_SCHEMA = (
     "str activation, bool pool, bool has_bias, bool need_input, str up_mode, bool align_corners, str join, "
     f"{_READ_ARGS}, Tensor? grad_scale=None, Tensor? grad_shift=None, Tensor? stat_mean=None, "
     "Tensor? stat_var=None, Tensor? norm_weight=None, int norm_groups=0, float norm_eps=0.0, "
-    f"bool norm_over_batch=False, Tensor? up_weight=None, Tensor? up_bias=None, {_UP_READ_ARGS}) "
+    f"bool norm_over_batch=False, Tensor? up_weight=None, Tensor? up_bias=None, {_UP_READ_ARGS}, int stride=1) "
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 
@@ -289,7 +291,7 @@ def _conv_backward(
     align_corners, join, in_scale=None, in_shift=None, in_activation="none", in_slope=0.0, in_lo=0.0, in_hi=0.0,
     grad_scale=None, grad_shift=None, stat_mean=None, stat_var=None, norm_weight=None, norm_groups=0, norm_eps=0.0,
     norm_over_batch=False, up_weight=None, up_bias=None, up_scale=None, up_shift=None, up_activation="none",
-    up_slope=0.0, up_lo=0.0, up_hi=0.0,
+    up_slope=0.0, up_lo=0.0, up_hi=0.0, stride=1,
 ):  # fmt: skip
     """The gradients of one conv launch: ``(d_in, dx_read, dW, db, d_in_scale, d_in_shift, d_norm_weight,
     d_norm_bias)``.
@@ -302,7 +304,9 @@ def _conv_backward(
     transpose, ``up`` is the low-resolution map (read through its norm where ``up_scale`` is given; the transposed
     conv's packed ``up_weight`` and ``up_bias``): the upsampled map the forward read is written again for the weight
     gradient, never kept between forward and backward. ``d_in``'s ``up`` channels are the gradient of that
-    upsampled map; the caller takes it on to the low-resolution map."""
+    upsampled map; the caller takes it on to the low-resolution map. ``stride`` 2 (the 3x3 padding-1 down-sampling
+    conv, one source): ``y`` and the gradients are ceil(H / 2) x ceil(W / 2), the weight gradient reads x at every
+    other pixel and the input gradient is the polyphase launch of the conv kernel."""
     from fastunet.kernels.backward import activation_pool_backward_nhwc
     from fastunet.kernels.conv import conv_transpose2x2_nhwc
     from fastunet.kernels.conv_grad import conv2d_input_grad_nhwc, conv2d_weight_grad_nhwc
@@ -322,7 +326,8 @@ def _conv_backward(
         if d_weight is not None:
             d_norm_weight, d_norm_bias = d_weight, d_bias
     elif activation == "none" and not pool:
-        dz = grad_y if grad_y is not None else x.new_zeros((batch, height, width, c_out))
+        out_h, out_w = (height - 1) // stride + 1, (width - 1) // stride + 1
+        dz = grad_y if grad_y is not None else x.new_zeros((batch, out_h, out_w, c_out))
     else:
         dz = activation_pool_backward_nhwc(y, grad_y, grad_pooled if pool else None, activation=activation)
     up_read = _read_of(up_scale, up_shift, up_activation, up_slope, up_lo, up_hi)
@@ -334,7 +339,7 @@ def _conv_backward(
     read = _read_of(in_scale, in_shift, in_activation, in_slope, in_lo, in_hi)
     source = _materialized(x, read)
     if up is None:
-        dw, db = conv2d_weight_grad_nhwc(source, dz, ksize, padding, bias=has_bias)
+        dw, db = conv2d_weight_grad_nhwc(source, dz, ksize, padding, bias=has_bias, stride=stride)
     else:
         taps = ksize * ksize
         parts = alloc((taps * c_main, c_out), torch.float32, x.device)
@@ -347,7 +352,11 @@ def _conv_backward(
         dw[:, :c_main] = parts.view(taps, c_main, c_out)
         dw[:, c_main:] = up_parts.view(taps, c_up, c_out)
         dw = dw.view(taps * (c_main + c_up), c_out)
-    d_in = conv2d_input_grad_nhwc(dz, weight, c_main + c_up, ksize, padding) if need_input else empty
+    d_in = empty
+    if need_input and stride != 1:
+        d_in = conv2d_input_grad_nhwc(dz, weight, c_main, ksize, padding, stride=stride, in_size=(height, width))
+    elif need_input:
+        d_in = conv2d_input_grad_nhwc(dz, weight, c_main + c_up, ksize, padding)
     dx_read, d_scale, d_shift = (x.new_empty(0, dtype=torch.float32) for _ in range(3))
     if need_input and read is not None:
         dx_read, d_scale, d_shift = _read_backward(d_in[..., :c_main], x, read)
@@ -394,7 +403,7 @@ def _conv_backward_fake(
     align_corners, join, in_scale=None, in_shift=None, in_activation="none", in_slope=0.0, in_lo=0.0, in_hi=0.0,
     grad_scale=None, grad_shift=None, stat_mean=None, stat_var=None, norm_weight=None, norm_groups=0, norm_eps=0.0,
     norm_over_batch=False, up_weight=None, up_bias=None, up_scale=None, up_shift=None, up_activation="none",
-    up_slope=0.0, up_lo=0.0, up_hi=0.0,
+    up_slope=0.0, up_lo=0.0, up_hi=0.0, stride=1,
 ):  # fmt: skip
     batch, height, width, c_main = x.shape
     c_up = 0 if up is None else up_weight.shape[1] // 4 if up_mode == "transpose" else up.shape[3]
@@ -610,7 +619,7 @@ def _conv_math(inputs: list, up_mode: str, align_corners: bool):
         features = torch.cat([features, framed.permute(0, 3, 1, 2)], dim=1)
     c_in = features.shape[1]
     w = weight.view(ksize, ksize, c_in, weight.shape[1]).permute(3, 2, 0, 1)
-    y = F.conv2d(features, w, bias, padding=padding)
+    y = F.conv2d(features, w, bias, stride=inputs[_STRIDE], padding=padding)
     if inputs[_NORM_GROUPS]:
         z = y.permute(0, 2, 3, 1)
         scale, shift = _norm_math(
@@ -652,8 +661,10 @@ _UP_SIDE = (_UP, _UP_W, _UP_B, _UP_SCALE, _UP_SHIFT)
 def _unsupported_conv(inputs) -> str | None:
     if inputs[_HEAD_W] is not None:
         return "a fused head"
-    if inputs[_STRIDE] != 1 or inputs[_PADDING] != inputs[_KSIZE] // 2 or inputs[_KSIZE] not in (1, 3):
-        return "a valid or strided conv"
+    if inputs[_PADDING] != inputs[_KSIZE] // 2 or inputs[_KSIZE] not in (1, 3):
+        return "a valid conv"
+    if inputs[_STRIDE] != 1 and (inputs[_STRIDE], inputs[_KSIZE]) != (2, 3):
+        return f"a {inputs[_KSIZE]}x{inputs[_KSIZE]} stride-{inputs[_STRIDE]} conv"
     if inputs[_NORM_GROUPS] and inputs[_POOL]:
         return "a pool after a norm with data statistics in the same launch"
     if not inputs[_NORM_GROUPS] and inputs[_ACT] not in _EPILOGUE_ACTIVATIONS:
@@ -714,7 +725,7 @@ def _conv_autograd(ctx, grad_y, grad_pooled, grad_scale, grad_shift, _grad_mean,
             inputs[_ACT], inputs[_POOL], bias is not None and need[_B], need[_X] or need_up, up_mode, align_corners,
             inputs[_JOIN], *(inputs[i] for i in range(_IN_SCALE, _IN_SCALE + 6)), grad_scale, grad_shift, stat_mean,
             stat_var, inputs[_NORM_W], inputs[_NORM_GROUPS], inputs[_NORM_EPS], inputs[_NORM_BATCH],
-            inputs[_UP_W], inputs[_UP_B], *up_read,
+            inputs[_UP_W], inputs[_UP_B], *up_read, inputs[_STRIDE],
         )  # fmt: skip
         c_main = x.shape[3]
         if need[_X]:

@@ -132,12 +132,15 @@ def _accumulate_source(
     norm_hi,
     norm_img,  # NORM: the tile's image (every row of a NORM tile is in one image)
     split,  # SPLIT_K: this program's part of the (tap, channel block) steps
+    phase_y,  # POLYPHASE: the tile's output phase (oy % 2, ox % 2)
+    phase_x,
     KSIZE: tl.constexpr,
     EVEN_K: tl.constexpr,
     WIDE: tl.constexpr,
     CLAMP: tl.constexpr,
     NORM: tl.constexpr,
     NORM_ACT: tl.constexpr,
+    POLYPHASE: tl.constexpr,
     INTERPRETER: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -157,29 +160,50 @@ def _accumulate_source(
 
     ``SPLIT_K`` > 1: only steps [split * S / SPLIT_K, (split + 1) * S / SPLIT_K) of the S steps (see
     :func:`_split_range`).
+
+    ``POLYPHASE`` (the input gradient of a 3x3 stride-2 padding-1 conv, its weight flipped): every pixel of the tile
+    has output phase (``phase_y``, ``phase_x``); the gradient at (2 qy + py, 2 qx + px) sums the flipped taps (ty,
+    tx) with ``py + ty`` and ``px + tx`` odd, tap (ty, tx) reading the source (``dz``) at (qy + sy, qx + sx), ``s =
+    (p + t - 1) / 2`` in {0, 1}: 1, 2, 2 or 4 taps, the multiply-adds the gradient needs and no zero tap, each tap
+    still one scalar offset for the whole tile. ``row_base`` and ``tap_bits`` are then those of (qy, qx) in dz.
     """
     pad: tl.constexpr = KSIZE // 2
     offset_type: tl.constexpr = tl.int64 if WIDE else tl.int32
     blocks = tl.cdiv(c_src, BLOCK_K)
     b_offs = offs_k[:, None] * c_out + offs_n[None, :]
     rows = row_base.to(offset_type)
-    if SPLIT_K > 1:
+    tap = 0
+    c0 = 0
+    if POLYPHASE:
+        tl.static_assert(KSIZE == 3, "the polyphase input gradient is that of a 3x3 conv")
+        tl.static_assert(SPLIT_K == 1, "the polyphase input gradient runs whole tiles")
+        # The phase's first tap; ty (tx) steps by 2 through the taps of the right parity.
+        ty = 1 - phase_y
+        tx = 1 - phase_x
+        count = (1 + phase_y) * (1 + phase_x) * blocks
+    elif SPLIT_K > 1:
         first, count = _split_range(KSIZE * KSIZE * blocks, split, SPLIT_K)
         tap = first // blocks
         c0 = first % blocks * BLOCK_K
     else:
         count = KSIZE * KSIZE * blocks
-        tap = 0
-        c0 = 0
     for _ in range(0, count):
-        if CLAMP:
+        if POLYPHASE:
+            sy = (phase_y + ty - 1) // 2
+            sx = (phase_x + tx - 1) // 2
+            tap = ty * KSIZE + tx
+            bit = (sy + pad) * KSIZE + (sx + pad)
+            tap_rows = rows + sy.to(offset_type) * stride_h + sx.to(offset_type) * stride_w
+        elif CLAMP:
+            bit = tap
             yy = tl.minimum(row_y + (tap // KSIZE - pad), last_y).to(offset_type)
             xx = tl.minimum(row_x + (tap % KSIZE - pad), last_x).to(offset_type)
             tap_rows = rows + yy * stride_h + xx * stride_w
         else:
+            bit = tap
             shift = (tap // KSIZE - pad).to(offset_type) * stride_h + (tap % KSIZE - pad).to(offset_type) * stride_w
             tap_rows = rows + shift
-        inside = ((tap_bits >> tap) & 1) != 0
+        inside = ((tap_bits >> bit) & 1) != 0
         a_ptrs = src_ptr + tap_rows[:, None] + (c0 + offs_k).to(offset_type)[None, :] * stride_c
         b_ptrs = w_ptr + (tap * c_in + w_row0 + c0).to(offset_type) * c_out + b_offs
         if EVEN_K:
@@ -203,7 +227,13 @@ def _accumulate_source(
         acc = mma(a, b, acc, INTERPRETER, DOT_PRECISION)
         c0 += BLOCK_K
         next_tap = c0 >= c_src
-        tap += next_tap.to(tl.int32)
+        if POLYPHASE:
+            tx += 2 * next_tap.to(tl.int32)
+            next_row = tx > 2
+            tx = tl.where(next_row, 1 - phase_x, tx)
+            ty += 2 * next_row.to(tl.int32)
+        else:
+            tap += next_tap.to(tl.int32)
         c0 = tl.where(next_tap, 0, c0)
     return acc
 
@@ -220,8 +250,11 @@ def _accumulate_source_tma(
     n0,
     c_src,
     split,  # SPLIT_K: this program's part of the (tap, channel block) steps
+    phase_y,  # POLYPHASE: the tile's output phase (see _accumulate_source)
+    phase_x,
     KSIZE: tl.constexpr,
     ROWS: tl.constexpr,
+    POLYPHASE: tl.constexpr,
     INTERPRETER: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_W: tl.constexpr,
@@ -237,9 +270,19 @@ def _accumulate_source_tma(
     operands stay in shared memory for the wgmma. A 2-row tile takes one row box per row and one accumulator per
     row: a 2-D spatial box reshaped to one operand goes through registers and serializes the wgmma on sm_90.
     ``SPLIT_K`` > 1: only this program's steps (see :func:`_split_range`).
+
+    ``POLYPHASE``: the phase's taps only, as in :func:`_accumulate_source`; (y0, x0) in dz, tap (ty, tx) the box at
+    (y0 + sy, x0 + sx), past dz's end zero-filled.
     """
     pad: tl.constexpr = KSIZE // 2
-    if SPLIT_K > 1:
+    if POLYPHASE:
+        tl.static_assert(KSIZE == 3, "the polyphase input gradient is that of a 3x3 conv")
+        tl.static_assert(SPLIT_K == 1, "the polyphase input gradient runs whole tiles")
+        c0 = 0
+        ty = 1 - phase_y
+        tx = 1 - phase_x
+        count = (1 + phase_y) * (1 + phase_x) * tl.cdiv(c_src, BLOCK_K)
+    elif SPLIT_K > 1:
         blocks = tl.cdiv(c_src, BLOCK_K)
         first, count = _split_range(KSIZE * KSIZE * blocks, split, SPLIT_K)
         tap = first // blocks
@@ -253,6 +296,10 @@ def _accumulate_source_tma(
         tap = 0
         c0 = 0
     for _ in range(0, count):
+        if POLYPHASE:
+            tap = ty * KSIZE + tx
+            dy = (phase_y + ty - 1) // 2
+            dx = (phase_x + tx - 1) // 2
         b = w_desc.load([tap, c0, n0]).reshape(BLOCK_K, BLOCK_N)
         a = src_desc.load([img, y0 + dy, x0 + dx, c0]).reshape(BLOCK_W, BLOCK_K)
         acc_top = mma(a, b, acc_top, INTERPRETER, DOT_PRECISION)
@@ -262,11 +309,17 @@ def _accumulate_source_tma(
         c0 += BLOCK_K
         next_tap = c0 >= c_src
         c0 = tl.where(next_tap, 0, c0)
-        tap += next_tap.to(tl.int32)
-        dx += next_tap.to(tl.int32)
-        next_row = dx > pad
-        dx = tl.where(next_row, -pad, dx)
-        dy += next_row.to(tl.int32)
+        if POLYPHASE:
+            tx += 2 * next_tap.to(tl.int32)
+            next_row = tx > 2
+            tx = tl.where(next_row, 1 - phase_x, tx)
+            ty += 2 * next_row.to(tl.int32)
+        else:
+            tap += next_tap.to(tl.int32)
+            dx += next_tap.to(tl.int32)
+            next_row = dx > pad
+            dx = tl.where(next_row, -pad, dx)
+            dy += next_row.to(tl.int32)
     return acc_top, acc_bottom
 
 
@@ -372,6 +425,7 @@ def _conv_tile(
     TMA_ROWS: tl.constexpr,
     ROW_W: tl.constexpr,
     STRIDE: tl.constexpr,
+    POLYPHASE: tl.constexpr,
     PER_IMAGE: tl.constexpr,
     NORM_IN: tl.constexpr,
     IN_ACT: tl.constexpr,
@@ -389,6 +443,13 @@ def _conv_tile(
     half_w = (width + 1) // 2
     c_in = c_main + c_up
     pad: tl.constexpr = KSIZE // 2
+    phase_y = 0
+    phase_x = 0
+    if POLYPHASE:
+        tl.static_assert((TMA_ROWS > 0 or ROW_W > 0) and not (POOL or HEAD or D2S or STATS or TWO_SOURCES))
+        phase_y = pid_m % 4 // 2
+        phase_x = pid_m % 2
+        pid_m = pid_m // 4
 
     if PER_IMAGE:
         img_t = pid_m // tiles_img
@@ -410,8 +471,12 @@ def _conv_tile(
         # window-major (see _window_major), so the epilogue below serves both paths.
         block_w: tl.constexpr = BLOCK_M // TMA_ROWS if TMA_ROWS else ROW_W
         rows: tl.constexpr = TMA_ROWS if TMA_ROWS else BLOCK_M // ROW_W
-        tiles_x = tl.cdiv(width, block_w)
-        row_groups = tl.cdiv(height, rows)
+        if POLYPHASE:  # tiles over a phase's lattice
+            tiles_x = tl.cdiv(half_w, block_w)
+            row_groups = tl.cdiv(half_h, rows)
+        else:
+            tiles_x = tl.cdiv(width, block_w)
+            row_groups = tl.cdiv(height, rows)
         x0 = (pid_m % tiles_x) * block_w
         y0 = (pid_m // tiles_x % row_groups) * rows
         img_t = pid_m // (tiles_x * row_groups)
@@ -426,10 +491,17 @@ def _conv_tile(
         else:
             oy = y0 + local // block_w
             ox = x0 + local % block_w
+    if POLYPHASE:
+        # (oy, ox) so far on the phase's lattice: that is where the pixel's taps sit in dz.
+        jy = oy
+        jx = ox
+        oy = 2 * oy + phase_y
+        ox = 2 * ox + phase_x
+    else:
+        # The centre tap in the input's frame.
+        jy = STRIDE * oy + conv_off
+        jx = STRIDE * ox + conv_off
     m_valid = (img < batch) & (oy < height) & (ox < width)
-    # The centre tap in the input's frame.
-    jy = STRIDE * oy + conv_off
-    jx = STRIDE * ox + conv_off
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < c_out
@@ -442,14 +514,14 @@ def _conv_tile(
         bottom = tl.zeros((block_w_, BLOCK_N), dtype=tl.float32)
         n0 = pid_n * BLOCK_N
         top, bottom = _accumulate_source_tma(
-            top, bottom, x_desc, w_desc, img_t, y0, x0, n0, c_main, pid_k,
-            KSIZE, TMA_ROWS, INTERPRETER, DOT_PRECISION, block_w_, BLOCK_N, BLOCK_K, SPLIT_K,
+            top, bottom, x_desc, w_desc, img_t, y0, x0, n0, c_main, pid_k, phase_y, phase_x,
+            KSIZE, TMA_ROWS, POLYPHASE, INTERPRETER, DOT_PRECISION, block_w_, BLOCK_N, BLOCK_K, SPLIT_K,
         )  # fmt: skip
         if TWO_SOURCES:
             # The upsampled map's own coordinates (centered in the skip's frame): out-of-map boxes zero-fill.
             top, bottom = _accumulate_source_tma(
-                top, bottom, up_desc, w_up_desc, img_t, y0 - pad_top, x0 - pad_left, n0, c_up, 0,
-                KSIZE, TMA_ROWS, INTERPRETER, DOT_PRECISION, block_w_, BLOCK_N, BLOCK_K, 1,
+                top, bottom, up_desc, w_up_desc, img_t, y0 - pad_top, x0 - pad_left, n0, c_up, 0, 0, 0,
+                KSIZE, TMA_ROWS, False, INTERPRETER, DOT_PRECISION, block_w_, BLOCK_N, BLOCK_K, 1,
             )  # fmt: skip
         if TMA_ROWS == 2:
             acc = _window_major(top, bottom)
@@ -505,12 +577,15 @@ def _conv_tile(
             in_hi,
             img_t if PER_IMAGE or ROW_W else 0,
             pid_k,
+            phase_y,
+            phase_x,
             KSIZE,
             EVEN_K,
             WIDE,
             False,
             NORM_IN,
             IN_ACT,
+            POLYPHASE,
             INTERPRETER,
             DOT_PRECISION,
             BLOCK_K,
@@ -557,12 +632,15 @@ def _conv_tile(
                 in_hi,
                 0,
                 0,
+                0,
+                0,
                 KSIZE,
                 EVEN_K,
                 WIDE,
                 CLAMP_UP,
                 False,
                 IN_ACT,
+                False,
                 INTERPRETER,
                 DOT_PRECISION,
                 BLOCK_K,
@@ -741,6 +819,7 @@ def _conv_nhwc_kernel(
     TMA_ROWS: tl.constexpr,
     ROW_W: tl.constexpr,
     STRIDE: tl.constexpr,
+    POLYPHASE: tl.constexpr,
     PER_IMAGE: tl.constexpr,
     NORM_IN: tl.constexpr,
     IN_ACT: tl.constexpr,
@@ -775,6 +854,12 @@ def _conv_nhwc_kernel(
     in x and at - (pad_top, pad_left) in the upsampled map. The TMA path takes the plain geometry only (conv_off,
     crop and the replicate join zero, stride 1; see choose_load_path).
 
+    ``POLYPHASE`` (row tiles or TMA; one source, no bias, no activation, plain stores): the input gradient of a 3x3
+    stride-2 padding-1 conv, x being that conv's output gradient dz (in_h x in_w = ceil(height / 2) x ceil(width /
+    2)) and the weight flipped (see conv_grad.flip_conv_weight). Program ``pid_m`` serves output phase ``pid_m % 4``
+    (py, px): its tile covers pixels (qy, qx) of the phase's lattice, output pixel (2 qy + py, 2 qx + px), and sums
+    only that phase's taps of dz around (qy, qx) (see :func:`_accumulate_source`); no zero-interleaved dz is made.
+
     ``PERSISTENT``: a grid of (programs,) with fewer programs than tiles (the launcher takes SMs x programs an SM);
     program p runs tiles p, p + programs, ... of the ``tiles_m x cdiv(c_out, BLOCK_N)`` tiles above, numbered in
     groups of :data:`PERSISTENT_GROUP_M` pixel tiles by every channel tile (:func:`_grouped_tile`): the programs
@@ -788,6 +873,7 @@ def _conv_nhwc_kernel(
     if PERSISTENT:
         # Fewer programs than tiles: each program takes every num_programs-th tile in grouped order.
         tl.static_assert(SPLIT_K == 1, "a persistent launch runs whole tiles")
+        tl.static_assert(not POLYPHASE, "a polyphase launch numbers its tiles by phase")
         tiles_n = tl.cdiv(c_out, BLOCK_N)
         for tile in range(tl.program_id(0), tiles_m * tiles_n, tl.num_programs(0)):
             pid_m, pid_n = _grouped_tile(tile, tiles_m, tiles_n, PERSISTENT_GROUP_M)
@@ -799,8 +885,8 @@ def _conv_nhwc_kernel(
                 tiles_img, stride_xn, stride_xh, stride_xw, stride_xc, stride_un, stride_uh, stride_uw, stride_uc,
                 stride_yn, stride_yh, stride_yw, stride_yc, stride_pn, stride_ph, stride_pw, stride_pc, KSIZE,
                 TWO_SOURCES, CLAMP_UP, PACKED_K, EVEN_K, WIDE, HAS_BIAS, ACT, POOL, HEAD, D2S, TMA_ROWS, ROW_W,
-                STRIDE, PER_IMAGE, NORM_IN, IN_ACT, STATS, SPLIT_K, INTERPRETER, DOT_PRECISION, BLOCK_M, BLOCK_N,
-                BLOCK_K, BLOCK_CLS,
+                STRIDE, POLYPHASE, PER_IMAGE, NORM_IN, IN_ACT, STATS, SPLIT_K, INTERPRETER, DOT_PRECISION, BLOCK_M,
+                BLOCK_N, BLOCK_K, BLOCK_CLS,
             )  # fmt: skip
     else:
         _conv_tile(
@@ -811,8 +897,8 @@ def _conv_nhwc_kernel(
             in_slope, in_lo, in_hi, tiles_img, stride_xn, stride_xh, stride_xw, stride_xc, stride_un, stride_uh,
             stride_uw, stride_uc, stride_yn, stride_yh, stride_yw, stride_yc, stride_pn, stride_ph, stride_pw,
             stride_pc, KSIZE, TWO_SOURCES, CLAMP_UP, PACKED_K, EVEN_K, WIDE, HAS_BIAS, ACT, POOL, HEAD, D2S, TMA_ROWS,
-            ROW_W, STRIDE, PER_IMAGE, NORM_IN, IN_ACT, STATS, SPLIT_K, INTERPRETER, DOT_PRECISION, BLOCK_M, BLOCK_N,
-            BLOCK_K, BLOCK_CLS,
+            ROW_W, STRIDE, POLYPHASE, PER_IMAGE, NORM_IN, IN_ACT, STATS, SPLIT_K, INTERPRETER, DOT_PRECISION, BLOCK_M,
+            BLOCK_N, BLOCK_K, BLOCK_CLS,
         )  # fmt: skip
 
 
@@ -1278,6 +1364,9 @@ class _ConvStatic:
 
     def _derive_tile(self, cfg: dict) -> _ConvTile:
         batch, height, width, c_main, c_up, c_out = self.sizes[:6]
+        phases = 1
+        if self.flags["POLYPHASE"]:  # tiles over one phase's lattice, four phases
+            height, width, phases = (height + 1) // 2, (width + 1) // 2, 4
         row_w = 0
         if self.path == "tma":
             rows, block_m = _tma_tile(cfg, width, self.flags["POOL"])
@@ -1290,7 +1379,7 @@ class _ConvStatic:
             rows, block_m = 0, cfg["BLOCK_M"]
             tiles = triton.cdiv(((height + 1) // 2) * ((width + 1) // 2) * 4, block_m)
         if rows or row_w or self.flags["PER_IMAGE"]:
-            grid = (batch * tiles, triton.cdiv(c_out, cfg["BLOCK_N"]))
+            grid = (phases * batch * tiles, triton.cdiv(c_out, cfg["BLOCK_N"]))
         else:
             grid = (triton.cdiv(self.m, cfg["BLOCK_M"]), triton.cdiv(c_out, cfg["BLOCK_N"]))
         tiles_m, persistent_tiles, split_k = grid[0], 0, cfg.get("SPLIT_K", 1)
@@ -1326,6 +1415,7 @@ def _conv_static(
     stride: int = 1,
     norm_in: NormIn | None = None,
     stats: bool = False,
+    polyphase: bool = False,
 ) -> _ConvStatic:
     """Derive a conv launch (see :class:`_ConvStatic`) from what its tensors look like; refuses sizes the kernel
     cannot address."""
@@ -1354,9 +1444,11 @@ def _conv_static(
         tma=path == "tma",
         pool=pool,
         splittable=ksize == 3
-        and not (packed_k or head or d2s or pool or stats or norm_in is not None or up is not None),
+        and not (packed_k or head or d2s or pool or stats or polyphase or norm_in is not None or up is not None),
     )
     candidates = candidate_configs(problem)
+    if polyphase:  # its programs are numbered by phase: one tile a program
+        candidates = [c for c in candidates if "PROGRAMS_PER_SM" not in c]
     interpreter, precision = dot_flags(x.dtype, torch.backends.cudnn.allow_tf32)
     up_t = up if up is not None else x
     flags = {
@@ -1370,6 +1462,7 @@ def _conv_static(
         "HEAD": head,
         "D2S": d2s,
         "STRIDE": stride,
+        "POLYPHASE": polyphase,
         "NORM_IN": norm_in is not None,
         "IN_ACT": ACTIVATIONS[norm_in.activation].value if norm_in is not None else ACT_NONE.value,
         "STATS": stats,
@@ -1633,6 +1726,7 @@ def conv2d_nhwc(
     stride: int = 1,
     norm_in: NormIn | None = None,
     norm: NormSpec | None = None,
+    polyphase: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | NormIn | None]:
     """``ksize x ksize`` convolution (stride 1 or 2) of an NHWC view, with its fused neighbours.
 
@@ -1665,6 +1759,11 @@ def conv2d_nhwc(
             map (bias added, no activation) and its per-tile moments, one more launch turns them into per-(image,
             channel) scale and shift; ``activation`` is then the one after the norm, applied by whatever reads the
             map. Not with ``pool`` or a head (their inputs would need the normalized map).
+        polyphase: ``(H, W)``: run the input gradient of a 3x3 stride-2 padding-1 conv over an H x W map instead:
+            ``x`` is that conv's output gradient, ``(N, ceil(H / 2), ceil(W / 2), C)``, ``w_packed`` its flipped
+            weight (:func:`fastunet.kernels.conv_grad.flip_conv_weight`), the result ``(N, H, W, C_out)``; each of
+            its four phases (row and column parity) sums only its own taps (1, 2, 2 or 4). ``ksize`` 3,
+            ``padding`` 1, ``stride`` 1, one source, no bias, activation "none", nothing else fused.
 
     Returns:
         (y, pooled): y in NHWC (or ``out``), pooled None unless ``pool``; with ``norm``: (z, how to read it), the
@@ -1685,7 +1784,7 @@ def conv2d_nhwc(
                 align_corners, join, activation, slope, lo, hi, pool, stride, _signature(norm_in),
                 None if norm is None else (norm.groups, type(norm.groups), tensor_meta(norm.weight),
                                            tensor_meta(norm.bias)),
-                _environment(),
+                polyphase, _environment(),
             )  # fmt: skip
         except (AttributeError, RuntimeError):  # not a tensor, or one without storage: validated and derived anew
             key = None
@@ -1695,7 +1794,7 @@ def conv2d_nhwc(
         prepared = _prepare_conv2d(
             x, w_packed, bias, ksize=ksize, padding=padding, up=up, up_mode=up_mode, align_corners=align_corners,
             join=join, activation=activation, lo=lo, hi=hi, slopes=slopes, pool=pool, head_weight=head_weight,
-            head_bias=head_bias, out=out, stride=stride, norm_in=norm_in, norm=norm,
+            head_bias=head_bias, out=out, stride=stride, norm_in=norm_in, norm=norm, polyphase=polyphase,
         )  # fmt: skip
         if key is not None:
             _CONV_LAUNCHES.put(key, prepared)
@@ -1723,7 +1822,7 @@ def conv2d_nhwc(
         static = _conv_static(
             x, up, w_packed, geometry=prepared.geometry, ksize=ksize, packed_k=prepared.packed_k, act=prepared.act,
             has_bias=bias is not None, pool=pooled is not None, head=head_weight is not None, d2s=False,
-            stride=stride, norm_in=norm_in, stats=norm is not None,
+            stride=stride, norm_in=norm_in, stats=norm is not None, polyphase=polyphase is not None,
         )  # fmt: skip
         if len(prepared.launches) >= _MAX_SOURCE_LAYOUTS:
             prepared.launches.clear()
@@ -1742,7 +1841,7 @@ def conv2d_nhwc(
 
 def _prepare_conv2d(
     x, w_packed, bias, *, ksize, padding, up, up_mode, align_corners, join, activation, lo, hi, slopes, pool,
-    head_weight, head_bias, out, stride, norm_in, norm,
+    head_weight, head_bias, out, stride, norm_in, norm, polyphase=None,
 ) -> _PreparedConv:  # fmt: skip
     """Validate a :func:`conv2d_nhwc` call (every check, in order, with the error a bad input gets) and derive its
     sizes (see :class:`_PreparedConv`)."""
@@ -1803,6 +1902,9 @@ def _prepare_conv2d(
         raise ValueError("up_mode given without an upsampled input")
     shrink = 2 * (ksize // 2 - padding)
     out_h, out_w = (in_h - shrink - 1) // stride + 1, (in_w - shrink - 1) // stride + 1
+    if polyphase is not None:
+        out_h, out_w = _check_polyphase(polyphase, x, ksize, padding, stride, up, pool, head_weight, norm, norm_in,
+                                        activation, bias)  # fmt: skip
     if in_h - shrink < 1 or in_w - shrink < 1:
         raise ValueError(
             f"a {ksize}x{ksize} conv with padding {padding} needs an input of at least {shrink + 1}x{shrink + 1}, "
@@ -1866,11 +1968,12 @@ def _prepare_conv2d(
                 "do not overlap (clone() an expanded one)"
             )
         _check_no_overlap(out, [x, up, w_packed, bias, head_weight, head_bias, slopes])
-    packed_k = up is None and ksize > 1 and c_main < 16 and norm_in is None
+    packed_k = up is None and ksize > 1 and c_main < 16 and norm_in is None and polyphase is None
     pixels = batch * out_h * out_w
     name = (
         f"conv{ksize}x{ksize}"
         + ("/2" if stride == 2 else "")
+        + ("/2.input_grad" if polyphase is not None else "")
         + ("+norm_in" if norm_in is not None else "")
         + ("+up" if up is not None else "")
         + ("+pool" if pool else "")
@@ -1901,8 +2004,37 @@ def _prepare_conv2d(
         packed_k,
         activation if norm is None else "none",
         name,
-        2 * pixels * c_out * ksize * ksize * c_in + 2 * pixels * c_out * n_cls,
+        # The polyphase input gradient: the strided conv's multiply-adds (9 taps of each of its output pixels).
+        2 * (batch * height * width if polyphase is not None else pixels) * c_out * ksize * ksize * c_in
+        + 2 * pixels * c_out * n_cls,
     )
+
+
+def _check_polyphase(
+    size, x, ksize, padding, stride, up, pool, head_weight, norm, norm_in, activation, bias
+) -> tuple[int, int]:  # fmt: skip
+    """The output size of a polyphase input-gradient launch (see :func:`conv2d_nhwc`), or the error its arguments
+    earn."""
+    if not (isinstance(size, tuple) and len(size) == 2 and all(type(v) is int and v >= 1 for v in size)):
+        raise ValueError(f"polyphase: expected the strided conv's input size (H, W) as two positive ints, got {size!r}")
+    if (ksize, padding, stride) != (3, 1, 1):
+        raise ValueError(
+            f"polyphase: the input gradient of a 3x3 stride-2 padding-1 conv runs with ksize 3, padding 1, stride 1; "
+            f"got ksize {ksize}, padding {padding}, stride {stride}"
+        )
+    fused = [what for what, on in (("an upsampled input", up is not None), ("a pool", pool), ("a head",
+             head_weight is not None), ("a norm", norm is not None), ("a normalized input", norm_in is not None),
+             ("a bias", bias is not None), (f"the {activation} activation", activation != "none")) if on]  # fmt: skip
+    if fused:
+        raise ValueError(f"polyphase: the input gradient fuses nothing, got {', '.join(fused)}")
+    height, width = size
+    expected = ((height + 1) // 2, (width + 1) // 2)
+    if tuple(x.shape[1:3]) != expected:
+        raise ValueError(
+            f"polyphase: a stride-2 conv over {height}x{width} has a {expected[0]}x{expected[1]} output gradient, "
+            f"got {tuple(x.shape)}"
+        )
+    return height, width
 
 
 _CONV_TRANSPOSE_LAUNCHES = LaunchCache(maxsize=256)

@@ -107,6 +107,7 @@ def _weight_grad_partial_kernel(
     stride_zc,
     KSIZE: tl.constexpr,
     PAD: tl.constexpr,
+    STRIDE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     WIDE: tl.constexpr,
     EVEN_C: tl.constexpr,
@@ -128,6 +129,10 @@ def _weight_grad_partial_kernel(
     ``x0``, the row ``oy`` and the image are loop-carried counters, so the loop divides nothing; a row's image
     offsets and its vertical padding test are scalars, and per step only the pixel columns ``x0 + arange`` and
     their masks are vectors. Offsets are int32 unless ``WIDE`` (a map reaches 2**31 elements).
+
+    ``STRIDE`` 2 (a 3x3 stride-2 padding-1 down-sampling conv; pointer loads): output pixel (oy, ox)'s tap reads x
+    at (2 oy + dy, 2 ox + dx), so a step's lanes read every other pixel of an input row, each lane's padding test a
+    compare of its own column.
 
     With ``HAS_BIAS`` the last program of axis 0 sums ``dz`` over the same rows into ``bias_part[s]`` instead of
     a ``dW`` tile (a loop without the GEMM); the other programs carry no bias work.
@@ -199,11 +204,14 @@ def _weight_grad_partial_kernel(
         dx = tap % KSIZE - PAD
         offs_c = (pid_kc % c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
         c_mask = offs_c < c_in
-        a_lanes = (lanes.to(offset_type) * stride_xw)[:, None] + (offs_c.to(offset_type) * stride_xc)[None, :]
+        a_lanes = (lanes.to(offset_type) * (STRIDE * stride_xw))[:, None] + (offs_c.to(offset_type) * stride_xc)[
+            None, :
+        ]
         acc = tl.zeros((BLOCK_C, BLOCK_N), dtype=tl.float32)
         c0 = (pid_kc % c_blocks) * BLOCK_C
         n0 = pid_n * BLOCK_N
         if TMA:
+            tl.static_assert(STRIDE == 1, "TMA row boxes read consecutive pixels: stride 1 only")
             for _ in range(0, steps):
                 a = x_desc.load([img, oy + dy, x0 + dx, c0]).reshape(BLOCK_P, BLOCK_C)
                 g = dz_desc.load([img, oy, x0, n0]).reshape(BLOCK_P, BLOCK_N)
@@ -211,8 +219,8 @@ def _weight_grad_partial_kernel(
                 x0, oy, img = _next_block(x0, oy, img, out_w, out_h, BLOCK_P)
         else:
             for _ in range(0, steps):
-                iy = oy + dy
-                ix0 = x0 + dx
+                iy = STRIDE * oy + dy
+                ix0 = STRIDE * x0 + dx
                 z_at = img.to(offset_type) * stride_zn + oy.to(offset_type) * stride_zh + x0 * stride_zw
                 x_at = img.to(offset_type) * stride_xn + iy.to(offset_type) * stride_xh + ix0 * stride_xw
                 # Lanes up to the row's end, and for x those reading inside the input: scalar bounds, one or two
@@ -220,6 +228,9 @@ def _weight_grad_partial_kernel(
                 g_end = out_w - x0
                 if PAD == 0:
                     a_ok = lanes < g_end  # a valid conv: every tap of an output pixel lies inside the input
+                elif STRIDE != 1:
+                    ix = ix0 + STRIDE * lanes
+                    a_ok = (ix >= 0) & (ix < in_w) & (lanes < g_end) & (iy >= 0) & (iy < in_h)
                 else:
                     a_end = tl.minimum(tl.where((iy >= 0) & (iy < in_h), in_w - ix0, -ix0), g_end)
                     a_ok = (lanes >= -ix0) & (lanes < a_end)
@@ -266,14 +277,19 @@ def _splits(image_rows: int, blocks_per_row: int, tiles: int, sms: int, elements
     return int(min(by_occupancy, by_length, by_memory, max(1, image_rows)))
 
 
-def weight_grad_load_path(x: torch.Tensor, dz: torch.Tensor, out_w: int, block_p: int) -> tuple[str, str]:
+def weight_grad_load_path(
+    x: torch.Tensor, dz: torch.Tensor, out_w: int, block_p: int, stride: int = 1
+) -> tuple[str, str]:
     """("tma" or "pointer", why) for a weight-gradient launch over ``x`` and ``dz``, as the forward conv chooses
     (:func:`fastunet.kernels.conv.choose_load_path`: sm_90 or newer, descriptors that can address both maps, pointer
     loads under the interpreter unless TMA is asked for), plus: every output row a whole number of ``block_p``-pixel
-    blocks. A row box past a row's end would pair dz's zero fill with real pixels of x, and ``0 * inf`` is NaN."""
+    blocks. A row box past a row's end would pair dz's zero fill with real pixels of x, and ``0 * inf`` is NaN. A
+    strided conv keeps pointer loads (a row box reads consecutive pixels, a stride-2 tap every other one)."""
     requested = requested_load_path()
     if requested == "pointer":
         return "pointer", "pointer loads asked for (load_path or FASTUNET_LOAD_PATH)"
+    if stride != 1:
+        return "pointer", "strided conv: a TMA row box reads consecutive pixels, a stride-2 tap every other one"
     if INTERPRET:
         if requested == "auto":
             return "pointer", "the interpreter runs pointer loads unless TMA is asked for (load_path('tma'))"
@@ -301,17 +317,22 @@ def conv2d_weight_grad_nhwc(
     row_offset: int = 0,
     splits: int | None = None,
     name: str = "conv_weight_grad",
+    stride: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Gradients of a stride-1 ``ksize x ksize`` conv with ``padding`` w.r.t. its weight and bias.
+    """Gradients of a stride-1 ``ksize x ksize`` conv with ``padding`` (or of a 3x3 stride-2 padding-1 conv) w.r.t.
+    its weight and bias.
 
     Args:
         x: (N, H, W, C_in) view, the conv's input (any strides).
-        dz: (N, H + 2 padding - ksize + 1, W + ..., C_out) view, the gradient of the conv's output.
+        dz: (N, H + 2 padding - ksize + 1, W + ..., C_out) view, the gradient of the conv's output; with stride 2
+            (N, ceil(H / 2), ceil(W / 2), C_out).
         bias: also return the bias gradient ``dz.sum((0, 1, 2))`` (fp32), computed in the same pass.
         out: fp32 (rows, C_out) tensor to write into at rows ``[row_offset, row_offset + k*k*C_in)`` (a decoder conv's
             two sources), else a new (k*k*C_in, C_out) tensor.
         splits: slices of the reduction, each a range of output rows (``image * H_out + y``) of the batch; more
             slices than rows leave the extra partials zero (default: enough for two waves of programs).
+        stride: 1, or 2 with ksize 3 and padding 1 (tap (ky, kx) of output pixel (oy, ox) reads x at (2 oy + ky - 1,
+            2 ox + kx - 1); pointer loads).
 
     Returns:
         (dW packed as ``(k*k*C_in, C_out)`` fp32, row ``tap * C_in + channel``; db fp32 (C_out,) or None).
@@ -325,13 +346,17 @@ def conv2d_weight_grad_nhwc(
         raise ValueError(f"x and dz must share dtype and device, got {x.dtype}/{x.device} and {dz.dtype}/{dz.device}")
     if ksize not in (1, 3) or padding not in (0, ksize // 2):
         raise ValueError(f"expected ksize 1 or 3 with padding 0 or ksize // 2, got ksize={ksize}, padding={padding}")
+    if stride not in (1, 2) or stride == 2 and (ksize, padding) != (3, 1):
+        raise ValueError(f"expected stride 1, or 2 with ksize 3 and padding 1, got stride={stride!r}, ksize={ksize}, "
+                         f"padding={padding}")  # fmt: skip
     batch, in_h, in_w, c_in = x.shape
-    out_h, out_w = in_h + 2 * padding - ksize + 1, in_w + 2 * padding - ksize + 1
+    out_h = (in_h + 2 * padding - ksize) // stride + 1
+    out_w = (in_w + 2 * padding - ksize) // stride + 1
     c_out = dz.shape[3]
     if tuple(dz.shape[:3]) != (batch, out_h, out_w):
         raise ValueError(
             f"dz: expected shape ({batch}, {out_h}, {out_w}, C_out) for a {ksize}x{ksize} conv with padding "
-            f"{padding} of a {tuple(x.shape)} input, got {tuple(dz.shape)}"
+            f"{padding} and stride {stride} of a {tuple(x.shape)} input, got {tuple(dz.shape)}"
         )
     rows = ksize * ksize * c_in
     if out is None:
@@ -359,7 +384,7 @@ def conv2d_weight_grad_nhwc(
     # Pixel blocks walk one output row: no wider than the row (a 16-pixel floor for the MMA's K); 128 pixels for an
     # output-channel block of at most 64, whose steps would otherwise be mostly fixed per-step work.
     block_p = min(128 if block_n <= 64 else 64, max(16, next_pow2(out_w)))
-    path, path_reason = weight_grad_load_path(x, dz, out_w, block_p)
+    path, path_reason = weight_grad_load_path(x, dz, out_w, block_p, stride)
     # A TMA step's instructions hardly depend on the tile: where rows are short (steps under 64 pixels), 128 input
     # channels double each step's MMA work (issue ratio 0.31 against 0.62 at 32-px rows in the model).
     block_c = min(128 if path == "tma" and block_p < 64 else 64, max(16, next_pow2(c_in)))
@@ -397,11 +422,12 @@ def conv2d_weight_grad_nhwc(
         blocks_per_row, *x.stride(), *dz.stride(),
     )  # fmt: skip
     # Offsets reached: the maps' spans, plus the padding row and column and a pixel block's overhang past the row.
-    reach_x = element_span(x) + abs(x.stride(1)) + (block_p + 1) * abs(x.stride(2))
+    reach_x = element_span(x) + abs(x.stride(1)) + (stride * block_p + 1) * abs(x.stride(2))
     reach_z = element_span(dz) + block_p * abs(dz.stride(2))
     constexprs = {
         "KSIZE": ksize,
         "PAD": padding,
+        "STRIDE": stride,
         "HAS_BIAS": bias,
         "WIDE": max(reach_x, reach_z) >= 2**31,
         "EVEN_C": c_in % block_c == 0,
@@ -497,9 +523,17 @@ def flip_conv_weight(w_packed: torch.Tensor, c_in: int, ksize: int) -> torch.Ten
 
 
 def conv2d_input_grad_nhwc(
-    dz: torch.Tensor, w_packed: torch.Tensor, c_in: int, ksize: int = 3, padding: int = 1, *, stride: int = 1
+    dz: torch.Tensor,
+    w_packed: torch.Tensor,
+    c_in: int,
+    ksize: int = 3,
+    padding: int = 1,
+    *,
+    stride: int = 1,
+    in_size: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """Gradient w.r.t. its input of a stride-1 ``ksize x ksize`` conv with padding ``ksize // 2`` (same size).
+    """Gradient w.r.t. its input of a stride-1 ``ksize x ksize`` conv with padding ``ksize // 2`` (same size), or of
+    a 3x3 stride-2 padding-1 conv.
 
     ``dx = conv(dz, W')`` with the flipped, channel-swapped weight of :func:`flip_conv_weight` and the same padding,
     one launch of :func:`fastunet.kernels.conv.conv2d_nhwc` (no bias, no activation): fp32 accumulation, stored in
@@ -511,20 +545,33 @@ def conv2d_input_grad_nhwc(
     skip and ``dx[..., c_skip:]`` for the upsampled map, which the caller slices (and, for a map padded into the
     skip's frame, crops back to its own size).
 
+    Stride 2 (the down-sampling conv, output ``ceil(H / 2) x ceil(W / 2)``): ``dx[2q + p] = sum dz[q + s] W'[t]``
+    over the flipped taps ``t`` with ``p + t`` odd, ``s = (p + t - 1) / 2``: each of dx's four phases (row and
+    column parity ``p``) is a small conv of ``dz`` with 1, 2, 2 or 4 of the nine flipped taps. One launch of the same
+    kernel runs all four (``polyphase=``, one phase per program): no zero-interleaved ``dz`` is made and no
+    multiply-add spent on a zero; an odd H or W only shortens the last phase's lattice.
+
     Args:
         dz: (N, H, W, C_out) view, any strides (an NCHW gradient permuted to NHWC is read in place).
         w_packed: the forward's ``(k * k * c_in, C_out)`` packed weight, ``dz``'s dtype and device.
         c_in: the forward conv's input channels (both sources together for a decoder conv).
-        ksize: 1 or 3. padding: ``ksize // 2``. stride: 1.
+        ksize: 1 or 3. padding: ``ksize // 2``. stride: 1, or 2 with ksize 3 and padding 1.
+        in_size: stride 2: the conv's input (H, W), which ``dz``'s size fixes only up to parity.
 
     Returns:
         A new contiguous (N, H, W, c_in) tensor in ``dz``'s dtype.
 
     Raises:
-        NotImplementedError: a valid conv (padding 0 with ksize 3) or a strided conv.
+        NotImplementedError: a valid conv (padding 0 with ksize 3), or a strided conv other than 3x3 stride 2
+            padding 1.
     """
-    if stride != 1:
-        raise NotImplementedError(f"input gradient of a strided conv (stride {stride}): only stride 1 is supported")
+    if stride not in (1, 2) or stride == 2 and (ksize, padding) != (3, 1):
+        raise NotImplementedError(
+            f"input gradient of a strided conv (stride {stride}, ksize {ksize}, padding {padding}): stride 1, or "
+            "stride 2 with ksize 3 and padding 1"
+        )
+    if (stride == 2) != (in_size is not None):
+        raise ValueError(f"in_size: expected the input (H, W) with stride 2 and only then, got {in_size!r}")
     if ksize not in (1, 3):
         raise ValueError(f"ksize: expected 1 or 3, got {ksize!r}")
     if padding != ksize // 2:
@@ -543,6 +590,9 @@ def conv2d_input_grad_nhwc(
             f"dz: expected {w_packed.shape[1]} channels (the packed weight's C_out), got {dz.shape[3]} "
             f"(dz shape {tuple(dz.shape)})"
         )
+    if stride == 2:
+        dx, _ = conv2d_nhwc(dz, w_flipped, None, ksize=3, padding=1, activation="none", polyphase=tuple(in_size))
+        return dx
     dx, _ = conv2d_nhwc(dz, w_flipped, None, ksize=ksize, padding=padding, activation="none")
     return dx
 

@@ -561,6 +561,63 @@ def test_sm90_build_backward_kernels():
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# The 3x3 stride-2 down-sampling conv's backward: the polyphase input gradient on the forward conv kernel (TMA row
+# boxes where the map is wide enough, pointer loads on a narrow one) and the weight gradient reading x at a stride
+# ---------------------------------------------------------------------------------------------------------------
+# Traced in a dry run on ``meta`` tensors for sm_90 (bf16, batch 2, nnU-Net's second and third stages at 256x256:
+# 32 -> 64 and 64 -> 128 channels, odd sizes for the narrow pointer-path case), compiled like the report's variants.
+STRIDED_BUILD = """
+import json, sys
+import torch
+from fastunet.kernels._common import dry_run, launch_log, modeled_target
+from fastunet.kernels.conv_grad import conv2d_input_grad_nhwc, conv2d_weight_grad_nhwc
+from fastunet.tooling.compile_report import collect_variants, compile_variant
+
+def meta(*shape):
+    return torch.empty(*shape, device="meta", dtype=torch.bfloat16)
+
+with modeled_target(132, 90), dry_run(), launch_log() as records:
+    for c_in, c_out, size in ((32, 64, 256), (64, 128, 128), (64, 128, 61)):
+        half = (size + 1) // 2
+        dz = meta(2, half, half, c_out)
+        conv2d_input_grad_nhwc(dz, meta(9 * c_in, c_out), c_in, stride=2, in_size=(size, size))
+        conv2d_weight_grad_nhwc(meta(2, size, size, c_in), dz, 3, 1, stride=2)
+variants = collect_variants([("strided/bf16/b2", records)])
+paths = {(r.name, r.path) for r in records}
+print(json.dumps({"paths": sorted(paths), "rows": [compile_variant(v).to_json() for v in variants]}))
+"""
+
+
+def test_sm90_build_strided_conv_backward():
+    """The stride-2 conv's backward variants build for sm_90: the polyphase input gradient on both load paths with
+    the warpgroup MMA (HGMMA), the strided weight gradient (pointer loads) with HGMMA in its 64-channel tiles; no
+    spills, no ptxas warnings, nothing the report flags."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", STRIDED_BUILD], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"strided backward build failed:\n{proc.stderr[-4000:]}"
+    result = json.loads(proc.stdout)
+    assert {tuple(p) for p in result["paths"]} >= {
+        ("conv3x3/2.input_grad", "tma"),
+        ("conv3x3/2.input_grad", "pointer"),
+        ("conv_weight_grad", "pointer"),
+    }
+    rows = result["rows"]
+    polyphase = [row for row in rows if row["config"].get("POLYPHASE")]
+    strided = [row for row in rows if row["kernel"] == "conv_weight_grad" and row["config"]["STRIDE"] == 2]
+    assert {row["config"]["TMA_ROWS"] > 0 for row in polyphase} == {True, False}
+    assert len(strided) >= 2
+    found = spill_problems({"variants": rows}) + ptxas_problems({"variants": rows})
+    found += [f"{_label(row)}: {row['problems']}" for row in rows if row["problems"]]
+    found += tensor_core_problems({"variants": polyphase}, "bf16")
+    for row in strided:
+        c = row["config"]
+        mma = "HGMMA" if c["BLOCK_C"] >= 64 else "HMMA"
+        if not row["mma_opcodes"] or not all(op.startswith(mma) for op in row["mma_opcodes"]):
+            found.append(f"conv_weight_grad {c['BLOCK_C']}x{c['BLOCK_N']}x{c['BLOCK_P']}: {row['mma_opcodes']}")
+    assert not found, "\n".join(found)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # The training step (--training): every backward variant of a small U-Net builds, and the model has the step
 # ---------------------------------------------------------------------------------------------------------------
 # Base 64 (the reference's channel counts, so the weight gradient takes its 64-row tiles), depth 1, 64x64, batch 2:

@@ -26,11 +26,11 @@ from fastunet.kernels.conv_grad import (
 from fastunet.parity import math_mode
 
 
-def _reference(x_nchw, dz_nchw, ksize, padding):
+def _reference(x_nchw, dz_nchw, ksize, padding, stride=1):
     x64, dz64 = x_nchw.double().cpu(), dz_nchw.double().cpu()
     shape = (dz64.shape[1], x64.shape[1], ksize, ksize)
-    dw = torch.nn.grad.conv2d_weight(x64, shape, dz64, padding=padding)
-    bound = torch.nn.grad.conv2d_weight(x64.abs(), shape, dz64.abs(), padding=padding)
+    dw = torch.nn.grad.conv2d_weight(x64, shape, dz64, stride=stride, padding=padding)
+    bound = torch.nn.grad.conv2d_weight(x64.abs(), shape, dz64.abs(), stride=stride, padding=padding)
     return pack_conv_weight(dw), pack_conv_weight(bound), dz64.sum((0, 2, 3)), dz64.abs().sum((0, 2, 3))
 
 
@@ -118,6 +118,48 @@ def test_row_iteration_on_strided_views(device):
     expected, bound, db_expected, db_bound = _reference(x.permute(0, 3, 1, 2), dz.permute(0, 3, 1, 2), 3, 1)
     _check(dw, expected, bound, torch.float32)
     _check(db, db_expected, db_bound, torch.float32)
+
+
+# The 3x3 stride-2 padding-1 down-sampling conv: (batch, c_in, height, width, c_out, splits), the output
+# ceil(H / 2) x ceil(W / 2); lanes read every other input pixel, the padding tested per lane.
+STRIDED_CASES = [
+    pytest.param((2, 5, 9, 7, 6, 3), id="odd-9x7"),
+    pytest.param((1, 17, 8, 20, 3, 2), id="even-8x20-cin17"),
+    pytest.param((1, 4, 6, 37, 5, 2), id="odd-width-37"),  # 19 output pixels a row, a 32-pixel block
+    pytest.param((1, 3, 5, 70, 72, 1), id="two-blocks-per-row"),  # 35-pixel rows, BLOCK_N 128: 64-pixel blocks
+    pytest.param((3, 2, 1, 1, 3, 2), id="one-pixel-images"),
+    pytest.param((2, 16, 4, 32, 32, 3), id="even-channels-even-width"),  # whole pixel blocks, no channel masks
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", STRIDED_CASES)
+def test_strided_weight_grad_matches_float64(device, dtype, case):
+    batch, c_in, height, width, c_out, splits = case
+    torch.manual_seed(sum(case))
+    x = torch.randn(batch, c_in, height, width).to(dtype).to(device)
+    dz = torch.randn(batch, c_out, (height + 1) // 2, (width + 1) // 2).to(dtype).to(device)
+    with _common.load_path("tma"), _common.launch_log() as records:  # TMA asked for: a strided x keeps pointers
+        dw, db = conv2d_weight_grad_nhwc(
+            x.permute(0, 2, 3, 1), dz.permute(0, 2, 3, 1), 3, 1, splits=splits, stride=2
+        )  # fmt: skip
+    launch = next(r for r in records if r.name == "conv_weight_grad")
+    assert launch.constexprs["STRIDE"] == 2 and launch.path == "pointer" and "strided" in launch.path_reason
+    expected, bound, db_expected, db_bound = _reference(x, dz, 3, 1, stride=2)
+    assert dw.shape == expected.shape
+    _check(dw, expected, bound, dtype)
+    _check(db, db_expected, db_bound, dtype)
+
+
+def test_strided_weight_grad_nan_stays_in_its_taps(device):
+    """A NaN in x reaches only the taps whose stride-2 windows cover it (a stride-1 read would reach all nine)."""
+    x = torch.randn(1, 6, 6, 2, device=device)
+    dz = torch.randn(1, 3, 3, 3, device=device)
+    x[0, 2, 3, 1] = float("nan")
+    dw, _ = conv2d_weight_grad_nhwc(x, dz, stride=2)
+    x64, dz64 = x.permute(0, 3, 1, 2).double().cpu(), dz.permute(0, 3, 1, 2).double().cpu()
+    expected = pack_conv_weight(torch.nn.grad.conv2d_weight(x64, (3, 2, 3, 3), dz64, stride=2, padding=1))
+    assert torch.equal(dw.cpu().isnan(), expected.isnan()) and 0 < int(expected.isnan().any(1).sum()) < 9
 
 
 @pytest.mark.parametrize("shape", [(0, 4, 5, 3), (2, 0, 5, 3), (2, 4, 0, 3)], ids=["batch-0", "height-0", "width-0"])
@@ -233,6 +275,12 @@ def test_bad_arguments_are_refused(device):
         conv2d_weight_grad_nhwc(x, dz, splits=0)
     with pytest.raises(ValueError, match="4-D"):
         conv2d_weight_grad_nhwc(x[0], dz)
+    with pytest.raises(ValueError, match=r"dz: expected shape \(1, 2, 2, C_out\).*stride 2"):
+        conv2d_weight_grad_nhwc(x, dz, stride=2)
+    with pytest.raises(ValueError, match="expected stride 1, or 2 with ksize 3 and padding 1"):
+        conv2d_weight_grad_nhwc(x, dz, 1, 0, stride=2)
+    with pytest.raises(ValueError, match="expected stride 1, or 2 with ksize 3 and padding 1"):
+        conv2d_weight_grad_nhwc(x, dz[:, :1, :1], stride=4)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -302,6 +350,84 @@ def test_input_grad_matches_float64(device, dtype, ksize, batch, c_in, c_out, he
     _check_stored(dx.permute(0, 3, 1, 2), expected, bound, dtype)
 
 
+# The 3x3 stride-2 padding-1 conv's input (batch, c_in, c_out, height, width); dz is ceil(H / 2) x ceil(W / 2).
+STRIDED_INPUT_GRAD_SHAPES = [
+    pytest.param(2, 5, 7, 9, 7, id="odd-9x7"),
+    pytest.param(1, 12, 20, 8, 10, id="even-8x10"),
+    pytest.param(1, 20, 12, 5, 6, id="odd-even-5x6"),
+    pytest.param(2, 3, 17, 1, 2, id="1x2"),
+    pytest.param(1, 70, 3, 3, 3, id="cin70-3x3"),
+    pytest.param(0, 3, 5, 5, 5, id="batch0"),
+]
+
+
+def _strided_input_reference(weight, dz, shape):
+    w64, dz64 = weight.double(), dz.double().cpu()
+    expected = torch.nn.grad.conv2d_input(shape, w64, dz64, stride=2, padding=1)
+    return expected, torch.nn.grad.conv2d_input(shape, w64.abs(), dz64.abs(), stride=2, padding=1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("batch", "c_in", "c_out", "height", "width"), STRIDED_INPUT_GRAD_SHAPES)
+def test_strided_input_grad_matches_float64(device, dtype, batch, c_in, c_out, height, width):
+    """The stride-2 conv's input gradient as four output phases in one launch of the forward kernel (``POLYPHASE``):
+    every element written (outputs are NaN-poisoned), odd sizes' shorter last phases included."""
+    torch.manual_seed(batch + c_in + height)
+    weight = torch.randn(c_out, c_in, 3, 3).to(dtype)
+    dz = torch.randn(batch, c_out, (height + 1) // 2, (width + 1) // 2).to(dtype).to(device)
+    packed = pack_conv_weight(weight).to(device)
+    dz_before, packed_before = dz.clone(), packed.clone()
+    with _common.launch_log() as records:
+        dx = conv2d_input_grad_nhwc(dz.permute(0, 2, 3, 1), packed, c_in, stride=2, in_size=(height, width))
+    assert torch.equal(dz, dz_before) and torch.equal(packed, packed_before), "an input was modified"
+    assert dx.shape == (batch, height, width, c_in) and dx.dtype == dtype and dx.is_contiguous()
+    if batch:
+        assert [(r.name, r.constexprs["POLYPHASE"]) for r in records] == [("conv3x3/2.input_grad", True)]
+        assert records[0].grid[0] % 4 == 0  # four phases
+    expected, bound = _strided_input_reference(weight, dz, (batch, c_in, height, width))
+    _check_stored(dx.permute(0, 3, 1, 2), expected, bound, dtype)
+
+
+@pytest.mark.parametrize(
+    ("path", "rows", "height", "width"),
+    [
+        pytest.param("pointer", 0, 9, 13, id="pointer-odd"),
+        pytest.param("pointer", 0, 8, 6, id="pointer-even"),
+        pytest.param("tma", 1, 9, 13, id="tma-odd"),
+        pytest.param("tma", 1, 8, 6, id="tma-even"),
+        # 2 x 46 x 46 lattice pixels a phase: enough tiles for 132 SMs at 128 pixels, two 64-pixel row boxes a tile.
+        pytest.param("tma", 2, 91, 92, id="tma-2rows-odd"),
+    ],
+)
+def test_strided_input_grad_on_both_load_paths(device, path, rows, height, width):
+    """Pointer loads and TMA row boxes (dz at (qy + sy, qx + sx) of the phase's lattice; a box past dz's end reads
+    zeros), one or two rows a tile, give the float64 gradient; channel counts whose rows are 16-byte aligned."""
+    torch.manual_seed(height)
+    c_in, c_out = 8, 16
+    weight = torch.randn(c_out, c_in, 3, 3)
+    dz = torch.randn(2, c_out, (height + 1) // 2, (width + 1) // 2, device=device)
+    with _common.load_path(path), _common.launch_log() as records:
+        dx = conv2d_input_grad_nhwc(
+            dz.permute(0, 2, 3, 1).contiguous(), pack_conv_weight(weight).to(device), c_in, stride=2,
+            in_size=(height, width),
+        )  # fmt: skip
+    assert [(r.path, r.constexprs["TMA_ROWS"]) for r in records] == [(path, rows)], records[0].path_reason
+    expected, bound = _strided_input_reference(weight, dz, (2, c_in, height, width))
+    _check_stored(dx.permute(0, 3, 1, 2), expected, bound, torch.float32)
+
+
+def test_strided_input_grad_nan_reaches_only_its_window(device):
+    """No tap of zeros is multiplied: a NaN in dz reaches exactly the input pixels its stride-2 window covers (3x3
+    around (2 qy, 2 qx)), where a zero-interleaved read would spread it through its zero taps too."""
+    dz = torch.randn(1, 4, 4, 3, device=device)
+    dz[0, 1, 2, 0] = float("nan")
+    packed = pack_conv_weight(torch.randn(3, 2, 3, 3)).to(device)
+    dx = conv2d_input_grad_nhwc(dz, packed, 2, stride=2, in_size=(7, 8))
+    expected = torch.zeros(7, 8, dtype=torch.bool)
+    expected[1:4, 3:6] = True
+    assert torch.equal(dx[0].isnan().any(-1).cpu(), expected)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_two_source_input_grad_splits_into_skip_and_up(device, dtype):
     """A decoder conv on cat([skip, up]): the input gradient's channels [skip | up], sliced by the caller."""
@@ -368,6 +494,8 @@ def test_input_grads_are_bitwise_reproducible(device):
     dz = torch.randn(2, 5, 7, 17, device=device).to(torch.bfloat16)
     packed = pack_conv_weight(torch.randn(17, 6, 3, 3)).to(device, torch.bfloat16)
     assert torch.equal(conv2d_input_grad_nhwc(dz, packed, 6), conv2d_input_grad_nhwc(dz, packed, 6))
+    strided = [conv2d_input_grad_nhwc(dz, packed, 6, stride=2, in_size=(9, 13)) for _ in range(2)]
+    assert torch.equal(strided[0], strided[1])
     x = torch.randn(2, 3, 5, 16, device=device)
     dy = torch.randn(2, 6, 10, 20, device=device)
     packed_t = pack_conv_transpose_weight(torch.randn(16, 20, 2, 2)).to(device)
@@ -382,7 +510,16 @@ def test_input_grad_bad_arguments_are_refused(device):
     with pytest.raises(NotImplementedError, match="valid conv"):
         conv2d_input_grad_nhwc(dz, packed, 2, 3, 0)
     with pytest.raises(NotImplementedError, match="strided conv"):
+        conv2d_input_grad_nhwc(dz, packed, 2, stride=3)
+    with pytest.raises(NotImplementedError, match="strided conv"):
+        conv2d_input_grad_nhwc(dz, packed, 2, 3, 0, stride=2)
+    with pytest.raises(ValueError, match="in_size: expected the input"):
         conv2d_input_grad_nhwc(dz, packed, 2, stride=2)
+    with pytest.raises(ValueError, match="in_size: expected the input"):
+        conv2d_input_grad_nhwc(dz, packed, 2, in_size=(8, 8))
+    # ceil(H / 2) x ceil(W / 2) must be dz's size: 7 or 8 rows give 4, 9 gives 5.
+    with pytest.raises(ValueError, match=r"stride-2 conv over 9x8 has a 5x4 output gradient"):
+        conv2d_input_grad_nhwc(dz, packed, 2, stride=2, in_size=(9, 8))
     with pytest.raises(ValueError, match="ksize: expected 1 or 3, got 5"):
         conv2d_input_grad_nhwc(dz, packed, 2, 5, 2)
     with pytest.raises(ValueError, match=r"expected a packed weight of shape \(27, C_out\)"):

@@ -39,6 +39,46 @@ def randomize_norms(model: nn.Module, seed: int = 1) -> nn.Module:
     return model.eval()
 
 
+# fp32 kernels against float64: the forward's normwise budget, on top of twice eager float32's own error.
+GRAD_BUDGET = 1e-5
+KERNELS = ("triton", "triton-interpreter")
+
+
+def _grads(model: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> dict[str, torch.Tensor]:
+    x = x.clone().requires_grad_()
+    model.zero_grad(set_to_none=True)
+    model(x).backward(grad)
+    return {"input": x.grad, **{name: p.grad for name, p in model.named_parameters() if p.grad is not None}}
+
+
+def assert_trains_on_the_kernels(source: nn.Module, x: torch.Tensor, device, training: bool = True) -> dict:
+    """Convert ``source``, run forward and backward in ``training`` mode on ``device`` and check: the backward ran on
+    the kernels (``last_backend_reason``), every gradient the source's own float64 autograd has (input and parameters)
+    is there, within twice eager float32 PyTorch's own error plus the budget (a conv bias right before an
+    InstanceNorm has a zero gradient in exact math: its error is held to the layer's weight gradient's scale).
+    Returns the converted model's gradients."""
+    converted = fastunet.convert(copy.deepcopy(source).to(device)).train(training)
+    exact = copy.deepcopy(source).double().train(training)
+    with torch.no_grad():
+        grad = torch.randn(exact(x.double()).shape, generator=torch.Generator().manual_seed(3))
+    found = _grads(converted, x.to(device), grad.to(device))
+    assert converted.last_backend in KERNELS, converted.last_backend_reason
+    assert converted.last_backend_reason == f"{'training' if training else 'eval'} mode; backward kernels", (
+        converted.last_backend_reason
+    )
+    expected = _grads(exact, x.double(), grad.double())
+    eager = _grads(copy.deepcopy(source).train(training), x, grad)
+    assert set(found) == set(expected)
+    for name, value in found.items():
+        err = float((value.double().cpu() - expected[name]).norm())
+        eager_err = float((eager[name].double() - expected[name]).norm())
+        scale = float(expected[name].norm())
+        if name.endswith(".bias") and name[: -len("bias")] + "weight" in expected:  # the same layer's scale
+            scale = max(scale, float(expected[name[: -len("bias")] + "weight"].norm()))
+        assert err <= 2 * eager_err + GRAD_BUDGET * scale, (name, err, eager_err, scale)
+    return found
+
+
 def _refusal(model: nn.Module) -> str:
     with pytest.raises(ConversionError) as info:
         fastunet.convert(model)
@@ -156,6 +196,25 @@ def test_nnunet_plain_conv_unet(device, norm):
     assert layout.head is model.decoder.seg_layers[-1]
     assert layout.encoders[1][0].norm is model.encoder.stages[1].convs[0].norm
     assert assert_converts_or_names_the_gap(model, device, size=(16, 24)) == "fused"
+
+
+@pytest.mark.parametrize(("norm", "training"), [("instance", True), ("group", False)])
+def test_nnunet_plain_conv_unet_trains_on_the_kernels(device, norm, training):
+    """The whole network's gradients on the backward kernels, the strided first convs of the deeper stages included
+    (their weight gradients reading every other pixel, their input gradients as four output phases), against float64
+    autograd of the source."""
+    model = plain_conv_unet(norm=NORMS[norm])
+    x = torch.randn(2, 2, 8, 12, generator=torch.Generator().manual_seed(2))
+    assert_trains_on_the_kernels(model, x, device, training)
+
+
+def test_nnunet_backward_runs_are_bitwise_identical(device):
+    converted = fastunet.convert(plain_conv_unet().to(device)).train()
+    x, grad = torch.randn(1, 2, 8, 8, device=device), torch.randn(1, 3, 8, 8, device=device)
+    first, second = _grads(converted, x, grad), _grads(converted, x, grad)
+    assert converted.last_backend_reason == "training mode; backward kernels"
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
 
 
 def test_unused_deep_supervision_heads_are_left_out_and_kept():
@@ -446,6 +505,13 @@ def test_dynunet_like_with_a_centred_fit_at_odd_sizes(device):
         layout = assert_recognized(model, size)
     assert layout.down == "stride" and layout.join == "pad"
     assert assert_converts_or_names_the_gap(model, device, size=(13, 22)) == "fused"
+
+
+def test_dynunet_like_trains_on_the_kernels_at_odd_sizes(device):
+    """DynUNet's structure in training mode on the backward kernels at an odd size: the strided convs round up (odd
+    input sizes in the polyphase input gradient) and the upsampled map is cropped back to the skip."""
+    x = torch.randn(2, 2, 13, 10, generator=torch.Generator().manual_seed(4))
+    assert_trains_on_the_kernels(dyn_like(fit=True), x, device)
 
 
 def test_a_kernel_3_transposed_conv_with_output_padding_is_recognised(device):

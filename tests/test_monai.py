@@ -12,7 +12,7 @@ import torch
 
 monai_nets = pytest.importorskip("monai.networks.nets")
 
-from test_convert_norms import randomize_norms  # noqa: E402
+from test_convert_norms import assert_trains_on_the_kernels, randomize_norms  # noqa: E402
 from test_convert_structure import assert_converts_or_names_the_gap, assert_recognized  # noqa: E402
 
 from fastunet import ConversionError, convert, ops  # noqa: E402
@@ -111,6 +111,14 @@ def test_dyn_unet(device, norm):
     assert {(spec.activation.kind, spec.activation.slope) for _, spec in layout.conv_specs()} == {("leaky_relu", 0.01)}
     assert layout.head is model.output_block.conv.conv
     assert assert_converts_or_names_the_gap(model, device, size=(16, 24)) == "fused"
+
+
+@pytest.mark.parametrize("norm", ["instance", "batch"])
+def test_dyn_unet_trains_on_the_kernels(device, norm):
+    """DynUNet 2-D in training mode (batch statistics with BatchNorm): forward and backward on the kernels, the
+    stride-2 down-sampling convs' gradients included, within the budget of float64 autograd of the model."""
+    x = torch.randn(2, 3, 16, 8, generator=torch.Generator().manual_seed(5))
+    assert_trains_on_the_kernels(dyn_unet(norm_name=norm), x, device)
 
 
 def test_dyn_unet_refusals():
