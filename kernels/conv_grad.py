@@ -172,6 +172,7 @@ def _weight_grad_partial_kernel(
             x0, oy, img = _next_block(x0, oy, img, out_w, out_h, BLOCK_P)
         tl.store(bias_part_ptr + split.to(tl.int64) * c_out + offs_n, bias_acc, mask=n_mask)
     elif PACK_TAPS:
+        tl.static_assert(STRIDE == 1, "the packed taps read consecutive pixels: stride 1 only")
         # Column r of the im2col block is (tap, channel) = divmod(r, c_in): row r of dW. Its offset from a pixel's
         # own is fixed; per step only the row's base, the taps' rows inside the map and the pixels' columns vary.
         r = tl.arange(0, BLOCK_C)
@@ -390,7 +391,7 @@ def conv2d_weight_grad_nhwc(
     block_c = min(128 if path == "tma" and block_p < 64 else 64, max(16, next_pow2(c_in)))
     # Few input channels (the 3-channel first conv: 27 rows): all taps in one block of rows, one program along
     # axis 0 reading dz once per step, instead of nine programs each padding 3 channels to 16 and reading dz again.
-    pack_taps = ksize > 1 and path == "pointer" and rows <= PACK_TAPS_ROWS
+    pack_taps = ksize > 1 and stride == 1 and path == "pointer" and rows <= PACK_TAPS_ROWS
     if pack_taps:
         block_c = max(16, next_pow2(rows))
         block_p = min(block_p, 64)  # 32 x 64 x 64 steps: 119 registers (128-px steps: 253, twice the issue)
