@@ -392,8 +392,8 @@ def test_unfused_head_path(device, monkeypatch):
 
 
 def test_dtype_rejections():
-    with pytest.raises(ValueError, match="float32, float16 or bfloat16 parameters"):
-        FastUNet(**SMALL, dtype=torch.float64)
+    with pytest.raises(ValueError, match="FastUNet parameters: expected float32, float16 or bfloat16.*torch.complex64"):
+        FastUNet(**SMALL, dtype=torch.complex64)
     fast = FastUNet(**SMALL).eval()
     fast.head.half()
     with pytest.raises(TypeError, match="all parameters in one dtype"):
