@@ -3,7 +3,8 @@
 ``A`` is the forward loader's implicit im2col of the conv's input (rows: output pixels; columns: (tap, input
 channel)), ``dZ`` the gradient of the conv's output before its activation. The reduction runs over every output
 pixel of the batch (10^6 and more at 512x512), so it is split: each program reduces one slice of the output rows
-for one (tap, channel block) x (output-channel block) tile of ``dW`` into an fp32 partial, and a second launch sums
+for one (tap, channel block) x (output-channel block) tile of ``dW`` into an fp32 partial (fp64 for float64 maps, under
+the interpreter), and a second launch sums
 the partials of each element in a fixed order. No atomics: two runs give the same bits. The bias gradient's
 partials come from programs of their own in the same launch, which read only ``dZ``.
 
@@ -12,7 +13,7 @@ A decoder conv that reads two sources (the skip map and the upsampled map, never
 (the ``row_offset`` argument).
 
 ``dW`` comes in the forward's packed layout, ``(k * k * c_in, c_out)`` with row ``tap * c_in + channel`` (see
-:func:`fastunet.kernels.conv.pack_conv_weight`), in fp32.
+:func:`fastunet.kernels.conv.pack_conv_weight`), in fp32 (fp64 for float64 maps).
 
 Input gradients run on the forward conv kernel (:func:`fastunet.kernels.conv.conv2d_nhwc`, no activation, no bias),
 no kernel of their own: the input gradient of a stride-1 "same" conv is the same conv of ``dZ`` with the taps
