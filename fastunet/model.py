@@ -31,6 +31,15 @@ from fastunet.sharing import SourceLink
 from fastunet.training import kernel_training_blocker
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# float64 runs on the kernels under the interpreter only (gradcheck, float64 checks on the CPU): compiled kernels
+# take the three dtypes above.
+KERNEL_DTYPES = (*SUPPORTED_DTYPES, torch.float64) if INTERPRET else SUPPORTED_DTYPES
+
+
+def _dtype_error(dtype: torch.dtype) -> str:
+    interpreter = "" if INTERPRET else "; float64 runs on the kernels only under the interpreter (TRITON_INTERPRET=1)"
+    return f"expected float32, float16 or bfloat16{' or float64' if INTERPRET else ''}, got {dtype}{interpreter}"
+
 
 __all__ = [
     "BACKEND_INTERPRETER",
@@ -229,8 +238,8 @@ class FusedForward:
         if decision.backend == BACKEND_REFERENCE:
             return self._fallback(x, decision)
         compute_dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
-        if compute_dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"expected float32, float16 or bfloat16 input, got {compute_dtype}")
+        if compute_dtype not in KERNEL_DTYPES:
+            raise TypeError(f"input: {_dtype_error(compute_dtype)}")
         # The backward on the kernels (fastunet.training); in training mode this path also when nothing needs a
         # gradient: it is the one that normalizes with batch statistics and updates the running ones.
         if (needs_grad or training) and blocker is None:
@@ -281,8 +290,8 @@ class FastUNet(FusedForward, UNet):
 
     def __init__(self, *args, **kwargs) -> None:
         dtype = kwargs.get("dtype")
-        if dtype is not None and dtype not in SUPPORTED_DTYPES:
-            raise ValueError(f"FastUNet runs float32, float16 or bfloat16 parameters, got dtype={dtype}")
+        if dtype is not None and dtype not in KERNEL_DTYPES:
+            raise ValueError(f"FastUNet parameters: {_dtype_error(dtype)}")
         super().__init__(*args, **kwargs)
         self._init_fused()
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastunet.kernels import INTERPRET
-from fastunet.kernels._common import alloc, is_dry_run, set_launch_stage
+from fastunet.kernels._common import alloc, is_dry_run, set_launch_stage, stat_dtype
 from fastunet.kernels.conv import (
     MAX_HEAD_CHANNELS,
     MAX_HEAD_CLASSES,
@@ -449,14 +449,14 @@ def build_plan(layout: Layout, dtype: torch.dtype, device: torch.device) -> Plan
         )
 
     def data_norm(module: nn.Module) -> NormStage:
-        """InstanceNorm2d or GroupNorm: statistics in fp32, so its affine parameters are fp32 plan tensors."""
+        """InstanceNorm2d or GroupNorm: statistics in fp32 (fp64 for a float64 plan), so are its affine parameters."""
         groups = module.num_groups if isinstance(module, nn.GroupNorm) else module.num_features
         affine = module.weight is not None and module.bias is not None
         return NormStage(
             int(groups),
             float(module.eps),
-            _owned(module.weight.detach(), device, torch.float32) if affine else None,
-            _owned(module.bias.detach(), device, torch.float32) if affine else None,
+            _owned(module.weight.detach(), device, stat_dtype(dtype)) if affine else None,
+            _owned(module.bias.detach(), device, stat_dtype(dtype)) if affine else None,
         )
 
     def stage(spec: ConvSpec, skip_after: int = 0) -> ConvStage:
@@ -816,7 +816,7 @@ def _conv2d_launch(
     )  # fmt: skip
     if read is not None:
         return y, x.new_empty(0), read.scale, read.shift, read.mean, read.var
-    empty = x.new_empty(0, dtype=torch.float32)
+    empty = x.new_empty(0, dtype=stat_dtype(x.dtype))
     return y, pooled if pooled is not None else x.new_empty(0), empty, empty.clone(), empty.clone(), empty.clone()
 
 
@@ -840,7 +840,7 @@ def _conv2d_fake(
         y = x.new_empty((batch, height, width, channels))
     pooled = x.new_empty((batch, height // 2, width // 2, weight.shape[1])) if pool else x.new_empty(0)
     stats = (batch, weight.shape[1]) if norm_groups else (0,)
-    return (y, pooled, *(x.new_empty(stats, dtype=torch.float32) for _ in range(4)))
+    return (y, pooled, *(x.new_empty(stats, dtype=stat_dtype(x.dtype)) for _ in range(4)))
 
 
 @torch.library.custom_op(

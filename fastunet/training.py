@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastunet.kernels._common import alloc, current_launch_stage, is_dry_run, set_launch_stage
+from fastunet.kernels._common import alloc, current_launch_stage, is_dry_run, set_launch_stage, stat_dtype
 from fastunet.kernels.backward import center_pad_offsets
 from fastunet.kernels.stats import NormIn
 from fastunet.ops import (
@@ -164,8 +164,8 @@ def build_training_plan(
     def cast(t: torch.Tensor) -> torch.Tensor:
         return t.to(device=device, dtype=dtype).contiguous()
 
-    def fp32(t: torch.Tensor | None) -> torch.Tensor | None:
-        return t.to(device=device, dtype=torch.float32) if t is not None else None
+    def stat(t: torch.Tensor | None) -> torch.Tensor | None:  # fp32; fp64 for a float64 plan
+        return t.to(device=device, dtype=stat_dtype(dtype)) if t is not None else None
 
     def stage(spec: ConvSpec, skip_after: int = 0) -> ConvStage:
         kind = effective_norm(spec.norm, training)
@@ -180,8 +180,8 @@ def build_training_plan(
             norm = NormStage(
                 int(groups),
                 float(module.eps),
-                fp32(module.weight) if affine else None,
-                fp32(module.bias) if affine else None,
+                stat(module.weight) if affine else None,
+                stat(module.bias) if affine else None,
                 over_batch=kind == "batch",
             )
         stride = int(spec.conv.stride[0])  # 1, or 2 (kernel_training_blocker checked)
@@ -316,7 +316,7 @@ def _conv_backward(
     empty = x.new_empty(0)
     batch, height, width, c_main = x.shape
     c_out = weight.shape[1]
-    d_norm_weight, d_norm_bias = x.new_empty(0, dtype=torch.float32), x.new_empty(0, dtype=torch.float32)
+    d_norm_weight, d_norm_bias = x.new_empty(0, dtype=stat_dtype(x.dtype)), x.new_empty(0, dtype=stat_dtype(x.dtype))
     if norm_groups:  # the gradient of the pre-norm map: directly, and through the norm's statistics
         count = y.shape[1] * y.shape[2] * (batch if norm_over_batch else c_out // norm_groups)
         coef_a, coef_b, d_weight, d_bias = norm_coefficients(
@@ -342,13 +342,13 @@ def _conv_backward(
         dw, db = conv2d_weight_grad_nhwc(source, dz, ksize, padding, bias=has_bias, stride=stride)
     else:
         taps = ksize * ksize
-        parts = alloc((taps * c_main, c_out), torch.float32, x.device)
-        up_parts = alloc((taps * c_up, c_out), torch.float32, x.device)
+        parts = alloc((taps * c_main, c_out), stat_dtype(x.dtype), x.device)
+        up_parts = alloc((taps * c_up, c_out), stat_dtype(x.dtype), x.device)
         _, db = conv2d_weight_grad_nhwc(source, dz, ksize, padding, bias=has_bias, out=parts)
         framed = up if up.shape[1:3] == x.shape[1:3] else _frame(up, height, width, join)
         conv2d_weight_grad_nhwc(framed, dz, ksize, padding, bias=False, out=up_parts)
         # The two sources' rows regrouped into the joined weight's tap-major order (row tap * c_in + channel).
-        dw = alloc((taps, c_main + c_up, c_out), torch.float32, x.device)
+        dw = alloc((taps, c_main + c_up, c_out), stat_dtype(x.dtype), x.device)
         dw[:, :c_main] = parts.view(taps, c_main, c_out)
         dw[:, c_main:] = up_parts.view(taps, c_up, c_out)
         dw = dw.view(taps * (c_main + c_up), c_out)
@@ -357,10 +357,10 @@ def _conv_backward(
         d_in = conv2d_input_grad_nhwc(dz, weight, c_main, ksize, padding, stride=stride, in_size=(height, width))
     elif need_input:
         d_in = conv2d_input_grad_nhwc(dz, weight, c_main + c_up, ksize, padding)
-    dx_read, d_scale, d_shift = (x.new_empty(0, dtype=torch.float32) for _ in range(3))
+    dx_read, d_scale, d_shift = (x.new_empty(0, dtype=stat_dtype(x.dtype)) for _ in range(3))
     if need_input and read is not None:
         dx_read, d_scale, d_shift = _read_backward(d_in[..., :c_main], x, read)
-    db = db if db is not None else x.new_empty(0, dtype=torch.float32)
+    db = db if db is not None else x.new_empty(0, dtype=stat_dtype(x.dtype))
     return d_in, dx_read, dw, db, d_scale, d_shift, d_norm_weight, d_norm_bias
 
 
@@ -411,7 +411,7 @@ def _conv_backward_fake(
     c_out = weight.shape[1]
 
     def fp32(shape: tuple, present: bool) -> torch.Tensor:
-        return x.new_empty(shape if present else (0,), dtype=torch.float32)
+        return x.new_empty(shape if present else (0,), dtype=stat_dtype(x.dtype))
 
     d_in = x.new_empty((batch, height, width, c_in) if need_input else (0,))
     read = need_input and in_scale is not None
@@ -420,7 +420,7 @@ def _conv_backward_fake(
     affine = bool(norm_groups) and norm_weight is not None
     d_nw, d_nb = fp32((c_out,), affine), fp32((c_out,), affine)
     db = fp32((c_out,), has_bias)
-    dw = x.new_empty((weight.shape[0], c_out), dtype=torch.float32)
+    dw = x.new_empty((weight.shape[0], c_out), dtype=stat_dtype(x.dtype))
     return d_in, dx_read, dw, db, d_scale, d_shift, d_nw, d_nb
 
 
@@ -436,7 +436,7 @@ def _upsample_backward(
     d_low = upsample2x_adjoint_nhwc(grad, (height, width), mode, align_corners, pad_top=pad_top, pad_left=pad_left)
     read = _read_of(in_scale, in_shift, in_activation, in_slope, in_lo, in_hi)
     if read is None:
-        empty = grad.new_empty(0, dtype=torch.float32)
+        empty = grad.new_empty(0, dtype=stat_dtype(grad.dtype))
         return d_low, empty, empty.clone()
     return _read_backward(d_low, x, read)
 
@@ -458,7 +458,8 @@ def _upsample_backward_fake(
 ):  # fmt: skip
     d_low = grad.new_empty((grad.shape[0], height, width, grad.shape[3]))
     stats = (grad.shape[0], grad.shape[3]) if in_scale is not None else (0,)
-    return d_low, grad.new_empty(stats, dtype=torch.float32), grad.new_empty(stats, dtype=torch.float32)
+    stat = stat_dtype(grad.dtype)
+    return d_low, grad.new_empty(stats, dtype=stat), grad.new_empty(stats, dtype=stat)
 
 
 def _conv_transpose_backward(
@@ -474,20 +475,20 @@ def _conv_transpose_backward(
     read = _read_of(in_scale, in_shift, in_activation, in_slope, in_lo, in_hi)
     source = _materialized(x, read)
     dx = conv_transpose2x2_input_grad_nhwc(grad, weight) if need_x else x.new_empty(0)
-    d_scale, d_shift = x.new_empty(0, dtype=torch.float32), x.new_empty(0, dtype=torch.float32)
+    d_scale, d_shift = x.new_empty(0, dtype=stat_dtype(x.dtype)), x.new_empty(0, dtype=stat_dtype(x.dtype))
     if need_x and read is not None:
         dx, d_scale, d_shift = _read_backward(dx, x, read)
     # Sub-pixel (a, b) of every low-resolution pixel: a 1x1 conv of x to that strided view of the gradient. The
     # packed weight's columns are (a * 2 + b) * c_out + channel; so are the repeated bias's.
-    dw = alloc((4, c_in, c_out), torch.float32, x.device)
-    db = alloc((4, c_out), torch.float32, x.device) if has_bias else None
+    dw = alloc((4, c_in, c_out), stat_dtype(x.dtype), x.device)
+    db = alloc((4, c_out), stat_dtype(x.dtype), x.device) if has_bias else None
     for sub in range(4):
         a, b = divmod(sub, 2)
         _, db_sub = conv2d_weight_grad_nhwc(source, grad[:, a::2, b::2, :], 1, 0, bias=has_bias, out=dw[sub])
         if has_bias:
             db[sub] = db_sub
     dw = dw.permute(1, 0, 2).reshape(c_in, 4 * c_out)
-    return dx, dw, db.reshape(-1) if has_bias else x.new_empty(0, dtype=torch.float32), d_scale, d_shift
+    return dx, dw, db.reshape(-1) if has_bias else x.new_empty(0, dtype=stat_dtype(x.dtype)), d_scale, d_shift
 
 
 _conv_transpose_backward_op = torch.library.custom_op(
@@ -505,12 +506,12 @@ def _conv_transpose_backward_fake(
     x, weight, grad, has_bias, need_x, in_scale=None, in_shift=None, in_activation="none", in_slope=0.0, in_lo=0.0,
     in_hi=0.0,
 ):  # fmt: skip
-    empty = x.new_empty(0, dtype=torch.float32)
+    empty = x.new_empty(0, dtype=stat_dtype(x.dtype))
     dx = x.new_empty(x.shape) if need_x else x.new_empty(0)
-    db = x.new_empty((weight.shape[1],), dtype=torch.float32) if has_bias else empty
+    db = x.new_empty((weight.shape[1],), dtype=stat_dtype(x.dtype)) if has_bias else empty
     stats = (x.shape[0], x.shape[3]) if need_x and in_scale is not None else (0,)
-    d_read = [x.new_empty(stats, dtype=torch.float32) for _ in range(2)]
-    return dx, x.new_empty(weight.shape, dtype=torch.float32), db, *d_read
+    d_read = [x.new_empty(stats, dtype=stat_dtype(x.dtype)) for _ in range(2)]
+    return dx, x.new_empty(weight.shape, dtype=stat_dtype(x.dtype)), db, *d_read
 
 
 def _normalize_backward(
@@ -574,7 +575,7 @@ def _read_math(x: torch.Tensor, scale, shift, activation, slope, lo, hi) -> torc
 def _norm_math(z: torch.Tensor, weight, bias, groups, eps, over_batch):
     """(scale, shift) of a norm with data statistics of the NHWC map ``z``, (N, C) each, differentiable."""
     batch, height, width, channels = z.shape
-    z32 = z.float()
+    z32 = z.to(stat_dtype(z.dtype))  # the statistics' dtype: fp32, fp64 for a float64 map
     if over_batch:
         mean = z32.mean((0, 1, 2))[None].expand(batch, channels)
         var = z32.var((0, 1, 2), unbiased=False)[None].expand(batch, channels)

@@ -18,12 +18,16 @@ from collections.abc import Hashable, Iterator
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.jit import constexpr_function
 
 # The @triton.jit decorator decides between compiled and interpreted kernels when the kernel module is
 # imported, from this same variable; reading it here keeps the launchers consistent with the kernels.
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# float64 runs under the interpreter only (gradcheck, float64 references): the kernels then accumulate, keep their
+# statistics and write their partial sums in float64. Compiled, it is refused (see check_runnable).
+INTERPRETER_DTYPES = (*SUPPORTED_DTYPES, torch.float64)
 
 # Triton's interpreter before 3.7 turns 1-element arrays into Python ints, which NumPy 2.4 refuses ("only
 # 0-dimensional arrays can be converted to Python scalars"); Triton 3.7 converts them explicitly.
@@ -200,10 +204,18 @@ def alloc(
 
 def check_runnable(t: torch.Tensor, what: str) -> None:
     """Refuse tensors that the active Triton mode cannot read (CPU tensors are never handed to a compiled kernel)."""
-    if t.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{what}: expected a float32, float16 or bfloat16 tensor, got {t.dtype}")
+    if t.dtype not in INTERPRETER_DTYPES:
+        raise TypeError(
+            f"{what}: expected a float32, float16 or bfloat16 tensor (or float64 under TRITON_INTERPRET=1), "
+            f"got {t.dtype}"
+        )
     if is_dry_run() and t.device.type == "meta":
         return
+    if t.dtype == torch.float64 and not INTERPRET:
+        raise TypeError(
+            f"{what}: float64 runs only under the interpreter (TRITON_INTERPRET=1, CPU tensors); compiled kernels take "
+            f"float32, float16 or bfloat16 tensors, got float64 on {t.device}"
+        )
     if INTERPRET:
         if t.device.type != "cpu":
             raise RuntimeError(f"{what}: TRITON_INTERPRET=1 runs kernels on CPU tensors, got a tensor on {t.device}")
@@ -213,6 +225,12 @@ def check_runnable(t: torch.Tensor, what: str) -> None:
             f"{what}: compiled Triton kernels need a CUDA tensor, got a tensor on {t.device} "
             "(set TRITON_INTERPRET=1 before importing triton to run the kernels on the CPU)"
         )
+
+
+def stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a launch's statistics, norm scales and shifts and partial sums for maps stored in ``dtype``:
+    float64 for float64 maps (nothing is rounded below the storage precision), float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def element_span(t: torch.Tensor) -> int:
@@ -501,16 +519,24 @@ def launch_environment() -> tuple:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+@constexpr_function
+def acc_type(dtype):
+    """The accumulator dtype for operands or maps stored in ``dtype`` (a Triton dtype, at compile time): float64
+    for float64, float32 for everything else."""
+    return tl.float64 if dtype == tl.float64 else tl.float32
+
+
 @triton.jit
 def mma(a, b, acc, INTERPRETER: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """``acc + a @ b`` with fp32 accumulation.
+    """``acc + a @ b`` accumulated in ``acc``'s dtype (fp32; fp64 for float64 operands).
 
     Under the interpreter, ``tl.dot`` multiplies bf16 operands as raw bit patterns, so the operands are widened
-    to fp32 first (exact: a product of two 16-bit floats fits in fp32).
+    to the accumulator's dtype first (exact: a product of two 16-bit floats fits in fp32); float64 operands stay
+    float64 there.
     """
     if INTERPRETER:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        return tl.dot(a.to(acc.dtype), b.to(acc.dtype), acc, input_precision="ieee", out_dtype=acc.dtype)
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION, out_dtype=acc.dtype)
 
 
 @triton.jit

@@ -25,6 +25,7 @@ from fastunet.kernels._common import (
     ACT_RELU,
     INTERPRET,
     LaunchRecord,
+    acc_type,
     alloc,
     check_runnable,
     is_dry_run,
@@ -74,11 +75,13 @@ def _corner_mask(valid, row, col, height, width, c_mask):
 
 @triton.jit
 def _load_corner(ptr, img, row, col, cols, mask, stride_n, stride_h, stride_w, ENABLED: tl.constexpr):
-    """One corner of each window as fp32 (0 where masked, or everywhere when not ``ENABLED``)."""
+    """One corner of each window as fp32 (fp64 for a float64 map; 0 where masked, or everywhere when not
+    ``ENABLED``)."""
+    acc_t: tl.constexpr = acc_type(ptr.dtype.element_ty)
     if ENABLED:
         src = pixel_offset(img, row, col, stride_n, stride_h, stride_w)
-        return tl.load(ptr + src[:, None] + cols, mask=mask, other=0.0).to(tl.float32)
-    return tl.zeros(mask.shape, dtype=tl.float32)
+        return tl.load(ptr + src[:, None] + cols, mask=mask, other=0.0).to(acc_t)
+    return tl.zeros(mask.shape, dtype=acc_t)
 
 
 @triton.jit
@@ -162,14 +165,15 @@ def _activation_pool_backward_kernel(
     g01 = _load_corner(gy_ptr, img, top, left + 1, col_g, m01, stride_gn, stride_gh, stride_gw, HAS_GRAD_Y)
     g10 = _load_corner(gy_ptr, img, top + 1, left, col_g, m10, stride_gn, stride_gh, stride_gw, HAS_GRAD_Y)
     g11 = _load_corner(gy_ptr, img, top + 1, left + 1, col_g, m11, stride_gn, stride_gh, stride_gw, HAS_GRAD_Y)
-    pooled = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    acc_t: tl.constexpr = acc_type(dz_ptr.dtype.element_ty)
+    pooled = tl.zeros((BLOCK_P, BLOCK_C), dtype=acc_t)
     winner = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.int32) - 1  # no corner: a half window, or no pooled gradient
     if HAS_POOLED:
         full = valid & (top + 1 < height) & (left + 1 < width)
         pool_mask = full[:, None] & c_mask[None, :]
         src = pixel_offset(img, wy, wx, stride_pn, stride_ph, stride_pw)
         pooled = tl.load(gp_ptr + src[:, None] + offs_c.to(tl.int64)[None, :] * stride_pc, mask=pool_mask,
-                         other=0.0).to(tl.float32)  # fmt: skip
+                         other=0.0).to(acc_t)  # fmt: skip
         best = y00
         winner = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.int32)
         take = (y01 > best) | (y01 != y01)
@@ -298,7 +302,7 @@ def _source_scales(mode: str, align_corners: bool, low_h: int, low_w: int) -> tu
 
 
 @triton.jit
-def _bilinear_weight(dst, low, scale, size, out_size, MODE: tl.constexpr):
+def _bilinear_weight(dst, low, scale, size, out_size, MODE: tl.constexpr, ACC: tl.constexpr):
     """Weight of low-resolution coordinate ``low`` in output coordinate ``dst``, and whether ``dst`` is an output
     coordinate at all (every one among the candidates ``2 low - 1 ... 2 low + 2`` reads ``low``, see below).
 
@@ -313,7 +317,7 @@ def _bilinear_weight(dst, low, scale, size, out_size, MODE: tl.constexpr):
     multiplies it by the zero weight: a NaN or inf gradient at output row (column) 0 does not reach low row (column)
     1 here. It still reaches row 0, so the gradient is non-finite either way.
     """
-    lo, hi, frac = _upsample_source(dst, scale, size, MODE)
+    lo, hi, frac = _upsample_source(dst, scale, size, MODE, ACC)
     weight = tl.where(lo == low, 1.0 - frac, 0.0) + tl.where(hi == low, frac, 0.0)
     return weight, (dst >= 0) & (dst < out_size)
 
@@ -372,7 +376,8 @@ def _upsample2x_adjoint_kernel(
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = offs_c < channels
     col_g = offs_c.to(tl.int64)[None, :] * stride_gc
-    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    acc_t: tl.constexpr = acc_type(out_ptr.dtype.element_ty)
+    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=acc_t)
     if MODE == NEAREST:
         for a in tl.static_range(2):
             fy = 2 * ly + a + pad_top
@@ -381,33 +386,31 @@ def _upsample2x_adjoint_kernel(
                 fx = 2 * lx + b + pad_left
                 ok = row_ok & (fx >= 0) & (fx < width)
                 src = pixel_offset(img, fy, fx, stride_gn, stride_gh, stride_gw)
-                acc += tl.load(g_ptr + src[:, None] + col_g, mask=ok[:, None] & c_mask[None, :], other=0.0).to(
-                    tl.float32
-                )
+                acc += tl.load(g_ptr + src[:, None] + col_g, mask=ok[:, None] & c_mask[None, :], other=0.0).to(acc_t)
     else:
         first_y = 2 * ly - 1
         first_x = 2 * lx - 1
         for a in tl.static_range(BILINEAR_TAPS):
             oy = first_y + a
-            w_y, reads_y = _bilinear_weight(oy, ly, scale_h, low_h, 2 * low_h, MODE)
+            w_y, reads_y = _bilinear_weight(oy, ly, scale_h, low_h, 2 * low_h, MODE, acc_t)
             fy = oy + pad_top
             row_ok = valid & reads_y & (fy >= 0) & (fy < height)
-            row = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+            row = tl.zeros((BLOCK_P, BLOCK_C), dtype=acc_t)
             for b in tl.static_range(BILINEAR_TAPS):
                 ox = first_x + b
-                w_x, reads_x = _bilinear_weight(ox, lx, scale_w, low_w, 2 * low_w, MODE)
+                w_x, reads_x = _bilinear_weight(ox, lx, scale_w, low_w, 2 * low_w, MODE, acc_t)
                 fx = ox + pad_left
                 ok = row_ok & reads_x & (fx >= 0) & (fx < width)
                 src = pixel_offset(img, fy, fx, stride_gn, stride_gh, stride_gw)
                 g = tl.load(g_ptr + src[:, None] + col_g, mask=ok[:, None] & c_mask[None, :], other=0.0)
                 # A candidate that does not read the pixel loads 0 (masked), so its finite weight adds exactly 0.
-                row += w_x[:, None] * g.to(tl.float32)
+                row += w_x[:, None] * g.to(acc_t)
             acc += w_y[:, None] * row
     mask = valid[:, None] & c_mask[None, :]
     if GATE:
         gate_src = pixel_offset(img, ly, lx, stride_an, stride_ah, stride_aw)
         gate = tl.load(gate_ptr + gate_src[:, None] + offs_c.to(tl.int64)[None, :] * stride_ac, mask=mask,
-                       other=0.0).to(tl.float32)  # fmt: skip
+                       other=0.0).to(acc_t)  # fmt: skip
         acc = tl.where(gate <= 0.0, 0.0, acc)  # threshold_backward(g, gate, 0): a NaN gate passes g through
     dst = pixel_offset(img, ly, lx, stride_on, stride_oh, stride_ow)
     tl.store(out_ptr + dst[:, None] + offs_c.to(tl.int64)[None, :] * stride_oc,

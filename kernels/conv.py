@@ -41,6 +41,7 @@ from fastunet.kernels._common import (
     INTERPRET,
     LaunchCache,
     LaunchRecord,
+    acc_type,
     activate,
     alloc,
     capability,
@@ -58,6 +59,7 @@ from fastunet.kernels._common import (
     recording,
     requested_load_path,
     sm_count,
+    stat_dtype,
     tensor_facts,
     tensor_meta,
     to_storage,
@@ -506,12 +508,13 @@ def _conv_tile(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < c_out
     offs_k = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_t: tl.constexpr = acc_type(x_ptr.dtype.element_ty)  # fp32; fp64 for float64 maps
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_t)
 
     if TMA_ROWS:
         block_w_: tl.constexpr = BLOCK_M // TMA_ROWS
-        top = tl.zeros((block_w_, BLOCK_N), dtype=tl.float32)
-        bottom = tl.zeros((block_w_, BLOCK_N), dtype=tl.float32)
+        top = tl.zeros((block_w_, BLOCK_N), dtype=acc_t)
+        bottom = tl.zeros((block_w_, BLOCK_N), dtype=acc_t)
         n0 = pid_n * BLOCK_N
         top, bottom = _accumulate_source_tma(
             top, bottom, x_desc, w_desc, img_t, y0, x0, n0, c_main, pid_k, phase_y, phase_x,
@@ -656,7 +659,7 @@ def _conv_tile(
         tl.store(part_ptrs, acc, mask=m_valid[:, None] & n_mask[None, :])
     else:
         if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(acc_t)[None, :]
         # Before the pool (max over the window of the activated map: SiLU is not monotonic) and before a fused head.
         acc = activate(acc, slopes_ptr, offs_n, n_mask, act_slope, act_lo, act_hi, ACT)
         out = to_storage(acc, y_ptr.dtype.element_ty, INTERPRETER)
@@ -673,8 +676,8 @@ def _conv_tile(
                 mask=n_mask[:, None] & c_mask[None, :],
                 other=0.0,
             )
-            logits = mma(out, head_w, tl.zeros((BLOCK_M, BLOCK_CLS), dtype=tl.float32), INTERPRETER, DOT_PRECISION)
-            logits += tl.load(head_b_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+            logits = mma(out, head_w, tl.zeros((BLOCK_M, BLOCK_CLS), dtype=acc_t), INTERPRETER, DOT_PRECISION)
+            logits += tl.load(head_b_ptr + offs_c, mask=c_mask, other=0.0).to(acc_t)[None, :]
             y_ptrs = (
                 y_ptr
                 + pixel_offset(img, oy, ox, stride_yn, stride_yh, stride_yw)[:, None]
@@ -706,7 +709,7 @@ def _conv_tile(
 
         if STATS:
             # Moments of the values as stored (rounded), as the norm computes them from the tensor it is given.
-            count, mean, m2 = tile_moments(out.to(tl.float32), m_valid)
+            count, mean, m2 = tile_moments(out.to(acc_t), m_valid)
             at = pid_m.to(tl.int64) * c_out + offs_n
             tl.store(mean_ptr + at, mean, mask=n_mask)
             tl.store(m2_ptr + at, m2, mask=n_mask)
@@ -1444,6 +1447,7 @@ def _conv_static(
         tma=path == "tma",
         pool=pool,
         splittable=ksize == 3
+        and x.dtype != torch.float64
         and not (packed_k or head or d2s or pool or stats or polyphase or norm_in is not None or up is not None),
     )
     candidates = candidate_configs(problem)
@@ -1542,8 +1546,8 @@ def _launch(
     if static.empty:
         if stats is None:
             return None
-        empty = alloc((batch, 0, c_out), torch.float32, x.device)
-        count = alloc((batch, 0), torch.float32, x.device)
+        empty = alloc((batch, 0, c_out), stat_dtype(x.dtype), x.device)
+        count = alloc((batch, 0), stat_dtype(x.dtype), x.device)
         return norm_scale_shift(
             empty, empty.clone(), count, stats.groups, stats.weight, stats.bias, stats.eps,
             over_batch=stats.over_batch, stats=True,
@@ -1562,9 +1566,9 @@ def _launch(
         """(mean, M2, count) buffers of a STATS launch: a row per (image, tile)."""
         if tile.tiles not in moments:
             moments[tile.tiles] = (
-                alloc((batch, tile.tiles, c_out), torch.float32, x.device),
-                alloc((batch, tile.tiles, c_out), torch.float32, x.device),
-                alloc((batch, tile.tiles), torch.float32, x.device),
+                alloc((batch, tile.tiles, c_out), stat_dtype(x.dtype), x.device),
+                alloc((batch, tile.tiles, c_out), stat_dtype(x.dtype), x.device),
+                alloc((batch, tile.tiles), stat_dtype(x.dtype), x.device),
             )
         return moments[tile.tiles]
 

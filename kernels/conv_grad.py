@@ -3,7 +3,8 @@
 ``A`` is the forward loader's implicit im2col of the conv's input (rows: output pixels; columns: (tap, input
 channel)), ``dZ`` the gradient of the conv's output before its activation. The reduction runs over every output
 pixel of the batch (10^6 and more at 512x512), so it is split: each program reduces one slice of the output rows
-for one (tap, channel block) x (output-channel block) tile of ``dW`` into an fp32 partial, and a second launch sums
+for one (tap, channel block) x (output-channel block) tile of ``dW`` into an fp32 partial (fp64 for float64 maps, under
+the interpreter), and a second launch sums
 the partials of each element in a fixed order. No atomics: two runs give the same bits. The bias gradient's
 partials come from programs of their own in the same launch, which read only ``dZ``.
 
@@ -12,7 +13,7 @@ A decoder conv that reads two sources (the skip map and the upsampled map, never
 (the ``row_offset`` argument).
 
 ``dW`` comes in the forward's packed layout, ``(k * k * c_in, c_out)`` with row ``tap * c_in + channel`` (see
-:func:`fastunet.kernels.conv.pack_conv_weight`), in fp32.
+:func:`fastunet.kernels.conv.pack_conv_weight`), in fp32 (fp64 for float64 maps).
 
 Input gradients run on the forward conv kernel (:func:`fastunet.kernels.conv.conv2d_nhwc`, no activation, no bias),
 no kernel of their own: the input gradient of a stride-1 "same" conv is the same conv of ``dZ`` with the taps
@@ -45,6 +46,7 @@ from fastunet.kernels._common import (
     recording,
     requested_load_path,
     sm_count,
+    stat_dtype,
 )
 from fastunet.kernels.conv import _tma_problem, conv2d_nhwc
 
@@ -162,13 +164,14 @@ def _weight_grad_partial_kernel(
     img = row0 // tl.maximum(out_h, 1)  # (no rows: an empty loop)
     oy = row0 - img * out_h
     x0 = 0
+    acc_t: tl.constexpr = part_ptr.dtype.element_ty  # fp32; fp64 for float64 maps
     kc_programs = 1 if PACK_TAPS else KSIZE * KSIZE * c_blocks
     if HAS_BIAS and pid_kc == kc_programs:
-        bias_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        bias_acc = tl.zeros((BLOCK_N,), dtype=acc_t)
         for _ in range(0, steps):
             z_at = img.to(offset_type) * stride_zn + oy.to(offset_type) * stride_zh + x0 * stride_zw
             g = _load_dz((dz_ptr + z_at) + g_lanes, lanes, out_w - x0, n_mask, EVEN_W, EVEN_N)
-            bias_acc += tl.sum(g.to(tl.float32), axis=0)
+            bias_acc += tl.sum(g.to(acc_t), axis=0)
             x0, oy, img = _next_block(x0, oy, img, out_w, out_h, BLOCK_P)
         tl.store(bias_part_ptr + split.to(tl.int64) * c_out + offs_n, bias_acc, mask=n_mask)
     elif PACK_TAPS:
@@ -185,7 +188,7 @@ def _weight_grad_partial_kernel(
         )
         a_offs = (lanes.to(offset_type) * stride_xw)[:, None] + r_off[None, :]
         col = lanes[:, None] + r_dx[None, :]  # the input column of (pixel, tap) less the block's x0
-        acc = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)  # dW^T = dz^T A: A stays (K, N)
+        acc = tl.zeros((BLOCK_N, BLOCK_C), dtype=acc_t)  # dW^T = dz^T A: A stays (K, N)
         for _ in range(0, steps):
             z_at = img.to(offset_type) * stride_zn + oy.to(offset_type) * stride_zh + x0 * stride_zw
             x_at = img.to(offset_type) * stride_xn + oy.to(offset_type) * stride_xh + x0 * stride_xw
@@ -208,7 +211,7 @@ def _weight_grad_partial_kernel(
         a_lanes = (lanes.to(offset_type) * (STRIDE * stride_xw))[:, None] + (offs_c.to(offset_type) * stride_xc)[
             None, :
         ]
-        acc = tl.zeros((BLOCK_C, BLOCK_N), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_C, BLOCK_N), dtype=acc_t)
         c0 = (pid_kc % c_blocks) * BLOCK_C
         n0 = pid_n * BLOCK_N
         if TMA:
@@ -256,7 +259,7 @@ def _sum_splits_kernel(part_ptr, out_ptr, splits, elements, out_row_offset, row_
     """out[row_offset * row_len + e] = sum_s part[s, e] (in order s = 0, 1, ...) for the partials' elements e."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < elements
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK,), dtype=out_ptr.dtype.element_ty)
     for s in range(0, splits):  # splits * elements < 2**31 (see MAX_PARTIAL_ELEMENTS)
         acc += tl.load(part_ptr + s * elements + offs, mask=mask, other=0.0)
     tl.store(out_ptr + out_row_offset * row_len + offs, acc, mask=mask)
@@ -336,7 +339,8 @@ def conv2d_weight_grad_nhwc(
             2 ox + kx - 1); pointer loads).
 
     Returns:
-        (dW packed as ``(k*k*C_in, C_out)`` fp32, row ``tap * C_in + channel``; db fp32 (C_out,) or None).
+        (dW packed as ``(k*k*C_in, C_out)`` fp32, row ``tap * C_in + channel``; db fp32 (C_out,) or None); fp64
+        for float64 maps (``out`` too).
     """
     for t, what in ((x, "x"), (dz, "dz")):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
@@ -360,22 +364,24 @@ def conv2d_weight_grad_nhwc(
             f"{padding} and stride {stride} of a {tuple(x.shape)} input, got {tuple(dz.shape)}"
         )
     rows = ksize * ksize * c_in
+    stat = stat_dtype(x.dtype)  # the partials and results: fp32, fp64 for float64 maps
+    stat_name = str(stat).removeprefix("torch.")
     if out is None:
         if row_offset:
             raise ValueError("row_offset needs out=")
-        out = alloc((rows, c_out), torch.float32, x.device)
+        out = alloc((rows, c_out), stat, x.device)
     elif (
-        out.dtype != torch.float32
+        out.dtype != stat
         or out.dim() != 2
         or out.shape[1] != c_out
         or not out.is_contiguous()
         or not 0 <= row_offset <= out.shape[0] - rows
     ):
         raise ValueError(
-            f"out: expected a contiguous float32 (>= {row_offset + rows}, {c_out}) tensor for rows "
+            f"out: expected a contiguous {stat_name} (>= {row_offset + rows}, {c_out}) tensor for rows "
             f"[{row_offset}, {row_offset + rows}), got {out.dtype} {tuple(out.shape)}"
         )
-    db = alloc((c_out,), torch.float32, x.device) if bias else None
+    db = alloc((c_out,), stat, x.device) if bias else None
     pixels = batch * out_h * out_w
     if pixels + 1024 >= 2**31:
         raise ValueError(f"at most 2**31 - 1025 output pixels per launch, got {pixels}")
@@ -407,8 +413,8 @@ def conv2d_weight_grad_nhwc(
             f"limit for a {rows} x {c_out} gradient), got {splits!r}"
         )
     rows_per_split = triton.cdiv(max(image_rows, 1), splits)
-    part = alloc((splits, rows, c_out), torch.float32, x.device)
-    bias_part = alloc((splits, c_out), torch.float32, x.device) if bias else part
+    part = alloc((splits, rows, c_out), stat, x.device)
+    bias_part = alloc((splits, c_out), stat, x.device) if bias else part
     interpreter, precision = dot_flags(x.dtype, torch.backends.cudnn.allow_tf32)
     # With a bias, one more program per (output-channel block, split) along axis 0 sums dz for it.
     grid = (kc_programs + int(bias), triton.cdiv(c_out, block_n), splits)
@@ -452,7 +458,7 @@ def conv2d_weight_grad_nhwc(
                 flops=2 * pixels * rows * c_out,
                 # The bias programs read dz once more.
                 bytes_read=(x.numel() + dz.numel() * (1 + int(bias))) * x.element_size(),
-                bytes_written=part.numel() * 4 + (bias_part.numel() * 4 if bias else 0),
+                bytes_written=(part.numel() + (bias_part.numel() if bias else 0)) * part.element_size(),
                 args=args,
                 constexprs=constexprs,
                 launch_options=options,
@@ -473,8 +479,8 @@ def conv2d_weight_grad_nhwc(
                     kernel=_sum_splits_kernel,
                     grid=(triton.cdiv(elements, block),),
                     flops=0,
-                    bytes_read=source.numel() * 4,
-                    bytes_written=elements * 4,
+                    bytes_read=source.numel() * source.element_size(),
+                    bytes_written=elements * target.element_size(),
                     args=sum_args,
                     constexprs={"BLOCK": block},
                     launch_options={"num_warps": 4, "num_stages": 1},
@@ -682,7 +688,7 @@ def conv_transpose2x2_weight_grad_nhwc(
             f"{tuple(x.shape)} input, got {tuple(dy.shape)}"
         )
     c_out = dy.shape[3]
-    phases = alloc((4 * c_in, c_out), torch.float32, x.device)
+    phases = alloc((4 * c_in, c_out), stat_dtype(x.dtype), x.device)
     bias_parts = []
     for phase in range(4):
         a, b = divmod(phase, 2)

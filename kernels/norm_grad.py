@@ -5,7 +5,8 @@ statistics), over NHWC maps, in two memory-bound launches per side:
   image and channel ``scale``/``shift``, see :class:`fastunet.kernels.stats.NormIn`) gets, from the gradient of
   ``a``, the gradient of ``z`` *through the read alone* (``g * scale`` with ``g = act'(u) * grad_a``,
   ``u = z * scale + shift``) and the gradients of ``scale`` and ``shift`` (``sum g * z`` and ``sum g`` over each
-  image's pixels): fp32 partial sums over pixel slices, summed over the slices in a fixed order;
+  image's pixels): fp32 partial sums over pixel slices (fp64 for float64 maps), summed over the slices in a fixed
+  order;
 * the producer side, :func:`norm_stats_backward_nhwc`: ``scale`` and ``shift`` are functions of the statistics
   of ``z`` (mean and variance of each group), so ``z`` gets ``A + B * (z - mean)`` more per (image, channel), the
   coefficients following from the gradients of ``scale`` and ``shift`` (:func:`norm_coefficients`, on (N, C)
@@ -35,6 +36,7 @@ from fastunet.kernels._common import (
     record_launch,
     recording,
     sm_count,
+    stat_dtype,
     to_storage,
 )
 from fastunet.kernels.conv_grad import _sum_splits_kernel
@@ -94,8 +96,9 @@ def _norm_input_backward_kernel(
     at = img.to(tl.int64) * channels + offs_c
     scale = tl.load(scale_ptr + at, mask=c_mask, other=0.0)
     shift = tl.load(shift_ptr + at, mask=c_mask, other=0.0)
-    sum_gz = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    sum_g = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    acc_t: tl.constexpr = part_ptr.dtype.element_ty  # fp32; fp64 for float64 maps
+    sum_gz = tl.zeros((BLOCK_C,), dtype=acc_t)
+    sum_g = tl.zeros((BLOCK_C,), dtype=acc_t)
     start = split * per_split
     for p0 in range(start, start + per_split, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
@@ -107,9 +110,9 @@ def _norm_input_backward_kernel(
         z_off = img.to(tl.int64) * stride_zn + y.to(tl.int64) * stride_zh + x.to(tl.int64) * stride_zw
         ga = tl.load(grad_ptr + g_off[:, None] + offs_c.to(tl.int64)[None, :] * stride_gc, mask=mask, other=0.0)
         z = tl.load(z_ptr + z_off[:, None] + offs_c.to(tl.int64)[None, :] * stride_zc, mask=mask, other=0.0)
-        z = z.to(tl.float32)
+        z = z.to(acc_t)
         u = z * scale[None, :] + shift[None, :]
-        g = _activation_grad(u, ga.to(tl.float32), slope, lo, hi, ACT)
+        g = _activation_grad(u, ga.to(acc_t), slope, lo, hi, ACT)
         g = tl.where(mask, g, 0.0)
         dz = g * scale[None, :]
         out = (img.to(tl.int64) * pixels + p.to(tl.int64))[:, None] * channels + offs_c.to(tl.int64)[None, :]
@@ -128,10 +131,13 @@ def _check_map(t: torch.Tensor, what: str) -> None:
     check_runnable(t, what)
 
 
-def _check_per_channel(t: torch.Tensor, what: str, batch: int, channels: int, device: torch.device) -> None:
-    if t.shape != (batch, channels) or t.dtype != torch.float32 or t.device != device or not t.is_contiguous():
+def _check_per_channel(t: torch.Tensor, what: str, batch: int, channels: int, z: torch.Tensor) -> None:
+    """``t`` is a contiguous (batch, channels) table of ``z``'s statistics dtype (float32; float64 for float64 maps)."""
+    wanted, device = stat_dtype(z.dtype), z.device
+    wanted_name = str(wanted).removeprefix("torch.")
+    if t.shape != (batch, channels) or t.dtype != wanted or t.device != device or not t.is_contiguous():
         raise ValueError(
-            f"{what}: expected a contiguous float32 ({batch}, {channels}) tensor on {device}, got {t.dtype} "
+            f"{what}: expected a contiguous {wanted_name} ({batch}, {channels}) tensor on {device}, got {t.dtype} "
             f"{tuple(t.shape)} on {t.device}"
         )
 
@@ -170,13 +176,14 @@ def norm_input_backward_nhwc(
     if activation not in NORM_ACTIVATIONS:
         raise ValueError(f"activation must be one of {list(NORM_ACTIVATIONS)}, got {activation!r}")
     batch, height, width, channels = z.shape
-    _check_per_channel(scale, "norm_input_backward_nhwc scale", batch, channels, z.device)
-    _check_per_channel(shift, "norm_input_backward_nhwc shift", batch, channels, z.device)
+    _check_per_channel(scale, "norm_input_backward_nhwc scale", batch, channels, z)
+    _check_per_channel(shift, "norm_input_backward_nhwc shift", batch, channels, z)
     pixels = height * width
     if batch * pixels >= 2**31 - 1024:
         raise ValueError(f"at most 2**31 - 1025 pixels per launch, got {batch * pixels}")
     dz = alloc((batch, height, width, channels), z.dtype, z.device)
-    sums = (alloc((batch, channels), torch.float32, z.device), alloc((batch, channels), torch.float32, z.device))
+    stat = stat_dtype(z.dtype)
+    sums = (alloc((batch, channels), stat, z.device), alloc((batch, channels), stat, z.device))
     if batch * channels == 0:
         return dz, *sums
     if pixels == 0:
@@ -189,7 +196,7 @@ def norm_input_backward_nhwc(
     splits = max(1, min(triton.cdiv(2 * sm_count(z), batch * c_blocks), triton.cdiv(pixels, 8 * block_p)))
     per_split = triton.cdiv(triton.cdiv(pixels, splits), block_p) * block_p
     splits = triton.cdiv(pixels, per_split)
-    part = alloc((2, splits, batch, channels), torch.float32, z.device)
+    part = alloc((2, splits, batch, channels), stat, z.device)
     grid = (batch * splits, c_blocks)
     args = (grad_a, z, scale, shift, dz, part, batch, width, channels, pixels, per_split, float(slope), float(lo),
             float(hi), *grad_a.stride(), *z.stride())  # fmt: skip
@@ -211,8 +218,10 @@ def norm_input_backward_nhwc(
                 kernel=_norm_input_backward_kernel,
                 grid=grid,
                 flops=0,
-                bytes_read=(grad_a.numel() * grad_a.element_size() + z.numel() * size + 2 * scale.numel() * 4),
-                bytes_written=dz.numel() * size + part.numel() * 4,
+                bytes_read=(
+                    grad_a.numel() * grad_a.element_size() + z.numel() * size + 2 * scale.numel() * scale.element_size()
+                ),
+                bytes_written=dz.numel() * size + part.numel() * part.element_size(),
                 args=args,
                 constexprs=constexprs,
                 launch_options={"num_warps": 4, "num_stages": 2},
@@ -225,8 +234,8 @@ def norm_input_backward_nhwc(
                     kernel=_sum_splits_kernel,
                     grid=(triton.cdiv(elements, block),),
                     flops=0,
-                    bytes_read=part.numel() * 2,
-                    bytes_written=elements * 4,
+                    bytes_read=part.numel() // 2 * part.element_size(),
+                    bytes_written=elements * part.element_size(),
                     args=one,
                     constexprs={"BLOCK": block},
                     launch_options={"num_warps": 4, "num_stages": 1},
@@ -279,11 +288,12 @@ def _norm_stats_backward_kernel(
     mean = tl.load(mean_ptr + at, mask=c_mask, other=0.0)
     z_off = img.to(tl.int64) * stride_zn + y.to(tl.int64) * stride_zh + x.to(tl.int64) * stride_zw
     z = tl.load(z_ptr + z_off[:, None] + offs_c.to(tl.int64)[None, :] * stride_zc, mask=mask, other=0.0)
-    dz = coef_a[None, :] + coef_b[None, :] * (z.to(tl.float32) - mean[None, :])
+    acc_t: tl.constexpr = coef_a_ptr.dtype.element_ty  # fp32; fp64 for float64 maps
+    dz = coef_a[None, :] + coef_b[None, :] * (z.to(acc_t) - mean[None, :])
     if HAS_GRAD:
         g_off = img.to(tl.int64) * stride_gn + y.to(tl.int64) * stride_gh + x.to(tl.int64) * stride_gw
         g = tl.load(grad_ptr + g_off[:, None] + offs_c.to(tl.int64)[None, :] * stride_gc, mask=mask, other=0.0)
-        dz += g.to(tl.float32)
+        dz += g.to(acc_t)
     out = (img.to(tl.int64) * pixels + p.to(tl.int64))[:, None] * channels + offs_c.to(tl.int64)[None, :]
     tl.store(dz_ptr + out, to_storage(dz, dz_ptr.dtype.element_ty, INTERPRETER), mask=mask)
 
@@ -300,7 +310,7 @@ def norm_coefficients(
     over_batch: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """The producer side's per-(image, channel) coefficients and the affine parameters' gradients, on (N, C)
-    tensors (float64 inside, fp32 out).
+    tensors (float64 inside, out in ``mean``'s dtype: fp32, fp64 for a float64 map's statistics).
 
     ``scale = weight * rstd`` and ``shift = bias - mean * scale`` per (image, channel), ``rstd = (var + eps)^-1/2``,
     mean and var those of the channel's group (``groups`` groups per image; ``over_batch``: per channel over the
@@ -328,8 +338,9 @@ def norm_coefficients(
     d_var = group_sum(d_rstd) * (-0.5) * rstd**3
     coef_a = group_sum(d_mean) / count
     coef_b = 2.0 * d_var / count
-    out = [coef_a.float().contiguous(), coef_b.float().contiguous()]
-    out += [g.float() if g is not None else None for g in (grad_weight, grad_bias)]
+    stat = mean.dtype  # fp32, or fp64 for a float64 map's statistics
+    out = [coef_a.to(stat).contiguous(), coef_b.to(stat).contiguous()]
+    out += [g.to(stat) if g is not None else None for g in (grad_weight, grad_bias)]
     return tuple(out)
 
 
@@ -354,7 +365,7 @@ def norm_stats_backward_nhwc(
                 f"against {tuple(z.shape)} on {z.device}"
             )
     for t, what in ((coef_a, "A"), (coef_b, "B"), (mean, "mean")):
-        _check_per_channel(t, f"norm_stats_backward_nhwc {what}", batch, channels, z.device)
+        _check_per_channel(t, f"norm_stats_backward_nhwc {what}", batch, channels, z)
     dz = alloc((batch, height, width, channels), z.dtype, z.device)
     pixels = height * width
     if dz.numel() == 0:

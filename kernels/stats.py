@@ -33,6 +33,7 @@ from fastunet.kernels._common import (
     ACTIVATIONS,
     INTERPRET,
     LaunchRecord,
+    acc_type,
     activate,
     alloc,
     check_runnable,
@@ -42,6 +43,7 @@ from fastunet.kernels._common import (
     pixel_offset,
     record_launch,
     recording,
+    stat_dtype,
     tensor_meta,
     to_storage,
 )
@@ -82,10 +84,12 @@ class NormIn:
     def check(self, z: torch.Tensor, what: str) -> None:
         """Refuse a NormIn that does not fit the (N, H, W, C) map ``z``."""
         batch, channels = z.shape[0], z.shape[-1]
+        wanted = stat_dtype(z.dtype)
+        wanted_name = str(wanted).removeprefix("torch.")
         for t, name in ((self.scale, "scale"), (self.shift, "shift")):
-            if t.shape != (batch, channels) or t.dtype != torch.float32 or t.device != z.device:
+            if t.shape != (batch, channels) or t.dtype != wanted or t.device != z.device:
                 raise ValueError(
-                    f"{what} normalization {name}: expected float32 ({batch}, {channels}) on {z.device}, got "
+                    f"{what} normalization {name}: expected {wanted_name} ({batch}, {channels}) on {z.device}, got "
                     f"{t.dtype} {tuple(t.shape)} on {t.device}"
                 )
             if not t.is_contiguous():
@@ -121,16 +125,16 @@ class NormIn:
 
 @triton.jit
 def normalize(z, scale, shift, slopes_ptr, offs_c, c_mask, slope, lo, hi, ACT: tl.constexpr):
-    """``act(z * scale + shift)`` in fp32 on a tile whose columns are channels ``offs_c``: ``scale`` and ``shift``
-    broadcast against it (``[None, :]`` for one image's channels, or a row per pixel)."""
-    return activate(z.to(tl.float32) * scale + shift, slopes_ptr, offs_c, c_mask, slope, lo, hi, ACT)
+    """``act(z * scale + shift)`` in fp32 (fp64 for a float64 map) on a tile whose columns are channels ``offs_c``:
+    ``scale`` and ``shift`` broadcast against it (``[None, :]`` for one image's channels, or a row per pixel)."""
+    return activate(z.to(acc_type(z.dtype)) * scale + shift, slopes_ptr, offs_c, c_mask, slope, lo, hi, ACT)
 
 
 @triton.jit
 def tile_moments(z, valid):
-    """(count, mean, M2) per column of a ``[BLOCK_M, BLOCK_N]`` fp32 tile over its ``valid`` rows: ``count`` a
-    scalar, ``mean`` and ``M2`` ``[BLOCK_N]`` vectors (zeros where no row is valid)."""
-    count = tl.sum(valid.to(tl.float32), axis=0)
+    """(count, mean, M2) per column of a ``[BLOCK_M, BLOCK_N]`` fp32 (or fp64) tile over its ``valid`` rows, in the
+    tile's dtype: ``count`` a scalar, ``mean`` and ``M2`` ``[BLOCK_N]`` vectors (zeros where no row is valid)."""
+    count = tl.sum(valid.to(z.dtype), axis=0)
     keep = valid[:, None]
     mean = tl.sum(tl.where(keep, z, 0.0), axis=0) / tl.maximum(count, 1.0)
     deviation = tl.where(keep, z - mean[None, :], 0.0)
@@ -180,7 +184,7 @@ def _partial_moments_kernel(
         z_ptr + row[:, None] + offs_c.to(tl.int64)[None, :] * stride_zc,
         mask=valid[:, None] & c_mask[None, :],
         other=0.0,
-    ).to(tl.float32)
+    ).to(acc_type(z_ptr.dtype.element_ty))
     count, mean, m2 = tile_moments(z, valid)
     out = pid.to(tl.int64) * channels + offs_c
     tl.store(mean_ptr + out, mean, mask=c_mask)
@@ -219,9 +223,10 @@ def _norm_scale_shift_kernel(
     offs_g = tl.arange(0, BLOCK_G)
     g_mask = offs_g < group_size
     chans = group * group_size + offs_g
-    n = tl.zeros((), dtype=tl.float32)
-    mean = tl.zeros((), dtype=tl.float32)
-    m2 = tl.zeros((), dtype=tl.float32)
+    stat_t: tl.constexpr = mean_ptr.dtype.element_ty  # fp32, or fp64 for a float64 map's partials
+    n = tl.zeros((), dtype=stat_t)
+    mean = tl.zeros((), dtype=stat_t)
+    m2 = tl.zeros((), dtype=stat_t)
     first_row = img.to(tl.int64) * tiles
     rows_total = tiles
     if OVER_BATCH:
@@ -246,11 +251,11 @@ def _norm_scale_shift_kernel(
         n, mean, m2 = _chan_merge(n, mean, m2, b_n, b_mean, b_m2)
     var = m2 / tl.maximum(n, 1.0)
     rstd = 1.0 / tl.sqrt(var + eps)
-    scale = tl.zeros((BLOCK_G,), dtype=tl.float32) + rstd
-    shift = tl.zeros((BLOCK_G,), dtype=tl.float32)
+    scale = tl.zeros((BLOCK_G,), dtype=stat_t) + rstd
+    shift = tl.zeros((BLOCK_G,), dtype=stat_t)
     if HAS_AFFINE:
-        gamma = tl.load(weight_ptr + chans, mask=g_mask, other=0.0).to(tl.float32)
-        beta = tl.load(bias_ptr + chans, mask=g_mask, other=0.0).to(tl.float32)
+        gamma = tl.load(weight_ptr + chans, mask=g_mask, other=0.0).to(stat_t)
+        beta = tl.load(bias_ptr + chans, mask=g_mask, other=0.0).to(stat_t)
         scale = gamma * rstd
         shift = beta
     shift = shift - mean * scale
@@ -258,8 +263,8 @@ def _norm_scale_shift_kernel(
     tl.store(scale_ptr + out, scale, mask=g_mask)
     tl.store(shift_ptr + out, shift, mask=g_mask)
     if WRITE_STATS:
-        tl.store(stat_mean_ptr + out, tl.zeros((BLOCK_G,), dtype=tl.float32) + mean, mask=g_mask)
-        tl.store(stat_var_ptr + out, tl.zeros((BLOCK_G,), dtype=tl.float32) + var, mask=g_mask)
+        tl.store(stat_mean_ptr + out, tl.zeros((BLOCK_G,), dtype=stat_t) + mean, mask=g_mask)
+        tl.store(stat_var_ptr + out, tl.zeros((BLOCK_G,), dtype=stat_t) + var, mask=g_mask)
 
 
 @triton.jit
@@ -310,15 +315,16 @@ def _normalize_nhwc_kernel(
     scale = tl.load(scale_ptr + table, mask=mask, other=0.0)
     shift = tl.load(shift_ptr + table, mask=mask, other=0.0)
     col = offs_c.to(tl.int64)[None, :] * stride_zc
+    acc_t: tl.constexpr = acc_type(y_ptr.dtype.element_ty)
     if POOL:
-        result = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+        result = tl.zeros((BLOCK_P, BLOCK_C), dtype=acc_t)
         has_nan = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.int1)
         for corner in tl.static_range(4):
             src = pixel_offset(img, 2 * oy + corner // 2, 2 * ox + corner % 2, stride_zn, stride_zh, stride_zw)
             z = tl.load(z_ptr + src[:, None] + col, mask=mask, other=0.0)
             v = normalize(z, scale, shift, slopes_ptr, offs_c, c_mask, slope, lo, hi, ACT)
             # The max of the values as the map would store them (rounded once), as pooling a stored map does.
-            v = to_storage(v, y_ptr.dtype.element_ty, INTERPRETER).to(tl.float32)
+            v = to_storage(v, y_ptr.dtype.element_ty, INTERPRETER).to(acc_t)
             if corner == 0:
                 result = v
             else:
@@ -363,7 +369,7 @@ def normalize_nhwc(z: torch.Tensor, norm_in: NormIn, pool: bool = False, *, name
                 kernel=_normalize_nhwc_kernel,
                 grid=grid,
                 flops=0,
-                bytes_read=read + 2 * norm_in.scale.numel() * 4,
+                bytes_read=read + 2 * norm_in.scale.numel() * norm_in.scale.element_size(),
                 bytes_written=y.numel() * y.element_size(),
                 args=args,
                 constexprs=constexprs,
@@ -378,7 +384,8 @@ def normalize_nhwc(z: torch.Tensor, norm_in: NormIn, pool: bool = False, *, name
 
 def partial_moments(z: torch.Tensor, block_m: int = 128, *, name: str = "partial_moments"):
     """Per-tile (mean, M2, count) of an (N, H, W, C) map: tiles of ``block_m`` consecutive pixels (row-major) of one
-    image. Returns ``mean`` and ``M2`` as fp32 (N, tiles, C) and ``count`` as fp32 (N, tiles)."""
+    image. Returns ``mean`` and ``M2`` as fp32 (N, tiles, C) and ``count`` as fp32 (N, tiles); fp64 for a float64
+    map."""
     if z.dim() != 4:
         raise ValueError(f"partial_moments input: expected a 4-D (N, H, W, C) view, got shape {tuple(z.shape)}")
     check_runnable(z, "partial_moments input")
@@ -387,9 +394,10 @@ def partial_moments(z: torch.Tensor, block_m: int = 128, *, name: str = "partial
     batch, height, width, channels = z.shape
     pixels = height * width
     tiles = triton.cdiv(pixels, block_m)
-    mean = alloc((batch, tiles, channels), torch.float32, z.device)
-    m2 = alloc((batch, tiles, channels), torch.float32, z.device)
-    count = alloc((batch, tiles), torch.float32, z.device)
+    stat = stat_dtype(z.dtype)
+    mean = alloc((batch, tiles, channels), stat, z.device)
+    m2 = alloc((batch, tiles, channels), stat, z.device)
+    count = alloc((batch, tiles), stat, z.device)
     if batch * tiles * channels == 0:
         return mean, m2, count
     block_c = min(64, max(16, next_pow2(channels)))
@@ -404,7 +412,7 @@ def partial_moments(z: torch.Tensor, block_m: int = 128, *, name: str = "partial
                 grid=grid,
                 flops=0,
                 bytes_read=z.numel() * z.element_size(),
-                bytes_written=(2 * mean.numel() + count.numel()) * 4,
+                bytes_written=(2 * mean.numel() + count.numel()) * mean.element_size(),
                 args=args,
                 constexprs=constexprs,
                 launch_options={"num_warps": 4, "num_stages": 1},
@@ -429,7 +437,8 @@ def norm_scale_shift(
     stats: bool = False,
     name: str = "norm_scale_shift",
 ) -> tuple[torch.Tensor, ...]:
-    """Per-(image, channel) ``scale`` and ``shift`` (fp32, (N, C)) from tile partials (see :func:`partial_moments`):
+    """Per-(image, channel) ``scale`` and ``shift`` (N, C) in the partials' dtype (fp32; fp64 for a float64 map's) from
+    tile partials (see :func:`partial_moments`):
     ``groups`` channel groups share statistics (``groups == C``: InstanceNorm; ``weight``/``bias``: the norm's
     affine parameters, both or neither), so that ``z * scale + shift`` is the normalized map. ``over_batch``: a
     group's statistics span every image (BatchNorm with batch statistics). ``stats``: also return the (N, C) mean
@@ -439,9 +448,13 @@ def norm_scale_shift(
             "norm_scale_shift: expected mean and M2 of shape (N, tiles, C) and count of shape (N, tiles), got "
             f"{tuple(mean.shape)}, {tuple(m2.shape)} and {tuple(count.shape)}"
         )
+    if mean.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"norm_scale_shift: mean must be float32 (float64 for a float64 map), got {mean.dtype}")
     for t, what in ((mean, "mean"), (m2, "M2"), (count, "count")):
-        if t.dtype != torch.float32 or not t.is_contiguous():
-            raise ValueError(f"norm_scale_shift: {what} must be contiguous float32, got {t.dtype}")
+        if t.dtype != mean.dtype or not t.is_contiguous():
+            raise ValueError(
+                f"norm_scale_shift: {what} must be contiguous {str(mean.dtype).removeprefix('torch.')}, got {t.dtype}"
+            )
     batch, tiles, channels = mean.shape
     if not isinstance(groups, int) or groups < 1 or channels % groups:
         raise ValueError(f"groups must be a positive divisor of the {channels} channels, got {groups!r}")
@@ -456,10 +469,10 @@ def norm_scale_shift(
     if not eps >= 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
     group_size = channels // groups
-    scale = alloc((batch, channels), torch.float32, mean.device)
-    shift = alloc((batch, channels), torch.float32, mean.device)
-    stat_mean = alloc((batch, channels), torch.float32, mean.device) if stats else scale
-    stat_var = alloc((batch, channels), torch.float32, mean.device) if stats else shift
+    scale = alloc((batch, channels), mean.dtype, mean.device)
+    shift = alloc((batch, channels), mean.dtype, mean.device)
+    stat_mean = alloc((batch, channels), mean.dtype, mean.device) if stats else scale
+    stat_var = alloc((batch, channels), mean.dtype, mean.device) if stats else shift
     outputs = (scale, shift, stat_mean, stat_var) if stats else (scale, shift)
     if batch * channels == 0:
         return outputs
@@ -484,8 +497,8 @@ def norm_scale_shift(
                 kernel=_norm_scale_shift_kernel,
                 grid=grid,
                 flops=0,
-                bytes_read=(2 * mean.numel() + count.numel()) * 4 * (batch if over_batch else 1),
-                bytes_written=len(outputs) * scale.numel() * 4,
+                bytes_read=(2 * mean.numel() + count.numel()) * mean.element_size() * (batch if over_batch else 1),
+                bytes_written=len(outputs) * scale.numel() * scale.element_size(),
                 args=args,
                 constexprs=constexprs,
                 launch_options={"num_warps": 4, "num_stages": 1},

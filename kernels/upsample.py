@@ -33,6 +33,7 @@ from fastunet.kernels._common import (
     INTERPRET,
     LaunchCache,
     LaunchRecord,
+    acc_type,
     alloc,
     check_runnable,
     is_dry_run,
@@ -58,27 +59,31 @@ SHUFFLE_MODES = ("pixelshuffle", "pixelshuffle_blur")
 
 
 @triton.jit
-def _upsample_source(dst, scale, size, MODE: tl.constexpr):
-    """Lower source index, upper source index and the upper one's weight for output coordinate ``dst``."""
+def _upsample_source(dst, scale, size, MODE: tl.constexpr, ACC: tl.constexpr):
+    """Lower source index, upper source index and the upper one's weight for output coordinate ``dst``, computed in
+    ``ACC`` (fp32; fp64 for float64 maps, which run under the interpreter only: there ``scale`` stays the launcher's
+    Python float, so the align-corners step is not rounded to fp32)."""
     if MODE == BILINEAR:
-        src = tl.maximum((dst.to(tl.float32) + 0.5) * scale - 0.5, 0.0)
+        src = tl.maximum((dst.to(ACC) + 0.5) * scale - 0.5, 0.0)
     else:
-        src = dst.to(tl.float32) * scale
+        src = dst.to(ACC) * scale
     low = tl.minimum(src.to(tl.int32), size - 1)
     high = tl.minimum(low + 1, size - 1)
-    return low, high, src - low.to(tl.float32)
+    return low, high, src - low.to(ACC)
 
 
 @triton.jit
 def _shuffled(x_ptr, img, y, x, offs_c, channels, valid, stride_xn, stride_xh, stride_xw, stride_xc):
-    """Element (y, x) of the pixel-shuffled map, channels ``offs_c``, as fp32 (0 where ``valid`` is false): low
-    pixel (y // 2, x // 2), sub-pixel channel block ``(y % 2) * 2 + x % 2``."""
+    """Element (y, x) of the pixel-shuffled map, channels ``offs_c``, as fp32 (fp64 for a float64 map; 0 where
+    ``valid`` is false): low pixel (y // 2, x // 2), sub-pixel channel block ``(y % 2) * 2 + x % 2``."""
     sub = (y % 2) * 2 + x % 2
     base = (
         pixel_offset(img, y // 2, x // 2, stride_xn, stride_xh, stride_xw) + (sub * channels).to(tl.int64) * stride_xc
     )
     ptrs = x_ptr + base[:, None] + offs_c.to(tl.int64)[None, :] * stride_xc
-    return tl.load(ptrs, mask=valid[:, None] & (offs_c < channels)[None, :], other=0.0).to(tl.float32)
+    return tl.load(ptrs, mask=valid[:, None] & (offs_c < channels)[None, :], other=0.0).to(
+        acc_type(x_ptr.dtype.element_ty)
+    )
 
 
 @triton.jit
@@ -159,8 +164,9 @@ def _upsample2x_nhwc_kernel(
         total += _shuffled(x_ptr, img, oy, ox, offs_c, channels, p_mask, stride_xn, stride_xh, stride_xw, stride_xc)
         out = to_storage(total * 0.25, y_ptr.dtype.element_ty, INTERPRETER)
     else:
-        y0, y1, ly = _upsample_source(oy, scale_h, low_h, MODE)
-        x0, x1, lx = _upsample_source(ox, scale_w, low_w, MODE)
+        acc_t: tl.constexpr = acc_type(y_ptr.dtype.element_ty)
+        y0, y1, ly = _upsample_source(oy, scale_h, low_h, MODE, acc_t)
+        x0, x1, lx = _upsample_source(ox, scale_w, low_w, MODE, acc_t)
         v00 = tl.load(x_ptr + pixel_offset(img, y0, x0, stride_xn, stride_xh, stride_xw)[:, None] + col_x, mask=mask)
         v01 = tl.load(x_ptr + pixel_offset(img, y0, x1, stride_xn, stride_xh, stride_xw)[:, None] + col_x, mask=mask)
         v10 = tl.load(x_ptr + pixel_offset(img, y1, x0, stride_xn, stride_xh, stride_xw)[:, None] + col_x, mask=mask)
@@ -172,8 +178,8 @@ def _upsample2x_nhwc_kernel(
             v11 = normalize(v11, scale, shift, slopes_ptr, offs_c, c_mask, in_slope, in_lo, in_hi, IN_ACT)
         lx = lx[:, None]
         ly = ly[:, None]
-        top = (1.0 - lx) * v00.to(tl.float32) + lx * v01.to(tl.float32)
-        bottom = (1.0 - lx) * v10.to(tl.float32) + lx * v11.to(tl.float32)
+        top = (1.0 - lx) * v00.to(acc_t) + lx * v01.to(acc_t)
+        bottom = (1.0 - lx) * v10.to(acc_t) + lx * v11.to(acc_t)
         out = to_storage((1.0 - ly) * top + ly * bottom, y_ptr.dtype.element_ty, INTERPRETER)
     dst = pixel_offset(img, oy, ox, stride_yn, stride_yh, stride_yw)
     tl.store(y_ptr + dst[:, None] + offs_c.to(tl.int64)[None, :] * stride_yc, out, mask=mask)
@@ -228,7 +234,8 @@ def upsample2x_nhwc(
                 kernel=_upsample2x_nhwc_kernel,
                 grid=launch.grid,
                 flops=0,  # data movement: the network's FLOPs count the convolutions, like the eager estimate
-                bytes_read=x.numel() * x.element_size() + (2 * norm_in.scale.numel() * 4 if norm_in else 0),
+                bytes_read=x.numel() * x.element_size()
+                + (2 * norm_in.scale.numel() * norm_in.scale.element_size() if norm_in else 0),
                 bytes_written=y.numel() * y.element_size(),
                 args=args,
                 constexprs=dict(launch.constexprs),

@@ -391,9 +391,20 @@ def test_unfused_head_path(device, monkeypatch):
     assert_network_close(out, reference64(x.double().cpu()), precision_key(torch.float32, device))
 
 
-def test_dtype_rejections():
-    with pytest.raises(ValueError, match="float32, float16 or bfloat16 parameters"):
+@pytest.mark.gpu
+def test_float64_is_refused_on_the_gpu():
+    """Compiled kernels take float32, float16 and bfloat16: float64 (which runs under the interpreter) is refused with
+    what is supported, at construction and at the forward, never run some other way."""
+    with pytest.raises(ValueError, match="float64 runs on the kernels only under the interpreter"):
         FastUNet(**SMALL, dtype=torch.float64)
+    fast = FastUNet(**SMALL).cuda().double().eval()
+    with pytest.raises(TypeError, match="expected float32, float16 or bfloat16, got torch.float64; float64 runs"):
+        fast(torch.randn(1, 3, 8, 8, device="cuda", dtype=torch.float64))
+
+
+def test_dtype_rejections():
+    with pytest.raises(ValueError, match="FastUNet parameters: expected float32, float16 or bfloat16.*torch.complex64"):
+        FastUNet(**SMALL, dtype=torch.complex64)
     fast = FastUNet(**SMALL).eval()
     fast.head.half()
     with pytest.raises(TypeError, match="all parameters in one dtype"):
