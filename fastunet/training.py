@@ -30,9 +30,11 @@ upsampled map, concatenation or argmax index is kept.
 
 Which forwards take this path: :func:`kernel_training_blocker` says, for a layout, what would keep it on the
 reference math (BatchNorm with batch statistics, InstanceNorm/GroupNorm, activations other than ReLU, valid or
-strided convs, other joins; see the README's gradients section). The packed weights are built from the parameters
-by differentiable torch ops on every such forward (a cast and a permute per tensor), so the gradients reach the
-parameters (and, under autocast, come back in their dtype) through autograd.
+strided convs, other joins; see the README's gradients section). The packed weights come from the parameters by one
+launch (``fastunet::pack_weights``: every conv, transposed-conv and head weight and bias, cast and laid out into one
+flat buffer) whose adjoint, one launch too, gives the parameters their gradients in their own dtype (fp32 masters
+under autocast); :class:`PackCache` keeps the pack while the parameters are unchanged. A conv whose norm folds
+(running statistics) is folded, packed and cast by torch ops instead.
 
 Second derivatives (``create_graph=True``): each op's backward then recomputes its own PyTorch math from views of
 its saved inputs (:func:`_own_nodes`) and differentiates it with the graph kept, so higher-order gradients are the
