@@ -28,7 +28,7 @@ from fastunet.ops import INTERPRET, ConvSpec, Layout, Plan
 from fastunet.plan_cache import PlanCache, Stamp
 from fastunet.reference import UNet, check_input
 from fastunet.sharing import SourceLink
-from fastunet.training import kernel_training_blocker
+from fastunet.training import PackCache, kernel_training_blocker
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # float64 runs on the kernels under the interpreter only (gradcheck, float64 checks on the CPU): compiled kernels
@@ -90,6 +90,7 @@ class FusedForward:
         self.last_backend: str | None = None
         self.last_backend_reason: str | None = None
         self._plans = PlanCache()
+        self._packs = PackCache()  # a training forward's packed weights, kept while the parameters are unchanged
         self._graphs: GraphCache | None = None  # CUDA graphs of the forward: off unless use_cuda_graphs() is called
         self._warned: set[str] = set()
         self._source_link = SourceLink(source) if source is not None else None
@@ -131,6 +132,7 @@ class FusedForward:
             with link.kept(self):
                 result = super()._apply(fn, recurse)
         self._plans.release_if_stale(self._scan().stamp)
+        self._packs.clear()
         if self._graphs is not None:
             self._graphs.clear()
         return result
@@ -139,12 +141,14 @@ class FusedForward:
         """Pickles and deep copies carry no plan (rebuilt on the next forward) and no link to the source."""
         state = super().__getstate__()
         state["_plans"], state["_warned"], state["_source_link"] = PlanCache(), set(), None
+        state["_packs"] = PackCache()
         return state
 
     # -- plan ---------------------------------------------------------------------------------------------------
     def invalidate_plan(self) -> None:
         """Drop the folded/packed parameters (and any CUDA graph reading them); the next forward rebuilds them."""
         self._plans.clear()
+        self._packs.clear()
         if self._graphs is not None:
             self._graphs.clear()
 
@@ -244,7 +248,7 @@ class FusedForward:
         # gradient: it is the one that normalizes with batch statistics and updates the running ones.
         if (needs_grad or training) and blocker is None:
             logits = ops.unet_forward_kernel_grad(
-                self.fused_layout(), x.to(compute_dtype), compute_dtype, training=bool(training)
+                self.fused_layout(), x.to(compute_dtype), compute_dtype, training=bool(training), packs=self._packs
             )
             self.last_backend, self.last_backend_reason = decision.backend, f"{decision.reason}; backward kernels"
             return logits

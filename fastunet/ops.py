@@ -30,6 +30,7 @@ from fastunet.kernels.conv import (
     pack_conv_transpose_weight,
     pack_conv_weight,
 )
+from fastunet.kernels.pack import pack_pieces, pack_weights
 from fastunet.kernels.stats import NormIn, NormSpec, normalize_nhwc
 from fastunet.kernels.upsample import upsample2x_nhwc
 from fastunet.reference import center_pad
@@ -941,6 +942,22 @@ def _normalize_fake(
     return z.new_empty((batch, height // 2, width // 2, channels) if pool else (batch, height, width, channels))
 
 
+@torch.library.custom_op(
+    "fastunet::pack_weights", mutates_args=(), schema="(Tensor[] sources, int[] spec, ScalarType dtype) -> Tensor"
+)
+def _pack_weights_op(sources, spec, dtype):
+    """:func:`fastunet.kernels.pack.pack_weights` as a custom op: every piece of ``spec`` (conv, transposed-conv and
+    head weights and biases) from ``sources``, cast to ``dtype``, in one flat buffer (one launch). Its gradient (one
+    launch, :func:`fastunet.kernels.pack.pack_weights_adjoint`) is registered in :mod:`fastunet.training`."""
+    return pack_weights(list(sources), list(spec), dtype)
+
+
+@_pack_weights_op.register_fake
+def _pack_weights_fake(sources, spec, dtype):
+    _, total = pack_pieces(spec, [tuple(t.shape) for t in sources], dtype)
+    return sources[0].new_empty((total,), dtype=dtype)
+
+
 # Set while a forward whose backward runs on the kernels launches: every launch then goes through its custom op, whose
 # registered autograd (fastunet.training) saves what the backward reads.
 _DIFFERENTIABLE: contextvars.ContextVar[bool] = contextvars.ContextVar("fastunet_differentiable", default=False)
@@ -1239,14 +1256,16 @@ def unet_forward(plan: Plan, x: torch.Tensor, needs_grad: bool) -> torch.Tensor:
 
 
 def unet_forward_kernel_grad(
-    layout: Layout, x: torch.Tensor, dtype: torch.dtype, training: bool = False
+    layout: Layout, x: torch.Tensor, dtype: torch.dtype, training: bool = False, packs=None
 ) -> torch.Tensor:
-    """The forward of ``layout`` whose backward runs on the kernels (:mod:`fastunet.training`): the plan built from
-    the parameters by differentiable ops, every launch through its custom op and that op's registered autograd.
-    ``training``: BatchNorms in training mode normalize with the batch's statistics and update their running ones."""
+    """The forward of ``layout`` whose backward runs on the kernels (:mod:`fastunet.training`): the plan's weights
+    packed from the parameters by one differentiable launch (none while ``packs``, a
+    :class:`fastunet.training.PackCache`, holds them for unchanged parameters), every launch through its custom op
+    and that op's registered autograd. ``training``: BatchNorms in training mode normalize with the batch's
+    statistics and update their running ones."""
     from fastunet.training import build_training_plan, update_running_stats
 
-    plan, batch_norms = build_training_plan(layout, dtype, x.device, training)
+    plan, batch_norms = build_training_plan(layout, dtype, x.device, training, packs)
     sink: list = []
     if is_traced():  # the launches go through the custom ops already
         logits = run_plan(plan, x, upsample_in_conv=True, norm_sink=sink)

@@ -32,9 +32,11 @@ upsampled map, concatenation or argmax index is kept.
 
 Which forwards take this path: :func:`kernel_training_blocker` says, for a layout, what would keep it on the
 reference math (activations other than ReLU in a conv's epilogue, valid convs, the crop join, an InstanceNorm
-tracking running statistics in training mode, ...; see the README's gradients section). The packed weights are
-built from the parameters by differentiable torch ops on every such forward (a cast and a permute per tensor), so
-the gradients reach the parameters (and, under autocast, come back in their dtype) through autograd.
+tracking running statistics in training mode, ...; see the README's gradients section). The packed weights come
+from the parameters by one launch (``fastunet::pack_weights``: every conv, transposed-conv and head weight and bias,
+cast and laid out into one flat buffer) whose adjoint, one launch too, gives the parameters their gradients in their
+own dtype (fp32 masters under autocast); :class:`PackCache` keeps the pack while the parameters are unchanged. A
+conv whose norm folds (running statistics) is folded, packed and cast by torch ops instead.
 
 Second derivatives (``create_graph=True``): each op's backward then recomputes its own PyTorch math from views of
 its saved inputs (:func:`_own_nodes`) and differentiates it with the graph kept, so higher-order gradients are the
@@ -43,12 +45,26 @@ reference's, through the norms' statistics too.
 
 from __future__ import annotations
 
+import math
+import threading
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fastunet.kernels._common import alloc, current_launch_stage, is_dry_run, set_launch_stage, stat_dtype
 from fastunet.kernels.backward import center_pad_offsets
+from fastunet.kernels.pack import (
+    CONV,
+    TRANSPOSE,
+    VECTOR,
+    ZEROS,
+    pack_pieces,
+    pack_weights,
+    pack_weights_adjoint,
+    source_shapes,
+)
 from fastunet.kernels.stats import NormIn
 from fastunet.ops import (
     Act,
@@ -61,11 +77,12 @@ from fastunet.ops import (
     _own_nodes,
     apply_act,
     conv_padding,
+    is_traced,
     norm_kind,
     unfused_reason,
 )
 
-__all__ = ["build_training_plan", "kernel_training_blocker"]
+__all__ = ["PackCache", "build_training_plan", "kernel_training_blocker"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -144,15 +161,230 @@ def _pack(weight: torch.Tensor) -> torch.Tensor:
     return weight.permute(2, 3, 1, 0).reshape(kh * kw * c_in, c_out)
 
 
+class PackCache:
+    """The packed weights of a module's latest training forward (:func:`build_training_plan`), reused while every
+    tensor they were packed from is the same tensor, at the same address, with the same version counter, dtype,
+    shape, strides and ``requires_grad``, for the same compute dtype and device: a forward after an optimizer step
+    (versions bumped) repacks in one launch, a forward on unchanged parameters launches nothing for them. The entry
+    keeps the pieces and their autograd node (which saves no tensor: any number of backwards may run through it).
+
+    Pickles and deep copies of a cache are empty caches."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entry: tuple | None = None  # (key, weak references to the sources, pieces)
+
+    def __reduce__(self):
+        return (type(self), ())
+
+    def __len__(self) -> int:
+        return 0 if self._entry is None else 1
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entry = None
+
+    def get(self, key: tuple) -> tuple[torch.Tensor, ...] | None:
+        entry = self._entry
+        if entry is None or entry[0] != key or any(ref() is None for ref in entry[1]):
+            return None
+        return entry[2]
+
+    def put(self, key: tuple, sources: list[torch.Tensor], pieces: tuple[torch.Tensor, ...]) -> None:
+        with self._lock:
+            self._entry = (key, tuple(weakref.ref(t) for t in sources), pieces)
+
+
+def _pack_key(sources: list[torch.Tensor], spec: tuple, dtype: torch.dtype, device: torch.device) -> tuple | None:
+    """What packed weights are valid for (see :class:`PackCache`); None where they must not be cached: a traced or
+    dry-run forward, inference tensors (no version counter)."""
+    if is_traced() or is_dry_run() or any(t.is_inference() for t in sources):
+        return None
+    facts = tuple(
+        (id(t), t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape), t.stride(), t.requires_grad)
+        for t in sources
+    )
+    return (spec, dtype, device, torch.is_grad_enabled(), facts)
+
+
+class _PackedWeights(torch.autograd.Function):
+    """The pieces of one ``fastunet::pack_weights`` launch (views of its flat buffer: each conv's packed weight and
+    bias) with the gradients of every source from all the pieces' gradients at once, by one
+    ``fastunet::pack_weights_backward`` launch (no concatenation of the pieces' gradients first). Under
+    ``create_graph`` the backward is the adjoint's PyTorch math (differentiable)."""
+
+    @staticmethod
+    def forward(ctx, spec: tuple, dtype: torch.dtype, note: str, *sources: torch.Tensor):
+        shapes = [tuple(t.shape) for t in sources]
+        ctx.spec, ctx.shapes, ctx.source_dtype = spec, shapes, sources[0].dtype
+        ctx.stage = current_launch_stage()
+        ctx.set_materialize_grads(False)
+        if is_traced() or (sources[0].is_meta and not is_dry_run()):  # fake tensors, or meta ones: the fake op
+            flat = torch.ops.fastunet.pack_weights(list(sources), list(spec), dtype)
+        else:  # eager or dry run: the launcher itself (with the note for its launch record)
+            flat = pack_weights(list(sources), list(spec), dtype, note=note)
+        pieces, _ = pack_pieces(spec, shapes, dtype)
+        return tuple(flat.narrow(0, start, math.prod(shape)).view(shape) for start, shape in pieces)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        found = _pack_adjoint(list(grads), ctx.spec, ctx.shapes, ctx.source_dtype, ctx.stage)
+        needs = ctx.needs_input_grad[3:]
+        return (None, None, None, *(g if need else None for g, need in zip(found, needs, strict=True)))
+
+
+def _flat_shapes(shapes) -> list[int]:
+    return [v for shape in shapes for v in (len(shape), *shape)]
+
+
+def _pack_adjoint(grads: list, spec: tuple, shapes: list, dtype: torch.dtype, stage: str | None) -> list:
+    """Each source's gradient (in ``dtype``, the sources' own) from the pieces' gradients (None: zero): one launch,
+    or under ``create_graph`` the adjoint's PyTorch math."""
+    grads = [g.contiguous() if g is not None else None for g in grads]
+    if all(g is None for g in grads):
+        return [None] * len(shapes)
+    if torch.is_grad_enabled():
+        return _pack_adjoint_math(grads, spec, shapes, dtype)
+    previous = current_launch_stage()
+    set_launch_stage(f"{stage}.backward" if stage else None)
+    try:
+        flat = _backward_op("pack_weights_backward")(grads, list(spec), _flat_shapes(shapes), dtype)
+    finally:
+        set_launch_stage(previous)
+    out, start = [], 0
+    for shape in shapes:
+        size = math.prod(shape)
+        out.append(flat.narrow(0, start, size).view(shape))
+        start += size
+    return out
+
+
+def _pack_adjoint_math(grads: list, spec: tuple, shapes: list, dtype: torch.dtype) -> list:
+    """The adjoint of the packing in PyTorch ops (a permute, a channel rotation, a sum over a bias's repeats)."""
+    like = next(g for g in grads if g is not None)
+    out, sources = [], iter(shapes)
+    for index in range(0, len(spec), 2):
+        kind, argument = spec[index], spec[index + 1]
+        if kind == ZEROS:
+            continue
+        shape = next(sources)
+        grad = grads[index // 2]
+        if grad is None:
+            out.append(like.new_zeros(shape, dtype=dtype))
+            continue
+        if kind == CONV:
+            c_out, c_in, kh, kw = shape
+            grad = grad.view(kh, kw, c_in, c_out)
+            if argument:  # packed channel c holds source channel (c + argument) % c_in
+                grad = torch.cat([grad[:, :, c_in - argument :], grad[:, :, : c_in - argument]], dim=2)
+            grad = grad.permute(3, 2, 0, 1)
+        elif kind == TRANSPOSE:
+            grad = grad.view(shape[0], 2, 2, shape[1]).permute(0, 3, 1, 2)
+        else:
+            grad = grad.view(argument, shape[0]).sum(0)
+        out.append(grad.to(dtype))
+    return out
+
+
+def _pack_backward_impl(grads, spec, shapes, dtype):
+    """:func:`fastunet.kernels.pack.pack_weights_adjoint` with the custom op's arguments."""
+    return pack_weights_adjoint(list(grads), list(spec), source_shapes(spec, shapes), dtype)
+
+
+_pack_backward_op = torch.library.custom_op(
+    "fastunet::pack_weights_backward",
+    mutates_args=(),
+    schema="(Tensor?[] grads, int[] spec, int[] shapes, ScalarType dtype) -> Tensor",
+)(_pack_backward_impl)
+
+
+@_pack_backward_op.register_fake
+def _pack_backward_fake(grads, spec, shapes, dtype):
+    like = next(g for g in grads if g is not None)
+    return like.new_empty((sum(math.prod(shape) for shape in source_shapes(spec, shapes)),), dtype=dtype)
+
+
+def _pack_op_setup(ctx, inputs, output):
+    sources, spec, _ = inputs
+    ctx.spec, ctx.shapes, ctx.source_dtype = tuple(spec), [tuple(t.shape) for t in sources], sources[0].dtype
+    ctx.packed_dtype = output.dtype
+    ctx.stage = current_launch_stage()
+
+
+def _pack_op_autograd(ctx, grad):
+    """The gradient of ``fastunet::pack_weights`` called on its own: the flat gradient cut into its pieces (views),
+    then the adjoint launch."""
+    pieces, _ = pack_pieces(ctx.spec, ctx.shapes, ctx.packed_dtype)
+    grads = [grad.narrow(0, start, math.prod(shape)).view(shape) for start, shape in pieces]
+    return _pack_adjoint(grads, ctx.spec, ctx.shapes, ctx.source_dtype, ctx.stage), None, None
+
+
+class _Packer:
+    """The conv, transposed-conv and head weights and biases of a training plan, collected while the stages are
+    built and packed together by one launch (:class:`_PackedWeights`); each stage's tensors are filled in after."""
+
+    def __init__(self) -> None:
+        self.spec: list[int] = []
+        self.sources: list[torch.Tensor] = []
+        self.fills: list[tuple[ConvStage, str, int]] = []  # (stage, attribute, piece)
+
+    def _piece(self, kind: int, argument: int, source: torch.Tensor | None) -> int:
+        self.spec += [kind, argument]
+        if source is not None:
+            self.sources.append(source)
+        return len(self.spec) // 2 - 1
+
+    def conv(self, stage: ConvStage, conv: nn.Conv2d, rotation: int = 0) -> None:
+        self.fills.append((stage, "weight", self._piece(CONV, rotation, conv.weight)))
+        bias = conv.bias
+        piece = self._piece(VECTOR, 1, bias) if bias is not None else self._piece(ZEROS, conv.out_channels, None)
+        self.fills.append((stage, "bias", piece))
+
+    def transpose(self, stage: ConvStage, conv: nn.ConvTranspose2d) -> None:
+        self.fills.append((stage, "weight", self._piece(TRANSPOSE, 0, conv.weight)))
+        bias = conv.bias
+        piece = self._piece(VECTOR, 4, bias) if bias is not None else self._piece(ZEROS, 4 * conv.out_channels, None)
+        self.fills.append((stage, "bias", piece))
+
+    def run(self, dtype: torch.dtype, device: torch.device, packs: PackCache | None, note: str) -> None:
+        if not self.sources:
+            return
+        spec = tuple(self.spec)
+        sources = [t if t.device == device else t.to(device) for t in self.sources]
+        key = _pack_key(sources, spec, dtype, device) if packs is not None else None
+        pieces = packs.get(key) if key is not None else None
+        if pieces is None:
+            named = is_dry_run() or not is_traced()
+            previous = current_launch_stage()
+            if named:
+                set_launch_stage("pack")
+            try:
+                pieces = _PackedWeights.apply(spec, dtype, note, *sources)
+            finally:
+                if named:
+                    set_launch_stage(previous)
+            if key is not None:
+                packs.put(key, sources, pieces)
+        for stage, attribute, piece in self.fills:
+            setattr(stage, attribute, pieces[piece])
+
+
 def build_training_plan(
-    layout: Layout, dtype: torch.dtype, device: torch.device, training: bool = False
+    layout: Layout,
+    dtype: torch.dtype,
+    device: torch.device,
+    training: bool = False,
+    packs: PackCache | None = None,
 ) -> tuple[Plan, dict[int, nn.BatchNorm2d]]:
     """The plan of ``layout`` (see :func:`fastunet.ops.build_plan`) whose tensors are differentiable functions of
-    the modules' parameters, in ``dtype``: folded (a BatchNorm with running statistics), packed and cast by torch
-    ops, so the gradients of the packed tensors flow back to the parameters; the affine parameters of a norm with
-    data statistics stay fp32 (``.float()``, the parameters themselves when they are fp32). The head is never fused:
-    its input, the last conv's activated map, is what the head's weight gradient reads. ``training``: BatchNorms in
-    training mode normalize with batch statistics.
+    the modules' parameters, in ``dtype``: every conv, transposed-conv and head weight and bias packed and cast by
+    one launch (``fastunet::pack_weights``, stage ``pack``) whose registered adjoint, one launch too, gives each
+    parameter its gradient in the parameter's dtype; a conv with a BatchNorm (or tracking InstanceNorm) that folds
+    (running statistics) is folded, packed and cast by torch ops instead (the fold is the launch record's note);
+    the affine parameters of a norm with data statistics stay fp32 (``.float()``, the parameters themselves when
+    they are fp32). The head is never fused: its input, the last conv's activated map, is what the head's weight
+    gradient reads. ``training``: BatchNorms in training mode normalize with batch statistics. ``packs``: reuse the
+    packed weights while their parameters are unchanged (:class:`PackCache`).
 
     Returns the plan and, for each stage with a batch-statistics BatchNorm, ``{id(stage): module}`` (whose running
     statistics follow the batch's). Raises ``ValueError`` where :func:`kernel_training_blocker` has a reason."""
@@ -160,6 +392,9 @@ def build_training_plan(
     if reason is not None:
         raise ValueError(f"the backward kernels cannot run this layout: {reason}")
     batch_norms: dict[int, nn.BatchNorm2d] = {}
+    packer = _Packer()
+    names = {id(spec): name for name, spec in layout.conv_specs()}
+    folded: list[str] = []
 
     def cast(t: torch.Tensor) -> torch.Tensor:
         return t.to(device=device, dtype=dtype).contiguous()
@@ -169,13 +404,10 @@ def build_training_plan(
 
     def stage(spec: ConvSpec, skip_after: int = 0) -> ConvStage:
         kind = effective_norm(spec.norm, training)
-        weight, bias = _fold(spec.conv, spec.norm if kind == "folds" else None)
-        if skip_after:  # cat([up, skip]): the kernel reads the skip's channels first
-            weight = torch.cat([weight[:, skip_after:], weight[:, :skip_after]], dim=1)
         norm = None
         if kind in ("batch", "instance", "group"):
             module = spec.norm
-            groups = module.num_groups if isinstance(module, nn.GroupNorm) else weight.shape[0]
+            groups = module.num_groups if isinstance(module, nn.GroupNorm) else spec.conv.out_channels
             affine = module.weight is not None and module.bias is not None
             norm = NormStage(
                 int(groups),
@@ -185,7 +417,15 @@ def build_training_plan(
                 over_batch=kind == "batch",
             )
         stride = int(spec.conv.stride[0])  # 1, or 2 (kernel_training_blocker checked)
-        conv_stage = ConvStage(cast(_pack(weight)), cast(bias), 3, 1, spec.activation, None, stride, norm)
+        conv_stage = ConvStage(None, None, 3, 1, spec.activation, None, stride, norm)
+        if kind == "folds":  # running statistics fold into the weight: torch ops, differentiable to the norm too
+            weight, bias = _fold(spec.conv, spec.norm)
+            if skip_after:  # cat([up, skip]): the kernel reads the skip's channels first
+                weight = torch.cat([weight[:, skip_after:], weight[:, :skip_after]], dim=1)
+            conv_stage.weight, conv_stage.bias = cast(_pack(weight)), cast(bias)
+            folded.append(names.get(id(spec), "a conv"))
+        else:
+            packer.conv(conv_stage, spec.conv, skip_after)
         if kind == "batch":
             batch_norms[id(conv_stage)] = spec.norm
         return conv_stage
@@ -202,16 +442,20 @@ def build_training_plan(
     ups = []
     for up in layout.ups:
         if up.mode == "transpose":
-            weight = up.conv.weight
-            bias = up.conv.bias if up.conv.bias is not None else weight.new_zeros(weight.shape[1])
-            packed = weight.permute(0, 2, 3, 1).reshape(weight.shape[0], 4 * weight.shape[1])
-            ups.append(UpStage("direct", False, ConvStage(cast(packed), cast(bias.repeat(4)))))
+            transposed = ConvStage(None, None)
+            packer.transpose(transposed, up.conv)
+            ups.append(UpStage("direct", False, transposed))
         else:
             ups.append(UpStage(up.mode, up.align_corners))
-    head_weight, head_bias = _fold(layout.head, None)
-    head = ConvStage(cast(_pack(head_weight)), cast(head_bias), 1, 0, Act("none"))
+    head = ConvStage(None, None, 1, 0, Act("none"))
+    packer.conv(head, layout.head)
+    encoders = [double(pair) for pair in layout.encoders]
+    note = ""
+    if folded:
+        note = f"folded by torch ops (a norm with running statistics folds into them): {', '.join(folded)}"
+    packer.run(dtype, device, packs, note)
     plan = Plan(
-        encoders=[double(pair) for pair in layout.encoders],
+        encoders=encoders,
         ups=ups,
         decoders=decoders,
         head=head,
@@ -558,6 +802,7 @@ _IMPLEMENTATIONS = {
     "upsample2x_nhwc_backward": _upsample_backward,
     "conv_transpose2x2_nhwc_backward": _conv_transpose_backward,
     "normalize_nhwc_backward": _normalize_backward,
+    "pack_weights_backward": _pack_backward_impl,
 }
 
 
@@ -904,3 +1149,4 @@ torch.library.register_autograd(
     "fastunet::conv_transpose2x2_nhwc", _conv_transpose_autograd, setup_context=_conv_transpose_setup
 )
 torch.library.register_autograd("fastunet::normalize_nhwc", _normalize_autograd, setup_context=_normalize_setup)
+torch.library.register_autograd("fastunet::pack_weights", _pack_op_autograd, setup_context=_pack_op_setup)

@@ -177,7 +177,13 @@ def occupancy(arch: int, registers: int, num_warps: int, shared_bytes: int) -> O
     )
 
 
-_POINTER_TYPES = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int32: "*i32"}
+_POINTER_TYPES = {
+    torch.float16: "*fp16",
+    torch.bfloat16: "*bf16",
+    torch.float32: "*fp32",
+    torch.int32: "*i32",
+    torch.int64: "*i64",
+}
 _DIVISIBILITY = 16
 _MMA_RE = re.compile(r"\b(HGMMA|HMMA)(\.[\w.]+)?")
 _LOCAL_RE = re.compile(r"\b(LDL|STL)(\.[\w.]+)?\b")
