@@ -233,6 +233,10 @@ def pack_pieces(spec, shapes, dtype: torch.dtype) -> tuple[list[tuple[int, tuple
     each piece starts on a 16-byte boundary. ``shapes``: the sources' shapes (spec order, :data:`ZEROS` taking
     none)."""
     align = max(1, 16 // torch.empty((), dtype=dtype).element_size())
+    shapes = list(shapes)
+    expected = sum(1 for kind, _ in _pairs(spec) if kind != ZEROS)
+    if len(shapes) != expected:
+        raise ValueError(f"pack: the spec takes {expected} source tensors, got {len(shapes)}")
     pieces, start, sources = [], 0, iter(shapes)
     for index, (kind, argument) in enumerate(_pairs(spec)):
         shape = None
@@ -292,6 +296,11 @@ def _build_layout(spec: tuple, metas: tuple, dtype: torch.dtype) -> _Layout:
         entry_source.append(source)
 
     for piece, (kind, argument) in enumerate(_pairs(spec)):
+        # The alignment gap before the next piece: zeros too, so that no element of the buffer is left unwritten.
+        end = _numel(pieces[piece][1])
+        following = pieces[piece + 1][0] if piece + 1 < len(pieces) else pieces[piece][0] + end
+        if following > pieces[piece][0] + end:
+            add(piece, (1, 1, 1, following - pieces[piece][0] - end), (0, 0, 0, 0), (0, 0, 0, 1), (0, 0, 0, 0), 0, end)
         if kind == ZEROS:
             add(piece, (1, 1, 1, argument), (0, 0, 0, 0), (0, 0, 0, 1), (0, 0, 0, 0), 0, 0)
             continue
