@@ -135,7 +135,8 @@ def _pack_weights_kernel(
     elements: a memory-bound copy whose packed writes are contiguous."""
     entry, row, mask, i0, i1, i2, i3 = _entry_index(geometry_ptr, blocks_ptr, FIELDS, BLOCK)
     source = tl.load(sources_ptr + 2 * entry).to(ref_ptr.dtype)  # the address, as a typed pointer
-    present = tl.load(sources_ptr + 2 * entry + 1) != 0
+    # As a vector: a scalar predicate in a load's mask is refused by newer interpreters.
+    present = (tl.zeros_like(i0) + tl.load(sources_ptr + 2 * entry + 1)) != 0
     src = tl.load(row + _SRC_OFFSET) + _offset(row, _SRC_STRIDES, i0, i1, i2, i3)
     dst = tl.load(row + _PIECE_START) + tl.load(row + _PIECE_OFFSET) + _offset(row, _DST_STRIDES, i0, i1, i2, i3)
     value = tl.load(source + src, mask=mask & present, other=0.0).to(acc_type(out_ptr.dtype.element_ty))
@@ -162,7 +163,7 @@ def _pack_weights_adjoint_kernel(
     zero)."""
     entry, row, mask, i0, i1, i2, i3 = _entry_index(geometry_ptr, blocks_ptr, FIELDS, BLOCK)
     grad = tl.load(grads_ptr + 2 * entry).to(ref_ptr.dtype)
-    present = tl.load(grads_ptr + 2 * entry + 1) != 0
+    present = (tl.zeros_like(i0) + tl.load(grads_ptr + 2 * entry + 1)) != 0  # a vector, as in the pack
     dst = tl.load(row + _PIECE_OFFSET) + _offset(row, _DST_STRIDES, i0, i1, i2, i3)
     repeat = tl.load(row + _REPEAT)
     step = tl.load(row + _REPEAT_STRIDE)
