@@ -551,3 +551,27 @@ def test_calibrate_pairs_launches_in_order(tmp_path):
     (tmp_path / "t.json").write_text(trace([("_conv_nhwc_kernel", 7.0), ("_conv_nhwc_kernel", 12.0)]))
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and "launch b: the model has 'upsample2x'" in done.stderr
+
+
+def test_feature_layouts_trace_their_training_step():
+    """``--training --features``: the strided nnU-Net-like layout's training step traces the kernels its backward
+    launches (the polyphase input gradient of the down-sampling convs, norm backward, weight gradients), with every
+    backward launch named after its forward stage; a layout whose backward is still the reference is refused with the
+    reason, which the report lists rather than modeling."""
+    from fastunet.tooling.compile_report import trace_feature, trace_feature_training
+
+    small = {"base_channels": 16, "depth": 2}
+    with modeled_target(132, 90):
+        records = trace_feature_training("stride", torch.bfloat16, 2, 32, **small)
+        forward = trace_feature("stride", torch.bfloat16, 2, 32, **small)
+    names = [r.name for r in records]
+    assert "conv3x3/2.input_grad" in names
+    assert any(n.startswith("conv3x3/2+norm_in") for n in names)
+    assert "conv_weight_grad" in names
+    backward = [r for r in records if r.stage and r.stage.endswith(".backward")]
+    assert backward and len(backward) > len(forward) // 2
+    assert {r.stage.removesuffix(".backward") for r in backward} <= {r.stage for r in records} | {"pack"}
+    strided = [r for r in records if r.name == "conv_weight_grad" and r.constexprs.get("STRIDE") == 2]
+    assert len(strided) == small["depth"]  # one per down-sampling conv
+    with pytest.raises(ValueError, match="crop"):
+        trace_feature_training("valid", torch.bfloat16, 2, 32, **small)

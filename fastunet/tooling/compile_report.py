@@ -16,7 +16,9 @@ K-step of the loops that hold the tensor-core instructions against the tensor-co
 forward as the training path launches it, then the backward's launches (the ReLU/pool gradient, the weight gradient
 and the sum of its partials, the input gradients on the forward conv kernel, the upsampling adjoint, the transposed
 conv's gradients). Its variants join the table, and its modeled time (forward + backward) joins the forward's in
-``model``.
+``model``. With ``--features``, each feature layout the backward kernels train (the strided down-sampling convs,
+norms with data statistics, LeakyReLU after a norm, the replicate join: :func:`trace_feature_training`) gets its
+training step too, labelled ``train-<feature>/...``; the others are listed under ``untrained`` with the reason.
 
 ``--persistent`` and ``--split-k`` add, per forward, the same forward with every launch that has such an autotuning
 candidate launched that way (:func:`fastunet.kernels._common.preferring`): a persistent grid (the conv kernel on the
@@ -74,7 +76,7 @@ from fastunet.ops import Act, ConvSpec, Layout, build_plan, run_plan
 from fastunet.reference import UNet
 from fastunet.tooling import issue_model
 from fastunet.tooling.dtypes import short_dtype_name, torch_dtype
-from fastunet.tooling.trace import stage_labels, trace_config, trace_training
+from fastunet.tooling.trace import stage_labels, trace_config, trace_training, trace_training_layout
 
 UPSAMPLES = ("transpose", "bilinear", "nearest")
 # The reference configuration of the performance work: base 64, depth 4, RGB in, 2 classes, 512x512.
@@ -521,6 +523,17 @@ def trace_feature(
     return list(records)
 
 
+def trace_feature_training(
+    feature: str, dtype: torch.dtype, batch: int, size: int = REFERENCE_SIZE, arch: int = 90, **model_kwargs: int
+) -> list[LaunchRecord]:
+    """Launches of one training step of :func:`feature_layout` (like :func:`trace_training_for_target`). Raises
+    ``ValueError`` for a feature the backward kernels do not cover."""
+    layout = feature_layout(feature, **model_kwargs)
+    target = issue_model.ASSUMPTIONS.get(arch)
+    shape = (batch, layout.in_channels, size, size)
+    return trace_training_layout(layout, shape, dtype, sm_count=target.sm_count if target else None, arch=arch)
+
+
 @dataclasses.dataclass(frozen=True)
 class TracedConfig:
     """One traced configuration of the report: its launches, the stage each belongs to, and their variants."""
@@ -673,6 +686,8 @@ class CompileResult:
     rows: list[VariantReport]
     configs: list[TracedConfig]
     variant_of: dict[str, tuple[int, ...]]  # config label -> index in ``rows`` of each launch's variant
+    # "train-<feature>/...: why": feature layouts asked for with ``training`` whose backward is not on the kernels
+    untrained: list[str] = dataclasses.field(default_factory=list)
 
     def models(self, eta: float | None = None) -> list[issue_model.ForwardModel]:
         """The modeled forward (or training step) of each configuration (empty for a target without assumptions in
@@ -729,6 +744,7 @@ def compile_configs(
         return f"{upsample}/{dtype}/{size}/b{batch}" if len(sizes) > 1 else f"{upsample}/{dtype}/b{batch}"
 
     configs = []
+    untrained: list[str] = []  # feature layouts whose training step the backward kernels do not run, and why
     for dtype in dtypes:
         for upsample in (*upsamples, *features):
             for size_ in sizes:
@@ -765,10 +781,19 @@ def compile_configs(
                                     tuple(stage_labels(records)),
                                 )
                             )
-                    if training and upsample not in FEATURES:
-                        records = trace_training_for_target(
-                            upsample, torch_dtype(dtype), batch, size_, arch, **model_kwargs
-                        )
+                    if training:
+                        if upsample in FEATURES:
+                            try:
+                                records = trace_feature_training(
+                                    upsample, torch_dtype(dtype), batch, size_, arch, **model_kwargs
+                                )
+                            except ValueError as error:  # a layout still on the reference backward
+                                untrained.append(f"train-{label(upsample, dtype, size_, batch)}: {error}")
+                                continue
+                        else:
+                            records = trace_training_for_target(
+                                upsample, torch_dtype(dtype), batch, size_, arch, **model_kwargs
+                            )
                         configs.append(
                             TracedConfig(
                                 "train-" + label(upsample, dtype, size_, batch),
@@ -793,7 +818,7 @@ def compile_configs(
             )
             for i, v in enumerate(variants)
         ]
-    return CompileResult(arch, rows, configs, variant_of)
+    return CompileResult(arch, rows, configs, variant_of, untrained)
 
 
 # The smallest M of a warpgroup MMA (wgmma): Triton lowers a dot whose tile has fewer rows to the sm_80 MMA.
@@ -1043,6 +1068,7 @@ def run(args: argparse.Namespace) -> tuple[dict, list[VariantReport], list[issue
         "variants": [row.to_json() for row in rows],
         "model": [_model_json(model, results[0].variant_of[model.label]) for model in models],
         "model_assumptions": models[0].assumptions.to_json() if models else None,
+        "untrained": list(results[0].untrained),
     }
     return payload, rows, models
 
@@ -1072,6 +1098,8 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         "(compile report: built, not run)"
     )
     print_model(models, args.layers)
+    for line in payload["untrained"]:
+        print(f"no training step (reference backward): {line}")
     flagged = [(row, problems(row)) for row in rows]
     for row, found in flagged:
         if found:

@@ -85,13 +85,17 @@ def summarize(records: list[LaunchRecord]) -> dict:
 
 
 def _training_model(model_kwargs: dict) -> FastUNet:
+    model = FastUNet(**model_kwargs, device="meta")
+    _check_trains(model.fused_layout())
+    return model
+
+
+def _check_trains(layout) -> None:
     from fastunet.training import kernel_training_blocker
 
-    model = FastUNet(**model_kwargs, device="meta")
-    reason = kernel_training_blocker(model.fused_layout(), training=True)
+    reason = kernel_training_blocker(layout, training=True)
     if reason is not None:
         raise ValueError(f"the backward kernels cannot run this configuration: {reason}")
-    return model
 
 
 def trace_training(
@@ -104,20 +108,34 @@ def trace_training(
 ) -> list[LaunchRecord]:
     """The launches of one training step's forward and backward of ``UNet(**model_kwargs)`` on the backward kernels
     (the input needs no gradient; the optimizer step is not included), nothing run: the forward as the training
-    path launches it (head unfused, the upsampling inside the decoder conv's launch), then the backward, whose
-    records carry the forward stage's name with ``.backward``. Raises ``ValueError`` for a layout the backward
-    kernels do not cover."""
+    path launches it (the upsampling inside the decoder conv's launch), then the backward, whose records carry the
+    forward stage's name with ``.backward``. Raises ``ValueError`` for a layout the backward kernels do not cover."""
+    layout = _training_model(model_kwargs).fused_layout()
+    return trace_training_layout(layout, input_shape, dtype, sm_count=sm_count, arch=arch)
+
+
+def trace_training_layout(
+    layout,
+    input_shape: Sequence[int],
+    dtype: torch.dtype = torch.float16,
+    *,
+    sm_count: int | None = None,
+    arch: int = 90,
+) -> list[LaunchRecord]:
+    """:func:`trace_training` of a fused layout (:class:`fastunet.ops.Layout`, on the ``meta`` device) rather than
+    of the reference U-Net's constructor arguments: strided down-sampling convs, norms with data statistics, other
+    activations, as the backward kernels take them. Raises ``ValueError`` for a layout they do not cover."""
     from fastunet.training import build_training_plan
 
-    model = _training_model(model_kwargs)
+    _check_trains(layout)
     x = torch.empty(tuple(input_shape), device="meta", dtype=dtype)
     with modeled_target(sm_count, arch) if sm_count is not None else contextlib.nullcontext():
         with torch.no_grad(), dry_run(), launch_log() as forward:
-            plan, _ = build_training_plan(model.fused_layout(), dtype, x.device, training=True)
+            plan, _ = build_training_plan(layout, dtype, x.device, training=True)
             run_plan(plan, x, upsample_in_conv=True)
         with torch.enable_grad():
             # meta: the graph, nothing launched
-            logits = unet_forward_kernel_grad(model.fused_layout(), x, dtype, training=True)
+            logits = unet_forward_kernel_grad(layout, x, dtype, training=True)
             with dry_run(), launch_log() as backward:
                 logits.backward(torch.empty_like(logits))
     return [*forward, *backward]
