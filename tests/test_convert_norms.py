@@ -198,7 +198,10 @@ def test_nnunet_plain_conv_unet(device, norm):
     assert assert_converts_or_names_the_gap(model, device, size=(16, 24)) == "fused"
 
 
-@pytest.mark.parametrize(("norm", "training"), [("instance", True), ("group", False)])
+# The GroupNorm eval case is the slower twin of the InstanceNorm training one (same kernels, no batch statistics).
+@pytest.mark.parametrize(
+    ("norm", "training"), [("instance", True), pytest.param("group", False, marks=pytest.mark.slow)]
+)
 def test_nnunet_plain_conv_unet_trains_on_the_kernels(device, norm, training):
     """The whole network's gradients on the backward kernels, the strided first convs of the deeper stages included
     (their weight gradients reading every other pixel, their input gradients as four output phases), against float64
@@ -488,7 +491,7 @@ def dyn_like(seed: int = 0, **kw) -> DynLike:
     return randomize_norms(DynLike(**kw), seed + 1)
 
 
-@pytest.mark.parametrize("norm", ["instance", "group"])
+@pytest.mark.parametrize("norm", ["instance", pytest.param("group", marks=pytest.mark.slow)])
 def test_dynunet_like(device, norm):
     model = dyn_like(norm=NORMS[norm])
     layout = assert_recognized(model, (16, 20))
