@@ -320,19 +320,37 @@ def ctas_per_sm(
 # A split's fixed work (prologue, pipeline fill, the partial's store), in pixel-block steps: it makes fewer, longer
 # slices win where the waves come out even.
 _SPLIT_OVERHEAD_STEPS = 2
+# What a split's partials cost against a step, with the issue model's H200 figures: a step's MMA work at one SM's share
+# of the dense 16-bit peak, a partial read back by the sum at the memory bandwidth (its store overlaps the GEMM).
+_SM_FLOPS = 790e12 / 132
+_BANDWIDTH = 4.3e12
+
+
+def _partial_steps(elements: int, acc_size: int, step_flops: int) -> float:
+    """One more split's partials (``elements`` accumulators of ``acc_size`` bytes the sum reads), in the time of a
+    step of ``step_flops`` on one SM."""
+    return elements * acc_size / _BANDWIDTH / (step_flops / _SM_FLOPS)
 
 
 @functools.lru_cache(maxsize=1024)
-def _splits(image_rows: int, blocks_per_row: int, tiles: int, sms: int, elements: int, per_sm: int = 1) -> int:
+def _splits(
+    image_rows: int,
+    blocks_per_row: int,
+    tiles: int,
+    sms: int,
+    elements: int,
+    per_sm: int = 1,
+    partial_steps: float = 0.0,
+) -> int:
     """Row slices for ``tiles`` GEMM programs per slice over ``sms`` SMs holding ``per_sm`` CTAs each.
 
     The launch takes as long as its busiest SM: ``ceil(tiles * splits / sms)`` programs of ``ceil(image_rows /
-    splits) * blocks_per_row`` steps each (the CTAs on one SM share its tensor cores). Among the split counts that
-    keep each slice at least 8 pixel blocks long (or one row) and the partials within
-    :data:`MAX_PARTIAL_ELEMENTS`, the one with the fewest steps on the busiest SM (plus a fixed cost a program);
-    within 1% of that, the one with the fewest waves of resident CTAs (``sms * per_sm`` slots: the GEMM programs
-    all resident at once where they fit), then the fewest splits. The bias programs (launched after the GEMM
-    programs, each only a sum of ``dz``) are not counted."""
+    splits) * blocks_per_row`` steps each (the CTAs on one SM share its tensor cores), plus a fixed cost a program,
+    and each split's partials cost ``partial_steps`` more (their traffic, see :func:`_partial_steps`). Among the
+    split counts that keep each slice at least 8 pixel blocks long (or one row) and the partials within
+    :data:`MAX_PARTIAL_ELEMENTS`, the one of least cost; within 1% of that, the one with the fewest waves of
+    resident CTAs (``sms * per_sm`` slots: the GEMM programs all resident at once where they fit), then the fewest
+    splits. The bias programs (launched after the GEMM programs, each only a sum of ``dz``) are not counted."""
     tiles = max(1, tiles)
     slots = sms * max(1, per_sm)
     by_length = max(1, image_rows * blocks_per_row // 8)
@@ -343,7 +361,8 @@ def _splits(image_rows: int, blocks_per_row: int, tiles: int, sms: int, elements
     best = []
     for s in range(1, cap + 1):
         programs = tiles * s
-        cost = triton.cdiv(programs, sms) * (triton.cdiv(image_rows, s) * blocks_per_row + _SPLIT_OVERHEAD_STEPS)
+        steps = triton.cdiv(image_rows, s) * blocks_per_row + _SPLIT_OVERHEAD_STEPS
+        cost = triton.cdiv(programs, sms) * steps + s * partial_steps
         best.append((cost, triton.cdiv(programs, slots), s))
     least = min(cost for cost, _, _ in best)
     return min((waves, s) for cost, waves, s in best if cost <= 1.01 * least)[1]
@@ -474,8 +493,10 @@ def conv2d_weight_grad_nhwc(
     kc_programs = 1 if pack_taps else ksize * ksize * triton.cdiv(c_in, block_c)
     tiles = kc_programs * triton.cdiv(c_out, block_n)
     if splits is None:
-        per_sm = ctas_per_sm(block_p, block_c, block_n, x.element_size(), torch.finfo(stat).bits // 8, pack_taps)
-        splits = _splits(image_rows, blocks_per_row, tiles, sm_count(x), rows * c_out, per_sm)
+        acc_size = torch.finfo(stat).bits // 8
+        per_sm = ctas_per_sm(block_p, block_c, block_n, x.element_size(), acc_size, pack_taps)
+        partial = _partial_steps(rows * c_out, acc_size, 2 * block_c * block_n * block_p)
+        splits = _splits(image_rows, blocks_per_row, tiles, sm_count(x), rows * c_out, per_sm, partial)
     if not isinstance(splits, int) or not 1 <= splits <= max(1, MAX_PARTIAL_ELEMENTS // (rows * c_out)):
         raise ValueError(
             f"splits must be an int in [1, {max(1, MAX_PARTIAL_ELEMENTS // (rows * c_out))}] (the partials' size "

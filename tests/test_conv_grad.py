@@ -102,12 +102,10 @@ WEIGHT_GRAD_LAUNCHES = [
 @pytest.mark.parametrize("sms", [132, 114])
 @pytest.mark.parametrize(("batch", "c_in", "size", "c_out"), WEIGHT_GRAD_LAUNCHES)
 def test_default_splits_fill_whole_waves(sms, batch, c_in, size, c_out):
-    """The default split count, read off the launch a dry run records for an sm_90 of ``sms`` SMs: the GEMM programs
-    (the bias programs, launched last, apart) of 32 steps or more end without a nearly empty last round on the
-    SMs, the busiest SM's
-    pixel-block steps are within 6% of an even share of every step (batch 16; 20% at batch 1, whose short slices
-    leave less room) where the limits allow it, each slice keeps at least 8 pixel blocks (or one row), and the
-    partials stay within MAX_PARTIAL_ELEMENTS."""
+    """The default split count, read off the launch a dry run records for an sm_90 of ``sms`` SMs: each slice keeps at
+    least 8 pixel blocks (or one row), the partials stay within MAX_PARTIAL_ELEMENTS, and at batch 16 the GEMM
+    programs (the bias programs, launched last, apart) end without a nearly empty last round on the SMs, the busiest
+    SM's pixel-block steps within 6% of an even share of every step."""
     from fastunet.kernels.conv_grad import MAX_PARTIAL_ELEMENTS
 
     ksize = 1 if c_out == 16 else 3
@@ -126,13 +124,13 @@ def test_default_splits_fill_whole_waves(sms, batch, c_in, size, c_out):
     assert splits * rows * c_out <= MAX_PARTIAL_ELEMENTS
     assert per_split * per_row >= min(8, image_rows * per_row) and -(-image_rows // per_split) == splits
     last_round = gemm % sms
-    if per_split * per_row >= 32:  # (shorter programs: a program's fixed cost weighs against more, shorter slices)
-        assert last_round == 0 or last_round >= sms // 2, f"{gemm} GEMM programs on {sms} SMs"
+    if batch == 1:
+        return  # (the deep layers' partials, up to 9 MB a slice, cost more there than a fuller last round gains)
+    assert last_round == 0 or last_round >= sms // 2, f"{gemm} GEMM programs on {sms} SMs"
     busiest = -(-gemm // sms) * per_split * per_row
     even = gemm // splits * image_rows * per_row / sms
-    # An even share is out of reach where one slice a row already leaves too few programs for every SM.
-    if gemm // splits * image_rows >= 4 * sms and record.name == "conv_weight_grad" and ksize == 3 and c_in > 3:
-        assert busiest <= (1.06 if batch > 1 else 1.2) * even, f"{splits} slices: {busiest} steps, even {even:.0f}"
+    if ksize == 3 and c_in > 3:  # (the head's and the first conv's launches are memory-bound)
+        assert busiest <= 1.06 * even, f"{splits} slices: {busiest} steps, even {even:.0f}"
 
 
 @pytest.mark.parametrize(
@@ -141,8 +139,8 @@ def test_default_splits_fill_whole_waves(sms, batch, c_in, size, c_out):
 )
 def test_split_choice_keeps_its_limits_and_prefers_one_wave(image_rows, per_row, tiles, elements, per_sm):
     """The split choice against a brute force over every admissible count: none of them puts fewer pixel-block steps
-    on the busiest SM (a program's fixed cost aside) by more than 1%, and where one that keeps every GEMM program
-    resident at once is within that 1%, the choice keeps them resident too."""
+    on the busiest SM by more than 5% (what a program's fixed cost may trade), and where one that keeps every GEMM
+    program resident at once is within 1% of the fewest, the choice keeps them resident too."""
     from fastunet.kernels.conv_grad import MAX_PARTIAL_ELEMENTS, _splits
 
     sms = 132
