@@ -421,7 +421,8 @@ def conv2d_weight_grad_nhwc(
         out: fp32 (rows, C_out) tensor to write into at rows ``[row_offset, row_offset + k*k*C_in)`` (a decoder conv's
             two sources), else a new (k*k*C_in, C_out) tensor.
         splits: slices of the reduction, each a range of output rows (``image * H_out + y``) of the batch; more
-            slices than rows leave the extra partials zero (default: enough for two waves of programs).
+            slices than rows leave the extra partials zero (default: the count that fills the SMs' rounds of GEMM
+            programs best, see :func:`_splits`).
         stride: 1, or 2 with ksize 3 and padding 1 (tap (ky, kx) of output pixel (oy, ox) reads x at (2 oy + ky - 1,
             2 ox + kx - 1); pointer loads).
 
