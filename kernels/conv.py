@@ -1055,6 +1055,11 @@ def pick_config(problem: ConvProblem) -> dict:
     # Fewer tiles than SMs (deep layers at batch 1) leaves SMs idle: halve the pixel tile while that helps.
     while block_m > 64 and triton.cdiv(problem.m, block_m) * triton.cdiv(problem.c_out, block_n) < problem.sm_count:
         block_m //= 2
+    # Still at most half as many tiles as SMs (the bottleneck's first conv's input gradient at batch 1: 64 tiles of
+    # 64 x 128 on 132 SMs): 64-wide channel blocks double them.
+    if not problem.head and block_n == 128:
+        if 2 * triton.cdiv(problem.m, block_m) * triton.cdiv(problem.c_out, block_n) <= problem.sm_count:
+            block_n = 64
     # Preference: the widest pixel tile, then fewer warps, then deeper pipelining, among tiles that meet _fits.
     while True:
         for num_warps, num_stages in ((4, 3), (4, 2), (8, 3), (8, 2)):

@@ -538,6 +538,20 @@ def test_input_grad_tiles_cover_the_channels_without_an_empty_half_block(c_in, b
     assert record.grid[1] * tile_n <= -(-c_in // 128) * 128
 
 
+@pytest.mark.parametrize(("size", "c_in", "programs"), [(32, 512, 128), (32, 1024, 128), (64, 512, 256)])
+def test_input_grad_with_few_tiles_takes_narrower_channel_blocks(size, c_in, programs):
+    """A deep layer's input gradient at batch 1 (the bottleneck's first conv: 32 x 32 pixels, 512 channels written):
+    64 x 128 tiles would be 64 programs on 132 SMs; 64-wide channel blocks make 128. Where the tiles already
+    reach half the SMs the block stays 128 wide. Read off the launch a dry run records for an sm_90."""
+    dz = torch.empty(1, size, size, 256, device="meta", dtype=torch.bfloat16)
+    w = torch.empty(9 * c_in, 256, device="meta", dtype=torch.bfloat16)
+    with _common.modeled_target(132, 90), _common.dry_run(), _common.launch_log() as records:
+        conv2d_input_grad_nhwc(dz, w, c_in)
+    (record,) = records
+    assert math.prod(record.grid) == programs, record.grid
+    assert record.grid[1] * record.constexprs["BLOCK_N"] == c_in
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_two_source_input_grad_splits_into_skip_and_up(device, dtype):
     """A decoder conv on cat([skip, up]): the input gradient's channels [skip | up], sliced by the caller."""
