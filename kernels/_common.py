@@ -90,6 +90,9 @@ class LaunchRecord:
     # A persistent launch: the output tiles its ``grid`` of programs loops over (each program takes every
     # programs-th tile). 0: one tile a program (the grid counts tiles).
     persistent_tiles: int = 0
+    # Programs of the grid that run no tensor-core loop and are launched after all the others (a weight gradient's
+    # bias sums); counted apart from the GEMM programs in the issue model's waves.
+    light_programs: int = 0
 
     @property
     def persistent(self) -> bool:

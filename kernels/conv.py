@@ -1042,11 +1042,24 @@ def pick_config(problem: ConvProblem) -> dict:
     """
     widest = max(16, next_pow2(problem.c_out))
     block_n = widest if problem.head else min(64 if problem.d2s else 128, widest)
+    # Past 128 channels, a channel count 64-wide blocks cover with less padding (192: three full blocks, where two of
+    # 128 run a half-empty one, 25% of the MMAs wasted) takes 64.
+    if (
+        block_n == 128
+        and problem.c_out > 128
+        and triton.cdiv(problem.c_out, 64) * 64 < triton.cdiv(problem.c_out, 128) * 128
+    ):
+        block_n = 64
     block_k = _block_k(problem)
     block_m = min(128, max(16, next_pow2(problem.m)))
     # Fewer tiles than SMs (deep layers at batch 1) leaves SMs idle: halve the pixel tile while that helps.
     while block_m > 64 and triton.cdiv(problem.m, block_m) * triton.cdiv(problem.c_out, block_n) < problem.sm_count:
         block_m //= 2
+    # Still at most half as many tiles as SMs (the bottleneck's first conv's input gradient at batch 1: 64 tiles of
+    # 64 x 128 on 132 SMs): 64-wide channel blocks double them.
+    if not problem.head and block_n == 128:
+        if 2 * triton.cdiv(problem.m, block_m) * triton.cdiv(problem.c_out, block_n) <= problem.sm_count:
+            block_n = 64
     # Preference: the widest pixel tile, then fewer warps, then deeper pipelining, among tiles that meet _fits.
     while True:
         for num_warps, num_stages in ((4, 3), (4, 2), (8, 3), (8, 2)):

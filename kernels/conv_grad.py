@@ -25,6 +25,8 @@ per output phase (:func:`conv_transpose2x2_weight_grad_nhwc`).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -136,8 +138,10 @@ def _weight_grad_partial_kernel(
     at (2 oy + dy, 2 ox + dx), so a step's lanes read every other pixel of an input row, each lane's padding test a
     compare of its own column.
 
-    With ``HAS_BIAS`` the last program of axis 0 sums ``dz`` over the same rows into ``bias_part[s]`` instead of
-    a ``dW`` tile (a loop without the GEMM); the other programs carry no bias work.
+    With ``HAS_BIAS`` one program per (output-channel block, split) sums ``dz`` over the same rows into
+    ``bias_part[s]`` instead of a ``dW`` tile (a loop without the GEMM); the other programs carry no bias work. The
+    grid keeps its shape, but its programs are renumbered in launch order so that every GEMM program comes before
+    every bias program: the cheap bias sums run in the last wave's gaps instead of taking slots from GEMM programs.
 
     With ``TMA`` (sm_90; every row a whole number of pixel blocks) a step's two operands are row boxes: ``x`` at
     (image, oy + dy, x0 + dx, c0), whose out-of-map coordinates the hardware zero-fills (the conv's padding; channels
@@ -150,10 +154,24 @@ def _weight_grad_partial_kernel(
     ``dz`` is read once per step instead of once per tap. Axis 0 then has one program (+ 1 with ``HAS_BIAS``).
     """
     offset_type: tl.constexpr = tl.int64 if WIDE else tl.int32
+    c_blocks = tl.cdiv(c_in, BLOCK_C)
+    kc_programs = 1 if PACK_TAPS else KSIZE * KSIZE * c_blocks
     pid_kc = tl.program_id(0)
     pid_n = tl.program_id(1)
     split = tl.program_id(2)
-    c_blocks = tl.cdiv(c_in, BLOCK_C)
+    if HAS_BIAS:
+        # The launch order (axis 0 fastest) runs every GEMM program first, the bias programs last: program i of
+        # the launch is GEMM program i while i < kc_programs * n_blocks * splits (kc fastest, then n, then the
+        # split), after that bias program i - that (n, then the split).
+        n_blocks = tl.num_programs(1)
+        i = tl.program_id(0) + tl.num_programs(0) * (pid_n + n_blocks * split)
+        gemm_programs = kc_programs * n_blocks * tl.num_programs(2)
+        is_bias = i >= gemm_programs
+        i = tl.where(is_bias, i - gemm_programs, i)
+        per_tile = tl.where(is_bias, 1, kc_programs)
+        pid_kc = tl.where(is_bias, kc_programs, i % per_tile)
+        pid_n = (i // per_tile) % n_blocks
+        split = (i // per_tile) // n_blocks
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < c_out
     # A step's pixels are x0 + lanes of one row: its offsets are a scalar (the row and x0) plus these, fixed.
@@ -165,7 +183,6 @@ def _weight_grad_partial_kernel(
     oy = row0 - img * out_h
     x0 = 0
     acc_t: tl.constexpr = part_ptr.dtype.element_ty  # fp32; fp64 for float64 maps
-    kc_programs = 1 if PACK_TAPS else KSIZE * KSIZE * c_blocks
     if HAS_BIAS and pid_kc == kc_programs:
         bias_acc = tl.zeros((BLOCK_N,), dtype=acc_t)
         for _ in range(0, steps):
@@ -272,13 +289,83 @@ PACK_TAPS_ROWS = 64
 MAX_PARTIAL_ELEMENTS = 2**26
 
 
-def _splits(image_rows: int, blocks_per_row: int, tiles: int, sms: int, elements: int) -> int:
-    """Row slices: enough programs for two waves over the SMs, each slice at least 8 pixel blocks long (or one
-    row), the partials within :data:`MAX_PARTIAL_ELEMENTS`."""
-    by_occupancy = max(1, triton.cdiv(2 * sms, max(1, tiles)))
+# sm_90 limits for the resident-CTA estimate: shared memory an SM's CTAs share (the driver keeps 1 KiB a CTA),
+# registers, warps and CTAs an SM holds.
+_SM_SHARED = 228 * 1024
+_SM_REGISTERS = 65536
+_SM_WARPS = 64
+_SM_CTAS = 32
+
+
+def ctas_per_sm(
+    block_p: int, block_c: int, block_n: int, element_size: int, acc_size: int, pack_taps: bool = False
+) -> int:
+    """Resident CTAs an SM holds of a weight-gradient tile (4 warps, 3 stages), estimated before compiling.
+
+    Shared memory: three stages of the ``(BLOCK_P, BLOCK_C)`` and ``(BLOCK_P, BLOCK_N)`` operand blocks, plus the
+    1 KiB the driver keeps per CTA. Registers: the accumulator's share a thread, plus 50 for addresses, counters and
+    the pipeline (the packed-taps gather holds three ``(BLOCK_P, BLOCK_C)`` offset and mask sets a thread more),
+    rounded to 8 a thread as allocated. It matches the compile report's CTA/SM column for the tiles the reference
+    U-Net's training step builds (2 for 64x64x128 and 128x128x32, 3 for 64x128x64 and 64x16x128, 4 for the packed
+    32x64x64)."""
+    threads = 4 * 32
+    shared = 3 * block_p * (block_c + block_n) * element_size + 1024
+    registers = block_c * block_n * (acc_size // 4) // threads + 50
+    if pack_taps:
+        registers += 3 * block_p * block_c // threads
+    registers = -(-registers // 8) * 8
+    return max(1, min(_SM_SHARED // shared, _SM_REGISTERS // (registers * threads), _SM_WARPS // 4, _SM_CTAS))
+
+
+# A split's fixed work (prologue, pipeline fill, the partial's store), in pixel-block steps: it makes fewer, longer
+# slices win where the waves come out even.
+_SPLIT_OVERHEAD_STEPS = 2
+# What a split's partials cost against a step, with the issue model's H200 figures: a step's MMA work at one SM's share
+# of the dense 16-bit peak, a partial read back by the sum at the memory bandwidth (its store overlaps the GEMM).
+_SM_FLOPS = 790e12 / 132
+_BANDWIDTH = 4.3e12
+
+
+def _partial_steps(elements: int, acc_size: int, step_flops: int) -> float:
+    """One more split's partials (``elements`` accumulators of ``acc_size`` bytes the sum reads), in the time of a
+    step of ``step_flops`` on one SM."""
+    return elements * acc_size / _BANDWIDTH / (step_flops / _SM_FLOPS)
+
+
+@functools.lru_cache(maxsize=1024)
+def _splits(
+    image_rows: int,
+    blocks_per_row: int,
+    tiles: int,
+    sms: int,
+    elements: int,
+    per_sm: int = 1,
+    partial_steps: float = 0.0,
+) -> int:
+    """Row slices for ``tiles`` GEMM programs per slice over ``sms`` SMs holding ``per_sm`` CTAs each.
+
+    The launch takes as long as its busiest SM: ``ceil(tiles * splits / sms)`` programs of ``ceil(image_rows /
+    splits) * blocks_per_row`` steps each (the CTAs on one SM share its tensor cores), plus a fixed cost a program,
+    and each split's partials cost ``partial_steps`` more (their traffic, see :func:`_partial_steps`). Among the
+    split counts that keep each slice at least 8 pixel blocks long (or one row) and the partials within
+    :data:`MAX_PARTIAL_ELEMENTS`, the one of least cost; within 1% of that, the one with the fewest waves of
+    resident CTAs (``sms * per_sm`` slots: the GEMM programs all resident at once where they fit), then the fewest
+    splits. The bias programs (launched after the GEMM programs, each only a sum of ``dz``) are not counted."""
+    tiles = max(1, tiles)
+    slots = sms * max(1, per_sm)
     by_length = max(1, image_rows * blocks_per_row // 8)
     by_memory = max(1, MAX_PARTIAL_ELEMENTS // max(1, elements))
-    return int(min(by_occupancy, by_length, by_memory, max(1, image_rows)))
+    # More than four waves of slots never evens out a wave better than fewer do by more than a percent or so.
+    by_waves = max(1, triton.cdiv(4 * slots, tiles))
+    cap = int(min(by_length, by_memory, by_waves, max(1, image_rows)))
+    best = []
+    for s in range(1, cap + 1):
+        programs = tiles * s
+        steps = triton.cdiv(image_rows, s) * blocks_per_row + _SPLIT_OVERHEAD_STEPS
+        cost = triton.cdiv(programs, sms) * steps + s * partial_steps
+        best.append((cost, triton.cdiv(programs, slots), s))
+    least = min(cost for cost, _, _ in best)
+    return min((waves, s) for cost, waves, s in best if cost <= 1.01 * least)[1]
 
 
 def weight_grad_load_path(
@@ -334,7 +421,8 @@ def conv2d_weight_grad_nhwc(
         out: fp32 (rows, C_out) tensor to write into at rows ``[row_offset, row_offset + k*k*C_in)`` (a decoder conv's
             two sources), else a new (k*k*C_in, C_out) tensor.
         splits: slices of the reduction, each a range of output rows (``image * H_out + y``) of the batch; more
-            slices than rows leave the extra partials zero (default: enough for two waves of programs).
+            slices than rows leave the extra partials zero (default: the count that fills the SMs' rounds of GEMM
+            programs best, see :func:`_splits`).
         stride: 1, or 2 with ksize 3 and padding 1 (tap (ky, kx) of output pixel (oy, ox) reads x at (2 oy + ky - 1,
             2 ox + kx - 1); pointer loads).
 
@@ -406,7 +494,10 @@ def conv2d_weight_grad_nhwc(
     kc_programs = 1 if pack_taps else ksize * ksize * triton.cdiv(c_in, block_c)
     tiles = kc_programs * triton.cdiv(c_out, block_n)
     if splits is None:
-        splits = _splits(image_rows, blocks_per_row, tiles, sm_count(x), rows * c_out)
+        acc_size = torch.finfo(stat).bits // 8
+        per_sm = ctas_per_sm(block_p, block_c, block_n, x.element_size(), acc_size, pack_taps)
+        partial = _partial_steps(rows * c_out, acc_size, 2 * block_c * block_n * block_p)
+        splits = _splits(image_rows, blocks_per_row, tiles, sm_count(x), rows * c_out, per_sm, partial)
     if not isinstance(splits, int) or not 1 <= splits <= max(1, MAX_PARTIAL_ELEMENTS // (rows * c_out)):
         raise ValueError(
             f"splits must be an int in [1, {max(1, MAX_PARTIAL_ELEMENTS // (rows * c_out))}] (the partials' size "
@@ -464,6 +555,7 @@ def conv2d_weight_grad_nhwc(
                 launch_options=options,
                 path=path,
                 path_reason=path_reason,
+                light_programs=grid[1] * grid[2] if bias else 0,
             )
         )
     reductions = [(part, out, rows * c_out, row_offset)]

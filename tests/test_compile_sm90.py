@@ -12,12 +12,13 @@ Default: fp16 and bf16, every upsampling mode, batch 16 and 1 (24 variants per d
 
 from __future__ import annotations
 
-import inspect
+import functools
 import json
 import math
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -646,10 +647,31 @@ def training_report(tmp_path_factory) -> dict:
     )  # fmt: skip
 
 
-def _training_trace(upsample: str) -> list:
-    from fastunet.tooling.trace import trace_training
+# The training step's launches as the report traces them: in a process without the interpreter (which takes pointer
+# loads, hence other tiles and row slices), each record's stage, kernel, FLOPs and launch arguments by name.
+TRAINING_TRACE = """
+import inspect, json, sys
+import torch
+from fastunet.tooling.trace import trace_training
 
-    return trace_training({**TRAIN_MODEL, "upsample": upsample}, TRAIN_SHAPE, torch.bfloat16, sm_count=132, arch=90)
+model = {**json.loads(sys.argv[1]), "upsample": sys.argv[2]}
+rows = []
+for r in trace_training(model, tuple(json.loads(sys.argv[3])), torch.bfloat16, sm_count=132, arch=90):
+    # The launchers pass their runtime arguments positionally, first in the signature; constexprs by name.
+    names = list(inspect.signature(getattr(r.kernel, "fn", r.kernel)).parameters)[: len(r.args)]
+    args = {n: a for n, a in zip(names, r.args) if isinstance(a, int)}
+    rows.append({"stage": r.stage, "name": r.name, "flops": r.flops, "args": args})
+print(json.dumps(rows))
+"""
+
+
+@functools.cache
+def _training_trace(upsample: str) -> list:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    argv = [sys.executable, "-c", TRAINING_TRACE, json.dumps(TRAIN_MODEL), upsample, json.dumps(TRAIN_SHAPE)]
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"training trace failed:\n{proc.stderr[-4000:]}"
+    return [types.SimpleNamespace(**row) for row in json.loads(proc.stdout)]
 
 
 def test_sm90_build_training_step(training_report):
@@ -703,6 +725,26 @@ def test_sm90_build_training_step(training_report):
     assert not found, "\n".join(found)
 
 
+def test_weight_gradient_resident_ctas_estimate_matches_the_build(training_report):
+    """The split choice's estimate of a weight-gradient tile's resident CTAs an SM (from its block sizes, before
+    compiling) equals what the build's registers and shared memory give, for every weight-gradient variant of the
+    training steps (the packed-taps first conv, the head's narrow tile, 64- and 128-channel TMA tiles)."""
+    from fastunet.kernels.conv_grad import ctas_per_sm
+
+    rows = [row for row in training_report["variants"] if row["kernel"] == "conv_weight_grad"]
+    assert len({(r["config"]["BLOCK_C"], r["config"]["BLOCK_N"], r["config"]["BLOCK_P"]) for r in rows}) >= 3
+    found = []
+    for row in rows:
+        c = row["config"]
+        estimate = ctas_per_sm(c["BLOCK_P"], c["BLOCK_C"], c["BLOCK_N"], 2, 4, bool(c.get("PACK_TAPS")))
+        if estimate != row["ctas_per_sm"]:
+            found.append(
+                f"{c['BLOCK_C']}x{c['BLOCK_N']}x{c['BLOCK_P']} PACK_TAPS={c.get('PACK_TAPS')}: estimate {estimate}, "
+                f"build {row['ctas_per_sm']} ({row['registers']} registers, {row['shared_bytes']} B shared)"
+            )
+    assert not found, "\n".join(found)
+
+
 def test_training_step_model(training_report):
     """The ``model`` list holds each forward and, next to it, each training step: launch by launch the traced
     training step (stages, kernels, FLOPs, the variant each runs), its ``ms`` the sum of its launches and of its
@@ -736,9 +778,7 @@ def test_training_step_model(training_report):
         ]
         for layer, record in zip(layers, records, strict=True):
             if record.name == "conv_weight_grad":
-                # The launch passes its runtime arguments positionally, first in the signature; constexprs by name.
-                names = list(inspect.signature(record.kernel.fn).parameters)[: len(record.args)]
-                values = dict(zip(names, record.args, strict=True))
+                values = record.args
                 per_split, per_row = values["rows_per_split"], values["blocks_per_row"]
                 if layer["k_steps"] != [per_split * per_row] or not layer["issue_ratio"]:
                     found.append(f"{upsample} {layer['stage']}: K-steps {layer['k_steps']}, {per_split} rows per slice")

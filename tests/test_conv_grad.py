@@ -10,6 +10,9 @@ in the input's dtype: one more rounding, relative to the value itself."""
 
 from __future__ import annotations
 
+import inspect
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -68,6 +71,95 @@ def test_splits_do_not_change_the_result_beyond_rounding_and_runs_are_bitwise_eq
     again, _ = conv2d_weight_grad_nhwc(x, dz, splits=4)
     assert torch.equal(four, again)
     torch.testing.assert_close(one, four, rtol=1e-5, atol=1e-5)
+
+
+def test_bias_programs_after_several_output_channel_blocks_and_splits(device):
+    """Two output-channel blocks, two input-channel blocks, three slices and a bias: the programs renumbered so that
+    every GEMM program runs before every bias program still cover each (tap, channel block, output block, slice)
+    once, and each bias slice once."""
+    torch.manual_seed(2)
+    x = torch.randn(2, 70, 4, 5).to(torch.bfloat16).to(device)
+    dz = torch.randn(2, 150, 4, 5).to(torch.bfloat16).to(device)
+    dw, db = conv2d_weight_grad_nhwc(x.permute(0, 2, 3, 1), dz.permute(0, 2, 3, 1), 3, 1, splits=3)
+    expected, bound, db_expected, db_bound = _reference(x, dz, 3, 1)
+    _check(dw, expected, bound, torch.bfloat16)
+    _check(db, db_expected, db_bound, torch.bfloat16)
+
+
+# The reference U-Net's weight gradients (bilinear, bf16, 512x512), as (batch, c_in, size, c_out): encoder, bottleneck
+# and decoder convs, each decoder conv1's two sources, the head, the 3-channel first conv.
+WEIGHT_GRAD_LAUNCHES = [
+    (batch, c_in, size, c_out)
+    for batch in (16, 1)
+    for c_in, size, c_out in (
+        (3, 512, 64), (64, 512, 64), (64, 256, 128), (128, 256, 128), (128, 128, 256), (256, 128, 256),
+        (256, 64, 512), (512, 64, 512), (512, 32, 512), (128, 512, 64), (256, 256, 64), (512, 128, 128),
+        (512, 64, 256), (64, 512, 16),
+    )
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("sms", [132, 114])
+@pytest.mark.parametrize(("batch", "c_in", "size", "c_out"), WEIGHT_GRAD_LAUNCHES)
+def test_default_splits_fill_whole_waves(sms, batch, c_in, size, c_out):
+    """The default split count, read off the launch a dry run records for an sm_90 of ``sms`` SMs: each slice keeps at
+    least 8 pixel blocks (or one row), the partials stay within MAX_PARTIAL_ELEMENTS, and at batch 16 the GEMM
+    programs (the bias programs, launched last, apart) end without a nearly empty last round on the SMs, the busiest
+    SM's pixel-block steps within 6% of an even share of every step."""
+    from fastunet.kernels.conv_grad import MAX_PARTIAL_ELEMENTS
+
+    ksize = 1 if c_out == 16 else 3
+    x = torch.empty(batch, size, size, c_in, device="meta", dtype=torch.bfloat16)
+    dz = torch.empty(batch, size, size, c_out, device="meta", dtype=torch.bfloat16)
+    with _common.modeled_target(sms, 90), _common.dry_run(), _common.launch_log() as records:
+        conv2d_weight_grad_nhwc(x, dz, ksize, ksize // 2)
+    (record, *_) = records
+    # The launch passes its runtime arguments positionally, first in the signature.
+    names = list(inspect.signature(record.kernel.fn).parameters)[: len(record.args)]
+    args = dict(zip(names, record.args, strict=True))
+    per_split, per_row, rows = args["rows_per_split"], args["blocks_per_row"], args["rows"]
+    image_rows, splits = args["image_rows"], record.grid[2]
+    gemm = record.grid[0] * record.grid[1] * splits - record.light_programs
+    assert record.light_programs == record.grid[1] * splits  # one bias program per (output block, slice)
+    assert splits * rows * c_out <= MAX_PARTIAL_ELEMENTS
+    assert per_split * per_row >= min(8, image_rows * per_row) and -(-image_rows // per_split) == splits
+    last_round = gemm % sms
+    if batch == 1:
+        return  # (the deep layers' partials, up to 9 MB a slice, cost more there than a fuller last round gains)
+    assert last_round == 0 or last_round >= sms // 2, f"{gemm} GEMM programs on {sms} SMs"
+    busiest = -(-gemm // sms) * per_split * per_row
+    even = gemm // splits * image_rows * per_row / sms
+    if ksize == 3 and c_in > 3:  # (the head's and the first conv's launches are memory-bound)
+        assert busiest <= 1.06 * even, f"{splits} slices: {busiest} steps, even {even:.0f}"
+
+
+@pytest.mark.parametrize(
+    ("image_rows", "per_row", "tiles", "elements", "per_sm"),
+    [(8192, 4, 9, 576 * 64, 2), (4096, 4, 18, 2304 * 64, 3), (512, 1, 576, 4608 * 512, 2), (7, 3, 5, 100, 4)],
+)
+def test_split_choice_keeps_its_limits_and_prefers_one_wave(image_rows, per_row, tiles, elements, per_sm):
+    """The split choice against a brute force over every admissible count: none of them puts fewer pixel-block steps
+    on the busiest SM by more than 5% (what a program's fixed cost may trade), and where one that keeps every GEMM
+    program resident at once is within 1% of the fewest, the choice keeps them resident too."""
+    from fastunet.kernels.conv_grad import MAX_PARTIAL_ELEMENTS, _splits
+
+    sms = 132
+    chosen = _splits(image_rows, per_row, tiles, sms, elements, per_sm)
+    admissible = [
+        s
+        for s in range(1, image_rows + 1)
+        if s * elements <= MAX_PARTIAL_ELEMENTS and (s == 1 or image_rows * per_row // s >= 8)
+    ]
+    assert chosen in admissible
+
+    def busiest(s):
+        return -(-tiles * s // sms) * -(-image_rows // s) * per_row
+
+    best = min(busiest(s) for s in admissible)
+    assert busiest(chosen) <= 1.05 * best
+    resident = [s for s in admissible if tiles * s <= sms * per_sm and busiest(s) <= 1.01 * best]
+    if resident:
+        assert tiles * chosen <= sms * per_sm
 
 
 # Row iteration: a split covers whole output rows, each walked BLOCK_P pixels at a time (BLOCK_P from the width:
@@ -329,6 +421,7 @@ INPUT_GRAD_SHAPES = [
     pytest.param(2, 1, 3, 3, 2, id="cin1"),
     pytest.param(1, 17, 1, 5, 7, id="cout1"),
     pytest.param(0, 3, 17, 5, 7, id="batch0"),
+    pytest.param(1, 192, 8, 3, 4, id="cin192"),
 ]
 
 
@@ -426,6 +519,37 @@ def test_strided_input_grad_nan_reaches_only_its_window(device):
     expected = torch.zeros(7, 8, dtype=torch.bool)
     expected[1:4, 3:6] = True
     assert torch.equal(dx[0].isnan().any(-1).cpu(), expected)
+
+
+@pytest.mark.parametrize(("c_in", "block_n"), [(192, 64), (320, 64), (256, 128), (200, 128), (128, 128)])
+def test_input_grad_tiles_cover_the_channels_without_an_empty_half_block(c_in, block_n):
+    """The input gradient of a decoder conv over 64 skip + 128 upsampled channels (the reference U-Net's dec0.conv1)
+    writes 192 channels: three 64-wide blocks, not two 128-wide ones of which the second is half padding (a quarter
+    of the launch's MMAs on zeros). Read off the launch a dry run records for an sm_90: the programs times the tile
+    cover the pixels times the channels padded to the block, and the block leaves less padding than 128 would."""
+    dz = torch.empty(16, 512, 512, 64, device="meta", dtype=torch.bfloat16)
+    w = torch.empty(9 * c_in, 64, device="meta", dtype=torch.bfloat16)
+    with _common.modeled_target(132, 90), _common.dry_run(), _common.launch_log() as records:
+        conv2d_input_grad_nhwc(dz, w, c_in)
+    (record,) = records
+    tile_m, tile_n = record.constexprs["BLOCK_M"], record.constexprs["BLOCK_N"]
+    assert tile_n == block_n and record.grid[1] == -(-c_in // tile_n)
+    assert math.prod(record.grid) * tile_m * tile_n == 16 * 512 * 512 * record.grid[1] * tile_n
+    assert record.grid[1] * tile_n <= -(-c_in // 128) * 128
+
+
+@pytest.mark.parametrize(("size", "c_in", "programs"), [(32, 512, 128), (32, 1024, 128), (64, 512, 256)])
+def test_input_grad_with_few_tiles_takes_narrower_channel_blocks(size, c_in, programs):
+    """A deep layer's input gradient at batch 1 (the bottleneck's first conv: 32 x 32 pixels, 512 channels written):
+    64 x 128 tiles would be 64 programs on 132 SMs; 64-wide channel blocks make 128. Where the tiles already
+    reach half the SMs the block stays 128 wide. Read off the launch a dry run records for an sm_90."""
+    dz = torch.empty(1, size, size, 256, device="meta", dtype=torch.bfloat16)
+    w = torch.empty(9 * c_in, 256, device="meta", dtype=torch.bfloat16)
+    with _common.modeled_target(132, 90), _common.dry_run(), _common.launch_log() as records:
+        conv2d_input_grad_nhwc(dz, w, c_in)
+    (record,) = records
+    assert math.prod(record.grid) == programs, record.grid
+    assert record.grid[1] * record.constexprs["BLOCK_N"] == c_in
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

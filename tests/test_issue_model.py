@@ -437,6 +437,22 @@ def test_weight_gradient_k_steps_and_layer():
     assert layer.bound == "issue"
 
 
+def test_weight_gradient_bias_programs_count_apart():
+    """A weight gradient's bias programs (launched after its GEMM programs, no tensor-core loop) are left out of the
+    tiles the busiest SM runs: 261 GEMM programs on 132 SMs take two rounds, the 29 bias programs after them add none
+    (counted among the CTAs, 290 take three); their bytes stay in the memory time."""
+    grid = (10, 1, 29)  # 9 (tap, channel block) GEMM programs + 1 bias program, 29 row slices
+    record = weight_grad_record(grid, rows_per_split=283, blocks_per_row=4, flops=2 * 8192 * 512 * 576 * 64)
+    variant = fake_variant((100,), ctas_per_sm=2, warps=4)
+    counted = issue_model.model_layer("dec0.conv2.backward", record, variant, issue_model.H200)
+    record.light_programs = 29
+    apart = issue_model.model_layer("dec0.conv2.backward", record, variant, issue_model.H200)
+    assert counted.ctas == apart.ctas == 290 and counted.tiles == 290 and apart.tiles == 261
+    assert counted.ctas_per_busiest_sm == 3 and apart.ctas_per_busiest_sm == 2 and apart.waves == 1
+    assert apart.tensor_s == pytest.approx(counted.tensor_s * 2 / 3)
+    assert apart.memory_s == counted.memory_s
+
+
 def test_training_step_totals():
     """A training step's model: its time split between the forward's launches and the backward's (stages ending in
     ``.backward``), both in the JSON and the printed line."""

@@ -82,7 +82,8 @@ class Assumptions:
             "ignored: L2 (bytes are compulsory traffic at DRAM bandwidth), latency, stalls other than issue slots, "
             "instructions outside the tensor-core loops (prologue, epilogue), launch gaps",
             "CTAs are dealt to SMs breadth-first; the CTAs resident on one SM share its tensor cores and issue slots, "
-            "so a launch takes ceil(CTAs / SMs) times one CTA's time",
+            "so a launch takes ceil(CTAs / SMs) times one CTA's time (a weight gradient's bias programs, launched last "
+            "with no tensor-core loop, counted by their bytes only)",
             *self.notes,
         ]
 
@@ -500,14 +501,19 @@ def model_layer(stage: str, record, variant, assumptions: Assumptions) -> LayerM
     A persistent launch (``record.persistent_tiles``): its CTAs are its programs, each looping over several tiles;
     it takes the busiest SM's tiles (:func:`busiest_sm_tiles`) times one tile's time. What it saves, a tile's
     prologue and epilogue overlapped with the next tile's work, is outside the model.
+    ``record.light_programs`` (programs launched after the others that run no tensor-core loop: a weight gradient's
+    bias sums) are left out of the CTAs: only their bytes count.
     """
     c = record.constexprs
     tile = "x".join(str(c.get(key, "-")) for key in gemm_view(record.kernel).keys)
     ctas = math.prod(record.grid)
     sms = assumptions.sm_count
     persistent = bool(getattr(record, "persistent_tiles", 0))
-    tiles = record.persistent_tiles if persistent else ctas
-    busiest = busiest_sm_tiles(tiles, ctas, sms) if persistent else -(-ctas // sms)
+    # Programs without a tensor-core loop launched after the GEMM programs (a weight gradient's bias sums): left out
+    # of the tiles; their bytes count in the memory time.
+    light = getattr(record, "light_programs", 0)
+    tiles = record.persistent_tiles if persistent else ctas - light
+    busiest = busiest_sm_tiles(tiles, ctas, sms) if persistent else -(-tiles // sms)
     nbytes = record.bytes_read + record.bytes_written
     memory_s = nbytes / assumptions.bandwidth
     loops = variant.mainloop.loops
@@ -558,7 +564,7 @@ def model_layer(stage: str, record, variant, assumptions: Assumptions) -> LayerM
         ctas=ctas,
         ctas_per_sm=cps,
         ctas_per_busiest_sm=busiest,
-        waves=-(-ctas // (sms * cps)) if cps else None,
+        waves=-(-(ctas - light) // (sms * cps)) if cps else None,
         k_steps=tuple(steps or ()) if loops else (),
         issue_ratio=issue_clocks / tensor_clocks if tensor_clocks else None,
         tensor_s=tensor_s,
