@@ -604,7 +604,7 @@ def _head_backward_kernel(
 
 
 def head_backward_nhwc(
-    a: torch.Tensor, grad_logits: torch.Tensor, weight: torch.Tensor, *, bias: bool = True
+    a: torch.Tensor, grad_logits: torch.Tensor, weight: torch.Tensor, *, bias: bool = True, programs: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The backward of a 1x1 head ``logits = a @ W + b`` in one pass over the map: ``(da, dW, db)``.
 
@@ -617,14 +617,16 @@ def head_backward_nhwc(
         a: (N, H, W, C) view, the head's input (any strides), C <= 128.
         grad_logits: (N, H, W, n_cls) view (any strides: an NCHW gradient's NHWC view), n_cls <= 64.
         weight: (C, n_cls), the head's packed weight (:func:`fastunet.kernels.conv.pack_conv_weight` of a 1x1 conv).
+        programs: how many programs share the pixels (each a run of whole ``HEAD_BLOCK_P``-pixel steps; at most
+            one per step); default :data:`HEAD_PROGRAMS_PER_SM` per SM.
     """
-    da, sums = head_backward_sums_nhwc(a, grad_logits, weight)
+    da, sums = head_backward_sums_nhwc(a, grad_logits, weight, programs=programs)
     c = a.shape[3]
     return da, sums[:c], sums[c] if bias else None
 
 
 def head_backward_sums_nhwc(
-    a: torch.Tensor, grad_logits: torch.Tensor, weight: torch.Tensor
+    a: torch.Tensor, grad_logits: torch.Tensor, weight: torch.Tensor, *, programs: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`head_backward_nhwc` after its checks, dW and db in one (C + 1, n_cls) tensor (rows 0..C-1: dW; row C:
     db): ``(da, sums)``, two tensors sharing no memory (what a custom op may return)."""
@@ -654,7 +656,11 @@ def head_backward_sums_nhwc(
         return da, sums.zero_()
     weight = weight.contiguous()
     tiles = triton.cdiv(pixels, HEAD_BLOCK_P)
-    programs = min(tiles, HEAD_PROGRAMS_PER_SM * sm_count(a))
+    if programs is None:
+        programs = HEAD_PROGRAMS_PER_SM * sm_count(a)
+    elif type(programs) is not int or programs < 1:
+        raise ValueError(f"head_backward_nhwc programs: expected a positive int, got {programs!r}")
+    programs = min(tiles, programs)
     steps = triton.cdiv(tiles, programs)
     programs = triton.cdiv(tiles, steps)  # no program without a step
     part = alloc((programs, c + 1, n_cls), stat, a.device)

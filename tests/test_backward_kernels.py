@@ -362,20 +362,22 @@ def head_reference(a, grad, weight):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
-    ("batch", "height", "width", "channels", "classes"),
+    ("batch", "height", "width", "channels", "classes", "programs"),
     [
-        pytest.param(2, 7, 5, 19, 3, id="odd"),
-        pytest.param(1, 16, 9, 64, 2, id="64-channels"),
-        pytest.param(3, 5, 33, 128, 17, id="widest"),
-        pytest.param(1, 1, 1, 1, 1, id="one-pixel"),
+        pytest.param(2, 7, 5, 19, 3, None, id="odd"),
+        pytest.param(1, 16, 9, 64, 2, None, id="64-channels"),
+        pytest.param(3, 5, 33, 128, 17, None, id="widest"),
+        pytest.param(1, 1, 1, 1, 1, None, id="one-pixel"),
+        pytest.param(2, 19, 23, 24, 5, 3, id="three-programs"),  # 14 steps: 5, 5 and 4 a program
+        pytest.param(1, 16, 8, 64, 2, 1, id="one-program"),
     ],
 )
-def test_head_backward_matches_float64(device, dtype, batch, height, width, channels, classes):
+def test_head_backward_matches_float64(device, dtype, batch, height, width, channels, classes, programs):
     """``da = g W^T``, ``dW = a^T g`` and ``db = sum g`` against float64, inputs in NaN moats (a stray read
     poisons the result) and outputs poisoned (an unwritten element fails); each error within its fp32
     accumulation's bound (``K * 2^-24`` times the sum of the products' magnitudes), plus da's storage rounding."""
     a, grad, weight = head_case(batch, height, width, channels, classes, dtype, device)
-    da, dw, db = head_backward_nhwc(a, grad, weight)
+    da, dw, db = head_backward_nhwc(a, grad, weight, programs=programs)
     expected_da, expected_dw, expected_db = head_reference(a, grad, weight)
     assert da.dtype == dtype and dw.dtype == db.dtype == torch.float32 and da.is_contiguous()
     pixels = batch * height * width
@@ -408,6 +410,8 @@ def test_head_backward_refuses_bad_input(device):
         head_backward_nhwc(a, grad, torch.randn(8, 3, device=device))
     with pytest.raises(ValueError, match="weight: expected torch.float32 on"):
         head_backward_nhwc(a, grad, weight.bfloat16())
+    with pytest.raises(ValueError, match="programs: expected a positive int, got 0"):
+        head_backward_nhwc(a, grad, weight, programs=0)
     with pytest.raises(ValueError, match="at most 128 channels and 64 classes, got 8 and 65"):
         head_backward_nhwc(a, torch.randn(1, 4, 4, 65, device=device), torch.randn(8, 65, device=device))
 
