@@ -19,7 +19,10 @@ of Triton launches and registers it with :func:`torch.library.register_autograd`
   one) and makes the upsampled map itself (an interpolation, or the transposed conv, whose weight and bias are then
   the op's inputs too); its backward writes that map again for the weight gradient and takes the up part of the
   input gradient through the two launches below to the low-resolution map, its norm and the transposed conv's
-  parameters.
+  parameters. A 1x1 head fused into the last conv (``head_map``: that launch also stores the map under the logits)
+  comes first in its backward: one pass over the map (``fastunet::head_backward``,
+  :func:`fastunet.kernels.backward.head_backward_nhwc`) gives the map's gradient and the head's dW and db, summed in
+  a fixed order; the conv's own backward then takes the map's gradient.
 * ``fastunet::upsample2x_nhwc`` (nearest, bilinear): the adjoint as a gather, one program per low-resolution tile
   in a fixed order (:func:`fastunet.kernels.backward.upsample2x_adjoint_nhwc`): deterministic, unlike eager
   PyTorch's atomics.

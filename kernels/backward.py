@@ -1,6 +1,6 @@
 """Elementwise and gather steps of the U-Net's backward pass over NHWC maps: deterministic, no atomics.
 
-Two memory-bound kernels turn the gradient arriving at a stored map into the gradient one step further back:
+Three memory-bound kernels turn the gradient arriving at a stored map into the gradient one step further back:
 
 * :func:`activation_pool_backward_nhwc`: the gradient of a conv's pre-activation map ``z`` from the gradient of its
   stored output ``y = act(z)``. An encoder's second conv also feeds its 2x2 max-pool, so the pooled map's gradient
@@ -8,8 +8,10 @@ Two memory-bound kernels turn the gradient arriving at a stored map into the gra
 * :func:`upsample2x_adjoint_nhwc`: the adjoint of the decoder's ``center_pad(F.interpolate(low, scale_factor=2),
   H, W)`` (nearest or bilinear, the upsampled map placed into the skip's frame at (pad_top, pad_left), cropped where
   the offsets are negative), optionally times the ReLU derivative of the layer that produced ``low``.
+* :func:`head_backward_nhwc`: the 1x1 head's backward in one pass over its input map: the map's gradient
+  ``dlogits W^T`` and per-program partials of ``dW`` and ``db``, summed in program order by a second launch.
 
-Both sum in fp32 in a fixed order and round once to the storage dtype, so two runs give the same bits. Eager
+All sum in fp32 in a fixed order and round once to the storage dtype, so two runs give the same bits. Eager
 PyTorch's upsample backward scatters with atomics instead; here each low-resolution pixel gathers its
 contributions.
 """
