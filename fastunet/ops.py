@@ -380,6 +380,9 @@ class Plan:
     layout: Layout
     join: str = "pad"
     down: str = "pool"
+    # The fused head's launch also stores the last conv's activated map (a training forward: the head's weight
+    # gradient reads it).
+    head_map: bool = False
 
 
 def _stages(plan: Plan) -> list[ConvStage]:
@@ -692,7 +695,7 @@ _CONV_SCHEMA = (
     "int ksize, int padding, str up_mode, bool align_corners, str join, str activation, float slope, float lo, "
     f"float hi, bool pool, bool nchw_out, int stride=1, {_NORM_IN_ARGS}, int norm_groups=0, "
     "Tensor? norm_weight=None, Tensor? norm_bias=None, float norm_eps=0.0, bool norm_over_batch=False, "
-    f"Tensor? up_weight=None, Tensor? up_bias=None, {_UP_NORM_IN_ARGS}) "
+    f"Tensor? up_weight=None, Tensor? up_bias=None, {_UP_NORM_IN_ARGS}, bool head_map=False) "
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 
@@ -738,10 +741,11 @@ def _conv2d_run(
     slope, lo, hi, pool, nchw_out, stride=1, in_scale=None, in_shift=None, in_activation="none", in_slope=0.0,
     in_lo=0.0, in_hi=0.0, in_slopes=None, norm_groups=0, norm_weight=None, norm_bias=None, norm_eps=0.0,
     norm_over_batch=False, up_weight=None, up_bias=None, up_scale=None, up_shift=None, up_activation="none",
-    up_slope=0.0, up_lo=0.0, up_hi=0.0, up_slopes=None,
+    up_slope=0.0, up_lo=0.0, up_hi=0.0, up_slopes=None, head_map=False,
 ):  # fmt: skip
     """:func:`fastunet.kernels.conv2d_nhwc` with the custom op's arguments (see :func:`_conv2d_launch`). Returns (y,
-    pooled or None, the :class:`NormIn` of a conv followed by a norm with data statistics or None)."""
+    pooled (with ``head_map``: the activated map under the logits) or None, the :class:`NormIn` of a conv followed by
+    a norm with data statistics or None)."""
     channels = head_weight.shape[1] if head_weight is not None else weight.shape[1]
     height, width = _conv_size(x, up, up_mode, join, ksize, padding, stride)
     out = _conv_output(x, max(height, 0), max(width, 0), channels, nchw_out)
@@ -783,6 +787,7 @@ def _conv2d_run(
         stride=stride,
         norm_in=_norm_in(in_scale, in_shift, in_activation, in_slope, in_lo, in_hi, in_slopes),
         norm=norm,
+        head_map=head_map,
     )
     if norm is not None:
         return y, None, second
@@ -794,14 +799,15 @@ def _conv2d_launch(
     slope, lo, hi, pool, nchw_out, stride=1, in_scale=None, in_shift=None, in_activation="none", in_slope=0.0,
     in_lo=0.0, in_hi=0.0, in_slopes=None, norm_groups=0, norm_weight=None, norm_bias=None, norm_eps=0.0,
     norm_over_batch=False, up_weight=None, up_bias=None, up_scale=None, up_shift=None, up_activation="none",
-    up_slope=0.0, up_lo=0.0, up_hi=0.0, up_slopes=None,
+    up_slope=0.0, up_lo=0.0, up_hi=0.0, up_slopes=None, head_map=False,
 ):  # fmt: skip
     """:func:`fastunet.kernels.conv2d_nhwc` as a custom op. Returns (y, pooled, scale, shift, mean, var): y is (N,
     H, W, C_out or n_cls), a view of an NCHW tensor when ``nchw_out``; pooled is empty unless ``pool``; with
     ``norm_groups`` (a norm with data statistics after the conv; ``norm_over_batch``: BatchNorm's batch statistics)
     y is the pre-norm map, scale and shift its fp32 (N, C_out) normalization and mean, var (N, C_out) the statistics
     of each channel's group, else all four empty. ``up_mode`` "" means no second source; ``in_scale`` given: x is
-    read through its norm.
+    read through its norm. ``head_map`` (with a fused head): the launch also stores the activated map under the
+    logits (what the head's weight gradient reads), returned in the pooled map's place.
 
     The launch may make the upsampled map itself from the low-resolution map ``up`` (a training forward does, so
     that autograd keeps the low-resolution map only): ``up_mode`` ``"nearest"``/``"bilinear"`` interpolates it,
@@ -813,7 +819,7 @@ def _conv2d_launch(
         x, weight, bias, up, head_weight, head_bias, slopes, ksize, padding, up_mode, align_corners, join, activation,
         slope, lo, hi, pool, nchw_out, stride, in_scale, in_shift, in_activation, in_slope, in_lo, in_hi, in_slopes,
         norm_groups, norm_weight, norm_bias, norm_eps, norm_over_batch, up_weight, up_bias, up_scale, up_shift,
-        up_activation, up_slope, up_lo, up_hi, up_slopes,
+        up_activation, up_slope, up_lo, up_hi, up_slopes, head_map,
     )  # fmt: skip
     if read is not None:
         return y, x.new_empty(0), read.scale, read.shift, read.mean, read.var
@@ -830,7 +836,7 @@ def _conv2d_fake(
     slope, lo, hi, pool, nchw_out, stride=1, in_scale=None, in_shift=None, in_activation="none", in_slope=0.0,
     in_lo=0.0, in_hi=0.0, in_slopes=None, norm_groups=0, norm_weight=None, norm_bias=None, norm_eps=0.0,
     norm_over_batch=False, up_weight=None, up_bias=None, up_scale=None, up_shift=None, up_activation="none",
-    up_slope=0.0, up_lo=0.0, up_hi=0.0, up_slopes=None,
+    up_slope=0.0, up_lo=0.0, up_hi=0.0, up_slopes=None, head_map=False,
 ):  # fmt: skip
     channels = head_weight.shape[1] if head_weight is not None else weight.shape[1]
     batch = x.shape[0]
@@ -840,6 +846,8 @@ def _conv2d_fake(
     else:
         y = x.new_empty((batch, height, width, channels))
     pooled = x.new_empty((batch, height // 2, width // 2, weight.shape[1])) if pool else x.new_empty(0)
+    if head_map:
+        pooled = x.new_empty((batch, height, width, weight.shape[1]))
     stats = (batch, weight.shape[1]) if norm_groups else (0,)
     return (y, pooled, *(x.new_empty(stats, dtype=stat_dtype(x.dtype)) for _ in range(4)))
 
@@ -1005,13 +1013,15 @@ def _conv_launch(
     up_read: NormIn | None = None,
     up_conv: ConvStage | None = None,
     sink: list | None = None,
+    head_map: bool = False,
 ) -> tuple[_Map, torch.Tensor | None]:
     """One conv launch (with a norm with data statistics after it: and the finalize launch): through the custom op
     while a compiler or a tracing mode is watching, else (eager calls, dry runs) straight to the op's own
     implementation, saving the dispatcher's ~10-20 us a launch. Returns (the output map, the pooled map: without
     ``pool``, None or an empty tensor). ``sink``: a list that gets ``(stage, NormIn)`` for a conv followed by a norm
     with data statistics. ``up_read``: how the launch reads the low-resolution map ``up`` it upsamples itself;
-    ``up_conv``: the transposed conv that does it (``up_mode`` ``"transpose"``)."""
+    ``up_conv``: the transposed conv that does it (``up_mode`` ``"transpose"``). ``head_map``: with ``head``, the
+    launch also stores the activated map under the logits (returned in the pooled map's place)."""
     act = stage.activation
     norm = stage.norm
     args = (
@@ -1043,6 +1053,7 @@ def _conv_launch(
         up_conv.weight if up_conv is not None else None,
         up_conv.bias if up_conv is not None else None,
         *_norm_in_args(up_read),
+        head_map,
     )
     if _direct():  # the op's implementation itself, without the empty placeholder outputs the op must return
         y, pooled, second = _conv2d_run(*args)
@@ -1180,7 +1191,7 @@ def _run_stages(
             features, _ = _conv(skips[level], conv1, up=up, up_mode="direct", join=plan.join)
         stage(f"dec{level}.conv2")
         if level == 0 and plan.fuse_head:
-            (logits, _), _ = _conv(features, conv2, head=plan.head, nchw_out=logits_nchw)
+            (logits, _), _ = _conv(features, conv2, head=plan.head, nchw_out=logits_nchw, head_map=plan.head_map)
             return logits.permute(0, 3, 1, 2)
         features, _ = _conv(features, conv2)
     stage("head")

@@ -19,7 +19,10 @@ of Triton launches and registers it with :func:`torch.library.register_autograd`
   one) and makes the upsampled map itself (an interpolation, or the transposed conv, whose weight and bias are then
   the op's inputs too); its backward writes that map again for the weight gradient and takes the up part of the
   input gradient through the two launches below to the low-resolution map, its norm and the transposed conv's
-  parameters.
+  parameters. A 1x1 head fused into the last conv (``head_map``: that launch also stores the map under the logits)
+  comes first in its backward: one pass over the map (``fastunet::head_backward``,
+  :func:`fastunet.kernels.backward.head_backward_nhwc`) gives the map's gradient and the head's dW and db, summed in
+  a fixed order; the conv's own backward then takes the map's gradient.
 * ``fastunet::upsample2x_nhwc`` (nearest, bilinear): the adjoint as a gather, one program per low-resolution tile
   in a fixed order (:func:`fastunet.kernels.backward.upsample2x_adjoint_nhwc`): deterministic, unlike eager
   PyTorch's atomics.
@@ -55,6 +58,7 @@ from torch import nn
 
 from fastunet.kernels._common import alloc, current_launch_stage, is_dry_run, set_launch_stage, stat_dtype
 from fastunet.kernels.backward import center_pad_offsets
+from fastunet.kernels.conv import MAX_HEAD_CHANNELS, MAX_HEAD_CLASSES
 from fastunet.kernels.pack import (
     CONV,
     TRANSPOSE,
@@ -382,9 +386,11 @@ def build_training_plan(
     parameter its gradient in the parameter's dtype; a conv with a BatchNorm (or tracking InstanceNorm) that folds
     (running statistics) is folded, packed and cast by torch ops instead (the fold is the launch record's note);
     the affine parameters of a norm with data statistics stay fp32 (``.float()``, the parameters themselves when
-    they are fp32). The head is never fused: its input, the last conv's activated map, is what the head's weight
-    gradient reads. ``training``: BatchNorms in training mode normalize with batch statistics. ``packs``: reuse the
-    packed weights while their parameters are unchanged (:class:`PackCache`).
+    they are fp32). A 1x1 head is fused into the last conv's epilogue where the eval plan's would be (no norm with
+    data statistics on that conv, its channels and classes within the fused head's limits), and that launch also
+    stores the activated map under the logits (``head_map``): the head's weight gradient reads it. ``training``:
+    BatchNorms in training mode normalize with batch statistics. ``packs``: reuse the packed weights while their
+    parameters are unchanged (:class:`PackCache`).
 
     Returns the plan and, for each stage with a batch-statistics BatchNorm, ``{id(stage): module}`` (whose running
     statistics follow the batch's). Raises ``ValueError`` where :func:`kernel_training_blocker` has a reason."""
@@ -454,15 +460,21 @@ def build_training_plan(
     if folded:
         note = f"folded by torch ops (a norm with running statistics folds into them): {', '.join(folded)}"
     packer.run(dtype, device, packs, note)
+    fuse_head = (
+        layout.head.in_channels <= MAX_HEAD_CHANNELS
+        and layout.head.out_channels <= MAX_HEAD_CLASSES
+        and (not decoders or decoders[0][1].norm is None)
+    )
     plan = Plan(
         encoders=encoders,
         ups=ups,
         decoders=decoders,
         head=head,
-        fuse_head=False,
+        fuse_head=fuse_head,
         layout=layout,
         join=layout.join,
         down=layout.down,
+        head_map=fuse_head,
     )
     return plan, batch_norms
 
@@ -788,6 +800,31 @@ def _normalize_backward_fake(
     return z.new_empty(z.shape), in_scale.new_empty(in_scale.shape), in_shift.new_empty(in_shift.shape)
 
 
+def _head_backward(a, grad_logits, weight, grad_map=None):
+    """(d_a, sums) of a 1x1 head ``logits = a @ W + b`` over the NHWC map ``a``: ``d_a = dlogits @ W^T`` (plus
+    ``grad_map``, the map's own gradient where something else read it); ``sums`` (C + 1, n_cls) in fp32 holds
+    ``dW = a^T dlogits`` in rows 0..C-1 and ``db`` (the pixel sum of dlogits) in row C: one pass over the map and a
+    fixed-order sum of the partials (:func:`fastunet.kernels.backward.head_backward_nhwc`)."""
+    from fastunet.kernels.backward import head_backward_sums_nhwc
+
+    d_a, sums = head_backward_sums_nhwc(a, grad_logits, weight)
+    if grad_map is not None:
+        d_a = d_a + grad_map
+    return d_a, sums
+
+
+_head_backward_op = torch.library.custom_op(
+    "fastunet::head_backward",
+    mutates_args=(),
+    schema="(Tensor a, Tensor grad_logits, Tensor weight, Tensor? grad_map=None) -> (Tensor, Tensor)",
+)(_head_backward)
+
+
+@_head_backward_op.register_fake
+def _head_backward_fake(a, grad_logits, weight, grad_map=None):
+    return a.new_empty(a.shape), a.new_empty((weight.shape[0] + 1, weight.shape[1]), dtype=stat_dtype(a.dtype))
+
+
 def _backward_op(name: str):
     """The backward launch ``name`` as its custom op; in a dry run (:func:`fastunet.kernels.dry_run`: tensors on the
     ``meta`` device, the launchers record and launch nothing) its implementation itself, so that a traced backward
@@ -803,6 +840,7 @@ _IMPLEMENTATIONS = {
     "conv_transpose2x2_nhwc_backward": _conv_transpose_backward,
     "normalize_nhwc_backward": _normalize_backward,
     "pack_weights_backward": _pack_backward_impl,
+    "head_backward": _head_backward,
 }
 
 
@@ -874,6 +912,9 @@ def _conv_math(inputs: list, up_mode: str, align_corners: bool):
         return z, None, scale, shift
     if activation == "relu":
         y = torch.relu(y)
+    if inputs[_HEAD_W] is not None:  # the fused head: (logits, the activated map under them)
+        features = y.permute(0, 2, 3, 1)
+        return features @ inputs[_HEAD_W] + inputs[_HEAD_B], features, None, None
     pooled = F.max_pool2d(y, 2).permute(0, 2, 3, 1) if pool else None
     return y.permute(0, 2, 3, 1), pooled, None, None
 
@@ -894,19 +935,22 @@ def _grads_of(outputs, grads, inputs):
 # Autograd registrations of the forward ops
 # ---------------------------------------------------------------------------------------------------------------
 # fastunet::conv2d_nhwc's schema, by position (see fastunet.ops._CONV_SCHEMA).
-_CONV_ARGS = 40
+_CONV_ARGS = 41
 _X, _W, _B, _UP, _HEAD_W, _HEAD_B, _SLOPES, _KSIZE, _PADDING, _UP_MODE, _ALIGN, _JOIN, _ACT = range(13)
 _POOL, _NCHW, _STRIDE, _IN_SCALE, _IN_SHIFT, _IN_ACT, _IN_SLOPE, _IN_LO, _IN_HI, _IN_SLOPES = range(16, 26)
 _NORM_GROUPS, _NORM_W, _NORM_B, _NORM_EPS, _NORM_BATCH = range(26, 31)
 _UP_W, _UP_B, _UP_SCALE, _UP_SHIFT, _UP_ACT, _UP_SLOPE, _UP_LO, _UP_HI, _UP_SLOPES = range(31, 40)
-_DIFFERENTIABLE_ARGS = (_X, _W, _B, _UP, _IN_SCALE, _IN_SHIFT, _NORM_W, _NORM_B, _UP_W, _UP_B, _UP_SCALE, _UP_SHIFT)
+_HEAD_MAP = 40
+_DIFFERENTIABLE_ARGS = (
+    _X, _W, _B, _UP, _IN_SCALE, _IN_SHIFT, _NORM_W, _NORM_B, _UP_W, _UP_B, _UP_SCALE, _UP_SHIFT, _HEAD_W, _HEAD_B
+)  # fmt: skip
 # What the low-resolution map a decoder conv upsamples itself feeds: the gradients that need its upsampled map's.
 _UP_SIDE = (_UP, _UP_W, _UP_B, _UP_SCALE, _UP_SHIFT)
 
 
 def _unsupported_conv(inputs) -> str | None:
-    if inputs[_HEAD_W] is not None:
-        return "a fused head"
+    if inputs[_HEAD_W] is not None and not inputs[_HEAD_MAP]:
+        return "a fused head whose launch does not store the map under it (head_map)"
     if inputs[_PADDING] != inputs[_KSIZE] // 2 or inputs[_KSIZE] not in (1, 3):
         return "a valid conv"
     if inputs[_STRIDE] != 1 and (inputs[_STRIDE], inputs[_KSIZE]) != (2, 3):
@@ -933,6 +977,9 @@ def _conv_setup(ctx, inputs, output):
     ctx.constants = {i: inputs[i] for i in range(_CONV_ARGS) if i not in _DIFFERENTIABLE_ARGS}
     keep_y = inputs[_ACT] != "none" or inputs[_POOL] or inputs[_NORM_GROUPS]
     y = output[0] if keep_y else None
+    if inputs[_HEAD_W] is not None:  # the activated map under the logits: the head's and the conv's gradients read it
+        y = output[1]
+        ctx.set_materialize_grads(False)  # no zero-filled gradient for an unread map (or unread logits)
     stats = (output[4], output[5]) if inputs[_NORM_GROUPS] else (None, None)
     ctx.save_for_backward(*(inputs[i] for i in _DIFFERENTIABLE_ARGS), y, *stats)
 
@@ -964,6 +1011,10 @@ def _conv_autograd(ctx, grad_y, grad_pooled, grad_scale, grad_shift, _grad_mean,
     set_launch_stage(f"{ctx.stage}.backward" if ctx.stage else None)
     up_read = tuple(inputs[i] for i in range(_UP_SCALE, _UP_SCALE + 6))
     try:
+        head_weight, head_bias = inputs[_HEAD_W], inputs[_HEAD_B]
+        if head_weight is not None:  # the head first: the logits' gradient becomes the activated map's
+            grad_y, d_head_w, d_head_b = _head_grads(y, grad_y, grad_pooled, head_weight, need[_HEAD_B])
+            grad_pooled = None
         need_up = up is not None and any(need[i] for i in _UP_SIDE)
         read = inputs[_IN_SCALE] is not None
         d_in, dx_read, dw, db, d_scale, d_shift, d_nw, d_nb = _backward_op("conv2d_nhwc_backward")(
@@ -982,6 +1033,9 @@ def _conv_autograd(ctx, grad_y, grad_pooled, grad_scale, grad_shift, _grad_mean,
         set_launch_stage(stage)
     grads[_W] = dw.to(weight.dtype) if need[_W] else None
     grads[_B] = db.to(bias.dtype) if bias is not None and need[_B] else None
+    if head_weight is not None:
+        grads[_HEAD_W] = d_head_w.to(head_weight.dtype) if need[_HEAD_W] and d_head_w is not None else None
+        grads[_HEAD_B] = d_head_b.to(head_bias.dtype) if need[_HEAD_B] and d_head_b is not None else None
     if read and need[_X]:
         grads[_IN_SCALE] = d_scale if need[_IN_SCALE] else None
         grads[_IN_SHIFT] = d_shift if need[_IN_SHIFT] else None
@@ -989,6 +1043,16 @@ def _conv_autograd(ctx, grad_y, grad_pooled, grad_scale, grad_shift, _grad_mean,
         grads[_NORM_W] = d_nw.to(inputs[_NORM_W].dtype) if need[_NORM_W] else None
         grads[_NORM_B] = d_nb.to(inputs[_NORM_B].dtype) if need[_NORM_B] else None
     return tuple(grads)
+
+
+def _head_grads(y, grad_logits, grad_map, head_weight, need_bias: bool):
+    """(the activated map's gradient, the head's dW, its db) of a conv with a fused head, from the logits' gradient
+    (and the map's own, where anything read the map); None for what got no gradient."""
+    if grad_logits is None:
+        return (grad_map if grad_map is not None else y.new_zeros(y.shape)), None, None
+    d_map, sums = _backward_op("head_backward")(y, grad_logits, head_weight, grad_map)
+    channels = head_weight.shape[0]
+    return d_map, sums[:channels], sums[channels] if need_bias else None
 
 
 def _up_side_grads(grads: list, d_up: torch.Tensor, inputs: list, need: tuple, up_read: tuple) -> None:

@@ -1,6 +1,6 @@
 """Elementwise and gather steps of the U-Net's backward pass over NHWC maps: deterministic, no atomics.
 
-Two memory-bound kernels turn the gradient arriving at a stored map into the gradient one step further back:
+Three memory-bound kernels turn the gradient arriving at a stored map into the gradient one step further back:
 
 * :func:`activation_pool_backward_nhwc`: the gradient of a conv's pre-activation map ``z`` from the gradient of its
   stored output ``y = act(z)``. An encoder's second conv also feeds its 2x2 max-pool, so the pooled map's gradient
@@ -8,8 +8,10 @@ Two memory-bound kernels turn the gradient arriving at a stored map into the gra
 * :func:`upsample2x_adjoint_nhwc`: the adjoint of the decoder's ``center_pad(F.interpolate(low, scale_factor=2),
   H, W)`` (nearest or bilinear, the upsampled map placed into the skip's frame at (pad_top, pad_left), cropped where
   the offsets are negative), optionally times the ReLU derivative of the layer that produced ``low``.
+* :func:`head_backward_nhwc`: the 1x1 head's backward in one pass over its input map: the map's gradient
+  ``dlogits W^T`` and per-program partials of ``dW`` and ``db``, summed in program order by a second launch.
 
-Both sum in fp32 in a fixed order and round once to the storage dtype, so two runs give the same bits. Eager
+All sum in fp32 in a fixed order and round once to the storage dtype, so two runs give the same bits. Eager
 PyTorch's upsample backward scatters with atomics instead; here each low-resolution pixel gathers its
 contributions.
 """
@@ -28,14 +30,19 @@ from fastunet.kernels._common import (
     acc_type,
     alloc,
     check_runnable,
+    dot_flags,
     is_dry_run,
     launch_guard,
+    mma,
     next_pow2,
     pixel_offset,
     record_launch,
     recording,
+    sm_count,
+    stat_dtype,
     to_storage,
 )
+from fastunet.kernels.conv_grad import _sum_splits_kernel
 from fastunet.kernels.upsample import BILINEAR, BILINEAR_ALIGN_CORNERS, MODES, NEAREST, _upsample_source
 
 # The activations whose derivative the pool backward applies (the ReLU reads its stored output, as torch's
@@ -520,4 +527,200 @@ def upsample2x_adjoint_nhwc(
     return out
 
 
-__all__ = ["activation_pool_backward_nhwc", "center_pad_offsets", "upsample2x_adjoint_nhwc"]
+# The head's backward: a map of at most this many channels and classes in one tile (the fused head's limits).
+HEAD_MAX_CHANNELS = 128
+HEAD_MAX_CLASSES = 64
+# Pixels a step of the head's backward takes, and programs per SM of its grid (each loops over its share of the
+# pixel steps in order, its dW and db partial in registers).
+HEAD_BLOCK_P = 64
+HEAD_PROGRAMS_PER_SM = 8
+
+
+@triton.jit
+def _head_backward_kernel(
+    a_ptr,  # (batch, height, width, c): the map under the head
+    g_ptr,  # (batch, height, width, n_cls): the logits' gradient (any strides: an NCHW tensor's NHWC view)
+    w_ptr,  # (c, n_cls) contiguous: the head's weight
+    da_ptr,  # (batch, height, width, c) contiguous: the map's gradient
+    part_ptr,  # (programs, c + 1, n_cls): each program's partial dW (rows 0..c-1) and db (row c)
+    pixels,
+    height,
+    width,
+    c,
+    n_cls,
+    steps,  # pixel steps per program
+    stride_an,
+    stride_ah,
+    stride_aw,
+    stride_ac,
+    stride_gn,
+    stride_gh,
+    stride_gw,
+    stride_gc,
+    INTERPRETER: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_CLS: tl.constexpr,
+):
+    """One pass of the 1x1 head's backward over the map: per step of BLOCK_P pixels ``da = g @ W^T`` is stored and
+    ``a^T g`` and the pixel sum of ``g`` are added to the program's partials, which a second launch sums over the
+    programs in order (:func:`fastunet.kernels.conv_grad._sum_splits_kernel`).
+
+    Grid: (programs,); program p takes steps ``p * steps ... (p + 1) * steps - 1`` (pixels in NHWC order). Every
+    channel and class of a pixel is in one tile (c <= 128, n_cls <= 64), so the map and the logits' gradient are
+    read once and ``da`` written once. Masked lanes load zeros and nothing is stored for them; a column past c or
+    n_cls multiplies a zero weight or gradient and is never stored."""
+    pid = tl.program_id(0)
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_k = tl.arange(0, BLOCK_CLS)
+    c_mask = offs_c < c
+    k_mask = offs_k < n_cls
+    w = tl.load(w_ptr + offs_c[:, None] * n_cls + offs_k[None, :], mask=c_mask[:, None] & k_mask[None, :], other=0.0)
+    w_t = tl.trans(w)
+    acc_t: tl.constexpr = acc_type(da_ptr.dtype.element_ty)
+    acc_w = tl.zeros((BLOCK_C, BLOCK_CLS), dtype=acc_t)
+    acc_b = tl.zeros((BLOCK_CLS,), dtype=acc_t)
+    for step in range(0, steps):
+        offs_p = (pid * steps + step) * BLOCK_P + tl.arange(0, BLOCK_P)
+        p_mask = offs_p < pixels
+        ox = offs_p % width
+        oy = (offs_p // width) % height
+        img = offs_p // (width * height)
+        a_ptrs = (
+            a_ptr + pixel_offset(img, oy, ox, stride_an, stride_ah, stride_aw)[:, None] + offs_c[None, :] * stride_ac
+        )
+        a = tl.load(a_ptrs, mask=p_mask[:, None] & c_mask[None, :], other=0.0)
+        g_ptrs = (
+            g_ptr + pixel_offset(img, oy, ox, stride_gn, stride_gh, stride_gw)[:, None] + offs_k[None, :] * stride_gc
+        )
+        g = tl.load(g_ptrs, mask=p_mask[:, None] & k_mask[None, :], other=0.0)
+        da = mma(g, w_t, tl.zeros((BLOCK_P, BLOCK_C), dtype=acc_t), INTERPRETER, DOT_PRECISION)
+        da_ptrs = da_ptr + offs_p.to(tl.int64)[:, None] * c + offs_c[None, :]
+        tl.store(da_ptrs, to_storage(da, da_ptr.dtype.element_ty, INTERPRETER), mask=p_mask[:, None] & c_mask[None, :])
+        acc_w = mma(tl.trans(a), g, acc_w, INTERPRETER, DOT_PRECISION)
+        acc_b += tl.sum(g.to(acc_t), axis=0)
+    part = part_ptr + pid.to(tl.int64) * (c + 1) * n_cls
+    tl.store(part + offs_c[:, None] * n_cls + offs_k[None, :], acc_w, mask=c_mask[:, None] & k_mask[None, :])
+    tl.store(part + c * n_cls + offs_k, acc_b, mask=k_mask)
+
+
+def head_backward_nhwc(
+    a: torch.Tensor, grad_logits: torch.Tensor, weight: torch.Tensor, *, bias: bool = True, programs: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The backward of a 1x1 head ``logits = a @ W + b`` in one pass over the map: ``(da, dW, db)``.
+
+    ``da = dlogits @ W^T`` (``a``'s dtype), ``dW = a^T dlogits`` and ``db = sum_p dlogits`` (fp32; fp64 for float64
+    maps; db None without ``bias``): one launch reads ``a`` and ``dlogits`` once, writes ``da`` and each program's
+    partial dW and db (deterministic: a fixed share of the pixels each, no atomics), a second launch sums the
+    partials in program order.
+
+    Args:
+        a: (N, H, W, C) view, the head's input (any strides), C <= 128.
+        grad_logits: (N, H, W, n_cls) view (any strides: an NCHW gradient's NHWC view), n_cls <= 64.
+        weight: (C, n_cls), the head's packed weight (:func:`fastunet.kernels.conv.pack_conv_weight` of a 1x1 conv).
+        programs: how many programs share the pixels (each a run of whole ``HEAD_BLOCK_P``-pixel steps; at most
+            one per step); default :data:`HEAD_PROGRAMS_PER_SM` per SM.
+    """
+    da, sums = head_backward_sums_nhwc(a, grad_logits, weight, programs=programs)
+    c = a.shape[3]
+    return da, sums[:c], sums[c] if bias else None
+
+
+def head_backward_sums_nhwc(
+    a: torch.Tensor, grad_logits: torch.Tensor, weight: torch.Tensor, *, programs: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`head_backward_nhwc` after its checks, dW and db in one (C + 1, n_cls) tensor (rows 0..C-1: dW; row C:
+    db): ``(da, sums)``, two tensors sharing no memory (what a custom op may return)."""
+    _check_map(a, "head_backward_nhwc a")
+    _check_map(grad_logits, "head_backward_nhwc grad_logits")
+    batch, height, width, c = a.shape
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[0] != c:
+        shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise ValueError(f"head_backward_nhwc weight: expected a ({c}, n_cls) packed 1x1 weight, got {shape}")
+    n_cls = weight.shape[1]
+    _check_like(grad_logits, "grad_logits", (batch, height, width, n_cls), a, "a")
+    if weight.dtype != a.dtype or weight.device != a.device:
+        raise ValueError(f"head_backward_nhwc weight: expected {a.dtype} on {a.device}, got {weight.dtype} on "
+                         f"{weight.device}")  # fmt: skip
+    if c > HEAD_MAX_CHANNELS or n_cls > HEAD_MAX_CLASSES:
+        raise ValueError(
+            f"head_backward_nhwc: at most {HEAD_MAX_CHANNELS} channels and {HEAD_MAX_CLASSES} classes, got {c} and "
+            f"{n_cls}"
+        )
+    stat = stat_dtype(a.dtype)
+    da = alloc((batch, height, width, c), a.dtype, a.device)
+    sums = alloc((c + 1, n_cls), stat, a.device)  # dW's rows, then db
+    pixels = batch * height * width
+    if pixels > MAX_PIXELS:
+        raise ValueError(f"head_backward_nhwc: at most {MAX_PIXELS} pixels, got {pixels}")
+    if pixels == 0 or c == 0 or n_cls == 0:
+        return da, sums.zero_()
+    weight = weight.contiguous()
+    tiles = triton.cdiv(pixels, HEAD_BLOCK_P)
+    if programs is None:
+        programs = HEAD_PROGRAMS_PER_SM * sm_count(a)
+    elif type(programs) is not int or programs < 1:
+        raise ValueError(f"head_backward_nhwc programs: expected a positive int, got {programs!r}")
+    programs = min(tiles, programs)
+    steps = triton.cdiv(tiles, programs)
+    programs = triton.cdiv(tiles, steps)  # no program without a step
+    part = alloc((programs, c + 1, n_cls), stat, a.device)
+    interpreter, precision = dot_flags(a.dtype, torch.backends.cudnn.allow_tf32)
+    args = (a, grad_logits, weight, da, part, pixels, height, width, c, n_cls, steps, *a.stride(),
+            *grad_logits.stride())  # fmt: skip
+    constexprs = {
+        "INTERPRETER": interpreter,
+        "DOT_PRECISION": precision,
+        "BLOCK_P": HEAD_BLOCK_P,
+        "BLOCK_C": max(16, next_pow2(c)),
+        "BLOCK_CLS": max(16, next_pow2(n_cls)),
+    }
+    options = {"num_warps": 4, "num_stages": 2}
+    elements = (c + 1) * n_cls
+    block = 1024
+    sum_args = (part, sums, programs, elements, 0, n_cls)
+    sum_grid = (triton.cdiv(elements, block),)
+    sum_options = {"num_warps": 4, "num_stages": 1}
+    if recording():
+        size = a.element_size()
+        record_launch(
+            LaunchRecord(
+                name="head_backward",
+                kernel=_head_backward_kernel,
+                grid=(programs,),
+                flops=4 * pixels * c * n_cls,
+                bytes_read=(a.numel() + grad_logits.numel() + weight.numel()) * size,
+                bytes_written=da.numel() * size + part.numel() * part.element_size(),
+                args=args,
+                constexprs=constexprs,
+                launch_options=options,
+            )
+        )
+        record_launch(
+            LaunchRecord(
+                name="head_backward.sum",
+                kernel=_sum_splits_kernel,
+                grid=sum_grid,
+                flops=0,
+                bytes_read=part.numel() * part.element_size(),
+                bytes_written=sums.numel() * sums.element_size(),
+                args=sum_args,
+                constexprs={"BLOCK": block},
+                launch_options=sum_options,
+            )
+        )
+    if not is_dry_run():
+        with launch_guard(a):
+            _head_backward_kernel[(programs,)](*args, **constexprs, **options)
+            _sum_splits_kernel[sum_grid](*sum_args, BLOCK=block, **sum_options)
+    return da, sums
+
+
+__all__ = [
+    "activation_pool_backward_nhwc",
+    "center_pad_offsets",
+    "head_backward_nhwc",
+    "head_backward_sums_nhwc",
+    "upsample2x_adjoint_nhwc",
+]

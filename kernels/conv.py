@@ -15,8 +15,9 @@ One kernel serves every convolution of the network; constexpr flags select the f
   (tap, channel) axis so that 27 useful products fill one 32-wide K block instead of nine mostly empty ones.
 * epilogue: bias, the activation (``ACT``: ReLU, LeakyReLU, PReLU with per-channel slopes, SiLU, a clamp to
   ``[lo, hi]`` as in ReLU6/Hardtanh, or none; NaN and infinities as torch's), store; the 2x2 max-pooled map
-  (``POOL``, of the activated map); the 1x1 head (``HEAD``: logits written in the caller's layout, the feature map
-  itself never stored); or a depth-to-space store (``D2S``: a stride-2 2x2 transposed conv is a per-pixel GEMM
+  (``POOL``, of the activated map); the 1x1 head (``HEAD``: logits written in the caller's layout; the feature map
+  itself is stored too only with ``HEAD == HEAD_MAP``, where a training forward keeps it for the head's weight
+  gradient); or a depth-to-space store (``D2S``: a stride-2 2x2 transposed conv is a per-pixel GEMM
   ``c_in -> 4*c_out``).
 
 GEMM view: M = output pixels, N = output channels, K = input channels x taps. The M axis is ordered
@@ -81,6 +82,9 @@ UP_MODES = ("direct", *UPSAMPLE_MODES)
 JOINS = ("pad", "replicate", "crop")
 # Persistent launches number their tiles in groups of this many pixel tiles by every channel tile (_grouped_tile).
 PERSISTENT_GROUP_M = tl.constexpr(8)
+# The fused head (HEAD): logits only, or the logits and the activated map under them (to pool_ptr's strides).
+HEAD_LOGITS = tl.constexpr(1)
+HEAD_MAP = tl.constexpr(2)
 
 
 @triton.jit
@@ -359,7 +363,7 @@ def _conv_tile(
     w_ptr,  # (KSIZE * KSIZE * (c_main + c_up), c_out): packed weights, row = tap * c_in + channel
     b_ptr,  # (c_out,)
     y_ptr,  # (batch, height, width, c_out), (batch, 2 height, 2 width, c_out / 4) with D2S, or logits with HEAD
-    pool_ptr,  # (batch, height // 2, width // 2, c_out)
+    pool_ptr,  # (batch, height // 2, width // 2, c_out); (batch, height, width, c_out) with HEAD == HEAD_MAP
     head_w_ptr,  # (c_out, n_cls)
     head_b_ptr,  # (n_cls,)
     x_desc,  # TMA descriptors of x, up and their rows of the packed weight (TMA_ROWS > 0; None on the pointer path)
@@ -686,6 +690,14 @@ def _conv_tile(
             tl.store(
                 y_ptrs, to_storage(logits, y_ptr.dtype.element_ty, INTERPRETER), mask=m_valid[:, None] & c_mask[None, :]
             )
+            if HEAD == HEAD_MAP:
+                # The activated map as well, to pool_ptr: the input the head's weight gradient reads in a backward.
+                map_ptrs = (
+                    pool_ptr
+                    + pixel_offset(img, oy, ox, stride_pn, stride_ph, stride_pw)[:, None]
+                    + offs_n.to(tl.int64)[None, :] * stride_pc
+                )
+                tl.store(map_ptrs, out, mask=m_valid[:, None] & n_mask[None, :])
         elif D2S:
             # Column n = (dy * 2 + dx) * c_real + channel, stored at pixel (2 oy + dy, 2 ox + dx).
             c_real = c_out // 4
@@ -753,7 +765,7 @@ def _conv_nhwc_kernel(
     w_ptr,  # (KSIZE * KSIZE * (c_main + c_up), c_out): packed weights, row = tap * c_in + channel
     b_ptr,  # (c_out,)
     y_ptr,  # (batch, height, width, c_out), (batch, 2 height, 2 width, c_out / 4) with D2S, or logits with HEAD
-    pool_ptr,  # (batch, height // 2, width // 2, c_out)
+    pool_ptr,  # (batch, height // 2, width // 2, c_out); (batch, height, width, c_out) with HEAD == HEAD_MAP
     head_w_ptr,  # (c_out, n_cls)
     head_b_ptr,  # (n_cls,)
     x_desc,  # TMA descriptors of x, up and their rows of the packed weight (TMA_ROWS > 0; None on the pointer path)
@@ -1426,7 +1438,7 @@ def _conv_static(
     act: str,
     has_bias: bool,
     pool: bool,
-    head: bool,
+    head: int,
     d2s: bool,
     stride: int = 1,
     norm_in: NormIn | None = None,
@@ -1434,7 +1446,7 @@ def _conv_static(
     polyphase: bool = False,
 ) -> _ConvStatic:
     """Derive a conv launch (see :class:`_ConvStatic`) from what its tensors look like; refuses sizes the kernel
-    cannot address."""
+    cannot address. ``head``: the kernel's ``HEAD`` (False, :data:`HEAD_LOGITS` or :data:`HEAD_MAP`)."""
     batch, _, _, c_main = x.shape
     g = geometry
     height, width = g.out_h, g.out_w
@@ -1454,7 +1466,7 @@ def _conv_static(
         c_up=g.c_up,
         element_size=x.element_size(),
         packed_k=packed_k,
-        head=head,
+        head=bool(head),
         d2s=d2s,
         sm_count=sm_count(x),
         tma=path == "tma",
@@ -1744,6 +1756,7 @@ def conv2d_nhwc(
     norm_in: NormIn | None = None,
     norm: NormSpec | None = None,
     polyphase: tuple[int, int] | None = None,
+    head_map: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | NormIn | None]:
     """``ksize x ksize`` convolution (stride 1 or 2) of an NHWC view, with its fused neighbours.
 
@@ -1767,7 +1780,7 @@ def conv2d_nhwc(
             the fused head).
         pool: also return the 2x2 max-pooled map (floor mode, like ``nn.MaxPool2d(2)``).
         head_weight, head_bias: (C_out, n_cls) and (n_cls,): fuse a 1x1 conv; the return value is then the
-            logits, and the C_out feature map is not stored.
+            logits, and the C_out feature map is not stored (unless ``head_map``).
         out: optional destination (N, H_out, W_out, C_out or n_cls) view, e.g. an NCHW tensor permuted to NHWC.
         stride: 1, or 2 (a down-sampling conv: output ``(H + 2 padding - ksize) // 2 + 1`` as in torch; one source).
         norm_in: x is a stored pre-norm map: the loader reads ``act(x * scale + shift)`` (see
@@ -1781,11 +1794,13 @@ def conv2d_nhwc(
             weight (:func:`fastunet.kernels.conv_grad.flip_conv_weight`), the result ``(N, H, W, C_out)``; each of
             its four phases (row and column parity) sums only its own taps (1, 2, 2 or 4). ``ksize`` 3,
             ``padding`` 1, ``stride`` 1, one source, no bias, activation "none", nothing else fused.
+        head_map: with a fused head (not with ``pool``), the epilogue also stores the activated C_out map (what a
+            training forward keeps for the head's weight gradient): returned in place of the pooled map.
 
     Returns:
-        (y, pooled): y in NHWC (or ``out``), pooled None unless ``pool``; with ``norm``: (z, how to read it), the
-        pre-norm map and the :class:`~fastunet.kernels.stats.NormIn` (scale, shift and the activation) a consumer
-        passes as ``norm_in``.
+        (y, pooled): y in NHWC (or ``out``), pooled None unless ``pool`` (with ``head_map``: the activated map, NHWC,
+        under the logits y); with ``norm``: (z, how to read it), the pre-norm map and the
+        :class:`~fastunet.kernels.stats.NormIn` (scale, shift and the activation) a consumer passes as ``norm_in``.
 
     What the launch comes to for a signature (sizes, strides, dtypes, devices, alignment, the arguments and this
     thread's switches) is derived once and reused (:class:`~fastunet.kernels._common.LaunchCache`); each call still
@@ -1801,7 +1816,7 @@ def conv2d_nhwc(
                 align_corners, join, activation, slope, lo, hi, pool, stride, _signature(norm_in),
                 None if norm is None else (norm.groups, type(norm.groups), tensor_meta(norm.weight),
                                            tensor_meta(norm.bias)),
-                polyphase, _environment(),
+                polyphase, head_map, _environment(),
             )  # fmt: skip
         except (AttributeError, RuntimeError):  # not a tensor, or one without storage: validated and derived anew
             key = None
@@ -1812,6 +1827,7 @@ def conv2d_nhwc(
             x, w_packed, bias, ksize=ksize, padding=padding, up=up, up_mode=up_mode, align_corners=align_corners,
             join=join, activation=activation, lo=lo, hi=hi, slopes=slopes, pool=pool, head_weight=head_weight,
             head_bias=head_bias, out=out, stride=stride, norm_in=norm_in, norm=norm, polyphase=polyphase,
+            head_map=head_map,
         )  # fmt: skip
         if key is not None:
             _CONV_LAUNCHES.put(key, prepared)
@@ -1830,6 +1846,9 @@ def conv2d_nhwc(
     if out is None:
         out = alloc(prepared.out_shape, x.dtype, x.device)
     pooled = alloc(prepared.pooled_shape, x.dtype, x.device) if prepared.pooled_shape is not None else None
+    if head_map:  # written where the pooled map would be (a head with its map has no pool)
+        pooled = alloc((*prepared.out_shape[:3], prepared.geometry.c_out), x.dtype, x.device)
+    head = False if head_weight is None else HEAD_MAP.value if head_map else HEAD_LOGITS.value
     source = None
     if up is not None and up_mode != "direct":
         up = upsample2x_nhwc(up, up_mode, align_corners)
@@ -1838,7 +1857,7 @@ def conv2d_nhwc(
     if static is None:
         static = _conv_static(
             x, up, w_packed, geometry=prepared.geometry, ksize=ksize, packed_k=prepared.packed_k, act=prepared.act,
-            has_bias=bias is not None, pool=pooled is not None, head=head_weight is not None, d2s=False,
+            has_bias=bias is not None, pool=prepared.pooled_shape is not None, head=head, d2s=False,
             stride=stride, norm_in=norm_in, stats=norm is not None, polyphase=polyphase is not None,
         )  # fmt: skip
         if len(prepared.launches) >= _MAX_SOURCE_LAYOUTS:
@@ -1858,7 +1877,7 @@ def conv2d_nhwc(
 
 def _prepare_conv2d(
     x, w_packed, bias, *, ksize, padding, up, up_mode, align_corners, join, activation, lo, hi, slopes, pool,
-    head_weight, head_bias, out, stride, norm_in, norm, polyphase=None,
+    head_weight, head_bias, out, stride, norm_in, norm, polyphase=None, head_map=False,
 ) -> _PreparedConv:  # fmt: skip
     """Validate a :func:`conv2d_nhwc` call (every check, in order, with the error a bad input gets) and derive its
     sizes (see :class:`_PreparedConv`)."""
@@ -1884,6 +1903,11 @@ def _prepare_conv2d(
         raise ValueError(
             "a conv followed by a norm with data statistics stores the pre-norm map: no fused pool or head (their "
             "inputs are the normalized map)"
+        )
+    if head_map and (head_weight is None or pool):
+        raise ValueError(
+            f"head_map stores the map under a fused head: it needs head_weight and no pool, got "
+            f"head_weight={'a tensor' if head_weight is not None else None}, pool={pool}"
         )
     if norm_in is not None:
         norm_in.check(x, "conv2d_nhwc input")

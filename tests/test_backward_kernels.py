@@ -18,7 +18,12 @@ from test_moat import AddressAudit, HostGuard, MoatedLaunch, hooked_memory_ops
 
 from fastunet.kernels import INTERPRET, launch_log
 from fastunet.kernels import backward as backward_module
-from fastunet.kernels.backward import activation_pool_backward_nhwc, center_pad_offsets, upsample2x_adjoint_nhwc
+from fastunet.kernels.backward import (
+    activation_pool_backward_nhwc,
+    center_pad_offsets,
+    head_backward_nhwc,
+    upsample2x_adjoint_nhwc,
+)
 from fastunet.reference import center_pad
 
 NAN = float("nan")
@@ -336,6 +341,79 @@ def test_upsample_adjoint_nan_reaches_the_pixels_that_read_it(device, mode, alig
     assert reached.sum() >= 2 and torch.equal(got.isnan().cpu(), reached)
     expected = adjoint_reference(grad.nan_to_num(0.0), low_hw, mode, align_corners)[0]
     torch.testing.assert_close(got.cpu()[~reached].double(), expected[~reached], rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The 1x1 head's backward in one pass
+# ---------------------------------------------------------------------------------------------------------------
+def head_case(batch, height, width, channels, classes, dtype, device):
+    """The map (NHWC view in a NaN moat), the logits' gradient (an NCHW tensor's NHWC view, in a moat) and the
+    packed weight."""
+    a = in_moat(torch.randn(batch, height, width, channels).to(device, dtype))
+    grad = nhwc(in_moat(torch.randn(batch, classes, height, width).to(device, dtype), channels_before=1))
+    weight = torch.randn(channels, classes).to(device, dtype)
+    return a, grad, weight
+
+
+def head_reference(a, grad, weight):
+    a64, g64, w64 = (t.detach().double().cpu() for t in (a, grad, weight))
+    return g64 @ w64.t(), torch.einsum("nhwc,nhwk->ck", a64, g64), g64.sum((0, 1, 2))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    ("batch", "height", "width", "channels", "classes", "programs"),
+    [
+        pytest.param(2, 7, 5, 19, 3, None, id="odd"),
+        pytest.param(1, 16, 9, 64, 2, None, id="64-channels"),
+        pytest.param(3, 5, 33, 128, 17, None, id="widest"),
+        pytest.param(1, 1, 1, 1, 1, None, id="one-pixel"),
+        pytest.param(2, 19, 23, 24, 5, 3, id="three-programs"),  # 14 steps: 5, 5 and 4 a program
+        pytest.param(1, 16, 8, 64, 2, 1, id="one-program"),
+    ],
+)
+def test_head_backward_matches_float64(device, dtype, batch, height, width, channels, classes, programs):
+    """``da = g W^T``, ``dW = a^T g`` and ``db = sum g`` against float64, inputs in NaN moats (a stray read
+    poisons the result) and outputs poisoned (an unwritten element fails); each error within its fp32
+    accumulation's bound (``K * 2^-24`` times the sum of the products' magnitudes), plus da's storage rounding."""
+    a, grad, weight = head_case(batch, height, width, channels, classes, dtype, device)
+    da, dw, db = head_backward_nhwc(a, grad, weight, programs=programs)
+    expected_da, expected_dw, expected_db = head_reference(a, grad, weight)
+    assert da.dtype == dtype and dw.dtype == db.dtype == torch.float32 and da.is_contiguous()
+    pixels = batch * height * width
+    tf32 = 2 * 2.0**-11 if dtype == torch.float32 and device.type == "cuda" else 0.0  # operands rounded on a GPU
+    a64, g64, w64 = a.double().abs().cpu(), grad.double().abs().cpu(), weight.double().abs().cpu()
+    da_bound = ((classes + 1) * 2.0**-24 + tf32 + UNIT_ROUNDOFF[dtype]) * (g64 @ w64.t())
+    dw_bound = (pixels * 2.0**-24 + tf32) * torch.einsum("nhwc,nhwk->ck", a64, g64)
+    db_bound = pixels * 2.0**-24 * g64.sum((0, 1, 2))
+    for got, expected, bound in ((da, expected_da, da_bound), (dw, expected_dw, dw_bound), (db, expected_db, db_bound)):
+        assert not got.isnan().any()
+        assert ((got.double().cpu() - expected).abs() <= bound + 1e-30).all()
+    _, _, no_bias = head_backward_nhwc(a, grad, weight, bias=False)
+    assert no_bias is None
+
+
+def test_head_backward_is_bitwise_repeatable_in_two_launches(device):
+    a, grad, weight = head_case(2, 13, 11, 64, 2, torch.bfloat16, device)
+    with launch_log() as records:
+        first = head_backward_nhwc(a, grad, weight)
+        second = head_backward_nhwc(a, grad, weight)
+    assert all(torch.equal(x, y) for x, y in zip(first, second, strict=True))
+    assert [record.name for record in records] == ["head_backward", "head_backward.sum"] * 2
+
+
+def test_head_backward_refuses_bad_input(device):
+    a, grad, weight = head_case(1, 4, 4, 8, 2, torch.float32, device)
+    with pytest.raises(ValueError, match=r"weight: expected a \(8, n_cls\) packed 1x1 weight, got \(7, 2\)"):
+        head_backward_nhwc(a, grad, weight[:7])
+    with pytest.raises(ValueError, match=r"grad_logits: expected shape \(1, 4, 4, 3\), got \(1, 4, 4, 2\)"):
+        head_backward_nhwc(a, grad, torch.randn(8, 3, device=device))
+    with pytest.raises(ValueError, match="weight: expected torch.float32 on"):
+        head_backward_nhwc(a, grad, weight.bfloat16())
+    with pytest.raises(ValueError, match="programs: expected a positive int, got 0"):
+        head_backward_nhwc(a, grad, weight, programs=0)
+    with pytest.raises(ValueError, match="at most 128 channels and 64 classes, got 8 and 65"):
+        head_backward_nhwc(a, torch.randn(1, 4, 4, 65, device=device), torch.randn(8, 65, device=device))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -627,7 +627,7 @@ TRAIN_MODEL = {"in_channels": 3, "num_classes": 2, "base_channels": 64, "depth":
 TRAIN_SHAPE = (2, 3, 64, 64)
 TRAIN_UPSAMPLES = ("bilinear", "transpose")
 # The backward's kernels in a bilinear and a transposed-conv U-Net; the forward conv kernel also runs the input
-# gradients (conv3x3, conv1x1 for the head, conv3x3/2 for the transposed conv).
+# gradients (conv3x3, conv3x3/2 for the transposed conv); the head's backward is one pass and the sum of its partials.
 BACKWARD_KERNELS = {
     "activation_pool_backward",
     "activation_pool_backward+pool",
@@ -635,6 +635,8 @@ BACKWARD_KERNELS = {
     "conv_weight_grad.sum",
     "upsample2x_adjoint",
     "conv3x3/2",
+    "head_backward",
+    "head_backward.sum",
 }
 
 
@@ -708,8 +710,8 @@ def test_sm90_build_training_step(training_report):
         mma = "HGMMA" if (c["BLOCK_N"] if c.get("PACK_TAPS") else c["BLOCK_C"]) >= 64 else "HMMA"
         if not row["mma_opcodes"] or not all(op.startswith(mma) for op in row["mma_opcodes"]):
             found.append(f"{label}: expected {mma}, got {row['mma_opcodes']}")
-        # Both operands by TMA in every weight gradient of this net but the first conv's (3 channels) and the head's
-        # (2 classes: 4-byte dz rows), whose strides are not 16-byte multiples.
+        # Both operands by TMA in every weight gradient of this net but the first conv's (3 channels), whose strides
+        # are not 16-byte multiples (the head's gradients have a kernel of their own).
         tma = c["BLOCK_C"] >= 64 and c["BLOCK_N"] > 16
         if c["TMA"] != tma or bool(row["tma_loads"]) != tma or (tma and row["cp_async"]):
             found.append(f"{label}: TMA {c['TMA']}, {row['tma_loads']} TMA loads, {row['cp_async']} cp.async")

@@ -6,6 +6,7 @@ import threading
 
 import pytest
 import torch
+import torch.nn.functional as F
 from test_convert import milesial
 from test_convert_structure import handmade
 from test_unet_parity import build_pair
@@ -14,7 +15,7 @@ from torch import nn
 import fastunet
 from fastunet import ops
 from fastunet.kernels.conv import pack_conv_transpose_weight, pack_conv_weight
-from tolerances import assert_network_close, precision_key
+from tolerances import assert_kernel_close, assert_network_close, precision_key
 
 SMALL = {"in_channels": 3, "num_classes": 2, "base_channels": 4, "depth": 2}
 
@@ -71,6 +72,54 @@ def test_conv_op_reads_a_permuted_input(device):
     torch.library.opcheck(torch.ops.fastunet.conv2d_nhwc.default, args)
 
 
+def _unpack(w_packed: torch.Tensor, c_in: int, ksize: int = 3) -> torch.Tensor:
+    """(ksize^2 c_in, c_out) packed weight back to torch's (c_out, c_in, ksize, ksize)."""
+    return w_packed.view(ksize, ksize, c_in, -1).permute(3, 2, 0, 1)
+
+
+def _fused_head_math(x, weight, bias, head_w, head_b):
+    """A 3x3 conv + ReLU with a 1x1 head on NHWC maps in PyTorch: (logits, the activated map), both NHWC."""
+    features = torch.relu(F.conv2d(x.permute(0, 3, 1, 2), _unpack(weight, x.shape[3]), bias, padding=1))
+    features = features.permute(0, 2, 3, 1)
+    return features @ head_w + head_b, features
+
+
+@pytest.mark.parametrize("nchw", [True, False], ids=["nchw-logits", "nhwc-logits"])
+def test_conv_op_with_head_map_stores_logits_and_the_map(device, nchw):
+    """A training forward's last conv: the fused head's logits and, in the pooled map's place, the activated map
+    under them (what the head's weight gradient reads), both against float64."""
+    args = _conv_args(device, head=3, nchw=nchw)
+    logits, features, *stats = torch.ops.fastunet.conv2d_nhwc(*args, head_map=True)
+    x, weight, bias, _, head_w, head_b = (t.double().cpu() if t is not None else None for t in args[:6])
+    expected_logits, expected_features = _fused_head_math(x, weight, bias, head_w, head_b)
+    key = precision_key(torch.float32, device)
+    assert_kernel_close(features, expected_features, 9 * 5, key)
+    assert_kernel_close(logits, expected_logits, 9 * 5 * 6, key)
+    assert logits.permute(0, 3, 1, 2).is_contiguous() == nchw and features.is_contiguous()
+    assert all(t.numel() == 0 for t in stats)
+    with pytest.raises(ValueError, match="head_map stores the map under a fused head: it needs head_weight and no"):
+        torch.ops.fastunet.conv2d_nhwc(*_conv_args(device, head=3, pool=True), head_map=True)
+
+
+def test_conv_op_with_head_map_gradients_match_float64(device):
+    """The fused conv + head op's registered backward (the head's input and weight gradients, then the conv's)
+    against float64 autograd of the same math, every differentiable input."""
+    args = list(_conv_args(device, head=3, nchw=True))
+    for index in (0, 1, 2, 4, 5):
+        args[index] = args[index].detach().requires_grad_()
+    logits, features, *_ = torch.ops.fastunet.conv2d_nhwc(*args, head_map=True)
+    grad = torch.randn(logits.shape, device=device)
+    found = torch.autograd.grad(logits, [args[i] for i in (0, 1, 2, 4, 5)], grad)
+    inputs = [args[i].detach().double().cpu().requires_grad_() for i in (0, 1, 2, 4, 5)]
+    expected_logits, _ = _fused_head_math(*inputs)
+    expected = torch.autograd.grad(expected_logits, inputs, grad.double().cpu())
+    key = precision_key(torch.float32, device)
+    for name, got, want in zip(("x", "weight", "bias", "head weight", "head bias"), found, expected, strict=True):
+        assert got.shape == want.shape, name
+        k = 2 * 7 * 6 * 9 * 6  # the longest sum behind any of them: pixels by taps by channels
+        assert_kernel_close(got, want, k, key)
+
+
 def test_conv_transpose_op_passes_opcheck(device):
     x = _nhwc(2, 3, 5, 6, device)
     weight = pack_conv_transpose_weight(torch.randn(6, 4, 2, 2, device=device))
@@ -104,21 +153,23 @@ def test_fake_output_matches_the_real_one(device, valid_crop):
         pytest.param({"pool": True}, id="pool"),
         pytest.param({"up_mode": "direct"}, id="two-sources"),
         pytest.param({"up_mode": "bilinear", "align_corners": True}, id="bilinear-in-launch"),
+        pytest.param({"head": 3, "nchw": True, "head_map": True}, id="head-with-map"),
     ],
 )
 def test_conv_op_autograd_passes_opcheck(device, case):
     """With inputs that require grad, opcheck also runs the registered autograd (fastunet.training) and its
     backward through AOT dispatch."""
     case = dict(case)
+    kwargs = {"head_map": case.pop("head_map")} if "head_map" in case else {}
     if case.get("up_mode") == "direct":
         case["up"] = _nhwc(2, 7, 6, 4, device)
     elif case.get("up_mode"):
         case["up"] = _nhwc(2, 3, 3, 4, device)
     args = list(_conv_args(device, **case))
-    for index in (0, 1, 2, 3):
+    for index in (0, 1, 2, 3, 4, 5):
         if args[index] is not None:
             args[index] = args[index].detach().requires_grad_()
-    torch.library.opcheck(torch.ops.fastunet.conv2d_nhwc.default, tuple(args))
+    torch.library.opcheck(torch.ops.fastunet.conv2d_nhwc.default, tuple(args), kwargs)
 
 
 @pytest.mark.parametrize(

@@ -455,6 +455,45 @@ def test_saved_maps_stay_under_the_target_in_every_covered_config(upsample, norm
     assert maps <= bilinear, (maps, bilinear)
 
 
+def test_the_training_forward_fuses_the_head_into_the_last_conv():
+    """The reference config's training step (traced on the meta device, nothing run): the 1x1 head runs in
+    dec0.conv2's epilogue, which stores the logits and the activated map the head's weight gradient reads; the head
+    has no launch of its own, forward or backward, and the forward launches as many kernels as the eval forward
+    (besides the weights' pack)."""
+    from fastunet.kernels.conv import HEAD_MAP
+    from fastunet.tooling.trace import trace_config, trace_training
+
+    shape, dtype = (2, 3, 64, 64), torch.bfloat16
+    records = trace_training({**REFERENCE, "upsample": "bilinear"}, shape, dtype)
+    stages = [r.stage or "" for r in records]
+    assert not [s for s in stages if s == "head" or s.startswith("head.")], sorted(set(stages))
+    last = [r for r in records if r.stage == "dec0.conv2"]
+    assert len(last) == 1 and last[0].name == "conv3x3+head" and last[0].constexprs["HEAD"] == HEAD_MAP.value
+    logits, features = 2 * 2 * 64 * 64 * 2, 2 * 64 * 64 * 64 * 2  # bytes: 2 classes and 64 channels, bf16
+    assert last[0].bytes_written == logits + features
+    forward = [s for s in stages if not s.endswith(".backward") and s != "pack"]  # pack: the weights, one launch
+    assert len(forward) == len(trace_config({**REFERENCE, "upsample": "bilinear"}, shape, dtype))
+
+
+def test_training_forward_logits_and_the_saved_map_match_float64(device):
+    """Training mode: the logits against the float64 reference, and the map autograd keeps for the head (the head's
+    input in the reference) among the saved tensors, against the reference's."""
+    fast, reference = _pair(device, "bilinear")
+    fast.train()
+    x = torch.randn(2, 3, 13, 10)
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        logits = fast(x.to(device).requires_grad_())
+    assert fast.last_backend in KERNELS, fast.last_backend_reason
+    head_input: list[torch.Tensor] = []
+    reference.head.register_forward_hook(lambda module, inputs, output: head_input.append(inputs[0]))
+    expected = reference(x.double())
+    assert _relative(logits, expected) <= BUDGET
+    features = head_input[0].permute(0, 2, 3, 1)  # NHWC, as the kernels keep it
+    candidates = [t for t in saved if t.shape == features.shape and t.dtype == torch.float32]
+    assert min(_relative(t, features) for t in candidates) <= BUDGET
+
+
 def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str, x: torch.Tensor, target: torch.Tensor) -> None:
     import torch.distributed as dist
 

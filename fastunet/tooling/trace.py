@@ -108,8 +108,9 @@ def trace_training(
 ) -> list[LaunchRecord]:
     """The launches of one training step's forward and backward of ``UNet(**model_kwargs)`` on the backward kernels
     (the input needs no gradient; the optimizer step is not included), nothing run: the forward as the training
-    path launches it (the upsampling inside the decoder conv's launch), then the backward, whose records carry the
-    forward stage's name with ``.backward``. Raises ``ValueError`` for a layout the backward kernels do not cover."""
+    path launches it (a 1x1 head fused into the last conv, whose launch stores the map under the logits too; the
+    upsampling inside the decoder conv's launch), then the backward, whose records carry the forward stage's name
+    with ``.backward``. Raises ``ValueError`` for a layout the backward kernels do not cover."""
     layout = _training_model(model_kwargs).fused_layout()
     return trace_training_layout(layout, input_shape, dtype, sm_count=sm_count, arch=arch)
 
