@@ -350,6 +350,26 @@ def _grouped_tile(tile, tiles_m, tiles_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _relu_derivative(grad, a, INTERPRETER: tl.constexpr):
+    """``where(a <= 0, 0, grad)`` (torch's ``threshold_backward``: a NaN ``a`` passes ``grad``): the gradient of a map
+    before a ReLU from the gradient after it and the stored output ``a``. Done on the bits, an AND with an all-ones or
+    all-zeros mask: as a select on the values, ptxas serializes the conv's wgmma (warning C7514) and splits the
+    packed 16-bit conversions of the epilogue. The interpreter cannot bitcast bf16 (numpy has none): a select there,
+    the same values."""
+    if INTERPRETER and grad.dtype == tl.bfloat16:
+        return tl.where(a <= 0, tl.zeros_like(grad), grad)
+    bits: tl.constexpr = grad.dtype.primitive_bitwidth
+    if bits == 16:
+        int_t: tl.constexpr = tl.int16
+    elif bits == 32:
+        int_t: tl.constexpr = tl.int32
+    else:
+        int_t: tl.constexpr = tl.int64
+    keep = tl.where((a > 0) | (a != a), -1, 0).to(int_t)
+    return (grad.to(int_t, bitcast=True) & keep).to(grad.dtype, bitcast=True)
+
+
+@triton.jit
 def _conv_tile(
     pid_m,  # the tile: its pixel block (see the kernel's grid), its output-channel block and its part of K
     pid_n,
@@ -359,7 +379,7 @@ def _conv_tile(
     w_ptr,  # (KSIZE * KSIZE * (c_main + c_up), c_out): packed weights, row = tap * c_in + channel
     b_ptr,  # (c_out,)
     y_ptr,  # (batch, height, width, c_out), (batch, 2 height, 2 width, c_out / 4) with D2S, or logits with HEAD
-    pool_ptr,  # (batch, height // 2, width // 2, c_out); with GRAD_MASK: (batch, height, width, c_out), see there
+    pool_ptr,  # (batch, height // 2, width // 2, c_out); with GRAD_MASK: a map laid out like y (see there)
     head_w_ptr,  # (c_out, n_cls)
     head_b_ptr,  # (n_cls,)
     x_desc,  # TMA descriptors of x, up and their rows of the packed weight (TMA_ROWS > 0; None on the pointer path)
@@ -665,17 +685,6 @@ def _conv_tile(
             acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(acc_t)[None, :]
         # Before the pool (max over the window of the activated map: SiLU is not monotonic) and before a fused head.
         acc = activate(acc, slopes_ptr, offs_n, n_mask, act_slope, act_lo, act_hi, ACT)
-        if GRAD_MASK:
-            # An input gradient times the derivative of the ReLU that made this launch's output pixels' map (stored
-            # at pool_ptr): where(a <= 0, 0, g), threshold_backward's rule (a NaN a passes g through).
-            tl.static_assert(not (POOL or HEAD or D2S or STATS), "the gradient mask: a plain store")
-            mask_ptrs = (
-                pool_ptr
-                + pixel_offset(img, oy, ox, stride_pn, stride_ph, stride_pw)[:, None]
-                + offs_n.to(tl.int64)[None, :] * stride_pc
-            )
-            gate = tl.load(mask_ptrs, mask=m_valid[:, None] & n_mask[None, :], other=1.0)
-            acc = tl.where(gate <= 0, tl.zeros_like(acc), acc)
         out = to_storage(acc, y_ptr.dtype.element_ty, INTERPRETER)
 
         if HEAD:
@@ -714,12 +723,12 @@ def _conv_tile(
             )
             tl.store(y_ptrs, out, mask=m_valid[:, None] & n_mask[None, :])
         else:
-            y_ptrs = (
-                y_ptr
-                + pixel_offset(img, oy, ox, stride_yn, stride_yh, stride_yw)[:, None]
-                + offs_n.to(tl.int64)[None, :] * stride_yc
-            )
-            tl.store(y_ptrs, out, mask=m_valid[:, None] & n_mask[None, :])
+            at = pixel_offset(img, oy, ox, stride_yn, stride_yh, stride_yw)[:, None]
+            at += offs_n.to(tl.int64)[None, :] * stride_yc
+            if GRAD_MASK:
+                gate = tl.load(pool_ptr + at, mask=m_valid[:, None] & n_mask[None, :])
+                out = _relu_derivative(out, gate, INTERPRETER)
+            tl.store(y_ptr + at, out, mask=m_valid[:, None] & n_mask[None, :])
 
         if STATS:
             # Moments of the values as stored (rounded), as the norm computes them from the tensor it is given.
@@ -767,7 +776,7 @@ def _conv_nhwc_kernel(
     w_ptr,  # (KSIZE * KSIZE * (c_main + c_up), c_out): packed weights, row = tap * c_in + channel
     b_ptr,  # (c_out,)
     y_ptr,  # (batch, height, width, c_out), (batch, 2 height, 2 width, c_out / 4) with D2S, or logits with HEAD
-    pool_ptr,  # (batch, height // 2, width // 2, c_out); with GRAD_MASK: (batch, height, width, c_out), see there
+    pool_ptr,  # (batch, height // 2, width // 2, c_out); with GRAD_MASK: a map laid out like y (see there)
     head_w_ptr,  # (c_out, n_cls)
     head_b_ptr,  # (n_cls,)
     x_desc,  # TMA descriptors of x, up and their rows of the packed weight (TMA_ROWS > 0; None on the pointer path)
@@ -888,9 +897,10 @@ def _conv_nhwc_kernel(
     tile's (tap, channel block) steps (:func:`_split_range`) and stores its fp32 partial sums to ``part_ptr``;
     :func:`_split_k_sum_kernel` adds the parts in order and runs the epilogue.
 
-    ``GRAD_MASK`` (a plain store, one tile's K whole): the launch is an input gradient and ``pool_ptr`` (with the
-    pool's strides) the activated map a ReLU stored at the output's pixels: the epilogue stores ``where(a <= 0, 0,
-    acc)``, that ReLU's derivative applied (see :func:`conv2d_nhwc`'s ``grad_mask``).
+    ``GRAD_MASK`` (a plain store, one tile's K whole): the launch is an input gradient and ``pool_ptr`` (laid out like
+    y, read at y's offsets) the activated map ``a`` a ReLU stored at the output's pixels: the epilogue stores
+    ``where(a <= 0, 0, acc)``, that ReLU's derivative applied (:func:`_relu_derivative`; see :func:`conv2d_nhwc`'s
+    ``grad_mask``).
     """
     if PERSISTENT:
         # Fewer programs than tiles: each program takes every num_programs-th tile in grouped order.
@@ -1796,8 +1806,9 @@ def conv2d_nhwc(
         grad_mask: the launch is a gradient (an input gradient of a conv) and ``grad_mask``, (N, H_out, W_out, C_out)
             any strides, the map ``a = relu(z)`` a ReLU stored at those pixels and channels: the output is
             ``where(a <= 0, 0, g)``, the ReLU's derivative applied as ``threshold_backward`` does (a NaN ``a`` passes
-            ``g``), in the epilogue instead of a launch of its own. Activation "none", one tile's K whole (no split
-            K), no pool, head or norm.
+            ``g``), in the epilogue instead of a launch of its own (a mask laid out unlike the output is copied
+            into the output's layout first). Activation "none", one tile's K whole (no split K), no pool, head or
+            norm.
 
     Returns:
         (y, pooled): y in NHWC (or ``out``), pooled None unless ``pool``; with ``norm``: (z, how to read it), the
@@ -1847,6 +1858,8 @@ def conv2d_nhwc(
             _check_no_overlap(out, [x, up, w_packed, bias, head_weight, head_bias, slopes, grad_mask])
     if out is None:
         out = alloc(prepared.out_shape, x.dtype, x.device)
+    if grad_mask is not None and grad_mask.stride() != out.stride():  # the epilogue reads it at the output's offsets
+        grad_mask = torch.empty_strided(out.shape, out.stride(), dtype=out.dtype, device=out.device).copy_(grad_mask)
     pooled = alloc(prepared.pooled_shape, x.dtype, x.device) if prepared.pooled_shape is not None else None
     source = None
     if up is not None and up_mode != "direct":
