@@ -8,7 +8,10 @@ of Triton launches and registers it with :func:`torch.library.register_autograd`
   the upsampled map; the 1x1 head): the gradient arriving at the activated map ``y`` and at the pooled map is
   turned into ``dZ = relu'(y) * (g_y + unpool(g_pooled))`` by one memory-bound launch that recomputes each window's
   maximum from ``y`` (PyTorch's rule: the first maximum in row-major order; a NaN beats any number, the last NaN
-  wins); then ``dW = A^T dZ`` and the
+  wins). A ReLU conv whose one reader is a conv launch of the plan (``grad_is_dz``: every conv but the encoders'
+  second ones, where no norm follows) has no such launch: that reader's backward applies ``where(y <= 0, 0, g)`` in
+  its own launch's epilogue (its input gradient, or the upsample adjoint), so the gradient arrives as dZ. Then
+  ``dW = A^T dZ`` and the
   bias gradient (deterministic split-K, :func:`fastunet.kernels.conv_grad.conv2d_weight_grad_nhwc`; one launch per
   source for the decoder conv) and ``dX``, the forward conv kernel itself run on ``dZ`` with the taps flipped and
   the channels swapped (:func:`fastunet.kernels.conv_grad.conv2d_input_grad_nhwc`; for the 3x3 stride-2 down-sampling
