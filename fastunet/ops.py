@@ -336,6 +336,9 @@ class ConvStage:
     slopes: torch.Tensor | None = None
     stride: int = 1
     norm: NormStage | None = None
+    # Set by the training plan only: every reader of this conv's (ReLU) output applies the ReLU's derivative to the
+    # gradient it sends back, so the conv's backward takes the arriving gradient as the pre-activation one.
+    grad_is_dz: bool = False
 
     @property
     def activation(self) -> Act:
@@ -695,8 +698,8 @@ _CONV_SCHEMA = (
     "int ksize, int padding, str up_mode, bool align_corners, str join, str activation, float slope, float lo, "
     f"float hi, bool pool, bool nchw_out, int stride=1, {_NORM_IN_ARGS}, int norm_groups=0, "
     "Tensor? norm_weight=None, Tensor? norm_bias=None, float norm_eps=0.0, bool norm_over_batch=False, "
-    f"Tensor? up_weight=None, Tensor? up_bias=None, {_UP_NORM_IN_ARGS}, bool head_map=False) "
-    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+    f"Tensor? up_weight=None, Tensor? up_bias=None, {_UP_NORM_IN_ARGS}, bool head_map=False, bool grad_is_dz=False, "
+    "bool mask_x=False, bool mask_up=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 
 
@@ -741,7 +744,8 @@ def _conv2d_run(
     slope, lo, hi, pool, nchw_out, stride=1, in_scale=None, in_shift=None, in_activation="none", in_slope=0.0,
     in_lo=0.0, in_hi=0.0, in_slopes=None, norm_groups=0, norm_weight=None, norm_bias=None, norm_eps=0.0,
     norm_over_batch=False, up_weight=None, up_bias=None, up_scale=None, up_shift=None, up_activation="none",
-    up_slope=0.0, up_lo=0.0, up_hi=0.0, up_slopes=None, head_map=False,
+    up_slope=0.0, up_lo=0.0, up_hi=0.0, up_slopes=None, head_map=False, grad_is_dz=False, mask_x=False,
+    mask_up=False,
 ):  # fmt: skip
     """:func:`fastunet.kernels.conv2d_nhwc` with the custom op's arguments (see :func:`_conv2d_launch`). Returns (y,
     pooled (with ``head_map``: the activated map under the logits) or None, the :class:`NormIn` of a conv followed by
@@ -799,7 +803,8 @@ def _conv2d_launch(
     slope, lo, hi, pool, nchw_out, stride=1, in_scale=None, in_shift=None, in_activation="none", in_slope=0.0,
     in_lo=0.0, in_hi=0.0, in_slopes=None, norm_groups=0, norm_weight=None, norm_bias=None, norm_eps=0.0,
     norm_over_batch=False, up_weight=None, up_bias=None, up_scale=None, up_shift=None, up_activation="none",
-    up_slope=0.0, up_lo=0.0, up_hi=0.0, up_slopes=None, head_map=False,
+    up_slope=0.0, up_lo=0.0, up_hi=0.0, up_slopes=None, head_map=False, grad_is_dz=False, mask_x=False,
+    mask_up=False,
 ):  # fmt: skip
     """:func:`fastunet.kernels.conv2d_nhwc` as a custom op. Returns (y, pooled, scale, shift, mean, var): y is (N,
     H, W, C_out or n_cls), a view of an NCHW tensor when ``nchw_out``; pooled is empty unless ``pool``; with
@@ -814,7 +819,12 @@ def _conv2d_launch(
     ``"transpose"`` runs the 2x2 stride-2 transposed conv ``up_weight`` (packed, (C_low, 4 C_up)) with ``up_bias``
     ((4 C_up,), one block per sub-pixel) on it; ``up_scale`` given: ``up`` is a pre-norm map read through its norm
     by that launch. Its own launch (the same as the forward's separate one) writes the upsampled map, then the conv
-    reads it directly."""
+    reads it directly.
+
+    ``grad_is_dz``, ``mask_x``, ``mask_up`` change nothing here; they tell the registered backward
+    (:mod:`fastunet.training`) where a ReLU's derivative is applied: ``mask_x`` (``mask_up``): this launch's backward
+    applies that of the ReLU which produced ``x`` (the low-resolution map ``up``) to the gradient it sends there;
+    ``grad_is_dz``: every reader of ``y`` does so for this launch's ReLU, which the backward then skips."""
     y, pooled, read = _conv2d_run(
         x, weight, bias, up, head_weight, head_bias, slopes, ksize, padding, up_mode, align_corners, join, activation,
         slope, lo, hi, pool, nchw_out, stride, in_scale, in_shift, in_activation, in_slope, in_lo, in_hi, in_slopes,
@@ -836,7 +846,8 @@ def _conv2d_fake(
     slope, lo, hi, pool, nchw_out, stride=1, in_scale=None, in_shift=None, in_activation="none", in_slope=0.0,
     in_lo=0.0, in_hi=0.0, in_slopes=None, norm_groups=0, norm_weight=None, norm_bias=None, norm_eps=0.0,
     norm_over_batch=False, up_weight=None, up_bias=None, up_scale=None, up_shift=None, up_activation="none",
-    up_slope=0.0, up_lo=0.0, up_hi=0.0, up_slopes=None, head_map=False,
+    up_slope=0.0, up_lo=0.0, up_hi=0.0, up_slopes=None, head_map=False, grad_is_dz=False, mask_x=False,
+    mask_up=False,
 ):  # fmt: skip
     channels = head_weight.shape[1] if head_weight is not None else weight.shape[1]
     batch = x.shape[0]
@@ -1014,6 +1025,8 @@ def _conv_launch(
     up_conv: ConvStage | None = None,
     sink: list | None = None,
     head_map: bool = False,
+    mask_x: bool = False,
+    mask_up: bool = False,
 ) -> tuple[_Map, torch.Tensor | None]:
     """One conv launch (with a norm with data statistics after it: and the finalize launch): through the custom op
     while a compiler or a tracing mode is watching, else (eager calls, dry runs) straight to the op's own
@@ -1021,7 +1034,9 @@ def _conv_launch(
     ``pool``, None or an empty tensor). ``sink``: a list that gets ``(stage, NormIn)`` for a conv followed by a norm
     with data statistics. ``up_read``: how the launch reads the low-resolution map ``up`` it upsamples itself;
     ``up_conv``: the transposed conv that does it (``up_mode`` ``"transpose"``). ``head_map``: with ``head``, the
-    launch also stores the activated map under the logits (returned in the pooled map's place)."""
+    launch also stores the activated map under the logits (returned in the pooled map's place). ``mask_x``,
+    ``mask_up``: the backward applies the ReLU derivative of x's (up's) producer, a stage with ``grad_is_dz``
+    (see :func:`_conv2d_launch`)."""
     act = stage.activation
     norm = stage.norm
     args = (
@@ -1054,6 +1069,9 @@ def _conv_launch(
         up_conv.bias if up_conv is not None else None,
         *_norm_in_args(up_read),
         head_map,
+        stage.grad_is_dz,
+        mask_x,
+        mask_up,
     )
     if _direct():  # the op's implementation itself, without the empty placeholder outputs the op must return
         y, pooled, second = _conv2d_run(*args)
@@ -1143,24 +1161,33 @@ def _run_stages(
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     logits_nchw = not channels_last
 
+    def single_reader(producer: ConvStage | None, reader: str) -> None:
+        if producer is not None and producer.grad_is_dz:
+            raise ValueError(f"{reader} cannot apply its input's ReLU derivative (its producer has grad_is_dz set)")
+
     skips: list[_Map] = []
     features: _Map = (_nhwc(x), None)
+    producer: ConvStage | None = None  # the conv whose output ``features`` is
     for level, (conv1, conv2) in enumerate(plan.encoders):
         tag = f"enc{level}" if level < depth else "bottleneck"
         stage(f"{tag}.conv1")
-        features, _ = _conv(features, conv1)  # stride 2 where the layout down-samples by strided convs
+        # stride 2 where the layout down-samples by strided convs
+        features, _ = _conv(features, conv1, mask_x=producer is not None and producer.grad_is_dz)
         stage(f"{tag}.conv2")
+        producer = conv2
         if level == depth:
-            features, _ = _conv(features, conv2)
-        elif plan.down == "stride":
-            features, _ = _conv(features, conv2)
+            features, _ = _conv(features, conv2, mask_x=conv1.grad_is_dz)
+            continue
+        single_reader(conv2, f"the skip {tag}.conv2 makes")  # its own backward applies its ReLU's derivative
+        if plan.down == "stride":
+            features, _ = _conv(features, conv2, mask_x=conv1.grad_is_dz)
             skips.append(features)
         elif conv2.norm is None:
-            skip, pooled = _conv(features, conv2, pool=True)
+            skip, pooled = _conv(features, conv2, pool=True, mask_x=conv1.grad_is_dz)
             skips.append(skip)
             features = (pooled, None)
         else:  # the pool reads the normalized map: normalize, activate and pool in one pass
-            skip, _ = _conv(features, conv2)
+            skip, _ = _conv(features, conv2, mask_x=conv1.grad_is_dz)
             skips.append(skip)
             stage(f"{tag}.pool")
             features = (_normalize(skip, pool=True), None)
@@ -1170,16 +1197,20 @@ def _run_stages(
         up_stage = plan.ups[level]
         if up_stage.pre_conv is not None:
             stage(f"dec{level}.pre_conv")
+            single_reader(producer, f"dec{level}.pre_conv")
             features, _ = _conv(features, up_stage.pre_conv)
+            producer = up_stage.pre_conv
         interpolated = up_stage.mode in ("nearest", "bilinear") and up_stage.conv is None
         if upsample_in_conv and (interpolated or up_stage.mode == "direct"):
             stage(f"dec{level}.conv1")
             features, _ = _conv(
                 skips[level], conv1, up=features[0], up_mode=up_stage.mode if interpolated else "transpose",
                 join=plan.join, align_corners=up_stage.align_corners, up_read=features[1], up_conv=up_stage.conv,
+                mask_up=producer.grad_is_dz,
             )  # fmt: skip
         else:
             stage(f"dec{level}.up")
+            single_reader(producer, f"dec{level}.up")
             if up_stage.mode == "direct":
                 up = _conv_transpose(features, up_stage.conv)
             elif up_stage.conv is not None:  # pixel shuffle: the conv at low resolution, then the shuffle (+ blur)
@@ -1191,11 +1222,19 @@ def _run_stages(
             features, _ = _conv(skips[level], conv1, up=up, up_mode="direct", join=plan.join)
         stage(f"dec{level}.conv2")
         if level == 0 and plan.fuse_head:
-            (logits, _), _ = _conv(features, conv2, head=plan.head, nchw_out=logits_nchw, head_map=plan.head_map)
+            (logits, _), _ = _conv(
+                features,
+                conv2,
+                head=plan.head,
+                nchw_out=logits_nchw,
+                head_map=plan.head_map,
+                mask_x=conv1.grad_is_dz,
+            )
             return logits.permute(0, 3, 1, 2)
-        features, _ = _conv(features, conv2)
+        features, _ = _conv(features, conv2, mask_x=conv1.grad_is_dz)
+        producer = conv2
     stage("head")
-    (logits, _), _ = _conv(features, plan.head, nchw_out=logits_nchw)
+    (logits, _), _ = _conv(features, plan.head, nchw_out=logits_nchw, mask_x=producer.grad_is_dz)
     return logits.permute(0, 3, 1, 2)
 
 

@@ -8,7 +8,10 @@ of Triton launches and registers it with :func:`torch.library.register_autograd`
   the upsampled map; the 1x1 head): the gradient arriving at the activated map ``y`` and at the pooled map is
   turned into ``dZ = relu'(y) * (g_y + unpool(g_pooled))`` by one memory-bound launch that recomputes each window's
   maximum from ``y`` (PyTorch's rule: the first maximum in row-major order; a NaN beats any number, the last NaN
-  wins); then ``dW = A^T dZ`` and the
+  wins). A ReLU conv whose one reader is a conv launch of the plan (``grad_is_dz``: every conv but the encoders'
+  second ones, where no norm follows) has no such launch: that reader's backward applies ``where(y <= 0, 0, g)`` in
+  its own launch's epilogue (its input gradient, or the upsample adjoint), so the gradient arrives as dZ. Then
+  ``dW = A^T dZ`` and the
   bias gradient (deterministic split-K, :func:`fastunet.kernels.conv_grad.conv2d_weight_grad_nhwc`; one launch per
   source for the decoder conv) and ``dX``, the forward conv kernel itself run on ``dZ`` with the taps flipped and
   the channels swapped (:func:`fastunet.kernels.conv_grad.conv2d_input_grad_nhwc`; for the 3x3 stride-2 down-sampling
@@ -456,6 +459,13 @@ def build_training_plan(
     head = ConvStage(None, None, 1, 0, Act("none"))
     packer.conv(head, layout.head)
     encoders = [double(pair) for pair in layout.encoders]
+    # A ReLU conv whose one reader is a conv launch of this plan that applies the ReLU's derivative to the gradient
+    # it sends back (the next conv's input gradient, the decoder's upsample adjoint or transposed conv's input
+    # gradient, the head's): its backward then takes the gradient as dZ, with no launch of its own for it. Every
+    # encoder's first conv, the bottleneck's two and the decoders'. An encoder's second conv keeps its own backward
+    # launch (routing the pooled gradient, adding the skip's): the derivative costs nothing more there.
+    for conv in [pair[0] for pair in encoders] + [encoders[-1][1]] + [conv for pair in decoders for conv in pair]:
+        conv.grad_is_dz = conv.norm is None and conv.activation.kind == "relu" and conv.slopes is None
     note = ""
     if folded:
         note = f"folded by torch ops (a norm with running statistics folds into them): {', '.join(folded)}"
@@ -537,8 +547,8 @@ _CONV_BACKWARD_SCHEMA = (
     "str activation, bool pool, bool has_bias, bool need_input, str up_mode, bool align_corners, str join, "
     f"{_READ_ARGS}, Tensor? grad_scale=None, Tensor? grad_shift=None, Tensor? stat_mean=None, "
     "Tensor? stat_var=None, Tensor? norm_weight=None, int norm_groups=0, float norm_eps=0.0, "
-    f"bool norm_over_batch=False, Tensor? up_weight=None, Tensor? up_bias=None, {_UP_READ_ARGS}, int stride=1) "
-    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+    f"bool norm_over_batch=False, Tensor? up_weight=None, Tensor? up_bias=None, {_UP_READ_ARGS}, int stride=1, "
+    "bool grad_is_dz=False, bool mask_x=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 
 
@@ -547,7 +557,7 @@ def _conv_backward(
     align_corners, join, in_scale=None, in_shift=None, in_activation="none", in_slope=0.0, in_lo=0.0, in_hi=0.0,
     grad_scale=None, grad_shift=None, stat_mean=None, stat_var=None, norm_weight=None, norm_groups=0, norm_eps=0.0,
     norm_over_batch=False, up_weight=None, up_bias=None, up_scale=None, up_shift=None, up_activation="none",
-    up_slope=0.0, up_lo=0.0, up_hi=0.0, stride=1,
+    up_slope=0.0, up_lo=0.0, up_hi=0.0, stride=1, grad_is_dz=False, mask_x=False,
 ):  # fmt: skip
     """The gradients of one conv launch: ``(d_in, dx_read, dW, db, d_in_scale, d_in_shift, d_norm_weight,
     d_norm_bias)``.
@@ -562,7 +572,10 @@ def _conv_backward(
     gradient, never kept between forward and backward. ``d_in``'s ``up`` channels are the gradient of that
     upsampled map; the caller takes it on to the low-resolution map. ``stride`` 2 (the 3x3 padding-1 down-sampling
     conv, one source): ``y`` and the gradients are ceil(H / 2) x ceil(W / 2), the weight gradient reads x at every
-    other pixel and the input gradient is the polyphase launch of the conv kernel."""
+    other pixel and the input gradient is the polyphase launch of the conv kernel. ``grad_is_dz``: every reader of
+    ``y`` applied this conv's ReLU derivative to the gradient it sent back, so ``grad_y`` is dZ itself (no launch).
+    ``mask_x`` (one source, x not read through a norm): x is the output of a ReLU (its producer has ``grad_is_dz``);
+    the input gradient's launch applies that ReLU's derivative in its epilogue (``where(x <= 0, 0, dx)``)."""
     from fastunet.kernels.backward import activation_pool_backward_nhwc
     from fastunet.kernels.conv import conv_transpose2x2_nhwc
     from fastunet.kernels.conv_grad import conv2d_input_grad_nhwc, conv2d_weight_grad_nhwc
@@ -581,7 +594,7 @@ def _conv_backward(
         dz = norm_stats_backward_nhwc(y, grad_y, coef_a, coef_b, stat_mean)
         if d_weight is not None:
             d_norm_weight, d_norm_bias = d_weight, d_bias
-    elif activation == "none" and not pool:
+    elif grad_is_dz or (activation == "none" and not pool):
         out_h, out_w = (height - 1) // stride + 1, (width - 1) // stride + 1
         dz = grad_y if grad_y is not None else x.new_zeros((batch, out_h, out_w, c_out))
     else:
@@ -609,10 +622,15 @@ def _conv_backward(
         dw[:, c_main:] = up_parts.view(taps, c_up, c_out)
         dw = dw.view(taps * (c_main + c_up), c_out)
     d_in = empty
+    if mask_x and (c_up or in_scale is not None):
+        raise ValueError("mask_x: the input gradient's mask covers one source read as stored (no up, no norm read)")
+    gate = x if mask_x else None
     if need_input and stride != 1:
-        d_in = conv2d_input_grad_nhwc(dz, weight, c_main, ksize, padding, stride=stride, in_size=(height, width))
+        d_in = conv2d_input_grad_nhwc(
+            dz, weight, c_main, ksize, padding, stride=stride, in_size=(height, width), grad_mask=gate
+        )
     elif need_input:
-        d_in = conv2d_input_grad_nhwc(dz, weight, c_main + c_up, ksize, padding)
+        d_in = conv2d_input_grad_nhwc(dz, weight, c_main + c_up, ksize, padding, grad_mask=gate)
     dx_read, d_scale, d_shift = (x.new_empty(0, dtype=stat_dtype(x.dtype)) for _ in range(3))
     if need_input and read is not None:
         dx_read, d_scale, d_shift = _read_backward(d_in[..., :c_main], x, read)
@@ -659,7 +677,7 @@ def _conv_backward_fake(
     align_corners, join, in_scale=None, in_shift=None, in_activation="none", in_slope=0.0, in_lo=0.0, in_hi=0.0,
     grad_scale=None, grad_shift=None, stat_mean=None, stat_var=None, norm_weight=None, norm_groups=0, norm_eps=0.0,
     norm_over_batch=False, up_weight=None, up_bias=None, up_scale=None, up_shift=None, up_activation="none",
-    up_slope=0.0, up_lo=0.0, up_hi=0.0, stride=1,
+    up_slope=0.0, up_lo=0.0, up_hi=0.0, stride=1, grad_is_dz=False, mask_x=False,
 ):  # fmt: skip
     batch, height, width, c_main = x.shape
     c_up = 0 if up is None else up_weight.shape[1] // 4 if up_mode == "transpose" else up.shape[3]
@@ -682,14 +700,19 @@ def _conv_backward_fake(
 
 def _upsample_backward(
     grad, height, width, mode, align_corners, pad_top=0, pad_left=0, x=None, in_scale=None, in_shift=None,
-    in_activation="none", in_slope=0.0, in_lo=0.0, in_hi=0.0,
+    in_activation="none", in_slope=0.0, in_lo=0.0, in_hi=0.0, mask_x=False,
 ):  # fmt: skip
     """(dx, d_in_scale, d_in_shift): the gradient of the (height, width) map ``x`` whose 2x upsampling sat at
     (pad_top, pad_left) in ``grad``'s frame; read through its norm (``in_scale``), also the norm's scale and
-    shift's (else those two empty)."""
+    shift's (else those two empty). ``mask_x``: ``x`` is a ReLU's output, whose derivative the adjoint's launch
+    applies (``where(x <= 0, 0, dx)``)."""
     from fastunet.kernels.backward import upsample2x_adjoint_nhwc
 
-    d_low = upsample2x_adjoint_nhwc(grad, (height, width), mode, align_corners, pad_top=pad_top, pad_left=pad_left)
+    if mask_x and (x is None or in_scale is not None):
+        raise ValueError("mask_x: the adjoint masks with the stored map x itself (given, not read through a norm)")
+    d_low = upsample2x_adjoint_nhwc(
+        grad, (height, width), mode, align_corners, pad_top=pad_top, pad_left=pad_left, gate=x if mask_x else None
+    )
     read = _read_of(in_scale, in_shift, in_activation, in_slope, in_lo, in_hi)
     if read is None:
         empty = grad.new_empty(0, dtype=stat_dtype(grad.dtype))
@@ -702,7 +725,7 @@ _upsample_backward_op = torch.library.custom_op(
     mutates_args=(),
     schema=(
         "(Tensor grad, int height, int width, str mode, bool align_corners, int pad_top=0, int pad_left=0, "
-        f"Tensor? x=None, {_READ_ARGS}) -> (Tensor, Tensor, Tensor)"
+        f"Tensor? x=None, {_READ_ARGS}, bool mask_x=False) -> (Tensor, Tensor, Tensor)"
     ),
 )(_upsample_backward)
 
@@ -710,7 +733,7 @@ _upsample_backward_op = torch.library.custom_op(
 @_upsample_backward_op.register_fake
 def _upsample_backward_fake(
     grad, height, width, mode, align_corners, pad_top=0, pad_left=0, x=None, in_scale=None, in_shift=None,
-    in_activation="none", in_slope=0.0, in_lo=0.0, in_hi=0.0,
+    in_activation="none", in_slope=0.0, in_lo=0.0, in_hi=0.0, mask_x=False,
 ):  # fmt: skip
     d_low = grad.new_empty((grad.shape[0], height, width, grad.shape[3]))
     stats = (grad.shape[0], grad.shape[3]) if in_scale is not None else (0,)
@@ -720,17 +743,20 @@ def _upsample_backward_fake(
 
 def _conv_transpose_backward(
     x, weight, grad, has_bias, need_x, in_scale=None, in_shift=None, in_activation="none", in_slope=0.0, in_lo=0.0,
-    in_hi=0.0,
+    in_hi=0.0, mask_x=False,
 ):  # fmt: skip
     """(dx, dW packed, db4, d_in_scale, d_in_shift) of a 2x2 stride-2 transposed conv; dW and db4 (one bias block
     per sub-pixel) in fp32; x read through its norm (``in_scale``): x's own gradient and its norm's scale and
-    shift's (else those two empty)."""
+    shift's (else those two empty). ``mask_x``: x is a ReLU's output, whose derivative the input gradient's launch
+    applies."""
     from fastunet.kernels.conv_grad import conv2d_weight_grad_nhwc, conv_transpose2x2_input_grad_nhwc
 
     c_in, c_out = x.shape[3], weight.shape[1] // 4
     read = _read_of(in_scale, in_shift, in_activation, in_slope, in_lo, in_hi)
+    if mask_x and read is not None:
+        raise ValueError("mask_x: the input gradient masks with the stored map x itself (not read through a norm)")
     source = _materialized(x, read)
-    dx = conv_transpose2x2_input_grad_nhwc(grad, weight) if need_x else x.new_empty(0)
+    dx = conv_transpose2x2_input_grad_nhwc(grad, weight, x if mask_x else None) if need_x else x.new_empty(0)
     d_scale, d_shift = x.new_empty(0, dtype=stat_dtype(x.dtype)), x.new_empty(0, dtype=stat_dtype(x.dtype))
     if need_x and read is not None:
         dx, d_scale, d_shift = _read_backward(dx, x, read)
@@ -751,7 +777,7 @@ _conv_transpose_backward_op = torch.library.custom_op(
     "fastunet::conv_transpose2x2_nhwc_backward",
     mutates_args=(),
     schema=(
-        f"(Tensor x, Tensor weight, Tensor grad, bool has_bias, bool need_x, {_READ_ARGS}) "
+        f"(Tensor x, Tensor weight, Tensor grad, bool has_bias, bool need_x, {_READ_ARGS}, bool mask_x=False) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)"
     ),
 )(_conv_transpose_backward)
@@ -760,7 +786,7 @@ _conv_transpose_backward_op = torch.library.custom_op(
 @_conv_transpose_backward_op.register_fake
 def _conv_transpose_backward_fake(
     x, weight, grad, has_bias, need_x, in_scale=None, in_shift=None, in_activation="none", in_slope=0.0, in_lo=0.0,
-    in_hi=0.0,
+    in_hi=0.0, mask_x=False,
 ):  # fmt: skip
     empty = x.new_empty(0, dtype=stat_dtype(x.dtype))
     dx = x.new_empty(x.shape) if need_x else x.new_empty(0)
@@ -800,14 +826,16 @@ def _normalize_backward_fake(
     return z.new_empty(z.shape), in_scale.new_empty(in_scale.shape), in_shift.new_empty(in_shift.shape)
 
 
-def _head_backward(a, grad_logits, weight, grad_map=None):
+def _head_backward(a, grad_logits, weight, grad_map=None, mask=False):
     """(d_a, sums) of a 1x1 head ``logits = a @ W + b`` over the NHWC map ``a``: ``d_a = dlogits @ W^T`` (plus
     ``grad_map``, the map's own gradient where something else read it); ``sums`` (C + 1, n_cls) in fp32 holds
     ``dW = a^T dlogits`` in rows 0..C-1 and ``db`` (the pixel sum of dlogits) in row C: one pass over the map and a
-    fixed-order sum of the partials (:func:`fastunet.kernels.backward.head_backward_nhwc`)."""
+    fixed-order sum of the partials (:func:`fastunet.kernels.backward.head_backward_nhwc`). ``mask``: ``a`` is a
+    ReLU's output whose conv takes its gradient as dZ (``grad_is_dz``): the head's part of ``d_a`` gets the ReLU's
+    derivative in the same pass (``grad_map``, from a reader that applied it already, is added as it is)."""
     from fastunet.kernels.backward import head_backward_sums_nhwc
 
-    d_a, sums = head_backward_sums_nhwc(a, grad_logits, weight)
+    d_a, sums = head_backward_sums_nhwc(a, grad_logits, weight, mask=mask)
     if grad_map is not None:
         d_a = d_a + grad_map
     return d_a, sums
@@ -816,12 +844,12 @@ def _head_backward(a, grad_logits, weight, grad_map=None):
 _head_backward_op = torch.library.custom_op(
     "fastunet::head_backward",
     mutates_args=(),
-    schema="(Tensor a, Tensor grad_logits, Tensor weight, Tensor? grad_map=None) -> (Tensor, Tensor)",
+    schema="(Tensor a, Tensor grad_logits, Tensor weight, Tensor? grad_map=None, bool mask=False) -> (Tensor, Tensor)",
 )(_head_backward)
 
 
 @_head_backward_op.register_fake
-def _head_backward_fake(a, grad_logits, weight, grad_map=None):
+def _head_backward_fake(a, grad_logits, weight, grad_map=None, mask=False):
     return a.new_empty(a.shape), a.new_empty((weight.shape[0] + 1, weight.shape[1]), dtype=stat_dtype(a.dtype))
 
 
@@ -935,12 +963,13 @@ def _grads_of(outputs, grads, inputs):
 # Autograd registrations of the forward ops
 # ---------------------------------------------------------------------------------------------------------------
 # fastunet::conv2d_nhwc's schema, by position (see fastunet.ops._CONV_SCHEMA).
-_CONV_ARGS = 41
+_CONV_ARGS = 44
 _X, _W, _B, _UP, _HEAD_W, _HEAD_B, _SLOPES, _KSIZE, _PADDING, _UP_MODE, _ALIGN, _JOIN, _ACT = range(13)
 _POOL, _NCHW, _STRIDE, _IN_SCALE, _IN_SHIFT, _IN_ACT, _IN_SLOPE, _IN_LO, _IN_HI, _IN_SLOPES = range(16, 26)
 _NORM_GROUPS, _NORM_W, _NORM_B, _NORM_EPS, _NORM_BATCH = range(26, 31)
 _UP_W, _UP_B, _UP_SCALE, _UP_SHIFT, _UP_ACT, _UP_SLOPE, _UP_LO, _UP_HI, _UP_SLOPES = range(31, 40)
 _HEAD_MAP = 40
+_GRAD_IS_DZ, _MASK_X, _MASK_UP = range(41, 44)
 _DIFFERENTIABLE_ARGS = (
     _X, _W, _B, _UP, _IN_SCALE, _IN_SHIFT, _NORM_W, _NORM_B, _UP_W, _UP_B, _UP_SCALE, _UP_SHIFT, _HEAD_W, _HEAD_B
 )  # fmt: skip
@@ -968,6 +997,15 @@ def _unsupported_conv(inputs) -> str | None:
         return "a second source joined by a crop"
     if inputs[_SLOPES] is not None:
         return "PReLU slopes"
+    plain_relu = inputs[_ACT] == "relu" and not (inputs[_POOL] or inputs[_NORM_GROUPS])
+    if inputs[_GRAD_IS_DZ] and not plain_relu:
+        return "grad_is_dz on a conv other than a plain ReLU one (no pool, no norm)"
+    if inputs[_MASK_X] and (inputs[_IN_SCALE] is not None or inputs[_UP] is not None):
+        return "mask_x on a map read through its norm or joined with a second source"
+    if inputs[_MASK_UP] and (
+        inputs[_UP_SCALE] is not None or inputs[_UP_MODE] not in ("nearest", "bilinear", "transpose")
+    ):
+        return "mask_up without a low-resolution map the launch upsamples itself"
     return None
 
 
@@ -1013,7 +1051,9 @@ def _conv_autograd(ctx, grad_y, grad_pooled, grad_scale, grad_shift, _grad_mean,
     try:
         head_weight, head_bias = inputs[_HEAD_W], inputs[_HEAD_B]
         if head_weight is not None:  # the head first: the logits' gradient becomes the activated map's
-            grad_y, d_head_w, d_head_b = _head_grads(y, grad_y, grad_pooled, head_weight, need[_HEAD_B])
+            grad_y, d_head_w, d_head_b = _head_grads(
+                y, grad_y, grad_pooled, head_weight, need[_HEAD_B], inputs[_GRAD_IS_DZ]
+            )
             grad_pooled = None
         need_up = up is not None and any(need[i] for i in _UP_SIDE)
         read = inputs[_IN_SCALE] is not None
@@ -1022,7 +1062,7 @@ def _conv_autograd(ctx, grad_y, grad_pooled, grad_scale, grad_shift, _grad_mean,
             inputs[_ACT], inputs[_POOL], bias is not None and need[_B], need[_X] or need_up, up_mode, align_corners,
             inputs[_JOIN], *(inputs[i] for i in range(_IN_SCALE, _IN_SCALE + 6)), grad_scale, grad_shift, stat_mean,
             stat_var, inputs[_NORM_W], inputs[_NORM_GROUPS], inputs[_NORM_EPS], inputs[_NORM_BATCH],
-            inputs[_UP_W], inputs[_UP_B], *up_read, inputs[_STRIDE],
+            inputs[_UP_W], inputs[_UP_B], *up_read, inputs[_STRIDE], inputs[_GRAD_IS_DZ], inputs[_MASK_X],
         )  # fmt: skip
         c_main = x.shape[3]
         if need[_X]:
@@ -1045,12 +1085,13 @@ def _conv_autograd(ctx, grad_y, grad_pooled, grad_scale, grad_shift, _grad_mean,
     return tuple(grads)
 
 
-def _head_grads(y, grad_logits, grad_map, head_weight, need_bias: bool):
+def _head_grads(y, grad_logits, grad_map, head_weight, need_bias: bool, mask: bool = False):
     """(the activated map's gradient, the head's dW, its db) of a conv with a fused head, from the logits' gradient
-    (and the map's own, where anything read the map); None for what got no gradient."""
+    (and the map's own, where anything read the map); None for what got no gradient. ``mask``: the conv takes its
+    gradient as dZ (``grad_is_dz``): the head's backward applies the conv's ReLU derivative."""
     if grad_logits is None:
         return (grad_map if grad_map is not None else y.new_zeros(y.shape)), None, None
-    d_map, sums = _backward_op("head_backward")(y, grad_logits, head_weight, grad_map)
+    d_map, sums = _backward_op("head_backward")(y, grad_logits, head_weight, grad_map, mask)
     channels = head_weight.shape[0]
     return d_map, sums[:channels], sums[channels] if need_bias else None
 
@@ -1058,8 +1099,10 @@ def _head_grads(y, grad_logits, grad_map, head_weight, need_bias: bool):
 def _up_side_grads(grads: list, d_up: torch.Tensor, inputs: list, need: tuple, up_read: tuple) -> None:
     """The gradients of what a decoder conv's launch made its upsampled map from, given that map's gradient over
     the skip's frame ``d_up``: the low-resolution map (and its norm's scale and shift), the transposed conv's weight
-    and bias. Fills ``grads`` in place."""
+    and bias (``mask_up``: the low-resolution map's gradient with its producer's ReLU derivative applied). Fills
+    ``grads`` in place."""
     up, up_mode, align_corners, join = inputs[_UP], inputs[_UP_MODE] or "direct", inputs[_ALIGN], inputs[_JOIN]
+    mask = inputs[_MASK_UP]
     height, width = d_up.shape[1], d_up.shape[2]
     if up_mode in ("nearest", "bilinear"):  # the adjoint of the upsampling, read from the skip's frame
         pad_top = pad_left = 0
@@ -1068,7 +1111,7 @@ def _up_side_grads(grads: list, d_up: torch.Tensor, inputs: list, need: tuple, u
         elif join == "pad":
             pad_top, pad_left = center_pad_offsets(height, width, 2 * up.shape[1], 2 * up.shape[2])
         d_low, d_scale, d_shift = _backward_op("upsample2x_nhwc_backward")(
-            d_up, up.shape[1], up.shape[2], up_mode, align_corners, pad_top, pad_left, up, *up_read
+            d_up, up.shape[1], up.shape[2], up_mode, align_corners, pad_top, pad_left, up, *up_read, mask
         )
     else:  # the map itself (or the transposed conv's output), cut back from the skip's frame where the sizes differ
         scale = 2 if up_mode == "transpose" else 1
@@ -1080,7 +1123,7 @@ def _up_side_grads(grads: list, d_up: torch.Tensor, inputs: list, need: tuple, u
         up_weight, up_bias = inputs[_UP_W], inputs[_UP_B]
         need_low = need[_UP] or (up_read[0] is not None and (need[_UP_SCALE] or need[_UP_SHIFT]))
         d_low, dw, db, d_scale, d_shift = _backward_op("conv_transpose2x2_nhwc_backward")(
-            up, up_weight, d_up, up_bias is not None and need[_UP_B], need_low, *up_read
+            up, up_weight, d_up, up_bias is not None and need[_UP_B], need_low, *up_read, mask
         )
         grads[_UP_W] = dw.to(up_weight.dtype) if need[_UP_W] else None
         grads[_UP_B] = db.to(up_bias.dtype) if up_bias is not None and need[_UP_B] else None

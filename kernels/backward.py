@@ -42,6 +42,7 @@ from fastunet.kernels._common import (
     stat_dtype,
     to_storage,
 )
+from fastunet.kernels.conv import _relu_derivative
 from fastunet.kernels.conv_grad import _sum_splits_kernel
 from fastunet.kernels.upsample import BILINEAR, BILINEAR_ALIGN_CORNERS, MODES, NEAREST, _upsample_source
 
@@ -562,8 +563,10 @@ def _head_backward_kernel(
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_CLS: tl.constexpr,
+    MASK: tl.constexpr,
 ):
-    """One pass of the 1x1 head's backward over the map: per step of BLOCK_P pixels ``da = g @ W^T`` is stored and
+    """One pass of the 1x1 head's backward over the map: per step of BLOCK_P pixels ``da = g @ W^T`` is stored (with
+    ``MASK``, the map being a ReLU's output: ``where(a <= 0, 0, da)``, the ReLU's derivative applied too) and
     ``a^T g`` and the pixel sum of ``g`` are added to the program's partials, which a second launch sums over the
     programs in order (:func:`fastunet.kernels.conv_grad._sum_splits_kernel`).
 
@@ -596,6 +599,8 @@ def _head_backward_kernel(
         )
         g = tl.load(g_ptrs, mask=p_mask[:, None] & k_mask[None, :], other=0.0)
         da = mma(g, w_t, tl.zeros((BLOCK_P, BLOCK_C), dtype=acc_t), INTERPRETER, DOT_PRECISION)
+        if MASK:  # on a in the accumulator's type: the interpreter's bf16 compares miss NaN's a != a
+            da = _relu_derivative(da, a.to(acc_t), INTERPRETER)
         da_ptrs = da_ptr + offs_p.to(tl.int64)[:, None] * c + offs_c[None, :]
         tl.store(da_ptrs, to_storage(da, da_ptr.dtype.element_ty, INTERPRETER), mask=p_mask[:, None] & c_mask[None, :])
         acc_w = mma(tl.trans(a), g, acc_w, INTERPRETER, DOT_PRECISION)
@@ -606,7 +611,13 @@ def _head_backward_kernel(
 
 
 def head_backward_nhwc(
-    a: torch.Tensor, grad_logits: torch.Tensor, weight: torch.Tensor, *, bias: bool = True, programs: int | None = None
+    a: torch.Tensor,
+    grad_logits: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    bias: bool = True,
+    programs: int | None = None,
+    mask: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The backward of a 1x1 head ``logits = a @ W + b`` in one pass over the map: ``(da, dW, db)``.
 
@@ -621,14 +632,21 @@ def head_backward_nhwc(
         weight: (C, n_cls), the head's packed weight (:func:`fastunet.kernels.conv.pack_conv_weight` of a 1x1 conv).
         programs: how many programs share the pixels (each a run of whole ``HEAD_BLOCK_P``-pixel steps; at most
             one per step); default :data:`HEAD_PROGRAMS_PER_SM` per SM.
+        mask: ``a`` is the output of a ReLU: ``da = where(a <= 0, 0, dlogits @ W^T)``, the gradient before the ReLU
+            (torch's ``threshold_backward``: a NaN ``a`` passes the gradient), in the same pass.
     """
-    da, sums = head_backward_sums_nhwc(a, grad_logits, weight, programs=programs)
+    da, sums = head_backward_sums_nhwc(a, grad_logits, weight, programs=programs, mask=mask)
     c = a.shape[3]
     return da, sums[:c], sums[c] if bias else None
 
 
 def head_backward_sums_nhwc(
-    a: torch.Tensor, grad_logits: torch.Tensor, weight: torch.Tensor, *, programs: int | None = None
+    a: torch.Tensor,
+    grad_logits: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    programs: int | None = None,
+    mask: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`head_backward_nhwc` after its checks, dW and db in one (C + 1, n_cls) tensor (rows 0..C-1: dW; row C:
     db): ``(da, sums)``, two tensors sharing no memory (what a custom op may return)."""
@@ -675,6 +693,7 @@ def head_backward_sums_nhwc(
         "BLOCK_P": HEAD_BLOCK_P,
         "BLOCK_C": max(16, next_pow2(c)),
         "BLOCK_CLS": max(16, next_pow2(n_cls)),
+        "MASK": bool(mask),
     }
     options = {"num_warps": 4, "num_stages": 2}
     elements = (c + 1) * n_cls
@@ -686,7 +705,7 @@ def head_backward_sums_nhwc(
         size = a.element_size()
         record_launch(
             LaunchRecord(
-                name="head_backward",
+                name="head_backward+mask" if mask else "head_backward",
                 kernel=_head_backward_kernel,
                 grid=(programs,),
                 flops=4 * pixels * c * n_cls,

@@ -354,6 +354,26 @@ def _grouped_tile(tile, tiles_m, tiles_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _relu_derivative(grad, a, INTERPRETER: tl.constexpr):
+    """``where(a <= 0, 0, grad)`` (torch's ``threshold_backward``: a NaN ``a`` passes ``grad``): the gradient of a map
+    before a ReLU from the gradient after it and the stored output ``a``. Done on the bits, an AND with an all-ones or
+    all-zeros mask: as a select on the values, ptxas serializes the conv's wgmma (warning C7514) and splits the
+    packed 16-bit conversions of the epilogue. The interpreter cannot bitcast bf16 (numpy has none): a select there,
+    the same values."""
+    if INTERPRETER and grad.dtype == tl.bfloat16:
+        return tl.where(a <= 0, tl.zeros_like(grad), grad)
+    bits: tl.constexpr = grad.dtype.primitive_bitwidth
+    if bits == 16:
+        int_t: tl.constexpr = tl.int16
+    elif bits == 32:
+        int_t: tl.constexpr = tl.int32
+    else:
+        int_t: tl.constexpr = tl.int64
+    keep = tl.where((a > 0) | (a != a), -1, 0).to(int_t)
+    return (grad.to(int_t, bitcast=True) & keep).to(grad.dtype, bitcast=True)
+
+
+@triton.jit
 def _conv_tile(
     pid_m,  # the tile: its pixel block (see the kernel's grid), its output-channel block and its part of K
     pid_n,
@@ -363,7 +383,8 @@ def _conv_tile(
     w_ptr,  # (KSIZE * KSIZE * (c_main + c_up), c_out): packed weights, row = tap * c_in + channel
     b_ptr,  # (c_out,)
     y_ptr,  # (batch, height, width, c_out), (batch, 2 height, 2 width, c_out / 4) with D2S, or logits with HEAD
-    pool_ptr,  # (batch, height // 2, width // 2, c_out); (batch, height, width, c_out) with HEAD == HEAD_MAP
+    pool_ptr,  # (batch, height // 2, width // 2, c_out); (batch, height, width, c_out) with HEAD == HEAD_MAP or
+    # GRAD_MASK (a map laid out like y, see there)
     head_w_ptr,  # (c_out, n_cls)
     head_b_ptr,  # (n_cls,)
     x_desc,  # TMA descriptors of x, up and their rows of the packed weight (TMA_ROWS > 0; None on the pointer path)
@@ -436,6 +457,7 @@ def _conv_tile(
     NORM_IN: tl.constexpr,
     IN_ACT: tl.constexpr,
     STATS: tl.constexpr,
+    GRAD_MASK: tl.constexpr,
     SPLIT_K: tl.constexpr,
     INTERPRETER: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -655,7 +677,9 @@ def _conv_tile(
             )
 
     if SPLIT_K > 1:
-        tl.static_assert(not (TWO_SOURCES or PACKED_K or POOL or HEAD or D2S or STATS), "split K: a plain store")
+        tl.static_assert(
+            not (TWO_SOURCES or PACKED_K or POOL or HEAD or D2S or STATS or GRAD_MASK), "split K: a plain store"
+        )
         # A part of K: its fp32 partial sums, at (split, image, y, x, channel) of the contiguous workspace; the sum
         # launch adds the parts in split order and runs the epilogue.
         at = ((pid_k * batch + img.to(tl.int64)) * height + oy) * width + ox
@@ -712,12 +736,12 @@ def _conv_tile(
             )
             tl.store(y_ptrs, out, mask=m_valid[:, None] & n_mask[None, :])
         else:
-            y_ptrs = (
-                y_ptr
-                + pixel_offset(img, oy, ox, stride_yn, stride_yh, stride_yw)[:, None]
-                + offs_n.to(tl.int64)[None, :] * stride_yc
-            )
-            tl.store(y_ptrs, out, mask=m_valid[:, None] & n_mask[None, :])
+            at = pixel_offset(img, oy, ox, stride_yn, stride_yh, stride_yw)[:, None]
+            at += offs_n.to(tl.int64)[None, :] * stride_yc
+            if GRAD_MASK:
+                gate = tl.load(pool_ptr + at, mask=m_valid[:, None] & n_mask[None, :])
+                out = _relu_derivative(out, gate, INTERPRETER)
+            tl.store(y_ptr + at, out, mask=m_valid[:, None] & n_mask[None, :])
 
         if STATS:
             # Moments of the values as stored (rounded), as the norm computes them from the tensor it is given.
@@ -765,7 +789,8 @@ def _conv_nhwc_kernel(
     w_ptr,  # (KSIZE * KSIZE * (c_main + c_up), c_out): packed weights, row = tap * c_in + channel
     b_ptr,  # (c_out,)
     y_ptr,  # (batch, height, width, c_out), (batch, 2 height, 2 width, c_out / 4) with D2S, or logits with HEAD
-    pool_ptr,  # (batch, height // 2, width // 2, c_out); (batch, height, width, c_out) with HEAD == HEAD_MAP
+    pool_ptr,  # (batch, height // 2, width // 2, c_out); (batch, height, width, c_out) with HEAD == HEAD_MAP or
+    # GRAD_MASK (a map laid out like y, see there)
     head_w_ptr,  # (c_out, n_cls)
     head_b_ptr,  # (n_cls,)
     x_desc,  # TMA descriptors of x, up and their rows of the packed weight (TMA_ROWS > 0; None on the pointer path)
@@ -839,6 +864,7 @@ def _conv_nhwc_kernel(
     NORM_IN: tl.constexpr,
     IN_ACT: tl.constexpr,
     STATS: tl.constexpr,
+    GRAD_MASK: tl.constexpr,
     PERSISTENT: tl.constexpr,
     SPLIT_K: tl.constexpr,
     INTERPRETER: tl.constexpr,
@@ -884,6 +910,11 @@ def _conv_nhwc_kernel(
     ``SPLIT_K`` > 1 (one source, a plain store): a grid of (..., ..., SPLIT_K); program (m, n, s) runs part s of the
     tile's (tap, channel block) steps (:func:`_split_range`) and stores its fp32 partial sums to ``part_ptr``;
     :func:`_split_k_sum_kernel` adds the parts in order and runs the epilogue.
+
+    ``GRAD_MASK`` (a plain store, one tile's K whole): the launch is an input gradient and ``pool_ptr`` (laid out like
+    y, read at y's offsets) the activated map ``a`` a ReLU stored at the output's pixels: the epilogue stores
+    ``where(a <= 0, 0, acc)``, that ReLU's derivative applied (:func:`_relu_derivative`; see :func:`conv2d_nhwc`'s
+    ``grad_mask``).
     """
     if PERSISTENT:
         # Fewer programs than tiles: each program takes every num_programs-th tile in grouped order.
@@ -900,8 +931,8 @@ def _conv_nhwc_kernel(
                 tiles_img, stride_xn, stride_xh, stride_xw, stride_xc, stride_un, stride_uh, stride_uw, stride_uc,
                 stride_yn, stride_yh, stride_yw, stride_yc, stride_pn, stride_ph, stride_pw, stride_pc, KSIZE,
                 TWO_SOURCES, CLAMP_UP, PACKED_K, EVEN_K, WIDE, HAS_BIAS, ACT, POOL, HEAD, D2S, TMA_ROWS, ROW_W,
-                STRIDE, POLYPHASE, PER_IMAGE, NORM_IN, IN_ACT, STATS, SPLIT_K, INTERPRETER, DOT_PRECISION, BLOCK_M,
-                BLOCK_N, BLOCK_K, BLOCK_CLS,
+                STRIDE, POLYPHASE, PER_IMAGE, NORM_IN, IN_ACT, STATS, GRAD_MASK, SPLIT_K, INTERPRETER, DOT_PRECISION,
+                BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_CLS,
             )  # fmt: skip
     else:
         _conv_tile(
@@ -912,8 +943,8 @@ def _conv_nhwc_kernel(
             in_slope, in_lo, in_hi, tiles_img, stride_xn, stride_xh, stride_xw, stride_xc, stride_un, stride_uh,
             stride_uw, stride_uc, stride_yn, stride_yh, stride_yw, stride_yc, stride_pn, stride_ph, stride_pw,
             stride_pc, KSIZE, TWO_SOURCES, CLAMP_UP, PACKED_K, EVEN_K, WIDE, HAS_BIAS, ACT, POOL, HEAD, D2S, TMA_ROWS,
-            ROW_W, STRIDE, POLYPHASE, PER_IMAGE, NORM_IN, IN_ACT, STATS, SPLIT_K, INTERPRETER, DOT_PRECISION, BLOCK_M,
-            BLOCK_N, BLOCK_K, BLOCK_CLS,
+            ROW_W, STRIDE, POLYPHASE, PER_IMAGE, NORM_IN, IN_ACT, STATS, GRAD_MASK, SPLIT_K, INTERPRETER,
+            DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_CLS,
         )  # fmt: skip
 
 
@@ -1444,6 +1475,7 @@ def _conv_static(
     norm_in: NormIn | None = None,
     stats: bool = False,
     polyphase: bool = False,
+    grad_mask: bool = False,
 ) -> _ConvStatic:
     """Derive a conv launch (see :class:`_ConvStatic`) from what its tensors look like; refuses sizes the kernel
     cannot address. ``head``: the kernel's ``HEAD`` (False, :data:`HEAD_LOGITS` or :data:`HEAD_MAP`)."""
@@ -1473,7 +1505,8 @@ def _conv_static(
         pool=pool,
         splittable=ksize == 3
         and x.dtype != torch.float64
-        and not (packed_k or head or d2s or pool or stats or polyphase or norm_in is not None or up is not None),
+        and not (packed_k or head or d2s or pool or stats or polyphase or grad_mask or norm_in is not None)
+        and up is None,
     )
     candidates = candidate_configs(problem)
     if polyphase:  # its programs are numbered by phase: one tile a program
@@ -1495,6 +1528,7 @@ def _conv_static(
         "NORM_IN": norm_in is not None,
         "IN_ACT": ACTIVATIONS[norm_in.activation].value if norm_in is not None else ACT_NONE.value,
         "STATS": stats,
+        "GRAD_MASK": grad_mask,
         # int32 offsets in the main loop unless a source or the weight spans 2**31 elements (see _accumulate_source)
         "WIDE": max(element_span(t) for t in (x, up_t, w_packed)) >= 2**31,
         "INTERPRETER": interpreter,
@@ -1563,9 +1597,11 @@ def _launch(
     flops: int,
     norm_in: NormIn | None = None,
     stats: NormSpec | None = None,
+    grad_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Launch the conv kernel as ``static`` says over these tensors (and, with ``stats``, the finalize step: returns
-    the (N, C) fp32 scale and shift). ``slope``, ``lo``, ``hi``, ``slopes``: the epilogue activation's."""
+    the (N, C) fp32 scale and shift). ``slope``, ``lo``, ``hi``, ``slopes``: the epilogue activation's.
+    ``grad_mask``: the map whose ReLU derivative the epilogue applies (passed where the pooled map goes)."""
     batch, c_out = static.sizes[0], static.sizes[5]
     in_args = norm_in.args(w_packed) if norm_in is not None else (w_packed, w_packed, w_packed, 0.0, 0.0, 0.0)
     if static.empty:
@@ -1578,7 +1614,7 @@ def _launch(
             over_batch=stats.over_batch, stats=True,
         )  # fmt: skip
     up_t = up if up is not None else x
-    pool_t = pooled if pooled is not None else y
+    pool_t = pooled if pooled is not None else grad_mask if grad_mask is not None else y
     hw = head_w if head_w is not None else w_packed
     hb = head_b if head_b is not None else w_packed
     b = bias if bias is not None else w_packed
@@ -1645,7 +1681,7 @@ def _launch(
     tile = static.tile(cfg)
     args = args_of(tile)
     if recording():
-        tensors = [t for t in (x, up, w_packed, bias, head_w, head_b, slopes) if t is not None]
+        tensors = [t for t in (x, up, w_packed, bias, head_w, head_b, slopes, grad_mask) if t is not None]
         if norm_in is not None:
             tensors += [t for t in (norm_in.scale, norm_in.shift, norm_in.slopes) if t is not None]
         written = [t for t in (y, pooled) if t is not None]
@@ -1757,6 +1793,7 @@ def conv2d_nhwc(
     norm: NormSpec | None = None,
     polyphase: tuple[int, int] | None = None,
     head_map: bool = False,
+    grad_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | NormIn | None]:
     """``ksize x ksize`` convolution (stride 1 or 2) of an NHWC view, with its fused neighbours.
 
@@ -1796,6 +1833,12 @@ def conv2d_nhwc(
             ``padding`` 1, ``stride`` 1, one source, no bias, activation "none", nothing else fused.
         head_map: with a fused head (not with ``pool``), the epilogue also stores the activated C_out map (what a
             training forward keeps for the head's weight gradient): returned in place of the pooled map.
+        grad_mask: the launch is a gradient (an input gradient of a conv) and ``grad_mask``, (N, H_out, W_out, C_out)
+            any strides, the map ``a = relu(z)`` a ReLU stored at those pixels and channels: the output is
+            ``where(a <= 0, 0, g)``, the ReLU's derivative applied as ``threshold_backward`` does (a NaN ``a`` passes
+            ``g``), in the epilogue instead of a launch of its own (a mask laid out unlike the output is copied
+            into the output's layout first). Activation "none", one tile's K whole (no split K), no pool, head or
+            norm.
 
     Returns:
         (y, pooled): y in NHWC (or ``out``), pooled None unless ``pool`` (with ``head_map``: the activated map, NHWC,
@@ -1816,7 +1859,7 @@ def conv2d_nhwc(
                 align_corners, join, activation, slope, lo, hi, pool, stride, _signature(norm_in),
                 None if norm is None else (norm.groups, type(norm.groups), tensor_meta(norm.weight),
                                            tensor_meta(norm.bias)),
-                polyphase, head_map, _environment(),
+                polyphase, head_map, tensor_meta(grad_mask), _environment(),
             )  # fmt: skip
         except (AttributeError, RuntimeError):  # not a tensor, or one without storage: validated and derived anew
             key = None
@@ -1828,6 +1871,7 @@ def conv2d_nhwc(
             join=join, activation=activation, lo=lo, hi=hi, slopes=slopes, pool=pool, head_weight=head_weight,
             head_bias=head_bias, out=out, stride=stride, norm_in=norm_in, norm=norm, polyphase=polyphase,
             head_map=head_map,
+            grad_mask=grad_mask,
         )  # fmt: skip
         if key is not None:
             _CONV_LAUNCHES.put(key, prepared)
@@ -1842,9 +1886,11 @@ def conv2d_nhwc(
         if up is not None:
             check_runnable(up, "conv2d_nhwc upsampled input")
         if out is not None:
-            _check_no_overlap(out, [x, up, w_packed, bias, head_weight, head_bias, slopes])
+            _check_no_overlap(out, [x, up, w_packed, bias, head_weight, head_bias, slopes, grad_mask])
     if out is None:
         out = alloc(prepared.out_shape, x.dtype, x.device)
+    if grad_mask is not None and grad_mask.stride() != out.stride():  # the epilogue reads it at the output's offsets
+        grad_mask = torch.empty_strided(out.shape, out.stride(), dtype=out.dtype, device=out.device).copy_(grad_mask)
     pooled = alloc(prepared.pooled_shape, x.dtype, x.device) if prepared.pooled_shape is not None else None
     if head_map:  # written where the pooled map would be (a head with its map has no pool)
         pooled = alloc((*prepared.out_shape[:3], prepared.geometry.c_out), x.dtype, x.device)
@@ -1859,6 +1905,7 @@ def conv2d_nhwc(
             x, up, w_packed, geometry=prepared.geometry, ksize=ksize, packed_k=prepared.packed_k, act=prepared.act,
             has_bias=bias is not None, pool=prepared.pooled_shape is not None, head=head, d2s=False,
             stride=stride, norm_in=norm_in, stats=norm is not None, polyphase=polyphase is not None,
+            grad_mask=grad_mask is not None,
         )  # fmt: skip
         if len(prepared.launches) >= _MAX_SOURCE_LAYOUTS:
             prepared.launches.clear()
@@ -1867,7 +1914,7 @@ def conv2d_nhwc(
     scale_shift = _launch(
         static, x, up, w_packed, bias.contiguous() if bias is not None else None, out, pooled, head_weight, head_bias,
         slope=epilogue[0], lo=epilogue[1], hi=epilogue[2], slopes=epilogue[3], name=prepared.name,
-        flops=prepared.flops, norm_in=norm_in, stats=norm,
+        flops=prepared.flops, norm_in=norm_in, stats=norm, grad_mask=grad_mask,
     )  # fmt: skip
     if norm is not None:
         scale, shift, mean, var = scale_shift
@@ -1877,7 +1924,7 @@ def conv2d_nhwc(
 
 def _prepare_conv2d(
     x, w_packed, bias, *, ksize, padding, up, up_mode, align_corners, join, activation, lo, hi, slopes, pool,
-    head_weight, head_bias, out, stride, norm_in, norm, polyphase=None, head_map=False,
+    head_weight, head_bias, out, stride, norm_in, norm, polyphase=None, head_map=False, grad_mask=None,
 ) -> _PreparedConv:  # fmt: skip
     """Validate a :func:`conv2d_nhwc` call (every check, in order, with the error a bad input gets) and derive its
     sizes (see :class:`_PreparedConv`)."""
@@ -2008,7 +2055,9 @@ def _prepare_conv2d(
                 f"memory location (shape {tuple(out.shape)}, strides {out.stride()}); pass a tensor whose elements "
                 "do not overlap (clone() an expanded one)"
             )
-        _check_no_overlap(out, [x, up, w_packed, bias, head_weight, head_bias, slopes])
+        _check_no_overlap(out, [x, up, w_packed, bias, head_weight, head_bias, slopes, grad_mask])
+    if grad_mask is not None:
+        _check_grad_mask(grad_mask, (batch, out_h, out_w, c_out), x, activation, pool, head_weight, norm)
     packed_k = up is None and ksize > 1 and c_main < 16 and norm_in is None and polyphase is None
     pixels = batch * out_h * out_w
     name = (
@@ -2020,6 +2069,7 @@ def _prepare_conv2d(
         + ("+pool" if pool else "")
         + ("+head" if head_weight is not None else "")
         + ("+stats" if norm is not None else "")
+        + ("+mask" if grad_mask is not None else "")
     )
     geometry = _Geometry(
         c_out,
@@ -2049,6 +2099,21 @@ def _prepare_conv2d(
         2 * (batch * height * width if polyphase is not None else pixels) * c_out * ksize * ksize * c_in
         + 2 * pixels * c_out * n_cls,
     )
+
+
+def _check_grad_mask(grad_mask, shape, x, activation, pool, head_weight, norm) -> None:
+    """The error a :func:`conv2d_nhwc` ``grad_mask`` earns, if any."""
+    if not isinstance(grad_mask, torch.Tensor) or tuple(grad_mask.shape) != shape:
+        got = tuple(grad_mask.shape) if isinstance(grad_mask, torch.Tensor) else type(grad_mask).__name__
+        raise ValueError(f"grad_mask: expected the output's shape {shape} (the ReLU's stored map), got {got}")
+    if grad_mask.dtype != x.dtype or grad_mask.device != x.device:
+        raise ValueError(
+            f"grad_mask: expected {x.dtype} on {x.device} (the input's), got {grad_mask.dtype} on {grad_mask.device}"
+        )
+    fused = [what for what, on in (("a pool", pool), ("a head", head_weight is not None), ("a norm", norm is not None),
+             (f"the {activation} activation", activation != "none")) if on]  # fmt: skip
+    if fused:
+        raise ValueError(f"grad_mask: a masked gradient fuses nothing else, got {', '.join(fused)}")
 
 
 def _check_polyphase(

@@ -630,6 +630,7 @@ def conv2d_input_grad_nhwc(
     *,
     stride: int = 1,
     in_size: tuple[int, int] | None = None,
+    grad_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Gradient w.r.t. its input of a stride-1 ``ksize x ksize`` conv with padding ``ksize // 2`` (same size), or of
     a 3x3 stride-2 padding-1 conv.
@@ -637,7 +638,9 @@ def conv2d_input_grad_nhwc(
     ``dx = conv(dz, W')`` with the flipped, channel-swapped weight of :func:`flip_conv_weight` and the same padding,
     one launch of :func:`fastunet.kernels.conv.conv2d_nhwc` (no bias, no activation): fp32 accumulation, stored in
     ``dz``'s dtype. ``dz`` is the gradient of the conv's output before its activation (the caller applies the
-    activation's derivative first).
+    activation's derivative first). ``grad_mask``: the conv's input was a ReLU's stored output ``a``; the launch's
+    epilogue then applies that ReLU's derivative, ``where(a <= 0, 0, dx)`` (a NaN ``a`` passes ``dx``, like
+    ``threshold_backward``), so that the gradient returned is the one of the map before that ReLU.
 
     A decoder conv that read two sources (the skip map's channels first, then the upsampled map's) has one packed
     weight over ``[skip | up]``: the returned gradient's channels are in that order, ``dx[..., :c_skip]`` for the
@@ -656,6 +659,7 @@ def conv2d_input_grad_nhwc(
         c_in: the forward conv's input channels (both sources together for a decoder conv).
         ksize: 1 or 3. padding: ``ksize // 2``. stride: 1, or 2 with ksize 3 and padding 1.
         in_size: stride 2: the conv's input (H, W), which ``dz``'s size fixes only up to parity.
+        grad_mask: None, or (N, H, W, c_in), ``dz``'s dtype and device, any strides: the ReLU output the conv read.
 
     Returns:
         A new contiguous (N, H, W, c_in) tensor in ``dz``'s dtype.
@@ -690,13 +694,17 @@ def conv2d_input_grad_nhwc(
             f"(dz shape {tuple(dz.shape)})"
         )
     if stride == 2:
-        dx, _ = conv2d_nhwc(dz, w_flipped, None, ksize=3, padding=1, activation="none", polyphase=tuple(in_size))
+        dx, _ = conv2d_nhwc(
+            dz, w_flipped, None, ksize=3, padding=1, activation="none", polyphase=tuple(in_size), grad_mask=grad_mask
+        )
         return dx
-    dx, _ = conv2d_nhwc(dz, w_flipped, None, ksize=ksize, padding=padding, activation="none")
+    dx, _ = conv2d_nhwc(dz, w_flipped, None, ksize=ksize, padding=padding, activation="none", grad_mask=grad_mask)
     return dx
 
 
-def conv_transpose2x2_input_grad_nhwc(dy: torch.Tensor, w_packed_t: torch.Tensor) -> torch.Tensor:
+def conv_transpose2x2_input_grad_nhwc(
+    dy: torch.Tensor, w_packed_t: torch.Tensor, grad_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Gradient w.r.t. its input of ConvTranspose2d(kernel 2, stride 2), the forward being
     :func:`fastunet.kernels.conv.conv_transpose2x2_nhwc` with ``pack_conv_transpose_weight(W)``, W (C_in, C_out, 2, 2).
 
@@ -713,6 +721,8 @@ def conv_transpose2x2_input_grad_nhwc(dy: torch.Tensor, w_packed_t: torch.Tensor
         dy: (N, 2h, 2w, C_out) view, any strides, the gradient of the transposed conv's output.
         w_packed_t: the forward's ``(C_in, 4 * C_out)`` packed weight (column ``(a * 2 + b) * C_out + channel``),
             ``dy``'s dtype and device.
+        grad_mask: None, or the transposed conv's input (N, h, w, C_in) when that is a ReLU's stored output ``a``:
+            the result is then ``where(a <= 0, 0, dx)``, the ReLU's derivative applied in the launch's epilogue.
 
     Returns:
         A new contiguous (N, h, w, C_in) tensor in ``dy``'s dtype.
@@ -743,7 +753,9 @@ def conv_transpose2x2_input_grad_nhwc(dy: torch.Tensor, w_packed_t: torch.Tensor
     # w3[ky, kx, co, ci] = W[ci, co, ky - 1, kx - 1] for ky, kx in {1, 2}; packed row (ky * 3 + kx) * C_out + co.
     w3 = w_packed_t.new_zeros(3, 3, c_out, c_in)
     w3[1:, 1:] = w_packed_t.reshape(c_in, 2, 2, c_out).permute(1, 2, 3, 0)
-    dx, _ = conv2d_nhwc(dy, w3.reshape(9 * c_out, c_in), None, ksize=3, padding=1, stride=2, activation="none")
+    dx, _ = conv2d_nhwc(
+        dy, w3.reshape(9 * c_out, c_in), None, ksize=3, padding=1, stride=2, activation="none", grad_mask=grad_mask
+    )
     return dx
 
 

@@ -393,6 +393,32 @@ def test_head_backward_matches_float64(device, dtype, batch, height, width, chan
     assert no_bias is None
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_head_backward_with_the_relu_mask(device, dtype):
+    """``mask=True`` (the map is a ReLU's output): ``da = where(a <= 0, 0, g W^T)`` as threshold_backward has it (a
+    NaN map value passes the gradient, +inf keeps it, zero and negative zero drop it), bit for bit the unmasked
+    launch's ``da`` where kept, and the same dW (NaN where the map has one) and db bit for bit."""
+    a, grad, weight = head_case(2, 9, 7, 24, 3, dtype, device)
+    values = a.clone()
+    values.copy_(torch.relu(values))
+    values[0, 0, 0, :4] = torch.tensor([float("nan"), float("inf"), 0.0, -0.0])
+    values[1, 2, 3, 5] = float("nan")
+    with launch_log() as records:
+        da, dw, db = head_backward_nhwc(values, grad, weight, mask=True)
+    plain_da, plain_dw, plain_db = head_backward_nhwc(values, grad, weight)
+    assert [r.name for r in records] == ["head_backward+mask", "head_backward.sum"]
+    kept = ~(values <= 0)
+    assert kept.sum() < kept.numel() and (~kept).sum() > 0
+    assert torch.equal(da[~kept], torch.zeros_like(da[~kept]))
+    assert torch.equal(da[kept], plain_da[kept]) and not da[kept].isnan().any()
+    torch.testing.assert_close(dw, plain_dw, rtol=0, atol=0, equal_nan=True)  # NaN and inf rows of a^T g alike
+    assert torch.equal(db, plain_db)
+    expected = torch.where(values.double().cpu() <= 0, 0.0, head_reference(values, grad, weight)[0])
+    g64, w64 = grad.double().abs().cpu(), weight.double().abs().cpu()
+    bound = (4 * 2.0**-24 + 2 * 2.0**-11 + UNIT_ROUNDOFF[dtype]) * (g64 @ w64.t())
+    assert ((da.double().cpu() - expected).abs() <= bound + 1e-30).all()
+
+
 def test_head_backward_is_bitwise_repeatable_in_two_launches(device):
     a, grad, weight = head_case(2, 13, 11, 64, 2, torch.bfloat16, device)
     with launch_log() as records:

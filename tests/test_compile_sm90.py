@@ -627,15 +627,17 @@ TRAIN_MODEL = {"in_channels": 3, "num_classes": 2, "base_channels": 64, "depth":
 TRAIN_SHAPE = (2, 3, 64, 64)
 TRAIN_UPSAMPLES = ("bilinear", "transpose")
 # The backward's kernels in a bilinear and a transposed-conv U-Net; the forward conv kernel also runs the input
-# gradients (conv3x3, conv3x3/2 for the transposed conv); the head's backward is one pass and the sum of its partials.
+# gradients (conv3x3, conv3x3/2 for the transposed conv), with the ReLU derivative of the map they read in the
+# epilogue (+mask) where that map's producer is a plain ReLU conv, as the upsample adjoint (+gate) and the head's
+# one-pass backward (+mask) with the sum of its partials.
 BACKWARD_KERNELS = {
-    "activation_pool_backward",
     "activation_pool_backward+pool",
     "conv_weight_grad",
     "conv_weight_grad.sum",
-    "upsample2x_adjoint",
-    "conv3x3/2",
-    "head_backward",
+    "upsample2x_adjoint+gate",
+    "conv3x3+mask",
+    "conv3x3/2+mask",
+    "head_backward+mask",
     "head_backward.sum",
 }
 

@@ -665,6 +665,118 @@ def test_input_grad_bad_arguments_are_refused(device):
         conv_transpose2x2_weight_grad_nhwc(torch.randn(1, 2, 3, 5, device=device), dy[:, :2])
 
 
+def _relu_output(shape, dtype, device, channels_last=True):
+    """A stored ReLU output with exact zeros, negatives (a map a ReLU never writes, still masked like torch's
+    ``threshold_backward``), NaN and infinities: (N, H, W, C), contiguous or a permuted NCHW tensor."""
+    a = torch.randn(shape)
+    a[torch.rand(shape) < 0.25] = 0.0
+    a[torch.rand(shape) < 0.05] = float("nan")
+    a[torch.rand(shape) < 0.05] = float("inf")
+    a[torch.rand(shape) < 0.05] = float("-inf")
+    a = a.to(dtype).to(device)
+    return a if channels_last else a.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)
+
+
+def _masked(expected, a):
+    """``torch.where(a <= 0, 0, g)`` in float64 on an NCHW gradient, ``a`` NHWC: threshold_backward's rule."""
+    a = a.permute(0, 3, 1, 2).double().cpu()
+    return torch.where(a <= 0, torch.zeros_like(expected), expected)
+
+
+# (batch, c_in, c_out, height, width, stride, mask channels last)
+MASKED_INPUT_GRAD_SHAPES = [
+    pytest.param(2, 5, 7, 5, 7, 1, True, id="odd-5x7"),
+    pytest.param(1, 17, 20, 4, 6, 1, False, id="mask-nchw"),
+    pytest.param(2, 6, 9, 9, 7, 2, True, id="stride2-odd"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("ksize", [3, 1])
+@pytest.mark.parametrize(("batch", "c_in", "c_out", "height", "width", "stride", "last"), MASKED_INPUT_GRAD_SHAPES)
+def test_masked_input_grad_matches_float64(device, dtype, ksize, batch, c_in, c_out, height, width, stride, last):
+    """``grad_mask``: the input gradient with the ReLU derivative of the map the conv read, applied in the launch's
+    epilogue, equals ``torch.where(a <= 0, 0, conv2d_input(...))`` in float64: zeros and negatives masked, NaN and
+    inf in ``a`` pass the gradient; one launch, named ``+mask``."""
+    if stride == 2 and ksize == 1:
+        pytest.skip("the strided input gradient is the 3x3 down-sampling conv's")
+    weight = torch.randn(c_out, c_in, ksize, ksize).to(dtype)
+    out_h, out_w = (height - 1) // stride + 1, (width - 1) // stride + 1
+    dz = torch.randn(batch, c_out, out_h, out_w).to(dtype).to(device)
+    a = _relu_output((batch, height, width, c_in), dtype, device, last)
+    packed = pack_conv_weight(weight).to(device)
+    a_before = a.clone()
+    size = {"stride": 2, "in_size": (height, width)} if stride == 2 else {}
+    with _common.launch_log() as records:
+        dx = conv2d_input_grad_nhwc(dz.permute(0, 2, 3, 1), packed, c_in, ksize, ksize // 2, grad_mask=a, **size)
+    assert torch.equal(a.nan_to_num(), a_before.nan_to_num()), "the mask was modified"
+    assert [r.name.endswith("+mask") for r in records] == [True]
+    w64, dz64 = weight.double(), dz.double().cpu()
+    shape = (batch, c_in, height, width)
+    extra = {"stride": stride} if stride == 2 else {}
+    expected = torch.nn.grad.conv2d_input(shape, w64, dz64, padding=ksize // 2, **extra)
+    bound = torch.nn.grad.conv2d_input(shape, w64.abs(), dz64.abs(), padding=ksize // 2, **extra)
+    got = dx.permute(0, 3, 1, 2)
+    assert (got.double().cpu()[_masked(torch.ones_like(expected), a) == 0] == 0).all()
+    _check_stored(got, _masked(expected, a), bound, dtype)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_masked_input_grad_on_tma_row_boxes(device, stride):
+    """The mask on the TMA load path (row boxes, 16-byte aligned channels) as on the pointer path."""
+    weight = torch.randn(16, 8, 3, 3)
+    height, width = 9, 13
+    dz = torch.randn(2, 16, (height - 1) // stride + 1, (width - 1) // stride + 1, device=device)
+    a = _relu_output((2, height, width, 8), torch.float32, device)
+    size = {"stride": 2, "in_size": (height, width)} if stride == 2 else {}
+    with _common.load_path("tma"), _common.launch_log() as records:
+        dx = conv2d_input_grad_nhwc(
+            dz.permute(0, 2, 3, 1).contiguous(), pack_conv_weight(weight).to(device), 8, grad_mask=a, **size
+        )
+    assert [r.path for r in records] == ["tma"], records[0].path_reason
+    extra = {"stride": 2} if stride == 2 else {}
+    expected = torch.nn.grad.conv2d_input((2, 8, height, width), weight.double(), dz.double().cpu(), padding=1, **extra)
+    bound = torch.nn.grad.conv2d_input(
+        (2, 8, height, width), weight.double().abs(), dz.double().cpu().abs(), padding=1, **extra
+    )
+    _check_stored(dx.permute(0, 3, 1, 2), _masked(expected, a), bound, torch.float32)
+
+
+def test_masked_transposed_input_grad_matches_float64(device):
+    """The transposed conv's input gradient with the ReLU derivative of its input (the map it upsampled)."""
+    x = _relu_output((2, 3, 5, 16), torch.float32, device)
+    weight = torch.randn(16, 6, 2, 2)
+    dy = torch.randn(2, 6, 6, 10, device=device)
+    dx = conv_transpose2x2_input_grad_nhwc(dy.permute(0, 2, 3, 1), pack_conv_transpose_weight(weight).to(device), x)
+    expected, _, _ = _transpose_grads(torch.zeros(2, 16, 3, 5), weight, torch.zeros(6), dy)
+    bound, _, _ = _transpose_grads(torch.zeros(2, 16, 3, 5), weight.abs(), torch.zeros(6), dy.abs())
+    _check_stored(dx.permute(0, 3, 1, 2), _masked(expected, x), bound, torch.float32)
+
+
+def test_masked_input_grads_are_bitwise_reproducible_and_only_mask(device):
+    """Two runs give the same bits; where ``a > 0`` (or NaN) the masked gradient is the unmasked one bit for bit."""
+    dz = torch.randn(2, 5, 7, 17, device=device).to(torch.bfloat16)
+    packed = pack_conv_weight(torch.randn(17, 6, 3, 3)).to(device, torch.bfloat16)
+    a = _relu_output((2, 5, 7, 6), torch.bfloat16, device)
+    first, second = (conv2d_input_grad_nhwc(dz, packed, 6, grad_mask=a) for _ in range(2))
+    assert torch.equal(first, second)
+    plain = conv2d_input_grad_nhwc(dz, packed, 6)
+    assert torch.equal(first, torch.where(a <= 0, torch.zeros_like(plain), plain))
+
+
+def test_grad_mask_bad_arguments_are_refused(device):
+    dz = torch.randn(1, 4, 4, 3, device=device)
+    packed = torch.randn(9 * 2, 3, device=device)
+    with pytest.raises(ValueError, match=r"grad_mask: expected the output's shape \(1, 4, 4, 2\)"):
+        conv2d_input_grad_nhwc(dz, packed, 2, grad_mask=torch.zeros(1, 4, 4, 3, device=device))
+    with pytest.raises(ValueError, match="grad_mask: expected torch.float32"):
+        conv2d_input_grad_nhwc(dz, packed, 2, grad_mask=torch.zeros(1, 4, 4, 2, device=device, dtype=torch.float64))
+    from fastunet.kernels.conv import conv2d_nhwc
+
+    with pytest.raises(ValueError, match="grad_mask: a masked gradient fuses nothing else, got the relu activation"):
+        conv2d_nhwc(dz, packed.T.contiguous().reshape(9 * 3, 2), grad_mask=torch.zeros(1, 4, 4, 2, device=device))
+
+
 # TMA row boxes (sm_90; under the interpreter when asked for): NHWC maps with 16-byte aligned strides whose output
 # rows are whole pixel blocks. (batch, c_in, height, width, c_out, splits):
 TMA_CASES = [

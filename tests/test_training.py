@@ -286,6 +286,54 @@ def test_two_backward_runs_are_bitwise_identical(device):
         assert torch.equal(first[name], second[name]), name
 
 
+@pytest.mark.parametrize("upsample", ["bilinear", "transpose"])
+def test_reference_config_backward_has_no_activation_launch_for_plain_relu_convs(upsample):
+    """The reference configuration (base 64, depth 4, batch 16 at 512x512, traced on ``meta``): every plain ReLU
+    conv's backward takes the arriving gradient as dZ, its readers having applied the ReLU's derivative in their own
+    launches (the next conv's input gradient, the decoder's upsample adjoint or transposed conv's input gradient, the
+    fused head's one-pass backward): no ``activation_pool_backward`` launch is left; each encoder's second conv keeps its
+    pooled one (routing the pooled gradient, adding the skip's)."""
+    from fastunet.tooling.trace import trace_training
+
+    config = {"in_channels": 3, "num_classes": 2, "base_channels": 64, "depth": 4, "upsample": upsample}
+    records = trace_training(config, (16, 3, 512, 512), torch.bfloat16, sm_count=132, arch=90)
+    backward = [(r.stage, r.name) for r in records if r.stage and r.stage.endswith(".backward")]
+    names = [name for _, name in backward]
+    assert "activation_pool_backward" not in names
+    pooled = sorted(stage for stage, name in backward if name == "activation_pool_backward+pool")
+    assert pooled == [f"enc{level}.conv2.backward" for level in range(4)]
+    up_mask = "upsample2x_adjoint+gate" if upsample == "bilinear" else "conv3x3/2+mask"
+    masked = {stage for stage, name in backward if name.endswith("+mask") or name == up_mask}
+    # Each reader of a plain ReLU conv's map: the conv after it, the decoder conv upsampling it, the head (fused into
+    # the last conv: its one-pass backward, in dec0.conv2's, applies that conv's own ReLU derivative).
+    readers = {f"enc{level}.conv2.backward" for level in range(4)} | {"bottleneck.conv2.backward"}
+    readers |= {f"dec{level}.conv{i}.backward" for level in range(4) for i in (1, 2)}
+    assert masked == readers
+    assert ("dec0.conv2.backward", "head_backward+mask") in backward
+    assert sum(name == up_mask for name in names) == 4
+
+
+def test_strided_down_sampling_keeps_the_skips_own_relu_derivative(device):
+    """A layout that down-samples by strided convs (DynUNet's structure, its norms folded, ReLU): the skip map of an
+    encoder's second conv has two readers (the strided conv below, the decoder conv), so that conv keeps its own
+    derivative launch; its strided reader's input gradient applies nothing; every other ReLU conv's readers do.
+    Gradients against float64 autograd of the source at an odd size."""
+    from test_convert_norms import assert_trains_on_the_kernels, dyn_like
+
+    model = dyn_like(norm=NORMS["instance-running"], fit=True).eval()
+    for module in model.modules():
+        if hasattr(module, "lrelu"):
+            module.lrelu = nn.ReLU()
+    x = torch.randn(2, 2, 13, 10, generator=torch.Generator().manual_seed(4))
+    with _common.launch_log() as records:
+        assert_trains_on_the_kernels(model, x, device, training=False)
+    backward = [(r.stage, r.name) for r in records if r.stage and r.stage.endswith(".backward")]
+    plain = {stage for stage, name in backward if name == "activation_pool_backward"}
+    assert plain == {"enc0.conv2.backward", "enc1.conv2.backward"}, backward
+    assert ("enc1.conv1.backward", "conv3x3/2.input_grad") in backward  # the strided conv reads the skip: unmasked
+    assert ("enc1.conv2.backward", "conv3x3+mask") in backward
+
+
 @pytest.mark.parametrize(
     ("upsample", "norm"),
     [
