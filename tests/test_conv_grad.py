@@ -614,6 +614,67 @@ def test_transposed_weight_grad_without_bias(device):
     assert torch.equal(dw, with_bias)
 
 
+# (batch, c_in, c_out, low_h, low_w, splits): channels not multiples of 8, odd sizes, several output-channel blocks
+TRANSPOSE_WEIGHT_CASES = [
+    pytest.param(2, 5, 11, 3, 5, None, id="3x5-5to11"),
+    pytest.param(1, 17, 13, 5, 3, 3, id="5x3-17to13-3splits"),
+    pytest.param(3, 70, 130, 1, 3, 2, id="1x3-70to130-2blocks-2splits"),
+]
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("batch", "c_in", "c_out", "low_h", "low_w", "splits"), TRANSPOSE_WEIGHT_CASES)
+def test_transposed_weight_grad_is_one_launch(device, dtype, bias, batch, c_in, c_out, low_h, low_w, splits):
+    """The four output phases' weight gradients and the bias gradient in one weight-gradient launch, whose tiles
+    land in the packed (C_in, 4 * C_out) order (no permute), plus its fixed-order sums: against float64 autograd of
+    F.conv_transpose2d, and two runs bitwise equal."""
+    torch.manual_seed(batch * 100 + c_in + c_out)
+    x = torch.randn(batch, c_in, low_h, low_w).to(dtype).to(device)
+    weight = torch.randn(c_in, c_out, 2, 2).to(dtype)
+    dy = torch.randn(batch, c_out, 2 * low_h, 2 * low_w).to(dtype).to(device)
+    x_nhwc, dy_nhwc = x.permute(0, 2, 3, 1), dy.permute(0, 2, 3, 1)
+    runs = []
+    for _ in range(2):
+        with _common.launch_log() as records:
+            if splits is None:
+                runs.append(conv_transpose2x2_weight_grad_nhwc(x_nhwc, dy_nhwc, bias=bias))
+            else:
+                runs.append(conv2d_weight_grad_nhwc(x_nhwc, dy_nhwc, 1, 0, bias=bias, phases=4, splits=splits))
+    (dw, db), (dw2, db2) = runs
+    assert torch.equal(dw, dw2) and (db is None and db2 is None or torch.equal(db, db2))
+    gemm = [r for r in records if r.kernel.__name__ == "_weight_grad_partial_kernel"]
+    assert len(gemm) == 1 and gemm[0].constexprs["PHASES"] == 4 and gemm[0].constexprs["HAS_BIAS"] == bias
+    assert len(records) == 1 + 1 + int(bias), [r.name for r in records]  # the launch, its sum, the bias's sum
+    expected = _transpose_grads(x, weight, torch.zeros(c_out), dy)
+    bound = _transpose_grads(x.abs(), weight.abs(), torch.zeros(c_out), dy.abs())
+    assert dw.shape == (c_in, 4 * c_out) and dw.dtype == torch.float32 and dw.is_contiguous()
+    _check(dw, pack_conv_transpose_weight(expected[1]), pack_conv_transpose_weight(bound[1]), dtype)
+    if bias:
+        assert db.shape == (c_out,) and db.dtype == torch.float32
+        _check(db, expected[2], bound[2], dtype)
+    else:
+        assert db is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_transposed_weight_grad_on_tma(device, dtype):
+    """The phases' dy boxes by TMA (dy viewed as (N, 2h, w, 2, C), a box every other pixel): 12 output channels of a
+    16-wide block (zero fill past C_out, not the next phase's channels), against float64."""
+    torch.manual_seed(5)
+    x = torch.randn(2, 3, 16, 8).to(dtype).to(device)  # NHWC: 16-px rows, whole pixel blocks
+    dy = torch.randn(2, 6, 32, 16).to(dtype).to(device)[..., :12]  # a channel slice: pixel stride 16
+    with _common.load_path("tma"), _common.launch_log() as records:
+        dw, db = conv_transpose2x2_weight_grad_nhwc(x, dy)
+    (record,) = [r for r in records if r.kernel.__name__ == "_weight_grad_partial_kernel"]
+    assert record.path == "tma" and record.constexprs["TMA"] and record.constexprs["PHASES"] == 4, record.path_reason
+    x_nchw, dy_nchw = x.permute(0, 3, 1, 2), dy.permute(0, 3, 1, 2)
+    expected = _transpose_grads(x_nchw, torch.zeros(8, 12, 2, 2), torch.zeros(12), dy_nchw)
+    bound = _transpose_grads(x_nchw.abs(), torch.zeros(8, 12, 2, 2), torch.zeros(12), dy_nchw.abs())
+    _check(dw, pack_conv_transpose_weight(expected[1]), pack_conv_transpose_weight(bound[1]), dtype)
+    _check(db, expected[2], bound[2], dtype)
+
+
 def test_input_grads_are_bitwise_reproducible(device):
     dz = torch.randn(2, 5, 7, 17, device=device).to(torch.bfloat16)
     packed = pack_conv_weight(torch.randn(17, 6, 3, 3)).to(device, torch.bfloat16)
