@@ -437,6 +437,7 @@ def conv2d_weight_grad_nhwc(
     name: str = "conv_weight_grad",
     stride: int = 1,
     phases: int = 1,
+    sum_phases: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Gradients of a stride-1 ``ksize x ksize`` conv with ``padding`` (or of a 3x3 stride-2 padding-1 conv) w.r.t.
     its weight and bias.
@@ -457,6 +458,8 @@ def conv2d_weight_grad_nhwc(
             ``dy`` (N, 2 H, 2 W, C_out), each output phase (a, b) a 1x1 weight gradient against ``dy[:, a::2, b::2]``,
             all four in the one launch, and ``dW`` is ``(C_in, 4 * C_out)``, column ``(a * 2 + b) * C_out + co`` (the
             order of :func:`fastunet.kernels.conv.pack_conv_transpose_weight`); ``db`` sums every phase.
+        sum_phases: with ``phases=4``, False returns ``db`` per phase instead, ``(4 * C_out,)`` in dW's column order:
+            the gradient of the forward's repeated bias.
 
     Returns:
         (dW packed as ``(k*k*C_in, C_out)`` fp32, row ``tap * C_in + channel``; db fp32 (C_out,) or None); fp64
@@ -514,7 +517,8 @@ def conv2d_weight_grad_nhwc(
             f"out: expected a contiguous {stat_name} (>= {row_offset + rows}, {cols}) tensor for rows "
             f"[{row_offset}, {row_offset + rows}), got {out.dtype} {tuple(out.shape)}"
         )
-    db = alloc((c_out,), stat, x.device) if bias else None
+    db_len = c_out if sum_phases else cols
+    db = alloc((db_len,), stat, x.device) if bias else None
     pixels = batch * out_h * out_w
     if pixels + 1024 >= 2**31:
         raise ValueError(f"at most 2**31 - 1025 output pixels per launch, got {pixels}")
@@ -615,7 +619,9 @@ def conv2d_weight_grad_nhwc(
     # (partials, target, partials summed, elements, target row offset): the bias sums splits x phases in one pass.
     reductions = [(part, out, splits, rows * cols, row_offset)]
     if bias:
-        reductions.append((bias_part, db, splits * phases, c_out, 0))
+        reductions.append(
+            (bias_part, db, splits * phases, c_out, 0) if sum_phases else (bias_part, db, splits, cols, 0)
+        )
     block = 1024
     for source, target, count, elements, offset in reductions:
         sum_args = (source, target, count, elements, offset, cols)

@@ -657,6 +657,22 @@ def test_transposed_weight_grad_is_one_launch(device, dtype, bias, batch, c_in, 
         assert db is None
 
 
+def test_transposed_weight_grad_per_phase_bias(device):
+    """``sum_phases=False`` (the training step's repeated bias): db per phase, (4 * C_out,) in dW's column order
+    ``(a * 2 + b) * C_out + co``, each the sum of its phase's pixels of dy, against float64; dW unchanged."""
+    torch.manual_seed(6)
+    x = torch.randn(2, 3, 5, 7, device=device)
+    dy = torch.randn(2, 6, 10, 9, device=device)
+    dw, db = conv2d_weight_grad_nhwc(x, dy, 1, 0, phases=4, sum_phases=False, splits=2)
+    summed_dw, summed_db = conv2d_weight_grad_nhwc(x, dy, 1, 0, phases=4, splits=2)
+    assert torch.equal(dw, summed_dw) and db.shape == (36,)
+    dy64 = dy.double().cpu()
+    expected = torch.cat([dy64[:, a::2, b::2, :].sum((0, 1, 2)) for a in (0, 1) for b in (0, 1)])
+    bound = torch.cat([dy64[:, a::2, b::2, :].abs().sum((0, 1, 2)) for a in (0, 1) for b in (0, 1)])
+    _check(db, expected, bound, torch.float32)
+    _check(summed_db, dy64.sum((0, 1, 2)), dy64.abs().sum((0, 1, 2)), torch.float32)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_transposed_weight_grad_on_tma(device, dtype):
     """The phases' dy boxes by TMA (dy viewed as (N, 2h, w, 2, C), a box every other pixel): 12 output channels of a
