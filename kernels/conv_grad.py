@@ -119,6 +119,7 @@ def _weight_grad_partial_kernel(
     EVEN_W: tl.constexpr,
     TMA: tl.constexpr,
     PACK_TAPS: tl.constexpr,
+    BIAS_ROW: tl.constexpr,
     PHASES: tl.constexpr,
     INTERPRETER: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -153,6 +154,9 @@ def _weight_grad_partial_kernel(
     covers every (tap, channel) row of ``dW`` at once: a step gathers the ``(BLOCK_P, BLOCK_C)`` im2col block of all
     taps, whose offsets past the row's base are fixed (``tap`` and channel of each column, computed once), and
     ``dz`` is read once per step instead of once per tap. Axis 0 then has one program (+ 1 with ``HAS_BIAS``).
+    ``BIAS_ROW`` (``PACK_TAPS`` with a spare row, ``rows < BLOCK_C``; ``HAS_BIAS`` off): the bias gradient comes out of
+    the GEMM itself, im2col column ``rows`` being 1 (``dz`` is 0 past a row's end), so ``acc[n, rows] = sum_p dz[p,
+    n]`` over the slice's pixels: no bias programs, ``dz`` read once.
 
     ``PHASES`` 4 (ConvTranspose2d(2, 2), a 1x1 ``KSIZE``): axis 1 is (phase, output-channel block), phase ``(a, b)``
     reading ``dy[:, a::2, b::2]`` (``dz`` is the phase (0, 0) view, the others sit ``a`` rows and ``b`` pixels of dy
@@ -226,6 +230,13 @@ def _weight_grad_partial_kernel(
             r_dy.to(offset_type) * stride_xh + r_dx.to(offset_type) * stride_xw + (r % c_in).to(offset_type) * stride_xc
         )
         a_offs = (lanes.to(offset_type) * stride_xw)[:, None] + r_off[None, :]
+        # BIAS_ROW: the spare row r == rows (never loaded: past r_ok) reads as 1 in every lane. Past a row's end dz is
+        # loaded as 0, so that row of the GEMM sums exactly the pixels of the slice. (Through fp32: the interpreter
+        # casts a bool to bf16 as the bit pattern 1, not the number.)
+        ones = r == rows
+        a_other = 0.0
+        if BIAS_ROW:
+            a_other = ones[None, :].to(tl.float32).to(x_ptr.dtype.element_ty)
         col = lanes[:, None] + r_dx[None, :]  # the input column of (pixel, tap) less the block's x0
         acc = tl.zeros((BLOCK_N, BLOCK_C), dtype=acc_t)  # dW^T = dz^T A: A stays (K, N)
         for _ in range(0, steps):
@@ -235,7 +246,7 @@ def _weight_grad_partial_kernel(
             iy = oy + r_dy
             col_ok = (col >= -x0) & (col < in_w - x0) & (lanes < g_end)[:, None]
             a_ok = col_ok & (r_ok & (iy >= 0) & (iy < in_h))[None, :]
-            a = tl.load((x_ptr + x_at) + a_offs, mask=a_ok, other=0.0)
+            a = tl.load((x_ptr + x_at) + a_offs, mask=a_ok, other=a_other)
             g = _load_dz((dz_ptr + z_at) + g_lanes, lanes, g_end, n_mask, EVEN_W, EVEN_N)
             acc = mma(tl.trans(g), a, acc, INTERPRETER, DOT_PRECISION)
             x0, oy, img = _next_block(x0, oy, img, out_w, out_h, BLOCK_P)
@@ -243,6 +254,9 @@ def _weight_grad_partial_kernel(
         tl.store(
             part + r.to(tl.int64)[None, :] * part_cols + offs_col[:, None], acc, mask=r_ok[None, :] & n_mask[:, None]
         )
+        if BIAS_ROW:
+            bias_part = bias_part_ptr + split.to(tl.int64) * c_out
+            tl.store(bias_part + offs_n[:, None] + 0 * r[None, :], acc, mask=ones[None, :] & n_mask[:, None])
     else:
         tap = pid_kc // c_blocks
         dy = tap // KSIZE - PAD
@@ -537,8 +551,11 @@ def conv2d_weight_grad_nhwc(
     # Few input channels (the 3-channel first conv: 27 rows): all taps in one block of rows, one program along
     # axis 0 reading dz once per step, instead of nine programs each padding 3 channels to 16 and reading dz again.
     pack_taps = ksize > 1 and stride == 1 and path == "pointer" and rows <= PACK_TAPS_ROWS
+    bias_row = False
     if pack_taps:
         block_c = max(16, next_pow2(rows))
+        # A spare row of the block (27 of 32 for 3 channels) sums dz for the bias inside the GEMM: dz read once.
+        bias_row = bias and rows < block_c
         block_p = min(block_p, 64)  # 32 x 64 x 64 steps: 119 registers (128-px steps: 253, twice the issue)
     image_rows = batch * out_h
     blocks_per_row = triton.cdiv(out_w, block_p)
@@ -559,8 +576,10 @@ def conv2d_weight_grad_nhwc(
     # Bias partials (split, phase, channel): summed over splits and phases together, in that order.
     bias_part = alloc((splits, phases, c_out), stat, x.device) if bias else part
     interpreter, precision = dot_flags(x.dtype, torch.backends.cudnn.allow_tf32)
-    # With a bias, one more program per (phase, output-channel block, split) along axis 0 sums dz for it.
-    grid = (kc_programs + int(bias), phases * triton.cdiv(c_out, block_n), splits)
+    # With a bias (not in the GEMM's spare row), one more program per (phase, output-channel block, split) along
+    # axis 0 sums dz for it.
+    bias_programs = bias and not bias_row
+    grid = (kc_programs + int(bias_programs), phases * triton.cdiv(c_out, block_n), splits)
     descriptors = (None, None)
     if path == "tma":
         x_desc = TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, block_p, block_c])
@@ -583,13 +602,14 @@ def conv2d_weight_grad_nhwc(
         "KSIZE": ksize,
         "PAD": padding,
         "STRIDE": stride,
-        "HAS_BIAS": bias,
+        "HAS_BIAS": bias_programs,
         "WIDE": max(reach_x, reach_z) >= 2**31,
         "EVEN_C": c_in % block_c == 0,
         "EVEN_N": c_out % block_n == 0,
         "EVEN_W": out_w % block_p == 0,
         "TMA": path == "tma",
         "PACK_TAPS": pack_taps,
+        "BIAS_ROW": bias_row,
         "PHASES": phases,
         "INTERPRETER": interpreter,
         "DOT_PRECISION": precision,
@@ -606,14 +626,14 @@ def conv2d_weight_grad_nhwc(
                 grid=grid,
                 flops=2 * pixels * rows * cols,
                 # The bias programs read dz once more.
-                bytes_read=(x.numel() + dy.numel() * (1 + int(bias))) * x.element_size(),
+                bytes_read=(x.numel() + dy.numel() * (1 + int(bias_programs))) * x.element_size(),
                 bytes_written=(part.numel() + (bias_part.numel() if bias else 0)) * part.element_size(),
                 args=args,
                 constexprs=constexprs,
                 launch_options=options,
                 path=path,
                 path_reason=path_reason,
-                light_programs=grid[1] * grid[2] if bias else 0,
+                light_programs=grid[1] * grid[2] if bias_programs else 0,
             )
         )
     # (partials, target, partials summed, elements, target row offset): the bias sums splits x phases in one pass.

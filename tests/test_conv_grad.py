@@ -120,7 +120,9 @@ def test_default_splits_fill_whole_waves(sms, batch, c_in, size, c_out):
     per_split, per_row, rows = args["rows_per_split"], args["blocks_per_row"], args["rows"]
     image_rows, splits = args["image_rows"], record.grid[2]
     gemm = record.grid[0] * record.grid[1] * splits - record.light_programs
-    assert record.light_programs == record.grid[1] * splits  # one bias program per (output block, slice)
+    # One bias program per (output block, slice), none where the GEMM's spare row sums dz (the first conv).
+    assert record.light_programs == (0 if record.constexprs["BIAS_ROW"] else record.grid[1] * splits)
+    assert record.constexprs["BIAS_ROW"] == (c_in == 3)
     assert splits * rows * c_out <= MAX_PARTIAL_ELEMENTS
     assert per_split * per_row >= min(8, image_rows * per_row) and -(-image_rows // per_split) == splits
     last_round = gemm % sms
@@ -300,12 +302,43 @@ def test_few_input_channels_take_every_tap_in_one_block(device, c_in, ksize, pac
     record = next(r for r in records if r.name == "conv_weight_grad")
     assert record.constexprs["PACK_TAPS"] is packed
     taps = ksize * ksize
-    assert record.grid[0] == (1 if packed else taps * -(-c_in // record.constexprs["BLOCK_C"])) + 1  # + bias
+    # + 1 bias program, unless the packed block's spare row (27 of 32, 63 of 64 rows) sums dz in the GEMM
+    assert record.constexprs["BIAS_ROW"] is packed and record.light_programs == (0 if packed else record.grid[1] * 3)
+    assert record.grid[0] == (1 if packed else taps * -(-c_in // record.constexprs["BLOCK_C"]) + 1)
     if packed:
         assert record.constexprs["BLOCK_C"] >= taps * c_in
     expected, bound, db_expected, db_bound = _reference(x, dz, ksize, padding)
     _check(dw, expected, bound, torch.bfloat16)
     _check(db, db_expected, db_bound, torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("c_in", "width", "c_out", "bias"),
+    [(3, 19, 6, True), (2, 16, 130, True), (7, 7, 3, True), (3, 19, 6, False)],
+    ids=["3ch-partial-block", "2ch-whole-blocks-2-out-blocks", "7ch-63-of-64-rows", "no-bias"],
+)
+def test_bias_from_the_packed_gemms_spare_row(device, dtype, c_in, width, c_out, bias):
+    """The packed (tap, channel) block has spare rows (9 * C_in rows padded to a power of two): one of them is 1 (dz
+    reads 0 past a row's end), so the GEMM itself sums dz over the slice into the bias gradient. One launch of
+    GEMM programs only (no bias programs, dz read once), its bias and weight gradients against float64, with slices,
+    a partial pixel block and two output-channel blocks."""
+    torch.manual_seed(c_in * 100 + width + c_out)
+    x = torch.randn(3, c_in, 5, width).to(dtype).to(device)
+    dz = torch.randn(3, c_out, 5, width).to(dtype).to(device)
+    with _common.launch_log() as records:
+        dw, db = conv2d_weight_grad_nhwc(x.permute(0, 2, 3, 1), dz.permute(0, 2, 3, 1), 3, 1, splits=4, bias=bias)
+    record = next(r for r in records if r.name == "conv_weight_grad")
+    assert record.constexprs["PACK_TAPS"] and record.constexprs["BIAS_ROW"] is bias
+    assert not record.constexprs["HAS_BIAS"] and record.light_programs == 0 and record.grid[0] == 1
+    assert record.bytes_read == (x.numel() + dz.numel()) * x.element_size()
+    assert len(records) == 2 + int(bias)  # the launch, the weight's sum, the bias's sum
+    expected, bound, db_expected, db_bound = _reference(x, dz, 3, 1)
+    _check(dw, expected, bound, dtype)
+    if bias:
+        _check(db, db_expected, db_bound, dtype)
+    else:
+        assert db is None
 
 
 def test_wide_offsets_compute_the_same(device, monkeypatch):
