@@ -751,7 +751,6 @@ def _conv_transpose_backward(
     applies."""
     from fastunet.kernels.conv_grad import conv2d_weight_grad_nhwc, conv_transpose2x2_input_grad_nhwc
 
-    c_in, c_out = x.shape[3], weight.shape[1] // 4
     read = _read_of(in_scale, in_shift, in_activation, in_slope, in_lo, in_hi)
     if mask_x and read is not None:
         raise ValueError("mask_x: the input gradient masks with the stored map x itself (not read through a norm)")
@@ -760,17 +759,10 @@ def _conv_transpose_backward(
     d_scale, d_shift = x.new_empty(0, dtype=stat_dtype(x.dtype)), x.new_empty(0, dtype=stat_dtype(x.dtype))
     if need_x and read is not None:
         dx, d_scale, d_shift = _read_backward(dx, x, read)
-    # Sub-pixel (a, b) of every low-resolution pixel: a 1x1 conv of x to that strided view of the gradient. The
-    # packed weight's columns are (a * 2 + b) * c_out + channel; so are the repeated bias's.
-    dw = alloc((4, c_in, c_out), stat_dtype(x.dtype), x.device)
-    db = alloc((4, c_out), stat_dtype(x.dtype), x.device) if has_bias else None
-    for sub in range(4):
-        a, b = divmod(sub, 2)
-        _, db_sub = conv2d_weight_grad_nhwc(source, grad[:, a::2, b::2, :], 1, 0, bias=has_bias, out=dw[sub])
-        if has_bias:
-            db[sub] = db_sub
-    dw = dw.permute(1, 0, 2).reshape(c_in, 4 * c_out)
-    return dx, dw, db.reshape(-1) if has_bias else x.new_empty(0, dtype=stat_dtype(x.dtype)), d_scale, d_shift
+    # Sub-pixel (a, b) of every low-resolution pixel: a 1x1 conv of x to that strided view of the gradient, all four
+    # in one launch. The packed weight's columns are (a * 2 + b) * c_out + channel; so are the repeated bias's.
+    dw, db = conv2d_weight_grad_nhwc(source, grad, 1, 0, bias=has_bias, phases=4, sum_phases=False)
+    return dx, dw, db if has_bias else x.new_empty(0, dtype=stat_dtype(x.dtype)), d_scale, d_shift
 
 
 _conv_transpose_backward_op = torch.library.custom_op(

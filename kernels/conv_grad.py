@@ -20,7 +20,7 @@ no kernel of their own: the input gradient of a stride-1 "same" conv is the same
 flipped and the input and output channels swapped (:func:`flip_conv_weight`, :func:`conv2d_input_grad_nhwc`).
 The 2x2 stride-2 transposed conv's input gradient is a 3x3 stride-2 conv whose weight holds the 2x2 kernel in four of
 its nine taps (:func:`conv_transpose2x2_input_grad_nhwc`); its weight gradient is four 1x1 weight gradients, one
-per output phase (:func:`conv_transpose2x2_weight_grad_nhwc`).
+per output phase, in one launch (``PHASES``, :func:`conv_transpose2x2_weight_grad_nhwc`).
 """
 
 from __future__ import annotations
@@ -119,6 +119,8 @@ def _weight_grad_partial_kernel(
     EVEN_W: tl.constexpr,
     TMA: tl.constexpr,
     PACK_TAPS: tl.constexpr,
+    BIAS_ROW: tl.constexpr,
+    PHASES: tl.constexpr,
     INTERPRETER: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_P: tl.constexpr,
@@ -152,12 +154,21 @@ def _weight_grad_partial_kernel(
     covers every (tap, channel) row of ``dW`` at once: a step gathers the ``(BLOCK_P, BLOCK_C)`` im2col block of all
     taps, whose offsets past the row's base are fixed (``tap`` and channel of each column, computed once), and
     ``dz`` is read once per step instead of once per tap. Axis 0 then has one program (+ 1 with ``HAS_BIAS``).
+    ``BIAS_ROW`` (``PACK_TAPS`` with a spare row, ``rows < BLOCK_C``; ``HAS_BIAS`` off): the bias gradient comes out of
+    the GEMM itself, im2col column ``rows`` being 1 (``dz`` is 0 past a row's end), so ``acc[n, rows] = sum_p dz[p,
+    n]`` over the slice's pixels: no bias programs, ``dz`` read once.
+
+    ``PHASES`` 4 (ConvTranspose2d(2, 2), a 1x1 ``KSIZE``): axis 1 is (phase, output-channel block), phase ``(a, b)``
+    reading ``dy[:, a::2, b::2]`` (``dz`` is the phase (0, 0) view, the others sit ``a`` rows and ``b`` pixels of dy
+    on) and writing columns ``(a * 2 + b) * c_out + n`` of partial rows ``4 * c_out`` long: the packed transposed-conv
+    weight's order. Its TMA descriptor views dy as (N, 2 h, w, 2, c_out), a phase's row box at (image, 2 oy + a, x0,
+    b, n0). The bias partials are (split, phase, channel).
     """
     offset_type: tl.constexpr = tl.int64 if WIDE else tl.int32
     c_blocks = tl.cdiv(c_in, BLOCK_C)
     kc_programs = 1 if PACK_TAPS else KSIZE * KSIZE * c_blocks
     pid_kc = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid_n = tl.program_id(1)  # (phase, output-channel block) with PHASES 4
     split = tl.program_id(2)
     if HAS_BIAS:
         # The launch order (axis 0 fastest) runs every GEMM program first, the bias programs last: program i of
@@ -172,8 +183,23 @@ def _weight_grad_partial_kernel(
         pid_kc = tl.where(is_bias, kc_programs, i % per_tile)
         pid_n = (i // per_tile) % n_blocks
         split = (i // per_tile) // n_blocks
+    # PHASES 4: output phase (a, b) = divmod(phase, 2) reads dz = dy[:, a::2, b::2]; dz's strides are the phase
+    # (0, 0) view's, twice dy's row and pixel strides.
+    phase = 0
+    phase_a = 0
+    phase_b = 0
+    if PHASES != 1:
+        tl.static_assert(PHASES == 4 and KSIZE == 1 and STRIDE == 1, "output phases: the 2x2 transposed conv only")
+        phase = pid_n // tl.cdiv(c_out, BLOCK_N)
+        pid_n = pid_n % tl.cdiv(c_out, BLOCK_N)
+        phase_a = phase // 2
+        phase_b = phase % 2
+        dz_ptr += phase_a.to(offset_type) * (stride_zh // 2) + phase_b.to(offset_type) * (stride_zw // 2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < c_out
+    # Column phase * c_out + n of the partial's rows (PHASES * c_out long): the packed transposed-conv order.
+    part_cols = PHASES * c_out
+    offs_col = phase * c_out + offs_n
     # A step's pixels are x0 + lanes of one row: its offsets are a scalar (the row and x0) plus these, fixed.
     lanes = tl.arange(0, BLOCK_P)
     g_lanes = (lanes.to(offset_type) * stride_zw)[:, None] + (offs_n.to(offset_type) * stride_zc)[None, :]
@@ -190,7 +216,7 @@ def _weight_grad_partial_kernel(
             g = _load_dz((dz_ptr + z_at) + g_lanes, lanes, out_w - x0, n_mask, EVEN_W, EVEN_N)
             bias_acc += tl.sum(g.to(acc_t), axis=0)
             x0, oy, img = _next_block(x0, oy, img, out_w, out_h, BLOCK_P)
-        tl.store(bias_part_ptr + split.to(tl.int64) * c_out + offs_n, bias_acc, mask=n_mask)
+        tl.store(bias_part_ptr + (split * PHASES + phase).to(tl.int64) * c_out + offs_n, bias_acc, mask=n_mask)
     elif PACK_TAPS:
         tl.static_assert(STRIDE == 1, "the packed taps read consecutive pixels: stride 1 only")
         # Column r of the im2col block is (tap, channel) = divmod(r, c_in): row r of dW. Its offset from a pixel's
@@ -204,6 +230,13 @@ def _weight_grad_partial_kernel(
             r_dy.to(offset_type) * stride_xh + r_dx.to(offset_type) * stride_xw + (r % c_in).to(offset_type) * stride_xc
         )
         a_offs = (lanes.to(offset_type) * stride_xw)[:, None] + r_off[None, :]
+        # BIAS_ROW: the spare row r == rows (never loaded: past r_ok) reads as 1 in every lane. Past a row's end dz is
+        # loaded as 0, so that row of the GEMM sums exactly the pixels of the slice. (Through fp32: the interpreter
+        # casts a bool to bf16 as the bit pattern 1, not the number.)
+        ones = r == rows
+        a_other = 0.0
+        if BIAS_ROW:
+            a_other = ones[None, :].to(tl.float32).to(x_ptr.dtype.element_ty)
         col = lanes[:, None] + r_dx[None, :]  # the input column of (pixel, tap) less the block's x0
         acc = tl.zeros((BLOCK_N, BLOCK_C), dtype=acc_t)  # dW^T = dz^T A: A stays (K, N)
         for _ in range(0, steps):
@@ -213,12 +246,17 @@ def _weight_grad_partial_kernel(
             iy = oy + r_dy
             col_ok = (col >= -x0) & (col < in_w - x0) & (lanes < g_end)[:, None]
             a_ok = col_ok & (r_ok & (iy >= 0) & (iy < in_h))[None, :]
-            a = tl.load((x_ptr + x_at) + a_offs, mask=a_ok, other=0.0)
+            a = tl.load((x_ptr + x_at) + a_offs, mask=a_ok, other=a_other)
             g = _load_dz((dz_ptr + z_at) + g_lanes, lanes, g_end, n_mask, EVEN_W, EVEN_N)
             acc = mma(tl.trans(g), a, acc, INTERPRETER, DOT_PRECISION)
             x0, oy, img = _next_block(x0, oy, img, out_w, out_h, BLOCK_P)
-        part = part_ptr + split.to(tl.int64) * rows * c_out
-        tl.store(part + r.to(tl.int64)[None, :] * c_out + offs_n[:, None], acc, mask=r_ok[None, :] & n_mask[:, None])
+        part = part_ptr + split.to(tl.int64) * rows * part_cols
+        tl.store(
+            part + r.to(tl.int64)[None, :] * part_cols + offs_col[:, None], acc, mask=r_ok[None, :] & n_mask[:, None]
+        )
+        if BIAS_ROW:
+            bias_part = bias_part_ptr + split.to(tl.int64) * c_out
+            tl.store(bias_part + offs_n[:, None] + 0 * r[None, :], acc, mask=ones[None, :] & n_mask[:, None])
     else:
         tap = pid_kc // c_blocks
         dy = tap // KSIZE - PAD
@@ -235,7 +273,10 @@ def _weight_grad_partial_kernel(
             tl.static_assert(STRIDE == 1, "TMA row boxes read consecutive pixels: stride 1 only")
             for _ in range(0, steps):
                 a = x_desc.load([img, oy + dy, x0 + dx, c0]).reshape(BLOCK_P, BLOCK_C)
-                g = dz_desc.load([img, oy, x0, n0]).reshape(BLOCK_P, BLOCK_N)
+                if PHASES == 1:
+                    g = dz_desc.load([img, oy, x0, n0]).reshape(BLOCK_P, BLOCK_N)
+                else:  # dy as (N, 2 h, w, 2, C): row 2 oy + a, pixel pair x0.., member b
+                    g = dz_desc.load([img, 2 * oy + phase_a, x0, phase_b, n0]).reshape(BLOCK_P, BLOCK_N)
                 acc = mma(tl.trans(a), g, acc, INTERPRETER, DOT_PRECISION)
                 x0, oy, img = _next_block(x0, oy, img, out_w, out_h, BLOCK_P)
         else:
@@ -263,9 +304,9 @@ def _weight_grad_partial_kernel(
                 acc = mma(tl.trans(a), g, acc, INTERPRETER, DOT_PRECISION)
                 x0, oy, img = _next_block(x0, oy, img, out_w, out_h, BLOCK_P)
         out_rows = tap * c_in + offs_c
-        part = part_ptr + split.to(tl.int64) * rows * c_out
+        part = part_ptr + split.to(tl.int64) * rows * part_cols
         tl.store(
-            part + out_rows.to(tl.int64)[:, None] * c_out + offs_n[None, :],
+            part + out_rows.to(tl.int64)[:, None] * part_cols + offs_col[None, :],
             acc,
             mask=c_mask[:, None] & n_mask[None, :],
         )
@@ -409,6 +450,8 @@ def conv2d_weight_grad_nhwc(
     splits: int | None = None,
     name: str = "conv_weight_grad",
     stride: int = 1,
+    phases: int = 1,
+    sum_phases: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Gradients of a stride-1 ``ksize x ksize`` conv with ``padding`` (or of a 3x3 stride-2 padding-1 conv) w.r.t.
     its weight and bias.
@@ -425,6 +468,12 @@ def conv2d_weight_grad_nhwc(
             programs best, see :func:`_splits`).
         stride: 1, or 2 with ksize 3 and padding 1 (tap (ky, kx) of output pixel (oy, ox) reads x at (2 oy + ky - 1,
             2 ox + kx - 1); pointer loads).
+        phases: 1, or 4 for ConvTranspose2d(2, 2) (ksize 1, padding 0, stride 1): ``dz`` is then its output gradient
+            ``dy`` (N, 2 H, 2 W, C_out), each output phase (a, b) a 1x1 weight gradient against ``dy[:, a::2, b::2]``,
+            all four in the one launch, and ``dW`` is ``(C_in, 4 * C_out)``, column ``(a * 2 + b) * C_out + co`` (the
+            order of :func:`fastunet.kernels.conv.pack_conv_transpose_weight`); ``db`` sums every phase.
+        sum_phases: with ``phases=4``, False returns ``db`` per phase instead, ``(4 * C_out,)`` in dW's column order:
+            the gradient of the forward's repeated bias.
 
     Returns:
         (dW packed as ``(k*k*C_in, C_out)`` fp32, row ``tap * C_in + channel``; db fp32 (C_out,) or None); fp64
@@ -442,97 +491,126 @@ def conv2d_weight_grad_nhwc(
     if stride not in (1, 2) or stride == 2 and (ksize, padding) != (3, 1):
         raise ValueError(f"expected stride 1, or 2 with ksize 3 and padding 1, got stride={stride!r}, ksize={ksize}, "
                          f"padding={padding}")  # fmt: skip
+    if phases not in (1, 4) or phases == 4 and (ksize, padding, stride) != (1, 0, 1):
+        raise ValueError(f"expected phases 1, or 4 with ksize 1, padding 0 and stride 1 (a 2x2 transposed conv), got "
+                         f"phases={phases!r}, ksize={ksize}, padding={padding}, stride={stride}")  # fmt: skip
     batch, in_h, in_w, c_in = x.shape
     out_h = (in_h + 2 * padding - ksize) // stride + 1
     out_w = (in_w + 2 * padding - ksize) // stride + 1
     c_out = dz.shape[3]
-    if tuple(dz.shape[:3]) != (batch, out_h, out_w):
-        raise ValueError(
-            f"dz: expected shape ({batch}, {out_h}, {out_w}, C_out) for a {ksize}x{ksize} conv with padding "
-            f"{padding} and stride {stride} of a {tuple(x.shape)} input, got {tuple(dz.shape)}"
+    up = 2 if phases == 4 else 1
+    if tuple(dz.shape[:3]) != (batch, up * out_h, up * out_w):
+        what = (
+            "a stride-2 transposed conv"
+            if phases == 4
+            else f"a {ksize}x{ksize} conv with padding {padding} and stride {stride}"
         )
+        raise ValueError(
+            f"dz: expected shape ({batch}, {up * out_h}, {up * out_w}, C_out) for {what} of a {tuple(x.shape)} input, "
+            f"got {tuple(dz.shape)}"
+        )
+    dy = dz
+    if phases == 4:
+        dz = dy[:, ::2, ::2, :]  # phase (0, 0); the kernel offsets it to the others
     rows = ksize * ksize * c_in
+    cols = phases * c_out
     stat = stat_dtype(x.dtype)  # the partials and results: fp32, fp64 for float64 maps
     stat_name = str(stat).removeprefix("torch.")
     if out is None:
         if row_offset:
             raise ValueError("row_offset needs out=")
-        out = alloc((rows, c_out), stat, x.device)
+        out = alloc((rows, cols), stat, x.device)
     elif (
         out.dtype != stat
         or out.dim() != 2
-        or out.shape[1] != c_out
+        or out.shape[1] != cols
         or not out.is_contiguous()
         or not 0 <= row_offset <= out.shape[0] - rows
     ):
         raise ValueError(
-            f"out: expected a contiguous {stat_name} (>= {row_offset + rows}, {c_out}) tensor for rows "
+            f"out: expected a contiguous {stat_name} (>= {row_offset + rows}, {cols}) tensor for rows "
             f"[{row_offset}, {row_offset + rows}), got {out.dtype} {tuple(out.shape)}"
         )
-    db = alloc((c_out,), stat, x.device) if bias else None
+    db_len = c_out if sum_phases else cols
+    db = alloc((db_len,), stat, x.device) if bias else None
     pixels = batch * out_h * out_w
     if pixels + 1024 >= 2**31:
         raise ValueError(f"at most 2**31 - 1025 output pixels per launch, got {pixels}")
-    if rows * c_out == 0:
+    if rows * cols == 0:
         return out[row_offset : row_offset + rows], db
     block_n = min(128, max(16, next_pow2(c_out)))
     # Pixel blocks walk one output row: no wider than the row (a 16-pixel floor for the MMA's K); 128 pixels for an
     # output-channel block of at most 64, whose steps would otherwise be mostly fixed per-step work.
     block_p = min(128 if block_n <= 64 else 64, max(16, next_pow2(out_w)))
     path, path_reason = weight_grad_load_path(x, dz, out_w, block_p, stride)
+    if path == "tma" and phases == 4 and _tma_problem(dy, "output gradient"):
+        path, path_reason = "pointer", _tma_problem(dy, "output gradient")
     # A TMA step's instructions hardly depend on the tile: where rows are short (steps under 64 pixels), 128 input
     # channels double each step's MMA work (issue ratio 0.31 against 0.62 at 32-px rows in the model).
     block_c = min(128 if path == "tma" and block_p < 64 else 64, max(16, next_pow2(c_in)))
     # Few input channels (the 3-channel first conv: 27 rows): all taps in one block of rows, one program along
     # axis 0 reading dz once per step, instead of nine programs each padding 3 channels to 16 and reading dz again.
     pack_taps = ksize > 1 and stride == 1 and path == "pointer" and rows <= PACK_TAPS_ROWS
+    bias_row = False
     if pack_taps:
         block_c = max(16, next_pow2(rows))
+        # A spare row of the block (27 of 32 for 3 channels) sums dz for the bias inside the GEMM: dz read once.
+        bias_row = bias and rows < block_c
         block_p = min(block_p, 64)  # 32 x 64 x 64 steps: 119 registers (128-px steps: 253, twice the issue)
     image_rows = batch * out_h
     blocks_per_row = triton.cdiv(out_w, block_p)
     kc_programs = 1 if pack_taps else ksize * ksize * triton.cdiv(c_in, block_c)
-    tiles = kc_programs * triton.cdiv(c_out, block_n)
+    tiles = kc_programs * phases * triton.cdiv(c_out, block_n)
     if splits is None:
         acc_size = torch.finfo(stat).bits // 8
         per_sm = ctas_per_sm(block_p, block_c, block_n, x.element_size(), acc_size, pack_taps)
-        partial = _partial_steps(rows * c_out, acc_size, 2 * block_c * block_n * block_p)
-        splits = _splits(image_rows, blocks_per_row, tiles, sm_count(x), rows * c_out, per_sm, partial)
-    if not isinstance(splits, int) or not 1 <= splits <= max(1, MAX_PARTIAL_ELEMENTS // (rows * c_out)):
+        partial = _partial_steps(rows * cols, acc_size, 2 * block_c * block_n * block_p)
+        splits = _splits(image_rows, blocks_per_row, tiles, sm_count(x), rows * cols, per_sm, partial)
+    if not isinstance(splits, int) or not 1 <= splits <= max(1, MAX_PARTIAL_ELEMENTS // (rows * cols)):
         raise ValueError(
-            f"splits must be an int in [1, {max(1, MAX_PARTIAL_ELEMENTS // (rows * c_out))}] (the partials' size "
-            f"limit for a {rows} x {c_out} gradient), got {splits!r}"
+            f"splits must be an int in [1, {max(1, MAX_PARTIAL_ELEMENTS // (rows * cols))}] (the partials' size "
+            f"limit for a {rows} x {cols} gradient), got {splits!r}"
         )
     rows_per_split = triton.cdiv(max(image_rows, 1), splits)
-    part = alloc((splits, rows, c_out), stat, x.device)
-    bias_part = alloc((splits, c_out), stat, x.device) if bias else part
+    part = alloc((splits, rows, cols), stat, x.device)
+    # Bias partials (split, phase, channel): summed over splits and phases together, in that order.
+    bias_part = alloc((splits, phases, c_out), stat, x.device) if bias else part
     interpreter, precision = dot_flags(x.dtype, torch.backends.cudnn.allow_tf32)
-    # With a bias, one more program per (output-channel block, split) along axis 0 sums dz for it.
-    grid = (kc_programs + int(bias), triton.cdiv(c_out, block_n), splits)
+    # With a bias (not in the GEMM's spare row), one more program per (phase, output-channel block, split) along
+    # axis 0 sums dz for it.
+    bias_programs = bias and not bias_row
+    grid = (kc_programs + int(bias_programs), phases * triton.cdiv(c_out, block_n), splits)
     descriptors = (None, None)
     if path == "tma":
-        descriptors = tuple(
-            TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block_p, block])
-            for t, block in ((x, block_c), (dz, block_n))
-        )
+        x_desc = TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, block_p, block_c])
+        if phases == 1:
+            dz_desc = TensorDescriptor(dz, list(dz.shape), list(dz.stride()), [1, 1, block_p, block_n])
+        else:
+            # dy as (N, 2 H, W, 2, C_out): phase (a, b)'s row box is every other pixel of row 2 oy + a from pixel b.
+            shape = [batch, 2 * out_h, out_w, 2, c_out]
+            strides = [dy.stride(0), dy.stride(1), 2 * dy.stride(2), dy.stride(2), dy.stride(3)]
+            dz_desc = TensorDescriptor(dy, shape, strides, [1, 1, block_p, 1, block_n])
+        descriptors = (x_desc, dz_desc)
     args = (
         x, dz, *descriptors, part, bias_part, in_h, in_w, out_h, out_w, c_in, c_out, rows, image_rows, rows_per_split,
         blocks_per_row, *x.stride(), *dz.stride(),
     )  # fmt: skip
     # Offsets reached: the maps' spans, plus the padding row and column and a pixel block's overhang past the row.
     reach_x = element_span(x) + abs(x.stride(1)) + (stride * block_p + 1) * abs(x.stride(2))
-    reach_z = element_span(dz) + block_p * abs(dz.stride(2))
+    reach_z = element_span(dy) + block_p * abs(dz.stride(2))
     constexprs = {
         "KSIZE": ksize,
         "PAD": padding,
         "STRIDE": stride,
-        "HAS_BIAS": bias,
+        "HAS_BIAS": bias_programs,
         "WIDE": max(reach_x, reach_z) >= 2**31,
         "EVEN_C": c_in % block_c == 0,
         "EVEN_N": c_out % block_n == 0,
         "EVEN_W": out_w % block_p == 0,
         "TMA": path == "tma",
         "PACK_TAPS": pack_taps,
+        "BIAS_ROW": bias_row,
+        "PHASES": phases,
         "INTERPRETER": interpreter,
         "DOT_PRECISION": precision,
         "BLOCK_P": block_p,
@@ -546,24 +624,27 @@ def conv2d_weight_grad_nhwc(
                 name=name,
                 kernel=_weight_grad_partial_kernel,
                 grid=grid,
-                flops=2 * pixels * rows * c_out,
+                flops=2 * pixels * rows * cols,
                 # The bias programs read dz once more.
-                bytes_read=(x.numel() + dz.numel() * (1 + int(bias))) * x.element_size(),
+                bytes_read=(x.numel() + dy.numel() * (1 + int(bias_programs))) * x.element_size(),
                 bytes_written=(part.numel() + (bias_part.numel() if bias else 0)) * part.element_size(),
                 args=args,
                 constexprs=constexprs,
                 launch_options=options,
                 path=path,
                 path_reason=path_reason,
-                light_programs=grid[1] * grid[2] if bias else 0,
+                light_programs=grid[1] * grid[2] if bias_programs else 0,
             )
         )
-    reductions = [(part, out, rows * c_out, row_offset)]
+    # (partials, target, partials summed, elements, target row offset): the bias sums splits x phases in one pass.
+    reductions = [(part, out, splits, rows * cols, row_offset)]
     if bias:
-        reductions.append((bias_part, db, c_out, 0))
+        reductions.append(
+            (bias_part, db, splits * phases, c_out, 0) if sum_phases else (bias_part, db, splits, cols, 0)
+        )
     block = 1024
-    for source, target, elements, offset in reductions:
-        sum_args = (source, target, splits, elements, offset, c_out)
+    for source, target, count, elements, offset in reductions:
+        sum_args = (source, target, count, elements, offset, cols)
         if recording():
             record_launch(
                 LaunchRecord(
@@ -581,9 +662,9 @@ def conv2d_weight_grad_nhwc(
     if not is_dry_run():
         with launch_guard(x):
             _weight_grad_partial_kernel[grid](*args, **constexprs, **options)
-            for source, target, elements, offset in reductions:
+            for source, target, count, elements, offset in reductions:
                 _sum_splits_kernel[(triton.cdiv(elements, block),)](
-                    source, target, splits, elements, offset, c_out, BLOCK=block, num_warps=4, num_stages=1
+                    source, target, count, elements, offset, cols, BLOCK=block, num_warps=4, num_stages=1
                 )
     return out[row_offset : row_offset + rows], db
 
@@ -766,10 +847,12 @@ def conv_transpose2x2_weight_grad_nhwc(
     pack_conv_transpose_weight(W), bias.repeat(4))``).
 
     ``dW[ci, co, a, b] = sum_{n, i, j} x[n, i, j, ci] dy[n, 2i + a, 2j + b, co]``: for each output phase (a, b) a 1x1
-    weight gradient of ``x`` against the strided view ``dy[:, a::2, b::2, :]``, four launches of
-    :func:`conv2d_weight_grad_nhwc` (deterministic split-K) into the rows of one (4, C_in, C_out) buffer, then one
-    permute into :func:`fastunet.kernels.conv.pack_conv_transpose_weight`'s column order ``(a * 2 + b) * C_out + co``.
-    ``db[co] = sum dy[..., co]``, the four phases' sums added in the order (0,0), (0,1), (1,0), (1,1).
+    weight gradient of ``x`` against the strided view ``dy[:, a::2, b::2, :]``. All four run in one launch of the
+    weight-gradient kernel (:func:`conv2d_weight_grad_nhwc` with ``phases=4``: the phase is part of the program's
+    output-channel block, its ``dy`` base offset by ``a`` rows and ``b`` pixels), deterministic split-K, each tile
+    written straight into :func:`fastunet.kernels.conv.pack_conv_transpose_weight`'s column order
+    ``(a * 2 + b) * C_out + co``, then one fixed-order sum of the splits. ``db[co] = sum dy[..., co]``: the bias
+    programs' partials summed over splits and phases in one fixed order.
 
     Args:
         x: (N, h, w, C_in) view, the transposed conv's input (any strides).
@@ -791,21 +874,7 @@ def conv_transpose2x2_weight_grad_nhwc(
             f"dy: expected shape ({batch}, {2 * h}, {2 * w}, C_out) for a stride-2 transposed conv of a "
             f"{tuple(x.shape)} input, got {tuple(dy.shape)}"
         )
-    c_out = dy.shape[3]
-    phases = alloc((4 * c_in, c_out), stat_dtype(x.dtype), x.device)
-    bias_parts = []
-    for phase in range(4):
-        a, b = divmod(phase, 2)
-        _, db = conv2d_weight_grad_nhwc(
-            x, dy[:, a::2, b::2, :], 1, 0, bias=bias, out=phases, row_offset=phase * c_in,
-            name=f"conv_transpose2x2_weight_grad.{a}{b}",
-        )  # fmt: skip
-        bias_parts.append(db)
-    dw = phases.reshape(4, c_in, c_out).permute(1, 0, 2).reshape(c_in, 4 * c_out)
-    db = None
-    if bias:
-        db = bias_parts[0] + bias_parts[1] + bias_parts[2] + bias_parts[3]
-    return dw, db
+    return conv2d_weight_grad_nhwc(x, dy, 1, 0, bias=bias, phases=4, name="conv_transpose2x2_weight_grad")
 
 
 __all__ = [

@@ -120,7 +120,9 @@ def test_default_splits_fill_whole_waves(sms, batch, c_in, size, c_out):
     per_split, per_row, rows = args["rows_per_split"], args["blocks_per_row"], args["rows"]
     image_rows, splits = args["image_rows"], record.grid[2]
     gemm = record.grid[0] * record.grid[1] * splits - record.light_programs
-    assert record.light_programs == record.grid[1] * splits  # one bias program per (output block, slice)
+    # One bias program per (output block, slice), none where the GEMM's spare row sums dz (the first conv).
+    assert record.light_programs == (0 if record.constexprs["BIAS_ROW"] else record.grid[1] * splits)
+    assert record.constexprs["BIAS_ROW"] == (c_in == 3)
     assert splits * rows * c_out <= MAX_PARTIAL_ELEMENTS
     assert per_split * per_row >= min(8, image_rows * per_row) and -(-image_rows // per_split) == splits
     last_round = gemm % sms
@@ -300,12 +302,43 @@ def test_few_input_channels_take_every_tap_in_one_block(device, c_in, ksize, pac
     record = next(r for r in records if r.name == "conv_weight_grad")
     assert record.constexprs["PACK_TAPS"] is packed
     taps = ksize * ksize
-    assert record.grid[0] == (1 if packed else taps * -(-c_in // record.constexprs["BLOCK_C"])) + 1  # + bias
+    # + 1 bias program, unless the packed block's spare row (27 of 32, 63 of 64 rows) sums dz in the GEMM
+    assert record.constexprs["BIAS_ROW"] is packed and record.light_programs == (0 if packed else record.grid[1] * 3)
+    assert record.grid[0] == (1 if packed else taps * -(-c_in // record.constexprs["BLOCK_C"]) + 1)
     if packed:
         assert record.constexprs["BLOCK_C"] >= taps * c_in
     expected, bound, db_expected, db_bound = _reference(x, dz, ksize, padding)
     _check(dw, expected, bound, torch.bfloat16)
     _check(db, db_expected, db_bound, torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("c_in", "width", "c_out", "bias"),
+    [(3, 19, 6, True), (2, 16, 130, True), (7, 7, 3, True), (3, 19, 6, False)],
+    ids=["3ch-partial-block", "2ch-whole-blocks-2-out-blocks", "7ch-63-of-64-rows", "no-bias"],
+)
+def test_bias_from_the_packed_gemms_spare_row(device, dtype, c_in, width, c_out, bias):
+    """The packed (tap, channel) block has spare rows (9 * C_in rows padded to a power of two): one of them is 1 (dz
+    reads 0 past a row's end), so the GEMM itself sums dz over the slice into the bias gradient. One launch of
+    GEMM programs only (no bias programs, dz read once), its bias and weight gradients against float64, with slices,
+    a partial pixel block and two output-channel blocks."""
+    torch.manual_seed(c_in * 100 + width + c_out)
+    x = torch.randn(3, c_in, 5, width).to(dtype).to(device)
+    dz = torch.randn(3, c_out, 5, width).to(dtype).to(device)
+    with _common.launch_log() as records:
+        dw, db = conv2d_weight_grad_nhwc(x.permute(0, 2, 3, 1), dz.permute(0, 2, 3, 1), 3, 1, splits=4, bias=bias)
+    record = next(r for r in records if r.name == "conv_weight_grad")
+    assert record.constexprs["PACK_TAPS"] and record.constexprs["BIAS_ROW"] is bias
+    assert not record.constexprs["HAS_BIAS"] and record.light_programs == 0 and record.grid[0] == 1
+    assert record.bytes_read == (x.numel() + dz.numel()) * x.element_size()
+    assert len(records) == 2 + int(bias)  # the launch, the weight's sum, the bias's sum
+    expected, bound, db_expected, db_bound = _reference(x, dz, 3, 1)
+    _check(dw, expected, bound, dtype)
+    if bias:
+        _check(db, db_expected, db_bound, dtype)
+    else:
+        assert db is None
 
 
 def test_wide_offsets_compute_the_same(device, monkeypatch):
@@ -612,6 +645,83 @@ def test_transposed_weight_grad_without_bias(device):
     assert db is None
     with_bias, _ = conv_transpose2x2_weight_grad_nhwc(x, dy)
     assert torch.equal(dw, with_bias)
+
+
+# (batch, c_in, c_out, low_h, low_w, splits): channels not multiples of 8, odd sizes, several output-channel blocks
+TRANSPOSE_WEIGHT_CASES = [
+    pytest.param(2, 5, 11, 3, 5, None, id="3x5-5to11"),
+    pytest.param(1, 17, 13, 5, 3, 3, id="5x3-17to13-3splits"),
+    pytest.param(3, 70, 130, 1, 3, 2, id="1x3-70to130-2blocks-2splits"),
+]
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("batch", "c_in", "c_out", "low_h", "low_w", "splits"), TRANSPOSE_WEIGHT_CASES)
+def test_transposed_weight_grad_is_one_launch(device, dtype, bias, batch, c_in, c_out, low_h, low_w, splits):
+    """The four output phases' weight gradients and the bias gradient in one weight-gradient launch, whose tiles
+    land in the packed (C_in, 4 * C_out) order (no permute), plus its fixed-order sums: against float64 autograd of
+    F.conv_transpose2d, and two runs bitwise equal."""
+    torch.manual_seed(batch * 100 + c_in + c_out)
+    x = torch.randn(batch, c_in, low_h, low_w).to(dtype).to(device)
+    weight = torch.randn(c_in, c_out, 2, 2).to(dtype)
+    dy = torch.randn(batch, c_out, 2 * low_h, 2 * low_w).to(dtype).to(device)
+    x_nhwc, dy_nhwc = x.permute(0, 2, 3, 1), dy.permute(0, 2, 3, 1)
+    runs = []
+    for _ in range(2):
+        with _common.launch_log() as records:
+            if splits is None:
+                runs.append(conv_transpose2x2_weight_grad_nhwc(x_nhwc, dy_nhwc, bias=bias))
+            else:
+                runs.append(conv2d_weight_grad_nhwc(x_nhwc, dy_nhwc, 1, 0, bias=bias, phases=4, splits=splits))
+    (dw, db), (dw2, db2) = runs
+    assert torch.equal(dw, dw2) and (db is None and db2 is None or torch.equal(db, db2))
+    gemm = [r for r in records if r.kernel.__name__ == "_weight_grad_partial_kernel"]
+    assert len(gemm) == 1 and gemm[0].constexprs["PHASES"] == 4 and gemm[0].constexprs["HAS_BIAS"] == bias
+    assert len(records) == 1 + 1 + int(bias), [r.name for r in records]  # the launch, its sum, the bias's sum
+    expected = _transpose_grads(x, weight, torch.zeros(c_out), dy)
+    bound = _transpose_grads(x.abs(), weight.abs(), torch.zeros(c_out), dy.abs())
+    assert dw.shape == (c_in, 4 * c_out) and dw.dtype == torch.float32 and dw.is_contiguous()
+    _check(dw, pack_conv_transpose_weight(expected[1]), pack_conv_transpose_weight(bound[1]), dtype)
+    if bias:
+        assert db.shape == (c_out,) and db.dtype == torch.float32
+        _check(db, expected[2], bound[2], dtype)
+    else:
+        assert db is None
+
+
+def test_transposed_weight_grad_per_phase_bias(device):
+    """``sum_phases=False`` (the training step's repeated bias): db per phase, (4 * C_out,) in dW's column order
+    ``(a * 2 + b) * C_out + co``, each the sum of its phase's pixels of dy, against float64; dW unchanged."""
+    torch.manual_seed(6)
+    x = torch.randn(2, 3, 5, 7, device=device)
+    dy = torch.randn(2, 6, 10, 9, device=device)
+    dw, db = conv2d_weight_grad_nhwc(x, dy, 1, 0, phases=4, sum_phases=False, splits=2)
+    summed_dw, summed_db = conv2d_weight_grad_nhwc(x, dy, 1, 0, phases=4, splits=2)
+    assert torch.equal(dw, summed_dw) and db.shape == (36,)
+    dy64 = dy.double().cpu()
+    expected = torch.cat([dy64[:, a::2, b::2, :].sum((0, 1, 2)) for a in (0, 1) for b in (0, 1)])
+    bound = torch.cat([dy64[:, a::2, b::2, :].abs().sum((0, 1, 2)) for a in (0, 1) for b in (0, 1)])
+    _check(db, expected, bound, torch.float32)
+    _check(summed_db, dy64.sum((0, 1, 2)), dy64.abs().sum((0, 1, 2)), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_transposed_weight_grad_on_tma(device, dtype):
+    """The phases' dy boxes by TMA (dy viewed as (N, 2h, w, 2, C), a box every other pixel): 12 output channels of a
+    16-wide block (zero fill past C_out, not the next phase's channels), against float64."""
+    torch.manual_seed(5)
+    x = torch.randn(2, 3, 16, 8).to(dtype).to(device)  # NHWC: 16-px rows, whole pixel blocks
+    dy = torch.randn(2, 6, 32, 16).to(dtype).to(device)[..., :12]  # a channel slice: pixel stride 16
+    with _common.load_path("tma"), _common.launch_log() as records:
+        dw, db = conv_transpose2x2_weight_grad_nhwc(x, dy)
+    (record,) = [r for r in records if r.kernel.__name__ == "_weight_grad_partial_kernel"]
+    assert record.path == "tma" and record.constexprs["TMA"] and record.constexprs["PHASES"] == 4, record.path_reason
+    x_nchw, dy_nchw = x.permute(0, 3, 1, 2), dy.permute(0, 3, 1, 2)
+    expected = _transpose_grads(x_nchw, torch.zeros(8, 12, 2, 2), torch.zeros(12), dy_nchw)
+    bound = _transpose_grads(x_nchw.abs(), torch.zeros(8, 12, 2, 2), torch.zeros(12), dy_nchw.abs())
+    _check(dw, pack_conv_transpose_weight(expected[1]), pack_conv_transpose_weight(bound[1]), dtype)
+    _check(db, expected[2], bound[2], dtype)
 
 
 def test_input_grads_are_bitwise_reproducible(device):
