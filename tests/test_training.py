@@ -291,8 +291,8 @@ def test_reference_config_backward_has_no_activation_launch_for_plain_relu_convs
     """The reference configuration (base 64, depth 4, batch 16 at 512x512, traced on ``meta``): every plain ReLU
     conv's backward takes the arriving gradient as dZ, its readers having applied the ReLU's derivative in their own
     launches (the next conv's input gradient, the decoder's upsample adjoint or transposed conv's input gradient, the
-    fused head's one-pass backward): no ``activation_pool_backward`` launch is left; each encoder's second conv keeps its
-    pooled one (routing the pooled gradient, adding the skip's)."""
+    fused head's one-pass backward): no ``activation_pool_backward`` launch is left; each encoder's second conv keeps
+    its pooled one (routing the pooled gradient, adding the skip's)."""
     from fastunet.tooling.trace import trace_training
 
     config = {"in_channels": 3, "num_classes": 2, "base_channels": 64, "depth": 4, "upsample": upsample}
