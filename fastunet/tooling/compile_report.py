@@ -13,7 +13,7 @@ K-step of the loops that hold the tensor-core instructions against the tensor-co
 (``issue_ratio``), and per traced configuration a modeled forward time (a model, not a measurement).
 
 ``--training`` adds, per upsampling mode, one training step (:func:`fastunet.tooling.trace.trace_training`): the
-forward as the training path launches it, then the backward's launches (the ReLU/pool gradient, the weight gradient
+forward as the training path launches it, then the backward's launches (the pool gradient, the weight gradient
 and the sum of its partials, the input gradients on the forward conv kernel, the upsampling adjoint, the transposed
 conv's gradients). Its variants join the table, and its modeled time (forward + backward) joins the forward's in
 ``model``. With ``--features``, each feature layout the backward kernels train (the strided down-sampling convs,
