@@ -599,8 +599,8 @@ def _head_backward_kernel(
         )
         g = tl.load(g_ptrs, mask=p_mask[:, None] & k_mask[None, :], other=0.0)
         da = mma(g, w_t, tl.zeros((BLOCK_P, BLOCK_C), dtype=acc_t), INTERPRETER, DOT_PRECISION)
-        if MASK:  # on a in the accumulator's type: the interpreter's bf16 compares miss NaN's a != a
-            da = _relu_derivative(da, a.to(acc_t), INTERPRETER)
+        if MASK:
+            da = _relu_derivative(da, a, INTERPRETER)
         da_ptrs = da_ptr + offs_p.to(tl.int64)[:, None] * c + offs_c[None, :]
         tl.store(da_ptrs, to_storage(da, da_ptr.dtype.element_ty, INTERPRETER), mask=p_mask[:, None] & c_mask[None, :])
         acc_w = mma(tl.trans(a), g, acc_w, INTERPRETER, DOT_PRECISION)

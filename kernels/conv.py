@@ -359,7 +359,10 @@ def _relu_derivative(grad, a, INTERPRETER: tl.constexpr):
     before a ReLU from the gradient after it and the stored output ``a``. Done on the bits, an AND with an all-ones or
     all-zeros mask: as a select on the values, ptxas serializes the conv's wgmma (warning C7514) and splits the
     packed 16-bit conversions of the epilogue. The interpreter cannot bitcast bf16 (numpy has none): a select there,
-    the same values."""
+    the same values. The interpreter also compares a bf16 NaN as neither ``> 0`` nor ``!= itself``: ``a`` is
+    compared in fp32 there."""
+    if INTERPRETER:
+        a = a.to(tl.float32)
     if INTERPRETER and grad.dtype == tl.bfloat16:
         return tl.where(a <= 0, tl.zeros_like(grad), grad)
     bits: tl.constexpr = grad.dtype.primitive_bitwidth
