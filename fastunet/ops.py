@@ -962,6 +962,27 @@ def _normalize_fake(
 
 
 @torch.library.custom_op(
+    "fastunet::normalize_pool_nhwc", mutates_args=(), schema=f"(Tensor z, {_NORM_IN_ARGS}) -> (Tensor, Tensor)"
+)
+def _normalize_pool_op(
+    z, in_scale=None, in_shift=None, in_activation="none", in_slope=0.0, in_lo=0.0, in_hi=0.0, in_slopes=None
+):
+    """:func:`fastunet.kernels.stats.normalize_nhwc` with ``pool`` and ``full`` as a custom op: (the normalized map,
+    its 2x2 max-pool), contiguous NHWC, from one pass. The eval forward's (no autograd registration: a forward whose
+    backward runs on the kernels reads its maps through their norm instead, see :func:`run_plan`)."""
+    read = _norm_in(in_scale, in_shift, in_activation, in_slope, in_lo, in_hi, in_slopes)
+    return normalize_nhwc(z, read, True, full=True)
+
+
+@_normalize_pool_op.register_fake
+def _normalize_pool_fake(
+    z, in_scale=None, in_shift=None, in_activation="none", in_slope=0.0, in_lo=0.0, in_hi=0.0, in_slopes=None
+):
+    batch, height, width, channels = z.shape
+    return z.new_empty((batch, height, width, channels)), z.new_empty((batch, height // 2, width // 2, channels))
+
+
+@torch.library.custom_op(
     "fastunet::pack_weights", mutates_args=(), schema="(Tensor[] sources, int[] spec, ScalarType dtype) -> Tensor"
 )
 def _pack_weights_op(sources, spec, dtype):
@@ -1106,6 +1127,13 @@ def _normalize(x: _Map, pool: bool) -> torch.Tensor:
     return torch.ops.fastunet.normalize_nhwc(x[0], pool, *_norm_in_args(x[1]))
 
 
+def _normalize_and_pool(x: _Map) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the map normalized and activated, its 2x2 max-pool): one memory-bound launch."""
+    if _direct():
+        return normalize_nhwc(x[0], x[1], True, full=True)
+    return torch.ops.fastunet.normalize_pool_nhwc(x[0], *_norm_in_args(x[1]))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Forward
 # ---------------------------------------------------------------------------------------------------------------
@@ -1126,12 +1154,15 @@ def run_plan(
     the upsample (``decN.pre_conv``) or a pixel shuffle (its conv at low resolution, then the shuffle, both
     ``decN.up``); a 1x1 head runs in the last conv's epilogue when it fits, else (and a 3x3 head) as its own
     launch. A conv followed by a norm with data statistics (InstanceNorm, GroupNorm) stores the pre-norm map and its
-    tile statistics, one small launch (same stage name) turns them into per-(image, channel) scale and shift, and
-    every consumer (the next conv's loader, the transposed conv, the upsample kernel, the head) reads the map as
-    ``act(z * scale + shift)``; a max-pool after such a norm is one normalize+activate+pool launch (``encN.pool``),
-    and the head then runs as its own launch. Activations are NHWC; the input is read and the logits written in the
-    caller's layout (NCHW, or
-    channels_last for a channels_last input). Each launch's record carries its stage name (``enc0.conv1`` ...
+    tile statistics, one small launch (same stage name) turns them into per-(image, channel) scale and shift; a
+    conv (but a 1x1 head) or a transposed conv that reads the map next reads it applied, ``act(z * scale + shift)``,
+    by one memory-bound normalize launch before it (stage ``<reader>.normalize``; ``encN.skip.normalize`` for a
+    strided layout's skip, read by two convs), while the upsample kernel and a 1x1 head (then its own launch) apply
+    it on load; a max-pool after such a norm is one normalize+activate+pool launch (``encN.pool``) that also stores
+    the applied skip map. With ``upsample_in_conv`` (the forward whose backward runs on the kernels) every reader
+    applies it on load: autograd would otherwise save the applied map next to the pre-norm one. Activations are
+    NHWC; the input is read and the logits written in the caller's layout (NCHW, or channels_last for a
+    channels_last input). Each launch's record carries its stage name (``enc0.conv1`` ...
     ``dec0.conv2``, ``decN.up``, ``head``) when the launch runs eagerly or in a dry run.
 
     ``upsample_in_conv``: a nearest/bilinear upsampling or a transposed conv is part of the decoder conv's launch
@@ -1158,6 +1189,18 @@ def _run_stages(
 ) -> torch.Tensor:
     _conv = functools.partial(_conv_launch, sink=norm_sink)
     depth = len(plan.decoders)
+    # The eval forward applies a norm with data statistics by one memory-bound pass before a conv (or a transposed
+    # conv) reads the map: the reader then loads it as stored (TMA on sm_90), where normalizing on load puts the
+    # operand through registers and costs more issue slots than the pass's bytes. A forward whose backward runs on
+    # the kernels keeps normalize-on-load: autograd would save the applied map as well as the pre-norm one.
+    apply_norms = not upsample_in_conv
+
+    def applied(m: _Map, reader: str) -> _Map:
+        if m[1] is None or not apply_norms:
+            return m
+        stage(f"{reader}.normalize")
+        return (_normalize(m, False), None)
+
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     logits_nchw = not channels_last
 
@@ -1170,9 +1213,11 @@ def _run_stages(
     producer: ConvStage | None = None  # the conv whose output ``features`` is
     for level, (conv1, conv2) in enumerate(plan.encoders):
         tag = f"enc{level}" if level < depth else "bottleneck"
-        stage(f"{tag}.conv1")
         # stride 2 where the layout down-samples by strided convs
+        features = applied(features, f"{tag}.conv1")
+        stage(f"{tag}.conv1")
         features, _ = _conv(features, conv1, mask_x=producer is not None and producer.grad_is_dz)
+        features = applied(features, f"{tag}.conv2")
         stage(f"{tag}.conv2")
         producer = conv2
         if level == depth:
@@ -1181,6 +1226,8 @@ def _run_stages(
         single_reader(conv2, f"the skip {tag}.conv2 makes")  # its own backward applies its ReLU's derivative
         if plan.down == "stride":
             features, _ = _conv(features, conv2, mask_x=conv1.grad_is_dz)
+            # read by the next level's strided conv and by the decoder's conv: applied once for both
+            features = applied(features, f"{tag}.skip")
             skips.append(features)
         elif conv2.norm is None:
             skip, pooled = _conv(features, conv2, pool=True, mask_x=conv1.grad_is_dz)
@@ -1188,14 +1235,20 @@ def _run_stages(
             features = (pooled, None)
         else:  # the pool reads the normalized map: normalize, activate and pool in one pass
             skip, _ = _conv(features, conv2, mask_x=conv1.grad_is_dz)
-            skips.append(skip)
             stage(f"{tag}.pool")
-            features = (_normalize(skip, pool=True), None)
+            if apply_norms:  # the same pass stores the applied skip for the decoder's conv
+                full, pooled = _normalize_and_pool(skip)
+                skips.append((full, None))
+                features = (pooled, None)
+            else:
+                skips.append(skip)
+                features = (_normalize(skip, pool=True), None)
 
     for level in reversed(range(depth)):
         conv1, conv2 = plan.decoders[level]
         up_stage = plan.ups[level]
         if up_stage.pre_conv is not None:
+            features = applied(features, f"dec{level}.pre_conv")
             stage(f"dec{level}.pre_conv")
             single_reader(producer, f"dec{level}.pre_conv")
             features, _ = _conv(features, up_stage.pre_conv)
@@ -1209,6 +1262,9 @@ def _run_stages(
                 mask_up=producer.grad_is_dz,
             )  # fmt: skip
         else:
+            if up_stage.mode == "direct" or up_stage.conv is not None:
+                # a (transposed) conv reads it; the upsample kernel normalizes on load at no cost (memory-bound)
+                features = applied(features, f"dec{level}.up")
             stage(f"dec{level}.up")
             single_reader(producer, f"dec{level}.up")
             if up_stage.mode == "direct":
@@ -1220,6 +1276,7 @@ def _run_stages(
                 up = _upsample(features, up_stage.mode, up_stage.align_corners)
             stage(f"dec{level}.conv1")
             features, _ = _conv(skips[level], conv1, up=up, up_mode="direct", join=plan.join)
+        features = applied(features, f"dec{level}.conv2")
         stage(f"dec{level}.conv2")
         if level == 0 and plan.fuse_head:
             (logits, _), _ = _conv(
@@ -1233,6 +1290,8 @@ def _run_stages(
             return logits.permute(0, 3, 1, 2)
         features, _ = _conv(features, conv2, mask_x=conv1.grad_is_dz)
         producer = conv2
+    if plan.head.ksize > 1:  # a 1x1 head reads its few classes' worth of columns: normalizing on load is cheaper
+        features = applied(features, "head")
     stage("head")
     (logits, _), _ = _conv(features, plan.head, nchw_out=logits_nchw, mask_x=producer.grad_is_dz)
     return logits.permute(0, 3, 1, 2)

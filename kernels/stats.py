@@ -13,9 +13,12 @@ three parts, each deterministic (fixed reduction order, no atomics):
    n``) and turns them into a per-(image, channel) ``scale = gamma / sqrt(var + eps)`` and ``shift = beta - mean
    scale`` (biased variance, as the norms use). Sums of values and of squares would cancel catastrophically when
    the mean is large against the spread; merged moments do not.
-3. **Apply.** Whatever reads the map next applies ``act(z * scale + shift)`` on the fly (:class:`NormIn` says
-   how): the next conv's loader, the transposed conv's, the upsample kernel, the head; a max-pool after the norm
-   runs as :func:`normalize_nhwc` (normalize, activate and pool in one memory-bound pass).
+3. **Apply.** ``act(z * scale + shift)`` (:class:`NormIn` says how): either by whatever reads the map next, on
+   the fly (the conv's loader, the transposed conv's, the upsample kernel, the head), or by :func:`normalize_nhwc`,
+   one memory-bound pass (the eval forward's choice before a conv: normalizing in a conv's loader takes the
+   operand through registers and costs more issue slots than the pass's bytes); a max-pool after the norm runs as
+   :func:`normalize_nhwc` (normalize, activate and pool in one memory-bound pass, the whole map stored too when
+   asked).
 
 The statistics are those of the stored map (rounded to its dtype), as PyTorch computes them from the tensor it
 is given. A NaN or inf anywhere in an (image, group) makes that group's statistics NaN, as in PyTorch.
@@ -271,6 +274,7 @@ def _norm_scale_shift_kernel(
 def _normalize_nhwc_kernel(
     z_ptr,  # (batch, height, width, channels): the stored pre-norm map
     y_ptr,  # (batch, height, width, channels), or (batch, height // 2, width // 2, channels) with POOL
+    full_ptr,  # FULL: (batch, height, width, channels), the normalized map the pooled one is taken from
     scale_ptr,  # (batch, channels) fp32
     shift_ptr,
     slopes_ptr,  # (channels,): PReLU's
@@ -281,6 +285,8 @@ def _normalize_nhwc_kernel(
     out_h,
     out_w,
     channels,
+    height,  # FULL: z's size (out_h, out_w count the windows then, ceil(height / 2) x ceil(width / 2))
+    width,
     stride_zn,
     stride_zh,
     stride_zw,
@@ -291,15 +297,19 @@ def _normalize_nhwc_kernel(
     stride_yc,
     ACT: tl.constexpr,
     POOL: tl.constexpr,
+    FULL: tl.constexpr,
     INTERPRETER: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     """y = act(z * scale + shift) over a (BLOCK_P output pixels) x (BLOCK_C channels) tile; with POOL, the 2x2
-    max-pool (floor) of it, NaN-propagating like ``nn.MaxPool2d``.
+    max-pool (floor) of it, NaN-propagating like ``nn.MaxPool2d``; with FULL (and POOL) also the normalized map
+    itself into ``full_ptr`` (contiguous NHWC), every pixel of it: the windows then cover the map (ceil), and a
+    window past the floor-mode pooled map's edge (an odd size's last row or column) stores its full pixels only.
 
     Grid: (cdiv(batch * out_h * out_w, BLOCK_P), cdiv(channels, BLOCK_C)). Memory-bound: one read of z (of the
-    pooled windows), one write; scale and shift are gathered per pixel's image from a table of N x C floats.
+    pooled windows), one write (two with FULL); scale and shift are gathered per pixel's image from a table of N x C
+    floats.
     """
     pid_p = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -320,17 +330,29 @@ def _normalize_nhwc_kernel(
         result = tl.zeros((BLOCK_P, BLOCK_C), dtype=acc_t)
         has_nan = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.int1)
         for corner in tl.static_range(4):
-            src = pixel_offset(img, 2 * oy + corner // 2, 2 * ox + corner % 2, stride_zn, stride_zh, stride_zw)
-            z = tl.load(z_ptr + src[:, None] + col, mask=mask, other=0.0)
+            iy = 2 * oy + corner // 2
+            ix = 2 * ox + corner % 2
+            src = pixel_offset(img, iy, ix, stride_zn, stride_zh, stride_zw)
+            if FULL:
+                inside = mask & ((iy < height) & (ix < width))[:, None]
+            else:
+                inside = mask
+            z = tl.load(z_ptr + src[:, None] + col, mask=inside, other=0.0)
             v = normalize(z, scale, shift, slopes_ptr, offs_c, c_mask, slope, lo, hi, ACT)
             # The max of the values as the map would store them (rounded once), as pooling a stored map does.
-            v = to_storage(v, y_ptr.dtype.element_ty, INTERPRETER).to(acc_t)
+            stored = to_storage(v, y_ptr.dtype.element_ty, INTERPRETER)
+            if FULL:
+                at = ((img.to(tl.int64) * height + iy) * width + ix) * channels
+                tl.store(full_ptr + at[:, None] + offs_c[None, :], stored, mask=inside)
+            v = stored.to(acc_t)
             if corner == 0:
                 result = v
             else:
                 result = tl.where(v > result, v, result)
             has_nan = has_nan | (v != v)
         result = tl.where(has_nan, float("nan"), result)
+        if FULL:  # the floor-mode pooled map's windows only
+            mask = mask & ((oy < height // 2) & (ox < width // 2))[:, None]
     else:
         z = tl.load(z_ptr + pixel_offset(img, oy, ox, stride_zn, stride_zh, stride_zw)[:, None] + col, mask=mask)
         result = normalize(z, scale, shift, slopes_ptr, offs_c, c_mask, slope, lo, hi, ACT)
@@ -339,38 +361,49 @@ def _normalize_nhwc_kernel(
     tl.store(y_ptr + dst[:, None] + offs_c.to(tl.int64)[None, :] * stride_yc, out, mask=mask)
 
 
-def normalize_nhwc(z: torch.Tensor, norm_in: NormIn, pool: bool = False, *, name: str = "normalize") -> torch.Tensor:
+def normalize_nhwc(
+    z: torch.Tensor, norm_in: NormIn, pool: bool = False, *, full: bool = False, name: str = "normalize"
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``act(z * scale + shift)`` of an (N, H, W, C) view as a contiguous NHWC map in z's dtype; with ``pool``, its
     2x2 max-pool (floor mode, like ``nn.MaxPool2d(2)``): a norm and activation followed by a max-pool, in one
-    memory-bound pass over ``z``."""
+    memory-bound pass over ``z``. ``full`` (with ``pool``): returns ``(normalized map, pooled map)`` from that one
+    pass, e.g. an encoder's skip map read by a decoder conv and pooled for the next level."""
     if z.dim() != 4:
         raise ValueError(f"normalize_nhwc input: expected a 4-D (N, H, W, C) view, got shape {tuple(z.shape)}")
+    if full and not pool:
+        raise ValueError("normalize_nhwc: full=True returns the normalized map next to the pooled one; it needs pool")
     check_runnable(z, "normalize_nhwc input")
     norm_in.check(z, "normalize_nhwc")
     batch, height, width, channels = z.shape
     out_h, out_w = (height // 2, width // 2) if pool else (height, width)
-    pixels = batch * out_h * out_w
+    # FULL: the windows cover the whole map (ceil), the pooled map keeps floor mode's.
+    grid_h, grid_w = ((height + 1) // 2, (width + 1) // 2) if full else (out_h, out_w)
+    pixels = batch * grid_h * grid_w
     if pixels + 1024 >= 2**31:
         raise ValueError(f"at most 2**31 - 1025 output pixels per launch, got {pixels}")
     y = alloc((batch, out_h, out_w, channels), z.dtype, z.device)
+    whole = alloc((batch, height, width, channels), z.dtype, z.device) if full else y
     if pixels == 0 or channels == 0:
-        return y
+        return (whole, y) if full else y
     block_c = min(64, max(16, next_pow2(channels)))
     block_p = max(16, (2048 if pool else 8192) // block_c)
     grid = (triton.cdiv(pixels, block_p), triton.cdiv(channels, block_c))
-    args = (z, y, *norm_in.args(norm_in.scale), batch, out_h, out_w, channels, *z.stride(), *y.stride())
-    constexprs = {"ACT": ACTIVATIONS[norm_in.activation].value, "POOL": pool, "INTERPRETER": INTERPRET,
+    args = (z, y, whole, *norm_in.args(norm_in.scale), batch, grid_h, grid_w, channels, height, width, *z.stride(),
+            *y.stride())  # fmt: skip
+    constexprs = {"ACT": ACTIVATIONS[norm_in.activation].value, "POOL": pool, "FULL": full, "INTERPRETER": INTERPRET,
                   "BLOCK_P": block_p, "BLOCK_C": block_c}  # fmt: skip
     if recording():
-        read = (batch * 2 * out_h * 2 * out_w if pool else pixels) * channels * z.element_size()
+        read = batch * (height if full else 2 * out_h) * (width if full else 2 * out_w) if pool else pixels
+        read *= channels * z.element_size()
+        written = (y.numel() + (whole.numel() if full else 0)) * y.element_size()
         record_launch(
             LaunchRecord(
-                name=name + ("+pool" if pool else ""),
+                name=name + ("+pool" if pool else "") + ("+full" if full else ""),
                 kernel=_normalize_nhwc_kernel,
                 grid=grid,
                 flops=0,
                 bytes_read=read + 2 * norm_in.scale.numel() * norm_in.scale.element_size(),
-                bytes_written=y.numel() * y.element_size(),
+                bytes_written=written,
                 args=args,
                 constexprs=constexprs,
                 launch_options={"num_warps": 4, "num_stages": 1},
@@ -379,7 +412,7 @@ def normalize_nhwc(z: torch.Tensor, norm_in: NormIn, pool: bool = False, *, name
     if not is_dry_run():
         with launch_guard(z):
             _normalize_nhwc_kernel[grid](*args, **constexprs, num_warps=4, num_stages=1)
-    return y
+    return (whole, y) if full else y
 
 
 def partial_moments(z: torch.Tensor, block_m: int = 128, *, name: str = "partial_moments"):

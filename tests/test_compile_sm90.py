@@ -372,21 +372,28 @@ NORM_FEATURES = ("instance", "group", "instance_bilinear", "stride")
 
 @pytest.fixture(scope="module")
 def norm_report(tmp_path_factory) -> dict:
-    """The report of the norm features' forwards (fp16, batch 1): InstanceNorm/GroupNorm + LeakyReLU after every
-    conv with max-pool, bilinear or strided-conv down/up-sampling."""
+    """The report of the norm features' forwards and training steps (fp16, batch 1): InstanceNorm/GroupNorm +
+    LeakyReLU after every conv with max-pool, bilinear or strided-conv down/up-sampling."""
     out_dir = tmp_path_factory.mktemp("norms")
-    return run_report(out_dir, "--dtype", "fp16", "--upsample", "bilinear", "--batch", "1", "--features",
-                      *NORM_FEATURES)  # fmt: skip
+    return run_report(out_dir, "--dtype", "fp16", "--upsample", "bilinear", "--batch", "1", "--training",
+                      "--features", *NORM_FEATURES)  # fmt: skip
 
 
 def test_sm90_build_norm_variants(norm_report):
-    """Every new variant builds: the statistics epilogue (STATS), normalize-on-load in the conv loader (NORM_IN),
-    the stride-2 conv, the finalize, normalize+pool and upsample+normalize launches; no spills, HGMMA in every conv
-    variant, shared memory within the limit; the variants without a normalized operand carry no ptxas warning."""
+    """Every new variant builds: the statistics epilogue (STATS), normalize-on-load in the conv loader (NORM_IN, the
+    training forward's), the stride-2 conv, the finalize, normalize(+pool, +full) and upsample+normalize launches; no
+    spills, HGMMA in every conv variant, shared memory within the limit; the variants without a normalized operand
+    carry no ptxas warning. The eval forward applies each norm by a pass before a (transposed) 3x3 conv reads the
+    map: its only normalize-on-load readers are the 1x1 head and the upsample kernel, and it has no ptxas warning."""
     rows = norm_report["variants"]
     convs = gemm_rows(norm_report)
     for feature in NORM_FEATURES:
         assert any(f"{feature}/fp16/b1" in row["used_by"] for row in rows), feature
+    evals = [row for row in rows if any(not use.startswith("train-") for use in row["used_by"])]
+    on_load = {row["kernel"] for row in evals if row["config"].get("NORM_IN")}
+    assert on_load == {"conv1x1+norm_in", "upsample2x+norm_in"}, on_load
+    assert not ptxas_problems({**norm_report, "variants": evals})
+    assert {"normalize", "normalize+pool+full"} <= {row["kernel"] for row in evals}
     assert any(row["config"]["STATS"] and not row["config"]["NORM_IN"] for row in convs)
     assert any(row["config"]["STATS"] and row["config"]["NORM_IN"] for row in convs)
     assert any(row["config"]["D2S"] and row["config"]["NORM_IN"] for row in convs)

@@ -147,6 +147,12 @@ def test_every_consumer_reads_the_normalized_map(device, dtype, act):
 
     assert_kernel_close(_nchw(normalize_nhwc(zd, norm_in)), ref, 1, key)
     assert_kernel_close(_nchw(normalize_nhwc(zd, norm_in, pool=True)), F.max_pool2d(ref, 2), 1, key)
+    # full=True: the whole normalized map (odd 7x5: its last row and column lie past every pooled window) and the
+    # pooled one from one pass, each bit for bit what its own launch stores
+    whole, pooled_map = normalize_nhwc(zd, norm_in, pool=True, full=True)
+    assert_kernel_close(_nchw(whole), ref, 1, key)
+    assert torch.equal(whole, normalize_nhwc(zd, norm_in)) and whole.is_contiguous()
+    assert torch.equal(pooled_map, normalize_nhwc(zd, norm_in, pool=True))
     for mode in ("nearest", "bilinear"):
         got = upsample2x_nhwc(zd, mode, norm_in=norm_in)
         assert_kernel_close(_nchw(got), F.interpolate(ref, scale_factor=2, mode=mode), 4, key)
@@ -179,6 +185,8 @@ def test_norm_launch_refusals(device):
         conv2d_nhwc(x, weight, norm_in=bad)
     with pytest.raises(ValueError, match="PReLU slopes are given with the 'prelu' activation"):
         normalize_nhwc(x, NormIn(torch.ones(1, 8, device=device), torch.zeros(1, 8, device=device), "prelu"))
+    with pytest.raises(ValueError, match="full=True returns the normalized map next to the pooled one; it needs pool"):
+        normalize_nhwc(x, NormIn(torch.ones(1, 8, device=device), torch.zeros(1, 8, device=device)), full=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -300,7 +308,8 @@ def test_basic_unet_like_and_mixed_norms(device):
 
 def test_folded_and_data_norms_mix(device):
     """A layout where some convs fold a BatchNorm and others carry an InstanceNorm: a folded conv with a fused pool
-    reading a normalized map (per-image pooled tiles)."""
+    reading a normalized map (the eval forward applies the norm by one pass first, then the conv loads it as stored;
+    the pooled conv normalizing on load itself is test_every_consumer_reads_the_normalized_map's)."""
     layout = norm_layout(norm="instance_affine")
     enc0 = layout.encoders[0]
     folded = ConvSpec(enc0[1].conv, _norm_module("batch", enc0[1].conv.out_channels), enc0[1].activation)
@@ -308,7 +317,8 @@ def test_folded_and_data_norms_mix(device):
                     layout.up_first, layout.join, layout.down)  # fmt: skip
     records = check(layout, torch.float32, device, shape=(3, 2, 11, 9))
     pooled = [r for r in records if r.stage == "enc0.conv2"]
-    assert len(pooled) == 1 and pooled[0].constexprs["POOL"] and pooled[0].constexprs["NORM_IN"]
+    assert len(pooled) == 1 and pooled[0].constexprs["POOL"] and not pooled[0].constexprs["NORM_IN"]
+    assert [r.name for r in records if r.stage == "enc0.conv2.normalize"] == ["normalize"]
 
 
 @pytest.mark.parametrize("norm", ["instance_affine", "instance", "group"])
@@ -329,9 +339,16 @@ def test_nnunet_structured_model(device, norm):
     for dtype in (torch.float32, torch.float16):
         out, records = run_layout(layout, x, dtype, device)
         assert_network_close(out, expected, precision_key(dtype, device))
-    # 10 convs with their finalize launches, 2 transposed convs, the head
-    assert len(records) == 2 * 10 + 2 + 1
+    # 10 convs with their finalize launches, 2 transposed convs, the head; and 9 passes applying a norm before a
+    # (transposed) conv reads the map: each conv's output but the last, the skips applied once for both readers
+    assert len(records) == 2 * 10 + 2 + 1 + 9
     assert sum(r.name == "norm_scale_shift" for r in records) == 10
+    applied = [r.stage for r in records if r.name == "normalize"]
+    assert applied == ["enc0.conv2.normalize", "enc0.skip.normalize", "enc1.conv2.normalize", "enc1.skip.normalize",
+                       "bottleneck.conv2.normalize", "dec1.up.normalize", "dec1.conv2.normalize", "dec0.up.normalize",
+                       "dec0.conv2.normalize"]  # fmt: skip
+    # only the 1x1 head still normalizes on load
+    assert [r.stage for r in records if r.constexprs.get("NORM_IN")] == ["head"]
 
 
 def test_batch_independence_and_determinism(device):

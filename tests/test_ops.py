@@ -207,6 +207,19 @@ def test_conv_op_refuses_up_weights_without_the_transposed_mode(device):
         torch.ops.fastunet.conv2d_nhwc(*args, up_scale=scale, up_shift=shift)
 
 
+def test_normalize_pool_op_passes_opcheck(device):
+    """The eval forward's normalize+pool op with the whole map as its second output (odd size: the last row and
+    column only in the whole map), against float64 math, and opcheck (schema, fake tensor, no autograd path)."""
+    z = _nhwc(2, 5, 7, 3, device)
+    scale, shift = torch.rand(2, 3, device=device) + 0.5, torch.randn(2, 3, device=device)
+    whole, pooled = torch.ops.fastunet.normalize_pool_nhwc(z, scale, shift, "leaky_relu", 0.1)
+    expected = F.leaky_relu(z.double() * scale.double()[:, None, None] + shift.double()[:, None, None], 0.1)
+    torch.testing.assert_close(whole.double(), expected, rtol=1e-6, atol=1e-6)
+    nchw = expected.permute(0, 3, 1, 2)
+    torch.testing.assert_close(pooled.double(), F.max_pool2d(nchw, 2).permute(0, 2, 3, 1), rtol=1e-6, atol=1e-6)
+    torch.library.opcheck(torch.ops.fastunet.normalize_pool_nhwc.default, (z, scale, shift, "relu"))
+
+
 def test_upsample_and_transposed_ops_autograd_pass_opcheck(device):
     x = _nhwc(2, 3, 4, 5, device).requires_grad_()
     torch.library.opcheck(torch.ops.fastunet.upsample2x_nhwc.default, (x, "bilinear", False))
