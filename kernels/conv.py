@@ -10,7 +10,9 @@ One kernel serves every convolution of the network; constexpr flags select the f
   (``join``): the upsampled map zero-padded, centered (``pad_top``/``pad_left``); padded at the bottom/right by
   repeating its last row and column (``CLAMP_UP``: its coordinates clamped in the loop); or the skip read through a
   centered crop (``crop_top``/``crop_left``: a base offset). A conv with padding 0 (a valid conv) reads its input
-  at a constant +1 offset (``conv_off``) and writes an output two rows and columns smaller.
+  at a constant +1 offset (``conv_off``) and writes an output two rows and columns smaller. The one even kernel,
+  2x2 with stride 2 and padding 0 (the transposed conv's input gradient), reads taps at offsets -1 and 0 from
+  ``2 o + conv_off`` (``conv_off`` 1): rows and columns ``2 o`` and ``2 o + 1``, each output pixel's own 2x2 block.
 * ``PACKED_K``: small-channel path (the network's first conv, ``c_in=3``): K runs over the flattened
   (tap, channel) axis so that 27 useful products fill one 32-wide K block instead of nine mostly empty ones.
 * epilogue: bias, the activation (``ACT``: ReLU, LeakyReLU, PReLU with per-channel slopes, SiLU, a clamp to
@@ -280,6 +282,7 @@ def _accumulate_source_tma(
     ``POLYPHASE``: the phase's taps only, as in :func:`_accumulate_source`; (y0, x0) in dz, tap (ty, tx) the box at
     (y0 + sy, x0 + sx), past dz's end zero-filled.
     """
+    tl.static_assert(KSIZE % 2 == 1, "row boxes take odd kernels (the 2x2 conv is strided: pointer loads)")
     pad: tl.constexpr = KSIZE // 2
     if POLYPHASE:
         tl.static_assert(KSIZE == 3, "the polyphase input gradient is that of a 3x3 conv")
@@ -895,8 +898,9 @@ def _conv_nhwc_kernel(
 
     Geometry is base-offset arithmetic done once per tile: an output pixel's centre tap sits at (STRIDE oy,
     STRIDE ox) + conv_off in the input's frame (zero padding at that frame's border), at + (crop_top, crop_left)
-    in x and at - (pad_top, pad_left) in the upsampled map. The TMA path takes the plain geometry only (conv_off,
-    crop and the replicate join zero, stride 1; see choose_load_path).
+    in x and at - (pad_top, pad_left) in the upsampled map; tap t is offset by (t // KSIZE, t % KSIZE) - KSIZE // 2
+    from it (KSIZE 2: -1 and 0, the "centre" being the 2x2 window's last tap). The TMA path takes the plain geometry
+    only (conv_off, crop and the replicate join zero, stride 1; see choose_load_path).
 
     ``POLYPHASE`` (row tiles or TMA; one source, no bias, no activation, plain stores): the input gradient of a 3x3
     stride-2 padding-1 conv, x being that conv's output gradient dz (in_h x in_w = ceil(height / 2) x ceil(width /
@@ -1019,6 +1023,7 @@ class ConvProblem:
     tma: bool = False  # operands land in shared memory by TMA: no per-thread addresses for the A tile
     pool: bool = False  # the pooled epilogue (a TMA tile then covers two whole rows)
     splittable: bool = False  # one source, a plain store: K may be split (see _split_k_configs)
+    taps: int = 9  # ksize * ksize: 4 for the 2x2 stride-2 conv
 
 
 def _tile_rows(problem: ConvProblem, block_m: int) -> int:
@@ -1069,7 +1074,7 @@ def _block_k(problem: ConvProblem, row_bytes: int = 128) -> int:
     with nothing to overlap a CTA's epilogue or its pipeline's fill; they are an autotuning candidate."""
     widest = row_bytes // problem.element_size
     if problem.packed_k:
-        return min(widest, max(16, next_pow2(9 * problem.c_main)))
+        return min(widest, max(16, next_pow2(problem.taps * problem.c_main)))
     channels = [c for c in (problem.c_main, problem.c_up) if c]
     for block_k in (128, 64, 32, 16):
         if block_k <= widest and all(c % block_k == 0 for c in channels):
@@ -1169,7 +1174,7 @@ def _split_k_configs(problem: ConvProblem, base: dict) -> list[dict]:
     if not problem.splittable:
         return []
     tiles = triton.cdiv(problem.m, base["BLOCK_M"]) * triton.cdiv(problem.c_out, base["BLOCK_N"])
-    steps = 9 * triton.cdiv(problem.c_main, base["BLOCK_K"])
+    steps = problem.taps * triton.cdiv(problem.c_main, base["BLOCK_K"])
     parts = [s for s in (2, SPLIT_K_MAX) if steps >= s * SPLIT_K_MIN_STEPS and tiles * s <= 2 * problem.sm_count]
     return [{**base, "SPLIT_K": s} for s in parts] if tiles < problem.sm_count else []
 
@@ -1506,7 +1511,8 @@ def _conv_static(
         sm_count=sm_count(x),
         tma=path == "tma",
         pool=pool,
-        splittable=ksize == 3
+        taps=ksize * ksize,
+        splittable=ksize in (2, 3)
         and x.dtype != torch.float64
         and not (packed_k or head or d2s or pool or stats or polyphase or grad_mask or norm_in is not None)
         and up is None,
@@ -1804,8 +1810,10 @@ def conv2d_nhwc(
         x: (N, H, W, C_main) view, any strides (an NCHW tensor permuted to NHWC is read in place).
         w_packed: (ksize * ksize * (C_main + C_up), C_out) from :func:`pack_conv_weight`.
         bias: (C_out,) or None.
+        ksize: odd, or 2 with stride 2 and padding 0 (each output pixel reads its own 2x2 block: output
+            ``H // 2 x W // 2``; the input gradient of a 2x2 stride-2 transposed conv).
         padding: zero padding on every side, ``ksize // 2`` (the default: same size) or 0 (a valid conv: the
-            output is ``ksize - 1`` rows and columns smaller).
+            output is ``ksize - 1`` rows and columns smaller); 0 (the default) for ksize 2.
         up: optional (N, h, w, C_up) second input whose channels follow x's (the decoder's ``cat([skip, up])``).
         up_mode: ``"direct"`` (up is already at full size, e.g. a transposed-conv output), ``"nearest"`` or
             ``"bilinear"`` (2x upsampling: one :func:`fastunet.kernels.upsample.upsample2x_nhwc` launch writes the
@@ -1932,10 +1940,17 @@ def _prepare_conv2d(
     """Validate a :func:`conv2d_nhwc` call (every check, in order, with the error a bad input gets) and derive its
     sizes (see :class:`_PreparedConv`)."""
     _check_nhwc(x, "conv2d_nhwc input")
-    if ksize % 2 != 1 or ksize < 1:
-        raise ValueError(f"ksize must be odd, got {ksize}")
-    padding = ksize // 2 if padding is None else padding
-    if padding not in (0, ksize // 2):
+    if ksize < 1 or ksize % 2 != 1 and ksize != 2:
+        raise ValueError(f"ksize must be odd, or 2 with stride 2 and padding 0, got {ksize}")
+    padding = (0 if ksize == 2 else ksize // 2) if padding is None else padding
+    # The one even kernel: 2x2 with stride 2 and padding 0 (each output pixel reads its own 2x2 block: the input
+    # gradient of a 2x2 stride-2 transposed conv).
+    if ksize == 2 and (stride, padding) != (2, 0):
+        raise ValueError(
+            f"a 2x2 conv runs with stride 2 and padding 0 only (output H // 2 x W // 2), got stride {stride}, "
+            f"padding {padding}"
+        )
+    if ksize != 2 and padding not in (0, ksize // 2):
         raise ValueError(
             f"padding must be {ksize // 2} (same size) or 0 (valid) for a {ksize}x{ksize} conv, got {padding}"
         )
@@ -1991,7 +2006,8 @@ def _prepare_conv2d(
             raise ValueError(f"replicate join: an empty upsampled map ({up_h}x{up_w}) has no row to repeat")
     elif up_mode is not None:
         raise ValueError("up_mode given without an upsampled input")
-    shrink = 2 * (ksize // 2 - padding)
+    # Torch's (H + 2 padding - ksize) // stride + 1: the rows and columns a conv's window loses at stride 1.
+    shrink = ksize - 1 - 2 * padding
     out_h, out_w = (in_h - shrink - 1) // stride + 1, (in_w - shrink - 1) // stride + 1
     if polyphase is not None:
         out_h, out_w = _check_polyphase(polyphase, x, ksize, padding, stride, up, pool, head_weight, norm, norm_in,

@@ -18,9 +18,9 @@ A decoder conv that reads two sources (the skip map and the upsampled map, never
 Input gradients run on the forward conv kernel (:func:`fastunet.kernels.conv.conv2d_nhwc`, no activation, no bias),
 no kernel of their own: the input gradient of a stride-1 "same" conv is the same conv of ``dZ`` with the taps
 flipped and the input and output channels swapped (:func:`flip_conv_weight`, :func:`conv2d_input_grad_nhwc`).
-The 2x2 stride-2 transposed conv's input gradient is a 3x3 stride-2 conv whose weight holds the 2x2 kernel in four of
-its nine taps (:func:`conv_transpose2x2_input_grad_nhwc`); its weight gradient is four 1x1 weight gradients, one
-per output phase, in one launch (``PHASES``, :func:`conv_transpose2x2_weight_grad_nhwc`).
+The 2x2 stride-2 transposed conv's input gradient is a 2x2 stride-2 conv of its output gradient, padding 0
+(:func:`conv_transpose2x2_input_grad_nhwc`); its weight gradient is four 1x1 weight gradients, one per output phase,
+in one launch (``PHASES``, :func:`conv_transpose2x2_weight_grad_nhwc`).
 """
 
 from __future__ import annotations
@@ -789,14 +789,11 @@ def conv_transpose2x2_input_grad_nhwc(
     """Gradient w.r.t. its input of ConvTranspose2d(kernel 2, stride 2), the forward being
     :func:`fastunet.kernels.conv.conv_transpose2x2_nhwc` with ``pack_conv_transpose_weight(W)``, W (C_in, C_out, 2, 2).
 
-    ``dx[i, j, ci] = sum_{a, b, co} dy[2i + a, 2j + b, co] W[ci, co, a, b]``: a stride-2 conv of ``dy``. It runs on
-    :func:`fastunet.kernels.conv.conv2d_nhwc` as a 3x3 conv with stride 2 and padding 1: there output (i, j)'s tap
-    (ky, kx) reads ``dy[2i + ky - 1, 2j + kx - 1]``, so the 2x2 kernel sits at taps (1 + a, 1 + b), i.e. (1,1),
-    (1,2), (2,1), (2,2), with zeros in the other five. That spends 9/4 of the necessary multiply-adds (a dedicated
-    space-to-depth loader reading each 2x2 block as 4 * C_out channels would not); it is the price of no new kernel.
-    The zero taps read the row above and the column left of each 2x2 block: a NaN or infinity in a block's last row
-    or column (0 * inf = NaN) also reaches the input pixels below, right of and diagonally below-right of its own,
-    where the exact gradient keeps it to one pixel.
+    ``dx[i, j, ci] = sum_{a, b, co} dy[2i + a, 2j + b, co] W[ci, co, a, b]``: a 2x2 conv of ``dy`` with stride 2 and
+    padding 0, run on :func:`fastunet.kernels.conv.conv2d_nhwc` (``ksize=2``): output (i, j)'s tap (a, b)
+    reads ``dy[2i + a, 2j + b]`` with weight rows ``(a * 2 + b) * C_out + co`` (the packed transposed weight's
+    transpose). Four taps, the multiply-adds the gradient needs and no zero tap: each element of ``dy`` reaches one
+    input pixel only, so a NaN or infinity in ``dy`` stays in the pixel whose 2x2 block holds it.
 
     Args:
         dy: (N, 2h, 2w, C_out) view, any strides, the gradient of the transposed conv's output.
@@ -830,13 +827,9 @@ def conv_transpose2x2_input_grad_nhwc(
     if dy.shape[1] == 0 or dy.shape[2] == 0:
         # An empty map: nothing to read; the conv launcher refuses inputs smaller than 1x1.
         return alloc((dy.shape[0], dy.shape[1] // 2, dy.shape[2] // 2, w_packed_t.shape[0]), dy.dtype, dy.device)
-    c_in = w_packed_t.shape[0]
-    # w3[ky, kx, co, ci] = W[ci, co, ky - 1, kx - 1] for ky, kx in {1, 2}; packed row (ky * 3 + kx) * C_out + co.
-    w3 = w_packed_t.new_zeros(3, 3, c_out, c_in)
-    w3[1:, 1:] = w_packed_t.reshape(c_in, 2, 2, c_out).permute(1, 2, 3, 0)
-    dx, _ = conv2d_nhwc(
-        dy, w3.reshape(9 * c_out, c_in), None, ksize=3, padding=1, stride=2, activation="none", grad_mask=grad_mask
-    )
+    # The 2x2 conv's packed weight, row (a * 2 + b) * C_out + co, column ci: W[ci, co, a, b], w_packed_t transposed.
+    w2 = w_packed_t.t().contiguous()
+    dx, _ = conv2d_nhwc(dy, w2, None, ksize=2, padding=0, stride=2, activation="none", grad_mask=grad_mask)
     return dx
 
 

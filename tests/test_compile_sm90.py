@@ -634,7 +634,7 @@ TRAIN_MODEL = {"in_channels": 3, "num_classes": 2, "base_channels": 64, "depth":
 TRAIN_SHAPE = (2, 3, 64, 64)
 TRAIN_UPSAMPLES = ("bilinear", "transpose")
 # The backward's kernels in a bilinear and a transposed-conv U-Net; the forward conv kernel also runs the input
-# gradients (conv3x3, conv3x3/2 for the transposed conv), with the ReLU derivative of the map they read in the
+# gradients (conv3x3, conv2x2/2 for the transposed conv), with the ReLU derivative of the map they read in the
 # epilogue (+mask) where that map's producer is a plain ReLU conv, as the upsample adjoint (+gate) and the head's
 # one-pass backward (+mask) with the sum of its partials.
 BACKWARD_KERNELS = {
@@ -643,7 +643,7 @@ BACKWARD_KERNELS = {
     "conv_weight_grad.sum",
     "upsample2x_adjoint+gate",
     "conv3x3+mask",
-    "conv3x3/2+mask",
+    "conv2x2/2+mask",
     "head_backward+mask",
     "head_backward.sum",
 }

@@ -371,7 +371,7 @@ def test_more_bad_launcher_input(device):
     weight, bias = rand_conv(16, 8, 3, torch.float32, device)
     w_packed = pack_conv_weight(weight)
     with pytest.raises(ValueError, match="ksize must be odd"):
-        conv2d_nhwc(x, pack_conv_weight(torch.randn(16, 8, 2, 2, device=device)), bias, ksize=2)
+        conv2d_nhwc(x, pack_conv_weight(torch.randn(16, 8, 4, 4, device=device)), bias, ksize=4)
     head_w = torch.randn(16, 3, device=device)
     with pytest.raises(ValueError, match=r"head bias: expected shape \(3,\)"):
         conv2d_nhwc(x, w_packed, bias, head_weight=head_w, head_bias=torch.randn(1, device=device))
@@ -395,6 +395,62 @@ def test_conv1x1_without_activation(device, dtype):
     reference = F.conv2d(x.double().cpu(), weight.double().cpu(), bias.double().cpu())
     assert (reference < 0).any()
     assert_kernel_close(logits, reference, 160, precision_key(dtype, device))
+
+
+# (batch, c_in, c_out, height, width): odd sizes (torch drops the last row or column), c_in under 16 (the packed
+# (tap, channel) K axis) and not a multiple of 8.
+KSIZE2_SHAPES = [
+    pytest.param(2, 5, 7, 6, 10, id="cin5-packed-6x10"),
+    pytest.param(1, 20, 12, 7, 9, id="cin20-odd-7x9"),
+    pytest.param(1, 3, 17, 2, 3, id="cin3-2x3"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("batch, c_in, c_out, height, width", KSIZE2_SHAPES)
+def test_ksize2_stride2_matches_float64(device, dtype, batch, c_in, c_out, height, width):
+    """The one even kernel: 2x2, stride 2, padding 0, as ``F.conv2d`` in float64 (output H // 2 x W // 2), one
+    ``conv2x2/2`` launch of the forward kernel with 4 taps' multiply-adds, read from a permuted NCHW tensor."""
+    x = torch.randn(batch, c_in, height, width).to(device, dtype)
+    weight, bias = rand_conv(c_out, c_in, 2, dtype, device)
+    with _common.launch_log() as records:
+        y, _ = conv2d_nhwc(nhwc(x), pack_conv_weight(weight), bias, ksize=2, stride=2)
+    assert [r.name for r in records] == ["conv2x2/2"]
+    assert records[0].constexprs["PACKED_K"] == (c_in if c_in < 16 else 0)
+    assert records[0].flops == 2 * batch * (height // 2) * (width // 2) * c_out * 4 * c_in
+    assert y.shape == (batch, height // 2, width // 2, c_out)
+    reference = F.conv2d(x.double().cpu(), weight.double().cpu(), bias.double().cpu(), stride=2).relu()
+    assert_kernel_close(nchw(y), reference, 4 * c_in, precision_key(dtype, device))
+
+
+def test_ksize2_stride2_split_k(device, monkeypatch):
+    """A 2x2 stride-2 conv's K (4 taps x channel blocks) in two parts, summed in a fixed order: float64's result."""
+    import fastunet.kernels.conv as conv_module
+
+    def choose(key, candidates, run, timer=None):
+        return {**candidates[0], "BLOCK_M": 16, "BLOCK_K": 16, "SPLIT_K": 2}
+
+    monkeypatch.setattr(conv_module, "choose_config", choose)
+    x = torch.randn(1, 40, 5, 8, device=device)
+    weight, bias = rand_conv(24, 40, 2, torch.float32, device)
+    with _common.launch_log() as records:
+        y, _ = conv2d_nhwc(nhwc(x), pack_conv_weight(weight), bias, ksize=2, stride=2, activation="none")
+    assert [r.constexprs["SPLIT_K"] for r in records] == [2, 2]
+    reference = F.conv2d(x.double().cpu(), weight.double().cpu(), bias.double().cpu(), stride=2)
+    assert_kernel_close(nchw(y), reference, 4 * 40, precision_key(torch.float32, device))
+
+
+def test_ksize2_needs_stride2_and_no_padding(device):
+    x = torch.randn(1, 4, 4, 8, device=device)
+    w_packed = pack_conv_weight(torch.randn(16, 8, 2, 2, device=device))
+    with pytest.raises(ValueError, match="a 2x2 conv runs with stride 2 and padding 0 only .*got stride 1, padding 0"):
+        conv2d_nhwc(x, w_packed, ksize=2)
+    with pytest.raises(ValueError, match="a 2x2 conv runs with stride 2 and padding 0 only .*got stride 2, padding 1"):
+        conv2d_nhwc(x, w_packed, ksize=2, stride=2, padding=1)
+    with pytest.raises(ValueError, match="ksize must be odd, or 2 with stride 2 and padding 0, got 4"):
+        conv2d_nhwc(x, pack_conv_weight(torch.randn(16, 8, 4, 4, device=device)), ksize=4, stride=2, padding=0)
+    with pytest.raises(ValueError, match="a 2x2 conv with padding 0 needs an input of at least 2x2, got 1x4"):
+        conv2d_nhwc(x[:, :1], w_packed, ksize=2, stride=2)
 
 
 def test_pixel_count_beyond_int32_is_refused():

@@ -863,6 +863,74 @@ def test_masked_transposed_input_grad_matches_float64(device):
     _check_stored(dx.permute(0, 3, 1, 2), _masked(expected, x), bound, torch.float32)
 
 
+# (batch, c_in, c_out, low_h, low_w, how dy arrives): odd low-resolution sizes, channels not multiples of 8; dy's
+# channels (the 2x2 conv's input) under 16 take the packed (tap, channel) K axis.
+TRANSPOSE_INPUT_GRAD_CASES = [
+    pytest.param(2, 5, 7, 3, 5, "nchw", id="3x5-cout7-packed-nchw"),
+    pytest.param(1, 20, 12, 5, 3, "slice", id="5x3-cout12-packed-slice"),
+    pytest.param(1, 6, 20, 3, 1, "nchw", id="3x1-cout20-nchw"),
+    pytest.param(2, 3, 17, 1, 3, "slice", id="1x3-cout17-slice"),
+]
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["plain", "mask"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("batch", "c_in", "c_out", "low_h", "low_w", "layout"), TRANSPOSE_INPUT_GRAD_CASES)
+def test_transposed_input_grad_is_one_2x2_stride2_conv(device, dtype, masked, batch, c_in, c_out, low_h, low_w, layout):
+    """The transposed conv's input gradient against float64 autograd of ``F.conv_transpose2d``, with and without the
+    ReLU derivative of its input (NaN, +-inf, +-0 in the mask): one launch of the forward conv kernel as a 2x2 conv
+    with stride 2 (``conv2x2/2``, its 4 taps' multiply-adds, packed K under 16 channels), reading ``dy`` as training
+    passes it (an NCHW tensor permuted to NHWC, or a channel slice of a wider NHWC map); two runs bitwise equal."""
+    weight = torch.randn(c_in, c_out, 2, 2).to(dtype)
+    if layout == "nchw":
+        dy = torch.randn(batch, c_out, 2 * low_h, 2 * low_w).to(dtype).to(device).permute(0, 2, 3, 1)
+    else:
+        dy = torch.randn(batch, 2 * low_h, 2 * low_w, c_out + 9).to(dtype).to(device)[..., 5 : 5 + c_out]
+    a = None
+    if masked:
+        a = _relu_output((batch, low_h, low_w, c_in), dtype, device)
+        a.view(-1)[::7] = -0.0
+    packed = pack_conv_transpose_weight(weight).to(device)
+    before = [t.clone() for t in (dy, packed)]
+    runs = []
+    for _ in range(2):
+        with _common.launch_log() as records:
+            runs.append(conv_transpose2x2_input_grad_nhwc(dy, packed, a))
+    dx = runs[0]
+    assert all(torch.equal(t, b) for t, b in zip((dy, packed), before, strict=True)), "an input was modified"
+    assert torch.equal(runs[0], runs[1])
+    assert [r.name for r in records] == ["conv2x2/2+mask" if masked else "conv2x2/2"]
+    assert records[0].constexprs["KSIZE"] == 2 and records[0].constexprs["PACKED_K"] == (c_out if c_out < 16 else 0)
+    assert records[0].flops == 2 * batch * low_h * low_w * c_in * 4 * c_out
+    assert dx.shape == (batch, low_h, low_w, c_in) and dx.dtype == dtype and dx.is_contiguous()
+    zeros = torch.zeros(batch, c_in, low_h, low_w)
+    dy_nchw = dy.permute(0, 3, 1, 2)
+    expected, _, _ = _transpose_grads(zeros, weight, torch.zeros(c_out), dy_nchw)
+    bound, _, _ = _transpose_grads(zeros, weight.abs(), torch.zeros(c_out), dy_nchw.abs())
+    got = dx.permute(0, 3, 1, 2)
+    if masked:
+        expected = _masked(expected, a)
+        assert (got.double().cpu()[_masked(torch.ones_like(expected), a) == 0] == 0).all()
+    _check_stored(got, expected, bound, dtype)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize(("row", "col"), [(3, 5), (2, 4), (3, 4)], ids=["block-last", "block-first", "mixed"])
+def test_transposed_input_grad_keeps_a_non_finite_dy_element_in_one_pixel(device, value, row, col):
+    """``dy[2i + a, 2j + b]`` feeds input pixel (i, j) only: one NaN or infinity in ``dy`` makes exactly that pixel
+    non-finite, where float64 autograd has it (no tap of zeros reads a neighbouring block: 0 * inf would be NaN)."""
+    dy = torch.randn(2, 8, 12, 5, device=device)
+    dy[1, row, col, 2] = value
+    weight = torch.randn(6, 5, 2, 2)
+    dx = conv_transpose2x2_input_grad_nhwc(dy, pack_conv_transpose_weight(weight).to(device))
+    expected = torch.zeros(2, 4, 6, dtype=torch.bool)
+    expected[1, row // 2, col // 2] = True
+    reference, _, _ = _transpose_grads(torch.zeros(2, 6, 4, 6), weight, torch.zeros(5), dy.permute(0, 3, 1, 2))
+    assert torch.equal((~reference.isfinite()).any(1), expected)
+    assert torch.equal((~dx.isfinite()).any(-1).cpu(), expected)
+    assert torch.equal(dx.isnan().cpu(), reference.permute(0, 2, 3, 1).isnan())
+
+
 def test_masked_input_grads_are_bitwise_reproducible_and_only_mask(device):
     """Two runs give the same bits; where ``a > 0`` (or NaN) the masked gradient is the unmasked one bit for bit."""
     dz = torch.randn(2, 5, 7, 17, device=device).to(torch.bfloat16)

@@ -312,14 +312,15 @@ ACTS = {  # the epilogue's activations: launcher arguments and torch's function 
 
 def conv_case(
     m: MoatedLaunch, *, batch, c_in, c_out, height, width, layout, dtype=torch.float32, pool=False, ksize=3,
-    activation="relu", padding=None,
+    activation="relu", padding=None, stride=1,
 ) -> list[Result]:  # fmt: skip
     """One-source conv; ``activation`` "prelu": per-channel slopes read from a moated parameter."""
-    padding = ksize // 2 if padding is None else padding
+    padding = (0 if ksize == 2 else ksize // 2) if padding is None else padding
     shrink = ksize - 1 - 2 * padding
     x = m.input("x", torch.randn(batch, c_in, height, width).to(dtype), layout)
     weight, bias = _conv_weight(c_out, c_in, ksize, dtype)
-    out = _out_for(m, layout, (batch, c_out, height - shrink, width - shrink), dtype)
+    out_h, out_w = (height - shrink - 1) // stride + 1, (width - shrink - 1) // stride + 1
+    out = _out_for(m, layout, (batch, c_out, out_h, out_w), dtype)
     if activation == "prelu":
         slopes = torch.linspace(-0.5, 0.5, c_out).to(dtype)
         kwargs, act = {"slopes": m.param("slopes", slopes)}, lambda t: F.prelu(t, slopes.double())
@@ -327,9 +328,9 @@ def conv_case(
         kwargs, act = ACTS[activation]
     y, pooled = conv2d_nhwc(
         nhwc(x), m.param("weight", pack_conv_weight(weight)), m.param("bias", bias), ksize=ksize, padding=padding,
-        activation=activation, pool=pool, out=out, **kwargs,
+        activation=activation, pool=pool, out=out, stride=stride, **kwargs,
     )  # fmt: skip
-    ref = act(F.conv2d(x.double().cpu(), weight.double(), bias.double(), padding=padding))
+    ref = act(F.conv2d(x.double().cpu(), weight.double(), bias.double(), padding=padding, stride=stride))
     results = [("y", y, ref, ksize * ksize * c_in)]
     if pool:
         results.append(("pooled", pooled, F.max_pool2d(ref, 2), ksize * ksize * c_in))
@@ -483,6 +484,13 @@ def _cases() -> list:
         _case(conv_case, "conv1x1-unfused-head", batch=2, c_in=19, c_out=5, height=5, width=3, layout="nchw", ksize=1,
               activation="none"),
     ]  # fmt: skip
+    for layout in ("nchw", "channels_last"):  # the 2x2 stride-2 conv (odd sizes: the last row and column unread)
+        cases += [
+            _case(conv_case, f"conv2x2-stride2-small-k-{layout}", batch=2, c_in=5, c_out=7, height=7, width=9,
+                  layout=layout, ksize=2, stride=2, activation="none"),
+            _case(conv_case, f"conv2x2-stride2-{layout}", batch=1, c_in=17, c_out=19, height=6, width=5,
+                  layout=layout, ksize=2, stride=2),
+        ]  # fmt: skip
     return cases
 
 

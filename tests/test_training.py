@@ -302,7 +302,7 @@ def test_reference_config_backward_has_no_activation_launch_for_plain_relu_convs
     assert "activation_pool_backward" not in names
     pooled = sorted(stage for stage, name in backward if name == "activation_pool_backward+pool")
     assert pooled == [f"enc{level}.conv2.backward" for level in range(4)]
-    up_mask = "upsample2x_adjoint+gate" if upsample == "bilinear" else "conv3x3/2+mask"
+    up_mask = "upsample2x_adjoint+gate" if upsample == "bilinear" else "conv2x2/2+mask"
     masked = {stage for stage, name in backward if name.endswith("+mask") or name == up_mask}
     # Each reader of a plain ReLU conv's map: the conv after it, the decoder conv upsampling it, the head (fused into
     # the last conv: its one-pass backward, in dec0.conv2's, applies that conv's own ReLU derivative).
