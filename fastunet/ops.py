@@ -730,12 +730,13 @@ def _conv_size(
     x: torch.Tensor, up: torch.Tensor | None, up_mode: str, join: str, ksize: int, padding: int, stride: int = 1
 ):
     """(height, width) of a conv launch's output: the input's frame (x's, or the upsampled map's with a crop
-    join), ``ksize - 1`` smaller for a valid conv, then divided by the stride as torch does."""
+    join), ``ksize - 1 - 2 padding`` smaller, then divided by the stride as torch does (``(H + 2p - k) // s + 1``,
+    the 2x2 stride-2 conv's ``H // 2`` included)."""
     height, width = x.shape[1], x.shape[2]
     if up is not None and join == "crop":
         scale = 1 if up_mode == "direct" else 2
         height, width = scale * up.shape[1], scale * up.shape[2]
-    shrink = 2 * (ksize // 2 - padding)
+    shrink = ksize - 1 - 2 * padding
     return (height - shrink - 1) // stride + 1, (width - shrink - 1) // stride + 1
 
 

@@ -65,6 +65,19 @@ def test_conv_op_passes_opcheck(device, case):
     torch.library.opcheck(torch.ops.fastunet.conv2d_nhwc.default, args)
 
 
+def test_conv_op_2x2_stride2_passes_opcheck(device):
+    """The 2x2 stride-2 conv (a transposed conv's input gradient) through the op: its fake output is H // 2 x W // 2
+    (7 x 6 -> 3 x 3) as torch's (H + 2p - k) // s + 1, like the launch's, and it matches float64 F.conv2d."""
+    x = _nhwc(2, 7, 6, 5, device)
+    weight = torch.randn(4, 5, 2, 2, device=device)
+    packed = weight.permute(2, 3, 1, 0).reshape(4 * 5, 4).contiguous()
+    args = (x, packed, None, None, None, None, None, 2, 0, "", False, "pad", "none", 0.0, 0.0, 0.0, False, False, 2)
+    torch.library.opcheck(torch.ops.fastunet.conv2d_nhwc.default, args)
+    y = torch.ops.fastunet.conv2d_nhwc(*args)[0]
+    expected = F.conv2d(x.permute(0, 3, 1, 2).double(), weight.double(), stride=2).permute(0, 2, 3, 1)
+    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_conv_op_reads_a_permuted_input(device):
     """The first conv of a forward reads the caller's NCHW tensor through a permuted view."""
     x = torch.randn(2, 5, 7, 6, device=device).permute(0, 2, 3, 1)
