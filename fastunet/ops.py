@@ -699,7 +699,7 @@ _CONV_SCHEMA = (
     f"float hi, bool pool, bool nchw_out, int stride=1, {_NORM_IN_ARGS}, int norm_groups=0, "
     "Tensor? norm_weight=None, Tensor? norm_bias=None, float norm_eps=0.0, bool norm_over_batch=False, "
     f"Tensor? up_weight=None, Tensor? up_bias=None, {_UP_NORM_IN_ARGS}, bool head_map=False, bool grad_is_dz=False, "
-    "bool mask_x=False, bool mask_up=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+    "bool mask_x=False, bool mask_up=False, Tensor? x_applied=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 
 
@@ -746,11 +746,22 @@ def _conv2d_run(
     in_lo=0.0, in_hi=0.0, in_slopes=None, norm_groups=0, norm_weight=None, norm_bias=None, norm_eps=0.0,
     norm_over_batch=False, up_weight=None, up_bias=None, up_scale=None, up_shift=None, up_activation="none",
     up_slope=0.0, up_lo=0.0, up_hi=0.0, up_slopes=None, head_map=False, grad_is_dz=False, mask_x=False,
-    mask_up=False,
+    mask_up=False, x_applied=None,
 ):  # fmt: skip
     """:func:`fastunet.kernels.conv2d_nhwc` with the custom op's arguments (see :func:`_conv2d_launch`). Returns (y,
     pooled (with ``head_map``: the activated map under the logits) or None, the :class:`NormIn` of a conv followed by
     a norm with data statistics or None)."""
+    read_x = _norm_in(in_scale, in_shift, in_activation, in_slope, in_lo, in_hi, in_slopes)
+    if x_applied is not None:
+        if read_x is None:
+            raise ValueError("x_applied: x read through its norm, applied ahead; it needs in_scale and in_shift")
+        if x_applied.shape != x.shape or x_applied.dtype != x.dtype or x_applied.device != x.device:
+            raise ValueError(
+                f"x_applied: expected x's shape {tuple(x.shape)} {x.dtype} on {x.device}, got "
+                f"{tuple(x_applied.shape)} {x_applied.dtype} on {x_applied.device}"
+            )
+        read_x.check(x, "conv2d_nhwc input")
+        x, read_x = x_applied, None
     channels = head_weight.shape[1] if head_weight is not None else weight.shape[1]
     height, width = _conv_size(x, up, up_mode, join, ksize, padding, stride)
     out = _conv_output(x, max(height, 0), max(width, 0), channels, nchw_out)
@@ -790,7 +801,7 @@ def _conv2d_run(
         head_bias=head_bias,
         out=out,
         stride=stride,
-        norm_in=_norm_in(in_scale, in_shift, in_activation, in_slope, in_lo, in_hi, in_slopes),
+        norm_in=read_x,
         norm=norm,
         head_map=head_map,
     )
@@ -805,7 +816,7 @@ def _conv2d_launch(
     in_lo=0.0, in_hi=0.0, in_slopes=None, norm_groups=0, norm_weight=None, norm_bias=None, norm_eps=0.0,
     norm_over_batch=False, up_weight=None, up_bias=None, up_scale=None, up_shift=None, up_activation="none",
     up_slope=0.0, up_lo=0.0, up_hi=0.0, up_slopes=None, head_map=False, grad_is_dz=False, mask_x=False,
-    mask_up=False,
+    mask_up=False, x_applied=None,
 ):  # fmt: skip
     """:func:`fastunet.kernels.conv2d_nhwc` as a custom op. Returns (y, pooled, scale, shift, mean, var): y is (N,
     H, W, C_out or n_cls), a view of an NCHW tensor when ``nchw_out``; pooled is empty unless ``pool``; with
@@ -822,6 +833,12 @@ def _conv2d_launch(
     by that launch. Its own launch (the same as the forward's separate one) writes the upsampled map, then the conv
     reads it directly.
 
+    ``x_applied`` (with ``in_scale``): ``act(x * scale + shift)`` written ahead by the caller (the normalize op, out of
+    autograd's sight): the launch loads it as stored (TMA on sm_90) instead of normalizing x on load, while the
+    registered backward, which never sees it, differentiates the read of x through its norm as without it; the
+    caller vouches that it holds those values (its shape, dtype and device are checked). A training forward passes
+    it so that autograd keeps the pre-norm map only.
+
     ``grad_is_dz``, ``mask_x``, ``mask_up`` change nothing here; they tell the registered backward
     (:mod:`fastunet.training`) where a ReLU's derivative is applied: ``mask_x`` (``mask_up``): this launch's backward
     applies that of the ReLU which produced ``x`` (the low-resolution map ``up``) to the gradient it sends there;
@@ -830,7 +847,7 @@ def _conv2d_launch(
         x, weight, bias, up, head_weight, head_bias, slopes, ksize, padding, up_mode, align_corners, join, activation,
         slope, lo, hi, pool, nchw_out, stride, in_scale, in_shift, in_activation, in_slope, in_lo, in_hi, in_slopes,
         norm_groups, norm_weight, norm_bias, norm_eps, norm_over_batch, up_weight, up_bias, up_scale, up_shift,
-        up_activation, up_slope, up_lo, up_hi, up_slopes, head_map,
+        up_activation, up_slope, up_lo, up_hi, up_slopes, head_map, x_applied=x_applied,
     )  # fmt: skip
     if read is not None:
         return y, x.new_empty(0), read.scale, read.shift, read.mean, read.var
@@ -848,7 +865,7 @@ def _conv2d_fake(
     in_lo=0.0, in_hi=0.0, in_slopes=None, norm_groups=0, norm_weight=None, norm_bias=None, norm_eps=0.0,
     norm_over_batch=False, up_weight=None, up_bias=None, up_scale=None, up_shift=None, up_activation="none",
     up_slope=0.0, up_lo=0.0, up_hi=0.0, up_slopes=None, head_map=False, grad_is_dz=False, mask_x=False,
-    mask_up=False,
+    mask_up=False, x_applied=None,
 ):  # fmt: skip
     channels = head_weight.shape[1] if head_weight is not None else weight.shape[1]
     batch = x.shape[0]
@@ -1049,6 +1066,7 @@ def _conv_launch(
     head_map: bool = False,
     mask_x: bool = False,
     mask_up: bool = False,
+    x_applied: torch.Tensor | None = None,
 ) -> tuple[_Map, torch.Tensor | None]:
     """One conv launch (with a norm with data statistics after it: and the finalize launch): through the custom op
     while a compiler or a tracing mode is watching, else (eager calls, dry runs) straight to the op's own
@@ -1057,8 +1075,8 @@ def _conv_launch(
     with data statistics. ``up_read``: how the launch reads the low-resolution map ``up`` it upsamples itself;
     ``up_conv``: the transposed conv that does it (``up_mode`` ``"transpose"``). ``head_map``: with ``head``, the
     launch also stores the activated map under the logits (returned in the pooled map's place). ``mask_x``,
-    ``mask_up``: the backward applies the ReLU derivative of x's (up's) producer, a stage with ``grad_is_dz``
-    (see :func:`_conv2d_launch`)."""
+    ``mask_up``: the backward applies the ReLU derivative of x's (up's) producer, a stage with ``grad_is_dz``;
+    ``x_applied``: x read through its norm, applied ahead (see :func:`_conv2d_launch`)."""
     act = stage.activation
     norm = stage.norm
     args = (
@@ -1094,6 +1112,7 @@ def _conv_launch(
         stage.grad_is_dz,
         mask_x,
         mask_up,
+        x_applied,
     )
     if _direct():  # the op's implementation itself, without the empty placeholder outputs the op must return
         y, pooled, second = _conv2d_run(*args)
@@ -1190,17 +1209,27 @@ def _run_stages(
 ) -> torch.Tensor:
     _conv = functools.partial(_conv_launch, sink=norm_sink)
     depth = len(plan.decoders)
-    # The eval forward applies a norm with data statistics by one memory-bound pass before a conv (or a transposed
-    # conv) reads the map: the reader then loads it as stored (TMA on sm_90), where normalizing on load puts the
-    # operand through registers and costs more issue slots than the pass's bytes. A forward whose backward runs on
-    # the kernels keeps normalize-on-load: autograd would save the applied map as well as the pre-norm one.
+    # A norm with data statistics is applied by one memory-bound pass before a conv (or a transposed conv) reads
+    # the map: the reader then loads it as stored (TMA on sm_90), where normalizing on load puts the operand through
+    # registers and costs more issue slots than the pass's bytes. The eval forward passes the applied map on; a
+    # forward whose backward runs on the kernels hands it to the conv's launch next to the pre-norm map
+    # (``x_applied``), made out of autograd's sight, so that autograd keeps the pre-norm map only.
     apply_norms = not upsample_in_conv
 
     def applied(m: _Map, reader: str) -> _Map:
+        """The eval forward's map as the (transposed) conv ``reader`` reads it."""
         if m[1] is None or not apply_norms:
             return m
         stage(f"{reader}.normalize")
         return (_normalize(m, False), None)
+
+    def ahead(m: _Map, reader: str) -> torch.Tensor | None:
+        """The training forward's map applied for the conv ``reader``'s loader (None: as stored, or eval)."""
+        if m[1] is None or apply_norms:
+            return None
+        stage(f"{reader}.normalize")
+        with torch.no_grad():
+            return _normalize(m, False)
 
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     logits_nchw = not channels_last
@@ -1216,26 +1245,28 @@ def _run_stages(
         tag = f"enc{level}" if level < depth else "bottleneck"
         # stride 2 where the layout down-samples by strided convs
         features = applied(features, f"{tag}.conv1")
+        x_applied = ahead(features, f"{tag}.conv1")
         stage(f"{tag}.conv1")
-        features, _ = _conv(features, conv1, mask_x=producer is not None and producer.grad_is_dz)
+        features, _ = _conv(features, conv1, mask_x=producer is not None and producer.grad_is_dz, x_applied=x_applied)
         features = applied(features, f"{tag}.conv2")
+        x_applied = ahead(features, f"{tag}.conv2")
         stage(f"{tag}.conv2")
         producer = conv2
         if level == depth:
-            features, _ = _conv(features, conv2, mask_x=conv1.grad_is_dz)
+            features, _ = _conv(features, conv2, mask_x=conv1.grad_is_dz, x_applied=x_applied)
             continue
         single_reader(conv2, f"the skip {tag}.conv2 makes")  # its own backward applies its ReLU's derivative
         if plan.down == "stride":
-            features, _ = _conv(features, conv2, mask_x=conv1.grad_is_dz)
+            features, _ = _conv(features, conv2, mask_x=conv1.grad_is_dz, x_applied=x_applied)
             # read by the next level's strided conv and by the decoder's conv: applied once for both
             features = applied(features, f"{tag}.skip")
             skips.append(features)
         elif conv2.norm is None:
-            skip, pooled = _conv(features, conv2, pool=True, mask_x=conv1.grad_is_dz)
+            skip, pooled = _conv(features, conv2, pool=True, mask_x=conv1.grad_is_dz, x_applied=x_applied)
             skips.append(skip)
             features = (pooled, None)
         else:  # the pool reads the normalized map: normalize, activate and pool in one pass
-            skip, _ = _conv(features, conv2, mask_x=conv1.grad_is_dz)
+            skip, _ = _conv(features, conv2, mask_x=conv1.grad_is_dz, x_applied=x_applied)
             stage(f"{tag}.pool")
             if apply_norms:  # the same pass stores the applied skip for the decoder's conv
                 full, pooled = _normalize_and_pool(skip)
@@ -1256,11 +1287,12 @@ def _run_stages(
             producer = up_stage.pre_conv
         interpolated = up_stage.mode in ("nearest", "bilinear") and up_stage.conv is None
         if upsample_in_conv and (interpolated or up_stage.mode == "direct"):
+            x_applied = ahead(skips[level], f"dec{level}.conv1")
             stage(f"dec{level}.conv1")
             features, _ = _conv(
                 skips[level], conv1, up=features[0], up_mode=up_stage.mode if interpolated else "transpose",
                 join=plan.join, align_corners=up_stage.align_corners, up_read=features[1], up_conv=up_stage.conv,
-                mask_up=producer.grad_is_dz,
+                mask_up=producer.grad_is_dz, x_applied=x_applied,
             )  # fmt: skip
         else:
             if up_stage.mode == "direct" or up_stage.conv is not None:
@@ -1278,6 +1310,7 @@ def _run_stages(
             stage(f"dec{level}.conv1")
             features, _ = _conv(skips[level], conv1, up=up, up_mode="direct", join=plan.join)
         features = applied(features, f"dec{level}.conv2")
+        x_applied = ahead(features, f"dec{level}.conv2")
         stage(f"dec{level}.conv2")
         if level == 0 and plan.fuse_head:
             (logits, _), _ = _conv(
@@ -1287,9 +1320,10 @@ def _run_stages(
                 nchw_out=logits_nchw,
                 head_map=plan.head_map,
                 mask_x=conv1.grad_is_dz,
+                x_applied=x_applied,
             )
             return logits.permute(0, 3, 1, 2)
-        features, _ = _conv(features, conv2, mask_x=conv1.grad_is_dz)
+        features, _ = _conv(features, conv2, mask_x=conv1.grad_is_dz, x_applied=x_applied)
         producer = conv2
     if plan.head.ksize > 1:  # a 1x1 head reads its few classes' worth of columns: normalizing on load is cheaper
         features = applied(features, "head")
