@@ -699,7 +699,8 @@ _CONV_SCHEMA = (
     f"float hi, bool pool, bool nchw_out, int stride=1, {_NORM_IN_ARGS}, int norm_groups=0, "
     "Tensor? norm_weight=None, Tensor? norm_bias=None, float norm_eps=0.0, bool norm_over_batch=False, "
     f"Tensor? up_weight=None, Tensor? up_bias=None, {_UP_NORM_IN_ARGS}, bool head_map=False, bool grad_is_dz=False, "
-    "bool mask_x=False, bool mask_up=False, Tensor? x_applied=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+    "bool mask_x=False, bool mask_up=False, Tensor? x_applied=None, Tensor? up_applied=None) -> "
+    "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 
 
@@ -746,7 +747,7 @@ def _conv2d_run(
     in_lo=0.0, in_hi=0.0, in_slopes=None, norm_groups=0, norm_weight=None, norm_bias=None, norm_eps=0.0,
     norm_over_batch=False, up_weight=None, up_bias=None, up_scale=None, up_shift=None, up_activation="none",
     up_slope=0.0, up_lo=0.0, up_hi=0.0, up_slopes=None, head_map=False, grad_is_dz=False, mask_x=False,
-    mask_up=False, x_applied=None,
+    mask_up=False, x_applied=None, up_applied=None,
 ):  # fmt: skip
     """:func:`fastunet.kernels.conv2d_nhwc` with the custom op's arguments (see :func:`_conv2d_launch`). Returns (y,
     pooled (with ``head_map``: the activated map under the logits) or None, the :class:`NormIn` of a conv followed by
@@ -766,6 +767,20 @@ def _conv2d_run(
     height, width = _conv_size(x, up, up_mode, join, ksize, padding, stride)
     out = _conv_output(x, max(height, 0), max(width, 0), channels, nchw_out)
     up_read = _norm_in(up_scale, up_shift, up_activation, up_slope, up_lo, up_hi, up_slopes)
+    if up_applied is not None:
+        if up_read is None or up_mode != "transpose":
+            raise ValueError(
+                "up_applied: the low-resolution map read through its norm by the launch's transposed conv, applied "
+                f"ahead; it needs up_scale, up_shift and up_mode 'transpose', got up_mode={up_mode!r}"
+                + ("" if up_read is not None else " and no up_scale")
+            )
+        if up_applied.shape != up.shape or up_applied.dtype != up.dtype or up_applied.device != up.device:
+            raise ValueError(
+                f"up_applied: expected up's shape {tuple(up.shape)} {up.dtype} on {up.device}, got "
+                f"{tuple(up_applied.shape)} {up_applied.dtype} on {up_applied.device}"
+            )
+        up_read.check(up, "conv2d_nhwc low-resolution input")
+        up, up_read = up_applied, None
     if up_mode == "transpose":
         if up is None or up_weight is None:
             raise ValueError("up_mode 'transpose' takes the low-resolution map (up) and the packed up_weight")
@@ -816,7 +831,7 @@ def _conv2d_launch(
     in_lo=0.0, in_hi=0.0, in_slopes=None, norm_groups=0, norm_weight=None, norm_bias=None, norm_eps=0.0,
     norm_over_batch=False, up_weight=None, up_bias=None, up_scale=None, up_shift=None, up_activation="none",
     up_slope=0.0, up_lo=0.0, up_hi=0.0, up_slopes=None, head_map=False, grad_is_dz=False, mask_x=False,
-    mask_up=False, x_applied=None,
+    mask_up=False, x_applied=None, up_applied=None,
 ):  # fmt: skip
     """:func:`fastunet.kernels.conv2d_nhwc` as a custom op. Returns (y, pooled, scale, shift, mean, var): y is (N,
     H, W, C_out or n_cls), a view of an NCHW tensor when ``nchw_out``; pooled is empty unless ``pool``; with
@@ -837,7 +852,8 @@ def _conv2d_launch(
     autograd's sight): the launch loads it as stored (TMA on sm_90) instead of normalizing x on load, while the
     registered backward, which never sees it, differentiates the read of x through its norm as without it; the
     caller vouches that it holds those values (its shape, dtype and device are checked). A training forward passes
-    it so that autograd keeps the pre-norm map only.
+    it so that autograd keeps the pre-norm map only. ``up_applied`` (with ``up_scale`` and ``up_mode``
+    ``"transpose"``): the same for the low-resolution map the launch's transposed conv reads.
 
     ``grad_is_dz``, ``mask_x``, ``mask_up`` change nothing here; they tell the registered backward
     (:mod:`fastunet.training`) where a ReLU's derivative is applied: ``mask_x`` (``mask_up``): this launch's backward
@@ -847,7 +863,7 @@ def _conv2d_launch(
         x, weight, bias, up, head_weight, head_bias, slopes, ksize, padding, up_mode, align_corners, join, activation,
         slope, lo, hi, pool, nchw_out, stride, in_scale, in_shift, in_activation, in_slope, in_lo, in_hi, in_slopes,
         norm_groups, norm_weight, norm_bias, norm_eps, norm_over_batch, up_weight, up_bias, up_scale, up_shift,
-        up_activation, up_slope, up_lo, up_hi, up_slopes, head_map, x_applied=x_applied,
+        up_activation, up_slope, up_lo, up_hi, up_slopes, head_map, x_applied=x_applied, up_applied=up_applied,
     )  # fmt: skip
     if read is not None:
         return y, x.new_empty(0), read.scale, read.shift, read.mean, read.var
@@ -865,7 +881,7 @@ def _conv2d_fake(
     in_lo=0.0, in_hi=0.0, in_slopes=None, norm_groups=0, norm_weight=None, norm_bias=None, norm_eps=0.0,
     norm_over_batch=False, up_weight=None, up_bias=None, up_scale=None, up_shift=None, up_activation="none",
     up_slope=0.0, up_lo=0.0, up_hi=0.0, up_slopes=None, head_map=False, grad_is_dz=False, mask_x=False,
-    mask_up=False, x_applied=None,
+    mask_up=False, x_applied=None, up_applied=None,
 ):  # fmt: skip
     channels = head_weight.shape[1] if head_weight is not None else weight.shape[1]
     batch = x.shape[0]
@@ -1067,6 +1083,7 @@ def _conv_launch(
     mask_x: bool = False,
     mask_up: bool = False,
     x_applied: torch.Tensor | None = None,
+    up_applied: torch.Tensor | None = None,
 ) -> tuple[_Map, torch.Tensor | None]:
     """One conv launch (with a norm with data statistics after it: and the finalize launch): through the custom op
     while a compiler or a tracing mode is watching, else (eager calls, dry runs) straight to the op's own
@@ -1076,7 +1093,8 @@ def _conv_launch(
     ``up_conv``: the transposed conv that does it (``up_mode`` ``"transpose"``). ``head_map``: with ``head``, the
     launch also stores the activated map under the logits (returned in the pooled map's place). ``mask_x``,
     ``mask_up``: the backward applies the ReLU derivative of x's (up's) producer, a stage with ``grad_is_dz``;
-    ``x_applied``: x read through its norm, applied ahead (see :func:`_conv2d_launch`)."""
+    ``x_applied``, ``up_applied``: x (the low-resolution map its transposed conv reads) read through its norm,
+    applied ahead (see :func:`_conv2d_launch`)."""
     act = stage.activation
     norm = stage.norm
     args = (
@@ -1113,6 +1131,7 @@ def _conv_launch(
         mask_x,
         mask_up,
         x_applied,
+        up_applied,
     )
     if _direct():  # the op's implementation itself, without the empty placeholder outputs the op must return
         y, pooled, second = _conv2d_run(*args)
@@ -1288,11 +1307,13 @@ def _run_stages(
         interpolated = up_stage.mode in ("nearest", "bilinear") and up_stage.conv is None
         if upsample_in_conv and (interpolated or up_stage.mode == "direct"):
             x_applied = ahead(skips[level], f"dec{level}.conv1")
+            # the transposed conv in the launch reads the low-resolution map; the upsample kernel applies it on load
+            up_applied = ahead(features, f"dec{level}.up") if up_stage.mode == "direct" else None
             stage(f"dec{level}.conv1")
             features, _ = _conv(
                 skips[level], conv1, up=features[0], up_mode=up_stage.mode if interpolated else "transpose",
                 join=plan.join, align_corners=up_stage.align_corners, up_read=features[1], up_conv=up_stage.conv,
-                mask_up=producer.grad_is_dz, x_applied=x_applied,
+                mask_up=producer.grad_is_dz, x_applied=x_applied, up_applied=up_applied,
             )  # fmt: skip
         else:
             if up_stage.mode == "direct" or up_stage.conv is not None:

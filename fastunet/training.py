@@ -600,8 +600,8 @@ def _conv_backward(
     else:
         dz = activation_pool_backward_nhwc(y, grad_y, grad_pooled if pool else None, activation=activation)
     up_read = _read_of(up_scale, up_shift, up_activation, up_slope, up_lo, up_hi)
-    if up is not None and up_mode == "transpose":
-        up = conv_transpose2x2_nhwc(up, up_weight, up_bias, norm_in=up_read)
+    if up is not None and up_mode == "transpose":  # the low-resolution map applied first, as the forward does
+        up = conv_transpose2x2_nhwc(_materialized(up, up_read), up_weight, up_bias)
     elif up is not None and up_mode != "direct":
         up = upsample2x_nhwc(up, up_mode, align_corners, norm_in=up_read)
     c_up = up.shape[3] if up is not None else 0
@@ -955,15 +955,16 @@ def _grads_of(outputs, grads, inputs):
 # Autograd registrations of the forward ops
 # ---------------------------------------------------------------------------------------------------------------
 # fastunet::conv2d_nhwc's schema, by position (see fastunet.ops._CONV_SCHEMA).
-_CONV_ARGS = 45
+_CONV_ARGS = 46
 _X, _W, _B, _UP, _HEAD_W, _HEAD_B, _SLOPES, _KSIZE, _PADDING, _UP_MODE, _ALIGN, _JOIN, _ACT = range(13)
 _POOL, _NCHW, _STRIDE, _IN_SCALE, _IN_SHIFT, _IN_ACT, _IN_SLOPE, _IN_LO, _IN_HI, _IN_SLOPES = range(16, 26)
 _NORM_GROUPS, _NORM_W, _NORM_B, _NORM_EPS, _NORM_BATCH = range(26, 31)
 _UP_W, _UP_B, _UP_SCALE, _UP_SHIFT, _UP_ACT, _UP_SLOPE, _UP_LO, _UP_HI, _UP_SLOPES = range(31, 40)
 _HEAD_MAP = 40
 _GRAD_IS_DZ, _MASK_X, _MASK_UP = range(41, 44)
-# x read through its norm, applied ahead for the forward's loader only: never kept for the backward, no gradient
-_X_APPLIED = 44
+# x (the low-resolution map) read through its norm, applied ahead for the forward's loader only: never kept for the
+# backward, no gradient
+_X_APPLIED, _UP_APPLIED = 44, 45
 _DIFFERENTIABLE_ARGS = (
     _X, _W, _B, _UP, _IN_SCALE, _IN_SHIFT, _NORM_W, _NORM_B, _UP_W, _UP_B, _UP_SCALE, _UP_SHIFT, _HEAD_W, _HEAD_B
 )  # fmt: skip
@@ -1006,7 +1007,8 @@ def _unsupported_conv(inputs) -> str | None:
 def _conv_setup(ctx, inputs, output):
     ctx.unsupported = _unsupported_conv(inputs)
     ctx.stage = current_launch_stage()
-    ctx.constants = {i: inputs[i] for i in range(_CONV_ARGS) if i not in (*_DIFFERENTIABLE_ARGS, _X_APPLIED)}
+    kept = (*_DIFFERENTIABLE_ARGS, _X_APPLIED, _UP_APPLIED)  # saved below, or (applied ahead) not kept at all
+    ctx.constants = {i: inputs[i] for i in range(_CONV_ARGS) if i not in kept}
     keep_y = inputs[_ACT] != "none" or inputs[_POOL] or inputs[_NORM_GROUPS]
     y = output[0] if keep_y else None
     if inputs[_HEAD_W] is not None:  # the activated map under the logits: the head's and the conv's gradients read it

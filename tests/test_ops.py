@@ -209,6 +209,76 @@ def test_conv_op_upsampling_the_low_map_itself_passes_opcheck(device, up_mode, t
     torch.library.opcheck(torch.ops.fastunet.conv2d_nhwc.default, tuple(args), kwargs)
 
 
+def test_conv_op_operands_applied_ahead_change_no_value_and_no_gradient(device):
+    """A training forward hands a decoder conv its skip and its transposed conv's low-resolution map already
+    normalized (``x_applied``, ``up_applied``, made out of autograd's sight): the outputs equal the launch that
+    normalizes on load, every gradient (through the norms' scale and shift too) equals that launch's, nothing of
+    the applied maps is kept for the backward; opcheck runs the registered autograd with them; bad ones are
+    refused."""
+    from fastunet.kernels.stats import NormIn, normalize_nhwc
+
+    low = _nhwc(2, 3, 3, 4, device)
+    args = list(_conv_args(device, c_in=5, up=low, up_mode="transpose", c_up=3))
+    scale, shift = torch.rand(2, 5, device=device) + 0.5, torch.randn(2, 5, device=device)
+    up_scale, up_shift = torch.rand(2, 4, device=device) + 0.5, torch.randn(2, 4, device=device)
+    kwargs = dict(
+        in_scale=scale, in_shift=shift, in_activation="leaky_relu", in_slope=0.1,
+        up_weight=pack_conv_transpose_weight(torch.randn(4, 3, 2, 2, device=device)),
+        up_bias=torch.randn(3, device=device).repeat(4), up_scale=up_scale, up_shift=up_shift, up_activation="relu",
+    )  # fmt: skip
+    x_applied = normalize_nhwc(args[0], NormIn(scale, shift, "leaky_relu", 0.1))
+    up_applied = normalize_nhwc(low, NormIn(up_scale, up_shift, "relu"))
+
+    def run(ahead: dict):
+        leaves = [args[i].detach().requires_grad_() for i in (0, 1, 2, 3)]
+        named = {k: v.detach().requires_grad_() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+        y = torch.ops.fastunet.conv2d_nhwc(*leaves, *args[4:], **named, **ahead)[0]
+        wrt = leaves + [v for v in named.values() if isinstance(v, torch.Tensor)]
+        return y, torch.autograd.grad(y, wrt, torch.ones_like(y))
+
+    y_load, grads_load = run({})
+    y_ahead, grads_ahead = run({"x_applied": x_applied, "up_applied": up_applied})
+    torch.testing.assert_close(y_ahead, y_load, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads_ahead, grads_load, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    leaves = [a.detach().requires_grad_() if isinstance(a, torch.Tensor) and i < 4 else a for i, a in enumerate(args)]
+    named = {k: v.detach().requires_grad_() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    y = torch.ops.fastunet.conv2d_nhwc(*leaves, **named, x_applied=x_applied, up_applied=up_applied)[0]
+    saved = {t.data_ptr() for t in _saved_tensors(y.grad_fn)}
+    assert leaves[0].data_ptr() in saved and leaves[3].data_ptr() in saved  # the pre-norm maps are
+    assert x_applied.data_ptr() not in saved and up_applied.data_ptr() not in saved
+    torch.library.opcheck(
+        torch.ops.fastunet.conv2d_nhwc.default, tuple(leaves), {**named, "x_applied": x_applied,
+                                                                 "up_applied": up_applied}
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="x_applied: x read through its norm, applied ahead; it needs in_scale"):
+        torch.ops.fastunet.conv2d_nhwc(*args, x_applied=x_applied)
+    with pytest.raises(ValueError, match=r"x_applied: expected x's shape \(2, 7, 6, 5\)"):
+        torch.ops.fastunet.conv2d_nhwc(*args, **kwargs, x_applied=x_applied[:, :3])
+    with pytest.raises(ValueError, match="up_applied: the low-resolution map read through its norm"):
+        torch.ops.fastunet.conv2d_nhwc(*args, **{**kwargs, "up_scale": None, "up_shift": None}, up_applied=up_applied)
+
+
+def _saved_tensors(node) -> list[torch.Tensor]:
+    """The tensors autograd keeps for ``node`` and the nodes behind it (a custom op's saved ones included)."""
+    found, seen, stack = [], set(), [node]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for name in dir(node):
+            if name.startswith("_saved_") or name == "saved_tensors":
+                try:
+                    value = getattr(node, name)
+                except RuntimeError:
+                    continue
+                values = value if isinstance(value, (tuple, list)) else [value]
+                found.extend(v for v in values if isinstance(v, torch.Tensor))
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return found
+
+
 def test_conv_op_refuses_up_weights_without_the_transposed_mode(device):
     args = list(_conv_args(device, up=_nhwc(2, 3, 3, 4, device), up_mode="nearest"))
     weight_t = pack_conv_transpose_weight(torch.randn(4, 4, 2, 2, device=device))

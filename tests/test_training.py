@@ -503,6 +503,29 @@ def test_saved_maps_stay_under_the_target_in_every_covered_config(upsample, norm
     assert maps <= bilinear, (maps, bilinear)
 
 
+@pytest.mark.parametrize("upsample", ["transpose", "bilinear"])
+def test_the_training_forward_applies_each_norm_ahead_of_its_conv_readers(upsample):
+    """BatchNorm with batch statistics, traced on the meta device: no conv or transposed conv of the training step
+    but the 1x1 head normalizes its operand on load (the launch that does takes it through registers); one normalize
+    launch
+    applies the norm ahead of each such reader (stage ``<reader>.normalize``), the encoder's skip again ahead of its
+    decoder conv, the low-resolution map ahead of the decoder conv's transposed conv. The backward's transposed-conv
+    recompute reads the applied map too. What autograd keeps is test_saved_maps_stay_under_the_target_in_every_
+    covered_config's."""
+    from fastunet.tooling.trace import trace_training
+
+    records = trace_training({**SMALL, "upsample": upsample, "norm": "batch"}, (2, 3, 16, 16), torch.float16)
+    forward = [r for r in records if not (r.stage or "").endswith(".backward")]
+    on_load = [(r.stage, r.name) for r in records if r.constexprs.get("NORM_IN") and r.name.startswith("conv")]
+    assert on_load == [("head", "conv1x1+norm_in")]  # a 1x1 head's few columns: cheaper on load
+    applied = [r.stage for r in forward if r.name == "normalize"]
+    readers = ["enc0.conv2", "enc1.conv2", "bottleneck.conv2"]  # the deeper levels' first convs read pooled maps
+    for level in (1, 0):
+        readers += [f"dec{level}.up"] if upsample == "transpose" else []
+        readers += [f"dec{level}.conv1", f"dec{level}.conv2"]
+    assert sorted(applied) == sorted(f"{reader}.normalize" for reader in readers)
+
+
 def test_the_training_forward_fuses_the_head_into_the_last_conv():
     """The reference config's training step (traced on the meta device, nothing run): the 1x1 head runs in
     dec0.conv2's epilogue, which stores the logits and the activated map the head's weight gradient reads; the head
