@@ -380,11 +380,11 @@ def norm_report(tmp_path_factory) -> dict:
 
 
 def test_sm90_build_norm_variants(norm_report):
-    """Every new variant builds: the statistics epilogue (STATS), normalize-on-load in the conv loader (NORM_IN, the
-    training forward's), the stride-2 conv, the finalize, normalize(+pool, +full) and upsample+normalize launches; no
-    spills, HGMMA in every conv variant, shared memory within the limit; the variants without a normalized operand
-    carry no ptxas warning. The eval forward applies each norm by a pass before a (transposed) 3x3 conv reads the
-    map: its only normalize-on-load readers are the 1x1 head and the upsample kernel, and it has no ptxas warning."""
+    """Every new variant builds: the statistics epilogue (STATS), normalize-on-load in the 1x1 head's loader
+    (NORM_IN), the stride-2 conv, the finalize, normalize(+pool, +full) and upsample+normalize launches; no spills,
+    HGMMA in every conv variant, shared memory within the limit. The eval forward applies each norm by a pass before
+    a (transposed) conv reads the map: its only normalize-on-load readers are the 1x1 head and the upsample
+    kernel."""
     rows = norm_report["variants"]
     convs = gemm_rows(norm_report)
     for feature in NORM_FEATURES:
@@ -395,25 +395,26 @@ def test_sm90_build_norm_variants(norm_report):
     assert not ptxas_problems({**norm_report, "variants": evals})
     assert {"normalize", "normalize+pool+full"} <= {row["kernel"] for row in evals}
     assert any(row["config"]["STATS"] and not row["config"]["NORM_IN"] for row in convs)
-    assert any(row["config"]["STATS"] and row["config"]["NORM_IN"] for row in convs)
-    assert any(row["config"]["D2S"] and row["config"]["NORM_IN"] for row in convs)
-    assert any(row["config"]["STRIDE"] == 2 for row in convs)
+    assert any(row["config"]["STRIDE"] == 2 and row["config"]["STATS"] for row in convs)
     assert any(row["config"]["HEAD"] is False and row["config"]["KSIZE"] == 1 and row["config"]["NORM_IN"]
                for row in convs)  # fmt: skip
     names = {row["kernel"] for row in rows}
     assert {"norm_scale_shift", "normalize+pool", "upsample2x+norm_in"} <= names
     found = spill_problems(norm_report) + tensor_core_problems(norm_report, "fp16")
     found += shared_memory_problems(norm_report)
-    plain = {**norm_report, "variants": [row for row in rows if not row["config"].get("NORM_IN")]}
-    found += ptxas_problems(plain)
     assert not found, "\n".join(found)
 
 
-@pytest.mark.xfail(strict=True, reason="normalize-on-load keeps the A operand in registers; ptxas serializes the "
-                   "wgmma of some tiles (C7515): open")  # fmt: skip
-def test_sm90_norm_in_loader_keeps_wgmma_pipelined(norm_report):
-    rows = [row for row in norm_report["variants"] if row["config"].get("NORM_IN")]
-    assert rows and not ptxas_problems({**norm_report, "variants": rows})
+def test_sm90_norm_layouts_launch_no_serialized_wgmma(norm_report):
+    """No variant the norm features' forwards and training steps launch draws a ptxas warning. The one that did,
+    the 3x3 (and transposed) conv normalizing its operand on load (ptxas serialized the wgmma of some of its tiles,
+    C7515: the A operand passes through registers), is no longer launched by either: a normalize launch applies the
+    norm ahead of such a reader. It stays reachable through the kernel-level ``conv2d_nhwc(norm_in=...)``."""
+    rows = norm_report["variants"]
+    assert not ptxas_problems(norm_report), "\n".join(ptxas_problems(norm_report))
+    convs = [row for row in gemm_rows(norm_report) if row["config"].get("NORM_IN")]
+    assert {row["kernel"] for row in convs} == {"conv1x1+norm_in"}, [_label(row) for row in convs]  # the heads
+    assert any(row["kernel"] == "upsample2x+norm_in" for row in rows)
 
 
 # ---------------------------------------------------------------------------------------------------------------
