@@ -1198,8 +1198,10 @@ def run_plan(
     by one memory-bound normalize launch before it (stage ``<reader>.normalize``; ``encN.skip.normalize`` for a
     strided layout's skip, read by two convs), while the upsample kernel and a 1x1 head (then its own launch) apply
     it on load; a max-pool after such a norm is one normalize+activate+pool launch (``encN.pool``) that also stores
-    the applied skip map. With ``upsample_in_conv`` (the forward whose backward runs on the kernels) every reader
-    applies it on load: autograd would otherwise save the applied map next to the pre-norm one. Activations are
+    the applied skip map. With ``upsample_in_conv`` (the forward whose backward runs on the kernels) the reader's
+    launch gets the applied map next to the pre-norm one (``x_applied``, ``up_applied``: made under no_grad, not
+    kept), so that autograd saves the pre-norm map only; the skip is applied again ahead of its decoder conv rather
+    than kept from the pool's launch. Activations are
     NHWC; the input is read and the logits written in the caller's layout (NCHW, or channels_last for a
     channels_last input). Each launch's record carries its stage name (``enc0.conv1`` ...
     ``dec0.conv2``, ``decN.up``, ``head``) when the launch runs eagerly or in a dry run.

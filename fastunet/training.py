@@ -536,7 +536,7 @@ def _read_backward(grad_a: torch.Tensor, z: torch.Tensor, read: NormIn):
 
 def _materialized(x: torch.Tensor, read: NormIn | None) -> torch.Tensor:
     """The values a launch read from ``x``: ``x`` itself, or ``act(x * scale + shift)`` written once (a weight
-    gradient's operand; the forward applied it on load)."""
+    gradient's operand; the forward's launch read it applied, on load or ahead)."""
     from fastunet.kernels.stats import normalize_nhwc
 
     return x if read is None else normalize_nhwc(x, read, False)

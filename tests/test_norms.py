@@ -1,7 +1,8 @@
 """Norms that do not fold (InstanceNorm2d, GroupNorm) and strided-conv down-sampling on the kernels: the statistics
-epilogue (pre-norm map + tile moments), the finalize launch, normalize-on-load in every consumer (conv loader,
-transposed conv, upsample kernel, head), the normalize+activate+pool launch and stride-2 convs; launcher by launcher
-against float64 torch, and whole layouts through ``build_plan``/``run_plan`` against ``layout_forward``."""
+epilogue (pre-norm map + tile moments), the finalize launch, normalize-on-load in every consumer that supports it
+(conv loader, transposed conv, upsample kernel, head), the normalize (+pool, +full) launch and stride-2 convs;
+launcher by launcher against float64 torch, and whole layouts through ``build_plan``/``run_plan`` (which apply each
+norm by a normalize launch ahead of a conv or transposed conv reader) against ``layout_forward``."""
 
 from __future__ import annotations
 

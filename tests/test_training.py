@@ -113,8 +113,9 @@ def test_eval_mode_gradients_with_folded_batchnorm_run_on_the_kernels(device):
 @pytest.mark.parametrize(("upsample", "size"), [("bilinear", (13, 10)), ("transpose", (16, 12))])
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_batchnorm_training_on_the_kernels(device, upsample, size, momentum):
-    """Batch statistics: the conv stores the pre-norm map and the statistics of the whole batch, every reader
-    normalizes on load; the backward reaches the map through the statistics. Gradients and the running statistics
+    """Batch statistics: the conv stores the pre-norm map and the statistics of the whole batch, a normalize launch
+    applies them ahead of each conv reader (the upsample kernel and a 1x1 head on load); the backward reaches the
+    map through the statistics. Gradients and the running statistics
     (unbiased variance, momentum or the cumulative average, the batch counter) match float64 torch."""
     fast, reference = _pair(device, upsample, norm="batch")
     for model in (fast, reference):

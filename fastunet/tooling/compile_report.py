@@ -92,9 +92,10 @@ TILE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
 # Layout features beyond the reference U-Net (see fastunet.ops.Layout) whose variants the report also builds: the
 # reference network (transposed-conv upsampling) with every conv's activation, its join, or its padding changed;
 # "instance" and "group": InstanceNorm2d (affine) or GroupNorm + LeakyReLU after every conv (the statistics
-# epilogue, the finalize launch, normalize-on-load in the convs, the transposed conv and the head, the
-# normalize+pool launch); "instance_bilinear": the same with bilinear upsampling (the upsample kernel normalizing on
-# load); "stride": instance norms with strided-conv down-sampling (nnU-Net: stride-2 convs reading normalized maps).
+# epilogue, the finalize launch, the normalize launches ahead of the convs and transposed convs, normalize-on-load
+# in the 1x1 head, the normalize+pool launch); "instance_bilinear": the same with bilinear upsampling (the upsample
+# kernel normalizing on load); "stride": instance norms with strided-conv down-sampling (nnU-Net: stride-2 convs
+# reading normalized maps).
 FEATURES = ("leaky_relu", "prelu", "silu", "replicate", "valid", "instance", "group", "instance_bilinear", "stride")
 
 
