@@ -448,8 +448,11 @@ def test_adamw_steps_track_the_reference(device):
         assert _relative(p.detach(), q.detach()) <= 1e-4, name
 
 
-def test_compiled_training_step_runs_the_kernels(device):
-    fast, _ = _pair(device, "transpose")
+@pytest.mark.parametrize("norm", [None, "batch"])
+def test_compiled_training_step_runs_the_kernels(device, norm):
+    """torch.compile with fullgraph (a graph break raises) gives the eager step's gradients bit for bit; with
+    BatchNorm's batch statistics the maps applied ahead of their conv readers (under no_grad) trace too."""
+    fast, _ = _pair(device, "transpose", norm=norm)
     fast.train()
     x, grad = torch.randn(2, 3, 8, 8, device=device), torch.randn(2, 2, 8, 8, device=device)
     eager = _grads(fast, x, grad)
