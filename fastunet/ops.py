@@ -741,6 +741,20 @@ def _conv_size(
     return (height - shrink - 1) // stride + 1, (width - shrink - 1) // stride + 1
 
 
+def _applied_ahead(applied: torch.Tensor, z: torch.Tensor | None, read: NormIn, name: str, z_name: str, what: str):
+    """``applied`` (a map normalized ahead for a launch) once it matches the pre-norm map ``z`` it stands for: the
+    same shape, dtype and device, ``read`` fitting ``z``."""
+    if z is None:
+        raise ValueError(f"{name}: given without the pre-norm map {z_name} it stands for")
+    if applied.shape != z.shape or applied.dtype != z.dtype or applied.device != z.device:
+        raise ValueError(
+            f"{name}: expected {z_name}'s shape {tuple(z.shape)} {z.dtype} on {z.device}, got "
+            f"{tuple(applied.shape)} {applied.dtype} on {applied.device}"
+        )
+    read.check(z, what)
+    return applied
+
+
 def _conv2d_run(
     x, weight, bias, up, head_weight, head_bias, slopes, ksize, padding, up_mode, align_corners, join, activation,
     slope, lo, hi, pool, nchw_out, stride=1, in_scale=None, in_shift=None, in_activation="none", in_slope=0.0,
@@ -756,13 +770,7 @@ def _conv2d_run(
     if x_applied is not None:
         if read_x is None:
             raise ValueError("x_applied: x read through its norm, applied ahead; it needs in_scale and in_shift")
-        if x_applied.shape != x.shape or x_applied.dtype != x.dtype or x_applied.device != x.device:
-            raise ValueError(
-                f"x_applied: expected x's shape {tuple(x.shape)} {x.dtype} on {x.device}, got "
-                f"{tuple(x_applied.shape)} {x_applied.dtype} on {x_applied.device}"
-            )
-        read_x.check(x, "conv2d_nhwc input")
-        x, read_x = x_applied, None
+        x, read_x = _applied_ahead(x_applied, x, read_x, "x_applied", "x", "conv2d_nhwc input"), None
     channels = head_weight.shape[1] if head_weight is not None else weight.shape[1]
     height, width = _conv_size(x, up, up_mode, join, ksize, padding, stride)
     out = _conv_output(x, max(height, 0), max(width, 0), channels, nchw_out)
@@ -774,13 +782,10 @@ def _conv2d_run(
                 f"ahead; it needs up_scale, up_shift and up_mode 'transpose', got up_mode={up_mode!r}"
                 + ("" if up_read is not None else " and no up_scale")
             )
-        if up_applied.shape != up.shape or up_applied.dtype != up.dtype or up_applied.device != up.device:
-            raise ValueError(
-                f"up_applied: expected up's shape {tuple(up.shape)} {up.dtype} on {up.device}, got "
-                f"{tuple(up_applied.shape)} {up_applied.dtype} on {up_applied.device}"
-            )
-        up_read.check(up, "conv2d_nhwc low-resolution input")
-        up, up_read = up_applied, None
+        up, up_read = (
+            _applied_ahead(up_applied, up, up_read, "up_applied", "up", "conv2d_nhwc low-resolution input"),
+            None,
+        )
     if up_mode == "transpose":
         if up is None or up_weight is None:
             raise ValueError("up_mode 'transpose' takes the low-resolution map (up) and the packed up_weight")

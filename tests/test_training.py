@@ -622,12 +622,12 @@ def test_distributed_data_parallel_gradients_equal_one_process_on_the_whole_batc
 def test_monai_basic_unet_gradients_on_the_kernels(device, norm, act, training):
     """MONAI's BasicUNet in eval mode (InstanceNorm or GroupNorm statistics from the data, a folded BatchNorm; the
     replicate join), and in training mode with BatchNorm's batch statistics: gradients on the kernels match float64
-    autograd of the source model, within four times eager float32 PyTorch's own error plus the budget (an
-    InstanceNorm over the 2x1 bottleneck is ill-conditioned: float32 itself is off by 1e-4 there, and another valid
-    order of the same float32 sums (K blocks of 32 channels where a loader normalizing on load takes 16) lands 2.25x
-    as far in the bottleneck's first conv). A conv bias
-    right before an InstanceNorm has a zero gradient in exact math: its error is held to the layer's weight
-    gradient's scale."""
+    autograd of the source model, within twice eager float32 PyTorch's own error plus the budget. The input is
+    48x47, so that the bottleneck is 3x2: an InstanceNorm over a 2x1 bottleneck normalizes each channel over two
+    values, which amplifies the rounding of any float32 order of summation (eager's, or a K block of 32 channels
+    where another loader takes 16) by orders of magnitude, so the comparison there measured the summation order
+    rather than the gradient. A conv bias right before an InstanceNorm has a zero gradient in exact math: its error
+    is held to the layer's weight gradient's scale."""
     nets = pytest.importorskip("monai.networks.nets")
     torch.manual_seed(0)
     features = (4, 4, 8, 8, 16, 4)
@@ -636,7 +636,7 @@ def test_monai_basic_unet_gradients_on_the_kernels(device, norm, act, training):
     ).train(training)
     converted = fastunet.convert(copy.deepcopy(source).to(device)).train(training)
     exact = copy.deepcopy(source).double().train(training)
-    x, grad = torch.randn(2, 3, 32, 31), torch.randn(2, 2, 32, 31)
+    x, grad = torch.randn(2, 3, 48, 47), torch.randn(2, 2, 48, 47)
     found = _grads(converted, x.to(device), grad.to(device))
     assert converted.last_backend in KERNELS and converted.last_backend_reason.endswith("backward kernels")
     expected = _grads(exact, x.double(), grad.double())
@@ -647,7 +647,7 @@ def test_monai_basic_unet_gradients_on_the_kernels(device, norm, act, training):
         scale = float(expected[name].norm())
         if name.endswith(".bias") and name[: -len("bias")] + "weight" in expected:  # the same layer's scale
             scale = max(scale, float(expected[name[: -len("bias")] + "weight"].norm()))
-        assert err <= 4 * eager_err + BUDGET * scale, (name, err, eager_err, scale)
+        assert err <= 2 * eager_err + BUDGET * scale, (name, err, eager_err, scale)
 
 
 def test_training_mode_with_frozen_parameters_still_uses_batch_statistics(device):
