@@ -136,9 +136,10 @@ def _weight_grad_partial_kernel(
     offsets and its vertical padding test are scalars, and per step only the pixel columns ``x0 + arange`` and
     their masks are vectors. Offsets are int32 unless ``WIDE`` (a map reaches 2**31 elements).
 
-    ``STRIDE`` 2 (a 3x3 stride-2 padding-1 down-sampling conv; pointer loads): output pixel (oy, ox)'s tap reads x
-    at (2 oy + dy, 2 ox + dx), so a step's lanes read every other pixel of an input row, each lane's padding test a
-    compare of its own column.
+    ``STRIDE`` 2 (a 3x3 stride-2 padding-1 down-sampling conv): output pixel (oy, ox)'s tap reads x at (2 oy + dy,
+    2 ox + dx), so a step reads every other pixel of an input row. On pointer loads each lane's padding test is a
+    compare of its own column; with ``TMA`` (an even input width, dense pixels) x is viewed as (N, H, W / 2, 2 C),
+    pixel pairs, and a tap's row box is one member of ``BLOCK_P`` consecutive pairs (its channels at 0 or C).
 
     With ``HAS_BIAS`` one program per (output-channel block, split) sums ``dz`` over the same rows into
     ``bias_part[s]`` instead of a ``dW`` tile (a loop without the GEMM); the other programs carry no bias work. The
@@ -270,9 +271,18 @@ def _weight_grad_partial_kernel(
         c0 = (pid_kc % c_blocks) * BLOCK_C
         n0 = pid_n * BLOCK_N
         if TMA:
-            tl.static_assert(STRIDE == 1, "TMA row boxes read consecutive pixels: stride 1 only")
+            # STRIDE 2: x viewed as (N, H, W / 2, 2 C), a pixel pair's channels one after the other. Input column
+            # 2 (x0 + lane) + dx (dx in -1, 0, 1) is member dx * dx of pair x0 + lane - (dx < 0): its channels start at
+            # dx * dx * c_in. Pair -1 (the left padding) the hardware zero-fills; a block of member 0 past c_in reads
+            # member 1's channels, which land in rows of dW past c_in (each row its own sum, never stored).
+            tl.static_assert(STRIDE == 1 or (STRIDE == 2 and KSIZE == 3 and PAD == 1), "stride 2: 3x3, padding 1")
+            ix_off = dx
+            a_c0 = c0
+            if STRIDE == 2:
+                ix_off = -(dx < 0).to(tl.int32)
+                a_c0 = c0 + dx * dx * c_in
             for _ in range(0, steps):
-                a = x_desc.load([img, oy + dy, x0 + dx, c0]).reshape(BLOCK_P, BLOCK_C)
+                a = x_desc.load([img, STRIDE * oy + dy, x0 + ix_off, a_c0]).reshape(BLOCK_P, BLOCK_C)
                 if PHASES == 1:
                     g = dz_desc.load([img, oy, x0, n0]).reshape(BLOCK_P, BLOCK_N)
                 else:  # dy as (N, 2 h, w, 2, C): row 2 oy + a, pixel pair x0.., member b
@@ -416,12 +426,22 @@ def weight_grad_load_path(
     (:func:`fastunet.kernels.conv.choose_load_path`: sm_90 or newer, descriptors that can address both maps, pointer
     loads under the interpreter unless TMA is asked for), plus: every output row a whole number of ``block_p``-pixel
     blocks. A row box past a row's end would pair dz's zero fill with real pixels of x, and ``0 * inf`` is NaN. A
-    strided conv keeps pointer loads (a row box reads consecutive pixels, a stride-2 tap every other one)."""
+    stride-2 conv reads x as pixel pairs (a (N, H, W / 2, 2 C) view, a tap's row box one member of each pair), so
+    its pixels must be dense (pixel stride C, channel stride 1) and its width even: with an odd one the last pair's
+    second member would be the next row's first pixel, not the padding."""
     requested = requested_load_path()
     if requested == "pointer":
         return "pointer", "pointer loads asked for (load_path or FASTUNET_LOAD_PATH)"
-    if stride != 1:
-        return "pointer", "strided conv: a TMA row box reads consecutive pixels, a stride-2 tap every other one"
+    if stride != 1 and x.shape[2] % 2:
+        return "pointer", (
+            f"strided conv over an odd input width ({x.shape[2]} px): the pixel-pair view's last pair would run into "
+            "the next row"
+        )
+    if stride != 1 and (x.stride(3) != 1 or x.stride(2) != x.shape[3]):
+        return "pointer", (
+            f"strided conv over an input whose pixels are not dense (strides {tuple(x.stride())}): the pixel-pair "
+            "view needs pixel stride C and channel stride 1"
+        )
     if INTERPRET:
         if requested == "auto":
             return "pointer", "the interpreter runs pointer loads unless TMA is asked for (load_path('tma'))"
@@ -582,7 +602,12 @@ def conv2d_weight_grad_nhwc(
     grid = (kc_programs + int(bias_programs), phases * triton.cdiv(c_out, block_n), splits)
     descriptors = (None, None)
     if path == "tma":
-        x_desc = TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, block_p, block_c])
+        x_shape, x_strides = list(x.shape), list(x.stride())
+        if stride == 2:
+            # x as (N, H, W / 2, 2 C_in): pixel pair j's channels, pixel 2 j's then pixel 2 j + 1's (dense pixels, see
+            # weight_grad_load_path); a tap's row box takes one member of block_p consecutive pairs.
+            x_shape, x_strides = [batch, in_h, in_w // 2, 2 * c_in], [x.stride(0), x.stride(1), 2 * x.stride(2), 1]
+        x_desc = TensorDescriptor(x, x_shape, x_strides, [1, 1, block_p, block_c])
         if phases == 1:
             dz_desc = TensorDescriptor(dz, list(dz.shape), list(dz.stride()), [1, 1, block_p, block_n])
         else:

@@ -599,8 +599,9 @@ print(json.dumps({"paths": sorted(paths), "rows": [compile_variant(v).to_json() 
 
 def test_sm90_build_strided_conv_backward():
     """The stride-2 conv's backward variants build for sm_90: the polyphase input gradient on both load paths with
-    the warpgroup MMA (HGMMA), the strided weight gradient (pointer loads) with HGMMA in its 64-channel tiles; no
-    spills, no ptxas warnings, nothing the report flags."""
+    the warpgroup MMA (HGMMA), the strided weight gradient on both load paths (TMA pixel-pair row boxes over an even
+    input width, pointer loads over the odd 61-pixel one) with HGMMA in its 64-channel tiles; no spills, no ptxas
+    warnings, nothing the report flags."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", STRIDED_BUILD], env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"strided backward build failed:\n{proc.stderr[-4000:]}"
@@ -608,13 +609,14 @@ def test_sm90_build_strided_conv_backward():
     assert {tuple(p) for p in result["paths"]} >= {
         ("conv3x3/2.input_grad", "tma"),
         ("conv3x3/2.input_grad", "pointer"),
+        ("conv_weight_grad", "tma"),
         ("conv_weight_grad", "pointer"),
     }
     rows = result["rows"]
     polyphase = [row for row in rows if row["config"].get("POLYPHASE")]
     strided = [row for row in rows if row["kernel"] == "conv_weight_grad" and row["config"]["STRIDE"] == 2]
     assert {row["config"]["TMA_ROWS"] > 0 for row in polyphase} == {True, False}
-    assert len(strided) >= 2
+    assert len(strided) >= 2 and {row["config"]["TMA"] for row in strided} == {True, False}
     found = spill_problems({"variants": rows}) + ptxas_problems({"variants": rows})
     found += [f"{_label(row)}: {row['problems']}" for row in rows if row["problems"]]
     found += tensor_core_problems({"variants": polyphase}, "bf16")

@@ -214,35 +214,64 @@ def test_row_iteration_on_strided_views(device):
     _check(db, db_expected, db_bound, torch.float32)
 
 
-# The 3x3 stride-2 padding-1 down-sampling conv: (batch, c_in, height, width, c_out, splits), the output
-# ceil(H / 2) x ceil(W / 2); lanes read every other input pixel, the padding tested per lane.
+# The 3x3 stride-2 padding-1 down-sampling conv: (batch, c_in, height, width, c_out, splits, path with TMA asked
+# for), the output ceil(H / 2) x ceil(W / 2). Pointer loads: lanes read every other input pixel, the padding tested
+# per lane. TMA (an even input width, whole pixel blocks per row, 16-byte aligned pixels): x viewed as pixel pairs,
+# a tap's row box one member of each pair, the left and bottom padding the hardware's zero fill.
 STRIDED_CASES = [
-    pytest.param((2, 5, 9, 7, 6, 3), id="odd-9x7"),
-    pytest.param((1, 17, 8, 20, 3, 2), id="even-8x20-cin17"),
-    pytest.param((1, 4, 6, 37, 5, 2), id="odd-width-37"),  # 19 output pixels a row, a 32-pixel block
-    pytest.param((1, 3, 5, 70, 72, 1), id="two-blocks-per-row"),  # 35-pixel rows, BLOCK_N 128: 64-pixel blocks
-    pytest.param((3, 2, 1, 1, 3, 2), id="one-pixel-images"),
-    pytest.param((2, 16, 4, 32, 32, 3), id="even-channels-even-width"),  # whole pixel blocks, no channel masks
+    pytest.param((2, 5, 9, 7, 6, 3, "pointer"), id="odd-9x7"),
+    pytest.param((1, 17, 8, 20, 3, 2, "pointer"), id="even-8x20-cin17"),  # 17 channels: unaligned pixels
+    pytest.param((1, 4, 6, 37, 5, 2, "pointer"), id="odd-width-37"),  # 19 output pixels a row, a 32-pixel block
+    pytest.param((1, 3, 5, 70, 72, 1, "pointer"), id="two-blocks-per-row"),  # 35-pixel rows, BLOCK_N 128: 64-px blocks
+    pytest.param((3, 2, 1, 1, 3, 2, "pointer"), id="one-pixel-images"),
+    pytest.param((2, 16, 4, 32, 32, 3, "tma"), id="even-channels-even-width"),  # whole pixel blocks, no channel masks
+    pytest.param((2, 8, 7, 32, 16, 3, "tma"), id="tma-odd-height"),  # the last output row's dy = 1 tap: zero fill
+    pytest.param((1, 8, 4, 256, 72, 2, "tma"), id="tma-two-blocks-per-row"),  # 128-px rows, 64-px blocks, 72 channels
 ]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", STRIDED_CASES)
 def test_strided_weight_grad_matches_float64(device, dtype, case):
-    batch, c_in, height, width, c_out, splits = case
-    torch.manual_seed(sum(case))
+    batch, c_in, height, width, c_out, splits, path = case
+    torch.manual_seed(sum(case[:-1]))
     x = torch.randn(batch, c_in, height, width).to(dtype).to(device)
     dz = torch.randn(batch, c_out, (height + 1) // 2, (width + 1) // 2).to(dtype).to(device)
-    with _common.load_path("tma"), _common.launch_log() as records:  # TMA asked for: a strided x keeps pointers
-        dw, db = conv2d_weight_grad_nhwc(
-            x.permute(0, 2, 3, 1), dz.permute(0, 2, 3, 1), 3, 1, splits=splits, stride=2
-        )  # fmt: skip
+    # NCHW tensors read in place on pointer loads; the TMA cases' maps stored NHWC (a descriptor needs C innermost).
+    x_nhwc, dz_nhwc = x.permute(0, 2, 3, 1), dz.permute(0, 2, 3, 1)
+    if path == "tma":
+        x_nhwc, dz_nhwc = x_nhwc.contiguous(), dz_nhwc.contiguous()
+    with _common.load_path("tma"), _common.launch_log() as records:
+        dw, db = conv2d_weight_grad_nhwc(x_nhwc, dz_nhwc, 3, 1, splits=splits, stride=2)
     launch = next(r for r in records if r.name == "conv_weight_grad")
-    assert launch.constexprs["STRIDE"] == 2 and launch.path == "pointer" and "strided" in launch.path_reason
+    assert launch.constexprs["STRIDE"] == 2 and launch.path == path, launch.path_reason
     expected, bound, db_expected, db_bound = _reference(x, dz, 3, 1, stride=2)
     assert dw.shape == expected.shape
     _check(dw, expected, bound, dtype)
     _check(db, db_expected, db_bound, dtype)
+
+
+def test_strided_weight_grad_paths_agree(device):
+    """The pixel-pair TMA read and the per-lane pointer read of a stride-2 conv's input give the same weight
+    gradient, and a NaN in x reaches the same taps on both as in float64: the taps whose stride-2 windows cover it."""
+    torch.manual_seed(11)
+    x = torch.randn(2, 5, 64, 8, device=device)  # NHWC: 5 rows (odd: the bottom padding), 64 px, 8 channels
+    dz = torch.randn(2, 3, 32, 16, device=device)
+    x[1, 4, 63, 2] = float("nan")  # the last row's last pixel: only tap (dy, dx) = (0, 1) of window (2, 31) reads it
+    results = {}
+    for path in ("pointer", "tma"):
+        with _common.load_path(path), _common.launch_log() as records:
+            results[path] = conv2d_weight_grad_nhwc(x, dz, stride=2, splits=2)
+        assert next(r for r in records if r.name == "conv_weight_grad").path == path
+    (dw_p, db_p), (dw_t, db_t) = results["pointer"], results["tma"]
+    x64, dz64 = x.permute(0, 3, 1, 2).double().cpu(), dz.permute(0, 3, 1, 2).double().cpu()
+    expected = pack_conv_weight(torch.nn.grad.conv2d_weight(x64, (16, 8, 3, 3), dz64, stride=2, padding=1))
+    assert torch.equal(dw_t.cpu().isnan(), expected.isnan()) and torch.equal(dw_p.cpu().isnan(), expected.isnan())
+    assert int(expected.isnan().any(1).sum()) == 1
+    # fp32 operands (TF32 products on a GPU where cuDNN may use them): the same tiles and splits, so only the order
+    # inside an MMA may differ between the paths.
+    torch.testing.assert_close(dw_t, dw_p, rtol=1e-5, atol=1e-4, equal_nan=True)
+    torch.testing.assert_close(db_t, db_p, rtol=1e-5, atol=1e-4)
 
 
 def test_strided_weight_grad_nan_stays_in_its_taps(device):

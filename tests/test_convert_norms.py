@@ -21,6 +21,7 @@ from torch import nn
 import fastunet
 from fastunet import ConversionError, ConvertedUNet, ops
 from fastunet.convert import recognize
+from fastunet.kernels import _common
 
 
 def randomize_norms(model: nn.Module, seed: int = 1) -> nn.Module:
@@ -515,6 +516,17 @@ def test_dynunet_like_trains_on_the_kernels_at_odd_sizes(device):
     input sizes in the polyphase input gradient) and the upsampled map is cropped back to the skip."""
     x = torch.randn(2, 2, 13, 10, generator=torch.Generator().manual_seed(4))
     assert_trains_on_the_kernels(dyn_like(fit=True), x, device)
+
+
+def test_dynunet_like_trains_on_tma_loads(device):
+    """The same with TMA asked for, at 8x32: the first strided conv's weight gradient reads its 32-px input as pixel
+    pairs by TMA row boxes (16-px output rows, one block each; the norm applied ahead, so the map is dense); the
+    bottleneck's 8-px output rows are not whole blocks, so its strided conv keeps pointer loads."""
+    x = torch.randn(2, 2, 8, 32, generator=torch.Generator().manual_seed(6))
+    with _common.load_path("tma"), _common.launch_log() as records:
+        assert_trains_on_the_kernels(dyn_like(), x, device)
+    strided = {r.path for r in records if r.name == "conv_weight_grad" and r.constexprs["STRIDE"] == 2}
+    assert strided == {"tma", "pointer"}, strided
 
 
 def test_a_kernel_3_transposed_conv_with_output_padding_is_recognised(device):
