@@ -654,3 +654,22 @@ def test_bad_training_calls_are_refused(capsys):
     step = providers.training_step(run_gpu.training_model(config, "cpu"), "torch-eager", x, target, torch.float32)
     with pytest.raises(RuntimeError, match="no training step has run yet"):
         step.gradients()
+
+
+def test_problems_judge_the_packed_taps_weight_gradient_by_its_mma_rows():
+    """The packed-taps weight gradient computes ``dW^T = dz^T A``: its MMA's rows are the output channels
+    (``BLOCK_N``), so a 64 x 16 x 64 tile (a 4-channel input's 36 rows, 16 output channels) is judged by 16 rows
+    (the warp MMA is right), while a plain 64-row tile without HGMMA is flagged."""
+    from types import SimpleNamespace
+
+    from fastunet.tooling.compile_report import uses_tensor_cores
+
+    def row(pack_taps, hgmma, hmma):
+        return SimpleNamespace(
+            arch=90, gemm_tile=(64, 16, 64), constexprs={"PACK_TAPS": pack_taps}, hgmma=hgmma, hmma=hmma
+        )
+
+    assert uses_tensor_cores(row(True, 0, 8))
+    assert not uses_tensor_cores(row(True, 0, 0))
+    assert not uses_tensor_cores(row(False, 0, 8))
+    assert uses_tensor_cores(row(False, 4, 0))

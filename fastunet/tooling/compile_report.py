@@ -827,10 +827,12 @@ WGMMA_MIN_M = 64
 
 
 def uses_tensor_cores(row: VariantReport) -> bool:
-    """HGMMA on sm_90 (HMMA where the GEMM tile's M is under :data:`WGMMA_MIN_M`: the first conv's weight gradient,
-    3 input channels in a 16-row tile), HMMA on sm_80 to sm_89; other targets are not judged."""
+    """HGMMA on sm_90 (HMMA where the MMA's M is under :data:`WGMMA_MIN_M`: a weight gradient's tile of fewer than 64
+    rows; the packed-taps weight gradient of a few-channel first conv, whose MMA computes ``dW^T = dz^T A`` with the
+    output channels, ``BLOCK_N``, as its rows), HMMA on sm_80 to sm_89; other targets are not judged."""
     if row.arch == 90:
-        if row.gemm_tile is not None and row.gemm_tile[0] < WGMMA_MIN_M:
+        rows = None if row.gemm_tile is None else row.gemm_tile[1 if row.constexprs.get("PACK_TAPS") else 0]
+        if rows is not None and rows < WGMMA_MIN_M:
             return row.hgmma + row.hmma > 0
         return row.hgmma > 0
     if 80 <= row.arch < 90:
