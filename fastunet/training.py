@@ -534,6 +534,13 @@ def _read_backward(grad_a: torch.Tensor, z: torch.Tensor, read: NormIn):
     return norm_input_backward_nhwc(grad_a, z, read.scale, read.shift, read.activation, read.slope, read.lo, read.hi)
 
 
+def _read_grad_apart(stride: int) -> bool:
+    """Whether the conv backward op returns the gradient of a map read through its norm as a tensor of its own
+    (``dx_read``: the strided conv's polyphase input gradient, then a launch through the read) rather than in the
+    input gradient's first channels (stride 1: the input gradient's epilogue goes through the read)."""
+    return stride != 1
+
+
 def _materialized(x: torch.Tensor, read: NormIn | None) -> torch.Tensor:
     """The values a launch read from ``x``: ``x`` itself, or ``act(x * scale + shift)`` written once (a weight
     gradient's operand; the forward's launch read it applied, on load or ahead)."""
@@ -629,11 +636,17 @@ def _conv_backward(
         d_in = conv2d_input_grad_nhwc(
             dz, weight, c_main, ksize, padding, stride=stride, in_size=(height, width), grad_mask=gate
         )
+    elif need_input and read is not None:  # x's gradient through its read, in the input gradient's epilogue
+        d_in, d_scale, d_shift = conv2d_input_grad_nhwc(
+            dz, weight, c_main + c_up, ksize, padding, grad_mask=x, grad_norm=read
+        )  # fmt: skip
     elif need_input:
         d_in = conv2d_input_grad_nhwc(dz, weight, c_main + c_up, ksize, padding, grad_mask=gate)
-    dx_read, d_scale, d_shift = (x.new_empty(0, dtype=stat_dtype(x.dtype)) for _ in range(3))
-    if need_input and read is not None:
+    dx_read = x.new_empty(0, dtype=stat_dtype(x.dtype))
+    if need_input and read is not None and _read_grad_apart(stride):
         dx_read, d_scale, d_shift = _read_backward(d_in[..., :c_main], x, read)
+    elif not (need_input and read is not None):
+        d_scale, d_shift = (x.new_empty(0, dtype=stat_dtype(x.dtype)) for _ in range(2))
     db = db if db is not None else x.new_empty(0, dtype=stat_dtype(x.dtype))
     return d_in, dx_read, dw, db, d_scale, d_shift, d_norm_weight, d_norm_bias
 
@@ -689,7 +702,8 @@ def _conv_backward_fake(
 
     d_in = x.new_empty((batch, height, width, c_in) if need_input else (0,))
     read = need_input and in_scale is not None
-    dx_read = x.new_empty(x.shape) if read else fp32((0,), False)
+    # x's gradient through its read: the input gradient's first channels at stride 1, a tensor of its own at 2.
+    dx_read = x.new_empty(x.shape) if read and _read_grad_apart(stride) else fp32((0,), False)
     d_scale, d_shift = fp32((batch, c_main), read), fp32((batch, c_main), read)
     affine = bool(norm_groups) and norm_weight is not None
     d_nw, d_nb = fp32((c_out,), affine), fp32((c_out,), affine)
@@ -1062,7 +1076,7 @@ def _conv_autograd(ctx, grad_y, grad_pooled, grad_scale, grad_shift, _grad_mean,
         )  # fmt: skip
         c_main = x.shape[3]
         if need[_X]:
-            grads[_X] = dx_read if read else d_in[..., :c_main]
+            grads[_X] = dx_read if read and _read_grad_apart(inputs[_STRIDE]) else d_in[..., :c_main]
         if need_up:
             _up_side_grads(grads, d_in[..., c_main:], inputs, need, up_read)
     finally:

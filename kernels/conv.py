@@ -39,7 +39,10 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from fastunet.kernels._common import (
+    ACT_CLAMP,
+    ACT_LEAKY_RELU,
     ACT_NONE,
+    ACT_RELU,
     ACTIVATIONS,
     INTERPRET,
     LaunchCache,
@@ -87,6 +90,10 @@ PERSISTENT_GROUP_M = tl.constexpr(8)
 # The fused head (HEAD): logits only, or the logits and the activated map under them (to pool_ptr's strides).
 HEAD_LOGITS = tl.constexpr(1)
 HEAD_MAP = tl.constexpr(2)
+# The kernel's GRAD_MASK (an input gradient's epilogue): the derivative of a ReLU whose stored output pool_ptr is,
+# or the gradient through a normalized read act(z * scale + shift) of the pre-norm map z pool_ptr is.
+GRAD_RELU = tl.constexpr(1)
+GRAD_NORM_READ = tl.constexpr(2)
 
 
 @triton.jit
@@ -377,6 +384,41 @@ def _relu_derivative(grad, a, INTERPRETER: tl.constexpr):
         int_t: tl.constexpr = tl.int64
     keep = tl.where((a > 0) | (a != a), -1, 0).to(int_t)
     return (grad.to(int_t, bitcast=True) & keep).to(grad.dtype, bitcast=True)
+
+
+@triton.jit
+def _keep(grad, keep, INTERPRETER: tl.constexpr):
+    """``where(keep, grad, 0)`` for an fp32 or fp64 ``grad`` (the accumulator), done on the bits like
+    :func:`_relu_derivative` (a select on the accumulator's values serializes the conv's wgmma); a select under the
+    interpreter, the same values."""
+    if INTERPRETER:
+        return tl.where(keep, grad, tl.zeros_like(grad))
+    if grad.dtype.primitive_bitwidth == 32:
+        int_t: tl.constexpr = tl.int32
+    else:
+        int_t: tl.constexpr = tl.int64
+    return (grad.to(int_t, bitcast=True) & tl.where(keep, -1, 0).to(int_t)).to(grad.dtype, bitcast=True)
+
+
+@triton.jit
+def _norm_read_grad(
+    acc, z, scale, shift, normed, valid, slope, lo, hi, ACT: tl.constexpr, INTERPRETER: tl.constexpr
+):  # fmt: skip
+    """``(dx, g)`` of a map read as ``a = act(z * scale + shift)`` in its ``normed`` columns, from the gradient of
+    ``a`` (``acc``): ``g = act'(u) * acc`` as torch's backward of each activation gives it (ReLU: threshold_backward
+    on the result, a NaN ``u`` passing; LeakyReLU: ``u > 0``; clamp: zero where ``u <= lo`` or ``u >= hi``), zero in
+    rows past the map, and ``dx = g * scale`` (``acc`` itself in the other columns)."""
+    u = z * scale[None, :] + shift[None, :]
+    plain = (normed == 0)[None, :]
+    keep = valid[:, None] & (normed[None, :] | plain)
+    if ACT == ACT_RELU:
+        keep = keep & ((u > 0) | (u != u) | plain)
+    elif ACT == ACT_CLAMP:
+        keep = keep & ((((u <= lo) | (u >= hi)) == 0) | plain)
+    g = _keep(acc, keep, INTERPRETER)
+    if ACT == ACT_LEAKY_RELU:
+        g = g * tl.where((u > 0) | plain, 1.0, slope)
+    return g * tl.where(normed, scale, 1.0)[None, :], g
 
 
 @triton.jit
@@ -744,9 +786,33 @@ def _conv_tile(
         else:
             at = pixel_offset(img, oy, ox, stride_yn, stride_yh, stride_yw)[:, None]
             at += offs_n.to(tl.int64)[None, :] * stride_yc
-            if GRAD_MASK:
+            if GRAD_MASK == GRAD_RELU:
                 gate = tl.load(pool_ptr + at, mask=m_valid[:, None] & n_mask[None, :])
                 out = _relu_derivative(out, gate, INTERPRETER)
+            elif GRAD_MASK == GRAD_NORM_READ:
+                # The forward read its input's first n_cls channels (c_norm) as act(z * scale + shift): pool_ptr is z
+                # (its own strides), in_scale / in_shift its (batch, c_norm) scale and shift, IN_ACT the activation.
+                # The gradient of z through that read is stored, and this tile's sums of g * z and g per channel
+                # (the scale's and shift's gradients) go to row (tile, image) of mean_ptr and m2_ptr.
+                tl.static_assert(TMA_ROWS > 0 or ROW_W > 0 or PER_IMAGE, "a tile of one image")
+                tl.static_assert(not (NORM_IN or POLYPHASE or STATS), "an input gradient over one plain tiling")
+                c_norm = n_cls
+                normed = offs_n < c_norm
+                z_ptrs = (
+                    pool_ptr
+                    + pixel_offset(img, oy, ox, stride_pn, stride_ph, stride_pw)[:, None]
+                    + offs_n.to(tl.int64)[None, :] * stride_pc
+                )
+                z = tl.load(z_ptrs, mask=m_valid[:, None] & normed[None, :], other=0.0).to(acc_t)
+                at_s = img_t.to(tl.int64) * c_norm + offs_n
+                scale = tl.load(in_scale_ptr + at_s, mask=normed, other=1.0).to(acc_t)
+                shift = tl.load(in_shift_ptr + at_s, mask=normed, other=0.0).to(acc_t)
+                dx, g = _norm_read_grad(acc, z, scale, shift, normed, m_valid, in_slope, in_lo, in_hi, IN_ACT,
+                                        INTERPRETER)  # fmt: skip
+                out = to_storage(dx, y_ptr.dtype.element_ty, INTERPRETER)
+                part_at = ((pid_m % tiles_img).to(tl.int64) * batch + img_t) * c_norm + offs_n
+                tl.store(mean_ptr + part_at, tl.sum(g * z, axis=0), mask=normed)
+                tl.store(m2_ptr + part_at, tl.sum(g, axis=0), mask=normed)
             tl.store(y_ptr + at, out, mask=m_valid[:, None] & n_mask[None, :])
 
         if STATS:
@@ -918,10 +984,14 @@ def _conv_nhwc_kernel(
     tile's (tap, channel block) steps (:func:`_split_range`) and stores its fp32 partial sums to ``part_ptr``;
     :func:`_split_k_sum_kernel` adds the parts in order and runs the epilogue.
 
-    ``GRAD_MASK`` (a plain store, one tile's K whole): the launch is an input gradient and ``pool_ptr`` (laid out like
-    y, read at y's offsets) the activated map ``a`` a ReLU stored at the output's pixels: the epilogue stores
-    ``where(a <= 0, 0, acc)``, that ReLU's derivative applied (:func:`_relu_derivative`; see :func:`conv2d_nhwc`'s
-    ``grad_mask``).
+    ``GRAD_MASK`` (a plain store, one tile's K whole): the launch is an input gradient. ``GRAD_RELU``: ``pool_ptr``
+    (laid out like y, read at y's offsets) is the activated map ``a`` a ReLU stored at the output's pixels, and the
+    epilogue stores ``where(a <= 0, 0, acc)``, that ReLU's derivative applied (:func:`_relu_derivative`; see
+    :func:`conv2d_nhwc`'s ``grad_mask``). ``GRAD_NORM_READ`` (tiles of one image): ``pool_ptr`` (its own strides) is
+    the pre-norm map ``z`` whose first ``n_cls`` channels the conv read as ``act(z * scale + shift)`` (``in_scale``,
+    ``in_shift``, ``IN_ACT`` and its parameters), and the epilogue stores z's gradient through that read in those
+    channels (:func:`_norm_read_grad`) and the tile's per-channel sums of ``g * z`` and ``g`` to row (tile, image)
+    of ``mean_ptr`` and ``m2_ptr`` (see :func:`conv2d_nhwc`'s ``grad_norm``).
     """
     if PERSISTENT:
         # Fewer programs than tiles: each program takes every num_programs-th tile in grouped order.
@@ -1484,6 +1554,7 @@ def _conv_static(
     stats: bool = False,
     polyphase: bool = False,
     grad_mask: bool = False,
+    grad_norm: NormIn | None = None,
 ) -> _ConvStatic:
     """Derive a conv launch (see :class:`_ConvStatic`) from what its tensors look like; refuses sizes the kernel
     cannot address. ``head``: the kernel's ``HEAD`` (False, :data:`HEAD_LOGITS` or :data:`HEAD_MAP`)."""
@@ -1522,6 +1593,7 @@ def _conv_static(
         candidates = [c for c in candidates if "PROGRAMS_PER_SM" not in c]
     interpreter, precision = dot_flags(x.dtype, torch.backends.cudnn.allow_tf32)
     up_t = up if up is not None else x
+    read = norm_in if norm_in is not None else grad_norm  # the loader's normalized read, or the epilogue's gradient
     flags = {
         "KSIZE": ksize,
         "TWO_SOURCES": up is not None,
@@ -1535,23 +1607,25 @@ def _conv_static(
         "STRIDE": stride,
         "POLYPHASE": polyphase,
         "NORM_IN": norm_in is not None,
-        "IN_ACT": ACTIVATIONS[norm_in.activation].value if norm_in is not None else ACT_NONE.value,
+        "IN_ACT": ACTIVATIONS[read.activation].value if read is not None else ACT_NONE.value,
         "STATS": stats,
-        "GRAD_MASK": grad_mask,
+        "GRAD_MASK": GRAD_NORM_READ.value if grad_norm is not None else GRAD_RELU.value if grad_mask else 0,
         # int32 offsets in the main loop unless a source or the weight spans 2**31 elements (see _accumulate_source)
         "WIDE": max(element_span(t) for t in (x, up_t, w_packed)) >= 2**31,
         "INTERPRETER": interpreter,
         "DOT_PRECISION": precision,
         "BLOCK_CLS": max(16, next_pow2(g.n_cls)),
     }
-    sizes = (batch, height, width, c_main, g.c_up, g.c_out, g.n_cls, g.in_h, g.in_w, g.conv_off, g.crop_top,
+    # n_cls: the fused head's classes; with grad_norm the channels read through the norm (the epilogue's c_norm).
+    n_cls = grad_norm.scale.shape[1] if grad_norm is not None else g.n_cls
+    sizes = (batch, height, width, c_main, g.c_up, g.c_out, n_cls, g.in_h, g.in_w, g.conv_off, g.crop_top,
              g.crop_left, g.up_h, g.up_w, g.pad_top, g.pad_left)  # fmt: skip
     if m == 0 or g.c_out == 0:
         return _ConvStatic(True, m, candidates, None, "", "", sizes, flags)
     row_tiles = path == "pointer" and not pool and not d2s
     # Window-major pointer tiles of one image each where a tile's statistics or its input's normalization are per
     # image (a row tile lies in one image anyway).
-    flags["PER_IMAGE"] = path == "pointer" and not row_tiles and (stats or norm_in is not None)
+    flags["PER_IMAGE"] = path == "pointer" and not row_tiles and (stats or read is not None)
     # Shapes share a tuning result when they differ only in the pixel count's power-of-two bucket.
     tune_key = ("conv", x.dtype, tuple(flags.items()), path, next_pow2(m), c_main, g.c_up, g.c_out, g.n_cls)
     weight_views = ()
@@ -1607,12 +1681,21 @@ def _launch(
     norm_in: NormIn | None = None,
     stats: NormSpec | None = None,
     grad_mask: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor] | None:
+    grad_norm: NormIn | None = None,
+) -> tuple | None:
     """Launch the conv kernel as ``static`` says over these tensors (and, with ``stats``, the finalize step: returns
     the (N, C) fp32 scale and shift). ``slope``, ``lo``, ``hi``, ``slopes``: the epilogue activation's.
-    ``grad_mask``: the map whose ReLU derivative the epilogue applies (passed where the pooled map goes)."""
+    ``grad_mask``: the map whose ReLU derivative the epilogue applies (passed where the pooled map goes); with
+    ``grad_norm`` the pre-norm map read through it: returns the (N, C_norm) gradients of its scale and shift."""
     batch, c_out = static.sizes[0], static.sizes[5]
-    in_args = norm_in.args(w_packed) if norm_in is not None else (w_packed, w_packed, w_packed, 0.0, 0.0, 0.0)
+    read = norm_in if norm_in is not None else grad_norm
+    in_args = read.args(w_packed) if read is not None else (w_packed, w_packed, w_packed, 0.0, 0.0, 0.0)
+    c_norm = static.sizes[6]
+    if grad_norm is not None and static.empty:
+        sums = tuple(alloc((batch, c_norm), stat_dtype(x.dtype), x.device) for _ in range(2))
+        for t in sums:
+            t.zero_()
+        return sums
     if static.empty:
         if stats is None:
             return None
@@ -1642,6 +1725,14 @@ def _launch(
             )
         return moments[tile.tiles]
 
+    read_parts: dict[int, torch.Tensor] = {}
+
+    def read_parts_of(tile: _ConvTile) -> torch.Tensor:
+        """grad_norm: the per-tile sums of g * z and of g, (2, tiles per image, batch, C_norm)."""
+        if tile.tiles not in read_parts:
+            read_parts[tile.tiles] = alloc((2, tile.tiles, batch, c_norm), stat_dtype(x.dtype), x.device)
+        return read_parts[tile.tiles]
+
     parts: dict[int, torch.Tensor] = {}
 
     def parts_of(tile: _ConvTile) -> torch.Tensor:
@@ -1654,6 +1745,8 @@ def _launch(
 
     def args_of(tile: _ConvTile) -> tuple:
         stat_args = moments_of(tile) if stats is not None else (w_packed, w_packed, w_packed)
+        if grad_norm is not None:
+            stat_args = (*read_parts_of(tile), w_packed)
         return (
             x, up_t, w_packed, b, y, pool_t, hw, hb, *_tma_descriptors(static, tile, x, up, w_packed), slopes_t,
             *in_args[:3], *stat_args, parts_of(tile), *static.sizes, *scalars, tile.tiles, tile.tiles_m, *strides,
@@ -1696,6 +1789,8 @@ def _launch(
         written = [t for t in (y, pooled) if t is not None]
         if stats is not None:
             written += list(moments_of(tile))
+        if grad_norm is not None:
+            written.append(read_parts_of(tile))
         if tile.split_k > 1:
             written = [parts_of(tile)]
         record_launch(
@@ -1735,12 +1830,47 @@ def _launch(
             )
     if not is_dry_run():
         launch(tile, args)
+    if grad_norm is not None:
+        return _sum_read_parts(read_parts_of(tile), f"{name}.sum", x)
     if stats is None:
         return None
     mean, m2, count = moments_of(tile)
     return norm_scale_shift(
         mean, m2, count, stats.groups, stats.weight, stats.bias, stats.eps, over_batch=stats.over_batch, stats=True
     )
+
+
+def _sum_read_parts(parts: torch.Tensor, name: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients of a normalized read's scale and shift, (N, C_norm) each: its input gradient's per-tile sums
+    ``parts`` (2, tiles per image, N, C_norm) added over the tiles in a fixed order (no atomics: two runs give the
+    same bits)."""
+    from fastunet.kernels.conv_grad import _sum_splits_kernel
+
+    _, tiles, batch, c_norm = parts.shape
+    sums = tuple(alloc((batch, c_norm), parts.dtype, parts.device) for _ in range(2))
+    elements, block = batch * c_norm, 1024
+    grid = (triton.cdiv(elements, block),)
+    launches = [(parts[i], sums[i], tiles, elements, 0, c_norm) for i in range(2)]
+    if recording():
+        for args in launches:
+            record_launch(
+                LaunchRecord(
+                    name=name,
+                    kernel=_sum_splits_kernel,
+                    grid=grid,
+                    flops=0,
+                    bytes_read=tiles * elements * parts.element_size(),
+                    bytes_written=elements * parts.element_size(),
+                    args=args,
+                    constexprs={"BLOCK": block},
+                    launch_options={"num_warps": 4, "num_stages": 1},
+                )
+            )
+    if not is_dry_run():
+        with launch_guard(x):
+            for args in launches:
+                _sum_splits_kernel[grid](*args, BLOCK=block, num_warps=4, num_stages=1)
+    return sums
 
 
 @dataclasses.dataclass(eq=False)
@@ -1803,7 +1933,8 @@ def conv2d_nhwc(
     polyphase: tuple[int, int] | None = None,
     head_map: bool = False,
     grad_mask: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | NormIn | None]:
+    grad_norm: NormIn | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | NormIn | tuple | None]:
     """``ksize x ksize`` convolution (stride 1 or 2) of an NHWC view, with its fused neighbours.
 
     Args:
@@ -1850,11 +1981,20 @@ def conv2d_nhwc(
             ``g``), in the epilogue instead of a launch of its own (a mask laid out unlike the output is copied
             into the output's layout first). Activation "none", one tile's K whole (no split K), no pool, head or
             norm.
+        grad_norm: with ``grad_mask``, which is then ``z``, (N, H_out, W_out, C_norm) any strides with C_norm <=
+            C_out: the conv whose input gradient this is read the first C_norm channels of its input as ``a =
+            act(z * scale + shift)`` (``grad_norm``: that :class:`~fastunet.kernels.stats.NormIn`; ReLU,
+            LeakyReLU, clamp or no activation). Those channels of the output are then z's gradient through the
+            read, ``g * scale`` with ``g = act'(u) * dx`` (each activation's derivative as torch's backward of it
+            gives it), the others ``dx`` as it is; the launch also sums ``g * z`` and ``g`` over each image's
+            pixels (per tile, then the tiles in a fixed order), the gradients of the read's scale and shift.
+            Stride 1, one tile a program's K (no split K), nothing else fused.
 
     Returns:
         (y, pooled): y in NHWC (or ``out``), pooled None unless ``pool`` (with ``head_map``: the activated map, NHWC,
         under the logits y); with ``norm``: (z, how to read it), the pre-norm map and the
-        :class:`~fastunet.kernels.stats.NormIn` (scale, shift and the activation) a consumer passes as ``norm_in``.
+        :class:`~fastunet.kernels.stats.NormIn` (scale, shift and the activation) a consumer passes as ``norm_in``;
+        with ``grad_norm``: (y, (grad_scale, grad_shift)), two fp32 (N, C_norm) tensors (fp64 for float64 maps).
 
     What the launch comes to for a signature (sizes, strides, dtypes, devices, alignment, the arguments and this
     thread's switches) is derived once and reused (:class:`~fastunet.kernels._common.LaunchCache`); each call still
@@ -1870,7 +2010,7 @@ def conv2d_nhwc(
                 align_corners, join, activation, slope, lo, hi, pool, stride, _signature(norm_in),
                 None if norm is None else (norm.groups, type(norm.groups), tensor_meta(norm.weight),
                                            tensor_meta(norm.bias)),
-                polyphase, head_map, tensor_meta(grad_mask), _environment(),
+                polyphase, head_map, tensor_meta(grad_mask), _signature(grad_norm), _environment(),
             )  # fmt: skip
         except (AttributeError, RuntimeError):  # not a tensor, or one without storage: validated and derived anew
             key = None
@@ -1883,6 +2023,7 @@ def conv2d_nhwc(
             head_bias=head_bias, out=out, stride=stride, norm_in=norm_in, norm=norm, polyphase=polyphase,
             head_map=head_map,
             grad_mask=grad_mask,
+            grad_norm=grad_norm,
         )  # fmt: skip
         if key is not None:
             _CONV_LAUNCHES.put(key, prepared)
@@ -1900,7 +2041,8 @@ def conv2d_nhwc(
             _check_no_overlap(out, [x, up, w_packed, bias, head_weight, head_bias, slopes, grad_mask])
     if out is None:
         out = alloc(prepared.out_shape, x.dtype, x.device)
-    if grad_mask is not None and grad_mask.stride() != out.stride():  # the epilogue reads it at the output's offsets
+    if grad_norm is None and grad_mask is not None and grad_mask.stride() != out.stride():
+        # The ReLU's map is read at the output's offsets (z, under grad_norm, at its own strides).
         grad_mask = torch.empty_strided(out.shape, out.stride(), dtype=out.dtype, device=out.device).copy_(grad_mask)
     pooled = alloc(prepared.pooled_shape, x.dtype, x.device) if prepared.pooled_shape is not None else None
     if head_map:  # written where the pooled map would be (a head with its map has no pool)
@@ -1916,7 +2058,7 @@ def conv2d_nhwc(
             x, up, w_packed, geometry=prepared.geometry, ksize=ksize, packed_k=prepared.packed_k, act=prepared.act,
             has_bias=bias is not None, pool=prepared.pooled_shape is not None, head=head, d2s=False,
             stride=stride, norm_in=norm_in, stats=norm is not None, polyphase=polyphase is not None,
-            grad_mask=grad_mask is not None,
+            grad_mask=grad_mask is not None, grad_norm=grad_norm,
         )  # fmt: skip
         if len(prepared.launches) >= _MAX_SOURCE_LAYOUTS:
             prepared.launches.clear()
@@ -1925,8 +2067,10 @@ def conv2d_nhwc(
     scale_shift = _launch(
         static, x, up, w_packed, bias.contiguous() if bias is not None else None, out, pooled, head_weight, head_bias,
         slope=epilogue[0], lo=epilogue[1], hi=epilogue[2], slopes=epilogue[3], name=prepared.name,
-        flops=prepared.flops, norm_in=norm_in, stats=norm, grad_mask=grad_mask,
+        flops=prepared.flops, norm_in=norm_in, stats=norm, grad_mask=grad_mask, grad_norm=grad_norm,
     )  # fmt: skip
+    if grad_norm is not None:
+        return out, scale_shift
     if norm is not None:
         scale, shift, mean, var = scale_shift
         return out, NormIn(scale, shift, activation, float(slope), float(lo), float(hi), slopes, mean, var)
@@ -1936,6 +2080,7 @@ def conv2d_nhwc(
 def _prepare_conv2d(
     x, w_packed, bias, *, ksize, padding, up, up_mode, align_corners, join, activation, lo, hi, slopes, pool,
     head_weight, head_bias, out, stride, norm_in, norm, polyphase=None, head_map=False, grad_mask=None,
+    grad_norm=None,
 ) -> _PreparedConv:  # fmt: skip
     """Validate a :func:`conv2d_nhwc` call (every check, in order, with the error a bad input gets) and derive its
     sizes (see :class:`_PreparedConv`)."""
@@ -2075,8 +2220,11 @@ def _prepare_conv2d(
                 "do not overlap (clone() an expanded one)"
             )
         _check_no_overlap(out, [x, up, w_packed, bias, head_weight, head_bias, slopes, grad_mask])
+    if grad_norm is not None:
+        _check_grad_norm(grad_norm, grad_mask, (batch, out_h, out_w, c_out), stride, polyphase, norm_in)
     if grad_mask is not None:
-        _check_grad_mask(grad_mask, (batch, out_h, out_w, c_out), x, activation, pool, head_weight, norm)
+        shape = (batch, out_h, out_w, c_out if grad_norm is None else grad_mask.shape[-1])
+        _check_grad_mask(grad_mask, shape, x, activation, pool, head_weight, norm)
     packed_k = up is None and ksize > 1 and c_main < 16 and norm_in is None and polyphase is None
     pixels = batch * out_h * out_w
     name = (
@@ -2088,7 +2236,7 @@ def _prepare_conv2d(
         + ("+pool" if pool else "")
         + ("+head" if head_weight is not None else "")
         + ("+stats" if norm is not None else "")
-        + ("+mask" if grad_mask is not None else "")
+        + ("+norm_read" if grad_norm is not None else "+mask" if grad_mask is not None else "")
     )
     geometry = _Geometry(
         c_out,
@@ -2133,6 +2281,33 @@ def _check_grad_mask(grad_mask, shape, x, activation, pool, head_weight, norm) -
              (f"the {activation} activation", activation != "none")) if on]  # fmt: skip
     if fused:
         raise ValueError(f"grad_mask: a masked gradient fuses nothing else, got {', '.join(fused)}")
+
+
+def _check_grad_norm(grad_norm, z, shape, stride, polyphase, norm_in) -> None:
+    """The error a :func:`conv2d_nhwc` ``grad_norm`` earns, if any (``z``: the ``grad_mask`` it comes with)."""
+    if not isinstance(grad_norm, NormIn):
+        raise ValueError(
+            f"grad_norm: expected a NormIn (the forward's normalized read), got {type(grad_norm).__name__}"
+        )
+    if not isinstance(z, torch.Tensor) or z.dim() != 4:
+        got = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
+        raise ValueError(f"grad_norm: grad_mask must be the pre-norm map z, a 4-D (N, H, W, C_norm) view, got {got}")
+    if tuple(z.shape[:3]) != shape[:3] or not 1 <= z.shape[3] <= shape[3]:
+        raise ValueError(
+            f"grad_norm: z must be ({shape[0]}, {shape[1]}, {shape[2]}, C_norm) with 1 <= C_norm <= {shape[3]} (the "
+            f"output's first channels), got {tuple(z.shape)}"
+        )
+    grad_norm.check(z, "grad_norm")
+    if grad_norm.activation not in ("relu", "leaky_relu", "clamp", "none"):
+        raise ValueError(
+            f"grad_norm: the read's activation must be relu, leaky_relu, clamp or none, got {grad_norm.activation!r}"
+        )
+    fused = [what for what, on in (("stride 2", stride != 1), ("a polyphase launch", polyphase is not None),
+             ("a normalized input", norm_in is not None)) if on]  # fmt: skip
+    if fused:
+        raise ValueError(
+            f"grad_norm: an input gradient's epilogue over a plain stride-1 tiling, got {', '.join(fused)}"
+        )
 
 
 def _check_polyphase(

@@ -737,7 +737,8 @@ def conv2d_input_grad_nhwc(
     stride: int = 1,
     in_size: tuple[int, int] | None = None,
     grad_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
+    grad_norm=None,
+):
     """Gradient w.r.t. its input of a stride-1 ``ksize x ksize`` conv with padding ``ksize // 2`` (same size), or of
     a 3x3 stride-2 padding-1 conv.
 
@@ -766,9 +767,15 @@ def conv2d_input_grad_nhwc(
         ksize: 1 or 3. padding: ``ksize // 2``. stride: 1, or 2 with ksize 3 and padding 1.
         in_size: stride 2: the conv's input (H, W), which ``dz``'s size fixes only up to parity.
         grad_mask: None, or (N, H, W, c_in), ``dz``'s dtype and device, any strides: the ReLU output the conv read.
+        grad_norm: None, or (stride 1, with ``grad_mask`` the pre-norm map ``z``, (N, H, W, C_norm), C_norm <= c_in)
+            the :class:`~fastunet.kernels.stats.NormIn` through which the conv read its input's first C_norm
+            channels as ``act(z * scale + shift)``: the launch's epilogue turns those channels into z's gradient
+            through the read and sums the read's scale and shift gradients (see
+            :func:`fastunet.kernels.conv.conv2d_nhwc`'s ``grad_norm``).
 
     Returns:
-        A new contiguous (N, H, W, c_in) tensor in ``dz``'s dtype.
+        A new contiguous (N, H, W, c_in) tensor in ``dz``'s dtype; with ``grad_norm`` ``(dx, grad_scale,
+        grad_shift)``, the two sums fp32 (N, C_norm) (fp64 for float64 maps).
 
     Raises:
         NotImplementedError: a valid conv (padding 0 with ksize 3), or a strided conv other than 3x3 stride 2
@@ -801,11 +808,14 @@ def conv2d_input_grad_nhwc(
         )
     if stride == 2:
         dx, _ = conv2d_nhwc(
-            dz, w_flipped, None, ksize=3, padding=1, activation="none", polyphase=tuple(in_size), grad_mask=grad_mask
-        )
+            dz, w_flipped, None, ksize=3, padding=1, activation="none", polyphase=tuple(in_size), grad_mask=grad_mask,
+            grad_norm=grad_norm,
+        )  # fmt: skip
         return dx
-    dx, _ = conv2d_nhwc(dz, w_flipped, None, ksize=ksize, padding=padding, activation="none", grad_mask=grad_mask)
-    return dx
+    dx, sums = conv2d_nhwc(
+        dz, w_flipped, None, ksize=ksize, padding=padding, activation="none", grad_mask=grad_mask, grad_norm=grad_norm
+    )
+    return dx if grad_norm is None else (dx, *sums)
 
 
 def conv_transpose2x2_input_grad_nhwc(

@@ -6,7 +6,9 @@ statistics), over NHWC maps, in two memory-bound launches per side:
   ``a``, the gradient of ``z`` *through the read alone* (``g * scale`` with ``g = act'(u) * grad_a``,
   ``u = z * scale + shift``) and the gradients of ``scale`` and ``shift`` (``sum g * z`` and ``sum g`` over each
   image's pixels): fp32 partial sums over pixel slices (fp64 for float64 maps), summed over the slices in a fixed
-  order;
+  order. A stride-1 conv reader does the same in its input gradient's epilogue instead (the conv kernel's
+  ``GRAD_MASK`` = ``GRAD_NORM_READ``, :func:`fastunet.kernels.conv.conv2d_nhwc`'s ``grad_norm``), so this launch
+  serves the strided conv, the pool and the upsample kernel;
 * the producer side, :func:`norm_stats_backward_nhwc`: ``scale`` and ``shift`` are functions of the statistics
   of ``z`` (mean and variance of each group), so ``z`` gets ``A + B * (z - mean)`` more per (image, channel), the
   coefficients following from the gradients of ``scale`` and ``shift`` (:func:`norm_coefficients`, on (N, C)

@@ -26,6 +26,7 @@ from fastunet.kernels.conv_grad import (
     conv_transpose2x2_weight_grad_nhwc,
     flip_conv_weight,
 )
+from fastunet.kernels.stats import NormIn
 from fastunet.parity import math_mode
 
 
@@ -1058,3 +1059,104 @@ def test_interpreter_takes_pointer_loads_unless_tma_is_asked_for():
         conv2d_weight_grad_nhwc(x, dz)
     (record,) = [r for r in records if r.name == "conv_weight_grad"]
     assert record.path == "pointer" and "interpreter" in record.path_reason
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# An input gradient through a normalized read: the input was read as act(z * scale + shift) in its first channels
+# ---------------------------------------------------------------------------------------------------------------
+def _norm_read_reference(z, scale, shift, activation, slope, lo, hi):
+    """Float64 autograd of the read ``act(z * scale + shift)`` (z NHWC, scale and shift (N, C))."""
+    u = z.double().cpu() * scale.double().cpu()[:, None, None, :] + shift.double().cpu()[:, None, None, :]
+    if activation == "relu":
+        return F.relu(u)
+    if activation == "leaky_relu":
+        return F.leaky_relu(u, slope)
+    if activation == "clamp":
+        return F.hardtanh(u, lo, hi)
+    return u
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu", "clamp", "none"])
+@pytest.mark.parametrize("c_up", [0, 3], ids=["one-source", "two-sources"])
+def test_input_grad_through_a_normalized_read_matches_float64(device, dtype, activation, c_up):
+    """The epilogue takes the input gradient of the read map's channels through the read (z's gradient ``act'(u) *
+    dx * scale``) and sums ``g * z`` and ``g`` per image and channel (the scale's and shift's gradients); a second
+    source's channels (a decoder conv's upsampled map) come out as the plain input gradient. Against float64
+    autograd of the read and the conv, the bound that of the conv's sums (see :func:`_check`) carried through."""
+    torch.manual_seed(31 + c_up)
+    batch, height, width, c_norm, c_out = 2, 7, 9, 5, 6
+    c_in = c_norm + c_up
+    z = torch.randn(batch, height, width, c_norm).to(dtype)
+    scale, shift = torch.randn(batch, c_norm) + 0.5, torch.randn(batch, c_norm)
+    dz = torch.randn(batch, height, width, c_out).to(dtype)
+    weight = torch.randn(c_out, c_in, 3, 3).to(dtype)
+    read = NormIn(scale.to(device), shift.to(device), activation, 0.1, -0.4, 0.6)
+    with _common.launch_log() as records:
+        dx, d_scale, d_shift = conv2d_input_grad_nhwc(
+            dz.to(device), pack_conv_weight(weight).to(device), c_in, grad_mask=z.to(device), grad_norm=read
+        )  # fmt: skip
+    assert [r.name for r in records] == ["conv3x3+norm_read"] + ["conv3x3+norm_read.sum"] * 2
+    # Float64: the conv's input gradient (and its bound), then autograd through the read.
+    w64, dz64 = weight.double(), dz.double().permute(0, 3, 1, 2)
+    shape = (batch, c_in, height, width)
+    d_in = torch.nn.grad.conv2d_input(shape, w64, dz64, padding=1).permute(0, 2, 3, 1)
+    bound = torch.nn.grad.conv2d_input(shape, w64.abs(), dz64.abs(), padding=1).permute(0, 2, 3, 1)
+    z64 = z.double().requires_grad_()
+    s64, t64 = scale.double().requires_grad_(), shift.double().requires_grad_()
+    a = _norm_read_reference(z64, s64, t64, activation, 0.1, -0.4, 0.6)
+    expected_z, expected_s, expected_t = torch.autograd.grad(a, (z64, s64, t64), d_in[..., :c_norm])
+    # act' is 0, the slope or 1, and the rows of g each an input gradient (fp32 sums of exact products).
+    eps = 2**-10 if math_mode(dtype, device) == "tf32" else 2**-23
+    g_bound = 64 * eps * bound[..., :c_norm]
+    _check_stored(dx[..., :c_norm], expected_z, bound[..., :c_norm] * scale.double().abs()[:, None, None, :], dtype)
+    _check_stored(dx[..., c_norm:], d_in[..., c_norm:], bound[..., c_norm:], dtype)
+    zd = z.double().abs()
+    for got, expected, tol in (
+        (d_scale, expected_s, (g_bound * zd).sum((1, 2)) + 64 * 2**-23 * (d_in[..., :c_norm].abs() * zd).sum((1, 2))),
+        (d_shift, expected_t, g_bound.sum((1, 2)) + 64 * 2**-23 * d_in[..., :c_norm].abs().sum((1, 2))),
+    ):
+        assert got.shape == (batch, c_norm) and got.dtype == torch.float32
+        err = (got.double().cpu() - expected).abs()
+        assert (err <= tol + 1e-30).all(), f"max error {err.max():.3e} against {tol.min():.3e}..{tol.max():.3e}"
+
+
+def test_input_grad_through_a_normalized_read_keeps_torch_special_values(device):
+    """inf and NaN in the gradient and a NaN in z reach what the unfused launches (the input gradient, then the read's
+    backward, each checked against torch) give them, bit for bit in fp32: the masks are torch's, not a product with
+    0 (``inf * 0`` would be NaN where ReLU's backward gives 0)."""
+    from fastunet.kernels.norm_grad import norm_input_backward_nhwc
+
+    torch.manual_seed(7)
+    dz = torch.randn(2, 6, 8, 4, device=device)
+    dz[0, 2, 3, 1], dz[1, 4, 5, 0] = float("inf"), float("nan")
+    packed = pack_conv_weight(torch.randn(4, 5, 3, 3)).to(device)
+    z = torch.randn(2, 6, 8, 5, device=device)
+    z[1, 0, 0, 2] = float("nan")
+    scale, shift = torch.randn(2, 5, device=device), torch.randn(2, 5, device=device)
+    for activation in ("relu", "leaky_relu", "clamp"):
+        read = NormIn(scale, shift, activation, 0.2, -0.3, 0.3)
+        dx, d_scale, d_shift = conv2d_input_grad_nhwc(dz, packed, 5, grad_mask=z, grad_norm=read)
+        plain = conv2d_input_grad_nhwc(dz, packed, 5)
+        expected, e_scale, e_shift = norm_input_backward_nhwc(plain, z, scale, shift, activation, 0.2, -0.3, 0.3)
+        assert torch.equal(dx.isnan(), expected.isnan()) and torch.equal(dx.isinf(), expected.isinf()), activation
+        torch.testing.assert_close(dx, expected, rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(d_scale, e_scale, rtol=1e-5, atol=1e-5, equal_nan=True)
+        torch.testing.assert_close(d_shift, e_shift, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+def test_input_grad_through_a_normalized_read_refuses_bad_arguments(device):
+    dz = torch.randn(1, 4, 4, 3, device=device)
+    packed = torch.randn(9 * 2, 3, device=device)
+    z = torch.randn(1, 4, 4, 2, device=device)
+    read = NormIn(torch.ones(1, 2, device=device), torch.zeros(1, 2, device=device), "relu")
+    with pytest.raises(ValueError, match=r"z must be \(1, 4, 4, C_norm\) with 1 <= C_norm <= 2"):
+        conv2d_input_grad_nhwc(dz, packed, 2, grad_mask=z[:, :3], grad_norm=read)
+    with pytest.raises(ValueError, match=r"grad_norm normalization scale: expected float32 \(1, 2\)"):
+        conv2d_input_grad_nhwc(dz, packed, 2, grad_mask=z, grad_norm=NormIn(read.scale[:, :1], read.shift, "relu"))
+    with pytest.raises(ValueError, match="relu, leaky_relu, clamp or none, got 'silu'"):
+        conv2d_input_grad_nhwc(dz, packed, 2, grad_mask=z, grad_norm=NormIn(read.scale, read.shift, "silu"))
+    with pytest.raises(ValueError, match="plain stride-1 tiling, got a polyphase launch"):
+        conv2d_input_grad_nhwc(
+            dz, packed, 2, stride=2, in_size=(8, 8), grad_mask=torch.randn(1, 8, 8, 2), grad_norm=read
+        )
