@@ -806,12 +806,13 @@ def _normalize_backward(
     grad, z, pool, in_scale, in_shift, in_activation="none", in_slope=0.0, in_lo=0.0, in_hi=0.0
 ):  # fmt: skip
     """(dz, d_scale, d_shift) of the normalize (+ 2x2 max-pool) launch: the pooled gradient routed to each window's
-    maximum of the normalized map (written again), then through the norm's read."""
+    maximum of the normalized map (made again in registers, as the forward stored it) and taken through the norm's
+    read, in one pass over z."""
     from fastunet.kernels.backward import activation_pool_backward_nhwc
 
     read = NormIn(in_scale, in_shift, in_activation, float(in_slope), float(in_lo), float(in_hi))
-    if pool:
-        grad = activation_pool_backward_nhwc(_materialized(z, read), None, grad, activation="none")
+    if pool:  # the pooled gradient routed and taken through the read in one pass over z
+        return activation_pool_backward_nhwc(z, None, grad, activation="none", norm_read=read)
     return _read_backward(grad, z, read)
 
 

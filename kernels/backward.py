@@ -42,8 +42,10 @@ from fastunet.kernels._common import (
     stat_dtype,
     to_storage,
 )
-from fastunet.kernels.conv import _relu_derivative
+from fastunet.kernels.conv import _relu_derivative, _sum_read_parts
 from fastunet.kernels.conv_grad import _sum_splits_kernel
+from fastunet.kernels.norm_grad import NORM_ACTIVATIONS, _activation_grad
+from fastunet.kernels.stats import NormIn, normalize
 from fastunet.kernels.upsample import BILINEAR, BILINEAR_ALIGN_CORNERS, MODES, NEAREST, _upsample_source
 
 # The activations whose derivative the pool backward applies (the ReLU reads its stored output, as torch's
@@ -105,11 +107,44 @@ def _store_corner_grad(dz_ptr, img, row, col, col_d, mask, value, grad, routed, 
 
 
 @triton.jit
+def _corner_read(z, scale, shift, scale_ptr, offs_c, c_mask, slope, lo, hi, ACT: tl.constexpr, OUT_T: tl.constexpr,
+                 INTERPRETER: tl.constexpr):  # fmt: skip
+    """NORM_READ: the pool's input at one corner, ``act(z * scale + shift)`` as the forward stored it (rounded once
+    to the map's dtype, then compared as fp32), and ``u``, the value before the activation (``scale_ptr``: a
+    stand-in for PReLU slopes, which no read here has)."""
+    u = z * scale[None, :] + shift[None, :]
+    value = normalize(z, scale[None, :], shift[None, :], scale_ptr, offs_c, c_mask, slope, lo, hi, ACT)
+    return to_storage(value, OUT_T, INTERPRETER).to(z.dtype), u
+
+
+@triton.jit
+def _store_corner_read_grad(dz_ptr, img, row, col, col_d, mask, z, u, scale, grad, routed, pooled, slope, lo, hi,
+                            stride_dn, stride_dh, stride_dw, ACT: tl.constexpr, INTERPRETER: tl.constexpr):  # fmt: skip
+    """NORM_READ: dz at one corner, the gradient of the pool's input (``grad_y`` plus the pooled gradient where this
+    corner is the window's maximum) taken through the read, ``act'(u) * that * scale``; returns ``g = act'(u) *
+    that`` (0 outside the map) for the scale's and shift's sums."""
+    total = tl.where(routed, grad + pooled, grad)
+    g = tl.where(mask, _activation_grad(u, total, slope, lo, hi, ACT), 0.0)
+    dst = pixel_offset(img, row, col, stride_dn, stride_dh, stride_dw)
+    tl.store(dz_ptr + dst[:, None] + col_d, to_storage(g * scale[None, :], dz_ptr.dtype.element_ty, INTERPRETER),
+             mask=mask)  # fmt: skip
+    return g
+
+
+@triton.jit
 def _activation_pool_backward_kernel(
-    y_ptr,  # (batch, height, width, channels) view: the stored post-activation map (the pool's input)
+    y_ptr,  # (batch, height, width, channels) view: the stored post-activation map (the pool's input); with
+    # NORM_READ the pre-norm map z the pool's input was made from
     gy_ptr,  # (batch, height, width, channels) view: gradient arriving at y directly (HAS_GRAD_Y)
     gp_ptr,  # (batch, height // 2, width // 2, channels) view: gradient of the pooled map (HAS_POOLED)
-    dz_ptr,  # (batch, height, width, channels): the gradient of the pre-activation map
+    dz_ptr,  # (batch, height, width, channels): the gradient of the pre-activation map (with NORM_READ: of z)
+    scale_ptr,  # (batch, channels) fp32 (NORM_READ): the read act(z * scale + shift)
+    shift_ptr,
+    part_ptr,  # (2, tiles_img, batch, channels) fp32 (NORM_READ): per-program sums of g * z and of g
+    tiles_img,  # NORM_READ: programs along axis 0 per image
+    in_slope,  # NORM_READ: the activation's parameters (LeakyReLU slope, clamp bounds)
+    in_lo,
+    in_hi,
     batch,
     height,
     width,
@@ -135,6 +170,8 @@ def _activation_pool_backward_kernel(
     HAS_GRAD_Y: tl.constexpr,
     HAS_POOLED: tl.constexpr,
     ACT: tl.constexpr,
+    NORM_READ: tl.constexpr,
+    IN_ACT: tl.constexpr,
     INTERPRETER: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -147,16 +184,33 @@ def _activation_pool_backward_kernel(
     in row-major order, a corner takes over when it is greater than the running maximum or is NaN, so the first of
     equal maxima keeps the gradient and the last NaN takes it. Memory-bound: y, grad_y and grad_pooled read once,
     dz written once.
+
+    ``NORM_READ`` (the normalize+pool launch's backward; ``ACT`` none): ``y_ptr`` is the pre-norm map z, the pool's
+    input ``act(z * scale + shift)`` (``IN_ACT``) as the forward stored it is made again in registers for the
+    routing, and dz is z's gradient through that read (``act'(u) * g * scale``); axis 0 has ``tiles_img`` programs
+    per image, each storing its sums of ``g * z`` and ``g`` per channel to row (program, image) of ``part_ptr``.
     """
     pid_p = tl.program_id(0)
     pid_c = tl.program_id(1)
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    wx = offs_p % win_w
-    wy = (offs_p // win_w) % win_h
-    img = offs_p // (win_w * win_h)
-    valid = img < batch
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = offs_c < channels
+    if NORM_READ:
+        img_t = pid_p // tiles_img
+        local = (pid_p % tiles_img) * BLOCK_P + tl.arange(0, BLOCK_P)
+        wx = local % win_w
+        wy = local // win_w
+        img = tl.zeros_like(local) + img_t
+        valid = local < win_h * win_w
+        acc_n: tl.constexpr = acc_type(y_ptr.dtype.element_ty)
+        at_s = img_t.to(tl.int64) * channels + offs_c
+        scale = tl.load(scale_ptr + at_s, mask=c_mask, other=0.0).to(acc_n)
+        shift = tl.load(shift_ptr + at_s, mask=c_mask, other=0.0).to(acc_n)
+    else:
+        offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+        wx = offs_p % win_w
+        wy = (offs_p // win_w) % win_h
+        img = offs_p // (win_w * win_h)
+        valid = img < batch
     col_y = offs_c.to(tl.int64)[None, :] * stride_yc
     col_g = offs_c.to(tl.int64)[None, :] * stride_gc
     col_d = offs_c.to(tl.int64)[None, :] * stride_dc
@@ -169,6 +223,17 @@ def _activation_pool_backward_kernel(
     y01 = _load_corner(y_ptr, img, top, left + 1, col_y, m01, stride_yn, stride_yh, stride_yw, True)
     y10 = _load_corner(y_ptr, img, top + 1, left, col_y, m10, stride_yn, stride_yh, stride_yw, True)
     y11 = _load_corner(y_ptr, img, top + 1, left + 1, col_y, m11, stride_yn, stride_yh, stride_yw, True)
+    if NORM_READ:
+        out_t: tl.constexpr = y_ptr.dtype.element_ty
+        z00, z01, z10, z11 = y00, y01, y10, y11
+        y00, u00 = _corner_read(z00, scale, shift, scale_ptr, offs_c, c_mask, in_slope, in_lo, in_hi, IN_ACT,
+                                    out_t, INTERPRETER)  # fmt: skip
+        y01, u01 = _corner_read(z01, scale, shift, scale_ptr, offs_c, c_mask, in_slope, in_lo, in_hi, IN_ACT,
+                                    out_t, INTERPRETER)  # fmt: skip
+        y10, u10 = _corner_read(z10, scale, shift, scale_ptr, offs_c, c_mask, in_slope, in_lo, in_hi, IN_ACT,
+                                    out_t, INTERPRETER)  # fmt: skip
+        y11, u11 = _corner_read(z11, scale, shift, scale_ptr, offs_c, c_mask, in_slope, in_lo, in_hi, IN_ACT,
+                                    out_t, INTERPRETER)  # fmt: skip
     g00 = _load_corner(gy_ptr, img, top, left, col_g, m00, stride_gn, stride_gh, stride_gw, HAS_GRAD_Y)
     g01 = _load_corner(gy_ptr, img, top, left + 1, col_g, m01, stride_gn, stride_gh, stride_gw, HAS_GRAD_Y)
     g10 = _load_corner(gy_ptr, img, top + 1, left, col_g, m10, stride_gn, stride_gh, stride_gw, HAS_GRAD_Y)
@@ -193,6 +258,108 @@ def _activation_pool_backward_kernel(
         take = (y11 > best) | (y11 != y11)
         winner = tl.where(take, 3, winner)
         winner = tl.where(pool_mask, winner, -1)
+    if NORM_READ:
+        tl.static_assert(ACT == ACT_NONE, "the read's own activation (IN_ACT) is the one to differentiate")
+        g = _store_corner_read_grad(
+            dz_ptr,
+            img,
+            top,
+            left,
+            col_d,
+            m00,
+            z00,
+            u00,
+            scale,
+            g00,
+            winner == 0,
+            pooled,
+            in_slope,
+            in_lo,
+            in_hi,
+            stride_dn,
+            stride_dh,
+            stride_dw,
+            IN_ACT,
+            INTERPRETER,
+        )
+        sum_gz = tl.sum(g * z00, axis=0)
+        sum_g = tl.sum(g, axis=0)
+        g = _store_corner_read_grad(
+            dz_ptr,
+            img,
+            top,
+            left + 1,
+            col_d,
+            m01,
+            z01,
+            u01,
+            scale,
+            g01,
+            winner == 1,
+            pooled,
+            in_slope,
+            in_lo,
+            in_hi,
+            stride_dn,
+            stride_dh,
+            stride_dw,
+            IN_ACT,
+            INTERPRETER,
+        )
+        sum_gz += tl.sum(g * z01, axis=0)
+        sum_g += tl.sum(g, axis=0)
+        g = _store_corner_read_grad(
+            dz_ptr,
+            img,
+            top + 1,
+            left,
+            col_d,
+            m10,
+            z10,
+            u10,
+            scale,
+            g10,
+            winner == 2,
+            pooled,
+            in_slope,
+            in_lo,
+            in_hi,
+            stride_dn,
+            stride_dh,
+            stride_dw,
+            IN_ACT,
+            INTERPRETER,
+        )
+        sum_gz += tl.sum(g * z10, axis=0)
+        sum_g += tl.sum(g, axis=0)
+        g = _store_corner_read_grad(
+            dz_ptr,
+            img,
+            top + 1,
+            left + 1,
+            col_d,
+            m11,
+            z11,
+            u11,
+            scale,
+            g11,
+            winner == 3,
+            pooled,
+            in_slope,
+            in_lo,
+            in_hi,
+            stride_dn,
+            stride_dh,
+            stride_dw,
+            IN_ACT,
+            INTERPRETER,
+        )
+        sum_gz += tl.sum(g * z11, axis=0)
+        sum_g += tl.sum(g, axis=0)
+        row = ((pid_p % tiles_img).to(tl.int64) * batch + img_t) * channels + offs_c
+        tl.store(part_ptr + row, sum_gz, mask=c_mask)
+        tl.store(part_ptr + row + tiles_img * batch * channels, sum_g, mask=c_mask)
+        return
     _store_corner_grad(dz_ptr, img, top, left, col_d, m00, y00, g00, winner == 0, pooled, stride_dn, stride_dh,
                        stride_dw, ACT, INTERPRETER)  # fmt: skip
     _store_corner_grad(dz_ptr, img, top, left + 1, col_d, m01, y01, g01, winner == 1, pooled, stride_dn, stride_dh,
@@ -209,8 +376,9 @@ def activation_pool_backward_nhwc(
     grad_pooled: torch.Tensor | None = None,
     *,
     activation: str = "relu",
+    norm_read: NormIn | None = None,
     name: str = "activation_pool_backward",
-) -> torch.Tensor:
+):
     """Gradient of a conv's pre-activation map from the gradients of its stored output ``y = act(z)`` and of
     ``F.max_pool2d(y, 2)`` (floor mode): ``dz = act'(y) * (grad_y + unpool(grad_pooled))``.
 
@@ -224,15 +392,29 @@ def activation_pool_backward_nhwc(
         grad_y: None or an (N, H, W, C) view (a channel slice of a wider map, say): the gradient arriving at y.
         grad_pooled: None or an (N, H // 2, W // 2, C) view: the gradient of the pooled map.
         activation: ``"relu"`` or ``"none"``.
+        norm_read: None, or (activation ``"none"``) the read through which the pool's input was made from ``y``,
+            then the stored pre-norm map z: the pool's input ``act(z * scale + shift)`` (ReLU, LeakyReLU, clamp or
+            none after the norm) is made again in registers for the routing, as the forward stored it, and the
+            result is z's gradient through the read, ``act'(u) * (grad_y + unpool(grad_pooled)) * scale``: the
+            normalize+pool launch's backward in one pass over z, with the sums of ``g * z`` and ``g`` over each
+            image's pixels (per program, then over the programs in a fixed order).
 
     Returns:
-        (N, H, W, C) contiguous NHWC tensor in y's dtype.
+        (N, H, W, C) contiguous NHWC tensor in y's dtype; with ``norm_read`` ``(dz, grad_scale, grad_shift)``, the
+        two sums fp32 (N, C) (fp64 for a float64 map).
     """
     _check_map(y, "activation_pool_backward_nhwc y")
     if grad_y is None and grad_pooled is None:
         raise ValueError("activation_pool_backward_nhwc: expected grad_y, grad_pooled or both, got neither")
     if activation not in BACKWARD_ACTIVATIONS:
         raise ValueError(f"activation must be one of {list(BACKWARD_ACTIVATIONS)}, got {activation!r}")
+    if norm_read is not None:
+        norm_read.check(y, "activation_pool_backward_nhwc norm_read")
+        if activation != "none" or norm_read.activation not in NORM_ACTIVATIONS:
+            raise ValueError(
+                f"norm_read: the read's own activation (relu, leaky_relu, clamp or none) is the one differentiated, "
+                f"with activation 'none'; got activation {activation!r}, the read's {norm_read.activation!r}"
+            )
     batch, height, width, channels = y.shape
     if grad_y is not None:
         _check_like(grad_y, "activation_pool_backward_nhwc grad_y", tuple(y.shape), y, "y")
@@ -244,23 +426,39 @@ def activation_pool_backward_nhwc(
     if windows > MAX_PIXELS:
         raise ValueError(f"at most {MAX_PIXELS} 2x2 windows per launch, got {windows}")
     dz = alloc((batch, height, width, channels), y.dtype, y.device)
+    stat = stat_dtype(y.dtype)
     if windows == 0 or channels == 0:
-        return dz
+        if norm_read is None:
+            return dz
+        sums = tuple(alloc((batch, channels), stat, y.device) for _ in range(2))
+        for t in sums:
+            t.zero_()
+        return dz, *sums
     # A pooled gradient with no window (H or W == 1) routes nothing: left out like an absent one.
     has_pooled = grad_pooled is not None and grad_pooled.numel() > 0
     block_c = min(64, max(16, next_pow2(channels)))
     # About 4K elements (1K windows x channels) a program: four corners of y, grad_y and dz live at once.
     block_p = max(16, 1024 // block_c)
     grid = (triton.cdiv(windows, block_p), triton.cdiv(channels, block_c))
+    read_args = (y, y, y, 0, 0.0, 0.0, 0.0)
+    part = None
+    if norm_read is not None:  # programs of one image each: per-image sums
+        tiles_img = triton.cdiv(win_h * win_w, block_p)
+        grid = (batch * tiles_img, triton.cdiv(channels, block_c))
+        part = alloc((2, tiles_img, batch, channels), stat, y.device)
+        read_args = (norm_read.scale, norm_read.shift, part, tiles_img, float(norm_read.slope), float(norm_read.lo),
+                     float(norm_read.hi))  # fmt: skip
     gy = grad_y if grad_y is not None else y
     gp = grad_pooled if has_pooled else y
     gp_strides = grad_pooled.stride() if has_pooled else (0, 0, 0, 0)
-    args = (y, gy, gp, dz, batch, height, width, channels, win_h, win_w, *y.stride(), *gy.stride(), *gp_strides,
-            *dz.stride())  # fmt: skip
+    args = (y, gy, gp, dz, *read_args, batch, height, width, channels, win_h, win_w, *y.stride(), *gy.stride(),
+            *gp_strides, *dz.stride())  # fmt: skip
     constexprs = {
         "HAS_GRAD_Y": grad_y is not None,
         "HAS_POOLED": has_pooled,
         "ACT": BACKWARD_ACTIVATIONS[activation].value,
+        "NORM_READ": norm_read is not None,
+        "IN_ACT": NORM_ACTIVATIONS[norm_read.activation].value if norm_read is not None else 0,
         "INTERPRETER": INTERPRET,
         "BLOCK_P": block_p,
         "BLOCK_C": block_c,
@@ -271,12 +469,12 @@ def activation_pool_backward_nhwc(
         read = y.numel() * size * (2 if grad_y is not None else 1) + (grad_pooled.numel() * size if has_pooled else 0)
         record_launch(
             LaunchRecord(
-                name=name + ("+pool" if has_pooled else ""),
+                name=name + ("+pool" if has_pooled else "") + ("+norm_read" if norm_read is not None else ""),
                 kernel=_activation_pool_backward_kernel,
                 grid=grid,
                 flops=0,
                 bytes_read=read,
-                bytes_written=dz.numel() * size,
+                bytes_written=dz.numel() * size + (part.numel() * part.element_size() if part is not None else 0),
                 args=args,
                 constexprs=constexprs,
                 launch_options=options,
@@ -285,7 +483,9 @@ def activation_pool_backward_nhwc(
     if not is_dry_run():
         with launch_guard(y):
             _activation_pool_backward_kernel[grid](*args, **constexprs, **options)
-    return dz
+    if norm_read is None:
+        return dz
+    return dz, *_sum_read_parts(part, f"{name}.sum", y)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1841,9 +1841,9 @@ def _launch(
 
 
 def _sum_read_parts(parts: torch.Tensor, name: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The gradients of a normalized read's scale and shift, (N, C_norm) each: its input gradient's per-tile sums
-    ``parts`` (2, tiles per image, N, C_norm) added over the tiles in a fixed order (no atomics: two runs give the
-    same bits)."""
+    """The gradients of a normalized read's scale and shift, (N, C) each: a launch's per-tile sums of ``g * z`` and
+    ``g``, ``parts`` (2, tiles per image, N, C), added over the tiles in a fixed order (no atomics: two runs give the
+    same bits). The conv's input gradient (``grad_norm``) and the pool's backward (``norm_read``) use it."""
     from fastunet.kernels.conv_grad import _sum_splits_kernel
 
     _, tiles, batch, c_norm = parts.shape

@@ -24,6 +24,7 @@ from fastunet.kernels.backward import (
     head_backward_nhwc,
     upsample2x_adjoint_nhwc,
 )
+from fastunet.kernels.stats import NormIn
 from fastunet.reference import center_pad
 
 NAN = float("nan")
@@ -167,6 +168,71 @@ def test_activation_none_and_any_strides(device, dtype):
     dz = activation_pool_backward_nhwc(z, grad_y, grad_pooled, activation="none")
     expected = pool_reference(z, grad_y, grad_pooled, "none").to(dtype)
     torch.testing.assert_close(dz.cpu(), expected, rtol=0, atol=0, equal_nan=True)
+
+
+def read_pool_reference(z, scale, shift, grad_pooled, activation, dtype):
+    """Float64 reference of the normalize+pool launch's backward: the pool's input ``a = act(z * scale + shift)``
+    rounded to ``dtype`` as the forward stored it, ``max_pool2d``'s own routing of the pooled gradient over it, then
+    autograd of the read (z NHWC; scale and shift (N, C)). Returns (dz, grad_scale, grad_shift)."""
+    z64 = z.double().cpu().requires_grad_()
+    s64, t64 = scale.double().cpu().requires_grad_(), shift.double().cpu().requires_grad_()
+    u = z64 * s64[:, None, None, :] + t64[:, None, None, :]
+    a = {"relu": F.relu, "leaky_relu": lambda v: F.leaky_relu(v, 0.1), "clamp": lambda v: F.hardtanh(v, -0.4, 0.6),
+         "none": lambda v: v}[activation](u)  # fmt: skip
+    stored = nchw(a.detach().to(dtype).double()).requires_grad_()
+    if grad_pooled.numel() == 0:  # no whole window (max_pool2d refuses such a map): nothing routed
+        return torch.autograd.grad(a, (z64, s64, t64), torch.zeros_like(a))
+    F.max_pool2d(stored, 2).backward(nchw(grad_pooled.double().cpu()))
+    return torch.autograd.grad(a, (z64, s64, t64), nhwc(stored.grad))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu", "clamp", "none"])
+@pytest.mark.parametrize(("height", "width"), [(7, 9), (8, 6), (1, 5)], ids=["odd", "even", "one-row"])
+def test_pool_backward_through_a_normalized_read_matches_float64(device, dtype, activation, height, width):
+    """The normalize+pool launch's backward in one pass over z (``norm_read``): the pool's input made again as the
+    forward stored it, the pooled gradient routed like ``max_pool2d``'s backward (ties, a NaN), then z's gradient
+    through the read and the scale's and shift's per-image sums; against float64 (the gradient's one rounding to the
+    storage dtype, the sums' fp32 accumulation)."""
+    torch.manual_seed(height * width)
+    z = torch.randn(2, height, width, 5).to(dtype)
+    if activation != "clamp":
+        # A NaN u: the window's gradient goes to it. (Not with the clamp: torch's own hardtanh backward passes a NaN
+        # u's gradient on its scalar path and zeroes it on its vectorized one; the kernels pass it, as the scalar
+        # path and norm_input_backward do.)
+        z[0, height - 1, 2, 3] = float("nan")
+    z[1, :2, :2, 1] = 0.25  # a window of equal values: the first takes the gradient
+    scale, shift = torch.randn(2, 5), torch.randn(2, 5)
+    grad_pooled = torch.randn(2, height // 2, width // 2, 5).to(dtype)
+    read = NormIn(scale.to(device), shift.to(device), activation, 0.1, -0.4, 0.6)
+    with launch_log() as records:
+        dz, d_scale, d_shift = activation_pool_backward_nhwc(
+            z.to(device), None, grad_pooled.to(device), activation="none", norm_read=read
+        )  # fmt: skip
+    names = [r.name for r in records]
+    assert names[0].endswith("+norm_read") and names[1:] == ["activation_pool_backward.sum"] * 2, names
+    expected, e_scale, e_shift = read_pool_reference(z, scale, shift, grad_pooled, activation, dtype)
+    # One rounding to the storage dtype after fp32 products (u and g * scale): a unit roundoff of each, twice over.
+    eps = 2 * (2**-8 if dtype == torch.bfloat16 else 2**-24) + 2**-22
+    assert torch.equal(dz.cpu().isnan(), expected.isnan())
+    err = (dz.double().cpu() - expected).abs().nan_to_num()
+    assert (err <= eps * expected.abs().nan_to_num() + 1e-30).all(), f"max error {err.max():.3e}"
+    for got, want in ((d_scale, e_scale), (d_shift, e_shift)):
+        assert got.shape == (2, 5) and got.dtype == torch.float32
+        assert torch.equal(got.cpu().isnan(), want.isnan())
+        torch.testing.assert_close(got.double().cpu(), want, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+def test_pool_backward_through_a_normalized_read_refuses_bad_input(device):
+    z = torch.randn(1, 4, 4, 3, device=device)
+    gp = torch.randn(1, 2, 2, 3, device=device)
+    read = NormIn(torch.ones(1, 3, device=device), torch.zeros(1, 3, device=device), "relu")
+    with pytest.raises(ValueError, match="got activation 'relu', the read's 'relu'"):
+        activation_pool_backward_nhwc(z, None, gp, activation="relu", norm_read=read)
+    with pytest.raises(ValueError, match="the read's 'silu'"):
+        activation_pool_backward_nhwc(z, None, gp, activation="none", norm_read=NormIn(read.scale, read.shift, "silu"))
+    with pytest.raises(ValueError, match=r"norm_read normalization scale: expected float32 \(1, 3\)"):
+        activation_pool_backward_nhwc(z, None, gp, activation="none", norm_read=NormIn(read.scale[:, :2], read.shift))
 
 
 # ---------------------------------------------------------------------------------------------------------------
