@@ -4,7 +4,9 @@ Three memory-bound kernels turn the gradient arriving at a stored map into the g
 
 * :func:`activation_pool_backward_nhwc`: the gradient of a conv's pre-activation map ``z`` from the gradient of its
   stored output ``y = act(z)``. An encoder's second conv also feeds its 2x2 max-pool, so the pooled map's gradient
-  is routed back to each window's maximum and added: ``dz = act'(y) * (grad_y + unpool(grad_pooled))``.
+  is routed back to each window's maximum and added: ``dz = act'(y) * (grad_y + unpool(grad_pooled))``. With
+  ``norm_read`` it is the normalize+pool launch's backward: the pool's input ``act(z * scale + shift)`` made again
+  from the pre-norm map z, the routed gradient taken through that read, and the scale's and shift's sums.
 * :func:`upsample2x_adjoint_nhwc`: the adjoint of the decoder's ``center_pad(F.interpolate(low, scale_factor=2),
   H, W)`` (nearest or bilinear, the upsampled map placed into the skip's frame at (pad_top, pad_left), cropped where
   the offsets are negative), optionally times the ReLU derivative of the layer that produced ``low``.
