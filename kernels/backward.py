@@ -30,6 +30,7 @@ from fastunet.kernels._common import (
     INTERPRET,
     LaunchRecord,
     acc_type,
+    activate,
     alloc,
     check_runnable,
     dot_flags,
@@ -47,7 +48,7 @@ from fastunet.kernels._common import (
 from fastunet.kernels.conv import _relu_derivative, _sum_read_parts
 from fastunet.kernels.conv_grad import _sum_splits_kernel
 from fastunet.kernels.norm_grad import NORM_ACTIVATIONS, _activation_grad
-from fastunet.kernels.stats import NormIn, normalize
+from fastunet.kernels.stats import NormIn
 from fastunet.kernels.upsample import BILINEAR, BILINEAR_ALIGN_CORNERS, MODES, NEAREST, _upsample_source
 
 # The activations whose derivative the pool backward applies (the ReLU reads its stored output, as torch's
@@ -115,7 +116,7 @@ def _corner_read(z, scale, shift, scale_ptr, offs_c, c_mask, slope, lo, hi, ACT:
     to the map's dtype, then compared as fp32), and ``u``, the value before the activation (``scale_ptr``: a
     stand-in for PReLU slopes, which no read here has)."""
     u = z * scale[None, :] + shift[None, :]
-    value = normalize(z, scale[None, :], shift[None, :], scale_ptr, offs_c, c_mask, slope, lo, hi, ACT)
+    value = activate(u, scale_ptr, offs_c, c_mask, slope, lo, hi, ACT)
     return to_storage(value, OUT_T, INTERPRETER).to(z.dtype), u
 
 
@@ -123,14 +124,14 @@ def _corner_read(z, scale, shift, scale_ptr, offs_c, c_mask, slope, lo, hi, ACT:
 def _store_corner_read_grad(dz_ptr, img, row, col, col_d, mask, z, u, scale, grad, routed, pooled, slope, lo, hi,
                             stride_dn, stride_dh, stride_dw, ACT: tl.constexpr, INTERPRETER: tl.constexpr):  # fmt: skip
     """NORM_READ: dz at one corner, the gradient of the pool's input (``grad_y`` plus the pooled gradient where this
-    corner is the window's maximum) taken through the read, ``act'(u) * that * scale``; returns ``g = act'(u) *
-    that`` (0 outside the map) for the scale's and shift's sums."""
+    corner is the window's maximum) taken through the read, ``act'(u) * that * scale``; returns the corner's sums
+    over the windows of ``g * z`` and ``g`` (``g = act'(u) * that``, 0 outside the map) per channel."""
     total = tl.where(routed, grad + pooled, grad)
     g = tl.where(mask, _activation_grad(u, total, slope, lo, hi, ACT), 0.0)
     dst = pixel_offset(img, row, col, stride_dn, stride_dh, stride_dw)
     tl.store(dz_ptr + dst[:, None] + col_d, to_storage(g * scale[None, :], dz_ptr.dtype.element_ty, INTERPRETER),
              mask=mask)  # fmt: skip
-    return g
+    return tl.sum(g * z, axis=0), tl.sum(g, axis=0)
 
 
 @triton.jit
@@ -262,102 +263,21 @@ def _activation_pool_backward_kernel(
         winner = tl.where(pool_mask, winner, -1)
     if NORM_READ:
         tl.static_assert(ACT == ACT_NONE, "the read's own activation (IN_ACT) is the one to differentiate")
-        g = _store_corner_read_grad(
-            dz_ptr,
-            img,
-            top,
-            left,
-            col_d,
-            m00,
-            z00,
-            u00,
-            scale,
-            g00,
-            winner == 0,
-            pooled,
-            in_slope,
-            in_lo,
-            in_hi,
-            stride_dn,
-            stride_dh,
-            stride_dw,
-            IN_ACT,
-            INTERPRETER,
-        )
-        sum_gz = tl.sum(g * z00, axis=0)
-        sum_g = tl.sum(g, axis=0)
-        g = _store_corner_read_grad(
-            dz_ptr,
-            img,
-            top,
-            left + 1,
-            col_d,
-            m01,
-            z01,
-            u01,
-            scale,
-            g01,
-            winner == 1,
-            pooled,
-            in_slope,
-            in_lo,
-            in_hi,
-            stride_dn,
-            stride_dh,
-            stride_dw,
-            IN_ACT,
-            INTERPRETER,
-        )
-        sum_gz += tl.sum(g * z01, axis=0)
-        sum_g += tl.sum(g, axis=0)
-        g = _store_corner_read_grad(
-            dz_ptr,
-            img,
-            top + 1,
-            left,
-            col_d,
-            m10,
-            z10,
-            u10,
-            scale,
-            g10,
-            winner == 2,
-            pooled,
-            in_slope,
-            in_lo,
-            in_hi,
-            stride_dn,
-            stride_dh,
-            stride_dw,
-            IN_ACT,
-            INTERPRETER,
-        )
-        sum_gz += tl.sum(g * z10, axis=0)
-        sum_g += tl.sum(g, axis=0)
-        g = _store_corner_read_grad(
-            dz_ptr,
-            img,
-            top + 1,
-            left + 1,
-            col_d,
-            m11,
-            z11,
-            u11,
-            scale,
-            g11,
-            winner == 3,
-            pooled,
-            in_slope,
-            in_lo,
-            in_hi,
-            stride_dn,
-            stride_dh,
-            stride_dw,
-            IN_ACT,
-            INTERPRETER,
-        )
-        sum_gz += tl.sum(g * z11, axis=0)
-        sum_g += tl.sum(g, axis=0)
+        sum_gz, sum_g = _store_corner_read_grad(
+            dz_ptr, img, top, left, col_d, m00, z00, u00, scale, g00, winner == 0, pooled, in_slope, in_lo, in_hi,
+            stride_dn, stride_dh, stride_dw, IN_ACT, INTERPRETER)  # fmt: skip
+        gz, g = _store_corner_read_grad(
+            dz_ptr, img, top, left + 1, col_d, m01, z01, u01, scale, g01, winner == 1, pooled, in_slope, in_lo, in_hi,
+            stride_dn, stride_dh, stride_dw, IN_ACT, INTERPRETER)  # fmt: skip
+        sum_gz, sum_g = sum_gz + gz, sum_g + g
+        gz, g = _store_corner_read_grad(
+            dz_ptr, img, top + 1, left, col_d, m10, z10, u10, scale, g10, winner == 2, pooled, in_slope, in_lo, in_hi,
+            stride_dn, stride_dh, stride_dw, IN_ACT, INTERPRETER)  # fmt: skip
+        sum_gz, sum_g = sum_gz + gz, sum_g + g
+        gz, g = _store_corner_read_grad(
+            dz_ptr, img, top + 1, left + 1, col_d, m11, z11, u11, scale, g11, winner == 3, pooled, in_slope, in_lo,
+            in_hi, stride_dn, stride_dh, stride_dw, IN_ACT, INTERPRETER)  # fmt: skip
+        sum_gz, sum_g = sum_gz + gz, sum_g + g
         row = ((pid_p % tiles_img).to(tl.int64) * batch + img_t) * channels + offs_c
         tl.store(part_ptr + row, sum_gz, mask=c_mask)
         tl.store(part_ptr + row + tiles_img * batch * channels, sum_g, mask=c_mask)
@@ -432,10 +352,7 @@ def activation_pool_backward_nhwc(
     if windows == 0 or channels == 0:
         if norm_read is None:
             return dz
-        sums = tuple(alloc((batch, channels), stat, y.device) for _ in range(2))
-        for t in sums:
-            t.zero_()
-        return dz, *sums
+        return dz, *(torch.zeros((batch, channels), dtype=stat, device=y.device) for _ in range(2))
     # A pooled gradient with no window (H or W == 1) routes nothing: left out like an absent one.
     has_pooled = grad_pooled is not None and grad_pooled.numel() > 0
     block_c = min(64, max(16, next_pow2(channels)))

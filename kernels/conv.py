@@ -410,7 +410,7 @@ def _norm_read_grad(
     rows past the map, and ``dx = g * scale`` (``acc`` itself in the other columns)."""
     u = z * scale[None, :] + shift[None, :]
     plain = (normed == 0)[None, :]
-    keep = valid[:, None] & (normed[None, :] | plain)
+    keep = valid[:, None]
     if ACT == ACT_RELU:
         keep = keep & ((u > 0) | (u != u) | plain)
     elif ACT == ACT_CLAMP:
@@ -1692,10 +1692,7 @@ def _launch(
     in_args = read.args(w_packed) if read is not None else (w_packed, w_packed, w_packed, 0.0, 0.0, 0.0)
     c_norm = static.sizes[6]
     if grad_norm is not None and static.empty:
-        sums = tuple(alloc((batch, c_norm), stat_dtype(x.dtype), x.device) for _ in range(2))
-        for t in sums:
-            t.zero_()
-        return sums
+        return tuple(torch.zeros((batch, c_norm), dtype=stat_dtype(x.dtype), device=x.device) for _ in range(2))
     if static.empty:
         if stats is None:
             return None

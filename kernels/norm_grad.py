@@ -42,7 +42,7 @@ from fastunet.kernels._common import (
     stat_dtype,
     to_storage,
 )
-from fastunet.kernels.conv_grad import _sum_splits_kernel
+from fastunet.kernels.conv import _sum_read_parts
 
 # Activations after a norm whose derivative the consumer side applies, from the pre-activation value u as torch's
 # backward of each does (ReLU: threshold_backward on the result, so a NaN passes the gradient; LeakyReLU: u > 0;
@@ -186,13 +186,8 @@ def norm_input_backward_nhwc(
         raise ValueError(f"at most 2**31 - 1025 pixels per launch, got {batch * pixels}")
     dz = alloc((batch, height, width, channels), z.dtype, z.device)
     stat = stat_dtype(z.dtype)
-    sums = (alloc((batch, channels), stat, z.device), alloc((batch, channels), stat, z.device))
-    if batch * channels == 0:
-        return dz, *sums
-    if pixels == 0:
-        for t in sums:
-            t.zero_()
-        return dz, *sums
+    if batch * channels == 0 or pixels == 0:  # no pixel: zero sums
+        return dz, *(torch.zeros((batch, channels), dtype=stat, device=z.device) for _ in range(2))
     block_c = min(64, max(16, next_pow2(channels)))
     block_p = max(16, 2048 // block_c)
     c_blocks = triton.cdiv(channels, block_c)
@@ -209,10 +204,6 @@ def norm_input_backward_nhwc(
         "BLOCK_P": block_p,
         "BLOCK_C": block_c,
     }
-    elements = batch * channels
-    block = 1024
-    # Each sum's partials are contiguous (splits, batch * channels): conv_grad's fixed-order sum of split partials.
-    sum_args = [(part[i], sums[i], splits, elements, 0, channels) for i in range(2)]
     if recording():
         size = z.element_size()
         record_launch(
@@ -230,26 +221,12 @@ def norm_input_backward_nhwc(
                 launch_options={"num_warps": 4, "num_stages": 2},
             )
         )
-        for one in sum_args:
-            record_launch(
-                LaunchRecord(
-                    name=f"{name}.sum",
-                    kernel=_sum_splits_kernel,
-                    grid=(triton.cdiv(elements, block),),
-                    flops=0,
-                    bytes_read=part.numel() // 2 * part.element_size(),
-                    bytes_written=elements * part.element_size(),
-                    args=one,
-                    constexprs={"BLOCK": block},
-                    launch_options={"num_warps": 4, "num_stages": 1},
-                )
-            )
     if not is_dry_run():
         with launch_guard(z):
             _norm_input_backward_kernel[grid](*args, **constexprs, num_warps=4, num_stages=2)
-            for one in sum_args:
-                _sum_splits_kernel[(triton.cdiv(elements, block),)](*one, BLOCK=block, num_warps=4, num_stages=1)
-    return dz, *sums
+    # Each sum's partials are (splits, batch, channels): the fixed-order sum over the splits the conv's and the
+    # pool's read backward use too.
+    return dz, *_sum_read_parts(part, f"{name}.sum", z)
 
 
 @triton.jit
