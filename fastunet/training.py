@@ -613,7 +613,18 @@ def _conv_backward(
         up = upsample2x_nhwc(up, up_mode, align_corners, norm_in=up_read)
     c_up = up.shape[3] if up is not None else 0
     read = _read_of(in_scale, in_shift, in_activation, in_slope, in_lo, in_hi)
-    source = _materialized(x, read)
+    d_in = empty
+    if mask_x and (c_up or in_scale is not None):
+        raise ValueError("mask_x: the input gradient's mask covers one source read as stored (no up, no norm read)")
+    gate = x if mask_x else None
+    if need_input and read is not None and not _read_grad_apart(stride):
+        # x's gradient through its read in the input gradient's epilogue, which also writes the values the forward
+        # read: the weight gradient's operand, with no normalize launch reading x once more.
+        d_in, d_scale, d_shift, source = conv2d_input_grad_nhwc(
+            dz, weight, c_main + c_up, ksize, padding, grad_mask=x, grad_norm=read, grad_norm_applied=True
+        )  # fmt: skip
+    else:
+        source = _materialized(x, read)
     if up is None:
         dw, db = conv2d_weight_grad_nhwc(source, dz, ksize, padding, bias=has_bias, stride=stride)
     else:
@@ -628,19 +639,11 @@ def _conv_backward(
         dw[:, :c_main] = parts.view(taps, c_main, c_out)
         dw[:, c_main:] = up_parts.view(taps, c_up, c_out)
         dw = dw.view(taps * (c_main + c_up), c_out)
-    d_in = empty
-    if mask_x and (c_up or in_scale is not None):
-        raise ValueError("mask_x: the input gradient's mask covers one source read as stored (no up, no norm read)")
-    gate = x if mask_x else None
     if need_input and stride != 1:
         d_in = conv2d_input_grad_nhwc(
             dz, weight, c_main, ksize, padding, stride=stride, in_size=(height, width), grad_mask=gate
         )
-    elif need_input and read is not None:  # x's gradient through its read, in the input gradient's epilogue
-        d_in, d_scale, d_shift = conv2d_input_grad_nhwc(
-            dz, weight, c_main + c_up, ksize, padding, grad_mask=x, grad_norm=read
-        )  # fmt: skip
-    elif need_input:
+    elif need_input and read is None:  # (through a read at stride 1: above, ahead of the weight gradient)
         d_in = conv2d_input_grad_nhwc(dz, weight, c_main + c_up, ksize, padding, grad_mask=gate)
     dx_read = x.new_empty(0, dtype=stat_dtype(x.dtype))
     if need_input and read is not None and _read_grad_apart(stride):

@@ -91,9 +91,11 @@ PERSISTENT_GROUP_M = tl.constexpr(8)
 HEAD_LOGITS = tl.constexpr(1)
 HEAD_MAP = tl.constexpr(2)
 # The kernel's GRAD_MASK (an input gradient's epilogue): the derivative of a ReLU whose stored output pool_ptr is,
-# or the gradient through a normalized read act(z * scale + shift) of the pre-norm map z pool_ptr is.
+# or the gradient through a normalized read act(z * scale + shift) of the pre-norm map z pool_ptr is; GRAD_NORM_APPLIED
+# also writes the values that read gave (the weight gradient's operand) to count_ptr.
 GRAD_RELU = tl.constexpr(1)
 GRAD_NORM_READ = tl.constexpr(2)
+GRAD_NORM_APPLIED = tl.constexpr(3)
 
 
 @triton.jit
@@ -401,14 +403,11 @@ def _keep(grad, keep, INTERPRETER: tl.constexpr):
 
 
 @triton.jit
-def _norm_read_grad(
-    acc, z, scale, shift, normed, valid, slope, lo, hi, ACT: tl.constexpr, INTERPRETER: tl.constexpr
-):  # fmt: skip
-    """``(dx, g)`` of a map read as ``a = act(z * scale + shift)`` in its ``normed`` columns, from the gradient of
-    ``a`` (``acc``): ``g = act'(u) * acc`` as torch's backward of each activation gives it (ReLU: threshold_backward
-    on the result, a NaN ``u`` passing; LeakyReLU: ``u > 0``; clamp: zero where ``u <= lo`` or ``u >= hi``), zero in
-    rows past the map, and ``dx = g * scale`` (``acc`` itself in the other columns)."""
-    u = z * scale[None, :] + shift[None, :]
+def _norm_read_grad(acc, u, scale, normed, valid, slope, lo, hi, ACT: tl.constexpr, INTERPRETER: tl.constexpr):
+    """``(dx, g)`` of a map read as ``a = act(u)``, ``u = z * scale + shift``, in its ``normed`` columns, from the
+    gradient of ``a`` (``acc``): ``g = act'(u) * acc`` as torch's backward of each activation gives it (ReLU:
+    threshold_backward on the result, a NaN ``u`` passing; LeakyReLU: ``u > 0``; clamp: zero where ``u <= lo`` or
+    ``u >= hi``), zero in rows past the map, and ``dx = g * scale`` (``acc`` itself in the other columns)."""
     plain = (normed == 0)[None, :]
     keep = valid[:, None]
     if ACT == ACT_RELU:
@@ -419,6 +418,35 @@ def _norm_read_grad(
     if ACT == ACT_LEAKY_RELU:
         g = g * tl.where((u > 0) | plain, 1.0, slope)
     return g * tl.where(normed, scale, 1.0)[None, :], g
+
+
+@triton.jit
+def _norm_read_columns(
+    acc, offs, valid, rows_y, rows_z, rows_a, y_ptr, z_ptr, applied_ptr, scale_ptr, shift_ptr, slopes_ptr, g_z_ptr,
+    g_ptr, c_out, c_norm, stride_yc, stride_zc, slope, lo, hi, ACT: tl.constexpr, APPLIED: tl.constexpr,
+    INTERPRETER: tl.constexpr,
+):  # fmt: skip
+    """The ``GRAD_NORM_READ`` epilogue (see :func:`_conv_nhwc_kernel`) of the input gradient ``acc`` in columns
+    ``offs``, rows ``valid`` at offsets ``rows_y`` of y (``rows_z`` of z, ``rows_a`` of the applied map): z's
+    gradient through the read (:func:`_norm_read_grad`) stored in the ``c_norm`` read channels (``acc`` as it is in
+    the others), the columns' sums of ``g * z`` and ``g`` to ``g_z_ptr`` and ``g_ptr`` (``scale_ptr``,
+    ``shift_ptr``: the tile's image's rows), and with ``APPLIED`` the read's values ``act(u)`` first."""
+    normed = offs < c_norm
+    z_mask = valid[:, None] & normed[None, :]
+    z = tl.load(z_ptr + rows_z[:, None] + offs.to(tl.int64)[None, :] * stride_zc, mask=z_mask, other=0.0)
+    z = z.to(acc.dtype)
+    scale = tl.load(scale_ptr + offs, mask=normed, other=1.0).to(acc.dtype)
+    shift = tl.load(shift_ptr + offs, mask=normed, other=0.0).to(acc.dtype)
+    u = z * scale[None, :] + shift[None, :]
+    if APPLIED:  # as the normalize launch computes and rounds it
+        applied = activate(u, slopes_ptr, offs, normed, slope, lo, hi, ACT)
+        a_ptrs = applied_ptr + rows_a[:, None] + offs[None, :]
+        tl.store(a_ptrs, to_storage(applied, applied_ptr.dtype.element_ty, INTERPRETER), mask=z_mask)
+    dx, g = _norm_read_grad(acc, u, scale, normed, valid, slope, lo, hi, ACT, INTERPRETER)
+    y_ptrs = y_ptr + rows_y[:, None] + offs.to(tl.int64)[None, :] * stride_yc
+    tl.store(y_ptrs, to_storage(dx, y_ptr.dtype.element_ty, INTERPRETER), mask=valid[:, None] & (offs < c_out)[None, :])
+    tl.store(g_z_ptr + offs, tl.sum(g * z, axis=0), mask=normed)
+    tl.store(g_ptr + offs, tl.sum(g, axis=0), mask=normed)
 
 
 @triton.jit
@@ -783,36 +811,37 @@ def _conv_tile(
                 + ch.to(tl.int64)[None, :] * stride_yc
             )
             tl.store(y_ptrs, out, mask=m_valid[:, None] & n_mask[None, :])
+        elif GRAD_MASK == GRAD_NORM_READ or GRAD_MASK == GRAD_NORM_APPLIED:
+            # The forward read its input's first n_cls channels (c_norm) as act(z * scale + shift): pool_ptr is z (its
+            # own strides), in_scale / in_shift its (batch, c_norm) scale and shift, IN_ACT the activation. The
+            # gradient of z through that read is stored, and this tile's sums of g * z and g per channel (the scale's
+            # and shift's gradients) go to row (tile, image) of mean_ptr and m2_ptr. GRAD_NORM_APPLIED: also the
+            # read's values act(u), rounded to the map's dtype as the normalize launch rounds them, to count_ptr
+            # (contiguous (batch, height, width, c_norm)): the weight gradient's operand. The tile's two column halves
+            # one after the other: half as many z, u and g values live at once.
+            tl.static_assert(TMA_ROWS > 0 or ROW_W > 0 or PER_IMAGE, "a tile of one image")
+            tl.static_assert(not (NORM_IN or POLYPHASE or STATS), "an input gradient over one plain tiling")
+            c_norm = n_cls
+            rows_y = pixel_offset(img, oy, ox, stride_yn, stride_yh, stride_yw)
+            rows_z = pixel_offset(img, oy, ox, stride_pn, stride_ph, stride_pw)
+            rows_a = ((img.to(tl.int64) * height + oy) * width + ox) * c_norm
+            table = img_t.to(tl.int64) * c_norm
+            part = ((pid_m % tiles_img).to(tl.int64) * batch + img_t) * c_norm
+            args = (m_valid, rows_y, rows_z, rows_a, y_ptr, pool_ptr, count_ptr, in_scale_ptr + table,
+                    in_shift_ptr + table, in_slopes_ptr, mean_ptr + part, m2_ptr + part, c_out, c_norm, stride_yc,
+                    stride_pc, in_slope, in_lo, in_hi)  # fmt: skip
+            applied: tl.constexpr = GRAD_MASK == GRAD_NORM_APPLIED
+            half: tl.constexpr = BLOCK_N // 2
+            left, right = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, half)), (0, 2, 1)))
+            offs_h = pid_n * BLOCK_N + tl.arange(0, half)
+            _norm_read_columns(left, offs_h, *args, IN_ACT, applied, INTERPRETER)
+            _norm_read_columns(right, offs_h + half, *args, IN_ACT, applied, INTERPRETER)
         else:
             at = pixel_offset(img, oy, ox, stride_yn, stride_yh, stride_yw)[:, None]
             at += offs_n.to(tl.int64)[None, :] * stride_yc
             if GRAD_MASK == GRAD_RELU:
                 gate = tl.load(pool_ptr + at, mask=m_valid[:, None] & n_mask[None, :])
                 out = _relu_derivative(out, gate, INTERPRETER)
-            elif GRAD_MASK == GRAD_NORM_READ:
-                # The forward read its input's first n_cls channels (c_norm) as act(z * scale + shift): pool_ptr is z
-                # (its own strides), in_scale / in_shift its (batch, c_norm) scale and shift, IN_ACT the activation.
-                # The gradient of z through that read is stored, and this tile's sums of g * z and g per channel
-                # (the scale's and shift's gradients) go to row (tile, image) of mean_ptr and m2_ptr.
-                tl.static_assert(TMA_ROWS > 0 or ROW_W > 0 or PER_IMAGE, "a tile of one image")
-                tl.static_assert(not (NORM_IN or POLYPHASE or STATS), "an input gradient over one plain tiling")
-                c_norm = n_cls
-                normed = offs_n < c_norm
-                z_ptrs = (
-                    pool_ptr
-                    + pixel_offset(img, oy, ox, stride_pn, stride_ph, stride_pw)[:, None]
-                    + offs_n.to(tl.int64)[None, :] * stride_pc
-                )
-                z = tl.load(z_ptrs, mask=m_valid[:, None] & normed[None, :], other=0.0).to(acc_t)
-                at_s = img_t.to(tl.int64) * c_norm + offs_n
-                scale = tl.load(in_scale_ptr + at_s, mask=normed, other=1.0).to(acc_t)
-                shift = tl.load(in_shift_ptr + at_s, mask=normed, other=0.0).to(acc_t)
-                dx, g = _norm_read_grad(acc, z, scale, shift, normed, m_valid, in_slope, in_lo, in_hi, IN_ACT,
-                                        INTERPRETER)  # fmt: skip
-                out = to_storage(dx, y_ptr.dtype.element_ty, INTERPRETER)
-                part_at = ((pid_m % tiles_img).to(tl.int64) * batch + img_t) * c_norm + offs_n
-                tl.store(mean_ptr + part_at, tl.sum(g * z, axis=0), mask=normed)
-                tl.store(m2_ptr + part_at, tl.sum(g, axis=0), mask=normed)
             tl.store(y_ptr + at, out, mask=m_valid[:, None] & n_mask[None, :])
 
         if STATS:
@@ -991,7 +1020,9 @@ def _conv_nhwc_kernel(
     the pre-norm map ``z`` whose first ``n_cls`` channels the conv read as ``act(z * scale + shift)`` (``in_scale``,
     ``in_shift``, ``IN_ACT`` and its parameters), and the epilogue stores z's gradient through that read in those
     channels (:func:`_norm_read_grad`) and the tile's per-channel sums of ``g * z`` and ``g`` to row (tile, image)
-    of ``mean_ptr`` and ``m2_ptr`` (see :func:`conv2d_nhwc`'s ``grad_norm``).
+    of ``mean_ptr`` and ``m2_ptr`` (see :func:`conv2d_nhwc`'s ``grad_norm``). ``GRAD_NORM_APPLIED``: the same, and the
+    read's values ``act(z * scale + shift)`` of those channels to ``count_ptr``, a contiguous (batch, height, width,
+    ``n_cls``) map in y's dtype (``grad_norm_applied``).
     """
     if PERSISTENT:
         # Fewer programs than tiles: each program takes every num_programs-th tile in grouped order.
@@ -1555,6 +1586,7 @@ def _conv_static(
     polyphase: bool = False,
     grad_mask: bool = False,
     grad_norm: NormIn | None = None,
+    grad_norm_applied: bool = False,
 ) -> _ConvStatic:
     """Derive a conv launch (see :class:`_ConvStatic`) from what its tensors look like; refuses sizes the kernel
     cannot address. ``head``: the kernel's ``HEAD`` (False, :data:`HEAD_LOGITS` or :data:`HEAD_MAP`)."""
@@ -1609,7 +1641,11 @@ def _conv_static(
         "NORM_IN": norm_in is not None,
         "IN_ACT": ACTIVATIONS[read.activation].value if read is not None else ACT_NONE.value,
         "STATS": stats,
-        "GRAD_MASK": GRAD_NORM_READ.value if grad_norm is not None else GRAD_RELU.value if grad_mask else 0,
+        "GRAD_MASK": (GRAD_NORM_APPLIED if grad_norm_applied else GRAD_NORM_READ).value
+        if grad_norm is not None
+        else GRAD_RELU.value
+        if grad_mask
+        else 0,
         # int32 offsets in the main loop unless a source or the weight spans 2**31 elements (see _accumulate_source)
         "WIDE": max(element_span(t) for t in (x, up_t, w_packed)) >= 2**31,
         "INTERPRETER": interpreter,
@@ -1682,11 +1718,13 @@ def _launch(
     stats: NormSpec | None = None,
     grad_mask: torch.Tensor | None = None,
     grad_norm: NormIn | None = None,
+    applied: torch.Tensor | None = None,
 ) -> tuple | None:
     """Launch the conv kernel as ``static`` says over these tensors (and, with ``stats``, the finalize step: returns
     the (N, C) fp32 scale and shift). ``slope``, ``lo``, ``hi``, ``slopes``: the epilogue activation's.
     ``grad_mask``: the map whose ReLU derivative the epilogue applies (passed where the pooled map goes); with
-    ``grad_norm`` the pre-norm map read through it: returns the (N, C_norm) gradients of its scale and shift."""
+    ``grad_norm`` the pre-norm map read through it: returns the (N, C_norm) gradients of its scale and shift.
+    ``applied`` (``GRAD_NORM_APPLIED``): the contiguous (N, H, W, C_norm) map the read's values go to."""
     batch, c_out = static.sizes[0], static.sizes[5]
     read = norm_in if norm_in is not None else grad_norm
     in_args = read.args(w_packed) if read is not None else (w_packed, w_packed, w_packed, 0.0, 0.0, 0.0)
@@ -1743,7 +1781,7 @@ def _launch(
     def args_of(tile: _ConvTile) -> tuple:
         stat_args = moments_of(tile) if stats is not None else (w_packed, w_packed, w_packed)
         if grad_norm is not None:
-            stat_args = (*read_parts_of(tile), w_packed)
+            stat_args = (*read_parts_of(tile), applied if applied is not None else w_packed)
         return (
             x, up_t, w_packed, b, y, pool_t, hw, hb, *_tma_descriptors(static, tile, x, up, w_packed), slopes_t,
             *in_args[:3], *stat_args, parts_of(tile), *static.sizes, *scalars, tile.tiles, tile.tiles_m, *strides,
@@ -1788,6 +1826,8 @@ def _launch(
             written += list(moments_of(tile))
         if grad_norm is not None:
             written.append(read_parts_of(tile))
+        if applied is not None:
+            written.append(applied)
         if tile.split_k > 1:
             written = [parts_of(tile)]
         record_launch(
@@ -1931,6 +1971,7 @@ def conv2d_nhwc(
     head_map: bool = False,
     grad_mask: torch.Tensor | None = None,
     grad_norm: NormIn | None = None,
+    grad_norm_applied: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | NormIn | tuple | None]:
     """``ksize x ksize`` convolution (stride 1 or 2) of an NHWC view, with its fused neighbours.
 
@@ -1986,12 +2027,17 @@ def conv2d_nhwc(
             gives it), the others ``dx`` as it is; the launch also sums ``g * z`` and ``g`` over each image's
             pixels (per tile, then the tiles in a fixed order), the gradients of the read's scale and shift.
             Stride 1, one tile a program's K (no split K), nothing else fused.
+        grad_norm_applied: with ``grad_norm``, the epilogue also writes the values the forward read, ``act(z * scale +
+            shift)`` of those C_norm channels, rounded to the map's dtype as
+            :func:`~fastunet.kernels.stats.normalize_nhwc` rounds them, to a new contiguous (N, H_out, W_out, C_norm)
+            map: the conv's weight gradient reads it, with no normalize launch (which would read z once more).
 
     Returns:
         (y, pooled): y in NHWC (or ``out``), pooled None unless ``pool`` (with ``head_map``: the activated map, NHWC,
         under the logits y); with ``norm``: (z, how to read it), the pre-norm map and the
         :class:`~fastunet.kernels.stats.NormIn` (scale, shift and the activation) a consumer passes as ``norm_in``;
-        with ``grad_norm``: (y, (grad_scale, grad_shift)), two fp32 (N, C_norm) tensors (fp64 for float64 maps).
+        with ``grad_norm``: (y, (grad_scale, grad_shift)), two fp32 (N, C_norm) tensors (fp64 for float64 maps),
+        and with ``grad_norm_applied`` (y, (grad_scale, grad_shift, applied)).
 
     What the launch comes to for a signature (sizes, strides, dtypes, devices, alignment, the arguments and this
     thread's switches) is derived once and reused (:class:`~fastunet.kernels._common.LaunchCache`); each call still
@@ -2007,7 +2053,7 @@ def conv2d_nhwc(
                 align_corners, join, activation, slope, lo, hi, pool, stride, _signature(norm_in),
                 None if norm is None else (norm.groups, type(norm.groups), tensor_meta(norm.weight),
                                            tensor_meta(norm.bias)),
-                polyphase, head_map, tensor_meta(grad_mask), _signature(grad_norm), _environment(),
+                polyphase, head_map, tensor_meta(grad_mask), _signature(grad_norm), grad_norm_applied, _environment(),
             )  # fmt: skip
         except (AttributeError, RuntimeError):  # not a tensor, or one without storage: validated and derived anew
             key = None
@@ -2021,6 +2067,7 @@ def conv2d_nhwc(
             head_map=head_map,
             grad_mask=grad_mask,
             grad_norm=grad_norm,
+            grad_norm_applied=grad_norm_applied,
         )  # fmt: skip
         if key is not None:
             _CONV_LAUNCHES.put(key, prepared)
@@ -2055,19 +2102,20 @@ def conv2d_nhwc(
             x, up, w_packed, geometry=prepared.geometry, ksize=ksize, packed_k=prepared.packed_k, act=prepared.act,
             has_bias=bias is not None, pool=prepared.pooled_shape is not None, head=head, d2s=False,
             stride=stride, norm_in=norm_in, stats=norm is not None, polyphase=polyphase is not None,
-            grad_mask=grad_mask is not None, grad_norm=grad_norm,
+            grad_mask=grad_mask is not None, grad_norm=grad_norm, grad_norm_applied=grad_norm_applied,
         )  # fmt: skip
         if len(prepared.launches) >= _MAX_SOURCE_LAYOUTS:
             prepared.launches.clear()
         prepared.launches[source] = static
     epilogue = (slope, lo, hi, slopes) if norm is None else (0.0, 0.0, 0.0, None)
+    applied = alloc((*out.shape[:3], grad_mask.shape[3]), x.dtype, x.device) if grad_norm_applied else None
     scale_shift = _launch(
         static, x, up, w_packed, bias.contiguous() if bias is not None else None, out, pooled, head_weight, head_bias,
         slope=epilogue[0], lo=epilogue[1], hi=epilogue[2], slopes=epilogue[3], name=prepared.name,
-        flops=prepared.flops, norm_in=norm_in, stats=norm, grad_mask=grad_mask, grad_norm=grad_norm,
+        flops=prepared.flops, norm_in=norm_in, stats=norm, grad_mask=grad_mask, grad_norm=grad_norm, applied=applied,
     )  # fmt: skip
     if grad_norm is not None:
-        return out, scale_shift
+        return out, scale_shift if applied is None else (*scale_shift, applied)
     if norm is not None:
         scale, shift, mean, var = scale_shift
         return out, NormIn(scale, shift, activation, float(slope), float(lo), float(hi), slopes, mean, var)
@@ -2077,7 +2125,7 @@ def conv2d_nhwc(
 def _prepare_conv2d(
     x, w_packed, bias, *, ksize, padding, up, up_mode, align_corners, join, activation, lo, hi, slopes, pool,
     head_weight, head_bias, out, stride, norm_in, norm, polyphase=None, head_map=False, grad_mask=None,
-    grad_norm=None,
+    grad_norm=None, grad_norm_applied=False,
 ) -> _PreparedConv:  # fmt: skip
     """Validate a :func:`conv2d_nhwc` call (every check, in order, with the error a bad input gets) and derive its
     sizes (see :class:`_PreparedConv`)."""
@@ -2219,6 +2267,11 @@ def _prepare_conv2d(
         _check_no_overlap(out, [x, up, w_packed, bias, head_weight, head_bias, slopes, grad_mask])
     if grad_norm is not None:
         _check_grad_norm(grad_norm, grad_mask, (batch, out_h, out_w, c_out), stride, polyphase, norm_in)
+    if grad_norm_applied is not False and (grad_norm_applied is not True or grad_norm is None):
+        raise ValueError(
+            f"grad_norm_applied: expected a bool, True only with grad_norm (the read whose values it writes), got "
+            f"{grad_norm_applied!r} with grad_norm={'None' if grad_norm is None else 'a NormIn'}"
+        )
     if grad_mask is not None:
         shape = (batch, out_h, out_w, c_out if grad_norm is None else grad_mask.shape[-1])
         _check_grad_mask(grad_mask, shape, x, activation, pool, head_weight, norm)
@@ -2234,6 +2287,7 @@ def _prepare_conv2d(
         + ("+head" if head_weight is not None else "")
         + ("+stats" if norm is not None else "")
         + ("+norm_read" if grad_norm is not None else "+mask" if grad_mask is not None else "")
+        + ("+applied" if grad_norm_applied else "")
     )
     geometry = _Geometry(
         c_out,

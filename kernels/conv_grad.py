@@ -738,6 +738,7 @@ def conv2d_input_grad_nhwc(
     in_size: tuple[int, int] | None = None,
     grad_mask: torch.Tensor | None = None,
     grad_norm=None,
+    grad_norm_applied: bool = False,
 ):
     """Gradient w.r.t. its input of a stride-1 ``ksize x ksize`` conv with padding ``ksize // 2`` (same size), or of
     a 3x3 stride-2 padding-1 conv.
@@ -772,10 +773,14 @@ def conv2d_input_grad_nhwc(
             channels as ``act(z * scale + shift)``: the launch's epilogue turns those channels into z's gradient
             through the read and sums the read's scale and shift gradients (see
             :func:`fastunet.kernels.conv.conv2d_nhwc`'s ``grad_norm``).
+        grad_norm_applied: with ``grad_norm``, the epilogue also writes the values the forward read, ``act(z * scale
+            + shift)``, as a new contiguous (N, H, W, C_norm) map in ``dz``'s dtype: the weight gradient's operand,
+            with no normalize launch of its own.
 
     Returns:
         A new contiguous (N, H, W, c_in) tensor in ``dz``'s dtype; with ``grad_norm`` ``(dx, grad_scale,
-        grad_shift)``, the two sums fp32 (N, C_norm) (fp64 for float64 maps).
+        grad_shift)``, the two sums fp32 (N, C_norm) (fp64 for float64 maps); with ``grad_norm_applied`` ``(dx,
+        grad_scale, grad_shift, applied)``.
 
     Raises:
         NotImplementedError: a valid conv (padding 0 with ksize 3), or a strided conv other than 3x3 stride 2
@@ -809,12 +814,13 @@ def conv2d_input_grad_nhwc(
     if stride == 2:
         dx, _ = conv2d_nhwc(
             dz, w_flipped, None, ksize=3, padding=1, activation="none", polyphase=tuple(in_size), grad_mask=grad_mask,
-            grad_norm=grad_norm,
+            grad_norm=grad_norm, grad_norm_applied=grad_norm_applied,
         )  # fmt: skip
         return dx
     dx, sums = conv2d_nhwc(
-        dz, w_flipped, None, ksize=ksize, padding=padding, activation="none", grad_mask=grad_mask, grad_norm=grad_norm
-    )
+        dz, w_flipped, None, ksize=ksize, padding=padding, activation="none", grad_mask=grad_mask, grad_norm=grad_norm,
+        grad_norm_applied=grad_norm_applied,
+    )  # fmt: skip
     return dx if grad_norm is None else (dx, *sums)
 
 

@@ -1145,6 +1145,36 @@ def test_input_grad_through_a_normalized_read_keeps_torch_special_values(device)
         torch.testing.assert_close(d_shift, e_shift, rtol=1e-5, atol=1e-5, equal_nan=True)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu", "clamp", "none"])
+@pytest.mark.parametrize("c_up", [0, 3], ids=["one-source", "two-sources"])
+def test_input_grad_writes_the_applied_read_as_the_normalize_launch_does(device, dtype, activation, c_up):
+    """``grad_norm_applied``: the epilogue also writes the read's values ``act(z * scale + shift)`` (the weight
+    gradient's operand), bit for bit what :func:`normalize_nhwc` writes from the same z (inf, NaN and a z laid out
+    channels-first included), and the input gradient and the sums are the launch's without it, bit for bit."""
+    from fastunet.kernels.stats import normalize_nhwc
+
+    torch.manual_seed(41 + c_up)
+    batch, height, width, c_norm, c_out = 2, 5, 7, 5, 4
+    z = (torch.randn(batch, c_norm, height, width) * 3).to(dtype).to(device).permute(0, 2, 3, 1)  # channels-first
+    z[0, 1, 2, 3], z[1, 4, 6, 0], z[1, 0, 0, 4] = float("nan"), float("inf"), -float("inf")
+    scale = (torch.randn(batch, c_norm) + 0.5).to(device)
+    shift = torch.randn(batch, c_norm).to(device)
+    dz = torch.randn(batch, height, width, c_out).to(dtype).to(device)
+    packed = pack_conv_weight(torch.randn(c_out, c_norm + c_up, 3, 3).to(dtype)).to(device)
+    read = NormIn(scale, shift, activation, 0.1, -0.4, 0.6)
+    with _common.launch_log() as records:
+        dx, d_scale, d_shift, applied = conv2d_input_grad_nhwc(
+            dz, packed, c_norm + c_up, grad_mask=z, grad_norm=read, grad_norm_applied=True
+        )  # fmt: skip
+    assert [r.name for r in records] == ["conv3x3+norm_read+applied"] + ["conv3x3+norm_read+applied.sum"] * 2
+    assert applied.shape == (batch, height, width, c_norm) and applied.dtype == dtype and applied.is_contiguous()
+    torch.testing.assert_close(applied, normalize_nhwc(z, read), rtol=0, atol=0, equal_nan=True)
+    plain = conv2d_input_grad_nhwc(dz, packed, c_norm + c_up, grad_mask=z, grad_norm=read)
+    for got, expected in zip((dx, d_scale, d_shift), plain, strict=True):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
+
+
 def test_input_grad_through_a_normalized_read_refuses_bad_arguments(device):
     dz = torch.randn(1, 4, 4, 3, device=device)
     packed = torch.randn(9 * 2, 3, device=device)
@@ -1160,3 +1190,7 @@ def test_input_grad_through_a_normalized_read_refuses_bad_arguments(device):
         conv2d_input_grad_nhwc(
             dz, packed, 2, stride=2, in_size=(8, 8), grad_mask=torch.randn(1, 8, 8, 2), grad_norm=read
         )
+    with pytest.raises(ValueError, match="grad_norm_applied: expected a bool, True only with grad_norm"):
+        conv2d_input_grad_nhwc(dz, packed, 2, grad_norm_applied=True)
+    with pytest.raises(ValueError, match="grad_norm_applied: expected a bool, True only with grad_norm"):
+        conv2d_input_grad_nhwc(dz, packed, 2, grad_mask=z, grad_norm=read, grad_norm_applied=1)
