@@ -541,6 +541,16 @@ def _read_grad_apart(stride: int) -> bool:
     return stride != 1
 
 
+def _head_read(ksize, up, read, norm_groups, activation, pool, stride, c_in, c_out) -> bool:
+    """Whether a conv's backward is a 1x1 head's that read its map through a norm, which
+    :func:`fastunet.kernels.backward.head_backward_sums_nhwc` takes in one pass over the map (its limits: 128
+    channels, 64 classes)."""
+    from fastunet.kernels.backward import HEAD_MAX_CHANNELS, HEAD_MAX_CLASSES
+
+    plain = up is None and not norm_groups and activation == "none" and not pool and stride == 1
+    return ksize == 1 and read is not None and plain and c_in <= HEAD_MAX_CHANNELS and c_out <= HEAD_MAX_CLASSES
+
+
 def _materialized(x: torch.Tensor, read: NormIn | None) -> torch.Tensor:
     """The values a launch read from ``x``: ``x`` itself, or ``act(x * scale + shift)`` written once (a weight
     gradient's operand; the forward's launch read it applied, on load or ahead)."""
@@ -582,8 +592,11 @@ def _conv_backward(
     other pixel and the input gradient is the polyphase launch of the conv kernel. ``grad_is_dz``: every reader of
     ``y`` applied this conv's ReLU derivative to the gradient it sent back, so ``grad_y`` is dZ itself (no launch).
     ``mask_x`` (one source, x not read through a norm): x is the output of a ReLU (its producer has ``grad_is_dz``);
-    the input gradient's launch applies that ReLU's derivative in its epilogue (``where(x <= 0, 0, dx)``)."""
-    from fastunet.kernels.backward import activation_pool_backward_nhwc
+    the input gradient's launch applies that ReLU's derivative in its epilogue (``where(x <= 0, 0, dx)``). Through a
+    read at stride 1 the input gradient runs first and also writes the values the forward read, the weight
+    gradient's operand; a 1x1 head read through its norm takes its whole backward in one pass over x
+    (:func:`fastunet.kernels.backward.head_backward_sums_nhwc`)."""
+    from fastunet.kernels.backward import activation_pool_backward_nhwc, head_backward_sums_nhwc
     from fastunet.kernels.conv import conv_transpose2x2_nhwc
     from fastunet.kernels.conv_grad import conv2d_input_grad_nhwc, conv2d_weight_grad_nhwc
     from fastunet.kernels.norm_grad import norm_coefficients, norm_stats_backward_nhwc
@@ -617,6 +630,15 @@ def _conv_backward(
     if mask_x and (c_up or in_scale is not None):
         raise ValueError("mask_x: the input gradient's mask covers one source read as stored (no up, no norm read)")
     gate = x if mask_x else None
+    if _head_read(ksize, up, read, norm_groups, activation, pool, stride, c_main, c_out):
+        # A 1x1 head that read its map through a norm (a norm layout's head launch): one pass over z gives z's
+        # gradient through the read, the read's scale and shift gradients, dW and db.
+        d_in, sums, d_scale, d_shift = head_backward_sums_nhwc(x, dz, weight, norm_read=read)
+        db = sums[c_main].clone() if has_bias else x.new_empty(0, dtype=stat_dtype(x.dtype))  # (no aliased outputs)
+        if not need_input:
+            d_in, d_scale, d_shift = empty, *(x.new_empty(0, dtype=stat_dtype(x.dtype)) for _ in range(2))
+        dx_read = x.new_empty(0, dtype=stat_dtype(x.dtype))
+        return d_in, dx_read, sums[:c_main], db, d_scale, d_shift, d_norm_weight, d_norm_bias
     if need_input and read is not None and not _read_grad_apart(stride):
         # x's gradient through its read in the input gradient's epilogue, which also writes the values the forward
         # read: the weight gradient's operand, with no normalize launch reading x once more.

@@ -45,7 +45,7 @@ from fastunet.kernels._common import (
     stat_dtype,
     to_storage,
 )
-from fastunet.kernels.conv import _relu_derivative, _sum_read_parts
+from fastunet.kernels.conv import _norm_read_grad, _relu_derivative, _sum_read_parts
 from fastunet.kernels.conv_grad import _sum_splits_kernel
 from fastunet.kernels.norm_grad import NORM_ACTIVATIONS, _activation_grad
 from fastunet.kernels.stats import NormIn
@@ -653,16 +653,25 @@ HEAD_MAX_CLASSES = 64
 # Pixels a step of the head's backward takes, and programs per SM of its grid (each loops over its share of the
 # pixel steps in order, its dW and db partial in registers).
 HEAD_BLOCK_P = 64
+# With a read through a norm (z, u, the values read and their gradient live at once): steps of this many (pixel,
+# channel) elements, 32 pixels of 64 channels (64 pixels spill a 64-channel map's build; 32 a 128-channel one's).
+HEAD_READ_ELEMENTS = 2048
 HEAD_PROGRAMS_PER_SM = 8
 
 
 @triton.jit
 def _head_backward_kernel(
-    a_ptr,  # (batch, height, width, c): the map under the head
+    a_ptr,  # (batch, height, width, c): the map under the head (READ: the pre-norm map z it was read from)
     g_ptr,  # (batch, height, width, n_cls): the logits' gradient (any strides: an NCHW tensor's NHWC view)
     w_ptr,  # (c, n_cls) contiguous: the head's weight
-    da_ptr,  # (batch, height, width, c) contiguous: the map's gradient
+    da_ptr,  # (batch, height, width, c) contiguous: the map's gradient (READ: z's)
     part_ptr,  # (programs, c + 1, n_cls): each program's partial dW (rows 0..c-1) and db (row c)
+    scale_ptr,  # READ: (batch, c) fp32, the read's scale and shift
+    shift_ptr,
+    read_part_ptr,  # READ: (2, programs per image, batch, c): each program's sums of g * z, then of g
+    slope,  # READ: the read's activation (LeakyReLU slope, clamp bounds)
+    lo,
+    hi,
     pixels,
     height,
     width,
@@ -683,17 +692,28 @@ def _head_backward_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_CLS: tl.constexpr,
     MASK: tl.constexpr,
+    READ: tl.constexpr,
+    READ_ACT: tl.constexpr,
 ):
     """One pass of the 1x1 head's backward over the map: per step of BLOCK_P pixels ``da = g @ W^T`` is stored (with
     ``MASK``, the map being a ReLU's output: ``where(a <= 0, 0, da)``, the ReLU's derivative applied too) and
     ``a^T g`` and the pixel sum of ``g`` are added to the program's partials, which a second launch sums over the
     programs in order (:func:`fastunet.kernels.conv_grad._sum_splits_kernel`).
 
-    Grid: (programs,); program p takes steps ``p * steps ... (p + 1) * steps - 1`` (pixels in NHWC order). Every
+    Grid: (programs, 1); program p takes steps ``p * steps ... (p + 1) * steps - 1`` (pixels in NHWC order). Every
     channel and class of a pixel is in one tile (c <= 128, n_cls <= 64), so the map and the logits' gradient are
     read once and ``da`` written once. Masked lanes load zeros and nothing is stored for them; a column past c or
-    n_cls multiplies a zero weight or gradient and is never stored."""
+    n_cls multiplies a zero weight or gradient and is never stored.
+
+    ``READ`` (the head read its map as ``a = act(z * scale + shift)``, ``READ_ACT``, as a norm layout's head launch
+    does): ``a_ptr`` is z. Grid (programs per image, batch), program (p, n) taking image n's pixel steps ``p *
+    steps ...`` (``pixels``: one image's). Each step makes ``a`` again as the forward's loader read it (rounded once
+    to the map's dtype) for ``a^T g``, and stores z's gradient through the read, ``act'(u) * da * scale`` (each
+    activation's derivative as torch's backward gives it); the program's sums of ``g * z`` and ``g``, the read's
+    scale and shift gradients, go to ``read_part_ptr``. z is read once and its gradient written once: no
+    normalized map and no gradient of it is ever stored."""
     pid = tl.program_id(0)
+    img0 = tl.program_id(1)  # READ: the program's image (else 0: the pixels run over the batch)
     offs_c = tl.arange(0, BLOCK_C)
     offs_k = tl.arange(0, BLOCK_CLS)
     c_mask = offs_c < c
@@ -703,27 +723,54 @@ def _head_backward_kernel(
     acc_t: tl.constexpr = acc_type(da_ptr.dtype.element_ty)
     acc_w = tl.zeros((BLOCK_C, BLOCK_CLS), dtype=acc_t)
     acc_b = tl.zeros((BLOCK_CLS,), dtype=acc_t)
+    if READ:
+        table = img0.to(tl.int64) * c + offs_c
+        scale = tl.load(scale_ptr + table, mask=c_mask, other=0.0).to(acc_t)
+        shift = tl.load(shift_ptr + table, mask=c_mask, other=0.0).to(acc_t)
+        acc_wt = tl.zeros((BLOCK_CLS, BLOCK_C), dtype=acc_t)
+        sum_gz = tl.zeros((BLOCK_C,), dtype=acc_t)
+        sum_g = tl.zeros((BLOCK_C,), dtype=acc_t)
     for step in range(0, steps):
         offs_p = (pid * steps + step) * BLOCK_P + tl.arange(0, BLOCK_P)
         p_mask = offs_p < pixels
         ox = offs_p % width
         oy = (offs_p // width) % height
-        img = offs_p // (width * height)
+        img = img0 + offs_p // (width * height)
+        mask = p_mask[:, None] & c_mask[None, :]
         a_ptrs = (
             a_ptr + pixel_offset(img, oy, ox, stride_an, stride_ah, stride_aw)[:, None] + offs_c[None, :] * stride_ac
         )
-        a = tl.load(a_ptrs, mask=p_mask[:, None] & c_mask[None, :], other=0.0)
+        a = tl.load(a_ptrs, mask=mask, other=0.0)
+        if READ:  # a is z: the values the forward's loader read, as it rounded them
+            z = a.to(acc_t)
+            u = z * scale[None, :] + shift[None, :]
+            value = activate(u, scale_ptr, offs_c, c_mask, slope, lo, hi, READ_ACT)
+            a = to_storage(tl.where(mask, value, 0.0), a_ptr.dtype.element_ty, INTERPRETER)
         g_ptrs = (
             g_ptr + pixel_offset(img, oy, ox, stride_gn, stride_gh, stride_gw)[:, None] + offs_k[None, :] * stride_gc
         )
         g = tl.load(g_ptrs, mask=p_mask[:, None] & k_mask[None, :], other=0.0)
         da = mma(g, w_t, tl.zeros((BLOCK_P, BLOCK_C), dtype=acc_t), INTERPRETER, DOT_PRECISION)
-        if MASK:
+        if READ:  # the derivative's masks on the bits, as the conv's epilogue applies them (a select serializes wgmma)
+            da, grad_z = _norm_read_grad(da, u, scale, c_mask, p_mask, slope, lo, hi, READ_ACT, INTERPRETER)
+            sum_gz += tl.sum(grad_z * z, axis=0)
+            sum_g += tl.sum(grad_z, axis=0)
+        elif MASK:
             da = _relu_derivative(da, a, INTERPRETER)
-        da_ptrs = da_ptr + offs_p.to(tl.int64)[:, None] * c + offs_c[None, :]
-        tl.store(da_ptrs, to_storage(da, da_ptr.dtype.element_ty, INTERPRETER), mask=p_mask[:, None] & c_mask[None, :])
-        acc_w = mma(tl.trans(a), g, acc_w, INTERPRETER, DOT_PRECISION)
+        da_ptrs = da_ptr + (img0.to(tl.int64) * pixels + offs_p)[:, None] * c + offs_c[None, :]
+        tl.store(da_ptrs, to_storage(da, da_ptr.dtype.element_ty, INTERPRETER), mask=mask)
+        if READ:  # dW^T = g^T a: the values made in registers are the B operand
+            acc_wt = mma(tl.trans(g), a, acc_wt, INTERPRETER, DOT_PRECISION)
+        else:
+            acc_w = mma(tl.trans(a), g, acc_w, INTERPRETER, DOT_PRECISION)
         acc_b += tl.sum(g.to(acc_t), axis=0)
+    if READ:
+        acc_w = tl.trans(acc_wt)
+        row = (pid.to(tl.int64) * tl.num_programs(1) + img0) * c + offs_c
+        per_sum = tl.num_programs(0).to(tl.int64) * tl.num_programs(1) * c
+        tl.store(read_part_ptr + row, sum_gz, mask=c_mask)
+        tl.store(read_part_ptr + per_sum + row, sum_g, mask=c_mask)
+    pid = pid + img0 * tl.num_programs(0)  # the dW partial's row: (image, program) with READ
     part = part_ptr + pid.to(tl.int64) * (c + 1) * n_cls
     tl.store(part + offs_c[:, None] * n_cls + offs_k[None, :], acc_w, mask=c_mask[:, None] & k_mask[None, :])
     tl.store(part + c * n_cls + offs_k, acc_b, mask=k_mask)
@@ -738,7 +785,8 @@ def head_backward_nhwc(
     programs: int | None = None,
     mask: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """The backward of a 1x1 head ``logits = a @ W + b`` in one pass over the map: ``(da, dW, db)``.
+    """The backward of a 1x1 head ``logits = a @ W + b`` in one pass over the map: ``(da, dW, db)``. (A head that read
+    its map through a norm: :func:`head_backward_sums_nhwc`'s ``norm_read``.)
 
     ``da = dlogits @ W^T`` (``a``'s dtype), ``dW = a^T dlogits`` and ``db = sum_p dlogits`` (fp32; fp64 for float64
     maps; db None without ``bias``): one launch reads ``a`` and ``dlogits`` once, writes ``da`` and each program's
@@ -766,9 +814,17 @@ def head_backward_sums_nhwc(
     *,
     programs: int | None = None,
     mask: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    norm_read: NormIn | None = None,
+) -> tuple[torch.Tensor, ...]:
     """:func:`head_backward_nhwc` after its checks, dW and db in one (C + 1, n_cls) tensor (rows 0..C-1: dW; row C:
-    db): ``(da, sums)``, two tensors sharing no memory (what a custom op may return)."""
+    db): ``(da, sums)``, two tensors sharing no memory (what a custom op may return).
+
+    ``norm_read``: the head read its input as ``act(a * scale + shift)`` (a norm layout's head launch,
+    ``conv2d_nhwc(norm_in=...)``; ReLU, LeakyReLU, clamp or no activation), ``a`` being the stored pre-norm map z.
+    The same one pass over z makes the values the head read again (rounded once to z's dtype, as its loader did) for
+    dW, and ``da`` is z's gradient through the read, ``act'(u) * (dlogits @ W^T) * scale``; returns ``(da, sums,
+    grad_scale, grad_shift)``, the read's scale and shift gradients (N, C) fp32 (fp64 for float64 maps), each
+    program's sums added in a fixed order. ``programs`` counts programs per image then."""
     _check_map(a, "head_backward_nhwc a")
     _check_map(grad_logits, "head_backward_nhwc grad_logits")
     batch, height, width, c = a.shape
@@ -785,48 +841,71 @@ def head_backward_sums_nhwc(
             f"head_backward_nhwc: at most {HEAD_MAX_CHANNELS} channels and {HEAD_MAX_CLASSES} classes, got {c} and "
             f"{n_cls}"
         )
+    if norm_read is not None:
+        if not isinstance(norm_read, NormIn):
+            raise ValueError(f"head_backward_nhwc norm_read: expected a NormIn, got {type(norm_read).__name__}")
+        if mask:
+            raise ValueError("head_backward_nhwc: mask (a ReLU's stored output) and norm_read (a pre-norm map read "
+                             "through its norm) describe different maps: pass one")  # fmt: skip
+        norm_read.check(a, "head_backward_nhwc norm_read")
+        if norm_read.activation not in NORM_ACTIVATIONS:
+            raise ValueError(f"head_backward_nhwc norm_read: the read's activation must be one of "
+                             f"{', '.join(NORM_ACTIVATIONS)}, got {norm_read.activation!r}")  # fmt: skip
     stat = stat_dtype(a.dtype)
     da = alloc((batch, height, width, c), a.dtype, a.device)
     sums = alloc((c + 1, n_cls), stat, a.device)  # dW's rows, then db
     pixels = batch * height * width
     if pixels > MAX_PIXELS:
         raise ValueError(f"head_backward_nhwc: at most {MAX_PIXELS} pixels, got {pixels}")
+    if type(programs) is not int and programs is not None or programs is not None and programs < 1:
+        raise ValueError(f"head_backward_nhwc programs: expected a positive int, got {programs!r}")
     if pixels == 0 or c == 0 or n_cls == 0:
+        if norm_read is not None:
+            return da, sums.zero_(), *(torch.zeros((batch, c), dtype=stat, device=a.device) for _ in range(2))
         return da, sums.zero_()
     weight = weight.contiguous()
-    tiles = triton.cdiv(pixels, HEAD_BLOCK_P)
+    # READ: each image's pixels on programs of their own (the read's sums are per image).
+    images = batch if norm_read is not None else 1
+    per_image = pixels // images
+    block_c = max(16, next_pow2(c))
+    block_p = HEAD_BLOCK_P if norm_read is None else min(HEAD_BLOCK_P, max(16, HEAD_READ_ELEMENTS // block_c))
+    tiles = triton.cdiv(per_image, block_p)
     if programs is None:
-        programs = HEAD_PROGRAMS_PER_SM * sm_count(a)
-    elif type(programs) is not int or programs < 1:
-        raise ValueError(f"head_backward_nhwc programs: expected a positive int, got {programs!r}")
+        programs = max(1, HEAD_PROGRAMS_PER_SM * sm_count(a) // images)
     programs = min(tiles, programs)
     steps = triton.cdiv(tiles, programs)
     programs = triton.cdiv(tiles, steps)  # no program without a step
-    part = alloc((programs, c + 1, n_cls), stat, a.device)
+    part = alloc((programs * images, c + 1, n_cls), stat, a.device)
+    read_part = alloc((2, programs, batch, c), stat, a.device) if norm_read is not None else part
+    read_args = norm_read.args(weight)[:2] if norm_read is not None else (weight, weight)
+    read_scalars = norm_read.args(weight)[3:] if norm_read is not None else (0.0, 0.0, 0.0)
     interpreter, precision = dot_flags(a.dtype, torch.backends.cudnn.allow_tf32)
-    args = (a, grad_logits, weight, da, part, pixels, height, width, c, n_cls, steps, *a.stride(),
-            *grad_logits.stride())  # fmt: skip
+    args = (a, grad_logits, weight, da, part, *read_args, read_part, *read_scalars, per_image, height, width, c, n_cls,
+            steps, *a.stride(), *grad_logits.stride())  # fmt: skip
     constexprs = {
         "INTERPRETER": interpreter,
         "DOT_PRECISION": precision,
-        "BLOCK_P": HEAD_BLOCK_P,
-        "BLOCK_C": max(16, next_pow2(c)),
+        "BLOCK_P": block_p,
+        "BLOCK_C": block_c,
         "BLOCK_CLS": max(16, next_pow2(n_cls)),
         "MASK": bool(mask),
+        "READ": norm_read is not None,
+        "READ_ACT": NORM_ACTIVATIONS[norm_read.activation].value if norm_read is not None else ACT_NONE.value,
     }
+    grid = (programs, images)
     options = {"num_warps": 4, "num_stages": 2}
     elements = (c + 1) * n_cls
     block = 1024
-    sum_args = (part, sums, programs, elements, 0, n_cls)
+    sum_args = (part, sums, programs * images, elements, 0, n_cls)
     sum_grid = (triton.cdiv(elements, block),)
     sum_options = {"num_warps": 4, "num_stages": 1}
     if recording():
         size = a.element_size()
         record_launch(
             LaunchRecord(
-                name="head_backward+mask" if mask else "head_backward",
+                name="head_backward" + ("+mask" if mask else "+norm_read" if norm_read is not None else ""),
                 kernel=_head_backward_kernel,
-                grid=(programs,),
+                grid=grid,
                 flops=4 * pixels * c * n_cls,
                 bytes_read=(a.numel() + grad_logits.numel() + weight.numel()) * size,
                 bytes_written=da.numel() * size + part.numel() * part.element_size(),
@@ -850,8 +929,10 @@ def head_backward_sums_nhwc(
         )
     if not is_dry_run():
         with launch_guard(a):
-            _head_backward_kernel[(programs,)](*args, **constexprs, **options)
+            _head_backward_kernel[grid](*args, **constexprs, **options)
             _sum_splits_kernel[sum_grid](*sum_args, BLOCK=block, **sum_options)
+    if norm_read is not None:
+        return da, sums, *_sum_read_parts(read_part, "head_backward+norm_read.sum", a)
     return da, sums
 
 

@@ -7,9 +7,11 @@ statistics), over NHWC maps, in two memory-bound launches per side:
   ``u = z * scale + shift``) and the gradients of ``scale`` and ``shift`` (``sum g * z`` and ``sum g`` over each
   image's pixels): fp32 partial sums over pixel slices (fp64 for float64 maps), summed over the slices in a fixed
   order. A stride-1 conv reader does the same in its input gradient's epilogue instead (the conv kernel's
-  ``GRAD_MASK`` = ``GRAD_NORM_READ``, :func:`fastunet.kernels.conv.conv2d_nhwc`'s ``grad_norm``) and the pool's
-  backward in its pass over z (:func:`fastunet.kernels.backward.activation_pool_backward_nhwc`'s ``norm_read``), so
-  this launch serves the strided conv and the low-resolution map an upsample or transposed conv reads;
+  ``GRAD_MASK`` = ``GRAD_NORM_READ``, or ``GRAD_NORM_APPLIED`` writing the values read too,
+  :func:`fastunet.kernels.conv.conv2d_nhwc`'s ``grad_norm``), a 1x1 head in its one-pass backward
+  (:func:`fastunet.kernels.backward.head_backward_sums_nhwc`'s ``norm_read``) and the pool's backward in its pass
+  over z (:func:`fastunet.kernels.backward.activation_pool_backward_nhwc`'s ``norm_read``), so this launch serves the
+  strided conv and the low-resolution map an upsample or transposed conv reads;
 * the producer side, :func:`norm_stats_backward_nhwc`: ``scale`` and ``shift`` are functions of the statistics
   of ``z`` (mean and variance of each group), so ``z`` gets ``A + B * (z - mean)`` more per (image, channel), the
   coefficients following from the gradients of ``scale`` and ``shift`` (:func:`norm_coefficients`, on (N, C)

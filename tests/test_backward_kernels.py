@@ -494,6 +494,97 @@ def test_head_backward_is_bitwise_repeatable_in_two_launches(device):
     assert [record.name for record in records] == ["head_backward", "head_backward.sum"] * 2
 
 
+READ_ACTIVATIONS = ["relu", "leaky_relu", "clamp", "none"]
+
+
+def read_reference(z, scale, shift, activation):
+    """Float64 ``act(z * scale + shift)`` (z NHWC, scale and shift (N, C)), differentiable."""
+    u = z * scale[:, None, None, :] + shift[:, None, None, :]
+    if activation == "relu":
+        return F.relu(u)
+    if activation == "leaky_relu":
+        return F.leaky_relu(u, 0.1)
+    if activation == "clamp":
+        return F.hardtanh(u, -0.4, 0.6)
+    return u
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", READ_ACTIVATIONS)
+@pytest.mark.parametrize(
+    ("batch", "height", "width", "channels", "classes", "programs"),
+    [pytest.param(2, 7, 5, 19, 3, None, id="odd"), pytest.param(3, 9, 11, 24, 2, 2, id="two-programs-an-image")],
+)
+def test_head_backward_through_a_normalized_read_matches_float64(
+    device, dtype, activation, batch, height, width, channels, classes, programs
+):  # fmt: skip
+    """``norm_read`` (the head read its map as ``act(z * scale + shift)``): one pass over z gives z's gradient through
+    the read, the read's scale and shift gradients (per image), and ``dW = a^T g`` over the values the head read (made
+    again, rounded once to the map's dtype as its loader rounded them) and ``db``, against float64 autograd; inputs
+    in NaN moats, outputs poisoned. Bounds: the fp32 sums' (``K * 2^-24`` times the products' magnitudes) carried
+    through the read, plus the storage roundings."""
+    torch.manual_seed(batch + channels)
+    z, grad, weight = head_case(batch, height, width, channels, classes, dtype, device)
+    scale = (torch.rand(batch, channels) + 0.5) * torch.where(torch.rand(batch, channels) < 0.3, -1.0, 1.0)
+    shift = torch.randn(batch, channels)
+    read = NormIn(scale.to(device), shift.to(device), activation, 0.1, -0.4, 0.6)
+    with launch_log() as records:
+        dz, sums, d_scale, d_shift = backward_module.head_backward_sums_nhwc(
+            z, grad, weight, programs=programs, norm_read=read
+        )  # fmt: skip
+    names = [r.name for r in records]
+    assert names == ["head_backward+norm_read", "head_backward.sum"] + ["head_backward+norm_read.sum"] * 2, names
+    assert dz.dtype == dtype and dz.is_contiguous() and d_scale.shape == d_shift.shape == (batch, channels)
+    z64 = z.detach().double().cpu().requires_grad_()
+    s64, t64 = scale.double().requires_grad_(), shift.double().requires_grad_()
+    a64 = read_reference(z64, s64, t64, activation)
+    g64, w64 = grad.double().cpu(), weight.double().cpu()
+    da64 = g64 @ w64.t()
+    expected_z, expected_s, expected_t = torch.autograd.grad(a64, (z64, s64, t64), da64)
+    read_values = a64.detach().to(dtype).double()  # what the head's loader read
+    tf32 = 2 * 2.0**-11 if dtype == torch.float32 and device.type == "cuda" else 0.0
+    da_bound = ((classes + 1) * 2.0**-24 + tf32) * (g64.abs() @ w64.abs().t())  # act' is 0, 1 or the slope
+    zd, sd = z64.detach().abs(), s64.detach().abs()[:, None, None, :]
+    per_image = height * width
+    checks = [
+        (dz, expected_z, (da_bound + 2.0**-23 * da64.abs()) * sd + UNIT_ROUNDOFF[dtype] * expected_z.abs()),
+        (d_scale, expected_s, (da_bound * zd).sum((1, 2)) + per_image * 2.0**-23 * (da64.abs() * zd).sum((1, 2))),
+        (d_shift, expected_t, da_bound.sum((1, 2)) + per_image * 2.0**-23 * da64.abs().sum((1, 2))),
+        (sums[:channels], torch.einsum("nhwc,nhwk->ck", read_values, g64),
+         (batch * per_image * 2.0**-24 + tf32 + UNIT_ROUNDOFF[dtype])
+         * torch.einsum("nhwc,nhwk->ck", read_values.abs(), g64.abs())),
+        (sums[channels], g64.sum((0, 1, 2)), batch * per_image * 2.0**-24 * g64.abs().sum((0, 1, 2))),
+    ]  # fmt: skip
+    for index, (got, expected, bound) in enumerate(checks):
+        assert not got.isnan().any(), index
+        err = (got.double().cpu() - expected).abs()
+        assert (err <= bound + 1e-30).all(), f"output {index}: max error {err.max():.3e}"
+
+
+def test_head_backward_through_a_read_is_the_unfused_launches_bit_for_bit(device):
+    """fp32, one image, the same programs: dW and db bit for bit the plain launch's over the map the read gives
+    (:func:`normalize_nhwc`), and z's gradient bit for bit :func:`norm_input_backward_nhwc` of the plain launch's
+    ``da``, special values included (NaN in z, inf and NaN in the logits' gradient): the masks are torch's."""
+    from fastunet.kernels.norm_grad import norm_input_backward_nhwc
+    from fastunet.kernels.stats import normalize_nhwc
+
+    z, grad, weight = head_case(1, 12, 10, 24, 3, torch.float32, device)
+    z[0, 2, 3, 4], z[0, 7, 1, 0] = NAN, float("inf")
+    grad[0, 5, 5, 1], grad[0, 9, 2, 0] = float("inf"), NAN
+    scale, shift = torch.randn(1, 24, device=device), torch.randn(1, 24, device=device)
+    for activation in READ_ACTIVATIONS:
+        read = NormIn(scale, shift, activation, 0.1, -0.4, 0.6)
+        dz, sums, d_scale, d_shift = backward_module.head_backward_sums_nhwc(z, grad, weight, programs=2,
+                                                                             norm_read=read)  # fmt: skip
+        applied = normalize_nhwc(z, read)
+        da, plain_sums = backward_module.head_backward_sums_nhwc(applied, grad, weight, programs=2)
+        torch.testing.assert_close(sums, plain_sums, rtol=0, atol=0, equal_nan=True)
+        expected = norm_input_backward_nhwc(da, z, scale, shift, activation, 0.1, -0.4, 0.6)
+        torch.testing.assert_close(dz, expected[0], rtol=0, atol=0, equal_nan=True)
+        for got, want in zip((d_scale, d_shift), expected[1:], strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
 def test_head_backward_refuses_bad_input(device):
     a, grad, weight = head_case(1, 4, 4, 8, 2, torch.float32, device)
     with pytest.raises(ValueError, match=r"weight: expected a \(8, n_cls\) packed 1x1 weight, got \(7, 2\)"):
@@ -506,6 +597,17 @@ def test_head_backward_refuses_bad_input(device):
         head_backward_nhwc(a, grad, weight, programs=0)
     with pytest.raises(ValueError, match="at most 128 channels and 64 classes, got 8 and 65"):
         head_backward_nhwc(a, torch.randn(1, 4, 4, 65, device=device), torch.randn(8, 65, device=device))
+    read = NormIn(torch.ones(1, 8, device=device), torch.zeros(1, 8, device=device), "relu")
+    with pytest.raises(ValueError, match="mask .* and norm_read .* describe different maps"):
+        backward_module.head_backward_sums_nhwc(a, grad, weight, mask=True, norm_read=read)
+    with pytest.raises(ValueError, match=r"norm_read normalization scale: expected float32 \(1, 8\)"):
+        backward_module.head_backward_sums_nhwc(
+            a, grad, weight, norm_read=NormIn(read.scale[:, :4], read.shift, "relu")
+        )
+    with pytest.raises(
+        ValueError, match="the read's activation must be one of relu, leaky_relu, clamp, none, got 'silu'"
+    ):
+        backward_module.head_backward_sums_nhwc(a, grad, weight, norm_read=NormIn(read.scale, read.shift, "silu"))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -532,19 +532,22 @@ def test_the_training_forward_applies_each_norm_ahead_of_its_conv_readers(upsamp
 
 @pytest.mark.parametrize("upsample", ["transpose", "bilinear"])
 def test_the_backward_writes_each_stride_one_readers_applied_map_in_its_input_gradient(upsample):
-    """BatchNorm with batch statistics, traced on the meta device: each stride-1 conv (and the 1x1 head) that read a
-    map through its norm takes the map's gradient through the read in its input gradient's epilogue, which also
-    writes the values the forward read for the weight gradient (``+norm_read+applied``): the backward launches no
-    normalize for them. What is left applies the low-resolution map a transposed conv reads (its recompute in the
-    decoder conv's backward and the transposed conv's own weight gradient: two per level)."""
+    """BatchNorm with batch statistics, traced on the meta device: each stride-1 3x3 conv that read a map through its
+    norm takes the map's gradient through the read in its input gradient's epilogue, which also writes the values
+    the forward read for the weight gradient (``+norm_read+applied``), and the 1x1 head takes its whole backward in
+    one pass over z (``head_backward+norm_read``: no input gradient, weight gradient or applied map of its own): the
+    backward launches no normalize for them. What is left applies the low-resolution map a transposed conv reads
+    (its recompute in the decoder conv's backward and the transposed conv's own weight gradient: two per level)."""
     from fastunet.tooling.trace import trace_training
 
     records = trace_training({**SMALL, "upsample": upsample, "norm": "batch"}, (2, 3, 16, 16), torch.float16)
     backward = [r for r in records if (r.stage or "").endswith(".backward")]
     reads = sorted(r.stage for r in backward if r.name.endswith("+norm_read+applied"))
-    readers = ["enc0.conv2", "enc1.conv2", "bottleneck.conv2", "head"]  # the deeper first convs read pooled maps
+    readers = ["enc0.conv2", "enc1.conv2", "bottleneck.conv2"]  # the deeper first convs read pooled maps
     readers += [f"dec{level}.conv{i}" for level in (0, 1) for i in (1, 2)]
     assert reads == sorted(f"{reader}.backward" for reader in readers), reads
+    head = [r.name for r in backward if r.stage == "head.backward"]
+    assert head == ["head_backward+norm_read", "head_backward.sum"] + ["head_backward+norm_read.sum"] * 2, head
     applied = sorted(r.stage for r in backward if r.name.startswith("normalize"))
     expected = [f"dec{level}.conv1.backward" for level in (0, 0, 1, 1)] if upsample == "transpose" else []
     assert applied == expected, applied
