@@ -857,8 +857,10 @@ def head_backward_sums_nhwc(
     pixels = batch * height * width
     if pixels > MAX_PIXELS:
         raise ValueError(f"head_backward_nhwc: at most {MAX_PIXELS} pixels, got {pixels}")
-    if type(programs) is not int and programs is not None or programs is not None and programs < 1:
+    if programs is not None and (type(programs) is not int or programs < 1):
         raise ValueError(f"head_backward_nhwc programs: expected a positive int, got {programs!r}")
+    if norm_read is not None and batch > 65535:  # the grid's second axis (one image each)
+        raise ValueError(f"head_backward_nhwc norm_read: at most 65535 images a launch, got {batch}")
     if pixels == 0 or c == 0 or n_cls == 0:
         if norm_read is not None:
             return da, sums.zero_(), *(torch.zeros((batch, c), dtype=stat, device=a.device) for _ in range(2))
