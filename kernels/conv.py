@@ -1147,7 +1147,9 @@ def _fits(problem: ConvProblem, config: dict) -> bool:
       one CTA per SM).
     * A-tile elements a thread stages per K step (BLOCK_M * BLOCK_K / threads) <= 64 (the loads go to shared
       memory asynchronously; their addresses and predicates stay in registers); 128 spills. The small-K loader of
-      the first conv computes a full address per element: <= 16 there (255 registers at 32 with the old loader).
+      the first conv computes a full address per element: <= 32 there where its whole K is one block (the 128 x 64
+      tile on 4 warps: 106 registers, 126 with the statistics, no spills, in bf16 and fp32; half the 8-warp tile's
+      instructions per pixel, whose per-warp setup and epilogue cover 16 pixels a warp against 32), else <= 16.
     * Pipeline buffers within 200 KB of shared memory (228 KB per SM).
     * The depth-to-space store serializes the wgmma pipeline at BLOCK_N 128 (ptxas warning): BLOCK_N <= 64 there;
       so does the fused head when two warpgroups share a 64-row tile: BLOCK_M >= 64 rows a warpgroup there.
@@ -1157,8 +1159,9 @@ def _fits(problem: ConvProblem, config: dict) -> bool:
     smem = config["num_stages"] * (block_m + block_n) * block_k * problem.element_size
     staged = block_m * block_k / threads
     accumulator = 128 if problem.tma and config["num_warps"] == 8 else 64
+    one_step = problem.taps * problem.c_main <= block_k
     return (
-        staged <= (16 if problem.packed_k else 64)
+        staged <= ((32 if one_step else 16) if problem.packed_k else 64)
         and block_m * block_n <= accumulator * threads
         and smem <= 200 * 1024
         and (not problem.d2s or block_n <= 64)
