@@ -73,6 +73,28 @@ def _upsample_source(dst, scale, size, MODE: tl.constexpr, ACC: tl.constexpr):
 
 
 @triton.jit
+def _blend_row(x_ptr, row_base, x0, x1, lx, col_x, c_mask, scale, shift, slopes_ptr, offs_c, in_slope, in_lo, in_hi,
+               stride_xw, NORM_IN: tl.constexpr, IN_ACT: tl.constexpr, EVEN_C: tl.constexpr,
+               ACC: tl.constexpr):  # fmt: skip
+    """One source row's horizontal blend ``(1 - lx) * v[x0] + lx * v[x1]`` in ``ACC`` (normalized and activated
+    first with ``NORM_IN``); ``row_base`` the row's element offset. Every corner lies in the map, past-the-row lanes'
+    too (clamped source indices; their values are never stored): only channels past the map's need a mask, and none
+    does where the blocks cover them exactly."""
+    left = x_ptr + (row_base + x0.to(tl.int64) * stride_xw)[:, None] + col_x
+    right = x_ptr + (row_base + x1.to(tl.int64) * stride_xw)[:, None] + col_x
+    if EVEN_C:
+        v0 = tl.load(left)
+        v1 = tl.load(right)
+    else:
+        v0 = tl.load(left, mask=c_mask[None, :])
+        v1 = tl.load(right, mask=c_mask[None, :])
+    if NORM_IN:
+        v0 = normalize(v0, scale, shift, slopes_ptr, offs_c, c_mask, in_slope, in_lo, in_hi, IN_ACT)
+        v1 = normalize(v1, scale, shift, slopes_ptr, offs_c, c_mask, in_slope, in_lo, in_hi, IN_ACT)
+    return (1.0 - lx) * v0.to(ACC) + lx * v1.to(ACC)
+
+
+@triton.jit
 def _shuffled(x_ptr, img, y, x, offs_c, channels, valid, stride_xn, stride_xh, stride_xw, stride_xc):
     """Element (y, x) of the pixel-shuffled map, channels ``offs_c``, as fp32 (fp64 for a float64 map; 0 where
     ``valid`` is false): low pixel (y // 2, x // 2), sub-pixel channel block ``(y % 2) * 2 + x % 2``."""
@@ -114,33 +136,49 @@ def _upsample2x_nhwc_kernel(
     NORM_IN: tl.constexpr,
     IN_ACT: tl.constexpr,
     INTERPRETER: tl.constexpr,
+    EVEN_C: tl.constexpr,  # channels % BLOCK_C == 0
+    ROW_PAIRS: tl.constexpr,  # bilinear without align_corners: a program makes four output rows from six blends
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """y[n, oy, ox, c] = upsample(x)[n, oy, ox, c] over a (BLOCK_P output pixels) x (BLOCK_C channels) tile.
+    """y[n, oy, ox, c] = upsample(x)[n, oy, ox, c] over a (BLOCK_P output pixels of one row) x (BLOCK_C channels)
+    tile.
 
-    Grid: (cdiv(batch * 2 low_h * 2 low_w, BLOCK_P), cdiv(channels, BLOCK_C)). Channels are the contiguous axis of
-    both maps, so each corner is one vector load per pixel. ``NORM_IN`` (nearest and bilinear): each value read is
-    normalized and activated in fp32 first (scale and shift gathered per pixel's image), so the map upsampled is the
-    normalized one.
+    Grid: (batch * 2 low_h * cdiv(2 low_w, BLOCK_P), cdiv(channels, BLOCK_C)): a program's pixels lie in one output
+    row, so its image, row and source rows are scalars (worked out once, not per pixel and per lane) and only the
+    columns vary. Channels are the contiguous axis of both maps, so each corner is one vector load per pixel.
+    ``NORM_IN`` (nearest and bilinear): each value read is normalized and activated in fp32 first (the image's scale
+    and shift), so the map upsampled is the normalized one.
     """
     pid_p = tl.program_id(0)
     pid_c = tl.program_id(1)
     out_h = 2 * low_h
     out_w = 2 * low_w
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    ox = offs_p % out_w
-    oy = (offs_p // out_w) % out_h
-    img = offs_p // (out_w * out_h)
-    p_mask = img < batch
+    row_blocks = tl.cdiv(out_w, BLOCK_P)
+    if ROW_PAIRS:
+        # Bilinear (align_corners False: every source coordinate exact in fp32): source rows i0 - 1 .. i0 + 2 of a
+        # group of two source rows i0, i0 + 1 make its four output rows 2 i0 .. 2 i0 + 3.
+        groups = tl.cdiv(low_h, 2)
+        row = pid_p // row_blocks  # image * groups + group
+        img = row // groups
+        oy = 2 * 2 * (row % groups)  # the group's first output row, 2 i0
+    else:
+        row = pid_p // row_blocks  # image * out_h + oy
+        oy = row % out_h
+        img = row // out_h
+    ox = (pid_p % row_blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_mask = ox < out_w
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = p_mask[:, None] & (offs_c < channels)[None, :]
     col_x = offs_c.to(tl.int64)[None, :] * stride_xc
     c_mask = offs_c < channels
     if NORM_IN:
-        table = img.to(tl.int64)[:, None] * channels + offs_c[None, :]
-        scale = tl.load(scale_ptr + table, mask=mask, other=0.0)
-        shift = tl.load(shift_ptr + table, mask=mask, other=0.0)
+        table = img.to(tl.int64) * channels + offs_c
+        scale = tl.load(scale_ptr + table, mask=c_mask, other=0.0)[None, :]
+        shift = tl.load(shift_ptr + table, mask=c_mask, other=0.0)[None, :]
+    else:
+        scale = 0.0
+        shift = 0.0
     if MODE == NEAREST:
         src = pixel_offset(img, oy // 2, ox // 2, stride_xn, stride_xh, stride_xw)
         out = tl.load(x_ptr + src[:, None] + col_x, mask=mask, other=0.0)
@@ -163,26 +201,73 @@ def _upsample2x_nhwc_kernel(
         total += _shuffled(x_ptr, img, oy, ox - 1, offs_c, channels, left, stride_xn, stride_xh, stride_xw, stride_xc)
         total += _shuffled(x_ptr, img, oy, ox, offs_c, channels, p_mask, stride_xn, stride_xh, stride_xw, stride_xc)
         out = to_storage(total * 0.25, y_ptr.dtype.element_ty, INTERPRETER)
+    elif ROW_PAIRS:
+        tl.static_assert(MODE == BILINEAR, "row groups: bilinear without align_corners")
+        acc_t: tl.constexpr = acc_type(y_ptr.dtype.element_ty)
+        x0, x1, lx = _upsample_source(ox, scale_w, low_w, MODE, acc_t)
+        lx = lx[:, None]
+        i0 = oy // 2
+        image = img.to(tl.int64) * stride_xn
+        args = (x0, x1, lx, col_x, c_mask, scale, shift, slopes_ptr, offs_c, in_slope, in_lo, in_hi, stride_xw)
+        # The blends of source rows i0 - 1, i0, i0 + 1, i0 + 2, clamped to the map: output row 2 i reads rows
+        # (i - 1, i) (rows (0, 1) for i = 0), row 2 i + 1 rows (i, i + 1), the last row standing in for i + 1 past it,
+        # as _upsample_source computes them; each output row's weight comes from there too.
+        h0 = _blend_row(x_ptr, image + tl.maximum(i0 - 1, 0).to(tl.int64) * stride_xh, *args, NORM_IN, IN_ACT, EVEN_C,
+                        acc_t)  # fmt: skip
+        h1 = _blend_row(x_ptr, image + i0.to(tl.int64) * stride_xh, *args, NORM_IN, IN_ACT, EVEN_C, acc_t)
+        h2 = _blend_row(x_ptr, image + tl.minimum(i0 + 1, low_h - 1).to(tl.int64) * stride_xh, *args, NORM_IN,
+                        IN_ACT, EVEN_C, acc_t)  # fmt: skip
+        h3 = _blend_row(x_ptr, image + tl.minimum(i0 + 2, low_h - 1).to(tl.int64) * stride_xh, *args, NORM_IN,
+                        IN_ACT, EVEN_C, acc_t)  # fmt: skip
+        out_cols = offs_c.to(tl.int64)[None, :] * stride_yc
+        for k in tl.static_range(4):
+            row_y = oy + k
+            _, _, ly = _upsample_source(row_y, scale_h, low_h, MODE, acc_t)
+            if k == 0:
+                top = h0
+                bottom = tl.where(i0 == 0, h2, h1)
+            elif k == 3:
+                top = h2
+                bottom = h3
+            else:
+                top = h1
+                bottom = h2
+            value = to_storage((1.0 - ly) * top + ly * bottom, y_ptr.dtype.element_ty, INTERPRETER)
+            dst = pixel_offset(img, row_y, ox, stride_yn, stride_yh, stride_yw)
+            tl.store(y_ptr + dst[:, None] + out_cols, value, mask=mask & (row_y < out_h))
     else:
         acc_t: tl.constexpr = acc_type(y_ptr.dtype.element_ty)
         y0, y1, ly = _upsample_source(oy, scale_h, low_h, MODE, acc_t)
         x0, x1, lx = _upsample_source(ox, scale_w, low_w, MODE, acc_t)
-        v00 = tl.load(x_ptr + pixel_offset(img, y0, x0, stride_xn, stride_xh, stride_xw)[:, None] + col_x, mask=mask)
-        v01 = tl.load(x_ptr + pixel_offset(img, y0, x1, stride_xn, stride_xh, stride_xw)[:, None] + col_x, mask=mask)
-        v10 = tl.load(x_ptr + pixel_offset(img, y1, x0, stride_xn, stride_xh, stride_xw)[:, None] + col_x, mask=mask)
-        v11 = tl.load(x_ptr + pixel_offset(img, y1, x1, stride_xn, stride_xh, stride_xw)[:, None] + col_x, mask=mask)
+        # Every corner lies in the map, past-the-row lanes' too (clamped source indices; their values are never
+        # stored): only channels past the map's need a mask, and none does where the blocks cover them exactly.
+        if EVEN_C:
+            v00 = tl.load(x_ptr + pixel_offset(img, y0, x0, stride_xn, stride_xh, stride_xw)[:, None] + col_x)
+            v01 = tl.load(x_ptr + pixel_offset(img, y0, x1, stride_xn, stride_xh, stride_xw)[:, None] + col_x)
+            v10 = tl.load(x_ptr + pixel_offset(img, y1, x0, stride_xn, stride_xh, stride_xw)[:, None] + col_x)
+            v11 = tl.load(x_ptr + pixel_offset(img, y1, x1, stride_xn, stride_xh, stride_xw)[:, None] + col_x)
+        else:
+            corner_mask = c_mask[None, :]
+            v00 = tl.load(x_ptr + pixel_offset(img, y0, x0, stride_xn, stride_xh, stride_xw)[:, None] + col_x,
+                          mask=corner_mask)  # fmt: skip
+            v01 = tl.load(x_ptr + pixel_offset(img, y0, x1, stride_xn, stride_xh, stride_xw)[:, None] + col_x,
+                          mask=corner_mask)  # fmt: skip
+            v10 = tl.load(x_ptr + pixel_offset(img, y1, x0, stride_xn, stride_xh, stride_xw)[:, None] + col_x,
+                          mask=corner_mask)  # fmt: skip
+            v11 = tl.load(x_ptr + pixel_offset(img, y1, x1, stride_xn, stride_xh, stride_xw)[:, None] + col_x,
+                          mask=corner_mask)  # fmt: skip
         if NORM_IN:
             v00 = normalize(v00, scale, shift, slopes_ptr, offs_c, c_mask, in_slope, in_lo, in_hi, IN_ACT)
             v01 = normalize(v01, scale, shift, slopes_ptr, offs_c, c_mask, in_slope, in_lo, in_hi, IN_ACT)
             v10 = normalize(v10, scale, shift, slopes_ptr, offs_c, c_mask, in_slope, in_lo, in_hi, IN_ACT)
             v11 = normalize(v11, scale, shift, slopes_ptr, offs_c, c_mask, in_slope, in_lo, in_hi, IN_ACT)
-        lx = lx[:, None]
-        ly = ly[:, None]
+        lx = lx[:, None]  # per pixel; ly, of the program's row, a scalar
         top = (1.0 - lx) * v00.to(acc_t) + lx * v01.to(acc_t)
         bottom = (1.0 - lx) * v10.to(acc_t) + lx * v11.to(acc_t)
         out = to_storage((1.0 - ly) * top + ly * bottom, y_ptr.dtype.element_ty, INTERPRETER)
-    dst = pixel_offset(img, oy, ox, stride_yn, stride_yh, stride_yw)
-    tl.store(y_ptr + dst[:, None] + offs_c.to(tl.int64)[None, :] * stride_yc, out, mask=mask)
+    if not ROW_PAIRS:
+        dst = pixel_offset(img, oy, ox, stride_yn, stride_yh, stride_yw)
+        tl.store(y_ptr + dst[:, None] + offs_c.to(tl.int64)[None, :] * stride_yc, out, mask=mask)
 
 
 def upsample2x_nhwc(
@@ -299,14 +384,21 @@ def _prepare_upsample(
     else:
         kernel_mode, scale_h, scale_w = BILINEAR.value, 0.5, 0.5
     block_c = min(64, max(16, next_pow2(channels)))
-    # About 8K elements a program: enough bytes in flight per SM for a memory-bound copy, few masked lanes.
-    block_p = max(16, 8192 // block_c)
-    grid = (triton.cdiv(pixels, block_p), triton.cdiv(channels, block_c))
+    # Bilinear without align_corners: a program makes output rows 2 i0 .. 2 i0 + 3 from the blends of four source
+    # rows (each source row blended once for every two output rows instead of twice for each).
+    row_pairs = kernel_mode == BILINEAR.value
+    # About 8K output elements a program (enough bytes in flight per SM for a memory-bound copy): pixels of one
+    # output row, a quarter as many a row for four rows (the four fp32 blends live at once: 128 pixels spill).
+    block_p = max(16, min(8192 // (4 if row_pairs else 1) // block_c, next_pow2(2 * low_w)))
+    rows = batch * (triton.cdiv(low_h, 2) if row_pairs else 2 * low_h)
+    grid = (rows * triton.cdiv(2 * low_w, block_p), triton.cdiv(channels, block_c))
     constexprs = {
         "MODE": kernel_mode,
         "NORM_IN": norm_in is not None,
         "IN_ACT": ACTIVATIONS[norm_in.activation].value if norm_in is not None else 0,
         "INTERPRETER": INTERPRET,
+        "EVEN_C": channels % block_c == 0,
+        "ROW_PAIRS": row_pairs,
         "BLOCK_P": block_p,
         "BLOCK_C": block_c,
     }

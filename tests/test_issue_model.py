@@ -593,3 +593,39 @@ def test_feature_layouts_trace_their_training_step():
     assert len(strided) == small["depth"]  # one per down-sampling conv
     with pytest.raises(ValueError, match="crop"):
         trace_feature_training("valid", torch.bfloat16, 2, 32, **small)
+
+
+def _sass(ops: list[str]) -> str:
+    return "\n".join(f"        /*{16 * i:04x}*/                   {op} ;" for i, op in enumerate(ops))
+
+
+def test_elementwise_kernel_is_one_straight_pass():
+    """No tensor-core instruction and no loop (an elementwise or gather launch): every instruction issued once a CTA,
+    set against the launch's bytes; many instructions make it issue-bound, few leave it memory-bound. A loop without
+    tensor-core instructions (its trip count unknown) leaves the launch to its bytes."""
+    body = ["LDG.E.128 R4, desc[UR4][R2.64]", "FFMA R4, R4, R5, R6", "STG.E.128 desc[UR4][R8.64], R4"]
+    heavy = _sass(["LDC R1, c[0x0][0x28]", *body * 100, "EXIT", f"BRA {16 * 302:#x}"])  # the trailing self-branch
+    found = issue_model.analyze(heavy, {}, "bf16", 4, issue_model.H200)
+    assert found.loops == () and found.straight_instructions == 303 and found.summary()["straight_instructions"] == 303
+    variant = types.SimpleNamespace(mainloop=found, ctas_per_sm=4, num_warps=4, dtype="bf16")
+    record = types.SimpleNamespace(
+        name="copy", kernel=None, grid=(1000, 2), flops=0, bytes_read=1 << 20, bytes_written=1 << 20, constexprs={}
+    )
+    h200 = issue_model.H200
+    layer = issue_model.model_layer("s", record, variant, h200)
+    busiest = -(-2000 // 132)
+    issue = busiest * 4 * 303 / 4 / h200.clock_hz
+    assert layer.issue_s == pytest.approx(issue) and layer.tensor_s == 0
+    assert layer.memory_s == pytest.approx((2 << 20) / h200.bandwidth)
+    assert issue / h200.eta > layer.memory_s and layer.bound == "issue"
+    assert layer.time_s == pytest.approx(issue / h200.eta) and "straight pass" in layer.note
+    light = issue_model.analyze(_sass(["LDC R1, c[0x0][0x28]", *body, "EXIT", "BRA 0x50"]), {}, "bf16", 4, h200)
+    light_variant = types.SimpleNamespace(mainloop=light, ctas_per_sm=4, num_warps=4, dtype="bf16")
+    quick = issue_model.model_layer("s", record, light_variant, h200)
+    assert quick.bound == "memory" and quick.time_s == pytest.approx(quick.memory_s) and quick.issue_s > 0
+    looped = _sass(["LDC R1, c[0x0][0x28]", *body, "@P0 BRA 0x10", "EXIT", "BRA 0x60"])
+    found = issue_model.analyze(looped, {}, "bf16", 4, h200)
+    assert found.straight_instructions is None
+    loop_variant = types.SimpleNamespace(mainloop=found, ctas_per_sm=4, num_warps=4, dtype="bf16")
+    layer = issue_model.model_layer("s", record, loop_variant, h200)
+    assert layer.issue_s == 0 and layer.bound == "memory" and layer.note == "no tensor-core loop: memory time only"

@@ -279,6 +279,7 @@ class VariantReport:
             "arch": f"sm_{self.arch}",
             "tensor_clocks": issue["tensor_clocks"],
             "tensor_loops": issue["tensor_loops"],
+            "straight_instructions": issue["straight_instructions"],
             "loops": [loop.to_json() for loop in self.mainloop.loops],
             "gemm_tile": None if self.gemm_tile is None else list(self.gemm_tile),
             "hgmma": self.hgmma,

@@ -80,7 +80,10 @@ class Assumptions:
             f"{self.clock_hz / 1e9:.2f} GHz; {self.issue_per_clock} warp-instructions per clock per SM; "
             f"{self.bandwidth / 1e12:.1f} TB/s; eta = {self.eta:g} ({self.eta_source})",
             "ignored: L2 (bytes are compulsory traffic at DRAM bandwidth), latency, stalls other than issue slots, "
-            "instructions outside the tensor-core loops (prologue, epilogue), launch gaps",
+            "instructions outside the tensor-core loops (prologue, epilogue), launch gaps; a kernel with a loop but "
+            "no tensor-core instruction counts its bytes only (its trip count is not known)",
+            "a kernel with no tensor-core instruction and no loop (elementwise, gathers) is one straight pass of all "
+            "its instructions a CTA, against its bytes",
             "CTAs are dealt to SMs breadth-first; the CTAs resident on one SM share its tensor cores and issue slots, "
             "so a launch takes ceil(CTAs / SMs) times one CTA's time (a weight gradient's bias programs, launched last "
             "with no tensor-core loop, counted by their bytes only)",
@@ -368,6 +371,9 @@ class MainLoop:
 
     loops: tuple[TensorLoop, ...]
     tensor_clocks: float | None  # per K-step of the tile
+    # A kernel with no tensor-core instruction and no loop (an elementwise or gather launch: one straight pass a CTA):
+    # its instructions per warp, every one issued once; None for any other kernel.
+    straight_instructions: int | None = None
 
     @property
     def worst(self) -> TensorLoop | None:
@@ -385,6 +391,7 @@ class MainLoop:
             "cp_async": None if worst is None else worst.cp_async,
             "tensor_clocks": _sig(self.tensor_clocks),
             "tensor_loops": len(self.loops),
+            "straight_instructions": self.straight_instructions,
         }
 
 
@@ -404,8 +411,12 @@ def analyze(
     if assumptions is not None and operand is not None and tile:
         clocks = 2 * math.prod(tile) / assumptions.flops_per_clock(operand)
     issue_per_clock = assumptions.issue_per_clock if assumptions else 4
-    loops = tensor_loops(parse_sass(sass), tile, num_warps, clocks, issue_per_clock)
-    return MainLoop(loops=tuple(loops), tensor_clocks=clocks)
+    instructions = parse_sass(sass)
+    loops = tensor_loops(instructions, tile, num_warps, clocks, issue_per_clock)
+    straight = None
+    if instructions and not any(is_mma(ins.opcode) for ins in instructions) and not find_loops(instructions):
+        straight = len(instructions)
+    return MainLoop(loops=tuple(loops), tensor_clocks=clocks, straight_instructions=straight)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -536,7 +547,14 @@ def model_layer(stage: str, record, variant, assumptions: Assumptions) -> LayerM
             issue_clocks += k * loop.issue_clocks
             compute_clocks += max(k * clocks, k * loop.issue_clocks / assumptions.eta)
     elif not loops:
-        note = "no tensor-core loop: memory time only"
+        straight = getattr(variant.mainloop, "straight_instructions", None)
+        if straight:
+            # One straight pass a CTA: its instructions against its bytes, like a single unrolled K block.
+            issue_clocks = variant.num_warps * straight / assumptions.issue_per_clock
+            compute_clocks = issue_clocks / assumptions.eta
+            note = "no tensor-core instruction, no loop: one straight pass of its instructions a CTA"
+        else:
+            note = "no tensor-core loop: memory time only"
     scale = busiest / assumptions.clock_hz
     tensor_s, issue_s, compute_s = tensor_clocks * scale, issue_clocks * scale, compute_clocks * scale
     operand = operand_type(variant.dtype, c)
