@@ -124,14 +124,15 @@ def _corner_read(z, scale, shift, scale_ptr, offs_c, c_mask, slope, lo, hi, ACT:
 def _store_corner_read_grad(dz_ptr, img, row, col, col_d, mask, z, u, scale, grad, routed, pooled, slope, lo, hi,
                             stride_dn, stride_dh, stride_dw, ACT: tl.constexpr, INTERPRETER: tl.constexpr):  # fmt: skip
     """NORM_READ: dz at one corner, the gradient of the pool's input (``grad_y`` plus the pooled gradient where this
-    corner is the window's maximum) taken through the read, ``act'(u) * that * scale``; returns the corner's sums
-    over the windows of ``g * z`` and ``g`` (``g = act'(u) * that``, 0 outside the map) per channel."""
+    corner is the window's maximum) taken through the read, ``act'(u) * that * scale``; returns the corner's ``g * z``
+    and ``g`` (``g = act'(u) * that``, 0 outside the map), which the caller adds over the corners before summing them
+    over the windows: two cross-lane sums a program, not two a corner."""
     total = tl.where(routed, grad + pooled, grad)
     g = tl.where(mask, _activation_grad(u, total, slope, lo, hi, ACT), 0.0)
     dst = pixel_offset(img, row, col, stride_dn, stride_dh, stride_dw)
     tl.store(dz_ptr + dst[:, None] + col_d, to_storage(g * scale[None, :], dz_ptr.dtype.element_ty, INTERPRETER),
              mask=mask)  # fmt: skip
-    return tl.sum(g * z, axis=0), tl.sum(g, axis=0)
+    return g * z, g
 
 
 @triton.jit
@@ -278,6 +279,8 @@ def _activation_pool_backward_kernel(
             dz_ptr, img, top + 1, left + 1, col_d, m11, z11, u11, scale, g11, winner == 3, pooled, in_slope, in_lo,
             in_hi, stride_dn, stride_dh, stride_dw, IN_ACT, INTERPRETER)  # fmt: skip
         sum_gz, sum_g = sum_gz + gz, sum_g + g
+        sum_gz = tl.sum(sum_gz, axis=0)
+        sum_g = tl.sum(sum_g, axis=0)
         row = ((pid_p % tiles_img).to(tl.int64) * batch + img_t) * channels + offs_c
         tl.store(part_ptr + row, sum_gz, mask=c_mask)
         tl.store(part_ptr + row + tiles_img * batch * channels, sum_g, mask=c_mask)
@@ -486,20 +489,23 @@ def _upsample2x_adjoint_kernel(
     ``w_y(oy) w_x(ox) grad[n, oy + pad_top, ox + pad_left, c]`` (0 where that is outside the frame), over a
     (BLOCK_P low pixels) x (BLOCK_C channels) tile.
 
-    Grid: (cdiv(batch * low_h * low_w, BLOCK_P), cdiv(channels, BLOCK_C)). A gather: each program writes its own low
-    pixels, so no atomics and a fixed summation order (rows outer, columns inner: each row's column sum, weighted
-    by ``w_x``, is weighted by ``w_y`` and added). Nearest: the 2x2 block (2j + a, 2i + b), weights 1. Bilinear: the
-    4 x 4 candidates (2j - 1 + a, 2i - 1 + b), masked to those inside the upsampled map (all of which read the
-    pixel, :func:`_bilinear_weight`), with the forward's fp32 weights. Memory-bound:
-    the frame is read once from memory, its neighbours' re-reads hit in cache.
+    Grid: (batch * low_h * cdiv(low_w, BLOCK_P), cdiv(channels, BLOCK_C)): a program's low pixels lie in one low
+    row, so its image, row, candidate rows and their weights are scalars (worked out once, not per pixel and per
+    lane) and only the columns vary. A gather: each program writes its own low pixels, so no atomics and a fixed
+    summation order (rows outer, columns inner: each row's column sum, weighted by ``w_x``, is weighted by ``w_y``
+    and added). Nearest: the 2x2 block (2j + a, 2i + b), weights 1. Bilinear: the 4 x 4 candidates
+    (2j - 1 + a, 2i - 1 + b), masked to those inside the upsampled map (all of which read the pixel,
+    :func:`_bilinear_weight`), with the forward's fp32 weights. The frame is read once from memory, its neighbours'
+    re-reads hit in cache (its sixteen candidates a pixel keep it issue-bound in the model, about 1.8x its bytes).
     """
     pid_p = tl.program_id(0)
     pid_c = tl.program_id(1)
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    lx = offs_p % low_w
-    ly = (offs_p // low_w) % low_h
-    img = offs_p // (low_w * low_h)
-    valid = img < batch
+    row_blocks = tl.cdiv(low_w, BLOCK_P)
+    low_row = pid_p // row_blocks  # image * low_h + ly
+    ly = low_row % low_h
+    img = low_row // low_h
+    lx = (pid_p % row_blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
+    valid = lx < low_w
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = offs_c < channels
     col_g = offs_c.to(tl.int64)[None, :] * stride_gc
@@ -532,7 +538,7 @@ def _upsample2x_adjoint_kernel(
                 g = tl.load(g_ptr + src[:, None] + col_g, mask=ok[:, None] & c_mask[None, :], other=0.0)
                 # A candidate that does not read the pixel loads 0 (masked), so its finite weight adds exactly 0.
                 row += w_x[:, None] * g.to(acc_t)
-            acc += w_y[:, None] * row
+            acc += w_y * row
     mask = valid[:, None] & c_mask[None, :]
     if GATE:
         gate_src = pixel_offset(img, ly, lx, stride_an, stride_ah, stride_aw)
@@ -608,9 +614,10 @@ def upsample2x_adjoint_nhwc(
         return out
     kernel_mode, scale_h, scale_w = _source_scales(mode, align_corners, low_h, low_w)
     block_c = min(64, max(16, next_pow2(channels)))
-    # About 2K elements a program: the accumulator, a row's sum and the candidate tile live at once.
-    block_p = max(16, 2048 // block_c)
-    grid = (triton.cdiv(pixels, block_p), triton.cdiv(channels, block_c))
+    # About 2K elements a program (the accumulator, a row's sum and the candidate tile live at once), pixels of one
+    # low row.
+    block_p = max(4, min(2048 // block_c, next_pow2(low_w)))
+    grid = (batch * low_h * triton.cdiv(low_w, block_p), triton.cdiv(channels, block_c))
     gate_arg = gate if gate is not None else grad
     args = (grad, gate_arg, out, batch, low_h, low_w, channels, height, width, pad_top, pad_left, scale_h, scale_w,
             *grad.stride(), *gate_arg.stride(), *out.stride())  # fmt: skip
