@@ -137,7 +137,7 @@ def _upsample2x_nhwc_kernel(
     IN_ACT: tl.constexpr,
     INTERPRETER: tl.constexpr,
     EVEN_C: tl.constexpr,  # channels % BLOCK_C == 0
-    ROW_PAIRS: tl.constexpr,  # bilinear without align_corners: a program makes four output rows from six blends
+    ROW_PAIRS: tl.constexpr,  # bilinear: a program makes four output rows from four source-row blends
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -156,8 +156,8 @@ def _upsample2x_nhwc_kernel(
     out_w = 2 * low_w
     row_blocks = tl.cdiv(out_w, BLOCK_P)
     if ROW_PAIRS:
-        # Bilinear (align_corners False: every source coordinate exact in fp32): source rows i0 - 1 .. i0 + 2 of a
-        # group of two source rows i0, i0 + 1 make its four output rows 2 i0 .. 2 i0 + 3.
+        # Bilinear: source rows i0 - 1 .. i0 + 2 around a group of two source rows i0, i0 + 1 make its four output
+        # rows 2 i0 .. 2 i0 + 3.
         groups = tl.cdiv(low_h, 2)
         row = pid_p // row_blocks  # image * groups + group
         img = row // groups
@@ -202,7 +202,7 @@ def _upsample2x_nhwc_kernel(
         total += _shuffled(x_ptr, img, oy, ox, offs_c, channels, p_mask, stride_xn, stride_xh, stride_xw, stride_xc)
         out = to_storage(total * 0.25, y_ptr.dtype.element_ty, INTERPRETER)
     elif ROW_PAIRS:
-        tl.static_assert(MODE == BILINEAR, "row groups: bilinear without align_corners")
+        tl.static_assert(MODE == BILINEAR or MODE == BILINEAR_ALIGN_CORNERS, "row groups: bilinear")
         acc_t: tl.constexpr = acc_type(y_ptr.dtype.element_ty)
         x0, x1, lx = _upsample_source(ox, scale_w, low_w, MODE, acc_t)
         lx = lx[:, None]
@@ -211,7 +211,10 @@ def _upsample2x_nhwc_kernel(
         args = (x0, x1, lx, col_x, c_mask, scale, shift, slopes_ptr, offs_c, in_slope, in_lo, in_hi, stride_xw)
         # The blends of source rows i0 - 1, i0, i0 + 1, i0 + 2, clamped to the map: output row 2 i reads rows
         # (i - 1, i) (rows (0, 1) for i = 0), row 2 i + 1 rows (i, i + 1), the last row standing in for i + 1 past it,
-        # as _upsample_source computes them; each output row's weight comes from there too.
+        # as _upsample_source computes them in either mode (without align_corners every source coordinate is exact
+        # in fp32; with it, fp32 keeps src(2 i) below i and src(2 i + 1) at or above it, the property the adjoint's
+        # candidates rest on, see fastunet.kernels.backward._bilinear_weight); each output row's weight comes from
+        # _upsample_source too.
         h0 = _blend_row(x_ptr, image + tl.maximum(i0 - 1, 0).to(tl.int64) * stride_xh, *args, NORM_IN, IN_ACT, EVEN_C,
                         acc_t)  # fmt: skip
         h1 = _blend_row(x_ptr, image + i0.to(tl.int64) * stride_xh, *args, NORM_IN, IN_ACT, EVEN_C, acc_t)
@@ -384,9 +387,9 @@ def _prepare_upsample(
     else:
         kernel_mode, scale_h, scale_w = BILINEAR.value, 0.5, 0.5
     block_c = min(64, max(16, next_pow2(channels)))
-    # Bilinear without align_corners: a program makes output rows 2 i0 .. 2 i0 + 3 from the blends of four source
-    # rows (each source row blended once for every two output rows instead of twice for each).
-    row_pairs = kernel_mode == BILINEAR.value
+    # Bilinear: a program makes output rows 2 i0 .. 2 i0 + 3 from the blends of four source rows (each source row
+    # blended once for every two output rows instead of twice for each).
+    row_pairs = kernel_mode in (BILINEAR.value, BILINEAR_ALIGN_CORNERS.value)
     # About 8K output elements a program (enough bytes in flight per SM for a memory-bound copy): pixels of one
     # output row, a quarter as many a row for four rows (the four fp32 blends live at once: 128 pixels spill).
     block_p = max(16, min(8192 // (4 if row_pairs else 1) // block_c, next_pow2(2 * low_w)))

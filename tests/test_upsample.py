@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -115,3 +116,20 @@ def test_bad_input_errors(device):
         upsample2x_nhwc(x, "nearest", align_corners=True)
     with pytest.raises(TypeError, match=r"bfloat16 tensor \(or float64 under TRITON_INTERPRET=1\), got torch.int32"):
         upsample2x_nhwc(x.int(), "nearest")
+
+
+@pytest.mark.parametrize("align_corners", [False, True], ids=["half-pixel", "align-corners"])
+def test_source_rows_of_an_output_row_pair(align_corners):
+    """The bilinear kernel makes output rows 2i .. 2i + 3 from the blends of source rows i - 1 .. i + 2, taking row
+    2i's lower corner as max(i - 1, 0) and row 2i + 1's as i: what the fp32 source coordinate gives for every map up
+    to 4096 rows (the scale rounded to fp32 as a kernel argument, the product in fp32, as the kernel computes it)."""
+    for low in range(1, 4097):
+        out = np.arange(2 * low, dtype=np.float32)
+        if align_corners:
+            scale = np.float32((low - 1) / (2 * low - 1) if low > 1 else 0.0)
+            src = out * scale
+        else:
+            src = np.maximum((out + np.float32(0.5)) * np.float32(0.5) - np.float32(0.5), np.float32(0.0))
+        lower = np.minimum(src.astype(np.int32), low - 1)
+        expected = np.maximum((np.arange(2 * low) - 1) // 2, 0)
+        assert np.array_equal(lower, expected), f"low size {low}: rows {np.nonzero(lower != expected)[0][:4]}"
