@@ -514,7 +514,10 @@ def _upsample2x_adjoint_kernel(
     if MODE == NEAREST:
         for a in tl.static_range(2):
             fy = 2 * ly + a + pad_top
-            row_ok = valid & (fy >= 0) & (fy < height)
+            # The row's tests as a vector before they meet one (some interpreters refuse a mask of a vector and
+            # a scalar).
+            fy_v = tl.zeros_like(lx) + fy
+            row_ok = valid & (fy_v >= 0) & (fy_v < height)
             for b in tl.static_range(2):
                 fx = 2 * lx + b + pad_left
                 ok = row_ok & (fx >= 0) & (fx < width)
@@ -525,9 +528,11 @@ def _upsample2x_adjoint_kernel(
         first_x = 2 * lx - 1
         for a in tl.static_range(BILINEAR_TAPS):
             oy = first_y + a
-            w_y, reads_y = _bilinear_weight(oy, ly, scale_h, low_h, 2 * low_h, MODE, acc_t)
+            w_y, _ = _bilinear_weight(oy, ly, scale_h, low_h, 2 * low_h, MODE, acc_t)
             fy = oy + pad_top
-            row_ok = valid & reads_y & (fy >= 0) & (fy < height)
+            # The row's tests (it reads the pixel when it is an output row at all) as a vector, as above.
+            oy_v = tl.zeros_like(lx) + oy
+            row_ok = valid & (oy_v >= 0) & (oy_v < 2 * low_h) & (oy_v + pad_top >= 0) & (oy_v + pad_top < height)
             row = tl.zeros((BLOCK_P, BLOCK_C), dtype=acc_t)
             for b in tl.static_range(BILINEAR_TAPS):
                 ox = first_x + b

@@ -192,7 +192,8 @@ def _upsample2x_nhwc_kernel(
         out = tl.load(x_ptr + src[:, None] + col_x, mask=mask, other=0.0)
     elif MODE == PIXEL_SHUFFLE_BLUR:
         # avg_pool2d(pad(t, [1, 0, 1, 0]), 2, stride=1): the window (oy-1..oy, ox-1..ox), zeros above and left.
-        up_row = p_mask & (oy > 0)
+        # A row test made a vector before it meets one (some interpreters refuse a mask of a vector and a scalar).
+        up_row = p_mask & ((tl.zeros_like(ox) + oy) > 0)
         left = p_mask & (ox > 0)
         total = _shuffled(x_ptr, img, oy - 1, ox - 1, offs_c, channels, up_row & left, stride_xn, stride_xh,
                           stride_xw, stride_xc)  # fmt: skip
@@ -237,7 +238,8 @@ def _upsample2x_nhwc_kernel(
                 bottom = h2
             value = to_storage((1.0 - ly) * top + ly * bottom, y_ptr.dtype.element_ty, INTERPRETER)
             dst = pixel_offset(img, row_y, ox, stride_yn, stride_yh, stride_yw)
-            tl.store(y_ptr + dst[:, None] + out_cols, value, mask=mask & (row_y < out_h))
+            row_ok = (tl.zeros_like(ox) + row_y) < out_h  # a vector (see up_row above)
+            tl.store(y_ptr + dst[:, None] + out_cols, value, mask=mask & row_ok[:, None])
     else:
         acc_t: tl.constexpr = acc_type(y_ptr.dtype.element_ty)
         y0, y1, ly = _upsample_source(oy, scale_h, low_h, MODE, acc_t)
