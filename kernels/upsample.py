@@ -137,24 +137,26 @@ def _upsample2x_nhwc_kernel(
     IN_ACT: tl.constexpr,
     INTERPRETER: tl.constexpr,
     EVEN_C: tl.constexpr,  # channels % BLOCK_C == 0
-    ROW_PAIRS: tl.constexpr,  # bilinear: a program makes four output rows from four source-row blends
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     """y[n, oy, ox, c] = upsample(x)[n, oy, ox, c] over a (BLOCK_P output pixels of one row) x (BLOCK_C channels)
     tile.
 
-    Grid: (batch * 2 low_h * cdiv(2 low_w, BLOCK_P), cdiv(channels, BLOCK_C)): a program's pixels lie in one output
-    row, so its image, row and source rows are scalars (worked out once, not per pixel and per lane) and only the
-    columns vary. Channels are the contiguous axis of both maps, so each corner is one vector load per pixel.
-    ``NORM_IN`` (nearest and bilinear): each value read is normalized and activated in fp32 first (the image's scale
-    and shift), so the map upsampled is the normalized one.
+    Grid: (batch * rows * cdiv(2 low_w, BLOCK_P), cdiv(channels, BLOCK_C)), ``rows`` the 2 low_h output rows
+    (nearest, the pixel shuffles) or the cdiv(low_h, 2) groups of four output rows (bilinear): a program's pixels lie
+    in one output row (or row group), so its image, rows and source rows are scalars (worked out once, not per pixel
+    and per lane) and only the columns vary. Channels are the contiguous axis of both maps, so each corner is one
+    vector load per pixel. ``NORM_IN`` (nearest and bilinear): each value read is normalized and activated in fp32
+    first (the image's scale and shift), so the map upsampled is the normalized one.
     """
     pid_p = tl.program_id(0)
     pid_c = tl.program_id(1)
     out_h = 2 * low_h
     out_w = 2 * low_w
     row_blocks = tl.cdiv(out_w, BLOCK_P)
+    # Bilinear (either align_corners): a program makes four output rows from four source-row blends.
+    ROW_PAIRS: tl.constexpr = MODE == BILINEAR or MODE == BILINEAR_ALIGN_CORNERS
     if ROW_PAIRS:
         # Bilinear: source rows i0 - 1 .. i0 + 2 around a group of two source rows i0, i0 + 1 make its four output
         # rows 2 i0 .. 2 i0 + 3.
@@ -202,8 +204,7 @@ def _upsample2x_nhwc_kernel(
         total += _shuffled(x_ptr, img, oy, ox - 1, offs_c, channels, left, stride_xn, stride_xh, stride_xw, stride_xc)
         total += _shuffled(x_ptr, img, oy, ox, offs_c, channels, p_mask, stride_xn, stride_xh, stride_xw, stride_xc)
         out = to_storage(total * 0.25, y_ptr.dtype.element_ty, INTERPRETER)
-    elif ROW_PAIRS:
-        tl.static_assert(MODE == BILINEAR or MODE == BILINEAR_ALIGN_CORNERS, "row groups: bilinear")
+    else:  # bilinear, either align_corners: ROW_PAIRS
         acc_t: tl.constexpr = acc_type(y_ptr.dtype.element_ty)
         x0, x1, lx = _upsample_source(ox, scale_w, low_w, MODE, acc_t)
         lx = lx[:, None]
@@ -240,36 +241,6 @@ def _upsample2x_nhwc_kernel(
             dst = pixel_offset(img, row_y, ox, stride_yn, stride_yh, stride_yw)
             row_ok = (tl.zeros_like(ox) + row_y) < out_h  # a vector (see up_row above)
             tl.store(y_ptr + dst[:, None] + out_cols, value, mask=mask & row_ok[:, None])
-    else:
-        acc_t: tl.constexpr = acc_type(y_ptr.dtype.element_ty)
-        y0, y1, ly = _upsample_source(oy, scale_h, low_h, MODE, acc_t)
-        x0, x1, lx = _upsample_source(ox, scale_w, low_w, MODE, acc_t)
-        # Every corner lies in the map, past-the-row lanes' too (clamped source indices; their values are never
-        # stored): only channels past the map's need a mask, and none does where the blocks cover them exactly.
-        if EVEN_C:
-            v00 = tl.load(x_ptr + pixel_offset(img, y0, x0, stride_xn, stride_xh, stride_xw)[:, None] + col_x)
-            v01 = tl.load(x_ptr + pixel_offset(img, y0, x1, stride_xn, stride_xh, stride_xw)[:, None] + col_x)
-            v10 = tl.load(x_ptr + pixel_offset(img, y1, x0, stride_xn, stride_xh, stride_xw)[:, None] + col_x)
-            v11 = tl.load(x_ptr + pixel_offset(img, y1, x1, stride_xn, stride_xh, stride_xw)[:, None] + col_x)
-        else:
-            corner_mask = c_mask[None, :]
-            v00 = tl.load(x_ptr + pixel_offset(img, y0, x0, stride_xn, stride_xh, stride_xw)[:, None] + col_x,
-                          mask=corner_mask)  # fmt: skip
-            v01 = tl.load(x_ptr + pixel_offset(img, y0, x1, stride_xn, stride_xh, stride_xw)[:, None] + col_x,
-                          mask=corner_mask)  # fmt: skip
-            v10 = tl.load(x_ptr + pixel_offset(img, y1, x0, stride_xn, stride_xh, stride_xw)[:, None] + col_x,
-                          mask=corner_mask)  # fmt: skip
-            v11 = tl.load(x_ptr + pixel_offset(img, y1, x1, stride_xn, stride_xh, stride_xw)[:, None] + col_x,
-                          mask=corner_mask)  # fmt: skip
-        if NORM_IN:
-            v00 = normalize(v00, scale, shift, slopes_ptr, offs_c, c_mask, in_slope, in_lo, in_hi, IN_ACT)
-            v01 = normalize(v01, scale, shift, slopes_ptr, offs_c, c_mask, in_slope, in_lo, in_hi, IN_ACT)
-            v10 = normalize(v10, scale, shift, slopes_ptr, offs_c, c_mask, in_slope, in_lo, in_hi, IN_ACT)
-            v11 = normalize(v11, scale, shift, slopes_ptr, offs_c, c_mask, in_slope, in_lo, in_hi, IN_ACT)
-        lx = lx[:, None]  # per pixel; ly, of the program's row, a scalar
-        top = (1.0 - lx) * v00.to(acc_t) + lx * v01.to(acc_t)
-        bottom = (1.0 - lx) * v10.to(acc_t) + lx * v11.to(acc_t)
-        out = to_storage((1.0 - ly) * top + ly * bottom, y_ptr.dtype.element_ty, INTERPRETER)
     if not ROW_PAIRS:
         dst = pixel_offset(img, oy, ox, stride_yn, stride_yh, stride_yw)
         tl.store(y_ptr + dst[:, None] + offs_c.to(tl.int64)[None, :] * stride_yc, out, mask=mask)
@@ -403,7 +374,6 @@ def _prepare_upsample(
         "IN_ACT": ACTIVATIONS[norm_in.activation].value if norm_in is not None else 0,
         "INTERPRETER": INTERPRET,
         "EVEN_C": channels % block_c == 0,
-        "ROW_PAIRS": row_pairs,
         "BLOCK_P": block_p,
         "BLOCK_C": block_c,
     }
